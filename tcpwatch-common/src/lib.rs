@@ -1,0 +1,250 @@
+//! The contract between the kernel program and userspace: the record the
+//! program writes into the ring buffer, the configuration userspace hands the
+//! program before loading it, and the constants both sides name.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, made of plain integers, ordered
+//! largest field first with explicit padding, and its size is checked at
+//! compile time so a change on one side cannot silently skew the other.
+#![no_std]
+
+/// What produced an [`Event`].
+pub mod kind {
+    /// `sock:inet_sock_set_state`: a TCP state transition.
+    pub const STATE: u8 = 1;
+    /// `tcp:tcp_retransmit_skb`: a segment was retransmitted.
+    pub const RETRANSMIT: u8 = 2;
+    /// `tcp:tcp_send_reset`: this socket sent a RST.
+    pub const SEND_RESET: u8 = 3;
+    /// `tcp:tcp_receive_reset`: this socket received a RST.
+    pub const RECEIVE_RESET: u8 = 4;
+}
+
+/// Bits of [`Event::valid`]: which socket fields were actually read. A field
+/// whose offset is missing from the kernel's BTF is never read at a guess.
+pub mod valid {
+    pub const SHUTDOWN: u16 = 1 << 0;
+    pub const SK_ERR: u16 = 1 << 1;
+    pub const BYTES_ACKED: u16 = 1 << 2;
+    pub const BYTES_RECEIVED: u16 = 1 << 3;
+    pub const SRTT: u16 = 1 << 4;
+    pub const TOTAL_RETRANS: u16 = 1 << 5;
+    pub const SEGS_IN: u16 = 1 << 6;
+    pub const SEGS_OUT: u16 = 1 << 7;
+    pub const ACK_PENDING: u16 = 1 << 8;
+    pub const NETNS: u16 = 1 << 9;
+}
+
+/// `sk->sk_shutdown` bits (include/net/sock.h).
+pub const RCV_SHUTDOWN: u8 = 1;
+pub const SEND_SHUTDOWN: u8 = 2;
+/// `icsk->icsk_ack.pending` bit: a delayed ACK is scheduled.
+pub const ICSK_ACK_TIMER: u8 = 2;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Index of the single slot of the per-CPU lost-event counter.
+pub const LOST_SLOT: u32 = 0;
+
+/// Marks a socket field whose offset the kernel's BTF did not give.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket; the key that ties events together.
+    pub skaddr: u64,
+    /// cgroup id of the task current when the event fired.
+    pub cgroup_id: u64,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// Source and destination address: 4 bytes used for IPv4, 16 for IPv6.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `comm` of the task current when the event fired.
+    pub comm: [u8; 16],
+    /// tgid and tid of the task current when the event fired.
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    /// Smoothed RTT in microseconds (already shifted out of the kernel's <<3).
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// `sk->sk_err` (a positive errno, 0 for none).
+    pub sk_err: i32,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    /// Ports in host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// [`valid`] bits.
+    pub valid: u16,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// Kernel TCP state numbers (`TCP_ESTABLISHED` = 1 …).
+    pub oldstate: u8,
+    pub newstate: u8,
+    pub sk_shutdown: u8,
+    pub ack_pending: u8,
+    pub _pad: [u8; 7],
+}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 144);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+impl Event {
+    pub const SIZE: usize = core::mem::size_of::<Event>();
+
+    pub const fn zeroed() -> Self {
+        Event {
+            ts_ns: 0,
+            skaddr: 0,
+            cgroup_id: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            pid: 0,
+            tid: 0,
+            cpu: 0,
+            srtt_us: 0,
+            total_retrans: 0,
+            segs_in: 0,
+            segs_out: 0,
+            sk_err: 0,
+            netns: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            valid: 0,
+            kind: 0,
+            oldstate: 0,
+            newstate: 0,
+            sk_shutdown: 0,
+            ack_pending: 0,
+            _pad: [0; 7],
+        }
+    }
+}
+
+/// Where the fields of one tracepoint's record sit, read from its tracefs
+/// `format` file by userspace (the layout is the kernel's, not ours).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StateTpLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+
+/// Byte offsets of socket fields, from the running kernel's BTF.
+/// [`OFFSET_UNKNOWN`] where BTF did not have the field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `struct sock`: `sk_shutdown` (u8) and `sk_err` (int).
+    pub sk_shutdown: u32,
+    pub sk_err: u32,
+    /// `struct tcp_sock`: u64 byte counters, u32 counters.
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// `struct inet_connection_sock`: `icsk_ack.pending` (u8).
+    pub icsk_ack_pending: u32,
+    /// `struct sock`: `__sk_common.skc_net` (a `struct net *`), and
+    /// `struct net`: `ns.inum` (u32).
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
+    pub _pad: u32,
+}
+
+impl SockOffsets {
+    pub const UNKNOWN: SockOffsets = SockOffsets {
+        sk_shutdown: OFFSET_UNKNOWN,
+        sk_err: OFFSET_UNKNOWN,
+        bytes_acked: OFFSET_UNKNOWN,
+        bytes_received: OFFSET_UNKNOWN,
+        srtt_us: OFFSET_UNKNOWN,
+        total_retrans: OFFSET_UNKNOWN,
+        segs_in: OFFSET_UNKNOWN,
+        segs_out: OFFSET_UNKNOWN,
+        icsk_ack_pending: OFFSET_UNKNOWN,
+        skc_net: OFFSET_UNKNOWN,
+        net_ns_inum: OFFSET_UNKNOWN,
+        _pad: 0,
+    };
+}
+
+/// Everything userspace tells the program before loading it, as one global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Wake the reader only once this many bytes wait in the ring buffer
+    /// (0: wake on every record). Userspace also polls on a timer, so a
+    /// quiet stream is still delivered promptly.
+    pub wakeup_bytes: u64,
+    pub state_tp: StateTpLayout,
+    /// Offset of `skaddr` in the tcp_retransmit_skb, tcp_send_reset and
+    /// tcp_receive_reset records.
+    pub retransmit_skaddr: u16,
+    pub send_reset_skaddr: u16,
+    pub receive_reset_skaddr: u16,
+    pub _pad: u16,
+    pub sock: SockOffsets,
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        wakeup_bytes: 0,
+        state_tp: StateTpLayout {
+            skaddr: 0,
+            oldstate: 0,
+            newstate: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            protocol: 0,
+            saddr: 0,
+            daddr: 0,
+            saddr_v6: 0,
+            daddr_v6: 0,
+            _pad: 0,
+        },
+        retransmit_skaddr: 0,
+        send_reset_skaddr: 0,
+        receive_reset_skaddr: 0,
+        _pad: 0,
+        sock: SockOffsets::UNKNOWN,
+    };
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-integer #[repr(C)] structs with explicit padding: every
+    // bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Config {}
+}
