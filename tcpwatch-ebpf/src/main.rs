@@ -1,2 +1,213 @@
+//! The kernel side of tcpwatch: tracepoint programs that copy TCP state
+//! transitions (and the retransmits and resets that explain them) into one
+//! ring buffer, counting every record the buffer had no room for.
+//!
+//! Field offsets are not compiled in: userspace reads the tracepoint layouts
+//! from tracefs and the socket layouts from the kernel's BTF and hands them
+//! over in [`CONFIG`] before loading.
 #![no_std]
 #![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    Global,
+};
+use tcpwatch_common::{
+    kind, valid, Config, Event, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, OFFSET_UNKNOWN,
+};
+
+/// Default ring size; userspace resizes it from `--ring-size` before loading.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Records the ring buffer had no room for, per CPU.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let cfg = CONFIG.load();
+    let _ = try_socket_event(&ctx, &cfg, cfg.retransmit_skaddr, kind::RETRANSMIT);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let cfg = CONFIG.load();
+    let _ = try_socket_event(&ctx, &cfg, cfg.send_reset_skaddr, kind::SEND_RESET);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let cfg = CONFIG.load();
+    let _ = try_socket_event(&ctx, &cfg, cfg.receive_reset_skaddr, kind::RECEIVE_RESET);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let cfg = CONFIG.load();
+    let tp = cfg.state_tp;
+    // The tracepoint also fires for DCCP and SCTP sockets.
+    let protocol: u16 = unsafe { ctx.read_at(tp.protocol.into())? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = kind::STATE;
+    ev.skaddr = unsafe { ctx.read_at::<u64>(tp.skaddr.into())? };
+    ev.oldstate = unsafe { ctx.read_at::<i32>(tp.oldstate.into())? } as u8;
+    ev.newstate = unsafe { ctx.read_at::<i32>(tp.newstate.into())? } as u8;
+    ev.sport = unsafe { ctx.read_at::<u16>(tp.sport.into())? };
+    ev.dport = unsafe { ctx.read_at::<u16>(tp.dport.into())? };
+    ev.family = unsafe { ctx.read_at::<u16>(tp.family.into())? };
+    if ev.family == AF_INET {
+        let s: [u8; 4] = unsafe { ctx.read_at(tp.saddr.into())? };
+        let d: [u8; 4] = unsafe { ctx.read_at(tp.daddr.into())? };
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    } else if ev.family == AF_INET6 {
+        ev.saddr = unsafe { ctx.read_at(tp.saddr_v6.into())? };
+        ev.daddr = unsafe { ctx.read_at(tp.daddr_v6.into())? };
+    }
+    fill_task(&mut ev);
+    fill_socket(&mut ev, &cfg);
+    emit(&ev, &cfg);
+    Ok(())
+}
+
+/// Retransmits and resets: only the socket matters, userspace already knows
+/// its endpoints from its state transitions.
+fn try_socket_event(
+    ctx: &TracePointContext,
+    cfg: &Config,
+    skaddr_offset: u16,
+    event_kind: u8,
+) -> Result<(), i32> {
+    let skaddr = unsafe { ctx.read_at::<u64>(skaddr_offset.into())? };
+    if skaddr == 0 {
+        // A reset sent on behalf of no socket (e.g. for a closed port).
+        return Ok(());
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = event_kind;
+    ev.skaddr = skaddr;
+    fill_task(&mut ev);
+    fill_socket(&mut ev, cfg);
+    emit(&ev, cfg);
+    Ok(())
+}
+
+fn fill_task(ev: &mut Event) {
+    unsafe {
+        ev.ts_ns = bpf_ktime_get_ns();
+        ev.cpu = bpf_get_smp_processor_id();
+        ev.cgroup_id = bpf_get_current_cgroup_id();
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.comm = comm;
+    }
+}
+
+/// Reads one field of the socket at an offset from BTF; `None` (and the
+/// field left unread) when BTF had no such field.
+#[inline(always)]
+fn read_field<T>(sk: u64, offset: u32) -> Option<T> {
+    if offset == OFFSET_UNKNOWN {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T).ok() }
+}
+
+fn fill_socket(ev: &mut Event, cfg: &Config) {
+    let sk = ev.skaddr;
+    let off = &cfg.sock;
+    if let Some(v) = read_field::<u8>(sk, off.sk_shutdown) {
+        ev.sk_shutdown = v;
+        ev.valid |= valid::SHUTDOWN;
+    }
+    if let Some(v) = read_field::<i32>(sk, off.sk_err) {
+        ev.sk_err = v;
+        ev.valid |= valid::SK_ERR;
+    }
+    if let Some(v) = read_field::<u64>(sk, off.bytes_acked) {
+        ev.bytes_acked = v;
+        ev.valid |= valid::BYTES_ACKED;
+    }
+    if let Some(v) = read_field::<u64>(sk, off.bytes_received) {
+        ev.bytes_received = v;
+        ev.valid |= valid::BYTES_RECEIVED;
+    }
+    if let Some(v) = read_field::<u32>(sk, off.srtt_us) {
+        ev.srtt_us = v >> 3;
+        ev.valid |= valid::SRTT;
+    }
+    if let Some(v) = read_field::<u32>(sk, off.total_retrans) {
+        ev.total_retrans = v;
+        ev.valid |= valid::TOTAL_RETRANS;
+    }
+    if let Some(v) = read_field::<u32>(sk, off.segs_in) {
+        ev.segs_in = v;
+        ev.valid |= valid::SEGS_IN;
+    }
+    if let Some(v) = read_field::<u32>(sk, off.segs_out) {
+        ev.segs_out = v;
+        ev.valid |= valid::SEGS_OUT;
+    }
+    if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending) {
+        ev.ack_pending = v;
+        ev.valid |= valid::ACK_PENDING;
+    }
+    if off.net_ns_inum != OFFSET_UNKNOWN {
+        if let Some(net) = read_field::<u64>(sk, off.skc_net) {
+            if net != 0 {
+                if let Some(inum) = read_field::<u32>(net, off.net_ns_inum) {
+                    ev.netns = inum;
+                    ev.valid |= valid::NETNS;
+                }
+            }
+        }
+    }
+}
+
+/// Writes the record, waking the reader only once a batch has built up:
+/// wakeups, not the hook, are what a busy host would pay for.
+fn emit(ev: &Event, cfg: &Config) {
+    let flags = if cfg.wakeup_bytes == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA.into()) + (Event::SIZE as u64) >= cfg.wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    };
+    if EVENTS.output::<Event>(ev, flags).is_err() {
+        if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
+            unsafe { *lost += 1 };
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

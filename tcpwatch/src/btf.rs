@@ -1,0 +1,1607 @@
+//! Socket field offsets from the running kernel's BTF.
+//!
+//! aya cannot relocate field accesses (CO-RE) in a Rust eBPF program, so the
+//! program is handed the byte offsets it needs as globals. This module reads
+//! the kernel's raw BTF blob (`/sys/kernel/btf/vmlinux`), finds those fields
+//! and fills a [`SockOffsets`]. An offset is never guessed: a field that BTF
+//! does not describe, that is a bitfield, or whose size is not what the
+//! program reads, stays [`OFFSET_UNKNOWN`] and is reported instead.
+//!
+//! [`OFFSET_UNKNOWN`]: tcpwatch_common::OFFSET_UNKNOWN
+//!
+//! The parser is deliberately small: it keeps only what field lookups need
+//! (names, structs/unions and their members, and the types a member's size
+//! is computed through). It treats the blob as untrusted: every read is
+//! bounds-checked, every type chain is depth-limited, and nothing is
+//! allocated beyond what the blob's own length can back.
+
+use std::path::{Path, PathBuf};
+
+use tcpwatch_common::SockOffsets;
+
+/// Where the running kernel exposes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+const MAGIC: u16 = 0xEB9F;
+const VERSION: u8 = 1;
+/// Size of the fixed part of `struct btf_header`.
+const HEADER_LEN: usize = 24;
+/// Size of `struct btf_type`.
+const TYPE_LEN: usize = 12;
+/// How many typedef/modifier/array hops or nested anonymous members we
+/// follow before calling the blob corrupt (libbpf uses the same bound); it
+/// also stops a self-referencing type from recursing forever.
+const MAX_DEPTH: u32 = 32;
+
+// BTF kinds (include/uapi/linux/btf.h).
+const KIND_INT: u8 = 1;
+const KIND_PTR: u8 = 2;
+const KIND_ARRAY: u8 = 3;
+const KIND_STRUCT: u8 = 4;
+const KIND_UNION: u8 = 5;
+const KIND_ENUM: u8 = 6;
+const KIND_FWD: u8 = 7;
+const KIND_TYPEDEF: u8 = 8;
+const KIND_VOLATILE: u8 = 9;
+const KIND_CONST: u8 = 10;
+const KIND_RESTRICT: u8 = 11;
+const KIND_FUNC: u8 = 12;
+const KIND_FUNC_PROTO: u8 = 13;
+const KIND_VAR: u8 = 14;
+const KIND_DATASEC: u8 = 15;
+const KIND_FLOAT: u8 = 16;
+const KIND_DECL_TAG: u8 = 17;
+const KIND_TYPE_TAG: u8 = 18;
+const KIND_ENUM64: u8 = 19;
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        KIND_INT => "INT",
+        KIND_PTR => "PTR",
+        KIND_ARRAY => "ARRAY",
+        KIND_STRUCT => "STRUCT",
+        KIND_UNION => "UNION",
+        KIND_ENUM => "ENUM",
+        KIND_FWD => "FWD",
+        KIND_TYPEDEF => "TYPEDEF",
+        KIND_VOLATILE => "VOLATILE",
+        KIND_CONST => "CONST",
+        KIND_RESTRICT => "RESTRICT",
+        KIND_FUNC => "FUNC",
+        KIND_FUNC_PROTO => "FUNC_PROTO",
+        KIND_VAR => "VAR",
+        KIND_DATASEC => "DATASEC",
+        KIND_FLOAT => "FLOAT",
+        KIND_DECL_TAG => "DECL_TAG",
+        KIND_TYPE_TAG => "TYPE_TAG",
+        KIND_ENUM64 => "ENUM64",
+        _ => "unknown",
+    }
+}
+
+/// Why BTF could not be read, or could not answer a field lookup.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read BTF from {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BTF blob is {len} bytes, shorter than the {HEADER_LEN}-byte header")]
+    TooShort { len: usize },
+    #[error("not a BTF blob: magic is {magic:#06x}, expected {MAGIC:#06x}")]
+    BadMagic { magic: u16 },
+    #[error("unsupported BTF version {version} (only version {VERSION} is understood)")]
+    UnsupportedVersion { version: u8 },
+    #[error("BTF header length {hdr_len} is invalid for a {len}-byte blob")]
+    BadHeaderLen { hdr_len: u32, len: usize },
+    #[error("BTF {section} section (offset {off}, length {len}) runs past the end of the blob")]
+    SectionOutOfBounds {
+        section: &'static str,
+        off: u32,
+        len: u32,
+    },
+    #[error("BTF string section is empty or does not start and end with a NUL byte")]
+    BadStringSection,
+    #[error("BTF type {type_id} (at byte {pos} of the type section) is truncated")]
+    Truncated { type_id: u32, pos: usize },
+    #[error("BTF type {type_id} has unknown kind {kind}")]
+    UnknownKind { type_id: u32, kind: u8 },
+    #[error("BTF type {type_id} names string offset {name_off}, outside the string section")]
+    BadStringOffset { type_id: u32, name_off: u32 },
+    #[error("BTF has too many types")]
+    TooManyTypes,
+    #[error("BTF refers to type id {type_id}, which does not exist")]
+    BadTypeId { type_id: u32 },
+    #[error("BTF type chain at type {type_id} is deeper than {MAX_DEPTH} (corrupt or cyclic BTF)")]
+    TooDeep { type_id: u32 },
+    #[error("BTF type {type_id} ({kind}) has no size")]
+    NoSize { type_id: u32, kind: &'static str },
+    #[error("pointer size unknown: BTF has no `long int` or `long unsigned int`")]
+    PointerSizeUnknown,
+    #[error("size or offset of `{path}` overflows")]
+    Overflow { path: String },
+    #[error("no struct named `{name}` in BTF")]
+    NoSuchStruct { name: String },
+    #[error("`{owner}` has no member `{member}`")]
+    NoSuchMember { owner: String, member: String },
+    #[error("`{path}` is a {kind}, not a struct or union, so it has no members")]
+    NotComposite { path: String, kind: &'static str },
+    #[error(
+        "`{path}` is a bitfield or not byte-aligned (bit offset {bit_offset}): no byte offset"
+    )]
+    Bitfield { path: String, bit_offset: u64 },
+}
+
+/// Where a member sits: byte offset from the start of the outer struct, and
+/// the byte size of its type (typedefs and modifiers resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Kind-specific data kept for a type; other kinds' data is skipped.
+#[derive(Clone, Copy, Debug)]
+enum Extra {
+    None,
+    /// The INT encoding word: bit offset and bit count of the value.
+    Int {
+        encoding: u32,
+    },
+    Array {
+        elem: u32,
+        nelems: u32,
+    },
+    /// A range of [`Btf::members`].
+    Members {
+        start: usize,
+        len: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TypeEntry {
+    name_off: u32,
+    kind: u8,
+    kind_flag: bool,
+    /// Size for INT/STRUCT/UNION/ENUM/ENUM64/FLOAT, referenced type id for
+    /// PTR/TYPEDEF/modifiers.
+    size_or_type: u32,
+    extra: Extra,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawMember {
+    name_off: u32,
+    type_id: u32,
+    /// Raw `offset` word; its meaning depends on the parent's kind_flag.
+    offset: u32,
+}
+
+/// A member found by name, possibly inside anonymous members.
+struct Found {
+    bits: u64,
+    type_id: u32,
+    bitfield: bool,
+}
+
+/// Parsed BTF: the types (id N at index N-1) and the string section.
+#[derive(Debug, Clone)]
+pub struct Btf {
+    types: Vec<TypeEntry>,
+    members: Vec<RawMember>,
+    strings: Vec<u8>,
+    /// Pointer size, from the size of `long` (BTF's PTR carries no size).
+    ptr_size: Option<u32>,
+}
+
+/// Little- or big-endian u32 reads that fail instead of panicking.
+#[derive(Clone, Copy)]
+struct Reader {
+    big_endian: bool,
+}
+
+impl Reader {
+    fn u32(self, bytes: &[u8], pos: usize) -> Option<u32> {
+        let end = pos.checked_add(4)?;
+        let b: [u8; 4] = bytes.get(pos..end)?.try_into().ok()?;
+        Some(if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+}
+
+impl Btf {
+    /// Reads and parses a raw BTF file such as [`VMLINUX_BTF`].
+    pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
+        let bytes = std::fs::read(path).map_err(|source| BtfError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Btf::parse(&bytes)
+    }
+
+    /// Parses a raw BTF blob (standalone, not split BTF).
+    pub fn parse(bytes: &[u8]) -> Result<Btf, BtfError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(BtfError::TooShort { len: bytes.len() });
+        }
+        // The magic tells the blob's byte order.
+        let rd = match u16::from_le_bytes([bytes[0], bytes[1]]) {
+            MAGIC => Reader { big_endian: false },
+            m if m.swap_bytes() == MAGIC => Reader { big_endian: true },
+            magic => return Err(BtfError::BadMagic { magic }),
+        };
+        if bytes[2] != VERSION {
+            return Err(BtfError::UnsupportedVersion { version: bytes[2] });
+        }
+        let field = |pos: usize| {
+            rd.u32(bytes, pos)
+                .ok_or(BtfError::TooShort { len: bytes.len() })
+        };
+        let hdr_len = field(4)?;
+        let (type_off, type_len) = (field(8)?, field(12)?);
+        let (str_off, str_len) = (field(16)?, field(20)?);
+
+        let base = usize::try_from(hdr_len)
+            .ok()
+            .filter(|&h| h >= HEADER_LEN && h <= bytes.len())
+            .ok_or(BtfError::BadHeaderLen {
+                hdr_len,
+                len: bytes.len(),
+            })?;
+        let section = |name: &'static str, off: u32, len: u32| {
+            let start = base.checked_add(off as usize);
+            let end = start.and_then(|s| s.checked_add(len as usize));
+            match (start, end) {
+                (Some(s), Some(e)) if e <= bytes.len() => Ok(&bytes[s..e]),
+                _ => Err(BtfError::SectionOutOfBounds {
+                    section: name,
+                    off,
+                    len,
+                }),
+            }
+        };
+        let type_sec = section("type", type_off, type_len)?;
+        let strings = section("string", str_off, str_len)?;
+        // Offset 0 must be the empty name, and a final NUL guarantees every
+        // in-range offset has a terminator, so names never need re-checking.
+        if strings.first() != Some(&0) || strings.last() != Some(&0) {
+            return Err(BtfError::BadStringSection);
+        }
+
+        // Each type takes at least TYPE_LEN bytes, so this is bounded by the blob.
+        let mut types = Vec::with_capacity(type_sec.len() / TYPE_LEN);
+        let mut members = Vec::new();
+        let mut pos = 0usize;
+        while pos < type_sec.len() {
+            let type_id = u32::try_from(types.len() + 1).map_err(|_| BtfError::TooManyTypes)?;
+            let truncated = BtfError::Truncated { type_id, pos };
+            let (Some(name_off), Some(info), Some(size_or_type)) = (
+                rd.u32(type_sec, pos),
+                rd.u32(type_sec, pos + 4),
+                rd.u32(type_sec, pos + 8),
+            ) else {
+                return Err(truncated);
+            };
+            let kind = ((info >> 24) & 0x1f) as u8;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            let data_len = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+                _ => return Err(BtfError::UnknownKind { type_id, kind }),
+            };
+            let data_start = pos + TYPE_LEN;
+            let data = data_start
+                .checked_add(data_len)
+                .and_then(|end| type_sec.get(data_start..end))
+                .ok_or(truncated)?;
+            let check_name = |name_off: u32| {
+                if (name_off as usize) < strings.len() {
+                    Ok(())
+                } else {
+                    Err(BtfError::BadStringOffset { type_id, name_off })
+                }
+            };
+            check_name(name_off)?;
+            // `data` has exactly data_len bytes, so these reads cannot fail;
+            // still, fail as truncated rather than unwrap.
+            let word = |i: usize| {
+                rd.u32(data, i * 4)
+                    .ok_or(BtfError::Truncated { type_id, pos })
+            };
+            let extra = match kind {
+                KIND_INT => Extra::Int { encoding: word(0)? },
+                KIND_ARRAY => Extra::Array {
+                    elem: word(0)?,
+                    nelems: word(2)?,
+                },
+                KIND_STRUCT | KIND_UNION => {
+                    let start = members.len();
+                    for m in 0..vlen {
+                        let member = RawMember {
+                            name_off: word(m * 3)?,
+                            type_id: word(m * 3 + 1)?,
+                            offset: word(m * 3 + 2)?,
+                        };
+                        check_name(member.name_off)?;
+                        members.push(member);
+                    }
+                    Extra::Members { start, len: vlen }
+                }
+                _ => Extra::None,
+            };
+            types.push(TypeEntry {
+                name_off,
+                kind,
+                kind_flag,
+                size_or_type,
+                extra,
+            });
+            pos = data_start + data_len;
+        }
+
+        let mut btf = Btf {
+            types,
+            members,
+            strings: strings.to_vec(),
+            ptr_size: None,
+        };
+        // As libbpf does: a pointer is as wide as `long`.
+        btf.ptr_size = btf.types.iter().find_map(|t| {
+            let long = matches!(btf.name(t.name_off), b"long int" | b"long unsigned int");
+            (t.kind == KIND_INT && long && matches!(t.size_or_type, 4 | 8))
+                .then_some(t.size_or_type)
+        });
+        Ok(btf)
+    }
+
+    /// Number of types (ids 1..=len).
+    pub fn type_count(&self) -> usize {
+        self.types.len()
+    }
+
+    /// Byte offset and size of a (possibly nested) member of the first
+    /// STRUCT named `struct_name`, e.g. `("inet_connection_sock",
+    /// &["icsk_ack", "pending"])`. Members of anonymous struct/union members
+    /// are found by name as C allows; typedefs and qualifiers are looked
+    /// through. An empty path gives offset 0 and the struct's size.
+    pub fn member(&self, struct_name: &str, path: &[&str]) -> Result<Member, BtfError> {
+        let mut cur = self
+            .find_struct(struct_name)
+            .ok_or_else(|| BtfError::NoSuchStruct {
+                name: struct_name.to_string(),
+            })?;
+        let mut walked = struct_name.to_string();
+        let mut bits: u64 = 0;
+        for step in path {
+            let comp = self.skip_modifiers(cur)?;
+            let kind = self.kind_of(comp)?;
+            if kind != KIND_STRUCT && kind != KIND_UNION {
+                return Err(BtfError::NotComposite {
+                    path: walked,
+                    kind: kind_name(kind),
+                });
+            }
+            let found = self.find_member(comp, step.as_bytes(), 0)?.ok_or_else(|| {
+                BtfError::NoSuchMember {
+                    owner: walked.clone(),
+                    member: step.to_string(),
+                }
+            })?;
+            walked.push('.');
+            walked.push_str(step);
+            if found.bitfield || found.bits % 8 != 0 {
+                return Err(BtfError::Bitfield {
+                    path: walked,
+                    bit_offset: found.bits,
+                });
+            }
+            bits = bits
+                .checked_add(found.bits)
+                .ok_or_else(|| BtfError::Overflow {
+                    path: walked.clone(),
+                })?;
+            cur = found.type_id;
+        }
+
+        let size = self.type_size(cur, 0)?;
+        // Older BTF encodes bitfields as INTs narrower than their storage.
+        let resolved = self.skip_modifiers(cur)?;
+        if let Some(TypeEntry {
+            extra: Extra::Int { encoding },
+            ..
+        }) = self.entry(resolved)
+        {
+            let int_bit_off = (encoding >> 16) & 0xff;
+            let nr_bits = encoding & 0xff;
+            if int_bit_off != 0 || u64::from(nr_bits) != u64::from(size) * 8 {
+                return Err(BtfError::Bitfield {
+                    path: walked,
+                    bit_offset: bits + u64::from(int_bit_off),
+                });
+            }
+        }
+        let offset = u32::try_from(bits / 8).map_err(|_| BtfError::Overflow {
+            path: walked.clone(),
+        })?;
+        Ok(Member { offset, size })
+    }
+
+    /// The bytes of the name at `off` (empty if out of range, which
+    /// `parse` has already ruled out for every stored offset).
+    fn name(&self, off: u32) -> &[u8] {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        rest.split(|&b| b == 0).next().unwrap_or_default()
+    }
+
+    fn find_struct(&self, name: &str) -> Option<u32> {
+        let idx = self
+            .types
+            .iter()
+            .position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes())?;
+        u32::try_from(idx + 1).ok()
+    }
+
+    fn entry(&self, type_id: u32) -> Option<&TypeEntry> {
+        self.types.get((type_id as usize).checked_sub(1)?)
+    }
+
+    fn ty(&self, type_id: u32) -> Result<&TypeEntry, BtfError> {
+        self.entry(type_id).ok_or(BtfError::BadTypeId { type_id })
+    }
+
+    /// Kind of a type id; void (0) has no entry and reports as kind 0.
+    fn kind_of(&self, type_id: u32) -> Result<u8, BtfError> {
+        if type_id == 0 {
+            return Ok(0);
+        }
+        Ok(self.ty(type_id)?.kind)
+    }
+
+    /// Follows typedef/const/volatile/restrict/type_tag to the real type.
+    fn skip_modifiers(&self, mut type_id: u32) -> Result<u32, BtfError> {
+        let start = type_id;
+        for _ in 0..MAX_DEPTH {
+            if type_id == 0 {
+                return Ok(0);
+            }
+            let t = self.ty(type_id)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_CONST | KIND_VOLATILE | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    type_id = t.size_or_type;
+                }
+                _ => return Ok(type_id),
+            }
+        }
+        Err(BtfError::TooDeep { type_id: start })
+    }
+
+    fn type_size(&self, type_id: u32, depth: u32) -> Result<u32, BtfError> {
+        if depth >= MAX_DEPTH {
+            return Err(BtfError::TooDeep { type_id });
+        }
+        let id = self.skip_modifiers(type_id)?;
+        if id == 0 {
+            return Err(BtfError::NoSize {
+                type_id,
+                kind: "void",
+            });
+        }
+        let t = self.ty(id)?;
+        match (t.kind, t.extra) {
+            (KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT, _) => {
+                Ok(t.size_or_type)
+            }
+            (KIND_PTR, _) => self.ptr_size.ok_or(BtfError::PointerSizeUnknown),
+            (KIND_ARRAY, Extra::Array { elem, nelems }) => self
+                .type_size(elem, depth + 1)?
+                .checked_mul(nelems)
+                .ok_or_else(|| BtfError::Overflow {
+                    path: format!("type {id}"),
+                }),
+            (kind, _) => Err(BtfError::NoSize {
+                type_id: id,
+                kind: kind_name(kind),
+            }),
+        }
+    }
+
+    /// Finds `name` among the members of struct/union `comp`, descending
+    /// into anonymous struct/union members. The bit offset is relative to
+    /// the start of `comp`.
+    fn find_member(&self, comp: u32, name: &[u8], depth: u32) -> Result<Option<Found>, BtfError> {
+        if depth >= MAX_DEPTH {
+            return Err(BtfError::TooDeep { type_id: comp });
+        }
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let t = self.ty(comp)?;
+        let Extra::Members { start, len } = t.extra else {
+            return Ok(None);
+        };
+        let list = self.members.get(start..start + len).unwrap_or_default();
+        for m in list {
+            // With kind_flag the word packs a bitfield size over the offset.
+            let (bits, bitfield_size) = if t.kind_flag {
+                (m.offset & 0x00ff_ffff, m.offset >> 24)
+            } else {
+                (m.offset, 0)
+            };
+            let member_name = self.name(m.name_off);
+            if member_name == name {
+                return Ok(Some(Found {
+                    bits: u64::from(bits),
+                    type_id: m.type_id,
+                    bitfield: bitfield_size != 0,
+                }));
+            }
+            if member_name.is_empty() {
+                let inner = self.skip_modifiers(m.type_id)?;
+                if !matches!(self.kind_of(inner)?, KIND_STRUCT | KIND_UNION) {
+                    continue;
+                }
+                if let Some(found) = self.find_member(inner, name, depth + 1)? {
+                    return Ok(Some(Found {
+                        bits: found.bits + u64::from(bits),
+                        type_id: found.type_id,
+                        bitfield: found.bitfield || bitfield_size != 0,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// How a field's struct must sit at the start of `struct sock`, so that an
+/// offset within it is also an offset from the socket pointer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// `struct sock` itself, or an unrelated struct (`struct net`).
+    Direct,
+    /// `inet_connection_sock`: needs icsk_inet and inet_sock.sk at 0.
+    Icsk,
+    /// `tcp_sock`: additionally needs inet_conn at 0.
+    Tcp,
+}
+
+struct Field {
+    strukt: &'static str,
+    path: &'static [&'static str],
+    size: u32,
+    base: Base,
+    slot: fn(&mut SockOffsets) -> &mut u32,
+}
+
+const FIELDS: &[Field] = &[
+    Field {
+        strukt: "sock",
+        path: &["sk_shutdown"],
+        size: 1,
+        base: Base::Direct,
+        slot: |o| &mut o.sk_shutdown,
+    },
+    Field {
+        strukt: "sock",
+        path: &["sk_err"],
+        size: 4,
+        base: Base::Direct,
+        slot: |o| &mut o.sk_err,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["bytes_acked"],
+        size: 8,
+        base: Base::Tcp,
+        slot: |o| &mut o.bytes_acked,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["bytes_received"],
+        size: 8,
+        base: Base::Tcp,
+        slot: |o| &mut o.bytes_received,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["srtt_us"],
+        size: 4,
+        base: Base::Tcp,
+        slot: |o| &mut o.srtt_us,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["total_retrans"],
+        size: 4,
+        base: Base::Tcp,
+        slot: |o| &mut o.total_retrans,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["segs_in"],
+        size: 4,
+        base: Base::Tcp,
+        slot: |o| &mut o.segs_in,
+    },
+    Field {
+        strukt: "tcp_sock",
+        path: &["segs_out"],
+        size: 4,
+        base: Base::Tcp,
+        slot: |o| &mut o.segs_out,
+    },
+    Field {
+        strukt: "inet_connection_sock",
+        path: &["icsk_ack", "pending"],
+        size: 1,
+        base: Base::Icsk,
+        slot: |o| &mut o.icsk_ack_pending,
+    },
+    // possible_net_t wraps `struct net *`; 8 bytes unless the kernel lacks netns.
+    Field {
+        strukt: "sock",
+        path: &["__sk_common", "skc_net"],
+        size: 8,
+        base: Base::Direct,
+        slot: |o| &mut o.skc_net,
+    },
+    Field {
+        strukt: "net",
+        path: &["ns", "inum"],
+        size: 4,
+        base: Base::Direct,
+        slot: |o| &mut o.net_ns_inum,
+    },
+];
+
+/// Checks that `strukt.member` sits at offset 0: Err is the reason why not.
+fn at_start(btf: &Btf, strukt: &str, member: &str) -> Result<(), String> {
+    match btf.member(strukt, &[member]) {
+        Ok(m) if m.offset == 0 => Ok(()),
+        Ok(m) => Err(format!("{strukt}.{member} is at byte {}, not 0", m.offset)),
+        Err(e) => Err(format!(
+            "cannot check that {strukt} starts with {member}: {e}"
+        )),
+    }
+}
+
+/// Fills the socket offsets the eBPF program reads, from `btf`. Fields that
+/// cannot be located exactly stay [`tcpwatch_common::OFFSET_UNKNOWN`]; each
+/// gets one human message in the returned list (empty when all were found).
+pub fn sock_offsets(btf: &Btf) -> (SockOffsets, Vec<String>) {
+    // The program holds a `struct sock *`; tcp_sock and inet_connection_sock
+    // offsets are only offsets from it if each struct starts with the next.
+    let sk_in_inet = at_start(btf, "inet_sock", "sk");
+    let inet_in_icsk = at_start(btf, "inet_connection_sock", "icsk_inet");
+    let icsk_in_tcp = at_start(btf, "tcp_sock", "inet_conn");
+    let icsk_base = inet_in_icsk.clone().and(sk_in_inet.clone());
+    let tcp_base = icsk_in_tcp.and(icsk_base.clone());
+
+    let mut offsets = SockOffsets::UNKNOWN;
+    let mut missing = Vec::new();
+    for f in FIELDS {
+        let label = format!("{}.{}", f.strukt, f.path.join("."));
+        let base = match f.base {
+            Base::Direct => Ok(()),
+            Base::Icsk => icsk_base.clone(),
+            Base::Tcp => tcp_base.clone(),
+        };
+        if let Err(why) = base {
+            missing.push(format!("{label}: not usable from a socket pointer: {why}"));
+            continue;
+        }
+        match btf.member(f.strukt, f.path) {
+            Ok(m) if m.size != f.size => missing.push(format!(
+                "{label}: size differs: {} bytes in the kernel's BTF, expected {}",
+                m.size, f.size
+            )),
+            Ok(m) => *(f.slot)(&mut offsets) = m.offset,
+            Err(e @ (BtfError::NoSuchStruct { .. } | BtfError::NoSuchMember { .. })) => {
+                missing.push(format!("{label}: not in the kernel's BTF ({e})"));
+            }
+            Err(e) => missing.push(format!("{label}: {e}")),
+        }
+    }
+    (offsets, missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpwatch_common::OFFSET_UNKNOWN;
+
+    /// Builds small BTF blobs: types are appended in id order.
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Builder {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
+        }
+
+        fn str(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn word(&mut self, w: u32) {
+            self.types.extend_from_slice(&w.to_le_bytes());
+        }
+
+        fn head(
+            &mut self,
+            name: &str,
+            kind: u8,
+            vlen: u32,
+            kind_flag: bool,
+            size_or_type: u32,
+        ) -> u32 {
+            let name_off = self.str(name);
+            self.word(name_off);
+            self.word(u32::from(kind_flag) << 31 | u32::from(kind) << 24 | vlen);
+            self.word(size_or_type);
+            self.next_id += 1;
+            self.next_id - 1
+        }
+
+        fn int(&mut self, name: &str, size: u32) -> u32 {
+            self.int_bits(name, size, 0, size * 8)
+        }
+
+        fn int_bits(&mut self, name: &str, size: u32, bit_off: u32, nr_bits: u32) -> u32 {
+            let id = self.head(name, KIND_INT, 0, false, size);
+            self.word(bit_off << 16 | nr_bits);
+            id
+        }
+
+        fn ptr(&mut self, to: u32) -> u32 {
+            self.head("", KIND_PTR, 0, false, to)
+        }
+
+        fn typedef(&mut self, name: &str, to: u32) -> u32 {
+            self.head(name, KIND_TYPEDEF, 0, false, to)
+        }
+
+        fn modifier(&mut self, kind: u8, to: u32) -> u32 {
+            self.head("", kind, 0, false, to)
+        }
+
+        fn array(&mut self, elem: u32, index: u32, nelems: u32) -> u32 {
+            let id = self.head("", KIND_ARRAY, 0, false, 0);
+            self.word(elem);
+            self.word(index);
+            self.word(nelems);
+            id
+        }
+
+        fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+            let id = self.head(name, KIND_ENUM, values.len() as u32, false, 4);
+            for &(n, v) in values {
+                let off = self.str(n);
+                self.word(off);
+                self.word(v);
+            }
+            id
+        }
+
+        /// Members are (name, type, bit offset [, bitfield size if kind_flag]).
+        fn composite(
+            &mut self,
+            kind: u8,
+            name: &str,
+            size: u32,
+            kind_flag: bool,
+            members: &[(&str, u32, u32, u32)],
+        ) -> u32 {
+            let id = self.head(name, kind, members.len() as u32, kind_flag, size);
+            for &(n, ty, bits, bf) in members {
+                let off = self.str(n);
+                self.word(off);
+                self.word(ty);
+                self.word(if kind_flag { bf << 24 | bits } else { bits });
+            }
+            id
+        }
+
+        fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let m: Vec<_> = members.iter().map(|&(n, t, b)| (n, t, b, 0)).collect();
+            self.composite(KIND_STRUCT, name, size, false, &m)
+        }
+
+        fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let m: Vec<_> = members.iter().map(|&(n, t, b)| (n, t, b, 0)).collect();
+            self.composite(KIND_UNION, name, size, false, &m)
+        }
+
+        fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&MAGIC.to_le_bytes());
+            out.push(VERSION);
+            out.push(0);
+            let types_len = self.types.len() as u32;
+            for w in [24, 0, types_len, types_len, self.strings.len() as u32] {
+                out.extend_from_slice(&u32::to_le_bytes(w));
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A miniature of the kernel's socket structs, laid out like the real
+    /// ones where it matters (embedding at 0, anonymous members, typedefs,
+    /// a kind_flag bitfield).
+    fn kernel_like() -> Vec<u8> {
+        let mut b = Builder::new();
+        let u8_ = b.int("unsigned char", 1);
+        let u8t = b.typedef("u8", u8_);
+        let int = b.int("int", 4);
+        let uint = b.int("unsigned int", 4);
+        let u64_ = b.int("long long unsigned int", 8);
+        let u64t = b.typedef("u64", u64_);
+        let u32t = b.typedef("u32", uint);
+        let _long = b.int("long int", 8);
+        let ns_common = b.strukt("ns_common", 16, &[("stashed", u64t, 0), ("inum", uint, 64)]);
+        let net = b.strukt("net", 64, &[("passive", int, 0), ("ns", ns_common, 64)]);
+        let net_ptr = b.ptr(net);
+        let possible_net = b.strukt("", 8, &[("net", net_ptr, 0)]);
+        let possible_net_t = b.typedef("possible_net_t", possible_net);
+        let anon_hash = b.union("", 4, &[("skc_hash", uint, 0), ("skc_u16hashes", uint, 0)]);
+        let sock_common = b.composite(
+            KIND_STRUCT,
+            "sock_common",
+            32,
+            true,
+            &[
+                ("", anon_hash, 0, 0),
+                ("skc_reuse", u8_, 36, 4),
+                ("skc_bound_dev_if", int, 64, 0),
+                ("skc_net", possible_net_t, 128, 0),
+            ],
+        );
+        let sock = b.strukt(
+            "sock",
+            64,
+            &[
+                ("__sk_common", sock_common, 0),
+                ("sk_err", int, 256),
+                ("sk_shutdown", u8t, 296),
+            ],
+        );
+        let inet_sock = b.strukt("inet_sock", 80, &[("sk", sock, 0), ("inet_id", uint, 512)]);
+        let icsk_ack = b.strukt("", 4, &[("pending", u8t, 0), ("quick", u8t, 8)]);
+        let icsk = b.strukt(
+            "inet_connection_sock",
+            96,
+            &[("icsk_inet", inet_sock, 0), ("icsk_ack", icsk_ack, 640)],
+        );
+        // An anonymous struct in an anonymous union, as cacheline groups look.
+        let c_u32 = b.modifier(KIND_CONST, u32t);
+        let v_u32 = b.modifier(KIND_VOLATILE, c_u32);
+        let inner = b.strukt(
+            "",
+            16,
+            &[
+                ("segs_in", u32t, 0),
+                ("segs_out", v_u32, 32),
+                ("bytes_received", u64t, 64),
+            ],
+        );
+        let outer = b.union("", 16, &[("", inner, 0), ("raw", u64t, 0)]);
+        let tcp_sock = b.strukt(
+            "tcp_sock",
+            160,
+            &[
+                ("inet_conn", icsk, 0),
+                ("srtt_us", u32t, 768),
+                ("total_retrans", u32t, 800),
+                ("", outer, 832),
+                ("bytes_acked", u64t, 960),
+            ],
+        );
+        let _ = tcp_sock;
+        b.build()
+    }
+
+    #[test]
+    fn named_struct_member() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        assert_eq!(
+            btf.member("sock", &["sk_err"]).expect("sk_err"),
+            Member {
+                offset: 32,
+                size: 4
+            }
+        );
+        assert_eq!(
+            btf.member("sock", &["sk_shutdown"]).expect("sk_shutdown"),
+            Member {
+                offset: 37,
+                size: 1
+            }
+        );
+        assert_eq!(
+            btf.member("tcp_sock", &["bytes_acked"])
+                .expect("bytes_acked"),
+            Member {
+                offset: 120,
+                size: 8
+            }
+        );
+        assert_eq!(
+            btf.member("tcp_sock", &[]).expect("whole"),
+            Member {
+                offset: 0,
+                size: 160
+            }
+        );
+    }
+
+    #[test]
+    fn nested_and_anonymous_members() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        assert_eq!(
+            btf.member("inet_connection_sock", &["icsk_ack", "pending"])
+                .expect("pending"),
+            Member {
+                offset: 80,
+                size: 1
+            }
+        );
+        assert_eq!(
+            btf.member("sock", &["__sk_common", "skc_net"])
+                .expect("skc_net"),
+            Member {
+                offset: 16,
+                size: 8
+            }
+        );
+        assert_eq!(
+            btf.member("sock", &["__sk_common", "skc_hash"])
+                .expect("skc_hash"),
+            Member { offset: 0, size: 4 }
+        );
+        // Through an anonymous union holding an anonymous struct.
+        assert_eq!(
+            btf.member("tcp_sock", &["segs_in"]).expect("segs_in"),
+            Member {
+                offset: 104,
+                size: 4
+            }
+        );
+        assert_eq!(
+            btf.member("tcp_sock", &["bytes_received"])
+                .expect("bytes_received"),
+            Member {
+                offset: 112,
+                size: 8
+            }
+        );
+        // Into an embedded struct, then further.
+        assert_eq!(
+            btf.member("tcp_sock", &["inet_conn", "icsk_inet", "sk", "sk_err"])
+                .expect("deep"),
+            Member {
+                offset: 32,
+                size: 4
+            }
+        );
+        assert_eq!(
+            btf.member("net", &["ns", "inum"]).expect("inum"),
+            Member {
+                offset: 16,
+                size: 4
+            }
+        );
+    }
+
+    #[test]
+    fn typedef_and_modifier_chain() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        // segs_out is volatile const u32 (typedef of unsigned int).
+        assert_eq!(
+            btf.member("tcp_sock", &["segs_out"]).expect("segs_out"),
+            Member {
+                offset: 108,
+                size: 4
+            }
+        );
+
+        // A member whose struct type is reached through typedef + const.
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let inner = b.strukt("inner", 8, &[("a", int, 0), ("b", int, 32)]);
+        let td = b.typedef("inner_t", inner);
+        let td2 = b.typedef("inner2_t", td);
+        let c = b.modifier(KIND_CONST, td2);
+        let r = b.modifier(KIND_RESTRICT, c);
+        let tt = b.head("tag", KIND_TYPE_TAG, 0, false, r);
+        let arr = b.array(int, int, 3);
+        b.strukt(
+            "outer",
+            24,
+            &[("x", int, 0), ("in", tt, 32), ("arr", arr, 96)],
+        );
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert_eq!(
+            btf.member("outer", &["in", "b"]).expect("in.b"),
+            Member { offset: 8, size: 4 }
+        );
+        assert_eq!(
+            btf.member("outer", &["in"]).expect("in"),
+            Member { offset: 4, size: 8 }
+        );
+        assert_eq!(
+            btf.member("outer", &["arr"]).expect("arr"),
+            Member {
+                offset: 12,
+                size: 12
+            }
+        );
+    }
+
+    #[test]
+    fn bitfields_rejected() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        let err = btf
+            .member("sock", &["__sk_common", "skc_reuse"])
+            .expect_err("bitfield");
+        assert!(matches!(err, BtfError::Bitfield { .. }), "{err}");
+        assert!(err.to_string().contains("bitfield"), "{err}");
+
+        let mut b = Builder::new();
+        let uint = b.int("unsigned int", 4);
+        let old_style = b.int_bits("unsigned int", 4, 0, 3);
+        // kind_flag with bitfield size 0 is an ordinary member.
+        b.composite(
+            KIND_STRUCT,
+            "kf",
+            8,
+            true,
+            &[("plain", uint, 0, 0), ("bf", uint, 32, 1)],
+        );
+        // Without kind_flag: a bit offset that is not a byte boundary, and
+        // an old-style narrow INT.
+        b.strukt("nf", 8, &[("odd", uint, 3), ("narrow", old_style, 32)]);
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert_eq!(
+            btf.member("kf", &["plain"]).expect("plain"),
+            Member { offset: 0, size: 4 }
+        );
+        for (s, m) in [("kf", "bf"), ("nf", "odd"), ("nf", "narrow")] {
+            let err = btf.member(s, &[m]).expect_err(m);
+            assert!(matches!(err, BtfError::Bitfield { .. }), "{s}.{m}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_things() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        let err = btf.member("tcp_sock", &["nope"]).expect_err("missing");
+        assert!(matches!(err, BtfError::NoSuchMember { .. }), "{err}");
+        assert_eq!(err.to_string(), "`tcp_sock` has no member `nope`");
+        let err = btf
+            .member("inet_connection_sock", &["icsk_ack", "nope"])
+            .expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            "`inet_connection_sock.icsk_ack` has no member `nope`"
+        );
+        let err = btf.member("udp_sock", &["x"]).expect_err("no struct");
+        assert!(matches!(err, BtfError::NoSuchStruct { .. }), "{err}");
+        let err = btf
+            .member("sock", &["sk_err", "x"])
+            .expect_err("not composite");
+        assert!(matches!(err, BtfError::NotComposite { .. }), "{err}");
+        // Anonymous members are not addressable by the empty name.
+        assert!(btf.member("tcp_sock", &[""]).is_err());
+    }
+
+    #[test]
+    fn first_struct_wins_and_fwd_and_union_skipped() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        b.head("s", KIND_FWD, 0, false, 0);
+        b.union("s", 4, &[("u", int, 0)]);
+        b.strukt("s", 8, &[("a", int, 32)]);
+        b.strukt("s", 8, &[("a", int, 0)]);
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert_eq!(btf.member("s", &["a"]).expect("a").offset, 4);
+    }
+
+    #[test]
+    fn sock_offsets_from_synthetic_btf() {
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        let (o, missing) = sock_offsets(&btf);
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(o.sk_shutdown, 37);
+        assert_eq!(o.sk_err, 32);
+        assert_eq!(o.bytes_acked, 120);
+        assert_eq!(o.bytes_received, 112);
+        assert_eq!(o.srtt_us, 96);
+        assert_eq!(o.total_retrans, 100);
+        assert_eq!(o.segs_in, 104);
+        assert_eq!(o.segs_out, 108);
+        assert_eq!(o.icsk_ack_pending, 80);
+        assert_eq!(o.skc_net, 16);
+        assert_eq!(o.net_ns_inum, 16);
+    }
+
+    #[test]
+    fn sock_offsets_reports_missing_and_misplaced() {
+        let mut b = Builder::new();
+        let u8_ = b.int("unsigned char", 1);
+        let int = b.int("int", 4);
+        let u64_ = b.int("long long unsigned int", 8);
+        // sk_shutdown has the wrong size, sk_err is missing, no skc_net.
+        let sock = b.strukt("sock", 16, &[("sk_shutdown", int, 0)]);
+        let inet_sock = b.strukt("inet_sock", 16, &[("sk", sock, 0)]);
+        let icsk_ack = b.strukt("", 1, &[("pending", u8_, 0)]);
+        let icsk = b.strukt(
+            "inet_connection_sock",
+            24,
+            &[("icsk_inet", inet_sock, 0), ("icsk_ack", icsk_ack, 128)],
+        );
+        // inet_conn not at 0: every tcp_sock field must be refused.
+        b.strukt(
+            "tcp_sock",
+            64,
+            &[
+                ("pad", u64_, 0),
+                ("inet_conn", icsk, 64),
+                ("bytes_acked", u64_, 256),
+            ],
+        );
+        let btf = Btf::parse(&b.build()).expect("parse");
+        let (o, missing) = sock_offsets(&btf);
+        assert_eq!(o.icsk_ack_pending, 16);
+        for v in [
+            o.sk_shutdown,
+            o.sk_err,
+            o.bytes_acked,
+            o.srtt_us,
+            o.skc_net,
+            o.net_ns_inum,
+        ] {
+            assert_eq!(v, OFFSET_UNKNOWN);
+        }
+        assert_eq!(missing.len(), 10, "{missing:#?}");
+        let has = |prefix: &str, needle: &str| {
+            missing
+                .iter()
+                .any(|m| m.starts_with(prefix) && m.contains(needle))
+        };
+        assert!(has("sock.sk_shutdown:", "size differs"), "{missing:#?}");
+        assert!(
+            has("sock.sk_err:", "not in the kernel's BTF"),
+            "{missing:#?}"
+        );
+        assert!(
+            has(
+                "tcp_sock.bytes_acked:",
+                "tcp_sock.inet_conn is at byte 8, not 0"
+            ),
+            "{missing:#?}"
+        );
+        assert!(has("net.ns.inum:", "no struct named `net`"), "{missing:#?}");
+    }
+
+    #[test]
+    fn bad_magic_version_header() {
+        let mut blob = kernel_like();
+        blob[0] = 0x12;
+        assert!(matches!(Btf::parse(&blob), Err(BtfError::BadMagic { .. })));
+        let mut blob = kernel_like();
+        blob[2] = 2;
+        assert!(matches!(
+            Btf::parse(&blob),
+            Err(BtfError::UnsupportedVersion { version: 2 })
+        ));
+        let mut blob = kernel_like();
+        blob[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Btf::parse(&blob),
+            Err(BtfError::BadHeaderLen { .. })
+        ));
+        let mut blob = kernel_like();
+        blob[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Btf::parse(&blob),
+            Err(BtfError::SectionOutOfBounds {
+                section: "type",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Btf::parse(b"nope"),
+            Err(BtfError::TooShort { len: 4 })
+        ));
+    }
+
+    #[test]
+    fn big_endian_blob() {
+        // Re-encode the little-endian test blob word by word.
+        let le = kernel_like();
+        let mut be = le.clone();
+        be[0..2].copy_from_slice(&MAGIC.to_be_bytes());
+        let types_end = 24 + u32::from_le_bytes([le[12], le[13], le[14], le[15]]) as usize;
+        // Header words and the type section; strings are bytes.
+        for pos in (4..types_end).step_by(4) {
+            let w = u32::from_le_bytes([le[pos], le[pos + 1], le[pos + 2], le[pos + 3]]);
+            be[pos..pos + 4].copy_from_slice(&w.to_be_bytes());
+        }
+        let btf = Btf::parse(&be).expect("parse big-endian");
+        assert_eq!(
+            btf.member("tcp_sock", &["bytes_acked"])
+                .expect("bytes_acked"),
+            Member {
+                offset: 120,
+                size: 8
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_at_every_length_is_an_error() {
+        let blob = kernel_like();
+        for len in 0..blob.len() {
+            assert!(
+                Btf::parse(&blob[..len]).is_err(),
+                "prefix of {len} bytes parsed"
+            );
+        }
+        assert!(Btf::parse(&blob).is_ok());
+    }
+
+    #[test]
+    fn truncated_type_section_is_an_error() {
+        // The header claims a shorter type section than the types need.
+        let blob = kernel_like();
+        let type_len = u32::from_le_bytes([blob[12], blob[13], blob[14], blob[15]]);
+        for cut in 1..=13 {
+            let mut b = blob.clone();
+            b[12..16].copy_from_slice(&(type_len - cut).to_le_bytes());
+            assert!(Btf::parse(&b).is_err(), "type section cut by {cut}");
+        }
+    }
+
+    #[test]
+    fn cycles_and_bad_ids_do_not_hang() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        // A typedef naming itself, and an anonymous struct containing itself.
+        let self_td = b.next_id;
+        b.typedef("loop_t", self_td);
+        let self_anon = b.next_id;
+        b.strukt("", 4, &[("", self_anon, 0)]);
+        let arr_self = b.next_id;
+        b.array(arr_self, int, 2);
+        // The looping anonymous member comes last so named lookups reach
+        // the other members first.
+        b.strukt(
+            "s",
+            8,
+            &[
+                ("l", self_td, 0),
+                ("bad", 9999, 0),
+                ("arr", arr_self, 0),
+                ("v", 0, 0),
+                ("", self_anon, 0),
+            ],
+        );
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert!(matches!(
+            btf.member("s", &["l"]),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("s", &["l", "x"]),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("s", &["zzz"]),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("s", &["bad"]),
+            Err(BtfError::BadTypeId { type_id: 9999 })
+        ));
+        assert!(matches!(
+            btf.member("s", &["arr"]),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("s", &["v"]),
+            Err(BtfError::NoSize { .. })
+        ));
+        let (_, missing) = sock_offsets(&btf);
+        assert_eq!(missing.len(), FIELDS.len());
+    }
+
+    #[test]
+    fn pointer_size_needs_long() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let p = b.ptr(int);
+        b.strukt("s", 8, &[("p", p, 0)]);
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert!(matches!(
+            btf.member("s", &["p"]),
+            Err(BtfError::PointerSizeUnknown)
+        ));
+    }
+
+    #[test]
+    fn all_kinds_parse() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        b.enumeration("e", &[("A", 1), ("B", 2)]);
+        b.head("f", KIND_FLOAT, 0, false, 8);
+        let proto = b.head("", KIND_FUNC_PROTO, 2, false, int);
+        for _ in 0..2 {
+            b.word(0);
+            b.word(int);
+        }
+        b.head("fn", KIND_FUNC, 0, false, proto);
+        b.head("v", KIND_VAR, 0, false, int);
+        b.word(1);
+        b.head(".data", KIND_DATASEC, 1, false, 4);
+        for w in [5, 0, 4] {
+            b.word(w);
+        }
+        b.head("tag", KIND_DECL_TAG, 0, false, int);
+        b.word(u32::MAX);
+        b.head("e64", KIND_ENUM64, 1, false, 8);
+        for w in [0, 1, 2] {
+            b.word(w);
+        }
+        b.strukt("s", 4, &[("i", int, 0)]);
+        let btf = Btf::parse(&b.build()).expect("parse");
+        assert_eq!(btf.type_count(), 10);
+        assert_eq!(
+            btf.member("s", &["i"]).expect("i"),
+            Member { offset: 0, size: 4 }
+        );
+
+        // Kind 20+ is unknown.
+        let mut b = Builder::new();
+        b.head("x", 25, 0, false, 0);
+        assert!(matches!(
+            Btf::parse(&b.build()),
+            Err(BtfError::UnknownKind { kind: 25, .. })
+        ));
+    }
+
+    /// Deterministic mutation fuzzing: no input may panic.
+    #[test]
+    fn mutated_blobs_never_panic() {
+        let blob = kernel_like();
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut b = blob.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let pos = (next() % b.len() as u64) as usize;
+                b[pos] = match next() % 4 {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => next() as u8,
+                };
+            }
+            if let Ok(btf) = Btf::parse(&b) {
+                let _ = sock_offsets(&btf);
+                let _ = btf.member("tcp_sock", &["segs_in"]);
+            }
+        }
+        for len in 0..64 {
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = Btf::parse(&junk);
+        }
+    }
+
+    #[test]
+    fn io_error_names_the_path() {
+        let err = Btf::from_file(Path::new("/nonexistent/btf/vmlinux")).expect_err("missing file");
+        assert!(
+            err.to_string().contains("/nonexistent/btf/vmlinux"),
+            "{err}"
+        );
+    }
+
+    // ---- the running kernel -------------------------------------------
+
+    /// One type from `bpftool btf dump ... format raw`.
+    struct DumpType {
+        kind: String,
+        name: String,
+        /// `type_id=` on the type line (typedefs, modifiers).
+        type_id: Option<u32>,
+        /// (name, type_id, bits_offset, is a bitfield)
+        members: Vec<(String, u32, u64, bool)>,
+    }
+
+    fn token(line: &str, key: &str) -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(key)?.parse().ok())
+    }
+
+    fn quoted(line: &str) -> String {
+        line.split('\'').nth(1).unwrap_or_default().to_string()
+    }
+
+    fn parse_dump(text: &str) -> std::collections::HashMap<u32, DumpType> {
+        let mut types = std::collections::HashMap::new();
+        let mut cur: Option<u32> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix('[') {
+                let (id, rest) = rest.split_once("] ").expect("type line");
+                let id: u32 = id.parse().expect("type id");
+                let kind = rest.split_whitespace().next().expect("kind").to_string();
+                let type_id = token(rest.split_once('\'').map_or(rest, |(_, r)| r), "type_id=")
+                    .map(|v| v as u32);
+                types.insert(
+                    id,
+                    DumpType {
+                        kind,
+                        name: quoted(rest),
+                        type_id,
+                        members: Vec::new(),
+                    },
+                );
+                cur = Some(id);
+            } else if let (Some(id), true) = (cur, line.starts_with('\t')) {
+                if let (Some(t), Some(bits)) =
+                    (token(line, "type_id="), token(line, "bits_offset="))
+                {
+                    let bitfield = token(line, "bitfield_size=").is_some_and(|s| s != 0);
+                    let entry = types.get_mut(&id).expect("current type");
+                    entry.members.push((quoted(line), t as u32, bits, bitfield));
+                }
+            }
+        }
+        types
+    }
+
+    /// Byte offset per bpftool, following only named members.
+    fn dump_offset(
+        types: &std::collections::HashMap<u32, DumpType>,
+        strukt: &str,
+        path: &[&str],
+    ) -> u64 {
+        let mut id = (1..=types.len() as u32 + 1)
+            .find(|i| {
+                types
+                    .get(i)
+                    .is_some_and(|t| t.kind == "STRUCT" && t.name == strukt)
+            })
+            .unwrap_or_else(|| panic!("bpftool shows no struct {strukt}"));
+        let mut bits = 0;
+        for step in path {
+            while let Some(t) = types
+                .get(&id)
+                .filter(|t| matches!(t.kind.as_str(), "TYPEDEF" | "CONST" | "VOLATILE"))
+            {
+                id = t.type_id.expect("modifier target");
+            }
+            let (_, ty, b, bitfield) = types[&id]
+                .members
+                .iter()
+                .find(|m| m.0 == *step)
+                .unwrap_or_else(|| panic!("bpftool: {strukt} path {path:?} has no {step}"))
+                .clone();
+            assert!(!bitfield);
+            bits += b;
+            id = ty;
+        }
+        assert_eq!(bits % 8, 0);
+        bits / 8
+    }
+
+    fn find_bpftool() -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .map(|d| d.join("bpftool"))
+            .find(|p| p.is_file())
+    }
+
+    #[test]
+    fn running_kernel_vmlinux() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} does not exist (no CONFIG_DEBUG_INFO_BTF?)");
+            return;
+        }
+        let btf = Btf::from_file(path).expect("parse the running kernel's BTF");
+        let (offsets, missing) = sock_offsets(&btf);
+        assert!(missing.is_empty(), "missing: {missing:#?}");
+        for f in FIELDS {
+            assert_ne!(
+                *(f.slot)(&mut offsets.clone()),
+                OFFSET_UNKNOWN,
+                "{}.{:?}",
+                f.strukt,
+                f.path
+            );
+        }
+        assert_eq!(
+            btf.member("sock", &["sk_shutdown"])
+                .expect("sk_shutdown")
+                .size,
+            1
+        );
+        // A real kind_flag bitfield in the kernel.
+        let err = btf
+            .member("sock", &["__sk_common", "skc_reuse"])
+            .expect_err("skc_reuse is a bitfield");
+        assert!(matches!(err, BtfError::Bitfield { .. }), "{err}");
+
+        let Some(bpftool) = find_bpftool() else {
+            eprintln!("skipped: bpftool is not on PATH, cannot cross-check offsets");
+            return;
+        };
+        let out = std::process::Command::new(&bpftool)
+            .args(["btf", "dump", "file", VMLINUX_BTF, "format", "raw"])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dump = parse_dump(&String::from_utf8_lossy(&out.stdout));
+        for (strukt, path, ours) in [
+            ("tcp_sock", &["bytes_acked"][..], offsets.bytes_acked),
+            ("tcp_sock", &["bytes_received"], offsets.bytes_received),
+            ("tcp_sock", &["srtt_us"], offsets.srtt_us),
+            ("tcp_sock", &["total_retrans"], offsets.total_retrans),
+            ("tcp_sock", &["segs_in"], offsets.segs_in),
+            ("tcp_sock", &["segs_out"], offsets.segs_out),
+            ("sock", &["sk_shutdown"], offsets.sk_shutdown),
+            ("sock", &["sk_err"], offsets.sk_err),
+            (
+                "inet_connection_sock",
+                &["icsk_ack", "pending"],
+                offsets.icsk_ack_pending,
+            ),
+            ("sock", &["__sk_common", "skc_net"], offsets.skc_net),
+            ("net", &["ns", "inum"], offsets.net_ns_inum),
+        ] {
+            assert_eq!(
+                u64::from(ours),
+                dump_offset(&dump, strukt, path),
+                "{strukt}.{}",
+                path.join(".")
+            );
+        }
+        eprintln!("cross-checked against {}: {offsets:?}", bpftool.display());
+    }
+}

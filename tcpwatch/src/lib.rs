@@ -1,11 +1,28 @@
 //! tcpwatch: a TCP connection-lifecycle tracer.
 //!
-//! The modules follow the data as it flows: `tracefs` and `btf` find what the
-//! kernel program needs to know, `probe` loads and attaches it, `ringbuf`
-//! drains the ring buffer, `decode` turns records into transitions, `owner`
-//! attributes sockets to processes (with `procfs` for sockets older than the
-//! trace), `filter` keeps what the user asked for, and `output` writes it.
+//! The modules follow the data as it flows:
+//! - `tracefs`, `btf`: what the kernel program needs to know about this kernel;
+//! - `probe`: loading and attaching it;
+//! - `ringbuf`: draining the ring buffer;
+//! - `decode`: records into typed events;
+//! - `owner` (with `procfs` for sockets older than the trace): which process
+//!   a socket belongs to;
+//! - `filter`: what the user asked to see;
+//! - `output`: text and JSON;
+//! - `session`, `trace`: the live command that ties them together.
 
 pub mod btf;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod filter;
 pub mod model;
+pub mod output;
+pub mod owner;
+pub mod probe;
 pub mod procfs;
+pub mod ringbuf;
+pub mod session;
+pub mod table;
+pub mod trace;
+pub mod tracefs;

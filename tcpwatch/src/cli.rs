@@ -1,0 +1,253 @@
+//! Command-line arguments. Bad input is one line on stderr and exit status 2.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::filter::{Cidr, Filter};
+use crate::model::Family;
+use crate::output::Format;
+use crate::probe;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpwatch",
+    version,
+    about = "Trace the lifecycle of every TCP connection on this host",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print every TCP state transition as it happens.
+    Trace(TraceArgs),
+}
+
+/// Which sockets to show.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only sockets owned by this process id (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only sockets owned by a process with this command name (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Only sockets with this local port (repeatable).
+    #[arg(long = "lport", value_name = "PORT", value_parser = parse_port)]
+    pub lports: Vec<u16>,
+    /// Only sockets with this remote port (repeatable).
+    #[arg(long = "rport", value_name = "PORT", value_parser = parse_port)]
+    pub rports: Vec<u16>,
+    /// Only sockets whose local address is in this address or CIDR network (repeatable).
+    #[arg(long = "laddr", value_name = "ADDR[/LEN]", value_parser = parse_cidr)]
+    pub laddrs: Vec<Cidr>,
+    /// Only sockets whose remote address is in this address or CIDR network (repeatable).
+    #[arg(long = "raddr", value_name = "ADDR[/LEN]", value_parser = parse_cidr)]
+    pub raddrs: Vec<Cidr>,
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+impl FilterArgs {
+    pub fn to_filter(&self) -> Filter {
+        Filter {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            lports: self.lports.clone(),
+            rports: self.rports.clone(),
+            laddrs: self.laddrs.clone(),
+            raddrs: self.raddrs.clone(),
+            family: if self.ipv4 {
+                Some(Family::V4)
+            } else if self.ipv6 {
+                Some(Family::V6)
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// How the kernel side is set up.
+#[derive(Debug, Args, Clone)]
+pub struct ProbeArgs {
+    /// Ring buffer size: a power of two, e.g. 256K, 16M.
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_ring_size)]
+    pub ring_size: u32,
+    /// Kernel BTF to read socket field offsets from.
+    #[arg(long, value_name = "PATH", default_value = probe::DEFAULT_BTF)]
+    pub btf: PathBuf,
+    /// Most sockets tracked at once; the oldest is evicted (and counted) beyond it.
+    #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
+    pub max_sockets: usize,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Do not print the column header (text format).
+    #[arg(long)]
+    pub no_header: bool,
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u64>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range (1-65535)")),
+        Err(_) => Err(format!("'{s}' is not a port number")),
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse()
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    probe::check_ring_size(probe::parse_size(s)?)
+}
+
+pub fn parse_positive_usize(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{s}' must be a whole number greater than 0")),
+    }
+}
+
+/// Seconds, possibly fractional, greater than zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("'{s}' must be a number of seconds greater than 0")),
+    }
+}
+
+/// Parses arguments; on bad input prints one line and exits 2 (help and
+/// version print normally and exit 0).
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os())
+}
+
+pub fn parse_from<I, T>(args: I) -> Cli
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+                _ => {
+                    eprintln!("tcpwatch: {}", one_line(&e.to_string()));
+                    std::process::exit(2);
+                }
+            }
+        }
+    }
+}
+
+/// clap's message without its "error: " prefix and usage/tip lines.
+pub fn one_line(message: &str) -> String {
+    let first = message.lines().next().unwrap_or("invalid arguments");
+    first.trim_start_matches("error: ").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn try_parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tcpwatch").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn trace_takes_repeatable_filters() {
+        let cli = try_parse(&[
+            "trace",
+            "--pid",
+            "1",
+            "--pid",
+            "2",
+            "--lport",
+            "80",
+            "--rport",
+            "443",
+            "--comm",
+            "nginx",
+            "-4",
+            "--format",
+            "json",
+            "--duration",
+            "1.5",
+            "--ring-size",
+            "256K",
+            "--raddr",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        let Command::Trace(t) = cli.command;
+        let f = t.filter.to_filter();
+        assert_eq!(f.pids, vec![1, 2]);
+        assert_eq!(f.lports, vec![80]);
+        assert_eq!(f.rports, vec![443]);
+        assert_eq!(f.comms, vec!["nginx".to_string()]);
+        assert_eq!(f.family, Some(Family::V4));
+        assert_eq!(f.raddrs.len(), 1);
+        assert_eq!(t.format, Format::Json);
+        assert_eq!(t.duration, Some(Duration::from_millis(1500)));
+        assert_eq!(t.probe.ring_size, 256 * 1024);
+    }
+
+    #[test]
+    fn bad_input_is_rejected_with_one_line() {
+        for args in [
+            &["trace", "--lport", "70000"][..],
+            &["trace", "--lport", "0"],
+            &["trace", "--rport", "http"],
+            &["trace", "--raddr", "10.0.0.300"],
+            &["trace", "--laddr", "::1/200"],
+            &["trace", "--bogus"],
+            &["trace", "--duration", "0"],
+            &["trace", "--duration", "-3"],
+            &["trace", "--ring-size", "1000"],
+            &["trace", "--max-sockets", "0"],
+            &["trace", "-4", "-6"],
+            &["trace", "--format", "xml"],
+            &["nosuchcommand"],
+        ] {
+            let err = try_parse(args).expect_err(&format!("{args:?} should fail"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let line = one_line(&err.to_string());
+            assert!(!line.is_empty() && !line.contains('\n'), "{args:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn port_message_names_the_range() {
+        assert_eq!(
+            parse_port("70000").unwrap_err(),
+            "port 70000 is out of range (1-65535)"
+        );
+    }
+}

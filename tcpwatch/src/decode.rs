@@ -1,0 +1,362 @@
+//! Turning ring-buffer records into typed events: the length is checked and
+//! the bytes are copied out unaligned, never reinterpreted in place.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use tcpwatch_common::{kind, valid, Event, AF_INET, AF_INET6, RCV_SHUTDOWN, SEND_SHUTDOWN};
+
+use crate::model::{Endpoint, Family, TcpState};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {got} bytes, expected {expected}")]
+    Length { got: usize, expected: usize },
+    #[error("record of unknown kind {0}")]
+    Kind(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown TCP state number {0}")]
+    State(u8),
+}
+
+/// Copies a record out of the ring buffer.
+pub fn decode_raw(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() != Event::SIZE {
+        return Err(DecodeError::Length {
+            got: bytes.len(),
+            expected: Event::SIZE,
+        });
+    }
+    // SAFETY: the length was checked above; Event is plain integers, so any
+    // bit pattern is a valid value, and read_unaligned needs no alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// A task's `comm`, kept as the kernel's 16 bytes (no allocation per event).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end])
+    }
+
+    pub fn from_str_lossy(s: &str) -> Comm {
+        let mut out = [0u8; 16];
+        let n = s.len().min(15);
+        out[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Comm(out)
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.as_str())
+    }
+}
+
+/// The task that was current when the event fired. It is the socket's user
+/// only for transitions made in process context (see `owner`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+    pub cgroup_id: u64,
+}
+
+/// Socket fields read at the event, each `None` where the kernel's BTF did
+/// not give its offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockFields {
+    pub bytes_acked: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub srtt_us: Option<u32>,
+    pub total_retrans: Option<u32>,
+    pub segs_in: Option<u32>,
+    pub segs_out: Option<u32>,
+    /// `sk_err` as a positive errno; `Some(0)` for no error.
+    pub sk_err: Option<i32>,
+    /// `sk_shutdown`: whether a FIN was received (RCV) / sent (SEND).
+    pub rcv_shutdown: Option<bool>,
+    pub send_shutdown: Option<bool>,
+    /// A delayed ACK is pending (`icsk_ack.pending & ICSK_ACK_TIMER`).
+    pub ack_pending: Option<bool>,
+    pub netns: Option<u32>,
+}
+
+impl SockFields {
+    fn from_event(e: &Event) -> SockFields {
+        let has = |bit: u16| e.valid & bit != 0;
+        SockFields {
+            bytes_acked: has(valid::BYTES_ACKED).then_some(e.bytes_acked),
+            bytes_received: has(valid::BYTES_RECEIVED).then_some(e.bytes_received),
+            srtt_us: has(valid::SRTT).then_some(e.srtt_us),
+            total_retrans: has(valid::TOTAL_RETRANS).then_some(e.total_retrans),
+            segs_in: has(valid::SEGS_IN).then_some(e.segs_in),
+            segs_out: has(valid::SEGS_OUT).then_some(e.segs_out),
+            sk_err: has(valid::SK_ERR).then_some(e.sk_err),
+            rcv_shutdown: has(valid::SHUTDOWN).then_some(e.sk_shutdown & RCV_SHUTDOWN != 0),
+            send_shutdown: has(valid::SHUTDOWN).then_some(e.sk_shutdown & SEND_SHUTDOWN != 0),
+            ack_pending: has(valid::ACK_PENDING)
+                .then_some(e.ack_pending & tcpwatch_common::ICSK_ACK_TIMER != 0),
+            netns: has(valid::NETNS).then_some(e.netns),
+        }
+    }
+}
+
+/// A TCP state transition of one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub family: Family,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub task: Task,
+    pub cpu: u32,
+    pub sock: SockFields,
+}
+
+/// Something that happened to a socket besides a state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketEventKind {
+    Retransmit,
+    SendReset,
+    ReceiveReset,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketEvent {
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub kind: SocketEventKind,
+    pub task: Task,
+    pub cpu: u32,
+    pub sock: SockFields,
+}
+
+/// A decoded record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    State(Transition),
+    Socket(SocketEvent),
+}
+
+impl Record {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Record::State(t) => t.ts_ns,
+            Record::Socket(s) => s.ts_ns,
+        }
+    }
+
+    pub fn skaddr(&self) -> u64 {
+        match self {
+            Record::State(t) => t.skaddr,
+            Record::Socket(s) => s.skaddr,
+        }
+    }
+}
+
+fn task_of(e: &Event) -> Task {
+    Task {
+        pid: e.pid,
+        tid: e.tid,
+        comm: Comm(e.comm),
+        cgroup_id: e.cgroup_id,
+    }
+}
+
+fn addr(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+fn state(n: u8) -> Result<TcpState, DecodeError> {
+    TcpState::from_kernel(n).ok_or(DecodeError::State(n))
+}
+
+/// Gives a raw record its meaning.
+pub fn interpret(e: &Event) -> Result<Record, DecodeError> {
+    match e.kind {
+        kind::STATE => {
+            let family = match e.family {
+                AF_INET => Family::V4,
+                AF_INET6 => Family::V6,
+                other => return Err(DecodeError::Family(other)),
+            };
+            Ok(Record::State(Transition {
+                ts_ns: e.ts_ns,
+                skaddr: e.skaddr,
+                family,
+                local: Endpoint::new(addr(e.family, &e.saddr)?, e.sport),
+                remote: Endpoint::new(addr(e.family, &e.daddr)?, e.dport),
+                old: state(e.oldstate)?,
+                new: state(e.newstate)?,
+                task: task_of(e),
+                cpu: e.cpu,
+                sock: SockFields::from_event(e),
+            }))
+        }
+        kind::RETRANSMIT | kind::SEND_RESET | kind::RECEIVE_RESET => {
+            let kind = match e.kind {
+                kind::RETRANSMIT => SocketEventKind::Retransmit,
+                kind::SEND_RESET => SocketEventKind::SendReset,
+                _ => SocketEventKind::ReceiveReset,
+            };
+            Ok(Record::Socket(SocketEvent {
+                ts_ns: e.ts_ns,
+                skaddr: e.skaddr,
+                kind,
+                task: task_of(e),
+                cpu: e.cpu,
+                sock: SockFields::from_event(e),
+            }))
+        }
+        other => Err(DecodeError::Kind(other)),
+    }
+}
+
+/// Length check, copy, and meaning, in one step.
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    interpret(&decode_raw(bytes)?)
+}
+
+/// Raw bytes of an event, as the kernel would write them (for recordings
+/// and tests).
+pub fn encode(e: &Event) -> [u8; Event::SIZE] {
+    let mut out = [0u8; Event::SIZE];
+    // SAFETY: Event is Copy plain data of exactly Event::SIZE bytes.
+    unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<Event>(), *e) };
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn state_event(skaddr: u64, old: TcpState, new: TcpState, ts_ns: u64) -> Event {
+        let mut e = Event::zeroed();
+        e.kind = kind::STATE;
+        e.ts_ns = ts_ns;
+        e.skaddr = skaddr;
+        e.family = AF_INET;
+        e.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        e.sport = 40000;
+        e.dport = 8080;
+        e.oldstate = old.kernel_number();
+        e.newstate = new.kernel_number();
+        e.pid = 42;
+        e.tid = 43;
+        e.comm = Comm::from_str_lossy("client").0;
+        e
+    }
+
+    #[test]
+    fn round_trips_a_state_event() {
+        let mut e = state_event(0xffff_8880_1234_5678, TcpState::Close, TcpState::SynSent, 7);
+        e.valid = valid::SHUTDOWN | valid::SRTT;
+        e.sk_shutdown = RCV_SHUTDOWN;
+        e.srtt_us = 55;
+        e.bytes_acked = 99; // not marked valid: must not show
+        let r = decode(&encode(&e)).unwrap();
+        let Record::State(t) = r else {
+            panic!("not a state record: {r:?}")
+        };
+        assert_eq!(t.skaddr, 0xffff_8880_1234_5678);
+        assert_eq!(t.old, TcpState::Close);
+        assert_eq!(t.new, TcpState::SynSent);
+        assert_eq!(t.local.to_string(), "127.0.0.1:40000");
+        assert_eq!(t.remote.to_string(), "127.0.0.2:8080");
+        assert_eq!(t.task.comm.to_string(), "client");
+        assert_eq!(t.task.pid, 42);
+        assert_eq!(t.sock.rcv_shutdown, Some(true));
+        assert_eq!(t.sock.send_shutdown, Some(false));
+        assert_eq!(t.sock.srtt_us, Some(55));
+        assert_eq!(t.sock.bytes_acked, None);
+        assert_eq!(t.sock.segs_in, None);
+    }
+
+    #[test]
+    fn decodes_ipv6() {
+        let mut e = state_event(1, TcpState::Listen, TcpState::SynRecv, 1);
+        e.family = AF_INET6;
+        e.saddr = Ipv6Addr::LOCALHOST.octets();
+        e.daddr = "fe80::1".parse::<Ipv6Addr>().unwrap().octets();
+        let Record::State(t) = decode(&encode(&e)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t.family, Family::V6);
+        assert_eq!(t.local.to_string(), "[::1]:40000");
+        assert_eq!(t.remote.to_string(), "[fe80::1]:8080");
+    }
+
+    #[test]
+    fn short_and_long_records_are_rejected() {
+        let bytes = encode(&state_event(1, TcpState::Close, TcpState::SynSent, 1));
+        for len in [0, 1, Event::SIZE - 1] {
+            assert_eq!(
+                decode(&bytes[..len]),
+                Err(DecodeError::Length {
+                    got: len,
+                    expected: Event::SIZE
+                })
+            );
+        }
+        let mut long = bytes.to_vec();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(DecodeError::Length { .. })));
+    }
+
+    #[test]
+    fn corrupt_fields_are_errors_not_panics() {
+        let mut e = state_event(1, TcpState::Close, TcpState::SynSent, 1);
+        e.newstate = 200;
+        assert_eq!(decode(&encode(&e)), Err(DecodeError::State(200)));
+        let mut e = state_event(1, TcpState::Close, TcpState::SynSent, 1);
+        e.family = 3;
+        assert_eq!(decode(&encode(&e)), Err(DecodeError::Family(3)));
+        let mut e = state_event(1, TcpState::Close, TcpState::SynSent, 1);
+        e.kind = 99;
+        assert_eq!(decode(&encode(&e)), Err(DecodeError::Kind(99)));
+        // Every single-byte corruption of a valid record decodes or errors.
+        let good = encode(&state_event(1, TcpState::Close, TcpState::SynSent, 1));
+        for i in 0..good.len() {
+            for v in [0u8, 1, 0x7f, 0xff] {
+                let mut b = good;
+                b[i] = v;
+                let _ = decode(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn reset_event_decodes() {
+        let mut e = Event::zeroed();
+        e.kind = kind::RECEIVE_RESET;
+        e.skaddr = 5;
+        e.ts_ns = 9;
+        let Record::Socket(s) = decode(&encode(&e)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.kind, SocketEventKind::ReceiveReset);
+        assert_eq!(s.skaddr, 5);
+    }
+}

@@ -1,0 +1,225 @@
+//! What the user asked to see: process, comm, ports, addresses, family.
+//! Process filters match the socket's attributed owner, never the task that
+//! happened to be current in softirq.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use crate::model::{Endpoint, Family, Owner};
+
+/// An address or a network in CIDR notation (`10.0.0.0/8`, `::1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr_text, prefix_text) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_text
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("'{s}' is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix_text {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{s}': prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(*ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(*ip) & mask
+            }
+            // An IPv4 filter also matches IPv4-mapped IPv6 sockets.
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6
+                .to_ipv4_mapped()
+                .is_some_and(|v4| self.contains(&IpAddr::V4(v4))),
+            (IpAddr::V6(_), IpAddr::V4(_)) => false,
+        }
+    }
+}
+
+/// A conjunction of the user's filters; within one kind (`--pid 1 --pid 2`)
+/// any value matches.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub lports: Vec<u16>,
+    pub rports: Vec<u16>,
+    pub laddrs: Vec<Cidr>,
+    pub raddrs: Vec<Cidr>,
+    pub family: Option<Family>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
+            && self.comms.is_empty()
+            && self.lports.is_empty()
+            && self.rports.is_empty()
+            && self.laddrs.is_empty()
+            && self.raddrs.is_empty()
+            && self.family.is_none()
+    }
+
+    /// Whether a socket with these endpoints and owner is wanted.
+    pub fn matches(
+        &self,
+        family: Family,
+        local: &Endpoint,
+        remote: &Endpoint,
+        owner: Option<&Owner>,
+    ) -> bool {
+        if self.family.is_some_and(|f| f != family) {
+            return false;
+        }
+        if !self.lports.is_empty() && !self.lports.contains(&local.port) {
+            return false;
+        }
+        if !self.rports.is_empty() && !self.rports.contains(&remote.port) {
+            return false;
+        }
+        if !self.laddrs.is_empty() && !self.laddrs.iter().any(|c| c.contains(&local.addr)) {
+            return false;
+        }
+        if !self.raddrs.is_empty() && !self.raddrs.iter().any(|c| c.contains(&remote.addr)) {
+            return false;
+        }
+        if !self.pids.is_empty() && !owner.is_some_and(|o| self.pids.contains(&o.pid)) {
+            return false;
+        }
+        if !self.comms.is_empty() && !owner.is_some_and(|o| self.comms.iter().any(|c| *c == o.comm))
+        {
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::from(s.parse::<std::net::SocketAddr>().unwrap())
+    }
+
+    fn owner(pid: u32, comm: &str) -> Owner {
+        Owner {
+            pid,
+            comm: comm.into(),
+            cgroup_id: 0,
+        }
+    }
+
+    #[test]
+    fn empty_filter_matches_everything() {
+        let f = Filter::default();
+        assert!(f.is_empty());
+        assert!(f.matches(Family::V4, &ep("1.2.3.4:1"), &ep("5.6.7.8:2"), None));
+    }
+
+    #[test]
+    fn ports_any_of_within_a_kind_and_all_kinds_must_match() {
+        let f = Filter {
+            lports: vec![80, 443],
+            rports: vec![5000],
+            ..Filter::default()
+        };
+        assert!(f.matches(Family::V4, &ep("10.0.0.1:443"), &ep("10.0.0.2:5000"), None));
+        assert!(!f.matches(Family::V4, &ep("10.0.0.1:8080"), &ep("10.0.0.2:5000"), None));
+        assert!(!f.matches(Family::V4, &ep("10.0.0.1:80"), &ep("10.0.0.2:5001"), None));
+    }
+
+    #[test]
+    fn pid_and_comm_need_a_known_owner() {
+        let f = Filter {
+            pids: vec![42],
+            ..Filter::default()
+        };
+        assert!(f.matches(
+            Family::V4,
+            &ep("1.1.1.1:1"),
+            &ep("2.2.2.2:2"),
+            Some(&owner(42, "a"))
+        ));
+        assert!(!f.matches(
+            Family::V4,
+            &ep("1.1.1.1:1"),
+            &ep("2.2.2.2:2"),
+            Some(&owner(43, "a"))
+        ));
+        assert!(!f.matches(Family::V4, &ep("1.1.1.1:1"), &ep("2.2.2.2:2"), None));
+        let f = Filter {
+            comms: vec!["nginx".into()],
+            ..Filter::default()
+        };
+        assert!(f.matches(
+            Family::V4,
+            &ep("1.1.1.1:1"),
+            &ep("2.2.2.2:2"),
+            Some(&owner(1, "nginx"))
+        ));
+        assert!(!f.matches(
+            Family::V4,
+            &ep("1.1.1.1:1"),
+            &ep("2.2.2.2:2"),
+            Some(&owner(1, "nginx2"))
+        ));
+    }
+
+    #[test]
+    fn family_filter() {
+        let f = Filter {
+            family: Some(Family::V6),
+            ..Filter::default()
+        };
+        assert!(f.matches(Family::V6, &ep("[::1]:1"), &ep("[::1]:2"), None));
+        assert!(!f.matches(Family::V4, &ep("127.0.0.1:1"), &ep("127.0.0.1:2"), None));
+    }
+
+    #[test]
+    fn cidr_parsing_and_matching() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains(&"10.200.3.4".parse().unwrap()));
+        assert!(!c.contains(&"11.0.0.1".parse().unwrap()));
+        assert!(c.contains(&"::ffff:10.1.1.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(&"8.8.8.8".parse().unwrap()));
+        let one: Cidr = "::1".parse().unwrap();
+        assert_eq!(one.prefix, 128);
+        assert!(one.contains(&"::1".parse().unwrap()));
+        assert!(!one.contains(&"::2".parse().unwrap()));
+        let v6net: Cidr = "[fd00::]/8".parse().unwrap();
+        assert!(v6net.contains(&"fdab::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "::/129", "nope", "1.2.3", "1.2.3.4/x", ""] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Writing transitions for people (aligned text) and for programs (one JSON
+//! object per line).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::decode::Transition;
+use crate::owner::{Attribution, OwnerSource};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// One `trace` line: a transition with the owner and the time since the
+/// socket's previous transition.
+pub struct TraceLine<'a> {
+    pub t: &'a Transition,
+    pub owner: Option<&'a Attribution>,
+    pub delta_ns: Option<u64>,
+}
+
+pub const TRACE_HEADER: &str = concat!(
+    "TIME(UTC)       PID     COMM             LOCAL                                  ",
+    "REMOTE                                 TRANSITION                    MS"
+);
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+pub fn trace_text(line: &TraceLine<'_>, clock: &Clock) -> String {
+    let t = line.t;
+    let (pid, comm) = match line.owner {
+        Some(a) => (a.owner.pid.to_string(), a.owner.comm.as_str()),
+        None => ("-".to_string(), "-"),
+    };
+    let transition = format!("{} -> {}", t.old, t.new);
+    let mut out = String::with_capacity(160);
+    let _ = write!(
+        out,
+        "{} {:<7} {:<16} {:<38} {:<38} {:<29} ",
+        clock.time_of_day(t.ts_ns),
+        pid,
+        comm,
+        t.local,
+        t.remote,
+        transition
+    );
+    match line.delta_ns {
+        Some(d) => {
+            let _ = write!(out, "{:.3}", ms(d));
+        }
+        None => out.push('-'),
+    }
+    out
+}
+
+fn source_name(s: OwnerSource) -> &'static str {
+    match s {
+        OwnerSource::Observed => "observed",
+        OwnerSource::Listener => "listener",
+        OwnerSource::Procfs => "procfs",
+    }
+}
+
+#[derive(Serialize)]
+struct TraceJson<'a> {
+    ts: String,
+    ts_mono_ns: u64,
+    skaddr: String,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    cgroup: Option<u64>,
+    owner_source: Option<&'static str>,
+    family: &'static str,
+    saddr: String,
+    sport: u16,
+    daddr: String,
+    dport: u16,
+    old: &'static str,
+    new: &'static str,
+    delta_ms: Option<f64>,
+    netns: Option<u32>,
+    cpu: u32,
+}
+
+pub fn trace_json(line: &TraceLine<'_>, clock: &Clock) -> String {
+    let t = line.t;
+    let owner = line.owner.map(|a| &a.owner);
+    let j = TraceJson {
+        ts: clock.rfc3339(t.ts_ns),
+        ts_mono_ns: t.ts_ns,
+        skaddr: format!("{:#x}", t.skaddr),
+        pid: owner.map(|o| o.pid),
+        comm: owner.map(|o| o.comm.as_str()),
+        cgroup: owner.map(|o| o.cgroup_id).filter(|c| *c != 0),
+        owner_source: line.owner.map(|a| source_name(a.source)),
+        family: t.family.name(),
+        saddr: t.local.addr.to_string(),
+        sport: t.local.port,
+        daddr: t.remote.addr.to_string(),
+        dport: t.remote.port,
+        old: t.old.name(),
+        new: t.new.name(),
+        delta_ms: line.delta_ns.map(ms),
+        netns: t.sock.netns,
+        cpu: t.cpu,
+    };
+    serde_json::to_string(&j).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Counts kept for the summary printed on exit.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub seen: u64,
+    pub shown: u64,
+    pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
+    pub lost: u64,
+    pub decode_errors: u64,
+    pub evicted: u64,
+}
+
+impl Summary {
+    pub fn count(&mut self, t: &Transition) {
+        self.seen += 1;
+        *self
+            .by_kind
+            .entry((t.old.name(), t.new.name()))
+            .or_default() += 1;
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "tcpwatch: {} transitions seen, {} shown, {} lost events, {} undecodable records",
+            self.seen, self.shown, self.lost, self.decode_errors
+        );
+        if self.evicted > 0 {
+            let _ = write!(out, ", {} sockets evicted from tracking", self.evicted);
+        }
+        out.push('\n');
+        let mut kinds: Vec<_> = self.by_kind.iter().collect();
+        kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for ((old, new), n) in kinds {
+            let _ = writeln!(out, "  {:>10}  {} -> {}", n, old, new);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::state_event;
+    use crate::decode::{decode, encode, Record};
+    use crate::model::{Owner, TcpState};
+
+    fn transition() -> Transition {
+        let Record::State(t) = decode(&encode(&state_event(
+            0xffff_8881_0000_0040,
+            TcpState::SynSent,
+            TcpState::Established,
+            1_500_000_000,
+        )))
+        .unwrap() else {
+            unreachable!()
+        };
+        t
+    }
+
+    fn clock() -> Clock {
+        Clock::with_offset_ns(1_795_392_000 * 1_000_000_000)
+    }
+
+    #[test]
+    fn text_line_has_all_columns() {
+        let t = transition();
+        let owner = Attribution {
+            owner: Owner {
+                pid: 4321,
+                comm: "curl".into(),
+                cgroup_id: 0,
+            },
+            source: OwnerSource::Observed,
+        };
+        let line = trace_text(
+            &TraceLine {
+                t: &t,
+                owner: Some(&owner),
+                delta_ns: Some(250_000),
+            },
+            &clock(),
+        );
+        assert!(line.starts_with("00:00:01.500000 4321    curl "), "{line}");
+        assert!(line.contains("127.0.0.1:40000"), "{line}");
+        assert!(line.contains("127.0.0.2:8080"), "{line}");
+        assert!(line.contains("SYN_SENT -> ESTABLISHED"), "{line}");
+        assert!(line.ends_with(" 0.250"), "{line}");
+        // Columns line up with the header.
+        assert_eq!(line.find("127.0.0.1"), TRACE_HEADER.find("LOCAL"));
+        assert_eq!(line.find("SYN_SENT"), TRACE_HEADER.find("TRANSITION"));
+    }
+
+    #[test]
+    fn unknown_owner_prints_dashes_and_json_nulls() {
+        let t = transition();
+        let line = TraceLine {
+            t: &t,
+            owner: None,
+            delta_ns: None,
+        };
+        let text = trace_text(&line, &clock());
+        assert!(text.starts_with("00:00:01.500000 -       -  "), "{text}");
+        assert!(text.ends_with(" -"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&trace_json(&line, &clock())).unwrap();
+        assert!(v["pid"].is_null());
+        assert!(v["comm"].is_null());
+        assert!(v["delta_ms"].is_null());
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let t = transition();
+        let owner = Attribution {
+            owner: Owner {
+                pid: 7,
+                comm: "srv".into(),
+                cgroup_id: 99,
+            },
+            source: OwnerSource::Listener,
+        };
+        let line = TraceLine {
+            t: &t,
+            owner: Some(&owner),
+            delta_ns: Some(1_234_567),
+        };
+        let v: serde_json::Value = serde_json::from_str(&trace_json(&line, &clock())).unwrap();
+        assert_eq!(v["ts"], "2026-11-23T00:00:01.500000000Z");
+        assert_eq!(v["skaddr"], "0xffff888100000040");
+        assert_eq!(v["pid"], 7);
+        assert_eq!(v["comm"], "srv");
+        assert_eq!(v["cgroup"], 99);
+        assert_eq!(v["owner_source"], "listener");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["saddr"], "127.0.0.1");
+        assert_eq!(v["sport"], 40000);
+        assert_eq!(v["daddr"], "127.0.0.2");
+        assert_eq!(v["dport"], 8080);
+        assert_eq!(v["old"], "SYN_SENT");
+        assert_eq!(v["new"], "ESTABLISHED");
+        assert!((v["delta_ms"].as_f64().unwrap() - 1.234567).abs() < 1e-9);
+    }
+
+    #[test]
+    fn summary_lists_kinds_by_count() {
+        let mut s = Summary::default();
+        let t = transition();
+        s.count(&t);
+        s.count(&t);
+        s.lost = 3;
+        let r = s.render();
+        assert!(
+            r.starts_with("tcpwatch: 2 transitions seen, 0 shown, 3 lost events"),
+            "{r}"
+        );
+        assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
+    }
+}

@@ -1,0 +1,352 @@
+//! Which process a socket belongs to.
+//!
+//! The task current when `inet_sock_set_state` fires is the socket's user
+//! only in process context: connect (CLOSE→SYN_SENT), listen (CLOSE→LISTEN)
+//! and close/shutdown (ESTABLISHED→FIN_WAIT1, CLOSE_WAIT→LAST_ACK). Every
+//! other transition is driven by a segment or a timer in softirq, where the
+//! current task is whoever was interrupted. So the owner is learned from the
+//! process-context transitions and remembered per socket; an accepted socket
+//! inherits its listener's owner; a socket older than the trace is looked up
+//! in a /proc snapshot taken at start. Anything else is unknown, never a
+//! guess.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::decode::Transition;
+use crate::model::{Endpoint, Owner, TcpState};
+use crate::procfs::{SocketKey, SocketSnapshot};
+use crate::table::BoundedMap;
+
+/// Whether the current task at this transition is the socket's user.
+pub fn is_process_context(old: TcpState, new: TcpState) -> bool {
+    use TcpState::*;
+    matches!(
+        (old, new),
+        (Close, SynSent) | (Close, Listen) | (Established, FinWait1) | (CloseWait, LastAck)
+    )
+}
+
+/// Whether this transition begins a socket's life as tcpwatch tracks it.
+pub fn is_birth(old: TcpState, new: TcpState) -> bool {
+    use TcpState::*;
+    matches!(
+        (old, new),
+        (Close, SynSent) | (Close, Listen) | (Listen, SynRecv)
+    )
+}
+
+/// Where an owner came from, for anyone who wants to know how sure it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// Seen in process context on this socket.
+    Observed,
+    /// Inherited from the listening socket that accepted it.
+    Listener,
+    /// Found through /proc at start (the socket predates the trace).
+    Procfs,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attribution {
+    pub owner: Owner,
+    pub source: OwnerSource,
+}
+
+/// Remembers owners of sockets and listeners.
+#[derive(Debug)]
+pub struct OwnerTracker {
+    sockets: BoundedMap<u64, Option<Attribution>>,
+    /// Listening sockets by local port: (bound address, owner, skaddr).
+    listeners: HashMap<u16, Vec<(IpAddr, Attribution, u64)>>,
+    snapshot: Option<SocketSnapshot>,
+    /// Our own network namespace: only sockets in it can be matched against
+    /// the /proc snapshot (which shows only this namespace).
+    own_netns: Option<u32>,
+}
+
+impl OwnerTracker {
+    pub fn new(
+        max_sockets: usize,
+        snapshot: Option<SocketSnapshot>,
+        own_netns: Option<u32>,
+    ) -> Self {
+        let mut listeners: HashMap<u16, Vec<(IpAddr, Attribution, u64)>> = HashMap::new();
+        if let Some(snap) = &snapshot {
+            for (ep, owner) in snap.listeners() {
+                listeners.entry(ep.port).or_default().push((
+                    ep.addr,
+                    Attribution {
+                        owner: owner.clone(),
+                        source: OwnerSource::Procfs,
+                    },
+                    0,
+                ));
+            }
+        }
+        OwnerTracker {
+            sockets: BoundedMap::new(max_sockets),
+            listeners,
+            snapshot,
+            own_netns,
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.sockets.evicted()
+    }
+
+    fn listener_owner(&self, local: &Endpoint) -> Option<Attribution> {
+        let candidates = self.listeners.get(&local.port)?;
+        // An exact address beats a wildcard bind.
+        let exact = candidates.iter().rev().find(|(a, _, _)| *a == local.addr);
+        let wildcard = || {
+            candidates
+                .iter()
+                .rev()
+                .find(|(a, _, _)| a.is_unspecified() && (a.is_ipv6() || local.addr.is_ipv4()))
+        };
+        exact.or_else(wildcard).map(|(_, attr, _)| Attribution {
+            owner: attr.owner.clone(),
+            source: OwnerSource::Listener,
+        })
+    }
+
+    fn snapshot_owner(&self, t: &Transition) -> Option<Attribution> {
+        let snap = self.snapshot.as_ref()?;
+        if let (Some(ours), Some(theirs)) = (self.own_netns, t.sock.netns) {
+            if ours != theirs {
+                return None;
+            }
+        }
+        let key = SocketKey {
+            local: t.local,
+            remote: t.remote,
+        };
+        snap.owner_of(&key).map(|owner| Attribution {
+            owner: owner.clone(),
+            source: OwnerSource::Procfs,
+        })
+    }
+
+    /// Updates what is known from one transition and returns the socket's
+    /// owner as of this transition.
+    pub fn observe(&mut self, t: &Transition) -> Option<Attribution> {
+        let attribution = if is_process_context(t.old, t.new) {
+            Some(Attribution {
+                owner: Owner {
+                    pid: t.task.pid,
+                    comm: t.task.comm.to_string(),
+                    cgroup_id: t.task.cgroup_id,
+                },
+                source: OwnerSource::Observed,
+            })
+        } else if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv) {
+            self.listener_owner(&t.local)
+        } else {
+            match self.sockets.get(&t.skaddr) {
+                Some(known) => known.clone(),
+                // First sight of a socket in mid-life: it predates the trace.
+                None if !is_birth(t.old, t.new) => self.snapshot_owner(t),
+                None => None,
+            }
+        };
+
+        match (t.old, t.new) {
+            (TcpState::Close, TcpState::Listen) => {
+                if let Some(attr) = &attribution {
+                    let list = self.listeners.entry(t.local.port).or_default();
+                    // SO_REUSEPORT allows several listeners on one address;
+                    // the newest wins lookups.
+                    list.retain(|(_, _, sk)| *sk != t.skaddr);
+                    list.push((t.local.addr, attr.clone(), t.skaddr));
+                }
+            }
+            (TcpState::Listen, TcpState::Close) => {
+                if let Some(list) = self.listeners.get_mut(&t.local.port) {
+                    list.retain(|(a, _, sk)| *sk != t.skaddr && !(*sk == 0 && *a == t.local.addr));
+                    if list.is_empty() {
+                        self.listeners.remove(&t.local.port);
+                    }
+                }
+            }
+            _ => {}
+        }
+
+        if t.new == TcpState::Close {
+            self.sockets.remove(&t.skaddr);
+        } else {
+            self.sockets.insert(t.skaddr, attribution.clone());
+        }
+        attribution
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::state_event;
+    use crate::decode::{decode, encode, Comm, Record};
+    use std::collections::HashMap;
+
+    fn tr(skaddr: u64, old: TcpState, new: TcpState, pid: u32, comm: &str) -> Transition {
+        let mut e = state_event(skaddr, old, new, 1);
+        e.pid = pid;
+        e.comm = Comm::from_str_lossy(comm).0;
+        let Record::State(t) = decode(&encode(&e)).unwrap() else {
+            unreachable!()
+        };
+        t
+    }
+
+    fn with_ports(mut t: Transition, local: &str, remote: &str) -> Transition {
+        t.local = Endpoint::from(local.parse::<std::net::SocketAddr>().unwrap());
+        t.remote = Endpoint::from(remote.parse::<std::net::SocketAddr>().unwrap());
+        t
+    }
+
+    use TcpState::*;
+
+    #[test]
+    fn softirq_transitions_keep_the_owner_seen_at_connect() {
+        let mut o = OwnerTracker::new(100, None, None);
+        let a = o.observe(&tr(1, Close, SynSent, 100, "curl")).unwrap();
+        assert_eq!((a.owner.pid, a.source), (100, OwnerSource::Observed));
+        // ESTABLISHED arrives in softirq while "swapper" (pid 0) is current.
+        let a = o
+            .observe(&tr(1, SynSent, Established, 0, "swapper/1"))
+            .unwrap();
+        assert_eq!(a.owner.pid, 100);
+        assert_eq!(a.owner.comm, "curl");
+        let a = o.observe(&tr(1, FinWait2, Close, 999, "other")).unwrap();
+        assert_eq!(a.owner.pid, 100);
+        assert_eq!(o.tracked(), 0, "closed sockets are forgotten");
+    }
+
+    #[test]
+    fn unknown_socket_in_mid_life_is_unknown_not_current_task() {
+        let mut o = OwnerTracker::new(100, None, None);
+        assert!(o
+            .observe(&tr(7, Established, CloseWait, 555, "ksoftirqd/0"))
+            .is_none());
+        assert!(o
+            .observe(&tr(7, CloseWait, LastAck, 321, "server"))
+            .is_some());
+    }
+
+    #[test]
+    fn accepted_socket_inherits_the_listener_owner() {
+        let mut o = OwnerTracker::new(100, None, None);
+        o.observe(&with_ports(
+            tr(10, Close, Listen, 200, "nginx"),
+            "0.0.0.0:8080",
+            "0.0.0.0:0",
+        ));
+        let child = with_ports(
+            tr(11, Listen, SynRecv, 300, "curl"),
+            "127.0.0.1:8080",
+            "127.0.0.1:5555",
+        );
+        let a = o.observe(&child).unwrap();
+        assert_eq!((a.owner.pid, a.source), (200, OwnerSource::Listener));
+        let est = with_ports(
+            tr(11, SynRecv, Established, 300, "curl"),
+            "127.0.0.1:8080",
+            "127.0.0.1:5555",
+        );
+        assert_eq!(o.observe(&est).unwrap().owner.pid, 200);
+        // A different port has no listener: unknown.
+        let other = with_ports(
+            tr(12, Listen, SynRecv, 300, "curl"),
+            "127.0.0.1:9090",
+            "127.0.0.1:5556",
+        );
+        assert!(o.observe(&other).is_none());
+        // After the listener closes, new children are unknown.
+        o.observe(&with_ports(
+            tr(10, Listen, Close, 200, "nginx"),
+            "0.0.0.0:8080",
+            "0.0.0.0:0",
+        ));
+        let late = with_ports(
+            tr(13, Listen, SynRecv, 300, "curl"),
+            "127.0.0.1:8080",
+            "127.0.0.1:5557",
+        );
+        assert!(o.observe(&late).is_none());
+    }
+
+    #[test]
+    fn exact_listener_address_beats_wildcard() {
+        let mut o = OwnerTracker::new(100, None, None);
+        o.observe(&with_ports(
+            tr(1, Close, Listen, 1, "any"),
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        o.observe(&with_ports(
+            tr(2, Close, Listen, 2, "lo"),
+            "127.0.0.1:80",
+            "0.0.0.0:0",
+        ));
+        let c = with_ports(
+            tr(3, Listen, SynRecv, 9, "x"),
+            "127.0.0.1:80",
+            "127.0.0.1:1000",
+        );
+        assert_eq!(o.observe(&c).unwrap().owner.pid, 2);
+        let c = with_ports(
+            tr(4, Listen, SynRecv, 9, "x"),
+            "127.0.0.2:80",
+            "127.0.0.1:1000",
+        );
+        assert_eq!(o.observe(&c).unwrap().owner.pid, 1);
+    }
+
+    #[test]
+    fn pre_existing_socket_is_found_in_the_snapshot() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1
+";
+        let mut owners = HashMap::new();
+        owners.insert(
+            4242,
+            Owner {
+                pid: 77,
+                comm: "redis".into(),
+                cgroup_id: 5,
+            },
+        );
+        let snap = SocketSnapshot::from_parts(tcp, "", owners).unwrap();
+        let mut o = OwnerTracker::new(100, Some(snap), None);
+        let t = with_ports(
+            tr(50, Established, CloseWait, 1, "swapper/0"),
+            "127.0.0.1:8080",
+            "127.0.0.1:54321",
+        );
+        let a = o.observe(&t).unwrap();
+        assert_eq!((a.owner.pid, a.source), (77, OwnerSource::Procfs));
+        // A new socket that reuses the 4-tuple later is not matched by /proc.
+        let mut o2 = OwnerTracker::new(100, o.snapshot.take(), None);
+        let born = with_ports(
+            tr(51, Close, SynSent, 9, "x"),
+            "127.0.0.1:8080",
+            "127.0.0.1:54321",
+        );
+        assert_eq!(o2.observe(&born).unwrap().owner.pid, 9);
+    }
+
+    #[test]
+    fn tracked_sockets_are_bounded() {
+        let mut o = OwnerTracker::new(3, None, None);
+        for sk in 0..10 {
+            o.observe(&tr(sk, Close, SynSent, 1, "x"));
+        }
+        assert_eq!(o.tracked(), 3);
+        assert_eq!(o.evicted(), 7);
+    }
+}

@@ -1,0 +1,318 @@
+//! Loading and attaching the kernel program: checks the host can run it,
+//! fills in the offsets it needs (tracefs layouts, BTF socket fields),
+//! sizes the ring buffer, and attaches every tracepoint.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use tcpwatch_common::{Config, LOST_SLOT};
+
+use crate::btf::{self, Btf};
+use crate::tracefs::{self, Format};
+
+/// The object `cargo xtask build` compiled; empty when built without it.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwatch.bpf.o"));
+
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const DEFAULT_RING_SIZE: u32 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("tcpwatch must run as root (it loads eBPF programs; CAP_BPF and CAP_PERFMON are not enough to attach tracepoints without tracefs access)")]
+    NotRoot,
+    #[error("kernel BTF is missing: {path} does not exist (tcpwatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
+    NoBtf { path: PathBuf },
+    #[error("kernel BTF at {path} is unusable: {reason}")]
+    BadBtf { path: PathBuf, reason: String },
+    #[error("kernel {release} has no BPF ring buffer (tcpwatch needs Linux 5.8 or later)")]
+    NoRingBuffer { release: String },
+    #[error("this tcpwatch binary was built without its eBPF object; build it with `cargo xtask build` or run it with `cargo xtask run -- ...`")]
+    NoObject,
+    #[error("{0}")]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(String),
+    #[error("attaching to tracepoint {tracepoint} failed: {reason}")]
+    Attach { tracepoint: String, reason: String },
+}
+
+/// What the user can tune.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes: a power of two, a multiple of the page size.
+    pub ring_size: u32,
+    /// Wake the reader once this many bytes are waiting (0: every record).
+    pub wakeup_bytes: u64,
+    pub btf_path: PathBuf,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            ring_size: DEFAULT_RING_SIZE,
+            wakeup_bytes: u64::from(DEFAULT_RING_SIZE / 8),
+            btf_path: PathBuf::from(DEFAULT_BTF),
+        }
+    }
+}
+
+/// Checks a ring size the user gave: a power of two of at least one page.
+pub fn check_ring_size(bytes: u64) -> Result<u32, String> {
+    let page = 4096;
+    if bytes < page || !bytes.is_power_of_two() || bytes > (1 << 30) {
+        return Err(format!(
+            "ring size {bytes} must be a power of two between 4096 and 1073741824 bytes"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+/// Parses `16M`, `256K`, `1G` or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{text}' is not a size (e.g. 4096, 256K, 16M)"))
+}
+
+/// A loaded, attached probe. Dropping it detaches everything.
+pub struct Probe {
+    ebpf: Ebpf,
+    /// One line per thing the kernel did not let tcpwatch see (missing BTF
+    /// fields): said once at start.
+    pub degraded: Vec<String>,
+    pub mounted_tracefs: bool,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (ma, mi) >= (major, minor)
+}
+
+/// Checks the host before touching anything, so each missing piece gets
+/// one clear line.
+pub fn preflight(opts: &ProbeOptions) -> Result<(), ProbeError> {
+    if !is_root() {
+        return Err(ProbeError::NotRoot);
+    }
+    if BPF_OBJECT.is_empty() {
+        return Err(ProbeError::NoObject);
+    }
+    if !opts.btf_path.exists() {
+        return Err(ProbeError::NoBtf {
+            path: opts.btf_path.clone(),
+        });
+    }
+    let release = kernel_release();
+    if !release.is_empty() && !release_at_least(&release, 5, 8) {
+        return Err(ProbeError::NoRingBuffer { release });
+    }
+    Ok(())
+}
+
+fn raise_memlock() {
+    // Kernels since 5.11 charge BPF memory to the cgroup; RLIMIT_MEMLOCK
+    // only matters before that, and may not be raisable (no
+    // CAP_SYS_RESOURCE), which is fine.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: rlim is a valid rlimit.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// Builds the program's configuration from tracefs and BTF.
+pub fn build_config(
+    tracefs_root: &Path,
+    btf: &Btf,
+    wakeup_bytes: u64,
+) -> Result<(Config, Vec<String>), ProbeError> {
+    let state = Format::read(tracefs_root, "sock", "inet_sock_set_state")?;
+    let retransmit = Format::read(tracefs_root, "tcp", "tcp_retransmit_skb")?;
+    let send_reset = Format::read(tracefs_root, "tcp", "tcp_send_reset")?;
+    let receive_reset = Format::read(tracefs_root, "tcp", "tcp_receive_reset")?;
+    let (sock, missing) = btf::sock_offsets(btf);
+    let config = Config {
+        wakeup_bytes,
+        state_tp: state.state_layout()?,
+        retransmit_skaddr: retransmit.offset("skaddr")?,
+        send_reset_skaddr: send_reset.offset("skaddr")?,
+        receive_reset_skaddr: receive_reset.offset("skaddr")?,
+        _pad: 0,
+        sock,
+    };
+    Ok((config, missing))
+}
+
+/// The tracepoints the object's programs attach to, by program name.
+const TRACEPOINTS: [(&str, &str, &str); 4] = [
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+impl Probe {
+    pub fn load(opts: &ProbeOptions) -> Result<Probe, ProbeError> {
+        preflight(opts)?;
+        let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
+        let btf = Btf::from_file(&opts.btf_path).map_err(|e| ProbeError::BadBtf {
+            path: opts.btf_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let (config, degraded) = build_config(&tracefs_root, &btf, opts.wakeup_bytes)?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ring_size)
+            .load(BPF_OBJECT)
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        for (program, category, name) in TRACEPOINTS {
+            let tracepoint = format!("{category}:{name}");
+            let attach_err = |reason: String| ProbeError::Attach {
+                tracepoint: tracepoint.clone(),
+                reason,
+            };
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| attach_err("program missing from the eBPF object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
+            prog.load().map_err(|e| attach_err(chain(&e)))?;
+            prog.attach(category, name)
+                .map_err(|e| attach_err(chain(&e)))?;
+        }
+        Ok(Probe {
+            ebpf,
+            degraded,
+            mounted_tracefs,
+        })
+    }
+
+    /// The ring buffer of events; can be taken once.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| {
+            ProbeError::Load("EVENTS ring buffer missing or already taken".into())
+        })?;
+        RingBuf::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))
+    }
+
+    /// The per-CPU count of records the ring buffer had no room for.
+    pub fn take_lost_counter(&mut self) -> Result<LostCounter, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("LOST")
+            .ok_or_else(|| ProbeError::Load("LOST counter missing or already taken".into()))?;
+        let array = PerCpuArray::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        Ok(LostCounter { array })
+    }
+
+    /// Kernel run time and run count of each program (non-zero only while
+    /// BPF statistics are enabled).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            if let Ok(info) = prog.info() {
+                out.push((name.to_string(), info.run_time(), info.run_count()));
+            }
+        }
+        out
+    }
+}
+
+pub struct LostCounter {
+    array: PerCpuArray<MapData, u64>,
+}
+
+impl LostCounter {
+    /// Total records lost since load, over all CPUs.
+    pub fn total(&self) -> u64 {
+        self.array
+            .get(&LOST_SLOT, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256K"), Ok(256 * 1024));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn ring_size_must_be_a_power_of_two_of_pages() {
+        assert_eq!(check_ring_size(4096), Ok(4096));
+        assert_eq!(check_ring_size(16 << 20), Ok(16 << 20));
+        assert!(check_ring_size(4095).is_err());
+        assert!(check_ring_size(12288).is_err());
+        assert!(check_ring_size(2048).is_err());
+        assert!(check_ring_size(1 << 31).is_err());
+    }
+
+    #[test]
+    fn kernel_release_comparison() {
+        assert!(release_at_least("6.18.44-fc-v669", 5, 8));
+        assert!(release_at_least("5.8.0", 5, 8));
+        assert!(!release_at_least("5.4.0-150-generic", 5, 8));
+        assert!(!release_at_least("4.19", 5, 8));
+    }
+
+    #[test]
+    fn the_object_is_embedded_when_built_by_xtask() {
+        if std::env::var_os("TCPWATCH_BPF_OBJECT").is_none() && BPF_OBJECT.is_empty() {
+            eprintln!("skipped: built without TCPWATCH_BPF_OBJECT (plain cargo build)");
+            return;
+        }
+        assert!(
+            BPF_OBJECT.starts_with(b"\x7fELF"),
+            "embedded object is not ELF"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Draining the ring buffer. The kernel wakes the reader only once a batch
+//! has built up (see the eBPF side), so the reader also drains on a short
+//! timer; each drain empties the buffer and sends one owned batch on.
+//! Lost-event totals travel in the same channel, so they are reported in
+//! order with the events around them.
+
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+
+use crate::decode::{decode, DecodeError, Record};
+use crate::probe::LostCounter;
+
+/// What the reader hands the stages after it.
+#[derive(Debug)]
+pub enum Feed {
+    /// Records in ring-buffer order, and the number that did not decode.
+    Records {
+        records: Vec<Record>,
+        undecodable: u64,
+        first_error: Option<DecodeError>,
+    },
+    /// The kernel's lost-event total has grown to this.
+    Lost { total: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ReaderOptions {
+    /// How often to drain when the kernel has not woken us.
+    pub poll: Duration,
+    /// How often to read the lost-event counter.
+    pub lost_check: Duration,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            poll: Duration::from_millis(50),
+            lost_check: Duration::from_millis(500),
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Option<Feed> {
+    let mut records = Vec::new();
+    let mut undecodable = 0;
+    let mut first_error = None;
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                undecodable += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if records.is_empty() && undecodable == 0 {
+        None
+    } else {
+        Some(Feed::Records {
+            records,
+            undecodable,
+            first_error,
+        })
+    }
+}
+
+/// Reads until `stop` turns true (then drains one last time, so nothing
+/// already in the buffer is dropped) or the receiver goes away.
+pub async fn run_reader(
+    ring: RingBuf<MapData>,
+    lost: LostCounter,
+    tx: mpsc::Sender<Feed>,
+    mut stop: watch::Receiver<bool>,
+    opts: ReaderOptions,
+) -> std::io::Result<()> {
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut fd = unsafe { AsyncFd::register(ring)? };
+    let mut poll = tokio::time::interval(opts.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_tick = tokio::time::interval(opts.lost_check);
+    lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_seen = 0u64;
+    loop {
+        let stopping = tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                let feed = drain(guard.get_inner_mut());
+                guard.clear_ready();
+                if let Some(feed) = feed {
+                    if tx.send(feed).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                false
+            }
+            _ = poll.tick() => {
+                if let Some(feed) = drain(fd.get_mut()) {
+                    if tx.send(feed).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                false
+            }
+            _ = lost_tick.tick() => false,
+            changed = stop.changed() => changed.is_err() || *stop.borrow(),
+        };
+        let total = lost.total();
+        if total > lost_seen {
+            lost_seen = total;
+            if tx.send(Feed::Lost { total }).await.is_err() {
+                return Ok(());
+            }
+        }
+        if stopping {
+            if let Some(feed) = drain(fd.get_mut()) {
+                let _ = tx.send(feed).await;
+            }
+            let total = lost.total();
+            if total > lost_seen {
+                let _ = tx.send(Feed::Lost { total }).await;
+            }
+            return Ok(());
+        }
+    }
+}
