@@ -233,6 +233,32 @@ pub fn interpret(e: &Event) -> Result<Record, DecodeError> {
     }
 }
 
+/// Records that did not make sense, counted, with the first reason kept.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rejects {
+    pub count: u64,
+    pub first: Option<DecodeError>,
+}
+
+impl Rejects {
+    pub fn add(&mut self, e: DecodeError) {
+        self.count += 1;
+        self.first.get_or_insert(e);
+    }
+}
+
+/// Interprets a batch, keeping the records that make sense.
+pub fn interpret_all(events: &[Event], rejects: &mut Rejects) -> Vec<Record> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        match interpret(e) {
+            Ok(r) => out.push(r),
+            Err(err) => rejects.add(err),
+        }
+    }
+    out
+}
+
 /// Length check, copy, and meaning, in one step.
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     interpret(&decode_raw(bytes)?)

@@ -114,8 +114,7 @@ impl Filter {
         if !self.pids.is_empty() && !owner.is_some_and(|o| self.pids.contains(&o.pid)) {
             return false;
         }
-        if !self.comms.is_empty() && !owner.is_some_and(|o| self.comms.iter().any(|c| *c == o.comm))
-        {
+        if !self.comms.is_empty() && !owner.is_some_and(|o| self.comms.contains(&o.comm)) {
             return false;
         }
         true

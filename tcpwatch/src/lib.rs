@@ -14,6 +14,7 @@
 pub mod btf;
 pub mod cli;
 pub mod clock;
+pub mod correlate;
 pub mod decode;
 pub mod filter;
 pub mod model;

@@ -1,6 +1,6 @@
 //! The tcpwatch binary: parses arguments and wires the library's stages.
 
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,7 +29,6 @@ fn probe_options(ring_size: u32, btf: &std::path::Path) -> ProbeOptions {
 
 async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
     let stdout = io::stdout();
-    let interactive = stdout.is_terminal();
     let out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut sink = TraceSink::new(
         out,
@@ -69,9 +68,8 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
             if !no_header {
                 header_err = sink.header().err();
             }
-            if interactive {
-                eprintln!("tcpwatch: tracing TCP state transitions; Ctrl-C to stop");
-            }
+            // Always said, so scripts (and tests) know the probe is live.
+            eprintln!("tcpwatch: tracing TCP state transitions; Ctrl-C to stop");
         },
         &mut sink,
     )

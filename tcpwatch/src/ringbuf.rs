@@ -10,15 +10,19 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
-use crate::decode::{decode, DecodeError, Record};
+use tcpwatch_common::Event;
+
+use crate::decode::{decode_raw, DecodeError};
 use crate::probe::LostCounter;
 
 /// What the reader hands the stages after it.
 #[derive(Debug)]
 pub enum Feed {
-    /// Records in ring-buffer order, and the number that did not decode.
+    /// Records in ring-buffer order (length-checked copies; their meaning
+    /// is for each stage to take with `decode::interpret`), and the number
+    /// of records of the wrong size.
     Records {
-        records: Vec<Record>,
+        events: Vec<Event>,
         undecodable: u64,
         first_error: Option<DecodeError>,
     },
@@ -44,23 +48,23 @@ impl Default for ReaderOptions {
 }
 
 fn drain(ring: &mut RingBuf<MapData>) -> Option<Feed> {
-    let mut records = Vec::new();
+    let mut events = Vec::new();
     let mut undecodable = 0;
     let mut first_error = None;
     while let Some(item) = ring.next() {
-        match decode(&item) {
-            Ok(r) => records.push(r),
+        match decode_raw(&item) {
+            Ok(e) => events.push(e),
             Err(e) => {
                 undecodable += 1;
                 first_error.get_or_insert(e);
             }
         }
     }
-    if records.is_empty() && undecodable == 0 {
+    if events.is_empty() && undecodable == 0 {
         None
     } else {
         Some(Feed::Records {
-            records,
+            events,
             undecodable,
             first_error,
         })

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 
 use crate::clock::Clock;
-use crate::decode::Record;
+use crate::decode::{interpret_all, Record, Rejects};
 use crate::filter::Filter;
 use crate::output::{trace_json, trace_text, Format, Summary, TraceLine, TRACE_HEADER};
 use crate::owner::OwnerTracker;
@@ -119,15 +119,21 @@ impl<W: Write> Sink for TraceSink<W> {
         }
         match feed {
             Feed::Records {
-                records,
+                events,
                 undecodable,
                 first_error,
             } => {
-                if undecodable > 0 {
-                    self.summary.decode_errors += undecodable;
-                    let e = first_error.map(|e| e.to_string()).unwrap_or_default();
+                let mut rejects = Rejects {
+                    count: undecodable,
+                    first: first_error,
+                };
+                let records = interpret_all(&events, &mut rejects);
+                if rejects.count > 0 {
+                    self.summary.decode_errors += rejects.count;
+                    let e = rejects.first.map(|e| e.to_string()).unwrap_or_default();
                     (self.warn)(&format!(
-                        "tcpwatch: {undecodable} undecodable records ({e})"
+                        "tcpwatch: {} undecodable records ({e})",
+                        rejects.count
                     ));
                 }
                 if let Err(e) = self.records(&records) {
@@ -159,6 +165,18 @@ mod tests {
     use crate::model::TcpState::*;
     use std::sync::{Arc, Mutex};
 
+    fn ev(
+        sk: u64,
+        old: crate::model::TcpState,
+        new: crate::model::TcpState,
+        ts: u64,
+        pid: u32,
+    ) -> tcpwatch_common::Event {
+        let mut e = state_event(sk, old, new, ts);
+        e.pid = pid;
+        e
+    }
+
     fn rec(
         sk: u64,
         old: crate::model::TcpState,
@@ -166,9 +184,7 @@ mod tests {
         ts: u64,
         pid: u32,
     ) -> Record {
-        let mut e = state_event(sk, old, new, ts);
-        e.pid = pid;
-        decode(&encode(&e)).unwrap()
+        decode(&encode(&ev(sk, old, new, ts, pid))).unwrap()
     }
 
     fn sink(filter: Filter, format: Format) -> (TraceSink<Vec<u8>>, Arc<Mutex<Vec<String>>>) {
@@ -189,13 +205,13 @@ mod tests {
     #[test]
     fn prints_owner_and_delta_per_socket() {
         let (mut s, _) = sink(Filter::default(), Format::Json);
-        let recs = [
-            rec(1, Close, SynSent, 1_000_000, 10),
-            rec(2, Close, SynSent, 1_500_000, 20),
-            rec(1, SynSent, Established, 3_000_000, 0),
+        let events = vec![
+            ev(1, Close, SynSent, 1_000_000, 10),
+            ev(2, Close, SynSent, 1_500_000, 20),
+            ev(1, SynSent, Established, 3_000_000, 0),
         ];
         assert!(s.feed(Feed::Records {
-            records: recs.to_vec(),
+            events,
             undecodable: 0,
             first_error: None
         }));

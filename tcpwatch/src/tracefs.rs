@@ -81,7 +81,7 @@ impl Format {
     }
 
     /// Parses lines like
-    /// `field:const void * skaddr;	offset:8;	size:8;	signed:0;`.
+    /// `field:const void * skaddr; offset:8; size:8; signed:0;`.
     /// Lines that do not have that shape are not fields and are skipped.
     pub fn parse(tracepoint: &str, text: &str) -> Format {
         let mut fields = HashMap::new();

@@ -1,0 +1,896 @@
+//! Correlation: the stream of per-socket events in, one timeline per
+//! finished connection out, saying how it opened, how long each phase took,
+//! who closed it and how, and whether it left a timewait socket.
+//!
+//! Pure: no I/O and no clock of its own. Time comes from the events, and
+//! from `advance`, which the caller drives (live: the monotonic clock after
+//! each drain; replay: the last event's time).
+
+use std::collections::VecDeque;
+
+use crate::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::model::{Endpoint, Family, TcpState};
+use crate::owner::{Attribution, OwnerTracker};
+use crate::procfs::SocketSnapshot;
+use crate::table::BoundedMap;
+
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+const ECONNRESET: i32 = 104;
+
+/// Which end this socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Client,
+    Server,
+    /// Opened before the trace started and nothing since told which.
+    Unknown,
+}
+
+/// How the connection opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpenKind {
+    /// connect(): SYN_SENT → ESTABLISHED.
+    Active,
+    /// Accepted from a listener: SYN_RECV → ESTABLISHED.
+    Passive,
+    /// connect() answered by a RST.
+    Refused,
+    /// connect() got no answer.
+    TimedOut,
+    /// connect() failed otherwise (the errno is in `error`).
+    Failed,
+    /// A handshake that was received but never completed.
+    PassiveFailed,
+    /// Open before tracing started.
+    BeforeTrace,
+}
+
+/// How the connection closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseKind {
+    /// FIN in each direction, each acknowledged.
+    Orderly,
+    /// Both ends sent FIN before receiving the other's (FIN_WAIT1 → CLOSING).
+    Simultaneous,
+    /// This end sent a RST while closing (not an application abort).
+    ResetSent,
+    /// The peer sent a RST.
+    ResetReceived,
+    /// The local application aborted: closed with SO_LINGER 0 or unread
+    /// data, and the kernel sent a RST.
+    Aborted,
+    /// We closed and the peer had not: the socket went to the FIN_WAIT2
+    /// timewait state and stays there until the peer's FIN or
+    /// `tcp_fin_timeout`.
+    FinWait2,
+    /// The socket sat in FIN_WAIT2 until the timer closed it.
+    FinWait2Timeout,
+    /// The kernel closed it with an error (e.g. retransmission timeout).
+    Error,
+    /// The handshake never completed.
+    NeverOpened,
+    /// Closed by a path tcpwatch does not recognise.
+    Unknown,
+}
+
+/// Which end closed first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Closer {
+    Local,
+    Peer,
+    Both,
+}
+
+/// The timewait socket left behind (its state is invisible to the
+/// tracepoint: it is derived from how the full socket closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TimewaitSubstate {
+    TimeWait,
+    FinWait2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timewait {
+    pub substate: TimewaitSubstate,
+    /// How long the kernel holds the 4-tuple from `closed_ns`.
+    pub hold_ns: u64,
+}
+
+/// One state change as seen on this socket, with what was read with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub ts_ns: u64,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub segs_in: Option<u32>,
+    pub segs_out: Option<u32>,
+    pub ack_pending: Option<bool>,
+    pub rcv_shutdown: Option<bool>,
+}
+
+/// Everything known about one finished connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timeline {
+    pub skaddr: u64,
+    pub family: Family,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub netns: Option<u32>,
+    pub owner: Option<Attribution>,
+    pub role: Role,
+    pub open: OpenKind,
+    /// The first event seen (the open, or for `BeforeTrace` the first
+    /// transition after the trace started).
+    pub first_ns: u64,
+    pub established_ns: Option<u64>,
+    pub closed_ns: u64,
+    pub handshake_ns: Option<u64>,
+    pub close: CloseKind,
+    pub closed_by: Option<Closer>,
+    /// 3 when one segment carried both an ACK and a FIN, 4 when each went
+    /// alone; `None` when the teardown was not an orderly FIN exchange or
+    /// was not seen whole.
+    pub teardown_segments: Option<u8>,
+    pub timewait: Option<Timewait>,
+    /// errno the kernel recorded on the socket when it closed.
+    pub error: Option<i32>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub srtt_us: Option<u32>,
+    /// Retransmitted segments seen by `tcp:tcp_retransmit_skb`.
+    pub retransmits: u32,
+    /// The kernel's own count of retransmissions at close.
+    pub total_retrans: Option<u32>,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+    pub steps: Vec<Step>,
+}
+
+impl Timeline {
+    pub fn lifetime_ns(&self) -> u64 {
+        self.closed_ns.saturating_sub(self.first_ns)
+    }
+
+    pub fn pre_existing(&self) -> bool {
+        self.open == OpenKind::BeforeTrace
+    }
+}
+
+/// A socket being followed.
+#[derive(Clone, Debug)]
+struct Track {
+    family: Family,
+    local: Endpoint,
+    remote: Endpoint,
+    netns: Option<u32>,
+    owner: Option<Attribution>,
+    steps: Vec<Step>,
+    retransmits: u32,
+    resets_sent: u32,
+    resets_received: u32,
+    /// Fields read at the latest event.
+    last: crate::decode::SockFields,
+    /// Set once CLOSE was seen: the timeline waits a moment for the RST
+    /// the kernel sends right after an abortive close.
+    closed_ns: Option<u64>,
+    listener: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CorrelatorOptions {
+    pub max_sockets: usize,
+    /// How long after CLOSE to wait for late events of the same socket
+    /// (the RST of an abortive close follows the CLOSE transition).
+    pub grace_ns: u64,
+    /// TIME_WAIT length (TCP_TIMEWAIT_LEN: 60 s in Linux).
+    pub time_wait_ns: u64,
+    /// net.ipv4.tcp_fin_timeout, the FIN_WAIT2 timewait length.
+    pub fin_timeout_ns: u64,
+}
+
+impl Default for CorrelatorOptions {
+    fn default() -> Self {
+        CorrelatorOptions {
+            max_sockets: 262_144,
+            grace_ns: 20_000_000,
+            time_wait_ns: 60_000_000_000,
+            fin_timeout_ns: 60_000_000_000,
+        }
+    }
+}
+
+/// Counters about the correlation itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorrelatorStats {
+    pub events: u64,
+    pub timelines: u64,
+    pub evicted: u64,
+    /// Socket events for sockets not being followed (e.g. a retransmit on a
+    /// socket opened before the trace with no transition since).
+    pub orphan_events: u64,
+}
+
+pub struct Correlator {
+    opts: CorrelatorOptions,
+    sockets: BoundedMap<u64, Track>,
+    /// Closed sockets waiting out the grace period, in close order.
+    closing: VecDeque<(u64, u64)>,
+    owners: OwnerTracker,
+    stats: CorrelatorStats,
+}
+
+impl Correlator {
+    pub fn new(
+        opts: CorrelatorOptions,
+        snapshot: Option<SocketSnapshot>,
+        own_netns: Option<u32>,
+    ) -> Self {
+        Correlator {
+            opts,
+            sockets: BoundedMap::new(opts.max_sockets),
+            closing: VecDeque::new(),
+            owners: OwnerTracker::new(opts.max_sockets, snapshot, own_netns),
+            stats: CorrelatorStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> CorrelatorStats {
+        CorrelatorStats {
+            evicted: self.sockets.evicted(),
+            ..self.stats
+        }
+    }
+
+    /// Sockets currently followed.
+    pub fn tracked(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Takes one event; finished timelines are appended to `out`.
+    pub fn push(&mut self, r: &Record, out: &mut Vec<Timeline>) {
+        self.stats.events += 1;
+        match r {
+            Record::State(t) => self.transition(t, out),
+            Record::Socket(s) => self.socket_event(s),
+        }
+        self.advance(r.ts_ns(), out);
+    }
+
+    /// Finishes the timelines whose grace period ended before `now_ns`.
+    pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
+        while let Some(&(sk, closed)) = self.closing.front() {
+            if now_ns < closed.saturating_add(self.opts.grace_ns) {
+                break;
+            }
+            self.closing.pop_front();
+            self.finish(sk, closed, out);
+        }
+    }
+
+    /// Finishes every closed socket now (end of input).
+    pub fn flush(&mut self, out: &mut Vec<Timeline>) {
+        while let Some((sk, closed)) = self.closing.pop_front() {
+            self.finish(sk, closed, out);
+        }
+    }
+
+    fn finish(&mut self, sk: u64, closed: u64, out: &mut Vec<Timeline>) {
+        // The socket may have been reused (new open) or evicted since.
+        let still_this = self
+            .sockets
+            .get(&sk)
+            .is_some_and(|t| t.closed_ns == Some(closed));
+        if !still_this {
+            return;
+        }
+        if let Some(track) = self.sockets.remove(&sk) {
+            if !track.listener {
+                self.stats.timelines += 1;
+                out.push(build_timeline(sk, track, closed, &self.opts));
+            }
+        }
+    }
+
+    fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
+        let owner = self.owners.observe(t);
+        let step = Step {
+            ts_ns: t.ts_ns,
+            old: t.old,
+            new: t.new,
+            segs_in: t.sock.segs_in,
+            segs_out: t.sock.segs_out,
+            ack_pending: t.sock.ack_pending,
+            rcv_shutdown: t.sock.rcv_shutdown,
+        };
+        let birth = crate::owner::is_birth(t.old, t.new);
+        // A new open on an address whose previous socket has closed but is
+        // still in its grace period: finish the old one first.
+        if birth {
+            if let Some(closed) = self.sockets.get(&t.skaddr).and_then(|tr| tr.closed_ns) {
+                self.finish(t.skaddr, closed, out);
+            }
+        }
+        let fresh = || Track {
+            family: t.family,
+            local: t.local,
+            remote: t.remote,
+            netns: t.sock.netns,
+            owner: owner.clone(),
+            steps: Vec::with_capacity(6),
+            retransmits: 0,
+            resets_sent: 0,
+            resets_received: 0,
+            last: t.sock,
+            closed_ns: None,
+            listener: false,
+        };
+        let track = if birth || !self.sockets.contains_key(&t.skaddr) {
+            // A birth on an address still tracked means the kernel freed and
+            // reused it without us seeing CLOSE: start over.
+            self.sockets.insert(t.skaddr, fresh());
+            match self.sockets.get_mut(&t.skaddr) {
+                Some(tr) => tr,
+                None => return,
+            }
+        } else {
+            match self.sockets.get_mut(&t.skaddr) {
+                Some(tr) => tr,
+                None => return,
+            }
+        };
+        track.steps.push(step);
+        track.last = t.sock;
+        if owner.is_some() {
+            track.owner = owner;
+        }
+        // The connected endpoints are final from ESTABLISHED on (SYN_SENT
+        // may still show port 0 before the ephemeral port is chosen).
+        if t.remote.port != 0 || track.remote.port == 0 {
+            track.local = t.local;
+            track.remote = t.remote;
+        }
+        if t.new == TcpState::Listen {
+            track.listener = true;
+        }
+        if t.new == TcpState::Close {
+            track.closed_ns = Some(t.ts_ns);
+            self.closing.push_back((t.skaddr, t.ts_ns));
+        }
+    }
+
+    fn socket_event(&mut self, s: &SocketEvent) {
+        let Some(track) = self.sockets.get_mut(&s.skaddr) else {
+            self.stats.orphan_events += 1;
+            return;
+        };
+        match s.kind {
+            SocketEventKind::Retransmit => track.retransmits += 1,
+            SocketEventKind::SendReset => track.resets_sent += 1,
+            SocketEventKind::ReceiveReset => track.resets_received += 1,
+        }
+    }
+}
+
+fn find(steps: &[Step], old: TcpState, new: TcpState) -> Option<&Step> {
+    steps.iter().find(|s| s.old == old && s.new == new)
+}
+
+fn has(steps: &[Step], old: TcpState, new: TcpState) -> bool {
+    find(steps, old, new).is_some()
+}
+
+fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptions) -> Timeline {
+    use TcpState::*;
+    let steps = &tr.steps;
+    let first_ns = steps.first().map_or(closed_ns, |s| s.ts_ns);
+    let error = tr.last.sk_err.filter(|e| *e != 0);
+
+    let active = has(steps, Close, SynSent);
+    let passive = has(steps, Listen, SynRecv);
+    let established = steps.iter().find(|s| s.new == Established).map(|s| s.ts_ns);
+    let open = if active {
+        match established {
+            Some(_) => OpenKind::Active,
+            None if tr.resets_received > 0 || error == Some(ECONNREFUSED) => OpenKind::Refused,
+            None if error == Some(ETIMEDOUT) => OpenKind::TimedOut,
+            None => OpenKind::Failed,
+        }
+    } else if passive {
+        match established {
+            Some(_) => OpenKind::Passive,
+            None => OpenKind::PassiveFailed,
+        }
+    } else {
+        OpenKind::BeforeTrace
+    };
+    let role = match open {
+        OpenKind::Active | OpenKind::Refused | OpenKind::TimedOut | OpenKind::Failed => {
+            Role::Client
+        }
+        OpenKind::Passive | OpenKind::PassiveFailed => Role::Server,
+        OpenKind::BeforeTrace => Role::Unknown,
+    };
+    let handshake_ns = match (open, established) {
+        (OpenKind::Active, Some(e)) => {
+            find(steps, Close, SynSent).map(|s| e.saturating_sub(s.ts_ns))
+        }
+        (OpenKind::Passive, Some(e)) => {
+            find(steps, Listen, SynRecv).map(|s| e.saturating_sub(s.ts_ns))
+        }
+        _ => None,
+    };
+
+    let last = steps.last().copied();
+    let before_close = last.map(|s| s.old);
+    let fin_wait1 =
+        find(steps, Established, FinWait1).is_some() || steps.iter().any(|s| s.new == FinWait1);
+    let close_wait = steps.iter().any(|s| s.new == CloseWait);
+    let simultaneous = has(steps, FinWait1, Closing);
+    let rcv_fin_at_close = last.and_then(|s| s.rcv_shutdown);
+
+    let mut teardown_segments = None;
+    let mut timewait = None;
+    let (close, closed_by) = if established.is_none() && open != OpenKind::BeforeTrace {
+        (CloseKind::NeverOpened, None)
+    } else if simultaneous {
+        if tr.resets_received > 0 {
+            (CloseKind::ResetReceived, Some(Closer::Both))
+        } else {
+            timewait = Some(TimewaitSubstate::TimeWait);
+            (CloseKind::Simultaneous, Some(Closer::Both))
+        }
+    } else if fin_wait1 {
+        // We closed first.
+        if tr.resets_received > 0 {
+            (CloseKind::ResetReceived, Some(Closer::Local))
+        } else if before_close == Some(FinWait2) {
+            let fw2 = find(steps, FinWait1, FinWait2);
+            match rcv_fin_at_close {
+                Some(true) => {
+                    // The peer's FIN arrived: TIME_WAIT. Same segment count
+                    // at both transitions means its ACK and FIN were one
+                    // segment.
+                    timewait = Some(TimewaitSubstate::TimeWait);
+                    teardown_segments =
+                        match (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)) {
+                            (Some(a), Some(b)) if a == b => Some(3),
+                            (Some(_), Some(_)) => Some(4),
+                            _ => None,
+                        };
+                    (CloseKind::Orderly, Some(Closer::Local))
+                }
+                Some(false) if tr.resets_sent > 0 => {
+                    (CloseKind::FinWait2Timeout, Some(Closer::Local))
+                }
+                Some(false) => {
+                    let waited = match (fw2, last) {
+                        (Some(f), Some(l)) => l.ts_ns.saturating_sub(f.ts_ns),
+                        _ => 0,
+                    };
+                    let same_segment = matches!(
+                        (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)),
+                        (Some(a), Some(b)) if a == b
+                    );
+                    // Orphaned socket, bare ACK: handed to a FIN_WAIT2
+                    // timewait socket at once. Otherwise it sat in FIN_WAIT2
+                    // until the keepalive timer moved it.
+                    timewait = Some(TimewaitSubstate::FinWait2);
+                    if same_segment && waited < 1_000_000_000 {
+                        (CloseKind::FinWait2, Some(Closer::Local))
+                    } else {
+                        (CloseKind::FinWait2Timeout, Some(Closer::Local))
+                    }
+                }
+                None => (CloseKind::Unknown, Some(Closer::Local)),
+            }
+        } else if tr.resets_sent > 0 {
+            (CloseKind::ResetSent, Some(Closer::Local))
+        } else if error.is_some() {
+            (CloseKind::Error, Some(Closer::Local))
+        } else {
+            (CloseKind::Unknown, Some(Closer::Local))
+        }
+    } else if close_wait {
+        // The peer closed first.
+        if tr.resets_received > 0 {
+            (CloseKind::ResetReceived, Some(Closer::Peer))
+        } else if before_close == Some(LastAck) {
+            teardown_segments = match find(steps, CloseWait, LastAck) {
+                Some(s) => match (s.ack_pending, find(steps, Established, CloseWait)) {
+                    (Some(pending), _) => Some(if pending { 3 } else { 4 }),
+                    (None, Some(cw)) => match (cw.segs_out, s.segs_out) {
+                        (Some(a), Some(b)) => Some(if a == b { 3 } else { 4 }),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                None => None,
+            };
+            (CloseKind::Orderly, Some(Closer::Peer))
+        } else if tr.resets_sent > 0 {
+            (CloseKind::Aborted, Some(Closer::Peer))
+        } else if error.is_some() {
+            (CloseKind::Error, Some(Closer::Peer))
+        } else {
+            (CloseKind::Unknown, Some(Closer::Peer))
+        }
+    } else if tr.resets_received > 0 {
+        (CloseKind::ResetReceived, Some(Closer::Peer))
+    } else if tr.resets_sent > 0 {
+        (CloseKind::Aborted, Some(Closer::Local))
+    } else if error.is_some() {
+        let by = if error == Some(ECONNRESET) {
+            Closer::Peer
+        } else {
+            Closer::Local
+        };
+        (CloseKind::Error, Some(by))
+    } else {
+        (CloseKind::Unknown, None)
+    };
+
+    let timewait = timewait.map(|substate| Timewait {
+        substate,
+        hold_ns: match substate {
+            TimewaitSubstate::TimeWait => opts.time_wait_ns,
+            TimewaitSubstate::FinWait2 => opts.fin_timeout_ns,
+        },
+    });
+
+    Timeline {
+        skaddr,
+        family: tr.family,
+        local: tr.local,
+        remote: tr.remote,
+        netns: tr.netns,
+        owner: tr.owner,
+        role,
+        open,
+        first_ns,
+        established_ns: established,
+        closed_ns,
+        handshake_ns,
+        close,
+        closed_by,
+        teardown_segments,
+        timewait,
+        error,
+        bytes_sent: tr.last.bytes_acked,
+        bytes_received: tr.last.bytes_received,
+        srtt_us: tr.last.srtt_us,
+        retransmits: tr.retransmits,
+        total_retrans: tr.last.total_retrans,
+        resets_sent: tr.resets_sent,
+        resets_received: tr.resets_received,
+        steps: tr.steps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::state_event;
+    use crate::decode::{decode, encode};
+    use tcpwatch_common::{kind, valid, Event, RCV_SHUTDOWN};
+    use TcpState::*;
+
+    /// Builds event sequences for one socket the way the kernel would.
+    struct Sock {
+        sk: u64,
+        pid: u32,
+        segs_in: u32,
+        segs_out: u32,
+        events: Vec<Event>,
+    }
+
+    impl Sock {
+        fn new(sk: u64, pid: u32) -> Sock {
+            Sock {
+                sk,
+                pid,
+                segs_in: 0,
+                segs_out: 0,
+                events: Vec::new(),
+            }
+        }
+
+        fn step(&mut self, ts_us: u64, old: TcpState, new: TcpState) -> &mut Event {
+            let mut e = state_event(self.sk, old, new, ts_us * 1000);
+            e.pid = self.pid;
+            e.valid = valid::SEGS_IN
+                | valid::SEGS_OUT
+                | valid::SHUTDOWN
+                | valid::ACK_PENDING
+                | valid::SK_ERR;
+            e.segs_in = self.segs_in;
+            e.segs_out = self.segs_out;
+            self.events.push(e);
+            self.events.last_mut().unwrap()
+        }
+
+        fn reset(&mut self, ts_us: u64, k: u8) {
+            let mut e = Event::zeroed();
+            e.kind = k;
+            e.skaddr = self.sk;
+            e.ts_ns = ts_us * 1000;
+            self.events.push(e);
+        }
+
+        fn run(&self) -> Vec<Timeline> {
+            run_all(&[self])
+        }
+    }
+
+    fn run_all(socks: &[&Sock]) -> Vec<Timeline> {
+        let mut evs: Vec<Event> = socks.iter().flat_map(|s| s.events.clone()).collect();
+        evs.sort_by_key(|e| e.ts_ns);
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        for e in &evs {
+            c.push(&decode(&encode(e)).unwrap(), &mut out);
+        }
+        c.flush(&mut out);
+        out
+    }
+
+    fn active_open(s: &mut Sock) {
+        s.step(0, Close, SynSent);
+        s.segs_in += 1;
+        s.segs_out += 2;
+        s.step(100, SynSent, Established);
+    }
+
+    #[test]
+    fn client_closes_first_four_segments() {
+        let mut s = Sock::new(1, 10);
+        active_open(&mut s);
+        s.step(1000, Established, FinWait1);
+        s.segs_in += 1; // bare ACK
+        s.step(1050, FinWait1, FinWait2);
+        s.segs_in += 1; // FIN, 40 ms later
+        s.step(41_000, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        let t = &s.run()[0];
+        assert_eq!(t.open, OpenKind::Active);
+        assert_eq!(t.role, Role::Client);
+        assert_eq!(t.handshake_ns, Some(100_000));
+        assert_eq!(t.close, CloseKind::Orderly);
+        assert_eq!(t.closed_by, Some(Closer::Local));
+        assert_eq!(t.teardown_segments, Some(4));
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::TimeWait);
+        assert_eq!(t.timewait.unwrap().hold_ns, 60_000_000_000);
+        assert_eq!(t.owner.as_ref().unwrap().owner.pid, 10);
+        assert_eq!(t.lifetime_ns(), 41_000_000);
+    }
+
+    #[test]
+    fn peer_ack_riding_on_its_fin_is_three_segments() {
+        let mut s = Sock::new(1, 10);
+        active_open(&mut s);
+        s.step(1000, Established, FinWait1);
+        s.segs_in += 1; // one segment: ACK + FIN
+        s.step(1100, FinWait1, FinWait2);
+        s.step(1101, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        let t = &s.run()[0];
+        assert_eq!(t.close, CloseKind::Orderly);
+        assert_eq!(t.teardown_segments, Some(3));
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::TimeWait);
+    }
+
+    #[test]
+    fn orphan_with_bare_ack_goes_to_fin_wait2_timewait() {
+        let mut s = Sock::new(1, 10);
+        active_open(&mut s);
+        s.step(1000, Established, FinWait1);
+        s.segs_in += 1;
+        s.step(1100, FinWait1, FinWait2);
+        s.step(1101, FinWait2, Close); // no FIN received
+        let t = &s.run()[0];
+        assert_eq!(t.close, CloseKind::FinWait2);
+        assert_eq!(t.teardown_segments, None);
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::FinWait2);
+    }
+
+    #[test]
+    fn server_passive_close_with_and_without_piggybacked_ack() {
+        for (pending, segments) in [(true, 3), (false, 4)] {
+            let mut s = Sock::new(2, 20);
+            s.step(0, Listen, SynRecv);
+            s.segs_in += 1;
+            s.step(50, SynRecv, Established);
+            s.segs_in += 1;
+            s.step(500, Established, CloseWait);
+            if !pending {
+                s.segs_out += 1;
+            }
+            s.step(600, CloseWait, LastAck).ack_pending = u8::from(pending) * 2;
+            s.segs_in += 1;
+            s.step(700, LastAck, Close);
+            let t = &s.run()[0];
+            assert_eq!(t.open, OpenKind::Passive);
+            assert_eq!(t.role, Role::Server);
+            assert_eq!(t.handshake_ns, Some(50_000));
+            assert_eq!(t.close, CloseKind::Orderly);
+            assert_eq!(t.closed_by, Some(Closer::Peer));
+            assert_eq!(t.teardown_segments, Some(segments), "ack pending {pending}");
+            assert_eq!(t.timewait, None);
+        }
+    }
+
+    #[test]
+    fn simultaneous_close() {
+        let mut s = Sock::new(3, 1);
+        active_open(&mut s);
+        s.step(1000, Established, FinWait1);
+        s.step(1010, FinWait1, Closing);
+        s.step(1020, Closing, Close).sk_shutdown = RCV_SHUTDOWN;
+        let t = &s.run()[0];
+        assert_eq!(t.close, CloseKind::Simultaneous);
+        assert_eq!(t.closed_by, Some(Closer::Both));
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::TimeWait);
+    }
+
+    #[test]
+    fn abortive_close_and_reset_received() {
+        // SO_LINGER 0: CLOSE first, then the RST.
+        let mut a = Sock::new(4, 1);
+        active_open(&mut a);
+        a.step(1000, Established, Close);
+        a.reset(1001, kind::SEND_RESET);
+        // The peer receives the RST.
+        let mut b = Sock::new(5, 2);
+        b.step(0, Listen, SynRecv);
+        b.step(50, SynRecv, Established);
+        b.reset(1100, kind::RECEIVE_RESET);
+        b.step(1101, Established, Close).sk_err = ECONNRESET;
+        let out = run_all(&[&a, &b]);
+        let ta = out.iter().find(|t| t.skaddr == 4).unwrap();
+        let tb = out.iter().find(|t| t.skaddr == 5).unwrap();
+        assert_eq!(
+            (ta.close, ta.closed_by),
+            (CloseKind::Aborted, Some(Closer::Local))
+        );
+        assert_eq!(ta.resets_sent, 1);
+        assert_eq!(
+            (tb.close, tb.closed_by),
+            (CloseKind::ResetReceived, Some(Closer::Peer))
+        );
+        assert_eq!(tb.error, Some(ECONNRESET));
+        assert!(ta.timewait.is_none() && tb.timewait.is_none());
+    }
+
+    #[test]
+    fn failed_connects() {
+        let mut refused = Sock::new(6, 1);
+        refused.step(0, Close, SynSent);
+        refused.reset(10, kind::RECEIVE_RESET);
+        refused.step(11, SynSent, Close).sk_err = ECONNREFUSED;
+        let mut timed_out = Sock::new(7, 1);
+        timed_out.step(0, Close, SynSent);
+        timed_out.step(3_000_000, SynSent, Close).sk_err = ETIMEDOUT;
+        let out = run_all(&[&refused, &timed_out]);
+        let r = out.iter().find(|t| t.skaddr == 6).unwrap();
+        let to = out.iter().find(|t| t.skaddr == 7).unwrap();
+        assert_eq!(
+            (r.open, r.close, r.error),
+            (
+                OpenKind::Refused,
+                CloseKind::NeverOpened,
+                Some(ECONNREFUSED)
+            )
+        );
+        assert_eq!((to.open, to.error), (OpenKind::TimedOut, Some(ETIMEDOUT)));
+        assert_eq!(to.handshake_ns, None);
+    }
+
+    #[test]
+    fn reused_socket_address_starts_a_new_connection() {
+        let mut s = Sock::new(8, 1);
+        active_open(&mut s);
+        s.step(1000, Established, Close);
+        // Freed and reused within the grace period: a new connect.
+        s.step(1001, Close, SynSent);
+        s.step(1100, SynSent, Established);
+        s.step(2000, Established, FinWait1);
+        s.step(2100, FinWait1, FinWait2);
+        s.step(2200, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        let out = s.run();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].steps.len(), 3);
+        assert_eq!(out[1].steps.len(), 5);
+        assert_eq!(out[1].first_ns, 1_001_000);
+    }
+
+    #[test]
+    fn listeners_are_not_connections() {
+        let mut l = Sock::new(9, 1);
+        l.step(0, Close, Listen);
+        l.step(10, Listen, Close);
+        assert!(l.run().is_empty());
+    }
+
+    #[test]
+    fn connection_older_than_the_trace_is_marked() {
+        let mut s = Sock::new(10, 1);
+        s.step(0, Established, CloseWait);
+        s.step(10, CloseWait, LastAck);
+        s.step(20, LastAck, Close);
+        let t = &s.run()[0];
+        assert!(t.pre_existing());
+        assert_eq!(t.role, Role::Unknown);
+        assert_eq!(t.close, CloseKind::Orderly);
+        assert_eq!(t.closed_by, Some(Closer::Peer));
+        assert_eq!(t.handshake_ns, None);
+    }
+
+    #[test]
+    fn grace_period_holds_the_timeline_for_the_late_reset() {
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        let mut s = Sock::new(11, 1);
+        active_open(&mut s);
+        s.step(1000, Established, Close);
+        for e in &s.events {
+            c.push(&decode(&encode(e)).unwrap(), &mut out);
+        }
+        assert!(out.is_empty(), "still in grace");
+        let mut rst = Event::zeroed();
+        rst.kind = kind::SEND_RESET;
+        rst.skaddr = 11;
+        rst.ts_ns = 1_000_500;
+        c.push(&decode(&encode(&rst)).unwrap(), &mut out);
+        c.advance(1_000_000 + 19_000_000, &mut out);
+        assert!(out.is_empty());
+        c.advance(1_000_000 + 21_000_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].close, CloseKind::Aborted);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_evictions_counted() {
+        let mut c = Correlator::new(
+            CorrelatorOptions {
+                max_sockets: 100,
+                ..CorrelatorOptions::default()
+            },
+            None,
+            None,
+        );
+        let mut out = Vec::new();
+        for sk in 0..10_000u64 {
+            let e = state_event(sk, Listen, SynRecv, sk);
+            c.push(&decode(&encode(&e)).unwrap(), &mut out);
+        }
+        assert_eq!(c.tracked(), 100);
+        assert_eq!(c.stats().evicted, 9_900);
+    }
+
+    #[test]
+    fn arbitrary_sequences_never_panic() {
+        // Every pair of states, in any order, on few reused addresses,
+        // with time going backwards.
+        let mut c = Correlator::new(
+            CorrelatorOptions {
+                max_sockets: 8,
+                ..CorrelatorOptions::default()
+            },
+            None,
+            None,
+        );
+        let mut out = Vec::new();
+        let mut ts = 1_000_000_000u64;
+        for (i, old) in TcpState::ALL.iter().enumerate() {
+            for (j, new) in TcpState::ALL.iter().enumerate() {
+                ts = if (i + j) % 3 == 0 {
+                    ts - 1000
+                } else {
+                    ts + 7_000_000
+                };
+                let e = state_event((i * j % 5) as u64, *old, *new, ts);
+                c.push(&decode(&encode(&e)).unwrap(), &mut out);
+            }
+        }
+        c.flush(&mut out);
+        assert!(c.tracked() <= 8);
+    }
+}
