@@ -32,6 +32,7 @@ pub mod valid {
     pub const SEGS_OUT: u16 = 1 << 7;
     pub const ACK_PENDING: u16 = 1 << 8;
     pub const NETNS: u16 = 1 << 9;
+    pub const RCV_NXT: u16 = 1 << 10;
 }
 
 /// `sk->sk_shutdown` bits (include/net/sock.h).
@@ -81,6 +82,9 @@ pub struct Event {
     pub sk_err: i32,
     /// Inode number of the socket's network namespace.
     pub netns: u32,
+    /// Next sequence number expected from the peer: a received FIN moves
+    /// it by one, which is how a FIN's arrival is told from a bare ACK's.
+    pub rcv_nxt: u32,
     /// Ports in host byte order.
     pub sport: u16,
     pub dport: u16,
@@ -94,7 +98,7 @@ pub struct Event {
     pub newstate: u8,
     pub sk_shutdown: u8,
     pub ack_pending: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 144);
@@ -122,6 +126,7 @@ impl Event {
             segs_out: 0,
             sk_err: 0,
             netns: 0,
+            rcv_nxt: 0,
             sport: 0,
             dport: 0,
             family: 0,
@@ -131,7 +136,7 @@ impl Event {
             newstate: 0,
             sk_shutdown: 0,
             ack_pending: 0,
-            _pad: [0; 7],
+            _pad: [0; 3],
         }
     }
 }
@@ -176,7 +181,8 @@ pub struct SockOffsets {
     /// `struct net`: `ns.inum` (u32).
     pub skc_net: u32,
     pub net_ns_inum: u32,
-    pub _pad: u32,
+    /// `struct tcp_sock`: `rcv_nxt` (u32).
+    pub rcv_nxt: u32,
 }
 
 impl SockOffsets {
@@ -192,7 +198,7 @@ impl SockOffsets {
         icsk_ack_pending: OFFSET_UNKNOWN,
         skc_net: OFFSET_UNKNOWN,
         net_ns_inum: OFFSET_UNKNOWN,
-        _pad: 0,
+        rcv_nxt: OFFSET_UNKNOWN,
     };
 }
 

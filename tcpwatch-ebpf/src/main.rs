@@ -173,6 +173,10 @@ fn fill_socket(ev: &mut Event, cfg: &Config) {
         ev.segs_out = v;
         ev.valid |= valid::SEGS_OUT;
     }
+    if let Some(v) = read_field::<u32>(sk, off.rcv_nxt) {
+        ev.rcv_nxt = v;
+        ev.valid |= valid::RCV_NXT;
+    }
     if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending) {
         ev.ack_pending = v;
         ev.valid |= valid::ACK_PENDING;

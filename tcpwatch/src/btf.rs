@@ -642,6 +642,13 @@ const FIELDS: &[Field] = &[
         slot: |o| &mut o.segs_out,
     },
     Field {
+        strukt: "tcp_sock",
+        path: &["rcv_nxt"],
+        size: 4,
+        base: Base::Tcp,
+        slot: |o| &mut o.rcv_nxt,
+    },
+    Field {
         strukt: "inet_connection_sock",
         path: &["icsk_ack", "pending"],
         size: 1,
@@ -920,6 +927,7 @@ mod tests {
                 ("total_retrans", u32t, 800),
                 ("", outer, 832),
                 ("bytes_acked", u64t, 960),
+                ("rcv_nxt", u32t, 1024),
             ],
         );
         let _ = tcp_sock;
@@ -1145,6 +1153,7 @@ mod tests {
         assert_eq!(o.total_retrans, 100);
         assert_eq!(o.segs_in, 104);
         assert_eq!(o.segs_out, 108);
+        assert_eq!(o.rcv_nxt, 128);
         assert_eq!(o.icsk_ack_pending, 80);
         assert_eq!(o.skc_net, 16);
         assert_eq!(o.net_ns_inum, 16);
@@ -1188,7 +1197,7 @@ mod tests {
         ] {
             assert_eq!(v, OFFSET_UNKNOWN);
         }
-        assert_eq!(missing.len(), 10, "{missing:#?}");
+        assert_eq!(missing.len(), 11, "{missing:#?}");
         let has = |prefix: &str, needle: &str| {
             missing
                 .iter()
@@ -1585,6 +1594,7 @@ mod tests {
             ("tcp_sock", &["total_retrans"], offsets.total_retrans),
             ("tcp_sock", &["segs_in"], offsets.segs_in),
             ("tcp_sock", &["segs_out"], offsets.segs_out),
+            ("tcp_sock", &["rcv_nxt"], offsets.rcv_nxt),
             ("sock", &["sk_shutdown"], offsets.sk_shutdown),
             ("sock", &["sk_err"], offsets.sk_err),
             (

@@ -26,6 +26,97 @@ pub struct Cli {
 pub enum Command {
     /// Print every TCP state transition as it happens.
     Trace(TraceArgs),
+    /// Print one record per finished connection: how it opened and closed.
+    Conns(ConnsArgs),
+    /// Draw each finished connection as a ladder of segments between its two ends.
+    Ladder(LadderArgs),
+    /// Write the raw event stream to a file, for `replay`.
+    Record(RecordArgs),
+    /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConnsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Do not print the column header (text format).
+    #[arg(long)]
+    pub no_header: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LadderArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RecordArgs {
+    /// File to write (created with mode 0600).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ReplayArgs {
+    /// A file written by `tcpwatch record`.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    #[command(subcommand)]
+    pub view: ReplayView,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum ReplayView {
+    /// Transitions, as `tcpwatch trace` prints them.
+    Trace(ReplayOutputArgs),
+    /// Finished connections, as `tcpwatch conns` prints them.
+    Conns(ReplayOutputArgs),
+    /// Ladder pictures, as `tcpwatch ladder` draws them.
+    Ladder(ReplayLadderArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ReplayOutputArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Do not print the column header (text format).
+    #[arg(long)]
+    pub no_header: bool,
+    /// Most sockets tracked at once.
+    #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
+    pub max_sockets: usize,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ReplayLadderArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Most sockets tracked at once.
+    #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
+    pub max_sockets: usize,
 }
 
 /// Which sockets to show.
@@ -206,7 +297,9 @@ mod tests {
             "10.0.0.0/8",
         ])
         .unwrap();
-        let Command::Trace(t) = cli.command;
+        let Command::Trace(t) = cli.command else {
+            panic!("not trace")
+        };
         let f = t.filter.to_filter();
         assert_eq!(f.pids, vec![1, 2]);
         assert_eq!(f.lports, vec![80]);

@@ -106,7 +106,8 @@ pub struct Step {
     pub segs_in: Option<u32>,
     pub segs_out: Option<u32>,
     pub ack_pending: Option<bool>,
-    pub rcv_shutdown: Option<bool>,
+    pub rcv_nxt: Option<u32>,
+    pub srtt_us: Option<u32>,
 }
 
 /// Everything known about one finished connection.
@@ -301,7 +302,8 @@ impl Correlator {
             segs_in: t.sock.segs_in,
             segs_out: t.sock.segs_out,
             ack_pending: t.sock.ack_pending,
-            rcv_shutdown: t.sock.rcv_shutdown,
+            rcv_nxt: t.sock.rcv_nxt,
+            srtt_us: t.sock.srtt_us,
         };
         let birth = crate::owner::is_birth(t.old, t.new);
         // A new open on an address whose previous socket has closed but is
@@ -427,7 +429,6 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
         find(steps, Established, FinWait1).is_some() || steps.iter().any(|s| s.new == FinWait1);
     let close_wait = steps.iter().any(|s| s.new == CloseWait);
     let simultaneous = has(steps, FinWait1, Closing);
-    let rcv_fin_at_close = last.and_then(|s| s.rcv_shutdown);
 
     let mut teardown_segments = None;
     let mut timewait = None;
@@ -446,18 +447,23 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
             (CloseKind::ResetReceived, Some(Closer::Local))
         } else if before_close == Some(FinWait2) {
             let fw2 = find(steps, FinWait1, FinWait2);
-            match rcv_fin_at_close {
+            // A FIN takes one sequence number: rcv_nxt moved between
+            // FIN_WAIT2 and CLOSE iff the peer's FIN arrived. (sk_shutdown
+            // cannot tell: close() sets RCV_SHUTDOWN on our own socket.)
+            let fin_received = match (fw2.and_then(|s| s.rcv_nxt), last.and_then(|s| s.rcv_nxt)) {
+                (Some(a), Some(b)) => Some(a != b),
+                _ => None,
+            };
+            let same_segment = match (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)) {
+                (Some(a), Some(b)) => Some(a == b),
+                _ => None,
+            };
+            match fin_received {
                 Some(true) => {
-                    // The peer's FIN arrived: TIME_WAIT. Same segment count
-                    // at both transitions means its ACK and FIN were one
-                    // segment.
+                    // TIME_WAIT. One segment between the two transitions
+                    // means the peer's ACK and FIN were one segment.
                     timewait = Some(TimewaitSubstate::TimeWait);
-                    teardown_segments =
-                        match (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)) {
-                            (Some(a), Some(b)) if a == b => Some(3),
-                            (Some(_), Some(_)) => Some(4),
-                            _ => None,
-                        };
+                    teardown_segments = same_segment.map(|same| if same { 3 } else { 4 });
                     (CloseKind::Orderly, Some(Closer::Local))
                 }
                 Some(false) if tr.resets_sent > 0 => {
@@ -468,15 +474,11 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
                         (Some(f), Some(l)) => l.ts_ns.saturating_sub(f.ts_ns),
                         _ => 0,
                     };
-                    let same_segment = matches!(
-                        (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)),
-                        (Some(a), Some(b)) if a == b
-                    );
-                    // Orphaned socket, bare ACK: handed to a FIN_WAIT2
-                    // timewait socket at once. Otherwise it sat in FIN_WAIT2
-                    // until the keepalive timer moved it.
+                    // Orphaned socket, bare ACK: handed at once to a
+                    // FIN_WAIT2 timewait socket, which waits for the peer's
+                    // FIN. Otherwise it sat in FIN_WAIT2 until the timer.
                     timewait = Some(TimewaitSubstate::FinWait2);
-                    if same_segment && waited < 1_000_000_000 {
+                    if same_segment == Some(true) && waited < 1_000_000_000 {
                         (CloseKind::FinWait2, Some(Closer::Local))
                     } else {
                         (CloseKind::FinWait2Timeout, Some(Closer::Local))
@@ -579,6 +581,7 @@ mod tests {
     struct Sock {
         sk: u64,
         pid: u32,
+        rcv_nxt: u32,
         segs_in: u32,
         segs_out: u32,
         events: Vec<Event>,
@@ -589,6 +592,7 @@ mod tests {
             Sock {
                 sk,
                 pid,
+                rcv_nxt: 1000,
                 segs_in: 0,
                 segs_out: 0,
                 events: Vec::new(),
@@ -602,9 +606,13 @@ mod tests {
                 | valid::SEGS_OUT
                 | valid::SHUTDOWN
                 | valid::ACK_PENDING
-                | valid::SK_ERR;
+                | valid::SK_ERR
+                | valid::RCV_NXT;
             e.segs_in = self.segs_in;
             e.segs_out = self.segs_out;
+            e.rcv_nxt = self.rcv_nxt;
+            // close() sets both shutdown bits on our own socket.
+            e.sk_shutdown = RCV_SHUTDOWN | tcpwatch_common::SEND_SHUTDOWN;
             self.events.push(e);
             self.events.last_mut().unwrap()
         }
@@ -649,7 +657,8 @@ mod tests {
         s.segs_in += 1; // bare ACK
         s.step(1050, FinWait1, FinWait2);
         s.segs_in += 1; // FIN, 40 ms later
-        s.step(41_000, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        s.rcv_nxt += 1;
+        s.step(41_000, FinWait2, Close);
         let t = &s.run()[0];
         assert_eq!(t.open, OpenKind::Active);
         assert_eq!(t.role, Role::Client);
@@ -670,7 +679,8 @@ mod tests {
         s.step(1000, Established, FinWait1);
         s.segs_in += 1; // one segment: ACK + FIN
         s.step(1100, FinWait1, FinWait2);
-        s.step(1101, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        s.rcv_nxt += 1;
+        s.step(1101, FinWait2, Close);
         let t = &s.run()[0];
         assert_eq!(t.close, CloseKind::Orderly);
         assert_eq!(t.teardown_segments, Some(3));
@@ -684,7 +694,7 @@ mod tests {
         s.step(1000, Established, FinWait1);
         s.segs_in += 1;
         s.step(1100, FinWait1, FinWait2);
-        s.step(1101, FinWait2, Close); // no FIN received
+        s.step(1101, FinWait2, Close); // no FIN received: rcv_nxt unchanged
         let t = &s.run()[0];
         assert_eq!(t.close, CloseKind::FinWait2);
         assert_eq!(t.teardown_segments, None);
@@ -697,7 +707,9 @@ mod tests {
             let mut s = Sock::new(2, 20);
             s.step(0, Listen, SynRecv);
             s.segs_in += 1;
-            s.step(50, SynRecv, Established);
+            // srtt_us is already shifted by the kernel program.
+            s.step(50, SynRecv, Established).srtt_us = 50;
+            s.events.last_mut().unwrap().valid |= valid::SRTT;
             s.segs_in += 1;
             s.step(500, Established, CloseWait);
             if !pending {
@@ -723,7 +735,7 @@ mod tests {
         active_open(&mut s);
         s.step(1000, Established, FinWait1);
         s.step(1010, FinWait1, Closing);
-        s.step(1020, Closing, Close).sk_shutdown = RCV_SHUTDOWN;
+        s.step(1020, Closing, Close);
         let t = &s.run()[0];
         assert_eq!(t.close, CloseKind::Simultaneous);
         assert_eq!(t.closed_by, Some(Closer::Both));
@@ -793,7 +805,8 @@ mod tests {
         s.step(1100, SynSent, Established);
         s.step(2000, Established, FinWait1);
         s.step(2100, FinWait1, FinWait2);
-        s.step(2200, FinWait2, Close).sk_shutdown = RCV_SHUTDOWN;
+        s.rcv_nxt += 1;
+        s.step(2200, FinWait2, Close);
         let out = s.run();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].steps.len(), 3);

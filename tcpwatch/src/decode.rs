@@ -91,6 +91,7 @@ pub struct SockFields {
     /// A delayed ACK is pending (`icsk_ack.pending & ICSK_ACK_TIMER`).
     pub ack_pending: Option<bool>,
     pub netns: Option<u32>,
+    pub rcv_nxt: Option<u32>,
 }
 
 impl SockFields {
@@ -109,6 +110,7 @@ impl SockFields {
             ack_pending: has(valid::ACK_PENDING)
                 .then_some(e.ack_pending & tcpwatch_common::ICSK_ACK_TIMER != 0),
             netns: has(valid::NETNS).then_some(e.netns),
+            rcv_nxt: has(valid::RCV_NXT).then_some(e.rcv_nxt),
         }
     }
 }

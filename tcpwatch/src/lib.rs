@@ -9,11 +9,14 @@
 //!   a socket belongs to;
 //! - `filter`: what the user asked to see;
 //! - `output`: text and JSON;
-//! - `session`, `trace`: the live command that ties them together.
+//! - `correlate`: per-socket events into connection timelines;
+//! - `record`, `replay`: the raw stream to a file and back;
+//! - `session`, `trace`, `conns`: the commands that tie them together.
 
 pub mod btf;
 pub mod cli;
 pub mod clock;
+pub mod conns;
 pub mod correlate;
 pub mod decode;
 pub mod filter;
@@ -22,6 +25,8 @@ pub mod output;
 pub mod owner;
 pub mod probe;
 pub mod procfs;
+pub mod record;
+pub mod replay;
 pub mod ringbuf;
 pub mod session;
 pub mod table;

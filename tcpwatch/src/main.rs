@@ -1,14 +1,20 @@
 //! The tcpwatch binary: parses arguments and wires the library's stages.
 
 use std::io::{self, Write};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use tcpwatch::cli::{self, Command, TraceArgs};
+use tcpwatch::cli::{
+    self, Command, ConnsArgs, LadderArgs, RecordArgs, ReplayArgs, ReplayView, TraceArgs,
+};
 use tcpwatch::clock::Clock;
+use tcpwatch::conns::{ConnsSink, View};
+use tcpwatch::correlate::{Correlator, CorrelatorOptions};
+use tcpwatch::output::Format;
 use tcpwatch::owner::OwnerTracker;
-use tcpwatch::probe::ProbeOptions;
+use tcpwatch::probe::{Probe, ProbeOptions};
 use tcpwatch::procfs::SocketSnapshot;
+use tcpwatch::record::{Header, Recorder, Replay};
 use tcpwatch::session::{self, SessionOptions};
 use tcpwatch::trace::TraceSink;
 
@@ -19,64 +25,272 @@ fn own_netns() -> Option<u32> {
         .map(|m| m.ino() as u32)
 }
 
-fn probe_options(ring_size: u32, btf: &std::path::Path) -> ProbeOptions {
-    ProbeOptions {
-        ring_size,
-        wakeup_bytes: u64::from(ring_size / 8),
-        btf_path: btf.to_path_buf(),
+fn fin_timeout_s() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(60)
+}
+
+fn correlator_options(max_sockets: usize, fin_timeout_s: u32) -> CorrelatorOptions {
+    CorrelatorOptions {
+        max_sockets,
+        fin_timeout_ns: u64::from(fin_timeout_s) * 1_000_000_000,
+        ..CorrelatorOptions::default()
     }
 }
 
+fn probe_options(args: &cli::ProbeArgs) -> ProbeOptions {
+    ProbeOptions {
+        ring_size: args.ring_size,
+        wakeup_bytes: u64::from(args.ring_size / 8),
+        btf_path: args.btf.clone(),
+    }
+}
+
+/// Said once the probe is live: what is degraded, and that tracing began
+/// (always, so scripts and tests know when to start).
+fn announce(probe: &Probe, what: &str) {
+    for line in &probe.degraded {
+        eprintln!("tcpwatch: degraded: {line}");
+    }
+    if probe.mounted_tracefs {
+        eprintln!("tcpwatch: mounted tracefs at /sys/kernel/tracing");
+    }
+    eprintln!("tcpwatch: tracing {what}; Ctrl-C to stop");
+}
+
+/// Owners of sockets that predate the trace, looked up once the probe is
+/// attached so that no socket falls between the two.
+fn snapshot() -> Option<SocketSnapshot> {
+    match SocketSnapshot::capture() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("tcpwatch: owners of sockets older than this trace are unknown: {e}");
+            None
+        }
+    }
+}
+
+fn stderr_warn() -> Box<dyn FnMut(&str) + Send> {
+    Box::new(|m| eprintln!("{m}"))
+}
+
 async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
-    let stdout = io::stdout();
-    let out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let max = args.probe.max_sockets;
     let mut sink = TraceSink::new(
         out,
         args.format,
         args.filter.to_filter(),
         Clock::system(),
-        OwnerTracker::new(args.probe.max_sockets, None, own_netns()),
-        args.probe.max_sockets,
-        Box::new(|m| eprintln!("{m}")),
+        OwnerTracker::new(max, None, own_netns()),
+        max,
+        stderr_warn(),
     );
     let opts = SessionOptions {
-        probe: probe_options(args.probe.ring_size, &args.probe.btf),
+        probe: probe_options(&args.probe),
         duration: args.duration,
-        tick: Duration::from_millis(200),
     };
-    let max_sockets = args.probe.max_sockets;
     let no_header = args.no_header;
-    let mut header_err = None;
     let result = session::run(
         opts,
         |probe, sink| {
-            for line in &probe.degraded {
-                eprintln!("tcpwatch: degraded: {line}");
-            }
-            if probe.mounted_tracefs {
-                eprintln!("tcpwatch: mounted tracefs at /sys/kernel/tracing");
-            }
-            // Taken after attaching, so no socket falls between the two.
-            let snapshot = match SocketSnapshot::capture() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    eprintln!("tcpwatch: owners of sockets older than this trace are unknown: {e}");
-                    None
-                }
-            };
-            sink.replace_owners(OwnerTracker::new(max_sockets, snapshot, own_netns()));
+            announce(probe, "TCP state transitions");
+            sink.replace_owners(OwnerTracker::new(max, snapshot(), own_netns()));
             if !no_header {
-                header_err = sink.header().err();
+                let _ = sink.header();
             }
-            // Always said, so scripts (and tests) know the probe is live.
-            eprintln!("tcpwatch: tracing TCP state transitions; Ctrl-C to stop");
         },
         &mut sink,
     )
     .await;
-    let _ = header_err;
     eprint!("{}", sink.summary.render());
     result
+}
+
+async fn conns(
+    view: View,
+    filter: cli::FilterArgs,
+    probe: cli::ProbeArgs,
+    duration: Option<std::time::Duration>,
+    no_header: bool,
+) -> Result<(), session::SessionError> {
+    let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let copts = correlator_options(probe.max_sockets, fin_timeout_s());
+    let mut sink = ConnsSink::new(
+        out,
+        view,
+        filter.to_filter(),
+        Clock::system(),
+        Correlator::new(copts, None, own_netns()),
+        stderr_warn(),
+    );
+    let opts = SessionOptions {
+        probe: probe_options(&probe),
+        duration,
+    };
+    let result = session::run(
+        opts,
+        |probe, sink| {
+            announce(probe, "TCP connections");
+            sink.replace_correlator(Correlator::new(copts, snapshot(), own_netns()));
+            if !no_header {
+                let _ = sink.header();
+            }
+        },
+        &mut sink,
+    )
+    .await;
+    eprint!("{}", sink.summary.render());
+    result
+}
+
+async fn record(args: RecordArgs) -> Result<(), String> {
+    let mut recorder = None;
+    let opts = SessionOptions {
+        probe: probe_options(&args.probe),
+        duration: args.duration,
+    };
+    // The file is created only once the probe loaded, so a failure to load
+    // leaves no empty recording behind.
+    let mut sink = LazyRecorder {
+        inner: &mut recorder,
+        path: &args.output,
+        error: None,
+    };
+    let result = session::run(
+        opts,
+        |probe, sink: &mut LazyRecorder<'_>| {
+            announce(probe, "TCP events into a recording");
+            sink.open(&snapshot());
+        },
+        &mut sink,
+    )
+    .await;
+    if let Some(e) = sink.error.take() {
+        return Err(e);
+    }
+    result.map_err(|e| e.to_string())?;
+    if let Some(r) = &recorder {
+        eprintln!(
+            "tcpwatch: recorded {} events to {}, {} lost events",
+            r.events,
+            args.output.display(),
+            r.lost
+        );
+    }
+    Ok(())
+}
+
+/// A recorder that opens its file when the probe is ready.
+struct LazyRecorder<'a> {
+    inner: &'a mut Option<Recorder<io::BufWriter<std::fs::File>>>,
+    path: &'a Path,
+    error: Option<String>,
+}
+
+impl LazyRecorder<'_> {
+    fn open(&mut self, snapshot: &Option<SocketSnapshot>) {
+        let header = Header {
+            clock_offset_ns: Clock::system().offset_ns() as i64,
+            netns: own_netns().unwrap_or(0),
+            fin_timeout_s: fin_timeout_s(),
+        };
+        match Recorder::create(self.path, header, snapshot.as_ref()) {
+            Ok(r) => *self.inner = Some(r),
+            Err(e) => self.error = Some(e.to_string()),
+        }
+    }
+}
+
+impl session::Sink for LazyRecorder<'_> {
+    fn events(
+        &mut self,
+        events: &[tcpwatch_common::Event],
+        rejects: tcpwatch::decode::Rejects,
+        settled: u64,
+    ) -> io::Result<()> {
+        match self.inner.as_mut() {
+            Some(r) => r.events(events, rejects, settled),
+            None => Err(io::Error::other(self.error.clone().unwrap_or_default())),
+        }
+    }
+
+    fn lost(&mut self, total: u64) {
+        if let Some(r) = self.inner.as_mut() {
+            r.lost(total);
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        match self.inner.as_mut() {
+            Some(r) => r.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn replay(args: ReplayArgs) -> Result<(), String> {
+    let mut replay = Replay::open(&args.file).map_err(|e| e.to_string())?;
+    let clock = Clock::with_offset_ns(i128::from(replay.header.clock_offset_ns));
+    let netns = Some(replay.header.netns).filter(|n| *n != 0);
+    let snapshot = Some(replay.snapshot.clone());
+    let out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let fin = replay.header.fin_timeout_s;
+    let result = match args.view {
+        ReplayView::Trace(o) => {
+            let mut sink = TraceSink::new(
+                out,
+                o.format,
+                o.filter.to_filter(),
+                clock,
+                OwnerTracker::new(o.max_sockets, snapshot, netns),
+                o.max_sockets,
+                stderr_warn(),
+            );
+            if !o.no_header {
+                let _ = sink.header();
+            }
+            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            eprint!("{}", sink.summary.render());
+            r
+        }
+        ReplayView::Conns(o) => {
+            let correlator =
+                Correlator::new(correlator_options(o.max_sockets, fin), snapshot, netns);
+            let mut sink = ConnsSink::new(
+                out,
+                View::Records(o.format),
+                o.filter.to_filter(),
+                clock,
+                correlator,
+                stderr_warn(),
+            );
+            if !o.no_header {
+                let _ = sink.header();
+            }
+            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            eprint!("{}", sink.summary.render());
+            r
+        }
+        ReplayView::Ladder(o) => {
+            let correlator =
+                Correlator::new(correlator_options(o.max_sockets, fin), snapshot, netns);
+            let mut sink = ConnsSink::new(
+                out,
+                View::Ladder,
+                o.filter.to_filter(),
+                clock,
+                correlator,
+                stderr_warn(),
+            );
+            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            eprint!("{}", sink.summary.render());
+            r
+        }
+    };
+    result.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -91,9 +305,33 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async {
+    let result: Result<(), String> = runtime.block_on(async {
         match cli.command {
-            Command::Trace(args) => trace(args).await,
+            Command::Trace(args) => trace(args).await.map_err(|e| e.to_string()),
+            Command::Conns(ConnsArgs {
+                filter,
+                probe,
+                format,
+                duration,
+                no_header,
+            }) => conns(
+                View::Records(format),
+                filter,
+                probe,
+                duration,
+                no_header || format == Format::Json,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Command::Ladder(LadderArgs {
+                filter,
+                probe,
+                duration,
+            }) => conns(View::Ladder, filter, probe, duration, true)
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Record(args) => record(args).await,
+            Command::Replay(args) => replay(args),
         }
     });
     let _ = io::stdout().flush();

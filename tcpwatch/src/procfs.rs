@@ -135,6 +135,21 @@ impl SocketSnapshot {
         Ok(Self::build(rows4.into_iter().chain(rows6), &inode_owner))
     }
 
+    /// Builds a snapshot from entries read back from a recording.
+    pub fn from_entries(entries: Vec<SnapshotEntry>) -> SocketSnapshot {
+        let mut inode_owner = HashMap::new();
+        let mut rows = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            // Recordings keep only entries with owners; key them uniquely.
+            let id = i as u64 + 1;
+            if let Some(o) = e.owner {
+                inode_owner.insert(id, o);
+            }
+            rows.push((e.key, e.state, id));
+        }
+        Self::build(rows.into_iter(), &inode_owner)
+    }
+
     fn build(
         rows: impl Iterator<Item = (SocketKey, TcpState, u64)>,
         inode_owner: &HashMap<u64, Owner>,

@@ -25,6 +25,9 @@ pub enum Feed {
         events: Vec<Event>,
         undecodable: u64,
         first_error: Option<DecodeError>,
+        /// CLOCK_MONOTONIC when this drain began: every event stamped
+        /// before it has been delivered, so time up to here is settled.
+        drained_at_ns: u64,
     },
     /// The kernel's lost-event total has grown to this.
     Lost { total: u64 },
@@ -47,7 +50,9 @@ impl Default for ReaderOptions {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>) -> Option<Feed> {
+/// Empties the ring. With `always`, an empty drain still reports its time.
+fn drain(ring: &mut RingBuf<MapData>, always: bool) -> Option<Feed> {
+    let drained_at_ns = crate::clock::monotonic_ns();
     let mut events = Vec::new();
     let mut undecodable = 0;
     let mut first_error = None;
@@ -60,13 +65,14 @@ fn drain(ring: &mut RingBuf<MapData>) -> Option<Feed> {
             }
         }
     }
-    if events.is_empty() && undecodable == 0 {
+    if events.is_empty() && undecodable == 0 && !always {
         None
     } else {
         Some(Feed::Records {
             events,
             undecodable,
             first_error,
+            drained_at_ns,
         })
     }
 }
@@ -92,7 +98,7 @@ pub async fn run_reader(
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let feed = drain(guard.get_inner_mut());
+                let feed = drain(guard.get_inner_mut(), false);
                 guard.clear_ready();
                 if let Some(feed) = feed {
                     if tx.send(feed).await.is_err() {
@@ -102,7 +108,7 @@ pub async fn run_reader(
                 false
             }
             _ = poll.tick() => {
-                if let Some(feed) = drain(fd.get_mut()) {
+                if let Some(feed) = drain(fd.get_mut(), true) {
                     if tx.send(feed).await.is_err() {
                         return Ok(());
                     }
@@ -120,7 +126,7 @@ pub async fn run_reader(
             }
         }
         if stopping {
-            if let Some(feed) = drain(fd.get_mut()) {
+            if let Some(feed) = drain(fd.get_mut(), true) {
                 let _ = tx.send(feed).await;
             }
             let total = lost.total();

@@ -1,25 +1,28 @@
 //! A tracing session: loads the probe, starts the ring-buffer reader, and
-//! hands records to a command until the user stops it (Ctrl-C, SIGTERM) or
-//! `--duration` runs out. Shared by every command that traces live.
+//! hands records to a sink until the user stops it (Ctrl-C, SIGTERM) or
+//! `--duration` runs out. Shared by every command that traces live; replay
+//! drives the same sinks from a file.
 
+use std::io;
 use std::time::Duration;
 
+use tcpwatch_common::Event;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
+use crate::decode::Rejects;
 use crate::probe::{Probe, ProbeError, ProbeOptions};
 use crate::ringbuf::{run_reader, Feed, ReaderOptions};
 
-/// What a command does with the feed.
+/// What a command does with the event stream.
 pub trait Sink {
-    /// Handles one message from the reader. Returning `false` ends the
-    /// session (e.g. the output pipe was closed).
-    fn feed(&mut self, feed: Feed) -> bool;
-    /// Called about every `tick` with the monotonic time, for work that
-    /// depends on time passing (flushes, timeouts).
-    fn tick(&mut self, _now_mono_ns: u64) -> bool {
-        true
-    }
+    /// A batch of raw events in ring order. Every event stamped before
+    /// `settled_ns` has been delivered by now.
+    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()>;
+    /// The kernel's lost-event total has grown to `total`.
+    fn lost(&mut self, total: u64);
+    /// The stream ended: write out whatever is still held.
+    fn finish(&mut self) -> io::Result<()>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,15 +30,48 @@ pub enum SessionError {
     #[error("{0}")]
     Probe(#[from] ProbeError),
     #[error("ring buffer reader failed: {0}")]
-    Reader(std::io::Error),
+    Reader(io::Error),
     #[error("cannot install signal handler: {0}")]
-    Signal(std::io::Error),
+    Signal(io::Error),
+    #[error("writing output failed: {0}")]
+    Output(io::Error),
 }
 
 pub struct SessionOptions {
     pub probe: ProbeOptions,
     pub duration: Option<Duration>,
-    pub tick: Duration,
+}
+
+/// Hands one feed message to the sink.
+fn deliver<S: Sink>(sink: &mut S, feed: Feed) -> io::Result<()> {
+    match feed {
+        Feed::Records {
+            events,
+            undecodable,
+            first_error,
+            drained_at_ns,
+        } => sink.events(
+            &events,
+            Rejects {
+                count: undecodable,
+                first: first_error,
+            },
+            drained_at_ns,
+        ),
+        Feed::Lost { total } => {
+            sink.lost(total);
+            Ok(())
+        }
+    }
+}
+
+/// A closed pipe (`tcpwatch trace | head`) ends the session quietly.
+fn output_result(e: io::Error) -> Result<(), SessionError> {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(SessionError::Output(e))
+    }
 }
 
 /// Loads and attaches, then calls `ready` once (the probe is live: anything
@@ -69,40 +105,40 @@ pub async fn run<S: Sink>(
         }
     };
     tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(opts.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut stopping = false;
+    let mut output_error = None;
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(feed) => {
-                    if !sink.feed(feed) && !stopping {
-                        stopping = true;
-                        let _ = stop_tx.send(true);
+                    if output_error.is_none() {
+                        if let Err(e) = deliver(sink, feed) {
+                            output_error = Some(e);
+                            stopping = true;
+                            let _ = stop_tx.send(true);
+                        }
                     }
                 }
                 None => break,
             },
-            _ = tick.tick() => {
-                if !sink.tick(crate::clock::monotonic_ns()) && !stopping {
-                    stopping = true;
-                    let _ = stop_tx.send(true);
-                }
-            }
             _ = sigint.recv(), if !stopping => { stopping = true; let _ = stop_tx.send(true); }
             _ = sigterm.recv(), if !stopping => { stopping = true; let _ = stop_tx.send(true); }
             _ = &mut deadline, if !stopping => { stopping = true; let _ = stop_tx.send(true); }
         }
     }
     let result = reader.await;
-    // Keep the probe attached until the reader has drained the last records.
+    // Detach only once the reader has drained the last records.
     drop(probe);
+    if let Some(e) = output_error {
+        return output_result(e);
+    }
+    if let Err(e) = sink.finish() {
+        return output_result(e);
+    }
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(SessionError::Reader(e)),
-        Err(join) => Err(SessionError::Reader(std::io::Error::other(
-            join.to_string(),
-        ))),
+        Err(join) => Err(SessionError::Reader(io::Error::other(join.to_string()))),
     }
 }

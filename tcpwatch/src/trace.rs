@@ -8,9 +8,9 @@ use crate::decode::{interpret_all, Record, Rejects};
 use crate::filter::Filter;
 use crate::output::{trace_json, trace_text, Format, Summary, TraceLine, TRACE_HEADER};
 use crate::owner::OwnerTracker;
-use crate::ringbuf::Feed;
 use crate::session::Sink;
 use crate::table::BoundedMap;
+use tcpwatch_common::Event;
 
 /// Turns records into trace lines written to `out`.
 pub struct TraceSink<W: Write> {
@@ -23,7 +23,6 @@ pub struct TraceSink<W: Write> {
     pub summary: Summary,
     /// Where lost-event and decode warnings go (stderr in the binary).
     warn: Box<dyn FnMut(&str) + Send>,
-    broken: bool,
 }
 
 impl<W: Write> TraceSink<W> {
@@ -45,7 +44,6 @@ impl<W: Write> TraceSink<W> {
             last_ts: BoundedMap::new(max_sockets),
             summary: Summary::default(),
             warn,
-            broken: false,
         }
     }
 
@@ -113,47 +111,36 @@ impl<W: Write> TraceSink<W> {
 }
 
 impl<W: Write> Sink for TraceSink<W> {
-    fn feed(&mut self, feed: Feed) -> bool {
-        if self.broken {
-            return false;
+    fn events(
+        &mut self,
+        events: &[Event],
+        mut rejects: Rejects,
+        _settled_ns: u64,
+    ) -> io::Result<()> {
+        let records = interpret_all(events, &mut rejects);
+        if rejects.count > 0 {
+            self.summary.decode_errors += rejects.count;
+            let e = rejects.first.map(|e| e.to_string()).unwrap_or_default();
+            (self.warn)(&format!(
+                "tcpwatch: {} undecodable records ({e})",
+                rejects.count
+            ));
         }
-        match feed {
-            Feed::Records {
-                events,
-                undecodable,
-                first_error,
-            } => {
-                let mut rejects = Rejects {
-                    count: undecodable,
-                    first: first_error,
-                };
-                let records = interpret_all(&events, &mut rejects);
-                if rejects.count > 0 {
-                    self.summary.decode_errors += rejects.count;
-                    let e = rejects.first.map(|e| e.to_string()).unwrap_or_default();
-                    (self.warn)(&format!(
-                        "tcpwatch: {} undecodable records ({e})",
-                        rejects.count
-                    ));
-                }
-                if let Err(e) = self.records(&records) {
-                    if e.kind() != io::ErrorKind::BrokenPipe {
-                        (self.warn)(&format!("tcpwatch: writing output failed: {e}"));
-                    }
-                    self.broken = true;
-                    return false;
-                }
-            }
-            Feed::Lost { total } => {
-                let new = total - self.summary.lost.min(total);
-                self.summary.lost = total;
-                (self.warn)(&format!(
-                    "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size"
-                ));
-            }
-        }
+        self.records(&records)?;
         self.summary.evicted = self.owners.evicted();
-        true
+        Ok(())
+    }
+
+    fn lost(&mut self, total: u64) {
+        let new = total - self.summary.lost.min(total);
+        self.summary.lost = total;
+        (self.warn)(&format!(
+            "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size"
+        ));
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -210,11 +197,7 @@ mod tests {
             ev(2, Close, SynSent, 1_500_000, 20),
             ev(1, SynSent, Established, 3_000_000, 0),
         ];
-        assert!(s.feed(Feed::Records {
-            events,
-            undecodable: 0,
-            first_error: None
-        }));
+        s.events(&events, Rejects::default(), 0).unwrap();
         let out = String::from_utf8(s.into_inner()).unwrap();
         let lines: Vec<serde_json::Value> = out
             .lines()
@@ -254,8 +237,8 @@ mod tests {
     #[test]
     fn lost_events_are_reported_as_they_happen() {
         let (mut s, warnings) = sink(Filter::default(), Format::Text);
-        assert!(s.feed(Feed::Lost { total: 5 }));
-        assert!(s.feed(Feed::Lost { total: 12 }));
+        s.lost(5);
+        s.lost(12);
         let w = warnings.lock().unwrap();
         assert_eq!(w.len(), 2);
         assert!(w[0].contains("LOST 5 events"), "{}", w[0]);

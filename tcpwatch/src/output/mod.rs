@@ -1,5 +1,9 @@
-//! Writing transitions for people (aligned text) and for programs (one JSON
-//! object per line).
+//! Writing what tcpwatch saw, for people (aligned text) and for programs
+//! (one JSON object per line): transitions here, connections in `conns`,
+//! the ladder picture in `ladder`.
+
+pub mod conns;
+pub mod ladder;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,0 +1,545 @@
+//! Recordings: the raw event stream in a file, so that every view can be
+//! produced again offline, without root.
+//!
+//! Layout (little-endian):
+//! - header, 40 bytes: magic `TCPWATCH`, format version (u16), header
+//!   length (u16), event size (u32), CLOCK_REALTIME − CLOCK_MONOTONIC at
+//!   the start in ns (i64), the recorder's network namespace inode (u32, 0
+//!   unknown), the length of the snapshot section (u32), the host's
+//!   `tcp_fin_timeout` in seconds (u32) and a reserved u32;
+//! - snapshot section: the owners of sockets that existed when recording
+//!   began, one per line: `state\tlocal\tremote\tpid\tcgroup\tcomm`;
+//! - events: `Event` records back to back, exactly as the kernel wrote them.
+//!
+//! A reader processes the valid prefix of a damaged file and then reports
+//! the byte offset where it stopped making sense.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use tcpwatch_common::Event;
+
+use crate::decode::{decode_raw, encode, interpret, DecodeError, Record};
+use crate::model::{Endpoint, Owner, TcpState};
+use crate::procfs::{SnapshotEntry, SocketKey, SocketSnapshot};
+
+pub const MAGIC: &[u8; 8] = b"TCPWATCH";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 40;
+/// Snapshot sections larger than this are refused as corrupt.
+const MAX_SNAPSHOT: u32 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("writing the recording failed: {0}")]
+    Write(io::Error),
+    #[error("{path}: {what} at byte offset {offset}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    #[error("{path}: read error at byte offset {offset}: {source}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        source: io::Error,
+    },
+}
+
+/// What the header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub clock_offset_ns: i64,
+    pub netns: u32,
+    /// net.ipv4.tcp_fin_timeout when recording (seconds).
+    pub fin_timeout_s: u32,
+}
+
+fn snapshot_text(snapshot: Option<&SocketSnapshot>) -> String {
+    let mut text = String::new();
+    for e in snapshot.into_iter().flat_map(|s| s.entries()) {
+        let Some(o) = &e.owner else { continue };
+        let comm: String = o
+            .comm
+            .chars()
+            .filter(|c| *c != '\n' && *c != '\t')
+            .collect();
+        text.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\n",
+            e.state.name(),
+            e.key.local,
+            e.key.remote,
+            o.pid,
+            o.cgroup_id,
+            comm
+        ));
+    }
+    text
+}
+
+fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.splitn(6, '\t').collect();
+        let bad = || format!("snapshot line {} is malformed", i + 1);
+        if f.len() != 6 {
+            return Err(bad());
+        }
+        let state = TcpState::ALL
+            .iter()
+            .find(|s| s.name() == f[0])
+            .copied()
+            .ok_or_else(bad)?;
+        let local: SocketAddr = f[1].parse().map_err(|_| bad())?;
+        let remote: SocketAddr = f[2].parse().map_err(|_| bad())?;
+        entries.push(SnapshotEntry {
+            key: SocketKey {
+                local: Endpoint::from(local),
+                remote: Endpoint::from(remote),
+            },
+            state,
+            inode: 0,
+            owner: Some(Owner {
+                pid: f[3].parse().map_err(|_| bad())?,
+                cgroup_id: f[4].parse().map_err(|_| bad())?,
+                comm: f[5].to_string(),
+            }),
+        });
+    }
+    Ok(SocketSnapshot::from_entries(entries))
+}
+
+/// Writes a recording. The file is created 0600: it names processes and
+/// peers.
+pub struct Recorder<W: Write> {
+    out: W,
+    pub events: u64,
+    pub lost: u64,
+}
+
+impl Recorder<BufWriter<File>> {
+    pub fn create(
+        path: &Path,
+        header: Header,
+        snapshot: Option<&SocketSnapshot>,
+    ) -> Result<Self, RecordError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| RecordError::Create {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Recorder::new(BufWriter::with_capacity(256 * 1024, file), header, snapshot)
+    }
+}
+
+impl<W: Write> Recorder<W> {
+    pub fn new(
+        mut out: W,
+        header: Header,
+        snapshot: Option<&SocketSnapshot>,
+    ) -> Result<Self, RecordError> {
+        let snap = snapshot_text(snapshot);
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        h[12..16].copy_from_slice(&(Event::SIZE as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&header.clock_offset_ns.to_le_bytes());
+        h[24..28].copy_from_slice(&header.netns.to_le_bytes());
+        h[28..32].copy_from_slice(&(snap.len() as u32).to_le_bytes());
+        h[32..36].copy_from_slice(&header.fin_timeout_s.to_le_bytes());
+        out.write_all(&h).map_err(RecordError::Write)?;
+        out.write_all(snap.as_bytes()).map_err(RecordError::Write)?;
+        Ok(Recorder {
+            out,
+            events: 0,
+            lost: 0,
+        })
+    }
+
+    pub fn write(&mut self, events: &[Event]) -> Result<(), RecordError> {
+        for e in events {
+            self.out.write_all(&encode(e)).map_err(RecordError::Write)?;
+        }
+        self.events += events.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes what is buffered; whole records only ever reach the file
+    /// in order, so a recording cut short keeps every record before the cut.
+    pub fn flush(&mut self) -> Result<(), RecordError> {
+        self.out.flush().map_err(RecordError::Write)
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+impl<W: Write> crate::session::Sink for Recorder<W> {
+    fn events(
+        &mut self,
+        events: &[Event],
+        rejects: crate::decode::Rejects,
+        _settled: u64,
+    ) -> io::Result<()> {
+        if rejects.count > 0 {
+            eprintln!(
+                "tcpwatch: {} records of the wrong size were not recorded",
+                rejects.count
+            );
+        }
+        self.write(events)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // Whole batches reach the file promptly, so a killed recorder loses
+        // at most the last moment.
+        self.flush().map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn lost(&mut self, total: u64) {
+        let new = total - self.lost.min(total);
+        self.lost = total;
+        eprintln!("tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size");
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush().map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+/// Reads a recording back.
+pub struct Replay<R: Read> {
+    input: R,
+    path: PathBuf,
+    offset: u64,
+    pub header: Header,
+    pub snapshot: SocketSnapshot,
+}
+
+impl Replay<BufReader<File>> {
+    pub fn open(path: &Path) -> Result<Self, RecordError> {
+        let file = File::open(path).map_err(|source| RecordError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Replay::new(BufReader::with_capacity(256 * 1024, file), path)
+    }
+}
+
+/// Reads as many bytes as there are, up to `buf.len()`.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+impl<R: Read> Replay<R> {
+    pub fn new(mut input: R, path: &Path) -> Result<Self, RecordError> {
+        let corrupt = |offset: u64, what: &str| RecordError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            what: what.to_string(),
+        };
+        let read_err = |offset: u64, source: io::Error| RecordError::Read {
+            path: path.to_path_buf(),
+            offset,
+            source,
+        };
+        let mut h = [0u8; HEADER_LEN];
+        let got = read_full(&mut input, &mut h).map_err(|e| read_err(0, e))?;
+        if got < 8 || &h[0..8] != MAGIC {
+            return Err(corrupt(0, "not a tcpwatch recording (bad magic)"));
+        }
+        if got < HEADER_LEN {
+            return Err(corrupt(got as u64, "header cut short"));
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let version = u16_at(8);
+        if version != VERSION {
+            return Err(corrupt(
+                8,
+                &format!("format version {version}, this tcpwatch reads {VERSION}"),
+            ));
+        }
+        if usize::from(u16_at(10)) != HEADER_LEN {
+            return Err(corrupt(10, "unexpected header length"));
+        }
+        let event_size = u32_at(12);
+        if event_size as usize != Event::SIZE {
+            return Err(corrupt(
+                12,
+                &format!(
+                    "event size {event_size}, this tcpwatch reads {}",
+                    Event::SIZE
+                ),
+            ));
+        }
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&h[16..24]);
+        let header = Header {
+            clock_offset_ns: i64::from_le_bytes(off),
+            netns: u32_at(24),
+            fin_timeout_s: u32_at(32),
+        };
+        let snap_len = u32_at(28);
+        if snap_len > MAX_SNAPSHOT {
+            return Err(corrupt(28, "snapshot section too large"));
+        }
+        let mut snap = vec![0u8; snap_len as usize];
+        let got = read_full(&mut input, &mut snap).map_err(|e| read_err(HEADER_LEN as u64, e))?;
+        if got < snap.len() {
+            return Err(corrupt(
+                (HEADER_LEN + got) as u64,
+                "snapshot section cut short",
+            ));
+        }
+        let text = std::str::from_utf8(&snap).map_err(|e| {
+            corrupt(
+                HEADER_LEN as u64 + e.valid_up_to() as u64,
+                "snapshot is not UTF-8",
+            )
+        })?;
+        let snapshot = parse_snapshot(text).map_err(|w| corrupt(HEADER_LEN as u64, &w))?;
+        Ok(Replay {
+            input,
+            path: path.to_path_buf(),
+            offset: (HEADER_LEN + snap.len()) as u64,
+            header,
+            snapshot,
+        })
+    }
+
+    /// Byte offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next raw event; `Ok(None)` at a clean end of file.
+    pub fn next_event(&mut self) -> Result<Option<Event>, RecordError> {
+        let mut buf = [0u8; Event::SIZE];
+        let got = read_full(&mut self.input, &mut buf).map_err(|source| RecordError::Read {
+            path: self.path.clone(),
+            offset: self.offset,
+            source,
+        })?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < Event::SIZE {
+            return Err(RecordError::Corrupt {
+                path: self.path.clone(),
+                offset: self.offset,
+                what: format!("truncated record ({got} of {} bytes)", Event::SIZE),
+            });
+        }
+        let event = decode_raw(&buf).map_err(|e| self.bad_record(e))?;
+        self.offset += Event::SIZE as u64;
+        Ok(Some(event))
+    }
+
+    /// The next event with its meaning; a record that makes no sense is
+    /// corruption.
+    pub fn next_record(&mut self) -> Result<Option<(Event, Record)>, RecordError> {
+        let start = self.offset;
+        match self.next_event()? {
+            None => Ok(None),
+            Some(e) => match interpret(&e) {
+                Ok(r) => Ok(Some((e, r))),
+                Err(err) => {
+                    self.offset = start;
+                    Err(self.bad_record(err))
+                }
+            },
+        }
+    }
+
+    fn bad_record(&self, e: DecodeError) -> RecordError {
+        RecordError::Corrupt {
+            path: self.path.clone(),
+            offset: self.offset,
+            what: format!("corrupt record ({e})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::state_event;
+    use std::collections::HashMap;
+    use TcpState::*;
+
+    fn sample_snapshot() -> SocketSnapshot {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1 0000000000000000 20 4 30 10 -1
+";
+        let mut owners = HashMap::new();
+        owners.insert(
+            11,
+            Owner {
+                pid: 5,
+                comm: "my server".into(),
+                cgroup_id: 77,
+            },
+        );
+        SocketSnapshot::from_parts(tcp, "", owners).unwrap()
+    }
+
+    fn recording(events: &[Event]) -> Vec<u8> {
+        let header = Header {
+            clock_offset_ns: 1_795_392_000_000_000_000,
+            netns: 4026531840,
+            fin_timeout_s: 30,
+        };
+        let snap = sample_snapshot();
+        let mut r = Recorder::new(Vec::new(), header, Some(&snap)).unwrap();
+        r.write(events).unwrap();
+        r.flush().unwrap();
+        r.into_inner()
+    }
+
+    fn events() -> Vec<Event> {
+        vec![
+            state_event(1, Close, SynSent, 10),
+            state_event(1, SynSent, Established, 20),
+            state_event(1, Established, FinWait1, 30),
+        ]
+    }
+
+    fn read_all(bytes: &[u8]) -> (Vec<Event>, Option<RecordError>) {
+        let mut out = Vec::new();
+        let mut r = match Replay::new(bytes, Path::new("t.rec")) {
+            Ok(r) => r,
+            Err(e) => return (out, Some(e)),
+        };
+        loop {
+            match r.next_record() {
+                Ok(Some((e, _))) => out.push(e),
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn round_trips_header_snapshot_and_events() {
+        let bytes = recording(&events());
+        let r = Replay::new(&bytes[..], Path::new("t.rec")).unwrap();
+        assert_eq!(r.header.clock_offset_ns, 1_795_392_000_000_000_000);
+        assert_eq!(r.header.netns, 4026531840);
+        assert_eq!(r.header.fin_timeout_s, 30);
+        let key = SocketKey {
+            local: Endpoint::new("127.0.0.1".parse().unwrap(), 8080),
+            remote: Endpoint::new("0.0.0.0".parse().unwrap(), 0),
+        };
+        let owner = r.snapshot.owner_of(&key).unwrap();
+        assert_eq!(
+            (owner.pid, owner.cgroup_id, owner.comm.as_str()),
+            (5, 77, "my server")
+        );
+        let (got, err) = read_all(&bytes);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, events());
+    }
+
+    #[test]
+    fn truncated_file_keeps_the_valid_prefix_and_names_the_offset() {
+        let bytes = recording(&events());
+        let start = bytes.len() - 3 * Event::SIZE;
+        let cut = &bytes[..bytes.len() - 10];
+        let (got, err) = read_all(cut);
+        assert_eq!(got.len(), 2);
+        let msg = err.unwrap().to_string();
+        let expected = format!("byte offset {}", start + 2 * Event::SIZE);
+        assert!(
+            msg.contains("truncated record") && msg.contains(&expected),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn corrupt_record_is_reported_at_its_offset() {
+        let mut bytes = recording(&events());
+        let second = bytes.len() - 2 * Event::SIZE;
+        // kind byte of the second record
+        bytes[second + std::mem::offset_of!(Event, kind)] = 0xee;
+        let (got, err) = read_all(&bytes);
+        assert_eq!(got.len(), 1);
+        let msg = err.unwrap().to_string();
+        assert!(msg.contains(&format!("byte offset {second}")), "{msg}");
+    }
+
+    #[test]
+    fn bad_headers_are_errors() {
+        let (_, err) = read_all(b"NOTAFILE and more bytes beyond the header....");
+        assert!(err.unwrap().to_string().contains("bad magic"));
+        let bytes = recording(&[]);
+        let (_, err) = read_all(&bytes[..30]);
+        assert!(err.unwrap().to_string().contains("header cut short"));
+        let mut v = recording(&[]);
+        v[8] = 9;
+        let (_, err) = read_all(&v);
+        assert!(err.unwrap().to_string().contains("format version 9"));
+        let mut v = recording(&[]);
+        v[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+        let (_, err) = read_all(&v);
+        assert!(err.unwrap().to_string().contains("too large"));
+    }
+
+    #[test]
+    fn every_truncation_and_byte_flip_is_handled() {
+        let bytes = recording(&events());
+        for len in 0..bytes.len() {
+            let _ = read_all(&bytes[..len]);
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = read_all(&b);
+        }
+    }
+
+    #[test]
+    fn recording_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tcpwatch-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.rec");
+        let mut r = Recorder::create(
+            &path,
+            Header {
+                clock_offset_ns: 0,
+                netns: 0,
+                fin_timeout_s: 60,
+            },
+            None,
+        )
+        .unwrap();
+        r.write(&events()).unwrap();
+        r.flush().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode, 0o600);
+    }
+}
