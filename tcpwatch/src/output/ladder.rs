@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
 use crate::model::TcpState;
 
-use super::conns::{close_name, closer_name, substate_name};
+use super::conns::{close_name, substate_name};
 
 /// Direction of a segment relative to the socket whose step implies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,29 +149,69 @@ fn render_rows(out: &mut String, rows: &mut [Row], origin: u64) {
     }
 }
 
-fn teardown_sentence(t: &Timeline, peer_name: &str) -> String {
-    let how = match (t.close, t.teardown_segments) {
-        (CloseKind::Orderly, Some(3)) => {
-            format!("teardown took 3 segments: the {peer_name}'s ACK rode on its FIN")
+fn name(t: &Timeline) -> String {
+    format!("{} {}", peer_role(t), t.local)
+}
+
+/// What happened at the close, in words. `other` is the peer's timeline
+/// when it is a socket on this host.
+fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
+    use crate::correlate::Closer;
+    let (closer, passive) = match (t.closed_by, other) {
+        (Some(Closer::Peer), Some(o)) => (o, Some(t)),
+        (_, o) => (t, o),
+    };
+    let peer_word = passive.map_or("peer".to_string(), name);
+    let segments = closer
+        .teardown_segments
+        .or(passive.and_then(|p| p.teardown_segments));
+    let mut lines = Vec::new();
+    let first = match closer.closed_by {
+        Some(Closer::Both) => "both ends closed at once (simultaneous close)".to_string(),
+        Some(Closer::Local) => format!("{} closed first", name(closer)),
+        Some(Closer::Peer) => format!("{peer_word} closed first"),
+        None => String::new(),
+    };
+    let how = match (closer.close, segments) {
+        (CloseKind::Orderly | CloseKind::FinWait2, Some(3)) => {
+            format!(
+                "teardown took 3 segments: the {}'s ACK rode on its FIN",
+                if closer.closed_by == Some(Closer::Peer) {
+                    name(closer)
+                } else {
+                    peer_word.clone()
+                }
+            )
         }
-        (CloseKind::Orderly, Some(4)) => {
+        (CloseKind::Orderly | CloseKind::FinWait2, Some(4)) => {
             "teardown took 4 segments: FIN, ACK, FIN, ACK each on its own".to_string()
         }
-        (CloseKind::Orderly, _) => "orderly teardown; segment count not known".to_string(),
-        (kind, _) => format!("teardown: {}", close_name(kind)),
+        (CloseKind::Orderly, None) => "orderly teardown; segment count not known".to_string(),
+        (CloseKind::FinWait2, None) => "segment count not known".to_string(),
+        (kind, _) => format!("close: {}", close_name(kind)),
     };
-    let by = t.closed_by.map_or(String::new(), |c| {
-        format!(", closed first by {}", closer_name(c))
+    lines.push(if first.is_empty() {
+        how
+    } else {
+        format!("{first}; {how}")
     });
-    let tw = t.timewait.map_or(String::new(), |tw| {
-        format!(
-            "; {} left a {} socket for {}s",
-            t.local,
-            substate_name(tw.substate),
-            tw.hold_ns / 1_000_000_000
-        )
-    });
-    format!("{how}{by}{tw}")
+    if closer.close == CloseKind::FinWait2 {
+        lines.push(format!(
+            "{} was already closed by its application: on the bare ACK it became a FIN_WAIT2 timewait socket, which handled the rest of the teardown (no tracepoint sees it)",
+            name(closer)
+        ));
+    }
+    for side in std::iter::once(t).chain(other) {
+        if let Some(tw) = side.timewait {
+            lines.push(format!(
+                "{} left a {} socket holding the 4-tuple for {}s",
+                name(side),
+                substate_name(tw.substate),
+                tw.hold_ns / 1_000_000_000
+            ));
+        }
+    }
+    lines
 }
 
 /// Draws one connection; `peer` is the other end's timeline when it is a
@@ -198,13 +238,21 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
             );
             let mut rows = Vec::new();
             // Each segment is drawn where it arrived: at the receiver's
-            // transition. Every segment here changes the receiver's state.
+            // transition. Sends are drawn where the receiver shows no
+            // arrival: a SYN (a request socket takes it) or anything after
+            // the peer's full socket is gone (its timewait socket answers).
             for (side, other_is_left) in [(t, false), (p, true)] {
                 let segs = segments(side);
+                let other = if other_is_left { t } else { p };
                 for (i, s) in side.steps.iter().enumerate() {
                     let received: Vec<&Segment> = segs
                         .iter()
-                        .filter(|g| g.step == i && (g.dir == Dir::Received || !g.arrival_visible))
+                        .filter(|g| {
+                            g.step == i
+                                && (g.dir == Dir::Received
+                                    || !g.arrival_visible
+                                    || s.ts_ns > other.closed_ns)
+                        })
                         .collect();
                     let text = step_text(s);
                     let (left, right) = if other_is_left {
@@ -240,13 +288,8 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                 }
             }
             render_rows(&mut out, &mut rows, origin);
-            let (closer, other) = match t.closed_by {
-                Some(crate::correlate::Closer::Peer) => (p, t),
-                _ => (t, p),
-            };
-            let _ = writeln!(out, "  {}", teardown_sentence(closer, &peer_role(other)));
-            if other.timewait.is_some() && !std::ptr::eq(other, closer) {
-                let _ = writeln!(out, "  {}", teardown_sentence(other, &peer_role(closer)));
+            for line in close_story(t, Some(p)) {
+                let _ = writeln!(out, "  {line}");
             }
         }
         None => {
@@ -299,7 +342,9 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                     "  the SYN and SYN/ACK came before: a request socket answers them, and it has no state transitions to time"
                 );
             }
-            let _ = writeln!(out, "  {}", teardown_sentence(t, "peer"));
+            for line in close_story(t, None) {
+                let _ = writeln!(out, "  {line}");
+            }
         }
     }
     out
