@@ -93,9 +93,11 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
         duration: args.duration,
     };
     let no_header = args.no_header;
+    let mut started = false;
     let result = session::run(
         opts,
         |probe, sink| {
+            started = true;
             announce(probe, "TCP state transitions");
             sink.replace_owners(OwnerTracker::new(max, snapshot(), own_netns()));
             if !no_header {
@@ -105,7 +107,9 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
         &mut sink,
     )
     .await;
-    eprint!("{}", sink.summary.render());
+    if started {
+        eprint!("{}", sink.summary.render());
+    }
     result
 }
 
@@ -130,9 +134,11 @@ async fn conns(
         probe: probe_options(&probe),
         duration,
     };
+    let mut started = false;
     let result = session::run(
         opts,
         |probe, sink| {
+            started = true;
             announce(probe, "TCP connections");
             sink.replace_correlator(Correlator::new(copts, snapshot(), own_netns()));
             if !no_header {
@@ -142,7 +148,9 @@ async fn conns(
         &mut sink,
     )
     .await;
-    eprint!("{}", sink.summary.render());
+    if started {
+        eprint!("{}", sink.summary.render());
+    }
     result
 }
 

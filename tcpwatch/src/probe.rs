@@ -20,7 +20,7 @@ pub const DEFAULT_RING_SIZE: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("tcpwatch must run as root (it loads eBPF programs; CAP_BPF and CAP_PERFMON are not enough to attach tracepoints without tracefs access)")]
+    #[error("must run as root: it loads eBPF programs and attaches them to kernel tracepoints")]
     NotRoot,
     #[error("kernel BTF is missing: {path} does not exist (tcpwatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     NoBtf { path: PathBuf },
@@ -28,7 +28,7 @@ pub enum ProbeError {
     BadBtf { path: PathBuf, reason: String },
     #[error("kernel {release} has no BPF ring buffer (tcpwatch needs Linux 5.8 or later)")]
     NoRingBuffer { release: String },
-    #[error("this tcpwatch binary was built without its eBPF object; build it with `cargo xtask build` or run it with `cargo xtask run -- ...`")]
+    #[error("this binary was built without its eBPF object; build it with `cargo xtask build` or run it with `cargo xtask run -- ...`")]
     NoObject,
     #[error("{0}")]
     Tracefs(#[from] tracefs::TracefsError),
