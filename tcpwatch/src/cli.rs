@@ -30,6 +30,8 @@ pub enum Command {
     Conns(ConnsArgs),
     /// Draw each finished connection as a ladder of segments between its two ends.
     Ladder(LadderArgs),
+    /// Show who makes the host's TIME_WAIT sockets, toward where, and when ports run out.
+    Timewait(TimewaitArgs),
     /// Write the raw event stream to a file, for `replay`.
     Record(RecordArgs),
     /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
@@ -59,6 +61,26 @@ pub struct LadderArgs {
     pub filter: FilterArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TimewaitArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Seconds between snapshots.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// How many groups to show in each table.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
+    pub top: usize,
+    /// Output format: a table (redrawn in place on a terminal) or one JSON object per interval.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -327,6 +349,10 @@ mod tests {
             &["trace", "--max-sockets", "0"],
             &["trace", "-4", "-6"],
             &["trace", "--format", "xml"],
+            &["timewait", "--top", "0"],
+            &["timewait", "--interval", "0"],
+            &["timewait", "--interval", "-1"],
+            &["timewait", "--interval", "soon"],
             &["nosuchcommand"],
         ] {
             let err = try_parse(args).expect_err(&format!("{args:?} should fail"));

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use tcpwatch::cli::{
-    self, Command, ConnsArgs, LadderArgs, RecordArgs, ReplayArgs, ReplayView, TraceArgs,
+    self, Command, ConnsArgs, LadderArgs, RecordArgs, ReplayArgs, ReplayView, TimewaitArgs,
+    TraceArgs,
 };
 use tcpwatch::clock::Clock;
 use tcpwatch::conns::{ConnsSink, View};
@@ -150,6 +151,58 @@ async fn conns(
     .await;
     if started {
         eprint!("{}", sink.summary.render());
+    }
+    result
+}
+
+async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
+    use std::io::IsTerminal;
+    use tcpwatch::report::{TimewaitSink, TimewaitSinkOptions};
+    use tcpwatch::timewait::{TimewaitBook, TimewaitOptions};
+    let stdout = io::stdout();
+    let redraw = stdout.is_terminal() && args.format == Format::Text;
+    let out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let copts = correlator_options(args.probe.max_sockets, fin_timeout_s());
+    let interval_ns = args.interval.as_nanos().min(u128::from(u64::MAX)) as u64;
+    let mut sink = TimewaitSink::new(
+        out,
+        TimewaitSinkOptions {
+            format: args.format,
+            redraw,
+            filter: args.filter.to_filter(),
+            interval_ns,
+            top: args.top,
+        },
+        Clock::system(),
+        Correlator::new(copts, None, own_netns()),
+        TimewaitBook::new(TimewaitOptions::default(), own_netns(), 0),
+        stderr_warn(),
+    );
+    let opts = SessionOptions {
+        probe: probe_options(&args.probe),
+        duration: args.duration,
+    };
+    let mut started = false;
+    let result = session::run(
+        opts,
+        |probe, sink| {
+            started = true;
+            announce(probe, "TCP connections for TIME_WAIT accounting");
+            let now = tcpwatch::clock::monotonic_ns();
+            sink.start(
+                Correlator::new(copts, snapshot(), own_netns()),
+                TimewaitBook::new(TimewaitOptions::default(), own_netns(), now),
+                now,
+            );
+        },
+        &mut sink,
+    )
+    .await;
+    if started {
+        eprintln!(
+            "tcpwatch: {} snapshots, {} lost events",
+            sink.snapshots, sink.lost
+        );
     }
     result
 }
@@ -338,6 +391,7 @@ fn main() -> ExitCode {
             }) => conns(View::Ladder, filter, probe, duration, true)
                 .await
                 .map_err(|e| e.to_string()),
+            Command::Timewait(args) => timewait(args).await.map_err(|e| e.to_string()),
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args),
         }

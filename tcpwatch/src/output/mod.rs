@@ -4,6 +4,7 @@
 
 pub mod conns;
 pub mod ladder;
+pub mod timewait;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

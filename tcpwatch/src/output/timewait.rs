@@ -1,0 +1,118 @@
+//! Rendering a TIME_WAIT snapshot: a table for people, one JSON object per
+//! interval for programs.
+
+use std::fmt::Write as _;
+
+use crate::timewait::{Group, Snapshot};
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "?".to_string(), |v| v.to_string())
+}
+
+fn groups(out: &mut String, title: &str, groups: &[Group], with_cgroup: bool) {
+    let _ = writeln!(
+        out,
+        "{title:<44} {:>8} {:>6}{}",
+        "COUNT",
+        "SHARE",
+        if with_cgroup { "  CGROUP" } else { "" }
+    );
+    if groups.is_empty() {
+        let _ = writeln!(out, "  -");
+    }
+    for g in groups {
+        let cgroup = match (with_cgroup, g.cgroup) {
+            (true, Some(c)) => format!("  {c}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<42} {:>8} {:>5.1}%{}",
+            g.key,
+            g.count,
+            g.share * 100.0,
+            cgroup
+        );
+    }
+}
+
+pub fn timewait_text(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let k = &s.kernel;
+    let _ = writeln!(out, "tcpwatch timewait   {}", s.ts);
+    let _ = writeln!(
+        out,
+        "timewait sockets: {}  (TIME_WAIT {}, FIN_WAIT2 {})",
+        s.total, s.time_wait, s.fin_wait2
+    );
+    let _ = writeln!(
+        out,
+        "  kernel: sockstat tw {}, sock_diag lists {}, tcp_max_tw_buckets {}, overflows {} since start ({} in the last interval)",
+        opt(k.sockstat_tw),
+        opt(s.kernel_listed),
+        opt(k.max_tw_buckets),
+        opt(k.overflow_since_start),
+        opt(k.overflow_last_interval)
+    );
+    let _ = writeln!(
+        out,
+        "  of these: {} from before tracing, {} made while not traced, {} in other network namespaces, {} not tracked one by one",
+        s.before_tracing, s.unattributed, s.other_netns, s.untracked
+    );
+    let _ = writeln!(
+        out,
+        "created: {:.1}/s over the last interval, {:.1}/s over the last minute",
+        s.rate_last_interval, s.rate_last_minute
+    );
+    let _ = writeln!(
+        out,
+        "sysctls: ip_local_port_range {} ports, tcp_tw_reuse {}, tcp_fin_timeout {}s, tcp_timestamps {}, tcp_max_tw_buckets {}",
+        opt(k.port_range),
+        opt(k.tw_reuse),
+        opt(k.fin_timeout_s),
+        opt(k.timestamps),
+        opt(k.max_tw_buckets)
+    );
+    out.push('\n');
+    groups(&mut out, "BY PROCESS (closed first)", &s.by_process, true);
+    out.push('\n');
+    groups(&mut out, "BY REMOTE ENDPOINT", &s.by_remote, false);
+    out.push('\n');
+    groups(&mut out, "BY LOCAL ENDPOINT", &s.by_local, false);
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{:<44} {:>8} {:>8} {:>9} {:>9}  RUNS OUT IN",
+        "CLIENT PORTS TOWARD", "HELD", "RANGE", "RATE/s", "STEADY"
+    );
+    if s.destinations.is_empty() {
+        let _ = writeln!(out, "  -");
+    }
+    for d in &s.destinations {
+        let runs_out = match (d.exhaustion_s, d.tw_reuse_applies) {
+            (Some(secs), _) => format!("{secs:.0} s"),
+            (None, true) => "never (tcp_tw_reuse)".to_string(),
+            (None, false) => "never at this rate".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<42} {:>8} {:>8} {:>9.1} {:>9.0}  {}",
+            d.remote,
+            d.ports_held,
+            opt(d.port_range),
+            d.rate_per_s,
+            d.steady_state_ports,
+            runs_out
+        );
+    }
+    out.push('\n');
+    let _ = writeln!(out, "findings:");
+    for f in &s.findings {
+        let _ = writeln!(out, "  - {f}");
+    }
+    out
+}
+
+pub fn timewait_json(s: &Snapshot) -> String {
+    serde_json::to_string(s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}

@@ -1,0 +1,257 @@
+//! `tcpwatch timewait`: the correlator's finished connections feed the
+//! TIME_WAIT book; every interval the book is checked against the kernel's
+//! own list and figures, and a snapshot is written (redrawn in place on a
+//! terminal, appended when piped, one JSON object per interval).
+
+use std::io::{self, Write};
+
+use tcpwatch_common::Event;
+
+use crate::clock::Clock;
+use crate::correlate::Correlator;
+use crate::decode::{interpret_all, Record, Rejects};
+use crate::filter::Filter;
+use crate::kernelstat::{KernelFigures, Sysctls};
+use crate::model::TcpState;
+use crate::output::timewait::{timewait_json, timewait_text};
+use crate::output::Format;
+use crate::session::Sink;
+use crate::sockdiag;
+use crate::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook};
+
+/// The kernel's list of timewait sockets in tcpwatch's namespace, or why
+/// it could not be read.
+pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, String> {
+    let list = sockdiag::dump_timewait().map_err(|e| e.to_string())?;
+    Ok(list
+        .into_iter()
+        .map(|s| KernelTimewait {
+            local: s.local,
+            remote: s.remote,
+            substate: if s.substate == TcpState::FinWait2 {
+                crate::correlate::TimewaitSubstate::FinWait2
+            } else {
+                crate::correlate::TimewaitSubstate::TimeWait
+            },
+            expires_ms: s.expires_ms,
+        })
+        .collect())
+}
+
+/// Reads the kernel's figures; `overflow_base` is TCPTimeWaitOverflow at
+/// start, `overflow_prev` at the previous snapshot.
+fn kernel_view(overflow_base: Option<u64>, overflow_prev: &mut Option<u64>) -> KernelView {
+    let figures = KernelFigures::read();
+    let sysctls = Sysctls::read().ok();
+    let overflow_now = figures.tw_overflow;
+    let last = match (overflow_now, *overflow_prev) {
+        (Some(now), Some(prev)) => Some(now.saturating_sub(prev)),
+        _ => None,
+    };
+    *overflow_prev = overflow_now;
+    KernelView {
+        sockstat_tw: figures.sockstat_tw,
+        max_tw_buckets: sysctls.as_ref().map(|s| s.max_tw_buckets),
+        overflow_since_start: match (overflow_now, overflow_base) {
+            (Some(now), Some(base)) => Some(now.saturating_sub(base)),
+            _ => None,
+        },
+        overflow_last_interval: last,
+        port_range: sysctls
+            .as_ref()
+            .map(|s| u32::from(s.port_range.1).saturating_sub(u32::from(s.port_range.0)) + 1),
+        tw_reuse: sysctls.as_ref().map(|s| s.tw_reuse),
+        fin_timeout_s: sysctls.as_ref().map(|s| s.fin_timeout_s),
+        timestamps: sysctls.as_ref().map(|s| s.timestamps),
+    }
+}
+
+pub struct TimewaitSink<W: Write> {
+    out: W,
+    format: Format,
+    /// Redraw in place (a terminal) rather than append.
+    redraw: bool,
+    filter: Filter,
+    clock: Clock,
+    correlator: Correlator,
+    book: TimewaitBook,
+    interval_ns: u64,
+    top: usize,
+    next_snapshot_ns: u64,
+    overflow_base: Option<u64>,
+    overflow_prev: Option<u64>,
+    finished: Vec<crate::correlate::Timeline>,
+    pub lost: u64,
+    pub snapshots: u64,
+    kernel_error: Option<String>,
+    warn: Box<dyn FnMut(&str) + Send>,
+}
+
+pub struct TimewaitSinkOptions {
+    pub format: Format,
+    pub redraw: bool,
+    pub filter: Filter,
+    pub interval_ns: u64,
+    pub top: usize,
+}
+
+impl<W: Write> TimewaitSink<W> {
+    pub fn new(
+        out: W,
+        opts: TimewaitSinkOptions,
+        clock: Clock,
+        correlator: Correlator,
+        book: TimewaitBook,
+        warn: Box<dyn FnMut(&str) + Send>,
+    ) -> Self {
+        let overflow = KernelFigures::read().tw_overflow;
+        TimewaitSink {
+            out,
+            format: opts.format,
+            redraw: opts.redraw,
+            filter: opts.filter,
+            clock,
+            correlator,
+            book,
+            interval_ns: opts.interval_ns,
+            top: opts.top,
+            next_snapshot_ns: 0,
+            overflow_base: overflow,
+            overflow_prev: overflow,
+            finished: Vec::new(),
+            lost: 0,
+            snapshots: 0,
+            kernel_error: None,
+            warn,
+        }
+    }
+
+    /// Starts the first interval at `now_ns` and seeds the sockets that
+    /// already exist (counted as "before tracing").
+    pub fn start(&mut self, correlator: Correlator, book: TimewaitBook, now_ns: u64) {
+        self.correlator = correlator;
+        self.book = book;
+        match kernel_timewait() {
+            Ok(list) => self.book.seed_before_tracing(&list, now_ns),
+            Err(e) => {
+                (self.warn)(&format!(
+                    "tcpwatch: cannot list existing timewait sockets ({e}); counting only those made from now on"
+                ));
+                self.kernel_error = Some(e);
+            }
+        }
+        let _ = self
+            .book
+            .snapshot(now_ns, String::new(), self.top, KernelView::default());
+        self.next_snapshot_ns = now_ns + self.interval_ns;
+    }
+
+    fn snapshot(&mut self, now_ns: u64) -> Snapshot {
+        if self.kernel_error.is_none() {
+            match kernel_timewait() {
+                Ok(list) => self.book.reconcile(&list),
+                Err(e) => {
+                    (self.warn)(&format!("tcpwatch: cannot list timewait sockets: {e}"));
+                    self.kernel_error = Some(e);
+                }
+            }
+        }
+        let view = kernel_view(self.overflow_base, &mut self.overflow_prev);
+        self.book
+            .snapshot(now_ns, self.clock.rfc3339(now_ns), self.top, view)
+    }
+
+    fn write(&mut self, s: &Snapshot) -> io::Result<()> {
+        match self.format {
+            Format::Json => writeln!(self.out, "{}", timewait_json(s))?,
+            Format::Text => {
+                if self.redraw {
+                    // Home the cursor and clear the screen: a live table.
+                    write!(self.out, "\x1b[H\x1b[2J")?;
+                } else if self.snapshots > 0 {
+                    writeln!(self.out)?;
+                }
+                write!(self.out, "{}", timewait_text(s))?;
+                if self.lost > 0 {
+                    writeln!(
+                        self.out,
+                        "  ! {} kernel events lost since start: counts may be low",
+                        self.lost
+                    )?;
+                }
+            }
+        }
+        self.snapshots += 1;
+        self.out.flush()
+    }
+
+    /// Takes the snapshot due at `now_ns` (for tests and replays).
+    pub fn snapshot_now(&mut self, now_ns: u64) -> io::Result<Snapshot> {
+        let s = self.snapshot(now_ns);
+        self.write(&s)?;
+        Ok(s)
+    }
+
+    fn absorb(&mut self, records: &[Record]) {
+        for r in records {
+            if let Record::State(t) = r {
+                if t.new == TcpState::Established {
+                    self.book.on_established(t.sock.netns, &t.local, &t.remote);
+                }
+            }
+            self.correlator.push(r, &mut self.finished);
+        }
+    }
+
+    fn take_finished(&mut self) {
+        for t in std::mem::take(&mut self.finished) {
+            if self.filter.matches(
+                t.family,
+                &t.local,
+                &t.remote,
+                t.owner.as_ref().map(|a| &a.owner),
+            ) {
+                self.book.on_timeline(&t);
+            }
+        }
+    }
+}
+
+impl<W: Write> Sink for TimewaitSink<W> {
+    fn events(
+        &mut self,
+        events: &[Event],
+        mut rejects: Rejects,
+        settled_ns: u64,
+    ) -> io::Result<()> {
+        let records = interpret_all(events, &mut rejects);
+        if rejects.count > 0 {
+            (self.warn)(&format!("tcpwatch: {} undecodable records", rejects.count));
+        }
+        self.absorb(&records);
+        self.correlator.advance(settled_ns, &mut self.finished);
+        self.take_finished();
+        if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
+            let s = self.snapshot(settled_ns);
+            self.write(&s)?;
+            // Keep to the schedule, but never bunch up after a stall.
+            self.next_snapshot_ns =
+                (self.next_snapshot_ns + self.interval_ns).max(settled_ns + self.interval_ns / 2);
+        }
+        Ok(())
+    }
+
+    fn lost(&mut self, total: u64) {
+        let new = total - self.lost.min(total);
+        self.lost = total;
+        (self.warn)(&format!(
+            "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size"
+        ));
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.correlator.flush(&mut self.finished);
+        self.take_finished();
+        self.out.flush()
+    }
+}

@@ -1,0 +1,1126 @@
+//! TIME_WAIT accounting: which process, toward which peer, from which local
+//! endpoint, holds the host's timewait sockets, how fast they are made, and
+//! when a destination's ephemeral ports run out.
+//!
+//! A timewait socket has no owner and no tracepoint; the connection that
+//! left it does. So every finished timeline with a timewait socket adds an
+//! entry, attributed to the process that closed first. The kernel stays the
+//! authority on which timewait sockets exist: `reconcile` drops entries the
+//! kernel no longer lists (expired, reused, or never made because
+//! `tcp_max_tw_buckets` overflowed) and counts the ones it lists that
+//! tcpwatch did not see made. Pure: time comes from the caller.
+//!
+//! Memory is bounded per socket: an entry is a 64-bit key (a hash of the
+//! namespace and 4-tuple) and 16 bytes of interned ids, under 64 bytes per
+//! socket with the hash table's slack.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::correlate::{Role, Timeline, TimewaitSubstate};
+use crate::model::{Endpoint, Owner};
+
+/// A timewait socket as the kernel lists it (sock_diag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTimewait {
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub substate: TimewaitSubstate,
+    pub expires_ms: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TimewaitOptions {
+    /// Most entries kept; beyond it new timewait sockets are counted but
+    /// not tracked one by one (and said so).
+    pub max_entries: usize,
+    /// Most distinct owners / endpoints interned; beyond it they fold into
+    /// "other".
+    pub max_groups: usize,
+}
+
+impl Default for TimewaitOptions {
+    fn default() -> Self {
+        TimewaitOptions {
+            max_entries: 1 << 20,
+            max_groups: 65_536,
+        }
+    }
+}
+
+/// Interned values with reference counts, so groups disappear with their
+/// last socket.
+#[derive(Debug)]
+struct Interner<T: Eq + Hash + Clone> {
+    ids: HashMap<T, u32>,
+    slots: Vec<Option<(T, u32)>>,
+    free: Vec<u32>,
+    cap: usize,
+}
+
+/// Id of the "other" / "unknown" group in every interner.
+const OTHER: u32 = u32::MAX;
+
+impl<T: Eq + Hash + Clone> Interner<T> {
+    fn new(cap: usize) -> Self {
+        Interner {
+            ids: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            cap,
+        }
+    }
+
+    fn acquire(&mut self, value: &T) -> u32 {
+        if let Some(&id) = self.ids.get(value) {
+            if let Some(Some((_, rc))) = self.slots.get_mut(id as usize) {
+                *rc += 1;
+            }
+            return id;
+        }
+        if self.ids.len() >= self.cap {
+            return OTHER;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some((value.clone(), 1));
+                id
+            }
+            None => {
+                self.slots.push(Some((value.clone(), 1)));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.ids.insert(value.clone(), id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return;
+        };
+        let drop_it = match slot {
+            Some((_, rc)) => {
+                *rc = rc.saturating_sub(1);
+                *rc == 0
+            }
+            None => false,
+        };
+        if drop_it {
+            if let Some((value, _)) = slot.take() {
+                self.ids.remove(&value);
+                self.free.push(id);
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<&T> {
+        self.slots
+            .get(id as usize)
+            .and_then(|s| s.as_ref())
+            .map(|(v, _)| v)
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Who an entry is attributed to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Attribution {
+    Owner(Owner),
+    /// The connection closed without tcpwatch knowing its owner.
+    Unknown,
+    /// The socket existed when tracing started.
+    BeforeTracing,
+}
+
+const FLAG_FIN_WAIT2: u32 = 1 << 31;
+const FLAG_CLIENT: u32 = 1 << 30;
+const FLAG_OTHER_NETNS: u32 = 1 << 29;
+const EXPIRES_MASK: u32 = (1 << 29) - 1;
+
+/// 16 bytes: interned ids, and the expiry in ms since the book's epoch with
+/// flags in its top bits (2^29 ms is six days, far beyond any timewait).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    owner: u32,
+    remote: u32,
+    local: u32,
+    expires_and_flags: u32,
+}
+
+impl Entry {
+    fn expires_ms(&self) -> u32 {
+        self.expires_and_flags & EXPIRES_MASK
+    }
+    fn has(&self, flag: u32) -> bool {
+        self.expires_and_flags & flag != 0
+    }
+}
+
+/// Per-destination counters for the rate and the port forecast.
+#[derive(Clone, Copy, Debug, Default)]
+struct DestRate {
+    created_since_snapshot: u32,
+    /// Creations per second, smoothed over about a minute.
+    rate: f64,
+}
+
+fn key(netns: u32, local: &Endpoint, remote: &Endpoint) -> u64 {
+    let mut h = DefaultHasher::new();
+    netns.hash(&mut h);
+    local.hash(&mut h);
+    remote.hash(&mut h);
+    h.finish()
+}
+
+/// What the kernel and its settings say, passed in with each snapshot.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct KernelView {
+    /// /proc/net/sockstat `tw`.
+    pub sockstat_tw: Option<u64>,
+    pub max_tw_buckets: Option<u64>,
+    /// TCPTimeWaitOverflow since tcpwatch started, and in the last interval.
+    pub overflow_since_start: Option<u64>,
+    pub overflow_last_interval: Option<u64>,
+    /// net.ipv4.ip_local_port_range size.
+    pub port_range: Option<u32>,
+    pub tw_reuse: Option<u8>,
+    pub fin_timeout_s: Option<u32>,
+    pub timestamps: Option<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Group {
+    pub key: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<u64>,
+    pub count: u64,
+    pub share: f64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Destination {
+    pub remote: String,
+    /// Client-side timewait sockets toward it: ephemeral ports it holds.
+    pub ports_held: u64,
+    pub port_range: Option<u32>,
+    pub rate_per_s: f64,
+    /// Seconds until the ports run out at the current rate; `None` when
+    /// they do not (the steady state fits the range, or reuse applies).
+    pub exhaustion_s: Option<f64>,
+    pub steady_state_ports: f64,
+    pub tw_reuse_applies: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub ts: String,
+    pub interval_s: f64,
+    /// Timewait sockets tcpwatch counts now.
+    pub total: u64,
+    pub time_wait: u64,
+    pub fin_wait2: u64,
+    /// Of the total: made before tracing started; made while tracing but
+    /// not seen (lost events); made in other network namespaces (not
+    /// checked against the kernel).
+    pub before_tracing: u64,
+    pub unattributed: u64,
+    pub other_netns: u64,
+    /// The kernel's own list (sock_diag) for tcpwatch's namespace, when read.
+    pub kernel_listed: Option<u64>,
+    pub kernel: KernelView,
+    pub created_last_interval: u64,
+    pub rate_last_interval: f64,
+    pub rate_last_minute: f64,
+    pub by_process: Vec<Group>,
+    pub by_remote: Vec<Group>,
+    pub by_local: Vec<Group>,
+    pub destinations: Vec<Destination>,
+    pub findings: Vec<String>,
+    /// Entries not tracked one by one because `max_entries` was reached.
+    pub untracked: u64,
+}
+
+pub struct TimewaitBook {
+    opts: TimewaitOptions,
+    entries: HashMap<u64, Entry>,
+    owners: Interner<Attribution>,
+    endpoints: Interner<Endpoint>,
+    dest_rates: HashMap<u32, DestRate>,
+    own_netns: Option<u32>,
+    epoch_ns: u64,
+    created_since_snapshot: u64,
+    /// Creations per past interval, newest last, about a minute's worth.
+    history: std::collections::VecDeque<(u64, f64)>,
+    untracked: u64,
+    /// Sockets the kernel listed that tcpwatch did not see made.
+    unattributed_now: u64,
+    kernel_listed: Option<u64>,
+    last_snapshot_ns: Option<u64>,
+}
+
+impl TimewaitBook {
+    pub fn new(opts: TimewaitOptions, own_netns: Option<u32>, epoch_ns: u64) -> Self {
+        TimewaitBook {
+            opts,
+            entries: HashMap::new(),
+            owners: Interner::new(opts.max_groups),
+            endpoints: Interner::new(opts.max_groups),
+            dest_rates: HashMap::new(),
+            own_netns,
+            epoch_ns,
+            created_since_snapshot: 0,
+            history: std::collections::VecDeque::new(),
+            untracked: 0,
+            unattributed_now: 0,
+            kernel_listed: None,
+            last_snapshot_ns: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn rel_ms(&self, mono_ns: u64) -> u32 {
+        ((mono_ns.saturating_sub(self.epoch_ns)) / 1_000_000).min(u64::from(EXPIRES_MASK)) as u32
+    }
+
+    fn insert(
+        &mut self,
+        k: u64,
+        attribution: &Attribution,
+        local_group: Endpoint,
+        remote: Endpoint,
+        expires_ns: u64,
+        flags: u32,
+    ) {
+        if let Some(old) = self.entries.remove(&k) {
+            self.release(&old);
+        }
+        if self.entries.len() >= self.opts.max_entries {
+            self.untracked += 1;
+            return;
+        }
+        let owner = self.owners.acquire(attribution);
+        let local = self.endpoints.acquire(&local_group);
+        let remote = self.endpoints.acquire(&remote);
+        let entry = Entry {
+            owner,
+            remote,
+            local,
+            expires_and_flags: self.rel_ms(expires_ns) | flags,
+        };
+        self.entries.insert(k, entry);
+    }
+
+    fn release(&mut self, e: &Entry) {
+        if e.owner != OTHER {
+            self.owners.release(e.owner);
+        }
+        for id in [e.local, e.remote] {
+            if id != OTHER {
+                self.endpoints.release(id);
+            }
+        }
+    }
+
+    fn local_group(local: &Endpoint, client: bool) -> Endpoint {
+        // A client's local port is ephemeral: group by address alone.
+        if client {
+            Endpoint::new(local.addr, 0)
+        } else {
+            *local
+        }
+    }
+
+    /// Counts sockets that existed when tracing started.
+    pub fn seed_before_tracing(&mut self, sockets: &[KernelTimewait], now_ns: u64) {
+        let netns = self.own_netns.unwrap_or(0);
+        for s in sockets {
+            let client = is_ephemeral_side(s);
+            let flags = substate_flag(s.substate) | if client { FLAG_CLIENT } else { 0 };
+            let expires = now_ns + u64::from(s.expires_ms) * 1_000_000;
+            self.insert(
+                key(netns, &s.local, &s.remote),
+                &Attribution::BeforeTracing,
+                Self::local_group(&s.local, client),
+                s.remote,
+                expires,
+                flags,
+            );
+        }
+    }
+
+    /// A finished connection; adds its timewait socket if it left one.
+    pub fn on_timeline(&mut self, t: &Timeline) {
+        let Some(tw) = t.timewait else { return };
+        let netns = t.netns.or(self.own_netns).unwrap_or(0);
+        let client =
+            t.role == Role::Client || (t.role == Role::Unknown && t.local.port > t.remote.port);
+        let mut flags = substate_flag(tw.substate) | if client { FLAG_CLIENT } else { 0 };
+        if self.own_netns.is_some() && t.netns.is_some() && t.netns != self.own_netns {
+            flags |= FLAG_OTHER_NETNS;
+        }
+        let attribution = match &t.owner {
+            Some(a) => Attribution::Owner(a.owner.clone()),
+            None if t.pre_existing() => Attribution::Unknown,
+            None => Attribution::Unknown,
+        };
+        let local_group = Self::local_group(&t.local, client);
+        self.insert(
+            key(netns, &t.local, &t.remote),
+            &attribution,
+            local_group,
+            t.remote,
+            t.closed_ns.saturating_add(tw.hold_ns),
+            flags,
+        );
+        self.created_since_snapshot += 1;
+        if client {
+            let id = self.endpoints.ids.get(&t.remote).copied().unwrap_or(OTHER);
+            if id != OTHER {
+                self.dest_rates
+                    .entry(id)
+                    .or_default()
+                    .created_since_snapshot += 1;
+            }
+        }
+    }
+
+    /// A new connection on a 4-tuple ends the timewait socket that held it
+    /// (tcp_tw_reuse on the client, or a SYN accepted on a TIME_WAIT server).
+    pub fn on_established(&mut self, netns: Option<u32>, local: &Endpoint, remote: &Endpoint) {
+        let netns = netns.or(self.own_netns).unwrap_or(0);
+        if let Some(e) = self.entries.remove(&key(netns, local, remote)) {
+            self.release(&e);
+        }
+    }
+
+    /// Drops entries whose time is up.
+    pub fn expire(&mut self, now_ns: u64) {
+        let now = self.rel_ms(now_ns);
+        let mut gone = Vec::new();
+        self.entries.retain(|_, e| {
+            let keep = e.expires_ms() > now;
+            if !keep {
+                gone.push(*e);
+            }
+            keep
+        });
+        for e in gone {
+            self.release(&e);
+        }
+    }
+
+    /// Brings the entries of tcpwatch's own namespace in line with the
+    /// kernel's list.
+    pub fn reconcile(&mut self, kernel: &[KernelTimewait]) {
+        let netns = self.own_netns.unwrap_or(0);
+        let listed: std::collections::HashSet<u64> = kernel
+            .iter()
+            .map(|s| key(netns, &s.local, &s.remote))
+            .collect();
+        let mut gone = Vec::new();
+        self.entries.retain(|k, e| {
+            let keep = e.has(FLAG_OTHER_NETNS) || listed.contains(k);
+            if !keep {
+                gone.push(*e);
+            }
+            keep
+        });
+        for e in gone {
+            self.release(&e);
+        }
+        let own_entries = self
+            .entries
+            .values()
+            .filter(|e| !e.has(FLAG_OTHER_NETNS))
+            .count() as u64;
+        self.unattributed_now = (listed.len() as u64).saturating_sub(own_entries);
+        self.kernel_listed = Some(kernel.len() as u64);
+    }
+
+    fn groups<F: Fn(&Entry) -> u32>(
+        &self,
+        id_of: F,
+        total: u64,
+        top: usize,
+        name: impl Fn(u32) -> Group,
+    ) -> Vec<Group> {
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        for e in self.entries.values() {
+            *counts.entry(id_of(e)).or_default() += 1;
+        }
+        let mut v: Vec<(u32, u64)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut out: Vec<Group> = Vec::new();
+        let mut rest = 0u64;
+        for (i, (id, n)) in v.into_iter().enumerate() {
+            if i < top {
+                let mut g = name(id);
+                g.count = n;
+                g.share = share(n, total);
+                out.push(g);
+            } else {
+                rest += n;
+            }
+        }
+        if rest > 0 {
+            out.push(Group {
+                key: "other".into(),
+                pid: None,
+                comm: None,
+                cgroup: None,
+                count: rest,
+                share: share(rest, total),
+            });
+        }
+        out
+    }
+
+    /// The figures for one interval ending at `now_ns`.
+    pub fn snapshot(
+        &mut self,
+        now_ns: u64,
+        wall: String,
+        top: usize,
+        kernel: KernelView,
+    ) -> Snapshot {
+        self.expire(now_ns);
+        let interval_s = self
+            .last_snapshot_ns
+            .map_or(0.0, |prev| now_ns.saturating_sub(prev) as f64 / 1e9);
+        self.last_snapshot_ns = Some(now_ns);
+        let created = std::mem::take(&mut self.created_since_snapshot);
+        let rate_last_interval = if interval_s > 0.0 {
+            created as f64 / interval_s
+        } else {
+            0.0
+        };
+        self.history.push_back((created, interval_s));
+        let mut span: f64 = self.history.iter().map(|h| h.1).sum();
+        while span > 60.0 && self.history.len() > 1 {
+            if let Some((_, s)) = self.history.pop_front() {
+                span -= s;
+            }
+        }
+        let minute_count: u64 = self.history.iter().map(|h| h.0).sum();
+        let rate_last_minute = if span > 0.0 {
+            minute_count as f64 / span
+        } else {
+            0.0
+        };
+
+        // Destination rates, smoothed over about a minute.
+        let alpha = if interval_s > 0.0 {
+            (interval_s / 60.0).min(1.0)
+        } else {
+            0.0
+        };
+        for d in self.dest_rates.values_mut() {
+            let r = if interval_s > 0.0 {
+                f64::from(d.created_since_snapshot) / interval_s
+            } else {
+                0.0
+            };
+            d.rate = if d.rate == 0.0 {
+                r
+            } else {
+                d.rate + alpha * (r - d.rate)
+            };
+            d.created_since_snapshot = 0;
+        }
+
+        let traced = self.entries.len() as u64;
+        let total = traced + self.unattributed_now;
+        let mut time_wait = 0;
+        let mut fin_wait2 = 0;
+        let mut other_netns = 0;
+        let mut client_by_dest: HashMap<u32, u64> = HashMap::new();
+        let before_id = self.owners.ids.get(&Attribution::BeforeTracing).copied();
+        let mut before_tracing = 0;
+        for e in self.entries.values() {
+            if e.has(FLAG_FIN_WAIT2) {
+                fin_wait2 += 1;
+            } else {
+                time_wait += 1;
+            }
+            if e.has(FLAG_OTHER_NETNS) {
+                other_netns += 1;
+            }
+            if Some(e.owner) == before_id {
+                before_tracing += 1;
+            }
+            if e.has(FLAG_CLIENT) {
+                *client_by_dest.entry(e.remote).or_default() += 1;
+            }
+        }
+        // Sockets the kernel lists that were not seen made: TIME_WAIT is
+        // by far the common substate.
+        time_wait += self.unattributed_now;
+
+        let owners = &self.owners;
+        let mut by_process = self.groups(
+            |e| e.owner,
+            total,
+            top,
+            |id| match owners.get(id) {
+                Some(Attribution::Owner(o)) => Group {
+                    key: format!("{} {}", o.pid, o.comm),
+                    pid: Some(o.pid),
+                    comm: Some(o.comm.clone()),
+                    cgroup: Some(o.cgroup_id).filter(|c| *c != 0),
+                    count: 0,
+                    share: 0.0,
+                },
+                Some(Attribution::BeforeTracing) => named_group("(before tracing)"),
+                Some(Attribution::Unknown) | None => named_group("(owner unknown)"),
+            },
+        );
+        if self.unattributed_now > 0 {
+            let mut g = named_group("(made while not traced)");
+            g.count = self.unattributed_now;
+            g.share = share(self.unattributed_now, total);
+            by_process.push(g);
+        }
+        let endpoints = &self.endpoints;
+        let endpoint_name = |id: u32| match endpoints.get(id) {
+            Some(ep) if ep.port == 0 => named_group(&format!("{}:*", bracket(ep.addr))),
+            Some(ep) => named_group(&ep.to_string()),
+            None => named_group("other"),
+        };
+        let by_remote = self.groups(|e| e.remote, total, top, endpoint_name);
+        let by_local = self.groups(|e| e.local, total, top, endpoint_name);
+
+        let mut dests: Vec<(u32, u64)> = client_by_dest.into_iter().collect();
+        dests.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let reuse = kernel.tw_reuse.unwrap_or(0);
+        let timestamps_on = kernel.timestamps.unwrap_or(1) != 0;
+        let destinations: Vec<Destination> = dests
+            .into_iter()
+            .take(top)
+            .map(|(id, held)| {
+                let ep = endpoints.get(id).copied();
+                let rate = self.dest_rates.get(&id).map_or(0.0, |d| d.rate);
+                let reuse_applies = timestamps_on
+                    && match reuse {
+                        1 => true,
+                        2 => ep.is_some_and(|e| is_loopback(&e.addr)),
+                        _ => false,
+                    };
+                let steady = rate * 60.0;
+                let exhaustion_s = match kernel.port_range {
+                    Some(range) if !reuse_applies && rate > 0.0 && steady >= f64::from(range) => {
+                        // Ports free up as the oldest expire (about
+                        // held/60 per second): the net drain is the rest.
+                        let net = rate - held as f64 / 60.0;
+                        let free = f64::from(range).max(held as f64) - held as f64;
+                        Some(if net > 0.0 { free / net } else { f64::INFINITY })
+                            .filter(|s| s.is_finite())
+                    }
+                    _ => None,
+                };
+                Destination {
+                    remote: ep.map_or("other".into(), |e| e.to_string()),
+                    ports_held: held,
+                    port_range: kernel.port_range,
+                    rate_per_s: rate,
+                    exhaustion_s,
+                    steady_state_ports: steady,
+                    tw_reuse_applies: reuse_applies,
+                }
+            })
+            .collect();
+
+        let mut snap = Snapshot {
+            ts: wall,
+            interval_s,
+            total,
+            time_wait,
+            fin_wait2,
+            before_tracing,
+            unattributed: self.unattributed_now,
+            other_netns,
+            kernel_listed: self.kernel_listed,
+            kernel,
+            created_last_interval: created,
+            rate_last_interval,
+            rate_last_minute,
+            by_process,
+            by_remote,
+            by_local,
+            destinations,
+            findings: Vec::new(),
+            untracked: self.untracked,
+        };
+        snap.findings = findings(&snap, &self.server_side_share());
+        snap
+    }
+
+    /// Timewait sockets held on the server side, by local endpoint.
+    fn server_side_share(&self) -> Vec<(String, u64)> {
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        for e in self.entries.values().filter(|e| !e.has(FLAG_CLIENT)) {
+            *counts.entry(e.local).or_default() += 1;
+        }
+        let mut v: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(id, n)| {
+                (
+                    self.endpoints
+                        .get(id)
+                        .map_or("other".into(), |e| e.to_string()),
+                    n,
+                )
+            })
+            .collect();
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
+        v
+    }
+
+    /// Interned groups, for the memory figure.
+    pub fn groups_len(&self) -> (usize, usize) {
+        (self.owners.len(), self.endpoints.len())
+    }
+}
+
+fn named_group(name: &str) -> Group {
+    Group {
+        key: name.to_string(),
+        pid: None,
+        comm: None,
+        cgroup: None,
+        count: 0,
+        share: 0.0,
+    }
+}
+
+fn bracket(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+fn share(n: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        n as f64 / total as f64
+    }
+}
+
+fn substate_flag(s: TimewaitSubstate) -> u32 {
+    match s {
+        TimewaitSubstate::FinWait2 => FLAG_FIN_WAIT2,
+        TimewaitSubstate::TimeWait => 0,
+    }
+}
+
+/// For a socket seen only in the kernel's list: the side with the higher
+/// port is taken for the client (ephemeral ports sit high).
+fn is_ephemeral_side(s: &KernelTimewait) -> bool {
+    s.local.port > s.remote.port
+}
+
+fn is_loopback(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// Plain-words conclusions, each following from figures in the snapshot.
+fn findings(s: &Snapshot, server_side: &[(String, u64)]) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.total == 0 {
+        out.push("no timewait sockets".to_string());
+        return out;
+    }
+    if let Some(top) = s.by_process.first().filter(|g| g.pid.is_some()) {
+        out.push(format!(
+            "{} (pid {}) closed first on {} of {} timewait sockets ({})",
+            top.comm.as_deref().unwrap_or("?"),
+            top.pid.unwrap_or(0),
+            top.count,
+            s.total,
+            pct(top.share)
+        ));
+    }
+    if let Some((local, n)) = server_side.first() {
+        let n = *n;
+        if n * 5 >= s.total {
+            out.push(format!(
+                "{n} timewait sockets ({}) are held by the server side at {local}: the server closes connections first; if its clients closed first (or kept connections alive), the TIME_WAIT would sit on their side instead",
+                pct(share(n, s.total))
+            ));
+        }
+    }
+    if let Some(d) = s.destinations.first().filter(|d| d.rate_per_s >= 1.0) {
+        out.push(format!(
+            "connections to {} are opened and closed at {:.0}/s; keep-alive or pooling toward it would remove about {:.0} timewait sockets per second",
+            d.remote, d.rate_per_s, d.rate_per_s
+        ));
+    }
+    for d in &s.destinations {
+        match (d.exhaustion_s, d.port_range) {
+            (Some(secs), Some(range)) => out.push(format!(
+                "ephemeral ports toward {} run out in about {:.0} s: {} of {} are held in TIME_WAIT and {:.0}/s more are made",
+                d.remote, secs, d.ports_held, range, d.rate_per_s
+            )),
+            (None, Some(range)) if d.tw_reuse_applies && d.steady_state_ports >= f64::from(range) => out.push(format!(
+                "toward {} the TIME_WAIT ports would exceed the {} available, but tcp_tw_reuse lets new connections reuse them",
+                d.remote, range
+            )),
+            _ => {}
+        }
+    }
+    if let Some(n) = s.kernel.overflow_last_interval.filter(|n| *n > 0) {
+        out.push(format!(
+            "tcp_max_tw_buckets is overflowing now: {n} connections closed without a timewait socket in the last interval"
+        ));
+    }
+    if let (Some(max), Some(tw)) = (s.kernel.max_tw_buckets, s.kernel.sockstat_tw) {
+        if max > 0 && tw * 10 >= max * 8 {
+            out.push(format!(
+                "the kernel holds {tw} timewait sockets, {} of tcp_max_tw_buckets ({max})",
+                pct(share(tw, max))
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{CloseKind, Closer, OpenKind, Timewait};
+    use crate::model::Family;
+    use crate::owner::{Attribution as OwnerAttribution, OwnerSource};
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::from(s.parse::<std::net::SocketAddr>().unwrap())
+    }
+
+    fn timeline(local: &str, remote: &str, pid: u32, role: Role, closed_ns: u64) -> Timeline {
+        Timeline {
+            skaddr: 1,
+            family: Family::V4,
+            local: ep(local),
+            remote: ep(remote),
+            netns: Some(7),
+            owner: Some(OwnerAttribution {
+                owner: Owner {
+                    pid,
+                    comm: format!("p{pid}"),
+                    cgroup_id: 0,
+                },
+                source: OwnerSource::Observed,
+            }),
+            role,
+            open: OpenKind::Active,
+            first_ns: closed_ns.saturating_sub(1000),
+            established_ns: None,
+            closed_ns,
+            handshake_ns: None,
+            close: CloseKind::Orderly,
+            closed_by: Some(Closer::Local),
+            teardown_segments: Some(4),
+            timewait: Some(Timewait {
+                substate: TimewaitSubstate::TimeWait,
+                hold_ns: 60_000_000_000,
+            }),
+            error: None,
+            bytes_sent: None,
+            bytes_received: None,
+            srtt_us: None,
+            retransmits: 0,
+            total_retrans: None,
+            resets_sent: 0,
+            resets_received: 0,
+            steps: Vec::new(),
+        }
+    }
+
+    fn kview() -> KernelView {
+        KernelView {
+            port_range: Some(28232),
+            tw_reuse: Some(0),
+            timestamps: Some(1),
+            ..KernelView::default()
+        }
+    }
+
+    #[test]
+    fn attributes_and_groups_add_up() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        for i in 0..30u16 {
+            b.on_timeline(&timeline(
+                &format!("10.0.0.1:{}", 40000 + i),
+                "10.0.0.9:80",
+                100,
+                Role::Client,
+                1_000_000_000,
+            ));
+        }
+        for i in 0..10u16 {
+            b.on_timeline(&timeline(
+                "10.0.0.1:8080",
+                &format!("10.0.0.5:{}", 50000 + i),
+                200,
+                Role::Server,
+                1_000_000_000,
+            ));
+        }
+        let s = b.snapshot(2_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 40);
+        assert_eq!(s.time_wait, 40);
+        let sum: u64 = s.by_process.iter().map(|g| g.count).sum();
+        assert_eq!(sum, s.total, "process groups add up to the total");
+        assert_eq!(s.by_process[0].pid, Some(100));
+        assert_eq!(s.by_process[0].count, 30);
+        assert!((s.by_process[0].share - 0.75).abs() < 1e-9);
+        assert_eq!(s.by_remote[0].key, "10.0.0.9:80");
+        assert_eq!(s.by_local[0].key, "10.0.0.1:*");
+        assert_eq!(s.by_local[0].count, 30);
+        assert_eq!(s.by_local[1].key, "10.0.0.1:8080");
+        assert_eq!(s.destinations[0].remote, "10.0.0.9:80");
+        assert_eq!(s.destinations[0].ports_held, 30);
+        assert!(
+            s.findings
+                .iter()
+                .any(|f| f.contains("p100 (pid 100) closed first on 30 of 40")),
+            "{:?}",
+            s.findings
+        );
+        assert!(
+            s.findings
+                .iter()
+                .any(|f| f.contains("server side at 10.0.0.1:8080")),
+            "{:?}",
+            s.findings
+        );
+    }
+
+    #[test]
+    fn top_n_folds_the_rest_into_other() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        for pid in 1..=5u32 {
+            for i in 0..pid {
+                b.on_timeline(&timeline(
+                    &format!("10.0.0.1:{}", 40000 + pid * 100 + i),
+                    "10.0.0.9:80",
+                    pid,
+                    Role::Client,
+                    1,
+                ));
+            }
+        }
+        let s = b.snapshot(10, "t".into(), 2, kview());
+        assert_eq!(s.by_process.len(), 3);
+        assert_eq!(s.by_process[0].pid, Some(5));
+        assert_eq!(s.by_process[1].pid, Some(4));
+        assert_eq!(s.by_process[2].key, "other");
+        assert_eq!(s.by_process[2].count, 1 + 2 + 3);
+    }
+
+    #[test]
+    fn entries_expire_and_groups_are_released() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        b.on_timeline(&timeline(
+            "10.0.0.1:40000",
+            "10.0.0.9:80",
+            1,
+            Role::Client,
+            1_000_000_000,
+        ));
+        let s = b.snapshot(30_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 1);
+        let s = b.snapshot(61_500_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
+        assert_eq!(b.groups_len(), (0, 0));
+    }
+
+    #[test]
+    fn reconcile_follows_the_kernel() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        b.seed_before_tracing(
+            &[KernelTimewait {
+                local: ep("10.0.0.1:41000"),
+                remote: ep("10.0.0.9:80"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: 5000,
+            }],
+            0,
+        );
+        let a = timeline("10.0.0.1:40000", "10.0.0.9:80", 1, Role::Client, 1);
+        let overflowed = timeline("10.0.0.1:40001", "10.0.0.9:80", 1, Role::Client, 1);
+        b.on_timeline(&a);
+        b.on_timeline(&overflowed);
+        // The kernel lists the seeded one, `a`, and one tcpwatch never saw.
+        let kernel = [
+            KernelTimewait {
+                local: ep("10.0.0.1:41000"),
+                remote: ep("10.0.0.9:80"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: 4000,
+            },
+            KernelTimewait {
+                local: a.local,
+                remote: a.remote,
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: 59000,
+            },
+            KernelTimewait {
+                local: ep("10.0.0.1:42000"),
+                remote: ep("10.0.0.9:80"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: 59000,
+            },
+        ];
+        b.reconcile(&kernel);
+        let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 3);
+        assert_eq!(s.kernel_listed, Some(3));
+        assert_eq!(s.before_tracing, 1);
+        assert_eq!(s.unattributed, 1);
+        let sum: u64 = s.by_process.iter().map(|g| g.count).sum();
+        assert_eq!(sum, 3);
+        assert!(s
+            .by_process
+            .iter()
+            .any(|g| g.key == "(before tracing)" && g.count == 1));
+    }
+
+    #[test]
+    fn reuse_of_a_four_tuple_ends_its_timewait() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let t = timeline("10.0.0.1:40000", "10.0.0.9:80", 1, Role::Client, 1);
+        b.on_timeline(&t);
+        assert_eq!(b.len(), 1);
+        b.on_established(Some(7), &t.local, &t.remote);
+        assert_eq!(b.len(), 0);
+    }
+
+    #[test]
+    fn exhaustion_forecast_follows_rate_and_reuse() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let mut port = 10000u16;
+        let _ = b.snapshot(0, "t".into(), 5, kview());
+        // 1000/s for 2 s toward one destination.
+        for _ in 0..2000 {
+            b.on_timeline(&timeline(
+                &format!("10.0.0.1:{port}"),
+                "10.0.0.9:80",
+                1,
+                Role::Client,
+                1,
+            ));
+            port += 1;
+        }
+        let s = b.snapshot(2_000_000_000, "t".into(), 5, kview());
+        let d = &s.destinations[0];
+        assert!((d.rate_per_s - 1000.0).abs() < 1e-6, "{}", d.rate_per_s);
+        // 28232 ports, 2000 held, 1000/s in, ~33/s freed: about 27 s.
+        let secs = d.exhaustion_s.unwrap();
+        assert!(
+            (secs - (26232.0 / (1000.0 - 2000.0 / 60.0))).abs() < 0.01,
+            "{secs}"
+        );
+        assert!(
+            s.findings
+                .iter()
+                .any(|f| f.contains("run out in about 27 s")),
+            "{:?}",
+            s.findings
+        );
+        // With tcp_tw_reuse=1 there is no exhaustion.
+        let mut kv = kview();
+        kv.tw_reuse = Some(1);
+        for _ in 0..2000 {
+            b.on_timeline(&timeline(
+                &format!("10.0.0.1:{port}"),
+                "10.0.0.9:80",
+                1,
+                Role::Client,
+                1,
+            ));
+            port += 1;
+        }
+        let s = b.snapshot(4_000_000_000, "t".into(), 5, kv);
+        assert!(s.destinations[0].tw_reuse_applies);
+        assert_eq!(s.destinations[0].exhaustion_s, None);
+    }
+
+    #[test]
+    fn overflow_is_a_finding() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        b.on_timeline(&timeline(
+            "10.0.0.1:40000",
+            "10.0.0.9:80",
+            1,
+            Role::Client,
+            1,
+        ));
+        let mut kv = kview();
+        kv.overflow_last_interval = Some(12);
+        kv.max_tw_buckets = Some(100);
+        kv.sockstat_tw = Some(95);
+        let s = b.snapshot(1_000_000_000, "t".into(), 5, kv);
+        assert!(
+            s.findings.iter().any(|f| f.contains("overflowing now: 12")),
+            "{:?}",
+            s.findings
+        );
+        assert!(
+            s.findings.iter().any(|f| f.contains("95%")),
+            "{:?}",
+            s.findings
+        );
+    }
+
+    #[test]
+    fn memory_per_entry_is_bounded() {
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
+        assert_eq!(std::mem::size_of::<(u64, Entry)>(), 24);
+        let mut b = TimewaitBook::new(
+            TimewaitOptions {
+                max_entries: 100,
+                ..TimewaitOptions::default()
+            },
+            Some(7),
+            0,
+        );
+        for i in 0..500u16 {
+            b.on_timeline(&timeline(
+                &format!("10.0.0.1:{}", 20000 + i),
+                "10.0.0.9:80",
+                1,
+                Role::Client,
+                1,
+            ));
+        }
+        assert_eq!(b.len(), 100);
+        let s = b.snapshot(1, "t".into(), 5, kview());
+        assert_eq!(s.untracked, 400);
+    }
+}
