@@ -36,6 +36,36 @@ pub enum Command {
     Record(RecordArgs),
     /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
     Replay(ReplayArgs),
+    /// Measurements for `cargo xtask bench` (not for everyday use).
+    #[command(hide = true)]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum BenchWhat {
+    /// Attach a program that does nothing to sock:inet_sock_set_state.
+    Floor {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Events per second through the correlator on one core (JSON).
+    Correlator {
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+    },
+    /// Memory per tracked open connection (JSON).
+    Memory {
+        #[arg(long, default_value_t = 1_000_000)]
+        connections: u64,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

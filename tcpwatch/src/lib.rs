@@ -30,6 +30,7 @@ pub mod record;
 pub mod replay;
 pub mod report;
 pub mod ringbuf;
+pub mod selfbench;
 pub mod session;
 pub mod sockdiag;
 pub mod table;

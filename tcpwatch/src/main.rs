@@ -354,6 +354,41 @@ fn replay(args: ReplayArgs) -> Result<(), String> {
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
+async fn bench(args: cli::BenchArgs) -> Result<(), String> {
+    use tcpwatch::selfbench;
+    match args.what {
+        cli::BenchWhat::Correlator { events } => {
+            let b = selfbench::correlator_throughput(events);
+            println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        cli::BenchWhat::Memory { connections } => {
+            let b = selfbench::tracked_memory(connections);
+            println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        cli::BenchWhat::Floor { probe, duration } => {
+            let _probe = Probe::load_floor(&probe_options(&probe)).map_err(|e| e.to_string())?;
+            eprintln!("tcpwatch: tracing nothing (empty program attached); Ctrl-C to stop");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| e.to_string())?;
+            let wait = async {
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = wait => {}
+            }
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -394,6 +429,7 @@ fn main() -> ExitCode {
             Command::Timewait(args) => timewait(args).await.map_err(|e| e.to_string()),
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args),
+            Command::Bench(args) => bench(args).await,
         }
     });
     let _ = io::stdout().flush();

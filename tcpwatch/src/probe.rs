@@ -181,15 +181,38 @@ pub fn build_config(
 }
 
 /// The tracepoints the object's programs attach to, by program name.
-const TRACEPOINTS: [(&str, &str, &str); 4] = [
+const TRACEPOINTS: [(&str, &str, &str); 5] = [
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("bench_floor", "sock", "inet_sock_set_state"),
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_send_reset", "tcp", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
 ];
 
+/// Programs that `load` attaches: everything tcpwatch reads.
+const TRACING: &[&str] = &[
+    "inet_sock_set_state",
+    "tcp_retransmit_skb",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+];
+
+/// The program that does nothing, for measuring the hook's own cost.
+const FLOOR: &[&str] = &["bench_floor"];
+
 impl Probe {
+    /// Loads the object and attaches tcpwatch's programs.
     pub fn load(opts: &ProbeOptions) -> Result<Probe, ProbeError> {
+        Probe::load_programs(opts, TRACING)
+    }
+
+    /// Loads the object and attaches only a program that does nothing to
+    /// `sock:inet_sock_set_state` (the benchmark's floor).
+    pub fn load_floor(opts: &ProbeOptions) -> Result<Probe, ProbeError> {
+        Probe::load_programs(opts, FLOOR)
+    }
+
+    fn load_programs(opts: &ProbeOptions, programs: &[&str]) -> Result<Probe, ProbeError> {
         preflight(opts)?;
         let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
         let btf = Btf::from_file(&opts.btf_path).map_err(|e| ProbeError::BadBtf {
@@ -204,6 +227,9 @@ impl Probe {
             .load(BPF_OBJECT)
             .map_err(|e| ProbeError::Load(chain(&e)))?;
         for (program, category, name) in TRACEPOINTS {
+            if !programs.contains(&program) {
+                continue;
+            }
             let tracepoint = format!("{category}:{name}");
             let attach_err = |reason: String| ProbeError::Attach {
                 tracepoint: tracepoint.clone(),
