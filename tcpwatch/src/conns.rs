@@ -106,7 +106,7 @@ impl<W: Write> ConnsSink<W> {
             t.family,
             &t.local,
             &t.remote,
-            t.owner.as_ref().map(|a| &a.owner),
+            t.owner.as_ref().map(|a| &*a.owner),
         )
     }
 

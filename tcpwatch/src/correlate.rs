@@ -6,13 +6,14 @@
 //! from `advance`, which the caller drives (live: the monotonic clock after
 //! each drain; replay: the last event's time).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use crate::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::model::Owner;
 use crate::model::{Endpoint, Family, TcpState};
-use crate::owner::{Attribution, OwnerTracker};
+use crate::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::procfs::SocketSnapshot;
-use crate::table::BoundedMap;
+use std::sync::Arc;
 
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
@@ -97,17 +98,12 @@ pub struct Timewait {
     pub hold_ns: u64,
 }
 
-/// One state change as seen on this socket, with what was read with it.
+/// One state change as seen on this socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
     pub ts_ns: u64,
     pub old: TcpState,
     pub new: TcpState,
-    pub segs_in: Option<u32>,
-    pub segs_out: Option<u32>,
-    pub ack_pending: Option<bool>,
-    pub rcv_nxt: Option<u32>,
-    pub srtt_us: Option<u32>,
 }
 
 /// Everything known about one finished connection.
@@ -158,24 +154,130 @@ impl Timeline {
     }
 }
 
-/// A socket being followed.
+/// One transition kept while a socket is followed: 8 bytes, microseconds
+/// from the socket's first event.
+#[derive(Clone, Copy, Debug, Default)]
+struct PackedStep {
+    dt_us: u32,
+    old: u8,
+    new: u8,
+}
+
+/// A socket's steps: the first two inline (all an open connection has),
+/// the rest on the heap.
+#[derive(Clone, Debug, Default)]
+struct StepList {
+    inline: [PackedStep; 2],
+    inline_len: u8,
+    spill: Vec<PackedStep>,
+}
+
+impl StepList {
+    fn push(&mut self, step: PackedStep) {
+        match self.inline.get_mut(usize::from(self.inline_len)) {
+            Some(slot) => {
+                *slot = step;
+                self.inline_len += 1;
+            }
+            None => self.spill.push(step),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &PackedStep> {
+        self.inline[..usize::from(self.inline_len)]
+            .iter()
+            .chain(self.spill.iter())
+    }
+}
+
+/// Counters read at the transitions the close classification needs; bit
+/// `HAVE_*` set when read. The first closer needs the FIN_WAIT2 pair, the
+/// second closer the CLOSE_WAIT pair, never both: they share two slots.
+#[derive(Clone, Copy, Debug, Default)]
+struct Marks {
+    /// segs_in at FIN_WAIT1 → FIN_WAIT2, or segs_out at ESTABLISHED →
+    /// CLOSE_WAIT.
+    a: u32,
+    /// rcv_nxt at FIN_WAIT1 → FIN_WAIT2, or segs_out at CLOSE_WAIT →
+    /// LAST_ACK.
+    b: u32,
+    /// At SYN_RECV → ESTABLISHED: the kernel's SYN/ACK round trip.
+    est_srtt_us: u32,
+    have: u8,
+    /// At CLOSE_WAIT → LAST_ACK: a delayed ACK was pending.
+    la_ack_pending: bool,
+}
+
+const HAVE_FW2_SEGS_IN: u8 = 1;
+const HAVE_FW2_RCV_NXT: u8 = 2;
+const HAVE_CW_SEGS_OUT: u8 = 4;
+const HAVE_LA_SEGS_OUT: u8 = 8;
+const HAVE_EST_SRTT: u8 = 16;
+const HAVE_LA_ACK_PENDING: u8 = 32;
+
+/// A socket being followed, kept small: it is what a million idle
+/// connections cost.
 #[derive(Clone, Debug)]
 struct Track {
-    family: Family,
+    skaddr: u64,
     local: Endpoint,
     remote: Endpoint,
-    netns: Option<u32>,
-    owner: Option<Attribution>,
-    steps: Vec<Step>,
+    first_ns: u64,
+    owner: Option<Arc<Owner>>,
+    steps: StepList,
+    marks: Marks,
+    /// Network namespace inode; 0 when unknown.
+    netns: u32,
     retransmits: u32,
-    resets_sent: u32,
-    resets_received: u32,
-    /// Fields read at the latest event.
-    last: crate::decode::SockFields,
-    /// Set once CLOSE was seen: the timeline waits a moment for the RST
-    /// the kernel sends right after an abortive close.
-    closed_ns: Option<u64>,
+    resets_sent: u16,
+    resets_received: u16,
+    /// Insertion generation, for oldest-first eviction and for telling a
+    /// socket from a later one at the same address.
+    gen: u32,
+    family: Family,
+    owner_source: OwnerSource,
     listener: bool,
+    /// CLOSE was seen: the timeline waits a moment for the RST the kernel
+    /// sends right after an abortive close.
+    closed: bool,
+}
+
+impl Track {
+    fn push_step(&mut self, ts_ns: u64, old: TcpState, new: TcpState) {
+        let dt_us = (ts_ns.saturating_sub(self.first_ns) / 1000).min(u64::from(u32::MAX)) as u32;
+        self.steps.push(PackedStep {
+            dt_us,
+            old: old.kernel_number(),
+            new: new.kernel_number(),
+        });
+    }
+
+    fn steps(&self) -> Vec<Step> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Step {
+                // The first step's time is exact; later ones to the µs.
+                ts_ns: if i == 0 {
+                    self.first_ns
+                } else {
+                    self.first_ns + u64::from(p.dt_us) * 1000
+                },
+                old: TcpState::from_kernel(p.old).unwrap_or(TcpState::Close),
+                new: TcpState::from_kernel(p.new).unwrap_or(TcpState::Close),
+            })
+            .collect()
+    }
+}
+
+/// What was read at the CLOSE transition, kept only while the socket waits
+/// out its grace period.
+#[derive(Clone, Copy, Debug)]
+struct PendingClose {
+    slot: u32,
+    gen: u32,
+    closed_ns: u64,
+    last: crate::decode::SockFields,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -214,9 +316,17 @@ pub struct CorrelatorStats {
 
 pub struct Correlator {
     opts: CorrelatorOptions,
-    sockets: BoundedMap<u64, Track>,
+    /// Tracks live in a slab, found by socket address through `index`: a
+    /// hash table of small entries grows cheaply, the tracks do not move.
+    slots: Vec<Option<Track>>,
+    free: Vec<u32>,
+    index: HashMap<u64, u32>,
+    /// (slot, generation) in insertion order, for oldest-first eviction;
+    /// stale pairs are skipped and compacted away.
+    order: VecDeque<(u32, u32)>,
+    next_gen: u32,
     /// Closed sockets waiting out the grace period, in close order.
-    closing: VecDeque<(u64, u64)>,
+    closing: VecDeque<PendingClose>,
     owners: OwnerTracker,
     stats: CorrelatorStats,
 }
@@ -228,24 +338,107 @@ impl Correlator {
         own_netns: Option<u32>,
     ) -> Self {
         Correlator {
-            opts,
-            sockets: BoundedMap::new(opts.max_sockets),
+            opts: CorrelatorOptions {
+                max_sockets: opts.max_sockets.max(1),
+                ..opts
+            },
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            order: VecDeque::new(),
+            next_gen: 0,
             closing: VecDeque::new(),
-            owners: OwnerTracker::new(opts.max_sockets, snapshot, own_netns),
+            owners: OwnerTracker::new(1, snapshot, own_netns),
             stats: CorrelatorStats::default(),
         }
     }
 
     pub fn stats(&self) -> CorrelatorStats {
-        CorrelatorStats {
-            evicted: self.sockets.evicted(),
-            ..self.stats
-        }
+        self.stats
     }
 
-    /// Sockets currently followed.
+    /// Sockets currently followed (listeners included).
     pub fn tracked(&self) -> usize {
-        self.sockets.len()
+        self.index.len()
+    }
+
+    /// Connections currently open (followed, not listening, not closed).
+    pub fn open_connections(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|t| !t.listener && !t.closed)
+            .count()
+    }
+
+    fn track(&self, skaddr: u64) -> Option<(u32, &Track)> {
+        let slot = *self.index.get(&skaddr)?;
+        self.slots.get(slot as usize)?.as_ref().map(|t| (slot, t))
+    }
+
+    fn track_mut(&mut self, skaddr: u64) -> Option<&mut Track> {
+        let slot = *self.index.get(&skaddr)?;
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    fn remove_slot(&mut self, slot: u32) -> Option<Track> {
+        let track = self.slots.get_mut(slot as usize)?.take()?;
+        self.index.remove(&track.skaddr);
+        self.free.push(slot);
+        Some(track)
+    }
+
+    fn insert(&mut self, mut track: Track) -> u32 {
+        if let Some(&old) = self.index.get(&track.skaddr) {
+            self.remove_slot(old);
+        }
+        while self.index.len() >= self.opts.max_sockets {
+            if !self.evict_oldest() {
+                break;
+            }
+        }
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        track.gen = gen;
+        let skaddr = track.skaddr;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(track);
+                slot
+            }
+            None => {
+                self.slots.push(Some(track));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(skaddr, slot);
+        self.order.push_back((slot, gen));
+        if self.order.len() > 2 * self.opts.max_sockets + 1024 {
+            let slots = &self.slots;
+            self.order.retain(|(s, g)| {
+                slots
+                    .get(*s as usize)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.gen == *g)
+            });
+        }
+        slot
+    }
+
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((slot, gen)) = self.order.pop_front() {
+            let live = self
+                .slots
+                .get(slot as usize)
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| t.gen == gen);
+            if live {
+                self.remove_slot(slot);
+                self.stats.evicted += 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// Takes one event; finished timelines are appended to `out`.
@@ -260,91 +453,103 @@ impl Correlator {
 
     /// Finishes the timelines whose grace period ended before `now_ns`.
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
-        while let Some(&(sk, closed)) = self.closing.front() {
-            if now_ns < closed.saturating_add(self.opts.grace_ns) {
+        while let Some(c) = self.closing.front() {
+            if now_ns < c.closed_ns.saturating_add(self.opts.grace_ns) {
                 break;
             }
-            self.closing.pop_front();
-            self.finish(sk, closed, out);
+            if let Some(c) = self.closing.pop_front() {
+                self.finish(c, out);
+            }
         }
     }
 
     /// Finishes every closed socket now (end of input).
     pub fn flush(&mut self, out: &mut Vec<Timeline>) {
-        while let Some((sk, closed)) = self.closing.pop_front() {
-            self.finish(sk, closed, out);
+        while let Some(c) = self.closing.pop_front() {
+            self.finish(c, out);
         }
     }
 
-    fn finish(&mut self, sk: u64, closed: u64, out: &mut Vec<Timeline>) {
+    fn finish(&mut self, c: PendingClose, out: &mut Vec<Timeline>) {
         // The socket may have been reused (new open) or evicted since.
         let still_this = self
-            .sockets
-            .get(&sk)
-            .is_some_and(|t| t.closed_ns == Some(closed));
+            .slots
+            .get(c.slot as usize)
+            .and_then(|t| t.as_ref())
+            .is_some_and(|t| t.gen == c.gen && t.closed);
         if !still_this {
             return;
         }
-        if let Some(track) = self.sockets.remove(&sk) {
+        if let Some(track) = self.remove_slot(c.slot) {
             if !track.listener {
                 self.stats.timelines += 1;
-                out.push(build_timeline(sk, track, closed, &self.opts));
+                out.push(build_timeline(track, &c, &self.opts));
             }
         }
     }
 
     fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
-        let owner = self.owners.observe(t);
-        let step = Step {
-            ts_ns: t.ts_ns,
-            old: t.old,
-            new: t.new,
-            segs_in: t.sock.segs_in,
-            segs_out: t.sock.segs_out,
-            ack_pending: t.sock.ack_pending,
-            rcv_nxt: t.sock.rcv_nxt,
-            srtt_us: t.sock.srtt_us,
-        };
         let birth = crate::owner::is_birth(t.old, t.new);
         // A new open on an address whose previous socket has closed but is
         // still in its grace period: finish the old one first.
         if birth {
-            if let Some(closed) = self.sockets.get(&t.skaddr).and_then(|tr| tr.closed_ns) {
-                self.finish(t.skaddr, closed, out);
+            if let Some((slot, gen)) = self
+                .track(t.skaddr)
+                .filter(|(_, tr)| tr.closed)
+                .map(|(slot, tr)| (slot, tr.gen))
+            {
+                if let Some(pos) = self
+                    .closing
+                    .iter()
+                    .position(|c| c.slot == slot && c.gen == gen)
+                {
+                    if let Some(c) = self.closing.remove(pos) {
+                        self.finish(c, out);
+                    }
+                }
             }
         }
-        let fresh = || Track {
-            family: t.family,
-            local: t.local,
-            remote: t.remote,
-            netns: t.sock.netns,
-            owner: owner.clone(),
-            steps: Vec::with_capacity(6),
-            retransmits: 0,
-            resets_sent: 0,
-            resets_received: 0,
-            last: t.sock,
-            closed_ns: None,
-            listener: false,
-        };
-        let track = if birth || !self.sockets.contains_key(&t.skaddr) {
+        let known = self.track(t.skaddr).map(|(_, tr)| {
+            tr.owner.clone().map(|owner| Attribution {
+                owner,
+                source: tr.owner_source,
+            })
+        });
+        let first_sight = known.is_none();
+        let owner = self
+            .owners
+            .attribute(t, known.flatten().as_ref(), first_sight);
+
+        let slot = match self.index.get(&t.skaddr) {
             // A birth on an address still tracked means the kernel freed and
             // reused it without us seeing CLOSE: start over.
-            self.sockets.insert(t.skaddr, fresh());
-            match self.sockets.get_mut(&t.skaddr) {
-                Some(tr) => tr,
-                None => return,
-            }
-        } else {
-            match self.sockets.get_mut(&t.skaddr) {
-                Some(tr) => tr,
-                None => return,
-            }
+            Some(&slot) if !birth => slot,
+            _ => self.insert(Track {
+                skaddr: t.skaddr,
+                local: t.local,
+                remote: t.remote,
+                first_ns: t.ts_ns,
+                owner: None,
+                steps: StepList::default(),
+                marks: Marks::default(),
+                netns: t.sock.netns.unwrap_or(0),
+                retransmits: 0,
+                resets_sent: 0,
+                resets_received: 0,
+                gen: 0,
+                family: t.family,
+                owner_source: OwnerSource::Observed,
+                listener: false,
+                closed: false,
+            }),
         };
-        track.steps.push(step);
-        track.last = t.sock;
-        if owner.is_some() {
-            track.owner = owner;
+        let Some(track) = self.slots.get_mut(slot as usize).and_then(|t| t.as_mut()) else {
+            return;
+        };
+        track.push_step(t.ts_ns, t.old, t.new);
+        if let Some(a) = owner {
+            track.owner = Some(a.owner);
+            track.owner_source = a.source;
         }
         // The connected endpoints are final from ESTABLISHED on (SYN_SENT
         // may still show port 0 before the ephemeral port is chosen).
@@ -352,24 +557,70 @@ impl Correlator {
             track.local = t.local;
             track.remote = t.remote;
         }
-        if t.new == TcpState::Listen {
+        use TcpState::*;
+        let m = &mut track.marks;
+        match (t.old, t.new) {
+            (FinWait1, FinWait2) => {
+                m.have &= !(HAVE_CW_SEGS_OUT | HAVE_LA_SEGS_OUT);
+                if let Some(v) = t.sock.segs_in {
+                    m.a = v;
+                    m.have |= HAVE_FW2_SEGS_IN;
+                }
+                if let Some(v) = t.sock.rcv_nxt {
+                    m.b = v;
+                    m.have |= HAVE_FW2_RCV_NXT;
+                }
+            }
+            (Established, CloseWait) => {
+                m.have &= !(HAVE_FW2_SEGS_IN | HAVE_FW2_RCV_NXT);
+                if let Some(v) = t.sock.segs_out {
+                    m.a = v;
+                    m.have |= HAVE_CW_SEGS_OUT;
+                }
+            }
+            (CloseWait, LastAck) => {
+                if let Some(v) = t.sock.segs_out {
+                    m.b = v;
+                    m.have |= HAVE_LA_SEGS_OUT;
+                }
+                if let Some(v) = t.sock.ack_pending {
+                    m.la_ack_pending = v;
+                    m.have |= HAVE_LA_ACK_PENDING;
+                }
+            }
+            (SynRecv, Established) => {
+                if let Some(v) = t.sock.srtt_us {
+                    m.est_srtt_us = v;
+                    m.have |= HAVE_EST_SRTT;
+                }
+            }
+            _ => {}
+        }
+        if t.new == Listen {
             track.listener = true;
         }
-        if t.new == TcpState::Close {
-            track.closed_ns = Some(t.ts_ns);
-            self.closing.push_back((t.skaddr, t.ts_ns));
+        if t.new == Close {
+            track.closed = true;
+            self.closing.push_back(PendingClose {
+                slot,
+                gen: track.gen,
+                closed_ns: t.ts_ns,
+                last: t.sock,
+            });
         }
     }
 
     fn socket_event(&mut self, s: &SocketEvent) {
-        let Some(track) = self.sockets.get_mut(&s.skaddr) else {
+        let Some(track) = self.track_mut(s.skaddr) else {
             self.stats.orphan_events += 1;
             return;
         };
         match s.kind {
-            SocketEventKind::Retransmit => track.retransmits += 1,
-            SocketEventKind::SendReset => track.resets_sent += 1,
-            SocketEventKind::ReceiveReset => track.resets_received += 1,
+            SocketEventKind::Retransmit => track.retransmits = track.retransmits.saturating_add(1),
+            SocketEventKind::SendReset => track.resets_sent = track.resets_sent.saturating_add(1),
+            SocketEventKind::ReceiveReset => {
+                track.resets_received = track.resets_received.saturating_add(1)
+            }
         }
     }
 }
@@ -382,11 +633,15 @@ fn has(steps: &[Step], old: TcpState, new: TcpState) -> bool {
     find(steps, old, new).is_some()
 }
 
-fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptions) -> Timeline {
+fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Timeline {
     use TcpState::*;
-    let steps = &tr.steps;
-    let first_ns = steps.first().map_or(closed_ns, |s| s.ts_ns);
-    let error = tr.last.sk_err.filter(|e| *e != 0);
+    let closed_ns = c.closed_ns;
+    let last_fields = c.last;
+    let steps_owned = tr.steps();
+    let steps = &steps_owned;
+    let m = tr.marks;
+    let first_ns = tr.first_ns;
+    let error = last_fields.sk_err.filter(|e| *e != 0);
 
     let active = has(steps, Close, SynSent);
     let passive = has(steps, Listen, SynRecv);
@@ -417,16 +672,20 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
         (OpenKind::Active, Some(e)) => {
             find(steps, Close, SynSent).map(|s| e.saturating_sub(s.ts_ns))
         }
-        (OpenKind::Passive, Some(e)) => {
-            find(steps, Listen, SynRecv).map(|s| e.saturating_sub(s.ts_ns))
+        // A passive socket is created only when the final ACK arrives (the
+        // SYN and SYN/ACK are handled by a request socket, which has no
+        // transitions), so SYN_RECV → ESTABLISHED takes microseconds. The
+        // kernel's first RTT sample, SYN/ACK sent to ACK received, is the
+        // server's view of the handshake.
+        (OpenKind::Passive, Some(_)) if m.have & HAVE_EST_SRTT != 0 && m.est_srtt_us > 0 => {
+            Some(u64::from(m.est_srtt_us) * 1000)
         }
         _ => None,
     };
 
     let last = steps.last().copied();
     let before_close = last.map(|s| s.old);
-    let fin_wait1 =
-        find(steps, Established, FinWait1).is_some() || steps.iter().any(|s| s.new == FinWait1);
+    let fin_wait1 = steps.iter().any(|s| s.new == FinWait1);
     let close_wait = steps.iter().any(|s| s.new == CloseWait);
     let simultaneous = has(steps, FinWait1, Closing);
 
@@ -450,12 +709,12 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
             // A FIN takes one sequence number: rcv_nxt moved between
             // FIN_WAIT2 and CLOSE iff the peer's FIN arrived. (sk_shutdown
             // cannot tell: close() sets RCV_SHUTDOWN on our own socket.)
-            let fin_received = match (fw2.and_then(|s| s.rcv_nxt), last.and_then(|s| s.rcv_nxt)) {
-                (Some(a), Some(b)) => Some(a != b),
+            let fin_received = match (m.have & HAVE_FW2_RCV_NXT != 0, last_fields.rcv_nxt) {
+                (true, Some(b)) => Some(m.b != b),
                 _ => None,
             };
-            let same_segment = match (fw2.and_then(|s| s.segs_in), last.and_then(|s| s.segs_in)) {
-                (Some(a), Some(b)) => Some(a == b),
+            let same_segment = match (m.have & HAVE_FW2_SEGS_IN != 0, last_fields.segs_in) {
+                (true, Some(b)) => Some(m.a == b),
                 _ => None,
             };
             match fin_received {
@@ -498,16 +757,14 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
         if tr.resets_received > 0 {
             (CloseKind::ResetReceived, Some(Closer::Peer))
         } else if before_close == Some(LastAck) {
-            teardown_segments = match find(steps, CloseWait, LastAck) {
-                Some(s) => match (s.ack_pending, find(steps, Established, CloseWait)) {
-                    (Some(pending), _) => Some(if pending { 3 } else { 4 }),
-                    (None, Some(cw)) => match (cw.segs_out, s.segs_out) {
-                        (Some(a), Some(b)) => Some(if a == b { 3 } else { 4 }),
-                        _ => None,
-                    },
-                    _ => None,
-                },
-                None => None,
+            teardown_segments = if m.have & HAVE_LA_ACK_PENDING != 0 {
+                Some(if m.la_ack_pending { 3 } else { 4 })
+            } else if m.have & (HAVE_CW_SEGS_OUT | HAVE_LA_SEGS_OUT)
+                == HAVE_CW_SEGS_OUT | HAVE_LA_SEGS_OUT
+            {
+                Some(if m.a == m.b { 3 } else { 4 })
+            } else {
+                None
             };
             (CloseKind::Orderly, Some(Closer::Peer))
         } else if tr.resets_sent > 0 {
@@ -541,12 +798,15 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
     });
 
     Timeline {
-        skaddr,
+        skaddr: tr.skaddr,
         family: tr.family,
         local: tr.local,
         remote: tr.remote,
-        netns: tr.netns,
-        owner: tr.owner,
+        netns: Some(tr.netns).filter(|n| *n != 0),
+        owner: tr.owner.map(|owner| Attribution {
+            owner,
+            source: tr.owner_source,
+        }),
         role,
         open,
         first_ns,
@@ -558,14 +818,14 @@ fn build_timeline(skaddr: u64, tr: Track, closed_ns: u64, opts: &CorrelatorOptio
         teardown_segments,
         timewait,
         error,
-        bytes_sent: tr.last.bytes_acked,
-        bytes_received: tr.last.bytes_received,
-        srtt_us: tr.last.srtt_us,
+        bytes_sent: last_fields.bytes_acked,
+        bytes_received: last_fields.bytes_received,
+        srtt_us: last_fields.srtt_us,
         retransmits: tr.retransmits,
-        total_retrans: tr.last.total_retrans,
-        resets_sent: tr.resets_sent,
-        resets_received: tr.resets_received,
-        steps: tr.steps,
+        total_retrans: last_fields.total_retrans,
+        resets_sent: u32::from(tr.resets_sent),
+        resets_received: u32::from(tr.resets_received),
+        steps: steps_owned,
     }
 }
 

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::decode::Transition;
 use crate::model::{Endpoint, Owner, TcpState};
@@ -49,9 +50,13 @@ pub enum OwnerSource {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attribution {
-    pub owner: Owner,
+    /// Shared: every socket of one process points at one `Owner`.
+    pub owner: Arc<Owner>,
     pub source: OwnerSource,
 }
+
+/// Most distinct owners kept for sharing before the cache starts over.
+const OWNER_CACHE: usize = 16_384;
 
 /// Remembers owners of sockets and listeners.
 #[derive(Debug)]
@@ -63,6 +68,8 @@ pub struct OwnerTracker {
     /// Our own network namespace: only sockets in it can be matched against
     /// the /proc snapshot (which shows only this namespace).
     own_netns: Option<u32>,
+    /// Owners seen, shared between their sockets (no allocation per socket).
+    cache: HashMap<(u32, [u8; 16], u64), Arc<Owner>>,
 }
 
 impl OwnerTracker {
@@ -77,7 +84,7 @@ impl OwnerTracker {
                 listeners.entry(ep.port).or_default().push((
                     ep.addr,
                     Attribution {
-                        owner: owner.clone(),
+                        owner: Arc::new(owner.clone()),
                         source: OwnerSource::Procfs,
                     },
                     0,
@@ -89,6 +96,7 @@ impl OwnerTracker {
             listeners,
             snapshot,
             own_netns,
+            cache: HashMap::new(),
         }
     }
 
@@ -128,37 +136,61 @@ impl OwnerTracker {
             remote: t.remote,
         };
         snap.owner_of(&key).map(|owner| Attribution {
-            owner: owner.clone(),
+            owner: Arc::new(owner.clone()),
             source: OwnerSource::Procfs,
         })
     }
 
-    /// Updates what is known from one transition and returns the socket's
-    /// owner as of this transition.
-    pub fn observe(&mut self, t: &Transition) -> Option<Attribution> {
+    fn task_owner(&mut self, t: &Transition) -> Arc<Owner> {
+        let key = (t.task.pid, t.task.comm.0, t.task.cgroup_id);
+        if let Some(o) = self.cache.get(&key) {
+            return o.clone();
+        }
+        if self.cache.len() >= OWNER_CACHE {
+            self.cache.clear();
+        }
+        let owner = Arc::new(Owner {
+            pid: t.task.pid,
+            comm: t.task.comm.to_string(),
+            cgroup_id: t.task.cgroup_id,
+        });
+        self.cache.insert(key, owner.clone());
+        owner
+    }
+
+    /// The owner as of this transition, for a caller that keeps per-socket
+    /// state itself: `known` is what it remembered for the socket, and
+    /// `first_sight` whether this is the first event it has for it. Keeps
+    /// the listener table current.
+    pub fn attribute(
+        &mut self,
+        t: &Transition,
+        known: Option<&Attribution>,
+        first_sight: bool,
+    ) -> Option<Attribution> {
         let attribution = if is_process_context(t.old, t.new) {
             Some(Attribution {
-                owner: Owner {
-                    pid: t.task.pid,
-                    comm: t.task.comm.to_string(),
-                    cgroup_id: t.task.cgroup_id,
-                },
+                owner: self.task_owner(t),
                 source: OwnerSource::Observed,
             })
         } else if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv) {
             self.listener_owner(&t.local)
+        } else if let Some(k) = known {
+            Some(k.clone())
+        } else if first_sight && !is_birth(t.old, t.new) {
+            // First sight of a socket in mid-life: it predates the trace.
+            self.snapshot_owner(t)
         } else {
-            match self.sockets.get(&t.skaddr) {
-                Some(known) => known.clone(),
-                // First sight of a socket in mid-life: it predates the trace.
-                None if !is_birth(t.old, t.new) => self.snapshot_owner(t),
-                None => None,
-            }
+            None
         };
+        self.update_listeners(t, attribution.as_ref());
+        attribution
+    }
 
+    fn update_listeners(&mut self, t: &Transition, attribution: Option<&Attribution>) {
         match (t.old, t.new) {
             (TcpState::Close, TcpState::Listen) => {
-                if let Some(attr) = &attribution {
+                if let Some(attr) = attribution {
                     let list = self.listeners.entry(t.local.port).or_default();
                     // SO_REUSEPORT allows several listeners on one address;
                     // the newest wins lookups.
@@ -176,7 +208,14 @@ impl OwnerTracker {
             }
             _ => {}
         }
+    }
 
+    /// Updates what is known from one transition and returns the socket's
+    /// owner as of this transition (remembering owners per socket itself).
+    pub fn observe(&mut self, t: &Transition) -> Option<Attribution> {
+        let known = self.sockets.get(&t.skaddr).cloned();
+        let first_sight = known.is_none();
+        let attribution = self.attribute(t, known.flatten().as_ref(), first_sight);
         if t.new == TcpState::Close {
             self.sockets.remove(&t.skaddr);
         } else {

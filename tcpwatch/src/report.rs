@@ -209,7 +209,7 @@ impl<W: Write> TimewaitSink<W> {
                 t.family,
                 &t.local,
                 &t.remote,
-                t.owner.as_ref().map(|a| &a.owner),
+                t.owner.as_ref().map(|a| &*a.owner),
             ) {
                 self.book.on_timeline(&t);
             }

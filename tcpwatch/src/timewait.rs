@@ -133,7 +133,7 @@ impl<T: Eq + Hash + Clone> Interner<T> {
 /// Who an entry is attributed to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Attribution {
-    Owner(Owner),
+    Owner(std::sync::Arc<Owner>),
     /// The connection closed without tcpwatch knowing its owner.
     Unknown,
     /// The socket existed when tracing started.
@@ -833,7 +833,8 @@ mod tests {
                     pid,
                     comm: format!("p{pid}"),
                     cgroup_id: 0,
-                },
+                }
+                .into(),
                 source: OwnerSource::Observed,
             }),
             role,

@@ -80,7 +80,7 @@ impl<W: Write> TraceSink<W> {
             t.family,
             &t.local,
             &t.remote,
-            owner.as_ref().map(|a| &a.owner),
+            owner.as_ref().map(|a| &*a.owner),
         ) {
             return Ok(());
         }

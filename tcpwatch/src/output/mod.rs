@@ -189,7 +189,8 @@ mod tests {
                 pid: 4321,
                 comm: "curl".into(),
                 cgroup_id: 0,
-            },
+            }
+            .into(),
             source: OwnerSource::Observed,
         };
         let line = trace_text(
@@ -235,7 +236,8 @@ mod tests {
                 pid: 7,
                 comm: "srv".into(),
                 cgroup_id: 99,
-            },
+            }
+            .into(),
             source: OwnerSource::Listener,
         };
         let line = TraceLine {
