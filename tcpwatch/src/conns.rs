@@ -28,6 +28,7 @@ pub struct ConnsSummary {
     pub connections: u64,
     pub shown: u64,
     pub lost: u64,
+    pub lost_counts: crate::probe::LostCounts,
     pub undecodable: u64,
     pub still_open: usize,
     pub evicted: u64,
@@ -36,12 +37,14 @@ pub struct ConnsSummary {
 impl ConnsSummary {
     pub fn render(&self) -> String {
         format!(
-            "tcpwatch: {} connections finished, {} shown, {} still open at exit, {} events, {} lost events, {} undecodable records, {} sockets evicted from tracking\n",
+            "tcpwatch: {} connections finished, {} shown, {} still open at exit, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records, {} sockets evicted from tracking\n",
             self.connections,
             self.shown,
             self.still_open,
             self.events,
             self.lost,
+            self.lost_counts.ring_full,
+            self.lost_counts.skipped,
             self.undecodable,
             self.evicted
         )
@@ -208,18 +211,17 @@ impl<W: Write> Sink for ConnsSink<W> {
         self.out.flush()
     }
 
-    fn lost(&mut self, total: u64) {
-        let new = total - self.summary.lost.min(total);
-        self.summary.lost = total;
-        (self.warn)(&format!(
-            "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size; timelines of the affected sockets may be incomplete"
-        ));
+    fn lost(&mut self, counts: crate::probe::LostCounts) {
+        let before = self.summary.lost_counts;
+        self.summary.lost_counts = counts;
+        self.summary.lost = counts.total();
+        (self.warn)(&counts.warning(&before));
     }
 
     fn finish(&mut self) -> io::Result<()> {
         self.correlator.flush(&mut self.finished);
         self.emit(None)?;
-        self.summary.still_open = self.correlator.tracked();
+        self.summary.still_open = self.correlator.open_connections();
         self.summary.evicted = self.correlator.stats().evicted;
         self.out.flush()
     }

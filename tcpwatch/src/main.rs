@@ -99,8 +99,9 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
         opts,
         |probe, sink| {
             started = true;
-            announce(probe, "TCP state transitions");
+            // The snapshot first: once "tracing" is said, sockets may close.
             sink.replace_owners(OwnerTracker::new(max, snapshot(), own_netns()));
+            announce(probe, "TCP state transitions");
             if !no_header {
                 let _ = sink.header();
             }
@@ -140,8 +141,8 @@ async fn conns(
         opts,
         |probe, sink| {
             started = true;
-            announce(probe, "TCP connections");
             sink.replace_correlator(Correlator::new(copts, snapshot(), own_netns()));
+            announce(probe, "TCP connections");
             if !no_header {
                 let _ = sink.header();
             }
@@ -187,13 +188,13 @@ async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
         opts,
         |probe, sink| {
             started = true;
-            announce(probe, "TCP connections for TIME_WAIT accounting");
             let now = tcpwatch::clock::monotonic_ns();
             sink.start(
                 Correlator::new(copts, snapshot(), own_netns()),
                 TimewaitBook::new(TimewaitOptions::default(), own_netns(), now),
                 now,
             );
+            announce(probe, "TCP connections for TIME_WAIT accounting");
         },
         &mut sink,
     )
@@ -223,8 +224,8 @@ async fn record(args: RecordArgs) -> Result<(), String> {
     let result = session::run(
         opts,
         |probe, sink: &mut LazyRecorder<'_>| {
-            announce(probe, "TCP events into a recording");
             sink.open(&snapshot());
+            announce(probe, "TCP events into a recording");
         },
         &mut sink,
     )
@@ -278,9 +279,9 @@ impl session::Sink for LazyRecorder<'_> {
         }
     }
 
-    fn lost(&mut self, total: u64) {
+    fn lost(&mut self, counts: tcpwatch::probe::LostCounts) {
         if let Some(r) = self.inner.as_mut() {
-            r.lost(total);
+            r.lost(counts);
         }
     }
 

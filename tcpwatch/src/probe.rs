@@ -2,6 +2,7 @@
 //! fills in the offsets it needs (tracefs layouts, BTF socket fields),
 //! sizes the ring buffer, and attaches every tracepoint.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -266,7 +267,18 @@ impl Probe {
             .take_map("LOST")
             .ok_or_else(|| ProbeError::Load("LOST counter missing or already taken".into()))?;
         let array = PerCpuArray::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
-        Ok(LostCounter { array })
+        // The kernel skips a tracepoint program that fires while another
+        // BPF program runs on the same CPU (a softirq landing inside one)
+        // and counts it per program: those events are lost too.
+        let mut programs = Vec::new();
+        for (_, prog) in self.ebpf.programs() {
+            if let Ok(fd) = prog.fd() {
+                if let Ok(owned) = fd.as_fd().try_clone_to_owned() {
+                    programs.push(owned);
+                }
+            }
+        }
+        Ok(LostCounter { array, programs })
     }
 
     /// Kernel run time and run count of each program (non-zero only while
@@ -284,15 +296,84 @@ impl Probe {
 
 pub struct LostCounter {
     array: PerCpuArray<MapData, u64>,
+    programs: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Events lost since load, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LostCounts {
+    /// The ring buffer had no room (a larger `--ring-size` helps).
+    pub ring_full: u64,
+    /// The kernel did not run the program: another BPF program was running
+    /// on that CPU (`recursion_misses`).
+    pub skipped: u64,
+}
+
+impl LostCounts {
+    pub fn total(&self) -> u64 {
+        self.ring_full + self.skipped
+    }
+
+    /// The line said when the counts grow from `before`.
+    pub fn warning(&self, before: &LostCounts) -> String {
+        format!(
+            "tcpwatch: LOST {} events ({} in all: {} with the ring buffer full - raise --ring-size; {} skipped by the kernel while another BPF program ran on the CPU)",
+            self.total().saturating_sub(before.total()),
+            self.total(),
+            self.ring_full,
+            self.skipped
+        )
+    }
+}
+
+/// `bpf_prog_info.recursion_misses` of one program (0 when the kernel does
+/// not say).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: attr points at a valid, writable bpf_prog_info of the size
+    // given; the kernel writes at most info_len bytes into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc == 0 {
+        info.recursion_misses
+    } else {
+        0
+    }
 }
 
 impl LostCounter {
-    /// Total records lost since load, over all CPUs.
-    pub fn total(&self) -> u64 {
-        self.array
+    /// Events lost since load, over all CPUs and programs.
+    pub fn counts(&self) -> LostCounts {
+        let ring_full = self
+            .array
             .get(&LOST_SLOT, 0)
             .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        let skipped = self
+            .programs
+            .iter()
+            .map(|fd| recursion_misses(fd.as_fd()))
+            .sum();
+        LostCounts { ring_full, skipped }
     }
 }
 

@@ -123,6 +123,7 @@ pub struct Recorder<W: Write> {
     out: W,
     pub events: u64,
     pub lost: u64,
+    pub lost_counts: crate::probe::LostCounts,
 }
 
 impl Recorder<BufWriter<File>> {
@@ -167,6 +168,7 @@ impl<W: Write> Recorder<W> {
             out,
             events: 0,
             lost: 0,
+            lost_counts: crate::probe::LostCounts::default(),
         })
     }
 
@@ -209,10 +211,11 @@ impl<W: Write> crate::session::Sink for Recorder<W> {
         self.flush().map_err(|e| io::Error::other(e.to_string()))
     }
 
-    fn lost(&mut self, total: u64) {
-        let new = total - self.lost.min(total);
-        self.lost = total;
-        eprintln!("tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size");
+    fn lost(&mut self, counts: crate::probe::LostCounts) {
+        let before = self.lost_counts;
+        self.lost_counts = counts;
+        self.lost = counts.total();
+        eprintln!("{}", counts.warning(&before));
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -82,6 +82,7 @@ pub struct TimewaitSink<W: Write> {
     overflow_prev: Option<u64>,
     finished: Vec<crate::correlate::Timeline>,
     pub lost: u64,
+    pub lost_counts: crate::probe::LostCounts,
     pub snapshots: u64,
     kernel_error: Option<String>,
     warn: Box<dyn FnMut(&str) + Send>,
@@ -120,6 +121,7 @@ impl<W: Write> TimewaitSink<W> {
             overflow_prev: overflow,
             finished: Vec::new(),
             lost: 0,
+            lost_counts: crate::probe::LostCounts::default(),
             snapshots: 0,
             kernel_error: None,
             warn,
@@ -241,12 +243,11 @@ impl<W: Write> Sink for TimewaitSink<W> {
         Ok(())
     }
 
-    fn lost(&mut self, total: u64) {
-        let new = total - self.lost.min(total);
-        self.lost = total;
-        (self.warn)(&format!(
-            "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size"
-        ));
+    fn lost(&mut self, counts: crate::probe::LostCounts) {
+        let before = self.lost_counts;
+        self.lost_counts = counts;
+        self.lost = counts.total();
+        (self.warn)(&counts.warning(&before));
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tcpwatch_common::Event;
 
 use crate::decode::{decode_raw, DecodeError};
-use crate::probe::LostCounter;
+use crate::probe::{LostCounter, LostCounts};
 
 /// What the reader hands the stages after it.
 #[derive(Debug)]
@@ -29,8 +29,8 @@ pub enum Feed {
         /// before it has been delivered, so time up to here is settled.
         drained_at_ns: u64,
     },
-    /// The kernel's lost-event total has grown to this.
-    Lost { total: u64 },
+    /// The kernel's lost-event counts have grown to these.
+    Lost(LostCounts),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +93,7 @@ pub async fn run_reader(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_tick = tokio::time::interval(opts.lost_check);
     lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lost_seen = 0u64;
+    let mut lost_seen = LostCounts::default();
     loop {
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
@@ -118,10 +118,10 @@ pub async fn run_reader(
             _ = lost_tick.tick() => false,
             changed = stop.changed() => changed.is_err() || *stop.borrow(),
         };
-        let total = lost.total();
-        if total > lost_seen {
-            lost_seen = total;
-            if tx.send(Feed::Lost { total }).await.is_err() {
+        let counts = lost.counts();
+        if counts.total() > lost_seen.total() {
+            lost_seen = counts;
+            if tx.send(Feed::Lost(counts)).await.is_err() {
                 return Ok(());
             }
         }
@@ -129,9 +129,9 @@ pub async fn run_reader(
             if let Some(feed) = drain(fd.get_mut(), true) {
                 let _ = tx.send(feed).await;
             }
-            let total = lost.total();
-            if total > lost_seen {
-                let _ = tx.send(Feed::Lost { total }).await;
+            let counts = lost.counts();
+            if counts.total() > lost_seen.total() {
+                let _ = tx.send(Feed::Lost(counts)).await;
             }
             return Ok(());
         }

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::Rejects;
-use crate::probe::{Probe, ProbeError, ProbeOptions};
+use crate::probe::{LostCounts, Probe, ProbeError, ProbeOptions};
 use crate::ringbuf::{run_reader, Feed, ReaderOptions};
 
 /// What a command does with the event stream.
@@ -19,8 +19,8 @@ pub trait Sink {
     /// A batch of raw events in ring order. Every event stamped before
     /// `settled_ns` has been delivered by now.
     fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()>;
-    /// The kernel's lost-event total has grown to `total`.
-    fn lost(&mut self, total: u64);
+    /// The kernel's lost-event counts have grown to `lost`.
+    fn lost(&mut self, lost: LostCounts);
     /// The stream ended: write out whatever is still held.
     fn finish(&mut self) -> io::Result<()>;
 }
@@ -58,8 +58,8 @@ fn deliver<S: Sink>(sink: &mut S, feed: Feed) -> io::Result<()> {
             },
             drained_at_ns,
         ),
-        Feed::Lost { total } => {
-            sink.lost(total);
+        Feed::Lost(counts) => {
+            sink.lost(counts);
             Ok(())
         }
     }
@@ -81,6 +81,10 @@ pub async fn run<S: Sink>(
     ready: impl FnOnce(&Probe, &mut S),
     sink: &mut S,
 ) -> Result<(), SessionError> {
+    // Signals are caught from before the probe is live, so a Ctrl-C right
+    // after "tracing" still ends the session cleanly.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(SessionError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(SessionError::Signal)?;
     let mut probe = Probe::load(&opts.probe)?;
     let ring = probe.take_ring()?;
     let lost = probe.take_lost_counter()?;
@@ -96,8 +100,6 @@ pub async fn run<S: Sink>(
         ReaderOptions::default(),
     ));
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(SessionError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(SessionError::Signal)?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,

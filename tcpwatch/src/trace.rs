@@ -131,12 +131,11 @@ impl<W: Write> Sink for TraceSink<W> {
         Ok(())
     }
 
-    fn lost(&mut self, total: u64) {
-        let new = total - self.summary.lost.min(total);
-        self.summary.lost = total;
-        (self.warn)(&format!(
-            "tcpwatch: LOST {new} events (ring buffer full; {total} lost in all) - raise --ring-size"
-        ));
+    fn lost(&mut self, counts: crate::probe::LostCounts) {
+        let before = self.summary.lost_counts;
+        self.summary.lost_counts = counts;
+        self.summary.lost = counts.total();
+        (self.warn)(&counts.warning(&before));
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -237,13 +236,21 @@ mod tests {
     #[test]
     fn lost_events_are_reported_as_they_happen() {
         let (mut s, warnings) = sink(Filter::default(), Format::Text);
-        s.lost(5);
-        s.lost(12);
+        s.lost(crate::probe::LostCounts {
+            ring_full: 5,
+            skipped: 0,
+        });
+        s.lost(crate::probe::LostCounts {
+            ring_full: 9,
+            skipped: 3,
+        });
         let w = warnings.lock().unwrap();
         assert_eq!(w.len(), 2);
         assert!(w[0].contains("LOST 5 events"), "{}", w[0]);
         assert!(
-            w[1].contains("LOST 7 events") && w[1].contains("12 lost in all"),
+            w[1].contains("LOST 7 events")
+                && w[1].contains("12 in all")
+                && w[1].contains("3 skipped by the kernel"),
             "{}",
             w[1]
         );

@@ -126,6 +126,7 @@ pub struct Summary {
     pub shown: u64,
     pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
     pub lost: u64,
+    pub lost_counts: crate::probe::LostCounts,
     pub decode_errors: u64,
     pub evicted: u64,
 }
@@ -141,8 +142,13 @@ impl Summary {
 
     pub fn render(&self) -> String {
         let mut out = format!(
-            "tcpwatch: {} transitions seen, {} shown, {} lost events, {} undecodable records",
-            self.seen, self.shown, self.lost, self.decode_errors
+            "tcpwatch: {} transitions seen, {} shown, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records",
+            self.seen,
+            self.shown,
+            self.lost,
+            self.lost_counts.ring_full,
+            self.lost_counts.skipped,
+            self.decode_errors
         );
         if self.evicted > 0 {
             let _ = write!(out, ", {} sockets evicted from tracking", self.evicted);

@@ -47,7 +47,6 @@ pub fn skip(why: &str) {
         panic!("cannot run (CI or TCPWATCH_REQUIRE_ROOT_TESTS=1 forbids skipping): {why}");
     }
     println!("skipped: {why}");
-    eprintln!("skipped: {why}");
 }
 
 pub fn is_root() -> bool {
@@ -421,16 +420,43 @@ pub fn parse_summary(stderr: &[String]) -> Summary {
 #[derive(Debug)]
 pub struct TraceRun {
     pub lines: Vec<Line>,
+    /// stdout as printed, line by line.
+    pub raw: Vec<String>,
     pub stderr: Vec<String>,
     pub summary: Summary,
 }
 
 impl TraceRun {
-    /// Lines of sockets using one of the test's ports (local or remote).
+    /// Fails unless tcpwatch kept every event: the checks that follow
+    /// compare exact sets, which a lost event would make meaningless.
+    pub fn assert_nothing_lost(&self, name: &str) {
+        assert!(
+            self.summary.lost == 0,
+            "{name}: tcpwatch lost {} of {} events (other traffic on this host filled the ring?); \
+             stderr: {:?}",
+            self.summary.lost,
+            self.summary.seen + self.summary.lost,
+            self.stderr
+        );
+    }
+
+    /// Writes the run's lines to a file for a failure message to point at.
+    pub fn dump(&self, name: &str) -> String {
+        let path =
+            std::env::temp_dir().join(format!("tcpwatch-test-{name}-{}.jsonl", std::process::id()));
+        match fs::write(&path, self.raw.join("\n") + "\n") {
+            Ok(()) => format!("(tcpwatch output saved in {})", path.display()),
+            Err(e) => format!("(could not save tcpwatch output: {e})"),
+        }
+    }
+
+    /// Lines of sockets in this network namespace using one of the test's
+    /// ports (local or remote). Other namespaces have their own port space.
     pub fn with_ports(&self, ports: &[u16]) -> Vec<Line> {
+        let netns = own_netns();
         self.lines
             .iter()
-            .filter(|l| l.has_port(ports))
+            .filter(|l| l.has_port(ports) && l.netns.is_none_or(|n| n == netns))
             .cloned()
             .collect()
     }
@@ -500,6 +526,7 @@ impl Tcpwatch {
         assert_eq!(summary.undecodable, 0, "{name}: {:?}", f.stderr);
         TraceRun {
             lines,
+            raw: f.stdout,
             stderr: f.stderr,
             summary,
         }
@@ -507,11 +534,16 @@ impl Tcpwatch {
 }
 
 /// Splits lines into socket lifetimes: by skaddr, in output order, a new
-/// lifetime after each →CLOSE (the kernel reuses freed socket addresses).
+/// lifetime after each →CLOSE and at each birth (the kernel reuses freed
+/// socket addresses).
 pub fn lifetimes(lines: &[Line]) -> Vec<Vec<Line>> {
     let mut open: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<Vec<Line>> = Vec::new();
     for l in lines {
+        // A birth starts a new lifetime even if the last one's end is missing.
+        if is_birth(l) {
+            open.remove(&l.skaddr);
+        }
         let idx = match open.get(&l.skaddr) {
             Some(&i) => i,
             None => {
@@ -526,6 +558,14 @@ pub fn lifetimes(lines: &[Line]) -> Vec<Vec<Line>> {
         }
     }
     out
+}
+
+/// Transitions that begin a socket's life as tcpwatch sees it.
+pub fn is_birth(l: &Line) -> bool {
+    matches!(
+        l.transition(),
+        ("CLOSE", "SYN_SENT") | ("CLOSE", "LISTEN") | ("LISTEN", "SYN_RECV")
+    )
 }
 
 pub fn transitions(life: &[Line]) -> Vec<(&str, &str)> {
@@ -665,6 +705,40 @@ pub fn settle(ports: &[u16], timeout: Duration) {
     }
 }
 
+/// The kernel's `recursion_misses` of each loaded program named
+/// `inet_sock_set_state`, by program id (runs skipped because another BPF
+/// program was already running on that CPU), per `bpftool prog show`.
+/// `None` without bpftool. Diagnostic only: it covers every instance's
+/// programs, not just one tcpwatch's.
+pub fn state_prog_recursion_misses() -> Option<HashMap<u64, u64>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter(|p| p["name"] == "inet_sock_set_state")
+            .filter_map(|p| {
+                Some((
+                    p["id"].as_u64()?,
+                    p["recursion_misses"].as_u64().unwrap_or(0),
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// Misses added between two readings (programs loaded meanwhile count whole).
+pub fn misses_between(before: &HashMap<u64, u64>, after: &HashMap<u64, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(id, a)| a.saturating_sub(before.get(id).copied().unwrap_or(0)))
+        .sum()
+}
+
 // ---------------------------------------------------------------------------
 // bpftrace (independent oracle)
 
@@ -694,8 +768,9 @@ impl Bpftrace {
             .join(" || ");
         let prog = format!(
             "tracepoint:sock:inet_sock_set_state /args->protocol == 6 && ({cond})/ \
-             {{ printf(\"T %d %d %llx %d %d\\n\", args->sport, args->dport, \
-             (uint64)args->skaddr, args->oldstate, args->newstate); }}"
+             {{ printf(\"T %d %d %llx %d %d %u\\n\", args->sport, args->dport, \
+             (uint64)args->skaddr, args->oldstate, args->newstate, \
+             ((struct sock *)args->skaddr)->__sk_common.skc_net.net->ns.inum); }}"
         );
         let mut cmd = Command::new(BPFTRACE);
         cmd.args(["-B", "line", "-e", &prog]);
@@ -729,8 +804,10 @@ impl Bpftrace {
         }
     }
 
-    /// SIGINT, then the events on `ports` (sentinel lines dropped).
+    /// SIGINT, then the events on `ports` in this network namespace
+    /// (sentinel lines dropped).
     pub fn stop(self, ports: &[u16]) -> Vec<BtEvent> {
+        let netns = own_netns().to_string();
         self.proc.signal(libc::SIGINT);
         let f = self.proc.finish(STOP_TIMEOUT);
         assert!(
@@ -744,16 +821,18 @@ impl Bpftrace {
             .filter_map(|l| l.strip_prefix("T "))
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(f.len(), 5, "bpftrace line: {l}");
-                (
+                assert_eq!(f.len(), 6, "bpftrace line: {l}");
+                let e: BtEvent = (
                     f[0].parse().unwrap(),
                     f[1].parse().unwrap(),
                     format!("0x{}", f[2]),
                     state_name(f[3].parse().unwrap()),
                     state_name(f[4].parse().unwrap()),
-                )
+                );
+                (e, f[5] == netns)
             })
-            .filter(|e: &BtEvent| ports.contains(&e.0) || ports.contains(&e.1))
+            .filter(|(e, ours)| *ours && (ports.contains(&e.0) || ports.contains(&e.1)))
+            .map(|(e, _)| e)
             .collect()
     }
 }
