@@ -636,7 +636,7 @@ fn lost_events_are_reported_and_counted() {
     // The last LOST line's running total matches the summary.
     let last = lost_lines.last().unwrap();
     assert!(
-        last.contains(&format!("{} lost in all", s.lost)),
+        last.contains(&format!("({} in all", s.lost)),
         "last LOST line {last} vs summary {s:?}"
     );
     // Ten transitions per connection; other traffic only adds.

@@ -407,12 +407,19 @@ pub fn parse_summary(stderr: &[String]) -> Summary {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
         .collect();
-    assert!(nums.len() >= 4, "unexpected summary: {line}");
+    // "N transitions seen, M shown, L lost events (R ring buffer full, K
+    // skipped by the kernel), U undecodable records"
+    assert!(nums.len() >= 6, "unexpected summary: {line}");
+    assert_eq!(
+        nums[2],
+        nums[3] + nums[4],
+        "lost is not ring + skipped: {line}"
+    );
     Summary {
         seen: nums[0],
         shown: nums[1],
         lost: nums[2],
-        undecodable: nums[3],
+        undecodable: nums[5],
     }
 }
 
