@@ -151,7 +151,7 @@ impl<W: Write> TimewaitSink<W> {
     fn snapshot(&mut self, now_ns: u64) -> Snapshot {
         if self.kernel_error.is_none() {
             match kernel_timewait() {
-                Ok(list) => self.book.reconcile(&list),
+                Ok(list) => self.book.reconcile(&list, now_ns),
                 Err(e) => {
                     (self.warn)(&format!("tcpwatch: cannot list timewait sockets: {e}"));
                     self.kernel_error = Some(e);

@@ -144,6 +144,8 @@ const FLAG_FIN_WAIT2: u32 = 1 << 31;
 const FLAG_CLIENT: u32 = 1 << 30;
 const FLAG_OTHER_NETNS: u32 = 1 << 29;
 const EXPIRES_MASK: u32 = (1 << 29) - 1;
+/// TCP_TIMEWAIT_LEN: how long a TIME_WAIT socket lives, in ms.
+const TIME_WAIT_MS: u32 = 60_000;
 
 /// 16 bytes: interned ids, and the expiry in ms since the book's epoch with
 /// flags in its top bits (2^29 ms is six days, far beyond any timewait).
@@ -233,6 +235,7 @@ pub struct Snapshot {
     /// checked against the kernel).
     pub before_tracing: u64,
     pub unattributed: u64,
+    pub just_closed: u64,
     pub other_netns: u64,
     /// The kernel's own list (sock_diag) for tcpwatch's namespace, when read.
     pub kernel_listed: Option<u64>,
@@ -263,6 +266,9 @@ pub struct TimewaitBook {
     untracked: u64,
     /// Sockets the kernel listed that tcpwatch did not see made.
     unattributed_now: u64,
+    /// Sockets the kernel listed, made in the last second, whose
+    /// connections tcpwatch has not finished correlating yet.
+    just_closed_now: u64,
     kernel_listed: Option<u64>,
     last_snapshot_ns: Option<u64>,
 }
@@ -281,6 +287,7 @@ impl TimewaitBook {
             history: std::collections::VecDeque::new(),
             untracked: 0,
             unattributed_now: 0,
+            just_closed_now: 0,
             kernel_listed: None,
             last_snapshot_ns: None,
         }
@@ -346,6 +353,15 @@ impl TimewaitBook {
         }
     }
 
+    /// A server's peers connect from ephemeral ports: group them by address.
+    fn remote_group(remote: &Endpoint, client: bool) -> Endpoint {
+        if client {
+            *remote
+        } else {
+            Endpoint::new(remote.addr, 0)
+        }
+    }
+
     /// Counts sockets that existed when tracing started.
     pub fn seed_before_tracing(&mut self, sockets: &[KernelTimewait], now_ns: u64) {
         let netns = self.own_netns.unwrap_or(0);
@@ -357,7 +373,7 @@ impl TimewaitBook {
                 key(netns, &s.local, &s.remote),
                 &Attribution::BeforeTracing,
                 Self::local_group(&s.local, client),
-                s.remote,
+                Self::remote_group(&s.remote, client),
                 expires,
                 flags,
             );
@@ -384,7 +400,7 @@ impl TimewaitBook {
             key(netns, &t.local, &t.remote),
             &attribution,
             local_group,
-            t.remote,
+            Self::remote_group(&t.remote, client),
             t.closed_ns.saturating_add(tw.hold_ns),
             flags,
         );
@@ -426,30 +442,64 @@ impl TimewaitBook {
     }
 
     /// Brings the entries of tcpwatch's own namespace in line with the
-    /// kernel's list.
-    pub fn reconcile(&mut self, kernel: &[KernelTimewait]) {
+    /// kernel's list: entries it no longer lists go, substates and expiry
+    /// times follow the kernel's (a FIN_WAIT2 timewait socket that gets the
+    /// peer's FIN becomes TIME_WAIT and starts over), and the sockets it
+    /// lists that tcpwatch has no entry for are counted.
+    pub fn reconcile(&mut self, kernel: &[KernelTimewait], now_ns: u64) {
         let netns = self.own_netns.unwrap_or(0);
-        let listed: std::collections::HashSet<u64> = kernel
-            .iter()
-            .map(|s| key(netns, &s.local, &s.remote))
-            .collect();
+        let mut listed: HashMap<u64, &KernelTimewait> = HashMap::with_capacity(kernel.len());
+        for k in kernel {
+            listed.insert(key(netns, &k.local, &k.remote), k);
+        }
+        let now_ms = self.rel_ms(now_ns);
         let mut gone = Vec::new();
+        let mut matched = 0u64;
         self.entries.retain(|k, e| {
-            let keep = e.has(FLAG_OTHER_NETNS) || listed.contains(k);
-            if !keep {
-                gone.push(*e);
+            if e.has(FLAG_OTHER_NETNS) {
+                return true;
             }
-            keep
+            match listed.get(k) {
+                Some(kt) => {
+                    matched += 1;
+                    let flags = (e.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2))
+                        | substate_flag(kt.substate);
+                    let expires = now_ms.saturating_add(kt.expires_ms).min(EXPIRES_MASK);
+                    e.expires_and_flags = flags | expires;
+                    true
+                }
+                None => {
+                    gone.push(*e);
+                    false
+                }
+            }
         });
         for e in gone {
             self.release(&e);
         }
-        let own_entries = self
-            .entries
-            .values()
-            .filter(|e| !e.has(FLAG_OTHER_NETNS))
-            .count() as u64;
-        self.unattributed_now = (listed.len() as u64).saturating_sub(own_entries);
+        // Unmatched sockets the kernel made within the last second are
+        // connections whose events are still on their way (the correlator
+        // holds a closed socket a moment for a late RST); older ones were
+        // not seen made.
+        let mut just_closed = 0u64;
+        let mut unseen = 0u64;
+        for (k, kt) in &listed {
+            if self.entries.contains_key(k) {
+                continue;
+            }
+            let age_ms = match kt.substate {
+                TimewaitSubstate::TimeWait => TIME_WAIT_MS.saturating_sub(kt.expires_ms),
+                TimewaitSubstate::FinWait2 => u32::MAX,
+            };
+            if age_ms < 1000 {
+                just_closed += 1;
+            } else {
+                unseen += 1;
+            }
+        }
+        debug_assert_eq!(matched + just_closed + unseen, listed.len() as u64);
+        self.unattributed_now = unseen;
+        self.just_closed_now = just_closed;
         self.kernel_listed = Some(kernel.len() as u64);
     }
 
@@ -545,7 +595,7 @@ impl TimewaitBook {
         }
 
         let traced = self.entries.len() as u64;
-        let total = traced + self.unattributed_now;
+        let total = traced + self.unattributed_now + self.just_closed_now;
         let mut time_wait = 0;
         let mut fin_wait2 = 0;
         let mut other_netns = 0;
@@ -568,9 +618,9 @@ impl TimewaitBook {
                 *client_by_dest.entry(e.remote).or_default() += 1;
             }
         }
-        // Sockets the kernel lists that were not seen made: TIME_WAIT is
-        // by far the common substate.
-        time_wait += self.unattributed_now;
+        // Sockets the kernel lists that tcpwatch has no entry for: TIME_WAIT
+        // is by far the common substate.
+        time_wait += self.unattributed_now + self.just_closed_now;
 
         let owners = &self.owners;
         let mut by_process = self.groups(
@@ -590,11 +640,19 @@ impl TimewaitBook {
                 Some(Attribution::Unknown) | None => named_group("(owner unknown)"),
             },
         );
-        if self.unattributed_now > 0 {
-            let mut g = named_group("(made while not traced)");
-            g.count = self.unattributed_now;
-            g.share = share(self.unattributed_now, total);
-            by_process.push(g);
+        for (name, n) in [
+            (
+                "(closed in the last moment, not yet correlated)",
+                self.just_closed_now,
+            ),
+            ("(not seen made: lost events)", self.unattributed_now),
+        ] {
+            if n > 0 {
+                let mut g = named_group(name);
+                g.count = n;
+                g.share = share(n, total);
+                by_process.push(g);
+            }
         }
         let endpoints = &self.endpoints;
         let endpoint_name = |id: u32| match endpoints.get(id) {
@@ -653,6 +711,7 @@ impl TimewaitBook {
             fin_wait2,
             before_tracing,
             unattributed: self.unattributed_now,
+            just_closed: self.just_closed_now,
             other_netns,
             kernel_listed: self.kernel_listed,
             kernel,
@@ -904,6 +963,14 @@ mod tests {
         assert_eq!(s.by_local[0].key, "10.0.0.1:*");
         assert_eq!(s.by_local[0].count, 30);
         assert_eq!(s.by_local[1].key, "10.0.0.1:8080");
+        // A server's peers are grouped by address, not by ephemeral port.
+        assert!(
+            s.by_remote
+                .iter()
+                .any(|g| g.key == "10.0.0.5:*" && g.count == 10),
+            "{:?}",
+            s.by_remote
+        );
         assert_eq!(s.destinations[0].remote, "10.0.0.9:80");
         assert_eq!(s.destinations[0].ports_held, 30);
         assert!(
@@ -995,17 +1062,27 @@ mod tests {
                 local: ep("10.0.0.1:42000"),
                 remote: ep("10.0.0.9:80"),
                 substate: TimewaitSubstate::TimeWait,
-                expires_ms: 59000,
+                expires_ms: 50000,
+            },
+            KernelTimewait {
+                local: ep("10.0.0.1:42001"),
+                remote: ep("10.0.0.9:80"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: 59800,
             },
         ];
-        b.reconcile(&kernel);
+        b.reconcile(&kernel, 1_000_000_000);
         let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
-        assert_eq!(s.total, 3);
-        assert_eq!(s.kernel_listed, Some(3));
+        assert_eq!(s.total, 4);
+        assert_eq!(s.kernel_listed, Some(4));
         assert_eq!(s.before_tracing, 1);
-        assert_eq!(s.unattributed, 1);
+        assert_eq!(s.unattributed, 1, "made 10 s ago and never seen");
+        assert_eq!(
+            s.just_closed, 1,
+            "made 200 ms ago: its events are on their way"
+        );
         let sum: u64 = s.by_process.iter().map(|g| g.count).sum();
-        assert_eq!(sum, 3);
+        assert_eq!(sum, 4);
         assert!(s
             .by_process
             .iter()

@@ -56,8 +56,8 @@ pub fn timewait_text(s: &Snapshot) -> String {
     );
     let _ = writeln!(
         out,
-        "  of these: {} from before tracing, {} made while not traced, {} in other network namespaces, {} not tracked one by one",
-        s.before_tracing, s.unattributed, s.other_netns, s.untracked
+        "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} in other network namespaces, {} not tracked one by one",
+        s.before_tracing, s.just_closed, s.unattributed, s.other_netns, s.untracked
     );
     let _ = writeln!(
         out,
