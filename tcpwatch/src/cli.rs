@@ -66,6 +66,11 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1_000_000)]
         connections: u64,
     },
+    /// Memory per tracked timewait socket (JSON).
+    TimewaitMemory {
+        #[arg(long, default_value_t = 131_072)]
+        sockets: u64,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

@@ -363,6 +363,11 @@ async fn bench(args: cli::BenchArgs) -> Result<(), String> {
             println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
             Ok(())
         }
+        cli::BenchWhat::TimewaitMemory { sockets } => {
+            let b = selfbench::timewait_memory(sockets);
+            println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
+            Ok(())
+        }
         cli::BenchWhat::Memory { connections } => {
             let b = selfbench::tracked_memory(connections);
             println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);

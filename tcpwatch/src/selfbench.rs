@@ -241,6 +241,88 @@ pub fn tracked_memory(connections: u64) -> MemoryBench {
     }
 }
 
+#[derive(Debug, Serialize)]
+pub struct TimewaitMemoryBench {
+    pub sockets: u64,
+    pub tracked: u64,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub bytes_per_socket: f64,
+}
+
+/// Adds `sockets` timewait sockets (from as many client connections toward
+/// a few destinations, by a few processes) to a TIME_WAIT book and measures
+/// the resident memory they take.
+pub fn timewait_memory(sockets: u64) -> TimewaitMemoryBench {
+    use crate::correlate::{
+        CloseKind, Closer, OpenKind, Role, Timeline, Timewait, TimewaitSubstate,
+    };
+    use crate::model::{Endpoint, Family, Owner};
+    use crate::owner::{Attribution, OwnerSource};
+    use crate::timewait::{TimewaitBook, TimewaitOptions};
+    let owners: Vec<Attribution> = (0..8)
+        .map(|i| Attribution {
+            owner: std::sync::Arc::new(Owner {
+                pid: 1000 + i,
+                comm: format!("worker{i}"),
+                cgroup_id: 0,
+            }),
+            source: OwnerSource::Observed,
+        })
+        .collect();
+    let (rss_before, _) = rss_bytes();
+    let mut book = TimewaitBook::new(TimewaitOptions::default(), Some(1), 0);
+    let mut t = Timeline {
+        skaddr: 0,
+        family: Family::V4,
+        local: Endpoint::new([10, 0, 0, 1].into(), 0),
+        remote: Endpoint::new([10, 0, 9, 1].into(), 443),
+        netns: Some(1),
+        owner: None,
+        role: Role::Client,
+        open: OpenKind::Active,
+        first_ns: 0,
+        established_ns: None,
+        closed_ns: 1_000_000,
+        handshake_ns: None,
+        close: CloseKind::Orderly,
+        closed_by: Some(Closer::Local),
+        teardown_segments: Some(4),
+        timewait: Some(Timewait {
+            substate: TimewaitSubstate::TimeWait,
+            hold_ns: 60_000_000_000,
+        }),
+        error: None,
+        bytes_sent: None,
+        bytes_received: None,
+        srtt_us: None,
+        retransmits: 0,
+        total_retrans: None,
+        resets_sent: 0,
+        resets_received: 0,
+        steps: Vec::new(),
+    };
+    for n in 0..sockets {
+        t.local = Endpoint::new(
+            [10, 0, (n / 60_000) as u8, 1].into(),
+            1024 + (n % 60_000) as u16,
+        );
+        t.remote = Endpoint::new([10, 0, 9, (n % 16) as u8].into(), 443);
+        t.owner = Some(owners[(n % 8) as usize].clone());
+        book.on_timeline(&t);
+    }
+    let (rss_after, _) = rss_bytes();
+    let tracked = book.len() as u64;
+    drop(book);
+    TimewaitMemoryBench {
+        sockets,
+        tracked,
+        rss_before,
+        rss_after,
+        bytes_per_socket: rss_after.saturating_sub(rss_before) as f64 / sockets.max(1) as f64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
