@@ -194,13 +194,9 @@ impl<W: Write> Sink for ConnsSink<W> {
         settled_ns: u64,
     ) -> io::Result<()> {
         let records = interpret_all(events, &mut rejects);
-        if rejects.count > 0 {
+        if let Some(w) = rejects.warning() {
             self.summary.undecodable += rejects.count;
-            let e = rejects.first.map(|e| e.to_string()).unwrap_or_default();
-            (self.warn)(&format!(
-                "tcpwatch: {} undecodable records ({e})",
-                rejects.count
-            ));
+            (self.warn)(&w);
         }
         self.summary.events += records.len() as u64;
         for r in &records {

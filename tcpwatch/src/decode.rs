@@ -247,6 +247,18 @@ impl Rejects {
         self.count += 1;
         self.first.get_or_insert(e);
     }
+
+    /// The warning for these rejects, if there were any.
+    pub fn warning(&self) -> Option<String> {
+        (self.count > 0).then(|| {
+            let why = self
+                .first
+                .as_ref()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            format!("tcpwatch: {} undecodable records ({why})", self.count)
+        })
+    }
 }
 
 /// Interprets a batch, keeping the records that make sense.

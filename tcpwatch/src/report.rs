@@ -227,8 +227,8 @@ impl<W: Write> Sink for TimewaitSink<W> {
         settled_ns: u64,
     ) -> io::Result<()> {
         let records = interpret_all(events, &mut rejects);
-        if rejects.count > 0 {
-            (self.warn)(&format!("tcpwatch: {} undecodable records", rejects.count));
+        if let Some(w) = rejects.warning() {
+            (self.warn)(&w);
         }
         self.absorb(&records);
         self.correlator.advance(settled_ns, &mut self.finished);

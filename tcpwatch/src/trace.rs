@@ -118,13 +118,9 @@ impl<W: Write> Sink for TraceSink<W> {
         _settled_ns: u64,
     ) -> io::Result<()> {
         let records = interpret_all(events, &mut rejects);
-        if rejects.count > 0 {
+        if let Some(w) = rejects.warning() {
             self.summary.decode_errors += rejects.count;
-            let e = rejects.first.map(|e| e.to_string()).unwrap_or_default();
-            (self.warn)(&format!(
-                "tcpwatch: {} undecodable records ({e})",
-                rejects.count
-            ));
+            (self.warn)(&w);
         }
         self.records(&records)?;
         self.summary.evicted = self.owners.evicted();
