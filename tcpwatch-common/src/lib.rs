@@ -49,6 +49,9 @@ pub const IPPROTO_TCP: u16 = 6;
 /// Index of the single slot of the per-CPU lost-event counter.
 pub const LOST_SLOT: u32 = 0;
 
+/// Marks a tracepoint field this kernel's record does not have.
+pub const NO_FIELD: u16 = u16::MAX;
+
 /// Marks a socket field whose offset the kernel's BTF did not give.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
@@ -216,7 +219,10 @@ pub struct Config {
     pub retransmit_skaddr: u16,
     pub send_reset_skaddr: u16,
     pub receive_reset_skaddr: u16,
-    pub _pad: u16,
+    /// Offset of `err` in the tcp_retransmit_skb record, or
+    /// [`NO_FIELD`] on kernels whose record has none: a retransmission
+    /// that failed (err != 0) put nothing on the wire and is not counted.
+    pub retransmit_err: u16,
     pub sock: SockOffsets,
 }
 
@@ -242,7 +248,7 @@ impl Config {
         retransmit_skaddr: 0,
         send_reset_skaddr: 0,
         receive_reset_skaddr: 0,
-        _pad: 0,
+        retransmit_err: NO_FIELD,
         sock: SockOffsets::UNKNOWN,
     };
 }

@@ -20,7 +20,7 @@ use aya_ebpf::{
     Global,
 };
 use tcpwatch_common::{
-    kind, valid, Config, Event, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, OFFSET_UNKNOWN,
+    kind, valid, Config, Event, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -50,6 +50,14 @@ pub fn bench_floor(_ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let cfg = CONFIG.load();
+    // A retransmission that failed (no route, no memory) sent nothing.
+    if cfg.retransmit_err != NO_FIELD {
+        if let Ok(err) = unsafe { ctx.read_at::<i32>(cfg.retransmit_err.into()) } {
+            if err != 0 {
+                return 0;
+            }
+        }
+    }
     let _ = try_socket_event(&ctx, &cfg, cfg.retransmit_skaddr, kind::RETRANSMIT);
     0
 }

@@ -132,6 +132,8 @@ pub struct Timeline {
     pub timewait: Option<Timewait>,
     /// errno the kernel recorded on the socket when it closed.
     pub error: Option<i32>,
+    /// Application bytes the peer acknowledged, and application bytes
+    /// received (the kernel's counters less the SYN and FINs they count).
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
     pub srtt_us: Option<u32>,
@@ -789,6 +791,25 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
         (CloseKind::Unknown, None)
     };
 
+    // The kernel's byte counters count sequence space: an acknowledged SYN
+    // (ours, when we connected) and FIN each take one, a received FIN one.
+    // What the applications sent and read is the rest.
+    let syn_acked = u64::from(open == OpenKind::Active);
+    let our_fin_acked = u64::from(
+        has(steps, FinWait1, FinWait2) || has(steps, Closing, Close) || has(steps, LastAck, Close),
+    );
+    let peer_fin = u64::from(
+        close_wait
+            || simultaneous
+            || (close == CloseKind::Orderly && closed_by == Some(Closer::Local)),
+    );
+    let bytes_sent = last_fields
+        .bytes_acked
+        .map(|b| b.saturating_sub(syn_acked + our_fin_acked));
+    let bytes_received = last_fields
+        .bytes_received
+        .map(|b| b.saturating_sub(peer_fin));
+
     let timewait = timewait.map(|substate| Timewait {
         substate,
         hold_ns: match substate {
@@ -818,8 +839,8 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
         teardown_segments,
         timewait,
         error,
-        bytes_sent: last_fields.bytes_acked,
-        bytes_received: last_fields.bytes_received,
+        bytes_sent,
+        bytes_received,
         srtt_us: last_fields.srtt_us,
         retransmits: tr.retransmits,
         total_retrans: last_fields.total_retrans,

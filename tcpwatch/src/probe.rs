@@ -175,7 +175,9 @@ pub fn build_config(
         retransmit_skaddr: retransmit.offset("skaddr")?,
         send_reset_skaddr: send_reset.offset("skaddr")?,
         receive_reset_skaddr: receive_reset.offset("skaddr")?,
-        _pad: 0,
+        retransmit_err: retransmit
+            .offset("err")
+            .unwrap_or(tcpwatch_common::NO_FIELD),
         sock,
     };
     Ok((config, missing))

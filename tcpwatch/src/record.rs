@@ -142,7 +142,12 @@ impl Recorder<BufWriter<File>> {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Recorder::new(BufWriter::with_capacity(256 * 1024, file), header, snapshot)
+        let mut recorder =
+            Recorder::new(BufWriter::with_capacity(256 * 1024, file), header, snapshot)?;
+        // The header reaches the file at once: a recorder killed before its
+        // first batch still leaves a valid, empty recording.
+        recorder.flush()?;
+        Ok(recorder)
     }
 }
 

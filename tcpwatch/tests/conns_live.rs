@@ -1,0 +1,1076 @@
+//! Root integration tests of `tcpwatch conns`, `ladder`, `record` and
+//! `replay` on the running kernel.
+//!
+//! Each test makes one kind of connection ending happen deterministically
+//! between two socket actors (the test binary re-executed, so each end has
+//! its own known pid and comm), on loopback or between two network
+//! namespaces the test creates, and checks the records tcpwatch printed for
+//! the test's own ports: who opened and closed, how (orderly with three or
+//! four teardown segments, FIN_WAIT2 hand-off, simultaneous, abortive,
+//! refused, timed out), the timewait socket left behind, owners, byte
+//! counts, errors, transitions and namespaces. The teardown segment count
+//! is checked against a tcpdump capture and the `ladder` picture;
+//! `replay` of a `record`ing made alongside is checked against the live
+//! output, also for a recording cut in the middle of a record.
+//!
+//! Tests that cannot run (not root, no kernel BTF, binary built without
+//! its eBPF object, a missing tool) print "skipped: <why>", or fail when CI
+//! is set or TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
+//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test conns_live -- --test-threads=1`.
+
+mod common;
+mod conns_support;
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::own_netns;
+use conns_support::*;
+
+/// Not a test of tcpwatch: the socket actor. When the test binary is
+/// re-executed with TCPWATCH_CONNS_ACTOR set, this runs the actor's command
+/// loop (see `conns_support::actor_main`) and exits. Otherwise it checks
+/// that the command interpreter refuses what it cannot do.
+#[test]
+fn actor_entry() {
+    actor_main();
+    let mut st = ActorState::default();
+    assert!(st.exec("bogus").is_err());
+    assert!(st.exec("write 1").is_err(), "no connection yet");
+    assert!(st.exec("listen nowhere").is_err());
+    assert_eq!(st.exec("sleep 1").unwrap(), None);
+}
+
+type Steps = &'static [(&'static str, &'static str)];
+
+const OPENED_BY_CONNECT: Steps = &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED")];
+const OPENED_BY_ACCEPT: Steps = &[("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED")];
+const CLOSED_FIRST: Steps = &[
+    ("ESTABLISHED", "FIN_WAIT1"),
+    ("FIN_WAIT1", "FIN_WAIT2"),
+    ("FIN_WAIT2", "CLOSE"),
+];
+const CLOSED_SECOND: Steps = &[
+    ("ESTABLISHED", "CLOSE_WAIT"),
+    ("CLOSE_WAIT", "LAST_ACK"),
+    ("LAST_ACK", "CLOSE"),
+];
+const CLOSED_TOGETHER: Steps = &[
+    ("ESTABLISHED", "FIN_WAIT1"),
+    ("FIN_WAIT1", "CLOSING"),
+    ("CLOSING", "CLOSE"),
+];
+const RESET: Steps = &[("ESTABLISHED", "CLOSE")];
+const NEVER_OPENED: Steps = &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")];
+
+fn steps(open: Steps, close: Steps) -> Vec<(&'static str, &'static str)> {
+    open.iter().chain(close).copied().collect()
+}
+
+/// Checks the endpoint fields of a record and its general shape.
+fn check_end(what: &str, c: &Conn, me: SocketAddr, peer: SocketAddr, netns: u32) {
+    c.check_shape();
+    c.expect(
+        what,
+        &[
+            ("family", family(me.ip()).into()),
+            ("saddr", me.ip().to_string().into()),
+            ("sport", me.port().into()),
+            ("daddr", peer.ip().to_string().into()),
+            ("dport", peer.port().into()),
+            ("netns", netns.into()),
+            ("before_trace", false.into()),
+        ],
+    );
+}
+
+/// Both ends of an established connection: owners, roles, how they opened,
+/// and a handshake time (the client's is exactly SYN_SENT→ESTABLISHED).
+fn check_opened(
+    link: &Link,
+    c: &Conn,
+    s: &Conn,
+    client: &Actor,
+    server: &Actor,
+    netns: (u32, u32),
+) {
+    check_end("client", c, link.client, link.server, netns.0);
+    check_end("server", s, link.server, link.client, netns.1);
+    c.expect(
+        "client",
+        &[("role", "client".into()), ("open", "active".into())],
+    );
+    s.expect(
+        "server",
+        &[("role", "server".into()), ("open", "passive".into())],
+    );
+    c.expect_owner("client", client, "observed");
+    s.expect(
+        "server",
+        &[
+            ("pid", server.pid.into()),
+            ("comm", server.comm.as_str().into()),
+        ],
+    );
+    let syn_sent_to_established = c.get("transitions")[1]["t_ms"].clone();
+    c.expect("client", &[("handshake_ms", syn_sent_to_established)]);
+    assert!(s.num("handshake_ms") > 0.0, "server handshake: {}", s.line);
+    for x in [c, s] {
+        let srtt = x.get("srtt_us").as_u64().unwrap_or(0);
+        assert!(srtt > 0 && srtt < 1_000_000, "srtt_us: {}", x.line);
+    }
+}
+
+/// Loopback loses nothing: no retransmission on either end.
+fn check_no_retransmits(c: &Conn, s: &Conn) {
+    for x in [c, s] {
+        x.expect(
+            "no loss on loopback",
+            &[("retransmits", 0.into()), ("total_retrans", 0.into())],
+        );
+    }
+}
+
+fn show(what: &str, c: &Conn) {
+    println!(
+        "{what}: pid {} comm {} role {} open {} close {} closed_by {} segments {} timewait {} error {} sent {} received {} handshake_ms {} lifetime_ms {} resets {}/{} retransmits {} netns {}",
+        c.get("pid"),
+        c.get("comm"),
+        c.get("role"),
+        c.get("open"),
+        c.get("close"),
+        c.get("closed_by"),
+        c.get("teardown_segments"),
+        timewait_of(c),
+        c.get("error"),
+        c.get("bytes_sent"),
+        c.get("bytes_received"),
+        c.get("handshake_ms"),
+        c.get("lifetime_ms"),
+        c.get("resets_sent"),
+        c.get("resets_received"),
+        c.get("retransmits"),
+        c.get("netns"),
+    );
+}
+
+/// Client closes first (close()), the server closes the moment it reads
+/// EOF: orderly on both ends, TIME_WAIT on the client only.
+#[test]
+fn client_closes_first_orderly_with_time_wait() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let mut links = Vec::new();
+    for ip in loopbacks() {
+        let link = connect_pair(&mut server, &mut client, ip, ip);
+        client.run("write 1000");
+        server.run("read 1000; write 500");
+        client.run("read 500");
+        // The server closes within microseconds of EOF, inside its
+        // delayed-ACK window, so its FIN carries the ACK of ours: the
+        // client's close()d socket gets the FIN itself and goes to
+        // TIME_WAIT (a bare ACK would hand it to a FIN_WAIT2 mini-socket).
+        let eof = server.send("eof; close");
+        client.run("close");
+        assert_eq!(server.wait(eof), ["0"]);
+        links.push(link);
+    }
+    let keys: Vec<(u16, u16)> = links.iter().flat_map(Link::keys).collect();
+    tw.wait_conns(&keys);
+    let conns = tw.stop_conns();
+    let netns = own_netns();
+    for link in &links {
+        let c = find(&conns, link.client_key());
+        let s = find(&conns, link.server_key());
+        show("client", c);
+        show("server", s);
+        check_opened(link, c, s, &client, &server, (netns, netns));
+        check_no_retransmits(c, s);
+        s.expect_owner("server", &server, "observed");
+        c.expect(
+            "client, closed first",
+            &[
+                ("close", "orderly".into()),
+                ("closed_by", "local".into()),
+                ("teardown_segments", 3.into()),
+                ("error", Value::Null),
+                ("bytes_sent", seq_bytes(1000, true, true).into()),
+                ("bytes_received", seq_bytes(500, false, true).into()),
+                ("resets_sent", 0.into()),
+                ("resets_received", 0.into()),
+            ],
+        );
+        s.expect(
+            "server, closed second",
+            &[
+                ("close", "orderly".into()),
+                ("closed_by", "peer".into()),
+                ("teardown_segments", 3.into()),
+                ("timewait", Value::Null),
+                ("error", Value::Null),
+                ("bytes_sent", seq_bytes(500, false, true).into()),
+                ("bytes_received", seq_bytes(1000, false, true).into()),
+                ("resets_sent", 0.into()),
+                ("resets_received", 0.into()),
+            ],
+        );
+        assert_eq!(timewait_of(c), timewait("TIME_WAIT", 60.0), "{}", c.line);
+        c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
+        s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
+    }
+}
+
+/// Server closes first, the client closes the moment it reads EOF:
+/// orderly on both ends, TIME_WAIT on the server only.
+#[test]
+fn server_closes_first_orderly_with_time_wait() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let mut links = Vec::new();
+    for ip in loopbacks() {
+        let link = connect_pair(&mut server, &mut client, ip, ip);
+        client.run("write 1000");
+        // As above with the roles swapped: the client's FIN, sent right
+        // after EOF, carries its ACK of the server's FIN.
+        let eof = client.send("eof; close");
+        server.run("read 1000; write 500; close");
+        assert_eq!(client.wait(eof), ["500"]);
+        links.push(link);
+    }
+    let keys: Vec<(u16, u16)> = links.iter().flat_map(Link::keys).collect();
+    tw.wait_conns(&keys);
+    let conns = tw.stop_conns();
+    let netns = own_netns();
+    for link in &links {
+        let c = find(&conns, link.client_key());
+        let s = find(&conns, link.server_key());
+        show("client", c);
+        show("server", s);
+        check_opened(link, c, s, &client, &server, (netns, netns));
+        check_no_retransmits(c, s);
+        s.expect_owner("server", &server, "observed");
+        s.expect(
+            "server, closed first",
+            &[
+                ("close", "orderly".into()),
+                ("closed_by", "local".into()),
+                ("teardown_segments", 3.into()),
+                ("error", Value::Null),
+                ("bytes_sent", seq_bytes(500, false, true).into()),
+                ("bytes_received", seq_bytes(1000, false, true).into()),
+            ],
+        );
+        c.expect(
+            "client, closed second",
+            &[
+                ("close", "orderly".into()),
+                ("closed_by", "peer".into()),
+                ("teardown_segments", 3.into()),
+                ("timewait", Value::Null),
+                ("error", Value::Null),
+                ("bytes_sent", seq_bytes(1000, true, true).into()),
+                ("bytes_received", seq_bytes(500, false, true).into()),
+            ],
+        );
+        assert_eq!(timewait_of(s), timewait("TIME_WAIT", 60.0), "{}", s.line);
+        s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_FIRST));
+        c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_SECOND));
+    }
+}
+
+/// The client close()s; the server reads EOF but closes only 200 ms later,
+/// so its delayed ACK goes out alone first. The orphaned client socket gets
+/// that bare ACK and is handed to a FIN_WAIT2 timewait mini-socket at once.
+#[test]
+fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let mut links = Vec::new();
+    for ip in loopbacks() {
+        let link = connect_pair(&mut server, &mut client, ip, ip);
+        client.run("write 100");
+        server.run("read 100");
+        let eof = server.send("eof; sleep 200; close");
+        client.run("close");
+        assert_eq!(server.wait(eof), ["0"]);
+        links.push(link);
+    }
+    let keys: Vec<(u16, u16)> = links.iter().flat_map(Link::keys).collect();
+    tw.wait_conns(&keys);
+    let conns = tw.stop_conns();
+    let netns = own_netns();
+    for link in &links {
+        let c = find(&conns, link.client_key());
+        let s = find(&conns, link.server_key());
+        show("client", c);
+        show("server", s);
+        check_opened(link, c, s, &client, &server, (netns, netns));
+        check_no_retransmits(c, s);
+        c.expect(
+            "client, orphaned, bare ACK",
+            &[
+                ("close", "fin_wait2".into()),
+                ("closed_by", "local".into()),
+                ("teardown_segments", Value::Null),
+                ("error", Value::Null),
+                ("bytes_sent", seq_bytes(100, true, true).into()),
+                // The server's FIN reached the mini-socket, not this one.
+                ("bytes_received", 0.into()),
+            ],
+        );
+        assert_eq!(
+            timewait_of(c),
+            timewait("FIN_WAIT2", fin_timeout_s()),
+            "{}",
+            c.line
+        );
+        c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
+        s.expect(
+            "server, closed 200 ms after EOF",
+            &[
+                ("close", "orderly".into()),
+                ("closed_by", "peer".into()),
+                ("teardown_segments", 4.into()),
+                ("timewait", Value::Null),
+                ("bytes_sent", seq_bytes(0, false, true).into()),
+                ("bytes_received", seq_bytes(100, false, true).into()),
+            ],
+        );
+        s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
+        // The hand-off is immediate: FIN_WAIT2→CLOSE on the same segment.
+        let t = c.get("transitions");
+        let gap = t[4]["t_ms"].as_f64().unwrap() - t[3]["t_ms"].as_f64().unwrap();
+        assert!(gap < 100.0, "FIN_WAIT2 lasted {gap} ms: {}", c.line);
+    }
+}
+
+/// The client half-closes (shutdown(SHUT_WR), so its socket stays a full
+/// socket in FIN_WAIT2); the server closes at once after EOF (its FIN
+/// carries its ACK: 3 segments) or 200 ms later (ACK alone first: 4).
+/// tcpwatch's count must equal a packet capture's on both ends, and the
+/// ladder must say so.
+#[test]
+fn teardown_three_or_four_segments_as_captured() {
+    require_live!();
+    if !have_tools(&["tcpdump"]) {
+        return;
+    }
+    let mut conns_tw = Tw::spawn(&["conns", "--format", "json"]);
+    let mut ladder_tw = Tw::spawn(&["ladder"]);
+    conns_tw.wait_ready();
+    ladder_tw.wait_ready();
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    // (link, expected segments, segments in the capture, what was counted)
+    let mut cases: Vec<(Link, usize, usize, Vec<String>)> = Vec::new();
+    for ip in loopbacks() {
+        let port: u16 = server
+            .run1(&format!("listen {}", SocketAddr::new(ip, 0)))
+            .parse()
+            .unwrap();
+        let capture = Capture::start("lo", &format!("tcp port {port}"));
+        let mut links = Vec::new();
+        for (delay_ms, want) in [(0, 3), (200, 4)] {
+            let link = accept_one(&mut server, &mut client, SocketAddr::new(ip, port), ip);
+            client.run("write 100");
+            server.run("read 100");
+            let close = if delay_ms == 0 {
+                server.send("eof; close")
+            } else {
+                server.send(&format!("eof; sleep {delay_ms}; close"))
+            };
+            client.run("shut_wr; eof; close");
+            assert_eq!(server.wait(close), ["0"]);
+            links.push((link, want));
+        }
+        server.run("close_listener");
+        let segs = capture.stop();
+        for (link, want) in links {
+            let (n, counted) = teardown_in_capture(&segs, link.client.port(), link.server.port());
+            cases.push((link, want, n, counted));
+        }
+    }
+    let keys: Vec<(u16, u16)> = cases.iter().flat_map(|c| c.0.keys()).collect();
+    conns_tw.wait_conns(&keys);
+    let prefixes: Vec<String> = cases.iter().map(|c| ladder_header_prefix(&c.0)).collect();
+    ladder_tw.wait_lines(
+        |l| prefixes.iter().any(|p| l.starts_with(p.as_str())),
+        prefixes.len(),
+        |l| l.contains(" <-> "),
+    );
+    let conns = conns_tw.stop_conns();
+    let blocks = ladder_blocks(&ladder_tw.stop().stdout);
+    for (link, want, captured, counted) in &cases {
+        let c = find(&conns, link.client_key());
+        let s = find(&conns, link.server_key());
+        println!(
+            "{} -> {}: capture {captured} teardown segments, tcpwatch client {} server {}",
+            link.client,
+            link.server,
+            c.get("teardown_segments"),
+            s.get("teardown_segments")
+        );
+        let netns = own_netns();
+        check_opened(link, c, s, &client, &server, (netns, netns));
+        check_no_retransmits(c, s);
+        assert_eq!(
+            captured,
+            want,
+            "the capture does not show the case the test set up:\n{}",
+            counted.join("\n")
+        );
+        for (what, x) in [("client", c), ("server", s)] {
+            x.expect(
+                what,
+                &[
+                    ("teardown_segments", (*captured).into()),
+                    ("close", "orderly".into()),
+                ],
+            );
+        }
+        c.expect("client", &[("closed_by", "local".into())]);
+        s.expect("server", &[("closed_by", "peer".into())]);
+        assert_eq!(timewait_of(c), timewait("TIME_WAIT", 60.0), "{}", c.line);
+        c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
+        s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
+
+        let prefix = ladder_header_prefix(link);
+        let block = blocks
+            .iter()
+            .find(|b| b.header.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no ladder for {prefix}"));
+        let text = block.text();
+        for l in block.body.iter().filter(|l| l.contains("teardown took")) {
+            println!("ladder:{l}");
+        }
+        assert!(
+            block.header.ends_with("[both ends on this host: exact]"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("teardown took {captured} segments")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("client {} closed first", link.client)),
+            "{text}"
+        );
+        // Only a three-segment teardown has the FIN that carries the ACK.
+        assert_eq!(text.contains("FIN/ACK"), *captured == 3, "{text}");
+    }
+}
+
+/// Two namespaces joined by a veth pair. Both ends shut down while neither
+/// can reach the other, so both FINs are built before either arrives: each
+/// end receives the other's FIN in FIN_WAIT1 and goes to CLOSING.
+#[test]
+fn simultaneous_close_between_namespaces() {
+    require_live!();
+    if !have_tools(&["ip"]) {
+        return;
+    }
+    let net = NetnsPair::create();
+    let mut tw = Tw::conns();
+    let mut server = Actor::spawn("twc-ns-server", Some(&net.b));
+    let mut client = Actor::spawn("twc-ns-client", Some(&net.a));
+    let link = connect_pair(
+        &mut server,
+        &mut client,
+        net.addr_b.into(),
+        net.addr_a.into(),
+    );
+    client.run("write 100");
+    server.run("read 100");
+    // Let any delayed ACK of the data go out before the link is held.
+    std::thread::sleep(Duration::from_millis(200));
+    // Hold the segments: neither end answers ARP any more (arp_ignore 8,
+    // and an unanswered request teaches the receiver nothing) and both
+    // forget each other's MAC, so each FIN waits in its host's neighbour
+    // queue (up to 3 s) instead of leaving. Both are built before either
+    // is delivered, whatever the timing; then both are released. (Taking
+    // the link down instead drops the FINs, and they cross only if both
+    // retransmission timers fire within microseconds of each other.)
+    for (ns, dev) in [(&net.a, VETH_A), (&net.b, VETH_B)] {
+        net.sysctl(ns, &format!("net.ipv4.conf.{dev}.arp_ignore"), "8");
+        net.ip(ns, &["neigh", "flush", "dev", dev]);
+    }
+    client.run("shut_wr");
+    server.run("shut_wr");
+    for (ns, peer) in [(&net.a, net.addr_b), (&net.b, net.addr_a)] {
+        let state = net.ip(ns, &["neigh", "show", &peer.to_string()]);
+        assert!(state.contains("INCOMPLETE"), "{ns}: FIN not held: {state}");
+    }
+    for (ns, peer, mac, dev) in [
+        (&net.a, net.addr_b, MAC_B, VETH_A),
+        (&net.b, net.addr_a, MAC_A, VETH_B),
+    ] {
+        net.ip(
+            ns,
+            &[
+                "neigh",
+                "replace",
+                &peer.to_string(),
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "reachable",
+            ],
+        );
+    }
+    let c_eof = client.send("eof; close");
+    let s_eof = server.send("eof; close");
+    assert_eq!(client.wait(c_eof), ["0"]);
+    assert_eq!(server.wait(s_eof), ["0"]);
+    tw.wait_conns(&link.keys());
+    let conns = tw.stop_conns();
+
+    let (ns_a, ns_b) = (NetnsPair::inode(&net.a), NetnsPair::inode(&net.b));
+    assert_ne!(ns_a, ns_b);
+    assert!(ns_a != own_netns() && ns_b != own_netns());
+    let c = find(&conns, link.client_key());
+    let s = find(&conns, link.server_key());
+    show("client", c);
+    show("server", s);
+    check_opened(&link, c, s, &client, &server, (ns_a, ns_b));
+    s.expect_owner("server", &server, "observed");
+    for (what, x) in [("client", c), ("server", s)] {
+        x.expect(
+            what,
+            &[
+                ("close", "simultaneous".into()),
+                ("closed_by", "both".into()),
+                ("teardown_segments", Value::Null),
+                ("error", Value::Null),
+            ],
+        );
+        assert_eq!(timewait_of(x), timewait("TIME_WAIT", 60.0), "{}", x.line);
+        // A FIN held longer than the RTO is retransmitted into the queue:
+        // whatever the count, tcpwatch saw at least what the kernel counted.
+        let retx = x.get("retransmits").as_u64().unwrap();
+        let kernel = x.get("total_retrans").as_u64().unwrap();
+        assert!(retx >= kernel, "{what}: retransmits: {}", x.line);
+    }
+    c.expect(
+        "client",
+        &[
+            ("bytes_sent", seq_bytes(100, true, true).into()),
+            ("bytes_received", seq_bytes(0, false, true).into()),
+        ],
+    );
+    s.expect(
+        "server",
+        &[
+            ("bytes_sent", seq_bytes(0, false, true).into()),
+            ("bytes_received", seq_bytes(100, false, true).into()),
+        ],
+    );
+    c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_TOGETHER));
+    s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_TOGETHER));
+}
+
+/// SO_LINGER {on, 0} then close(): the aborting end sends a RST at once;
+/// the other end's read fails with ECONNRESET. Once with the client
+/// aborting, once with the server.
+#[test]
+fn abortive_close_with_linger_zero() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
+    let mut cases = Vec::new();
+    for client_aborts in [true, false] {
+        let link = connect_pair(&mut server, &mut client, ip, ip);
+        client.run("write 100");
+        server.run("read 100");
+        let (aborter, other) = if client_aborts {
+            (&mut client, &mut server)
+        } else {
+            (&mut server, &mut client)
+        };
+        let reset = other.send("read_reset");
+        aborter.run("linger0; close");
+        assert_eq!(other.wait(reset), [libc::ECONNRESET.to_string()]);
+        other.run("close");
+        cases.push((link, client_aborts));
+    }
+    let keys: Vec<(u16, u16)> = cases.iter().flat_map(|c| c.0.keys()).collect();
+    tw.wait_conns(&keys);
+    let conns = tw.stop_conns();
+    let netns = own_netns();
+    for (link, client_aborts) in &cases {
+        let c = find(&conns, link.client_key());
+        let s = find(&conns, link.server_key());
+        show("client", c);
+        show("server", s);
+        check_opened(link, c, s, &client, &server, (netns, netns));
+        check_no_retransmits(c, s);
+        // No transition of an accepted socket that closes without a FIN
+        // runs in its owner's context: the owner is the listener's.
+        s.expect_owner("server", &server, "listener");
+        let (aborter, other) = if *client_aborts { (c, s) } else { (s, c) };
+        aborter.expect(
+            "aborting end",
+            &[
+                ("close", "aborted".into()),
+                ("closed_by", "local".into()),
+                ("resets_sent", 1.into()),
+                ("resets_received", 0.into()),
+                ("error", Value::Null),
+                ("errno", Value::Null),
+                ("timewait", Value::Null),
+                ("teardown_segments", Value::Null),
+            ],
+        );
+        other.expect(
+            "end that got the RST",
+            &[
+                ("close", "reset_received".into()),
+                ("closed_by", "peer".into()),
+                ("resets_sent", 0.into()),
+                ("resets_received", 1.into()),
+                ("error", "ECONNRESET".into()),
+                ("errno", libc::ECONNRESET.into()),
+                ("timewait", Value::Null),
+                ("teardown_segments", Value::Null),
+            ],
+        );
+        // No FIN either way.
+        c.expect(
+            "client",
+            &[
+                ("bytes_sent", seq_bytes(100, true, false).into()),
+                ("bytes_received", 0.into()),
+            ],
+        );
+        s.expect(
+            "server",
+            &[("bytes_sent", 0.into()), ("bytes_received", 100.into())],
+        );
+        c.expect_transitions("client", &steps(OPENED_BY_CONNECT, RESET));
+        s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, RESET));
+    }
+}
+
+/// connect() to a loopback port that is bound but not listening: the
+/// kernel answers the SYN with a RST.
+#[test]
+fn refused_connect() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut holder = Actor::spawn("twc-holder", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let mut cases = Vec::new();
+    for ip in loopbacks() {
+        // Bound, so no one else takes the port; not listening, so refused.
+        let port: u16 = holder
+            .run1(&format!("bind {}", SocketAddr::new(ip, 0)))
+            .parse()
+            .unwrap();
+        let to = SocketAddr::new(ip, port);
+        let v = client.run1(&format!("connect_fail {to}"));
+        let (errno, cport) = v.split_once(' ').unwrap();
+        assert_eq!(errno, libc::ECONNREFUSED.to_string());
+        cases.push((SocketAddr::new(ip, cport.parse().unwrap()), to));
+    }
+    let keys: Vec<(u16, u16)> = cases.iter().map(|(c, s)| (c.port(), s.port())).collect();
+    tw.wait_conns(&keys);
+    let conns = tw.stop_conns();
+    for (me, to) in &cases {
+        let c = find(&conns, (me.port(), to.port()));
+        show("refused client", c);
+        check_end("refused client", c, *me, *to, own_netns());
+        c.expect_owner("refused client", &client, "observed");
+        c.expect(
+            "refused client",
+            &[
+                ("role", "client".into()),
+                ("open", "refused".into()),
+                ("close", "never_opened".into()),
+                ("closed_by", Value::Null),
+                ("error", "ECONNREFUSED".into()),
+                ("errno", libc::ECONNREFUSED.into()),
+                ("handshake_ms", Value::Null),
+                ("timewait", Value::Null),
+                ("teardown_segments", Value::Null),
+                ("resets_received", 1.into()),
+                ("resets_sent", 0.into()),
+                ("bytes_sent", 0.into()),
+                ("bytes_received", 0.into()),
+            ],
+        );
+        c.expect_transitions("refused client", NEVER_OPENED);
+    }
+}
+
+/// connect() with TCP_SYNCNT=1 from one namespace to an address in another
+/// whose link is down: the SYNs go nowhere (a permanent neighbour entry
+/// means no ARP failure can end the connect early with EHOSTUNREACH), and
+/// connect() gives up with ETIMEDOUT after ~3 s.
+#[test]
+fn timed_out_connect() {
+    require_live!();
+    if !have_tools(&["ip"]) {
+        return;
+    }
+    let net = NetnsPair::create();
+    net.ip(&net.b, &["link", "set", VETH_B, "down"]);
+    net.ip(
+        &net.a,
+        &[
+            "neigh",
+            "replace",
+            &net.addr_b.to_string(),
+            "lladdr",
+            MAC_B,
+            "dev",
+            VETH_A,
+            "nud",
+            "permanent",
+        ],
+    );
+    let mut tw = Tw::conns();
+    let mut client = Actor::spawn("twc-ns-client", Some(&net.a));
+    let to = SocketAddr::new(net.addr_b.into(), 9);
+    let started = Instant::now();
+    let v = client.run1(&format!("syncnt 1; connect_fail {to}"));
+    let took = started.elapsed();
+    let (errno, cport) = v.split_once(' ').unwrap();
+    assert_eq!(
+        errno,
+        libc::ETIMEDOUT.to_string(),
+        "connect did not time out"
+    );
+    let me = SocketAddr::new(net.addr_a.into(), cport.parse().unwrap());
+    tw.wait_conns(&[(me.port(), 9)]);
+    let conns = tw.stop_conns();
+    let c = find(&conns, (me.port(), 9));
+    show("timed-out client", c);
+    check_end("timed-out client", c, me, to, NetnsPair::inode(&net.a));
+    c.expect_owner("timed-out client", &client, "observed");
+    c.expect(
+        "timed-out client",
+        &[
+            ("role", "client".into()),
+            ("open", "timed_out".into()),
+            ("close", "never_opened".into()),
+            ("closed_by", Value::Null),
+            ("error", "ETIMEDOUT".into()),
+            ("errno", libc::ETIMEDOUT.into()),
+            ("handshake_ms", Value::Null),
+            ("timewait", Value::Null),
+            ("resets_received", 0.into()),
+        ],
+    );
+    c.expect_transitions("timed-out client", NEVER_OPENED);
+    // The kernel counted at least one SYN retransmission, and tcpwatch saw
+    // exactly those (failed attempts, err≠0 at the tracepoint, put nothing
+    // on the wire and are counted by neither).
+    let retx = c.get("retransmits").as_u64().unwrap();
+    let kernel = c.get("total_retrans").as_u64().unwrap();
+    assert!(
+        kernel >= 1 && retx == kernel,
+        "SYN retransmissions: {}",
+        c.line
+    );
+    let life = c.num("lifetime_ms");
+    assert!(
+        life > 2000.0 && life < 10_000.0 && (life - took.as_secs_f64() * 1e3).abs() < 500.0,
+        "lifetime {life} ms, connect took {took:?}: {}",
+        c.line
+    );
+}
+
+/// Traffic for the record/replay tests: an orderly close on each loopback
+/// family, an abort and a refused connect. Returns the records' keys.
+fn mixed_traffic(server: &mut Actor, client: &mut Actor) -> Vec<(u16, u16)> {
+    let mut keys = Vec::new();
+    for ip in loopbacks() {
+        let link = connect_pair(server, client, ip, ip);
+        client.run("write 300");
+        server.run("read 300; write 200");
+        client.run("read 200");
+        let eof = server.send("eof; close");
+        client.run("close");
+        server.wait(eof);
+        keys.extend(link.keys());
+    }
+    let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
+    let link = connect_pair(server, client, ip, ip);
+    let reset = server.send("read_reset");
+    client.run("linger0; close");
+    server.wait(reset);
+    server.run("close");
+    keys.extend(link.keys());
+    let port = server.run1("bind 127.0.0.1:0");
+    let v = client.run1(&format!("connect_fail 127.0.0.1:{port}"));
+    keys.push((
+        v.split_once(' ').unwrap().1.parse().unwrap(),
+        port.parse().unwrap(),
+    ));
+    keys
+}
+
+/// Starts `record -o FILE` and `conns --format json` together.
+fn record_and_watch(file: &std::path::Path) -> (Tw, Tw) {
+    let mut recorder = Tw::spawn(&["record", "-o", file.to_str().unwrap()]);
+    let mut live = Tw::spawn(&["conns", "--format", "json"]);
+    recorder.wait_ready();
+    live.wait_ready();
+    // The file is created before it says it is recording.
+    assert!(
+        file.exists(),
+        "no recording at {} once tracing",
+        file.display()
+    );
+    (recorder, live)
+}
+
+fn stop_recorder(recorder: Tw, file: &std::path::Path) {
+    let f = recorder.stop();
+    let line = f
+        .stderr
+        .iter()
+        .find(|l| l.starts_with("tcpwatch: recorded "))
+        .unwrap_or_else(|| panic!("no record summary: {:?}", f.stderr));
+    assert!(
+        line.contains(&format!(" events to {}, ", file.display())),
+        "{line}"
+    );
+    if !line.ends_with(", 0 lost events") {
+        println!("note: the recorder lost events (busy host): {line}");
+    }
+    // Created 0600: it names processes and peers.
+    assert_eq!(mode(file), 0o600, "recording mode");
+}
+
+/// A world-readable copy of a recording, for the unprivileged replay.
+fn readable_copy(from: &std::path::Path, to: &std::path::Path, len: Option<usize>) {
+    let bytes = fs::read(from).unwrap();
+    fs::write(to, &bytes[..len.unwrap_or(bytes.len())]).unwrap();
+    set_mode(to, 0o644);
+}
+
+fn parse_replay(run: &ReplayRun) -> Vec<Conn> {
+    let conns: Vec<Conn> = run.stdout.iter().map(|l| Conn::parse(l)).collect();
+    check_summary(&run.stderr, conns.len());
+    conns
+}
+
+/// Nanoseconds between two RFC 3339 timestamps.
+fn ts_gap(a: &Value, b: &Value) -> i128 {
+    (common::parse_ts(a.as_str().unwrap()) - common::parse_ts(b.as_str().unwrap())).abs()
+}
+
+/// A record without its timestamps and durations.
+fn timeless(c: &Conn) -> Value {
+    let mut v = c.v.clone();
+    for f in ["ts", "start_ts", "handshake_ms", "lifetime_ms"] {
+        v.remove(f);
+    }
+    if let Some(Value::Object(tw)) = v.get_mut("timewait") {
+        tw.remove("until");
+    }
+    if let Some(Value::Array(tr)) = v.get_mut("transitions") {
+        for t in tr {
+            let t = t.as_object_mut().unwrap();
+            t.remove("ts");
+            t.remove("t_ms");
+        }
+    }
+    Value::Object(v)
+}
+
+/// Live and replayed records of one connection: every field equal, except
+/// that times may differ by the few microseconds between the two probes'
+/// clock reads (record and conns each load their own eBPF program, and
+/// each stamps the same tracepoint hit with its own bpf_ktime_get_ns()).
+/// Returns the largest time difference in ns.
+fn same_connection(live: &Conn, replayed: &Conn) -> i128 {
+    assert_eq!(
+        timeless(live),
+        timeless(replayed),
+        "live and replayed records differ:\nlive:   {}\nreplay: {}",
+        live.line,
+        replayed.line
+    );
+    let mut gaps = vec![
+        ts_gap(live.get("ts"), replayed.get("ts")),
+        ts_gap(live.get("start_ts"), replayed.get("start_ts")),
+    ];
+    if let (Value::Object(a), Value::Object(b)) = (live.get("timewait"), replayed.get("timewait")) {
+        gaps.push(ts_gap(&a["until"], &b["until"]));
+    }
+    let (ta, tb) = (live.get("transitions"), replayed.get("transitions"));
+    for i in 0..ta.as_array().unwrap().len() {
+        gaps.push(ts_gap(&ta[i]["ts"], &tb[i]["ts"]));
+    }
+    for f in ["handshake_ms", "lifetime_ms"] {
+        if let (Some(a), Some(b)) = (live.get(f).as_f64(), replayed.get(f).as_f64()) {
+            gaps.push(((a - b).abs() * 1e6) as i128);
+        }
+    }
+    let worst = gaps.into_iter().max().unwrap();
+    assert!(
+        worst < 1_000_000,
+        "times differ by {worst} ns:\nlive:   {}\nreplay: {}",
+        live.line,
+        replayed.line
+    );
+    worst
+}
+
+/// `record` alongside `conns`, then `replay FILE conns` as an unprivileged
+/// user: the same records for the test's connections.
+#[test]
+fn replay_of_a_recording_matches_live_conns() {
+    require_live!();
+    if !have_tools(&["setpriv"]) {
+        return;
+    }
+    let dir = TempDir::new("replay");
+    let file = dir.join("live.rec");
+    let (recorder, mut live) = record_and_watch(&file);
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let keys = mixed_traffic(&mut server, &mut client);
+    live.wait_conns(&keys);
+    let live_conns = live.stop_conns();
+    stop_recorder(recorder, &file);
+
+    // As uid 65534 the 0600 original cannot be read.
+    let denied = replay_as_nobody(&file, &["conns", "--format", "json"]);
+    assert_eq!(denied.code, Some(1), "{:?}", denied.stderr);
+    assert!(
+        denied
+            .stderr
+            .iter()
+            .any(|l| l.contains("Permission denied")),
+        "{:?}",
+        denied.stderr
+    );
+    let copy = dir.join("copy.rec");
+    readable_copy(&file, &copy, None);
+    let run = replay_as_nobody(&copy, &["conns", "--format", "json"]);
+    assert_eq!(run.code, Some(0), "replay failed: {:?}", run.stderr);
+    let replayed = parse_replay(&run);
+    let mut worst = 0;
+    for key in &keys {
+        let l = find(&live_conns, *key);
+        l.check_shape();
+        worst = worst.max(same_connection(l, find(&replayed, *key)));
+    }
+    println!(
+        "{} records identical live and replayed; times within {worst} ns",
+        keys.len()
+    );
+}
+
+/// A recording cut in the middle of a record: replay prints the
+/// connections whose events all lie before the cut, then exits 1 with one
+/// error line naming the byte offset of the cut record.
+#[test]
+fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
+    require_live!();
+    if !have_tools(&["setpriv"]) {
+        return;
+    }
+    let dir = TempDir::new("truncated");
+    let file = dir.join("live.rec");
+    let (recorder, mut live) = record_and_watch(&file);
+    let mut server = Actor::spawn("twc-server", None);
+    let mut client = Actor::spawn("twc-client", None);
+    let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
+    // Two connections, the second begun only once the first is reported:
+    // every event of the first comes before any of the second.
+    let mut links = Vec::new();
+    for _ in 0..2 {
+        let link = connect_pair(&mut server, &mut client, ip, ip);
+        let eof = server.send("eof; close");
+        client.run("write 10; close");
+        server.wait(eof);
+        live.wait_conns(&link.keys());
+        links.push(link);
+    }
+    live.stop_conns();
+    stop_recorder(recorder, &file);
+
+    let raw = RawRecording::read(&file);
+    // A record is a connection's if its ports are those of one of its
+    // sockets: either end, the listener (remote port 0) or the client
+    // before its port is chosen (local port 0).
+    let of = |link: &Link, r: &(usize, u16, u16)| {
+        let (c, s) = (link.client.port(), link.server.port());
+        [(c, s), (s, c), (s, 0), (0, s)].contains(&(r.1, r.2))
+    };
+    let k = raw
+        .records
+        .iter()
+        .position(|r| of(&links[1], r))
+        .expect("no record of the second connection");
+    assert!(
+        raw.records[..k].iter().any(|r| of(&links[0], r))
+            && !raw.records[k..].iter().any(|r| of(&links[0], r)),
+        "the first connection's records are not all before the second's"
+    );
+    let offset = HEADER_LEN + raw.snapshot_len + k * EVENT_SIZE;
+    assert_eq!(raw.records[k].0, offset);
+
+    let full = dir.join("full.rec");
+    readable_copy(&file, &full, None);
+    let cut = dir.join("cut.rec");
+    readable_copy(&file, &cut, Some(offset + EVENT_SIZE / 2));
+    let whole = replay_as_nobody(&full, &["conns", "--format", "json"]);
+    assert_eq!(whole.code, Some(0), "{:?}", whole.stderr);
+    let whole = parse_replay(&whole);
+    let part = replay_as_nobody(&cut, &["conns", "--format", "json"]);
+    assert_eq!(part.code, Some(1), "truncated replay: {:?}", part.stderr);
+    let errors: Vec<&String> = part
+        .stderr
+        .iter()
+        .filter(|l| l.contains("byte offset"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{:?}", part.stderr);
+    let said: usize = errors[0]
+        .split("byte offset ")
+        .nth(1)
+        .map(|t| {
+            t.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in: {}", errors[0]));
+    assert_eq!(said, offset, "{}", errors[0]);
+    println!(
+        "cut at {} (record {k}, header 40 + snapshot {}): {}",
+        offset + EVENT_SIZE / 2,
+        raw.snapshot_len,
+        errors[0]
+    );
+    let part = parse_replay(&part);
+    for key in links[0].keys() {
+        // Same bytes before the cut: exactly the same records.
+        assert_eq!(find(&part, key), find(&whole, key));
+    }
+    for key in links[1].keys() {
+        find(&whole, key);
+        assert!(
+            !part
+                .iter()
+                .any(|c| (c.port("sport"), c.port("dport")) == key),
+            "a connection after the cut was printed"
+        );
+    }
+}
