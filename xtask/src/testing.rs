@@ -14,7 +14,7 @@ use crate::{
 /// words before a `--` to cargo, words after it to the test harness.
 pub fn run(ws: &Workspace, object: &Path, extra: &[String]) -> Result<()> {
     let mut test = ws.cargo(Toolchain::Current)?;
-    test.args(["test", "--workspace", "--exclude", BPF_PACKAGE])
+    test.args(["test", "--no-fail-fast", "--workspace", "--exclude", BPF_PACKAGE])
         .args(test_args(extra))
         .env(BPF_OBJECT_ENV, object);
 
