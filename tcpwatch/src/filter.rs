@@ -88,14 +88,14 @@ impl Filter {
             && self.family.is_none()
     }
 
-    /// Whether a socket with these endpoints and owner is wanted.
-    pub fn matches(
-        &self,
-        family: Family,
-        local: &Endpoint,
-        remote: &Endpoint,
-        owner: Option<&Owner>,
-    ) -> bool {
+    /// Whether the user filters by process (`--pid`, `--comm`).
+    pub fn has_owner_filters(&self) -> bool {
+        !self.pids.is_empty() || !self.comms.is_empty()
+    }
+
+    /// Whether the endpoint filters (family, ports, addresses) accept a
+    /// socket, whatever its owner.
+    pub fn matches_endpoints(&self, family: Family, local: &Endpoint, remote: &Endpoint) -> bool {
         if self.family.is_some_and(|f| f != family) {
             return false;
         }
@@ -109,6 +109,20 @@ impl Filter {
             return false;
         }
         if !self.raddrs.is_empty() && !self.raddrs.iter().any(|c| c.contains(&remote.addr)) {
+            return false;
+        }
+        true
+    }
+
+    /// Whether a socket with these endpoints and owner is wanted.
+    pub fn matches(
+        &self,
+        family: Family,
+        local: &Endpoint,
+        remote: &Endpoint,
+        owner: Option<&Owner>,
+    ) -> bool {
+        if !self.matches_endpoints(family, local, remote) {
             return false;
         }
         if !self.pids.is_empty() && !owner.is_some_and(|o| self.pids.contains(&o.pid)) {

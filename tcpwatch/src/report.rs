@@ -133,7 +133,10 @@ impl<W: Write> TimewaitSink<W> {
     pub fn start(&mut self, correlator: Correlator, book: TimewaitBook, now_ns: u64) {
         self.correlator = correlator;
         self.book = book;
-        match kernel_timewait() {
+        match self.kernel_list() {
+            // Sockets from before tracing have no owner: a process filter
+            // excludes them all.
+            Ok(list) if self.filter.has_owner_filters() => drop(list),
             Ok(list) => self.book.seed_before_tracing(&list, now_ns),
             Err(e) => {
                 (self.warn)(&format!(
@@ -148,10 +151,33 @@ impl<W: Write> TimewaitSink<W> {
         self.next_snapshot_ns = now_ns + self.interval_ns;
     }
 
+    /// The kernel's list, narrowed to what the user's filters can match
+    /// without knowing an owner.
+    fn kernel_list(&self) -> Result<Vec<KernelTimewait>, String> {
+        let mut list = kernel_timewait()?;
+        list.retain(|k| {
+            let family = if k.local.addr.is_ipv4() {
+                crate::model::Family::V4
+            } else {
+                crate::model::Family::V6
+            };
+            self.filter.matches_endpoints(family, &k.local, &k.remote)
+        });
+        Ok(list)
+    }
+
     fn snapshot(&mut self, now_ns: u64) -> Snapshot {
         if self.kernel_error.is_none() {
-            match kernel_timewait() {
-                Ok(list) => self.book.reconcile(&list, now_ns),
+            // Sockets closed since the events last processed are not in the
+            // book yet: allow for that lag, the correlator's grace, and a
+            // second.
+            let lag_ms = crate::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
+            let recent_ms = (lag_ms + 1_000).min(u64::from(u32::MAX)) as u32;
+            let count_unmatched = !self.filter.has_owner_filters();
+            match self.kernel_list() {
+                Ok(list) => self
+                    .book
+                    .reconcile(&list, now_ns, recent_ms, count_unmatched),
                 Err(e) => {
                     (self.warn)(&format!("tcpwatch: cannot list timewait sockets: {e}"));
                     self.kernel_error = Some(e);

@@ -269,6 +269,11 @@ pub struct TimewaitBook {
     /// Sockets the kernel listed, made in the last second, whose
     /// connections tcpwatch has not finished correlating yet.
     just_closed_now: u64,
+    /// Of the unmatched sockets: how many the kernel has in FIN_WAIT2, and
+    /// their endpoint groups.
+    unmatched_fin_wait2: u64,
+    unmatched_remote: HashMap<String, u64>,
+    unmatched_local: HashMap<String, u64>,
     kernel_listed: Option<u64>,
     last_snapshot_ns: Option<u64>,
 }
@@ -288,6 +293,9 @@ impl TimewaitBook {
             untracked: 0,
             unattributed_now: 0,
             just_closed_now: 0,
+            unmatched_fin_wait2: 0,
+            unmatched_remote: HashMap::new(),
+            unmatched_local: HashMap::new(),
             kernel_listed: None,
             last_snapshot_ns: None,
         }
@@ -446,7 +454,19 @@ impl TimewaitBook {
     /// times follow the kernel's (a FIN_WAIT2 timewait socket that gets the
     /// peer's FIN becomes TIME_WAIT and starts over), and the sockets it
     /// lists that tcpwatch has no entry for are counted.
-    pub fn reconcile(&mut self, kernel: &[KernelTimewait], now_ns: u64) {
+    ///
+    /// `recent_ms`: how old an unmatched socket may be and still count as
+    /// "just closed" (its events not processed yet: a second plus however
+    /// far the event stream lags). With `count_unmatched` false (the user
+    /// filters by process, which unmatched sockets have none of) unmatched
+    /// sockets are left out of the counts.
+    pub fn reconcile(
+        &mut self,
+        kernel: &[KernelTimewait],
+        now_ns: u64,
+        recent_ms: u32,
+        count_unmatched: bool,
+    ) {
         let netns = self.own_netns.unwrap_or(0);
         let mut listed: HashMap<u64, &KernelTimewait> = HashMap::with_capacity(kernel.len());
         for k in kernel {
@@ -483,49 +503,76 @@ impl TimewaitBook {
         // not seen made.
         let mut just_closed = 0u64;
         let mut unseen = 0u64;
+        self.unmatched_fin_wait2 = 0;
+        self.unmatched_remote.clear();
+        self.unmatched_local.clear();
         for (k, kt) in &listed {
-            if self.entries.contains_key(k) {
+            if !count_unmatched || self.entries.contains_key(k) {
                 continue;
             }
             let age_ms = match kt.substate {
                 TimewaitSubstate::TimeWait => TIME_WAIT_MS.saturating_sub(kt.expires_ms),
                 TimewaitSubstate::FinWait2 => u32::MAX,
             };
-            if age_ms < 1000 {
+            if age_ms < recent_ms {
                 just_closed += 1;
             } else {
                 unseen += 1;
             }
+            if kt.substate == TimewaitSubstate::FinWait2 {
+                self.unmatched_fin_wait2 += 1;
+            }
+            let client = is_ephemeral_side(kt);
+            *self
+                .unmatched_local
+                .entry(group_name(&Self::local_group(&kt.local, client)))
+                .or_default() += 1;
+            *self
+                .unmatched_remote
+                .entry(group_name(&Self::remote_group(&kt.remote, client)))
+                .or_default() += 1;
         }
-        debug_assert_eq!(matched + just_closed + unseen, listed.len() as u64);
+        debug_assert!(matched + just_closed + unseen <= listed.len() as u64);
         self.unattributed_now = unseen;
         self.just_closed_now = just_closed;
         self.kernel_listed = Some(kernel.len() as u64);
     }
 
+    /// Groups the entries by `id_of`, adds `extra` (sockets only the
+    /// kernel listed, already named), and keeps the top `top`.
     fn groups<F: Fn(&Entry) -> u32>(
         &self,
         id_of: F,
         total: u64,
         top: usize,
         name: impl Fn(u32) -> Group,
+        extra: &HashMap<String, u64>,
     ) -> Vec<Group> {
         let mut counts: HashMap<u32, u64> = HashMap::new();
         for e in self.entries.values() {
             *counts.entry(id_of(e)).or_default() += 1;
         }
-        let mut v: Vec<(u32, u64)> = counts.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut named: HashMap<String, Group> = HashMap::new();
+        for (id, n) in counts {
+            let g = name(id);
+            named.entry(g.key.clone()).or_insert(g).count += n;
+        }
+        for (key, n) in extra {
+            named
+                .entry(key.clone())
+                .or_insert_with(|| named_group(key))
+                .count += n;
+        }
+        let mut v: Vec<Group> = named.into_values().collect();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
         let mut out: Vec<Group> = Vec::new();
         let mut rest = 0u64;
-        for (i, (id, n)) in v.into_iter().enumerate() {
+        for (i, mut g) in v.into_iter().enumerate() {
             if i < top {
-                let mut g = name(id);
-                g.count = n;
-                g.share = share(n, total);
+                g.share = share(g.count, total);
                 out.push(g);
             } else {
-                rest += n;
+                rest += g.count;
             }
         }
         if rest > 0 {
@@ -618,11 +665,14 @@ impl TimewaitBook {
                 *client_by_dest.entry(e.remote).or_default() += 1;
             }
         }
-        // Sockets the kernel lists that tcpwatch has no entry for: TIME_WAIT
-        // is by far the common substate.
-        time_wait += self.unattributed_now + self.just_closed_now;
+        // Sockets the kernel lists that tcpwatch has no entry for, in the
+        // substate the kernel gives.
+        let unmatched = self.unattributed_now + self.just_closed_now;
+        fin_wait2 += self.unmatched_fin_wait2;
+        time_wait += unmatched.saturating_sub(self.unmatched_fin_wait2);
 
         let owners = &self.owners;
+        let no_extra = HashMap::new();
         let mut by_process = self.groups(
             |e| e.owner,
             total,
@@ -639,6 +689,7 @@ impl TimewaitBook {
                 Some(Attribution::BeforeTracing) => named_group("(before tracing)"),
                 Some(Attribution::Unknown) | None => named_group("(owner unknown)"),
             },
+            &no_extra,
         );
         for (name, n) in [
             (
@@ -656,12 +707,23 @@ impl TimewaitBook {
         }
         let endpoints = &self.endpoints;
         let endpoint_name = |id: u32| match endpoints.get(id) {
-            Some(ep) if ep.port == 0 => named_group(&format!("{}:*", bracket(ep.addr))),
-            Some(ep) => named_group(&ep.to_string()),
+            Some(ep) => named_group(&group_name(ep)),
             None => named_group("other"),
         };
-        let by_remote = self.groups(|e| e.remote, total, top, endpoint_name);
-        let by_local = self.groups(|e| e.local, total, top, endpoint_name);
+        let by_remote = self.groups(
+            |e| e.remote,
+            total,
+            top,
+            endpoint_name,
+            &self.unmatched_remote,
+        );
+        let by_local = self.groups(
+            |e| e.local,
+            total,
+            top,
+            endpoint_name,
+            &self.unmatched_local,
+        );
 
         let mut dests: Vec<(u32, u64)> = client_by_dest.into_iter().collect();
         dests.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -753,6 +815,16 @@ impl TimewaitBook {
     /// Interned groups, for the memory figure.
     pub fn groups_len(&self) -> (usize, usize) {
         (self.owners.len(), self.endpoints.len())
+    }
+}
+
+/// How an endpoint group is shown: `ADDR:PORT`, or `ADDR:*` for a group of
+/// ephemeral ports.
+fn group_name(ep: &Endpoint) -> String {
+    if ep.port == 0 {
+        format!("{}:*", bracket(ep.addr))
+    } else {
+        ep.to_string()
     }
 }
 
@@ -1071,7 +1143,7 @@ mod tests {
                 expires_ms: 59800,
             },
         ];
-        b.reconcile(&kernel, 1_000_000_000);
+        b.reconcile(&kernel, 1_000_000_000, 1000, true);
         let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
         assert_eq!(s.total, 4);
         assert_eq!(s.kernel_listed, Some(4));

@@ -8,7 +8,7 @@
 //! the namespace read at the same moment: `ss -tanH state time-wait` /
 //! `state fin-wait-2` and /proc/net/sockstat `tw`. In a namespace of its own
 //! nothing else makes timewait sockets, so the counts are exact (tcpwatch
-//! runs with `--laddr 127.77.0.0/16`, the tests' addresses, so that other
+//! runs with `--laddr 127.X.0.0/16`, a block of this run's own, so that other
 //! namespaces' traffic on this host is left out). Every snapshot of every
 //! run must also keep the invariants of `Snap::check_invariants` (process
 //! groups add up to the total, …).
@@ -58,7 +58,7 @@ fn server_key() -> String {
 }
 
 fn client_group() -> String {
-    format!("{CLIENT_IP}:*")
+    format!("{}:*", client_ip())
 }
 
 fn now_ns() -> i128 {
@@ -111,7 +111,7 @@ fn assert_kernel_settings(s: &Snap) {
 }
 
 /// Runs `attempt` until tcpwatch lost no event, at most three times, and
-/// says whether the run returned lost none. Other BPF programs on a shared
+/// says whether the run it returns lost none. Other BPF programs on a shared
 /// host can make the kernel skip tcpwatch's (recursion misses, which
 /// tcpwatch reports as lost), and a lost event leaves a socket
 /// unattributed: exact attribution is only checked on a lossless run.
@@ -181,8 +181,9 @@ struct Exchange {
 }
 
 /// A server peer, then tcpwatch, then a client peer making [`N`]
-/// connections, all in a fresh namespace; the first snapshot once every
-/// socket is closed, and the kernel's view right after it.
+/// connections, all in a fresh namespace; the first snapshot taken at
+/// least 200 ms after every socket closed, and the kernel's view right
+/// after it.
 fn exchange(order: Order) -> Exchange {
     let ns = Netns::new();
     let server = Peer::server(&ns, N as usize, order);
@@ -235,12 +236,14 @@ fn client_closing_first_leaves_the_timewait_sockets_on_the_client() {
         "the server closed second: {:?}",
         s.by_process
     );
-    // Every one seen was made after tracing started.
-    let created: u64 = e.run.snaps[..=e.index]
-        .iter()
-        .map(|s| s.created_last_interval)
-        .sum();
-    assert_eq!(created, seen, "created_last_interval over the run");
+    // Every one was seen made, after tracing started.
+    if lossless {
+        let created: u64 = e.run.snaps[..=e.index]
+            .iter()
+            .map(|s| s.created_last_interval)
+            .sum();
+        assert_eq!(created, N, "created_last_interval over the run");
+    }
 
     assert_eq!(
         Snap::count_of(&s.by_remote, &server_key()),
@@ -851,8 +854,6 @@ fn totals_agree_with_the_kernel_when_tw_buckets_overflow() {
 /// Filters choose the sockets shown, including those tcpwatch knows only
 /// from the kernel's list: made before tracing started, or not seen made.
 #[test]
-#[ignore = "tcpwatch bug: address and port filters are not applied to sockets \
-            known only from the kernel's list (before tracing / not seen made)"]
 fn filters_apply_to_sockets_known_only_from_the_kernel() {
     require_live!();
     let ns = Netns::new();

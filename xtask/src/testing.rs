@@ -14,9 +14,18 @@ use crate::{
 /// words before a `--` to cargo, words after it to the test harness.
 pub fn run(ws: &Workspace, object: &Path, extra: &[String]) -> Result<()> {
     let mut test = ws.cargo(Toolchain::Current)?;
-    test.args(["test", "--no-fail-fast", "--workspace", "--exclude", BPF_PACKAGE])
-        .args(test_args(extra))
-        .env(BPF_OBJECT_ENV, object);
+    // Release: the live tests drive 10k+ connections/s past tcpwatch, which
+    // an unoptimised build cannot follow on a 2-core machine.
+    test.args([
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        BPF_PACKAGE,
+    ])
+    .args(test_args(extra))
+    .env(BPF_OBJECT_ENV, object);
 
     let mut clippy = ws.cargo(Toolchain::Current)?;
     clippy

@@ -5,10 +5,11 @@
 //! snapshot model with the invariants every snapshot must keep, and a
 //! multi-threaded connection churn.
 //!
-//! Every address the tests use is in [`OUR_NET`] and tcpwatch is run with
-//! `--laddr OUR_NET`: tcpwatch traces every namespace on the host, and
-//! sockets of other namespaces (other tests' loopback traffic) would
-//! otherwise be added to its totals as `other_netns`.
+//! Every address the tests use is in [`our_net`], a /16 of 127/8 of this
+//! test process's own, and tcpwatch is run with `--laddr` it: tcpwatch
+//! traces every namespace on the host, and sockets of other namespaces
+//! (other tests' loopback traffic, or another run of these tests in its own
+//! namespaces) would otherwise be added to its totals as `other_netns`.
 
 #![allow(dead_code)]
 
@@ -26,12 +27,33 @@ use serde::Deserialize;
 
 use crate::common::{self, Proc};
 
+/// The second octet of this run's addresses: from the test process's pid
+/// (peers are told it), so that two runs on one host keep apart; never 0,
+/// the host's own 127.0.0.1.
+pub fn our_octet() -> u8 {
+    static OCTET: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *OCTET.get_or_init(|| match std::env::var(OCTET_ENV) {
+        Ok(v) => v.parse().expect("octet"),
+        Err(_) => 32 + (std::process::id() % 200) as u8,
+    })
+}
+
+const OCTET_ENV: &str = "TCPWATCH_TW_OCTET";
+
 /// The addresses the tests use (all of 127/8 is local on a namespace's lo).
-pub const OUR_NET: &str = "127.77.0.0/16";
+pub fn our_net() -> String {
+    format!("127.{}.0.0/16", our_octet())
+}
+
 /// The servers' address.
-pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
+pub fn server_ip() -> Ipv4Addr {
+    Ipv4Addr::new(127, our_octet(), 0, 1)
+}
+
 /// The peer clients' address.
-pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 2);
+pub fn client_ip() -> Ipv4Addr {
+    Ipv4Addr::new(127, our_octet(), 0, 2)
+}
 /// The server port; below every client port, as ephemeral ports are.
 pub const SERVER_PORT: u16 = 8080;
 /// Clients bind ports from here up, one per connection, so no two
@@ -49,7 +71,7 @@ pub const READY_LINE: &str =
     "tcpwatch: tracing TCP connections for TIME_WAIT accounting; Ctrl-C to stop";
 
 pub fn server_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(SERVER_IP, SERVER_PORT)
+    SocketAddrV4::new(server_ip(), SERVER_PORT)
 }
 
 // ---------------------------------------------------------------------------
@@ -165,20 +187,29 @@ impl Netns {
     }
 
     /// Waits until every socket in the namespace is listening or a
-    /// timewait socket (every close the test caused has run its course).
+    /// timewait socket, in either substate (every close the test caused
+    /// has run its course).
     pub fn settle(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let busy = self.in_ns(|| ss_lines(&["state", "connected", "exclude", "time-wait"]));
+            let busy: Vec<String> = self.in_ns(|| {
+                ss_lines(&["-o", "state", "connected", "exclude", "time-wait"])
+                    .into_iter()
+                    .filter(|l| !l.contains("timer:(timewait,"))
+                    .collect()
+            });
             if busy.is_empty() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: sockets still open after {timeout:?}:\n{}",
-                self.name,
-                busy.join("\n")
-            );
+            if Instant::now() >= deadline {
+                let detail = self
+                    .in_ns(|| ss_lines(&["-oie", "state", "connected", "exclude", "time-wait"]));
+                panic!(
+                    "{}: sockets still open after {timeout:?}:\n{}",
+                    self.name,
+                    detail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -547,7 +578,7 @@ impl Timewait {
             "--interval",
             &interval_s.to_string(),
             "--laddr",
-            OUR_NET,
+            &our_net(),
         ])
         .args(extra);
         let top = extra
@@ -672,7 +703,9 @@ impl Peer {
             "--nocapture",
             "--test-threads=1",
         ]);
-        cmd.env(PEER_ENV, "1").env("TCPWATCH_TW_COMM", comm);
+        cmd.env(PEER_ENV, "1")
+            .env("TCPWATCH_TW_COMM", comm)
+            .env(OCTET_ENV, our_octet().to_string());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -705,7 +738,7 @@ impl Peer {
     }
 
     /// A client making `n` connections to [`server_addr`] from
-    /// [`CLIENT_IP`], ports [`CLIENT_BASE_PORT`] up, one after another.
+    /// [`client_ip`], ports [`CLIENT_BASE_PORT`] up, one after another.
     pub fn client(ns: &Netns, n: usize, order: Order) -> Peer {
         Peer::spawn(
             ns,
@@ -805,7 +838,7 @@ fn peer_server(n: usize, order: &str) {
 
 fn peer_client(n: usize, order: &str) {
     for i in 0..n {
-        let src = SocketAddrV4::new(CLIENT_IP, CLIENT_BASE_PORT + i as u16);
+        let src = SocketAddrV4::new(client_ip(), CLIENT_BASE_PORT + i as u16);
         let mut s = connect_from(src, server_addr(), false)
             .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
         if order == "server-first" {
@@ -821,14 +854,14 @@ fn peer_client(n: usize, order: &str) {
 // Sockets
 
 /// Makes `n` client-side timewait sockets from this process inside `ns`:
-/// connections from [`CLIENT_IP`], ports `base` up, to `SERVER_IP:port`,
+/// connections from [`client_ip`], ports `base` up, to `server_ip():port`,
 /// the client closing first.
 pub fn make_timewaits(ns: &Netns, port: u16, n: u16, base: u16) {
     ns.in_ns(|| {
-        let server = SocketAddrV4::new(SERVER_IP, port);
+        let server = SocketAddrV4::new(server_ip(), port);
         let listener = listen(server, 1024).expect("listen");
         for i in 0..n {
-            let src = SocketAddrV4::new(CLIENT_IP, base + i);
+            let src = SocketAddrV4::new(client_ip(), base + i);
             let c = connect_from(src, server, false)
                 .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
             let (mut s, _) = listener.accept().expect("accept");
@@ -972,7 +1005,7 @@ impl ChurnResult {
 
 impl Churn {
     /// Starts `clients` client threads, each cycling through 250 source
-    /// addresses of its own (127.77.(10+i).1-250) so that ports never run
+    /// addresses of its own (127.X.(10+i).1-250) so that ports never run
     /// out, and `servers` server threads; at most `limit` connections per
     /// second in all, if given.
     pub fn start(ns: &Netns, clients: usize, servers: usize, limit: Option<f64>) -> Churn {
@@ -1100,17 +1133,20 @@ fn client_loop(i: usize, st: &ChurnState, limit: Option<f64>) {
         // Keep the accept queue short: an overflowing one drops handshakes
         // the client saw complete, and those connections then take seconds
         // of retransmissions to close.
-        let in_flight = st.made.load(Ordering::Relaxed)
-            - st.served
-                .load(Ordering::Relaxed)
-                .min(st.made.load(Ordering::Relaxed));
+        let in_flight = st
+            .made
+            .load(Ordering::Relaxed)
+            .saturating_sub(st.served.load(Ordering::Relaxed));
         if in_flight > MAX_IN_FLIGHT
             || limit.is_some_and(|l| f64::from(made) > l * since.elapsed().as_secs_f64())
         {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
-        let src = SocketAddrV4::new(Ipv4Addr::new(127, 77, 10 + i as u8, 1 + (n % 250) as u8), 0);
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(127, our_octet(), 10 + i as u8, 1 + (n % 250) as u8),
+            0,
+        );
         n = n.wrapping_add(1);
         match connect_from(src, server_addr(), true) {
             Ok(s) => {
