@@ -160,7 +160,48 @@ pub struct StateTpLayout {
     pub daddr: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
-    pub _pad: u16,
+    /// 1 when this layout is exactly [`SetStateRecord`]'s, so the program
+    /// may copy the record in one read instead of field by field.
+    pub standard: u16,
+}
+
+/// The `sock:inet_sock_set_state` record as Linux has laid it out since
+/// 4.16. Used only when tracefs confirms the running kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetStateRecord {
+    pub common: u64,
+    pub skaddr: u64,
+    pub oldstate: i32,
+    pub newstate: i32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub saddr_v6: [u8; 16],
+    pub daddr_v6: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SetStateRecord>() == 72);
+
+impl StateTpLayout {
+    /// The layout of [`SetStateRecord`].
+    pub const STANDARD: StateTpLayout = StateTpLayout {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        saddr: 32,
+        daddr: 36,
+        saddr_v6: 40,
+        daddr_v6: 56,
+        standard: 1,
+    };
 }
 
 /// Byte offsets of socket fields, from the running kernel's BTF.
@@ -243,7 +284,7 @@ impl Config {
             daddr: 0,
             saddr_v6: 0,
             daddr_v6: 0,
-            _pad: 0,
+            standard: 0,
         },
         retransmit_skaddr: 0,
         send_reset_skaddr: 0,

@@ -20,7 +20,8 @@ use aya_ebpf::{
     Global,
 };
 use tcpwatch_common::{
-    kind, valid, Config, Event, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
+    kind, valid, Config, Event, SetStateRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT,
+    NO_FIELD, OFFSET_UNKNOWN,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -79,32 +80,97 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let cfg = CONFIG.load();
     let tp = cfg.state_tp;
-    // The tracepoint also fires for DCCP and SCTP sockets.
-    let protocol: u16 = unsafe { ctx.read_at(tp.protocol.into())? };
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
     let mut ev = Event::zeroed();
     ev.kind = kind::STATE;
-    ev.skaddr = unsafe { ctx.read_at::<u64>(tp.skaddr.into())? };
-    ev.oldstate = unsafe { ctx.read_at::<i32>(tp.oldstate.into())? } as u8;
-    ev.newstate = unsafe { ctx.read_at::<i32>(tp.newstate.into())? } as u8;
-    ev.sport = unsafe { ctx.read_at::<u16>(tp.sport.into())? };
-    ev.dport = unsafe { ctx.read_at::<u16>(tp.dport.into())? };
-    ev.family = unsafe { ctx.read_at::<u16>(tp.family.into())? };
-    if ev.family == AF_INET {
-        let s: [u8; 4] = unsafe { ctx.read_at(tp.saddr.into())? };
-        let d: [u8; 4] = unsafe { ctx.read_at(tp.daddr.into())? };
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    } else if ev.family == AF_INET6 {
-        ev.saddr = unsafe { ctx.read_at(tp.saddr_v6.into())? };
-        ev.daddr = unsafe { ctx.read_at(tp.daddr_v6.into())? };
+    if tp.standard == 1 {
+        // The layout tracefs gave is the standard one: one read.
+        let rec: SetStateRecord = unsafe { ctx.read_at(0)? };
+        // The tracepoint also fires for DCCP and SCTP sockets.
+        if rec.protocol != IPPROTO_TCP {
+            return Ok(());
+        }
+        ev.skaddr = rec.skaddr;
+        ev.oldstate = rec.oldstate as u8;
+        ev.newstate = rec.newstate as u8;
+        ev.sport = rec.sport;
+        ev.dport = rec.dport;
+        ev.family = rec.family;
+        if ev.family == AF_INET {
+            ev.saddr[..4].copy_from_slice(&rec.saddr);
+            ev.daddr[..4].copy_from_slice(&rec.daddr);
+        } else {
+            ev.saddr = rec.saddr_v6;
+            ev.daddr = rec.daddr_v6;
+        }
+    } else {
+        let protocol: u16 = unsafe { ctx.read_at(tp.protocol.into())? };
+        if protocol != IPPROTO_TCP {
+            return Ok(());
+        }
+        ev.skaddr = unsafe { ctx.read_at::<u64>(tp.skaddr.into())? };
+        ev.oldstate = unsafe { ctx.read_at::<i32>(tp.oldstate.into())? } as u8;
+        ev.newstate = unsafe { ctx.read_at::<i32>(tp.newstate.into())? } as u8;
+        ev.sport = unsafe { ctx.read_at::<u16>(tp.sport.into())? };
+        ev.dport = unsafe { ctx.read_at::<u16>(tp.dport.into())? };
+        ev.family = unsafe { ctx.read_at::<u16>(tp.family.into())? };
+        if ev.family == AF_INET {
+            let s: [u8; 4] = unsafe { ctx.read_at(tp.saddr.into())? };
+            let d: [u8; 4] = unsafe { ctx.read_at(tp.daddr.into())? };
+            ev.saddr[..4].copy_from_slice(&s);
+            ev.daddr[..4].copy_from_slice(&d);
+        } else if ev.family == AF_INET6 {
+            ev.saddr = unsafe { ctx.read_at(tp.saddr_v6.into())? };
+            ev.daddr = unsafe { ctx.read_at(tp.daddr_v6.into())? };
+        }
     }
-    fill_task(&mut ev);
-    fill_socket(&mut ev, &cfg);
+    let (old, new) = (ev.oldstate, ev.newstate);
+    fill_task(&mut ev, owner_transition(old, new));
+    fill_socket(&mut ev, &cfg, reads_for(old, new));
     emit(&ev, &cfg);
     Ok(())
+}
+
+// Kernel TCP state numbers.
+const ESTABLISHED: u8 = 1;
+const SYN_SENT: u8 = 2;
+const SYN_RECV: u8 = 3;
+const FIN_WAIT1: u8 = 4;
+const FIN_WAIT2: u8 = 5;
+const CLOSE: u8 = 7;
+const CLOSE_WAIT: u8 = 8;
+const LAST_ACK: u8 = 9;
+const LISTEN: u8 = 10;
+
+/// Transitions made in process context, where the current task is the
+/// socket's user: only there are its comm and cgroup worth reading.
+fn owner_transition(old: u8, new: u8) -> bool {
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
+/// Which socket fields a transition needs: each read costs, and most
+/// transitions need none.
+mod read {
+    pub const FINAL: u16 = 1; // counters and sk_err, at CLOSE
+    pub const SEGS_IN: u16 = 2;
+    pub const SEGS_OUT: u16 = 4;
+    pub const RCV_NXT: u16 = 8;
+    pub const ACK_PENDING: u16 = 16;
+    pub const SRTT: u16 = 32;
+    pub const ALL: u16 = 0xffff;
+}
+
+fn reads_for(old: u8, new: u8) -> u16 {
+    match (old, new) {
+        (_, CLOSE) => read::ALL,
+        (FIN_WAIT1, FIN_WAIT2) => read::SEGS_IN | read::RCV_NXT,
+        (ESTABLISHED, CLOSE_WAIT) => read::SEGS_OUT,
+        (CLOSE_WAIT, LAST_ACK) => read::SEGS_OUT | read::ACK_PENDING,
+        (SYN_RECV, ESTABLISHED) => read::SRTT,
+        _ => 0,
+    }
 }
 
 /// Retransmits and resets: only the socket matters, userspace already knows
@@ -123,23 +189,27 @@ fn try_socket_event(
     let mut ev = Event::zeroed();
     ev.kind = event_kind;
     ev.skaddr = skaddr;
-    fill_task(&mut ev);
-    fill_socket(&mut ev, cfg);
+    fill_task(&mut ev, false);
+    fill_socket(&mut ev, cfg, 0);
     emit(&ev, cfg);
     Ok(())
 }
 
-fn fill_task(ev: &mut Event) {
+/// Time, CPU and current task; comm and cgroup only where the task is the
+/// socket's user (`owner`), since userspace ignores them elsewhere.
+fn fill_task(ev: &mut Event, owner: bool) {
     unsafe {
         ev.ts_ns = bpf_ktime_get_ns();
         ev.cpu = bpf_get_smp_processor_id();
-        ev.cgroup_id = bpf_get_current_cgroup_id();
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.pid = (pid_tgid >> 32) as u32;
     ev.tid = pid_tgid as u32;
-    if let Ok(comm) = bpf_get_current_comm() {
-        ev.comm = comm;
+    if owner {
+        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if let Ok(comm) = bpf_get_current_comm() {
+            ev.comm = comm;
+        }
     }
 }
 
@@ -153,49 +223,63 @@ fn read_field<T>(sk: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T).ok() }
 }
 
-fn fill_socket(ev: &mut Event, cfg: &Config) {
+fn fill_socket(ev: &mut Event, cfg: &Config, reads: u16) {
     let sk = ev.skaddr;
     let off = &cfg.sock;
-    if let Some(v) = read_field::<u8>(sk, off.sk_shutdown) {
-        ev.sk_shutdown = v;
-        ev.valid |= valid::SHUTDOWN;
+    if reads & read::FINAL != 0 {
+        if let Some(v) = read_field::<u8>(sk, off.sk_shutdown) {
+            ev.sk_shutdown = v;
+            ev.valid |= valid::SHUTDOWN;
+        }
+        if let Some(v) = read_field::<i32>(sk, off.sk_err) {
+            ev.sk_err = v;
+            ev.valid |= valid::SK_ERR;
+        }
+        if let Some(v) = read_field::<u64>(sk, off.bytes_acked) {
+            ev.bytes_acked = v;
+            ev.valid |= valid::BYTES_ACKED;
+        }
+        if let Some(v) = read_field::<u64>(sk, off.bytes_received) {
+            ev.bytes_received = v;
+            ev.valid |= valid::BYTES_RECEIVED;
+        }
+        if let Some(v) = read_field::<u32>(sk, off.total_retrans) {
+            ev.total_retrans = v;
+            ev.valid |= valid::TOTAL_RETRANS;
+        }
     }
-    if let Some(v) = read_field::<i32>(sk, off.sk_err) {
-        ev.sk_err = v;
-        ev.valid |= valid::SK_ERR;
+    if reads & (read::FINAL | read::SRTT) != 0 {
+        if let Some(v) = read_field::<u32>(sk, off.srtt_us) {
+            ev.srtt_us = v >> 3;
+            ev.valid |= valid::SRTT;
+        }
     }
-    if let Some(v) = read_field::<u64>(sk, off.bytes_acked) {
-        ev.bytes_acked = v;
-        ev.valid |= valid::BYTES_ACKED;
+    if reads & read::SEGS_IN != 0 {
+        if let Some(v) = read_field::<u32>(sk, off.segs_in) {
+            ev.segs_in = v;
+            ev.valid |= valid::SEGS_IN;
+        }
     }
-    if let Some(v) = read_field::<u64>(sk, off.bytes_received) {
-        ev.bytes_received = v;
-        ev.valid |= valid::BYTES_RECEIVED;
+    if reads & read::SEGS_OUT != 0 {
+        if let Some(v) = read_field::<u32>(sk, off.segs_out) {
+            ev.segs_out = v;
+            ev.valid |= valid::SEGS_OUT;
+        }
     }
-    if let Some(v) = read_field::<u32>(sk, off.srtt_us) {
-        ev.srtt_us = v >> 3;
-        ev.valid |= valid::SRTT;
+    if reads & read::RCV_NXT != 0 {
+        if let Some(v) = read_field::<u32>(sk, off.rcv_nxt) {
+            ev.rcv_nxt = v;
+            ev.valid |= valid::RCV_NXT;
+        }
     }
-    if let Some(v) = read_field::<u32>(sk, off.total_retrans) {
-        ev.total_retrans = v;
-        ev.valid |= valid::TOTAL_RETRANS;
+    if reads & read::ACK_PENDING != 0 {
+        if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending) {
+            ev.ack_pending = v;
+            ev.valid |= valid::ACK_PENDING;
+        }
     }
-    if let Some(v) = read_field::<u32>(sk, off.segs_in) {
-        ev.segs_in = v;
-        ev.valid |= valid::SEGS_IN;
-    }
-    if let Some(v) = read_field::<u32>(sk, off.segs_out) {
-        ev.segs_out = v;
-        ev.valid |= valid::SEGS_OUT;
-    }
-    if let Some(v) = read_field::<u32>(sk, off.rcv_nxt) {
-        ev.rcv_nxt = v;
-        ev.valid |= valid::RCV_NXT;
-    }
-    if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending) {
-        ev.ack_pending = v;
-        ev.valid |= valid::ACK_PENDING;
-    }
+    // The namespace on every event: it tells sockets of different
+    // namespaces apart, and matches sockets older than the trace.
     if off.net_ns_inum != OFFSET_UNKNOWN {
         if let Some(net) = read_field::<u64>(sk, off.skc_net) {
             if net != 0 {

@@ -132,7 +132,7 @@ impl Format {
     }
 
     pub fn state_layout(&self) -> Result<StateTpLayout, TracefsError> {
-        Ok(StateTpLayout {
+        let mut layout = StateTpLayout {
             skaddr: self.offset("skaddr")?,
             oldstate: self.offset("oldstate")?,
             newstate: self.offset("newstate")?,
@@ -144,8 +144,30 @@ impl Format {
             daddr: self.offset("daddr")?,
             saddr_v6: self.offset("saddr_v6")?,
             daddr_v6: self.offset("daddr_v6")?,
-            _pad: 0,
-        })
+            standard: 0,
+        };
+        // Field sizes matter too: the one-read path copies whole fields.
+        let sizes_standard = [
+            ("skaddr", 8),
+            ("oldstate", 4),
+            ("newstate", 4),
+            ("sport", 2),
+            ("dport", 2),
+            ("family", 2),
+            ("protocol", 2),
+            ("saddr", 4),
+            ("daddr", 4),
+            ("saddr_v6", 16),
+            ("daddr_v6", 16),
+        ]
+        .iter()
+        .all(|(f, size)| self.fields.get(*f).is_some_and(|(_, s)| s == size));
+        let mut as_standard = layout;
+        as_standard.standard = 1;
+        if sizes_standard && as_standard == StateTpLayout::STANDARD {
+            layout.standard = 1;
+        }
+        Ok(layout)
     }
 }
 
@@ -188,6 +210,13 @@ print fmt: \"family=%s\", REC->family
         assert_eq!(l.daddr_v6, 56);
         assert_eq!(f.fields["saddr_v6"], (40, 16));
         assert_eq!(f.fields["common_pid"], (4, 4));
+        assert_eq!(l.standard, 1, "this layout is the standard one");
+        // Any other layout is read field by field.
+        let moved = SET_STATE.replace("offset:56;", "offset:60;");
+        let l = Format::parse("sock:inet_sock_set_state", &moved)
+            .state_layout()
+            .unwrap();
+        assert_eq!((l.daddr_v6, l.standard), (60, 0));
     }
 
     #[test]
