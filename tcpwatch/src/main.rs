@@ -397,7 +397,11 @@ async fn bench(args: cli::BenchArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Worker threads run the ring-buffer reader, so it keeps draining while
+    // the main thread is busy in a stage (a timewait snapshot lists every
+    // timewait socket of the host).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
