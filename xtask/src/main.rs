@@ -4,8 +4,10 @@
 //! `bpfel-unknown-none` target and linked by bpf-linker; the userspace binary
 //! is built with stable and embeds that object through `TCPWATCH_BPF_OBJECT`.
 //! These tasks check the toolchain, build both halves in order, run the
-//! result as root, and run the tests.
+//! result as root, run the tests, and measure tracing overhead.
 
+mod bench;
+mod churn;
 mod compile;
 mod process;
 mod run;
@@ -73,10 +75,34 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure what tracing costs under connection churn (as root): no
+    /// tracer, the empty program, tcpwatch trace/conns/timewait and
+    /// bpftrace, interleaved over rounds. Writes target/bench/bench.json,
+    /// target/bench/bench.md and docs/performance.md.
+    Bench {
+        /// Rounds; each runs every variant once.
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        rounds: u32,
+        /// Seconds of churn per variant per round.
+        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        seconds: u32,
+        /// Client threads of the churn generator.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        threads: u32,
+        /// Accept threads of the churn server [default: as many as --threads].
+        #[arg(long, value_name = "N")]
+        server_threads: Option<u32>,
+        /// Leave out the bpftrace comparison.
+        #[arg(long)]
+        no_bpftrace: bool,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match execute(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -86,8 +112,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// Help and version as clap prints them; any other parse error as one line
+/// (without clap's usage and tip lines), exit status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        _ => {
+            eprintln!("{}", first_line(&e.to_string()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The first non-empty line of a message.
+fn first_line(message: &str) -> &str {
+    message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("error: bad arguments")
+}
+
 /// Runs one command and returns the exit code for xtask.
 fn execute(command: Cmd) -> Result<u8> {
+    if let Cmd::Bench {
+        rounds,
+        seconds,
+        threads,
+        server_threads,
+        no_bpftrace,
+    } = command
+    {
+        let options = bench::Options {
+            rounds,
+            seconds,
+            threads,
+            server_threads,
+            bpftrace: !no_bpftrace,
+        };
+        if let Err(e) = options.check() {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+        let ws = Workspace::locate()?;
+        bench::run(&ws, &options)?;
+        return Ok(0);
+    }
     let ws = Workspace::locate()?;
     let build_only = setup::Options { test_tools: false };
     match command {
@@ -114,6 +187,7 @@ fn execute(command: Cmd) -> Result<u8> {
             let object = compile::build_ebpf(&ws)?;
             testing::run(&ws, &object, &args)?;
         }
+        Cmd::Bench { .. } => unreachable!("handled above"),
     }
     Ok(0)
 }
@@ -139,6 +213,46 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let cli = Cli::try_parse_from(["xtask", "bench"]).unwrap();
+        match cli.command {
+            Cmd::Bench {
+                rounds,
+                seconds,
+                threads,
+                server_threads,
+                no_bpftrace,
+            } => {
+                assert_eq!((rounds, seconds, threads), (5, 5, 2));
+                assert_eq!(server_threads, None);
+                assert!(!no_bpftrace);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_zero_threads_is_a_one_line_usage_error() {
+        let code = execute(Cmd::Bench {
+            rounds: 5,
+            seconds: 5,
+            threads: 0,
+            server_threads: None,
+            no_bpftrace: true,
+        })
+        .unwrap();
+        assert_eq!(code, 2);
+    }
+
+    #[test]
+    fn clap_errors_shrink_to_one_line() {
+        let err = Cli::try_parse_from(["xtask", "bench", "--threads", "x"]).unwrap_err();
+        let line = first_line(&err.to_string()).to_string();
+        assert!(line.starts_with("error: invalid value 'x'"), "{line}");
+        assert!(!line.contains('\n'));
     }
 
     #[test]

@@ -234,10 +234,7 @@ impl Setup<'_> {
 
     /// 6. Programs the integration tests use.
     fn test_tools(&mut self) -> Result<()> {
-        let find = |tool: &str| {
-            let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
-            process::find_program(tool, &sbin)
-        };
+        let find = find_tool;
         let mut packages: Vec<&str> = TEST_TOOLS
             .iter()
             .filter(|(tool, _)| find(tool).is_none())
@@ -293,6 +290,29 @@ impl Setup<'_> {
             .ok_or_else(no_root)?;
         process::run(&mut install).map_err(|e| missing(format_args!("{what} ({e:#})"), &fix))
     }
+}
+
+/// Finds `tool` (in `PATH`, then the sbin directories), installing Debian's
+/// `package` with apt-get first if it is missing. The error says what to run.
+pub fn ensure_tool(ws: &Workspace, tool: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = find_tool(tool) {
+        ok(format_args!("{tool} ({})", path.display()));
+        return Ok(path);
+    }
+    let mut setup = Setup {
+        ws,
+        privilege: Privilege::detect(),
+        apt_updated: false,
+    };
+    setup.apt_install(tool, &[package])?;
+    let path = find_tool(tool).ok_or_else(|| missing(tool, apt_fix(&[package])))?;
+    ok(format_args!("{tool} ({})", path.display()));
+    Ok(path)
+}
+
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
+    process::find_program(tool, &sbin)
 }
 
 /// The shell command installing `packages` on Debian.

@@ -81,6 +81,11 @@ impl Workspace {
         Ok(Workspace { root, cargo_home })
     }
 
+    /// The workspace's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where `cargo install` puts binaries (bpf-linker, the rustup proxies).
     pub fn cargo_bin_dir(&self) -> PathBuf {
         self.cargo_home.join("bin")

@@ -1,0 +1,2587 @@
+//! `cargo xtask bench`: what tracing costs a host that opens and closes TCP
+//! connections as fast as it can.
+//!
+//! The in-process churn generator ([`crate::churn`]) runs once per variant
+//! per round: no tracer (the baseline), the empty program on the same
+//! tracepoint (`tcpwatch bench floor`, the floor), tcpwatch's `trace`,
+//! `conns` and `timewait`, and bpftrace printing every transition as bcc's
+//! tcpstates does. The variants are interleaved, each round in a rotated
+//! order, so machine noise hits them alike, and each is compared with the
+//! baseline of its own round. For each tracer the bench reads its own
+//! figures (transitions seen, events lost) from its exit summary, its CPU
+//! time from /proc/PID/stat, its peak RSS from /proc/PID/status, and the
+//! kernel time of each of its programs (`run_time_ns / run_cnt`, with
+//! `kernel.bpf_stats_enabled` set to 1 for the duration). Two offline
+//! figures come from the binary itself (`tcpwatch bench correlator`,
+//! `tcpwatch bench memory`). The results go to target/bench/bench.json,
+//! target/bench/bench.md and docs/performance.md.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Read},
+    os::{
+        fd::{FromRawFd, OwnedFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{
+    churn::{self, ChurnResult},
+    compile, process, setup,
+    workspace::Workspace,
+};
+
+/// Limits of the options (inclusive).
+const MAX_ROUNDS: u32 = 100;
+const MAX_SECONDS: u32 = 3600;
+const MAX_THREADS: u32 = 256;
+
+/// Churn before the first round, unreported: fills the TIME_WAIT table so
+/// that the first variant measured does not run on an empty one.
+const WARM_UP: Duration = Duration::from_secs(2);
+/// After a tracer says it is attached, before the churn: its start-up work
+/// (socket snapshots) finishes outside the measured window.
+const SETTLE: Duration = Duration::from_millis(500);
+/// After the churn, before the tracer stops: it drains its ring buffer.
+const DRAIN: Duration = Duration::from_millis(500);
+/// How long a tracer may take to attach, and to exit after SIGINT.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// bpftrace doing what bcc's tcpstates does: one line per transition with
+/// time, socket, pid, comm, addresses, ports and both states. (IPv4
+/// addresses only: the churn is IPv4.)
+const BPFTRACE_SCRIPT: &str = r#"
+BEGIN
+{
+    @state[1] = "ESTABLISHED"; @state[2] = "SYN_SENT"; @state[3] = "SYN_RECV";
+    @state[4] = "FIN_WAIT1"; @state[5] = "FIN_WAIT2"; @state[6] = "TIME_WAIT";
+    @state[7] = "CLOSE"; @state[8] = "CLOSE_WAIT"; @state[9] = "LAST_ACK";
+    @state[10] = "LISTEN"; @state[11] = "CLOSING"; @state[12] = "NEW_SYN_RECV";
+    printf("READY\n");
+}
+
+tracepoint:sock:inet_sock_set_state
+/args->protocol == 6/
+{
+    printf("%lu %llx %d %s %s %d %s %d %s -> %s\n", nsecs / 1000, args->skaddr, pid, comm,
+        ntop(args->saddr), args->sport, ntop(args->daddr), args->dport,
+        @state[args->oldstate], @state[args->newstate]);
+}
+
+END
+{
+    clear(@state);
+}
+"#;
+
+/// Options of `cargo xtask bench`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub rounds: u32,
+    pub seconds: u32,
+    pub threads: u32,
+    pub server_threads: Option<u32>,
+    pub bpftrace: bool,
+}
+
+impl Options {
+    /// Checks the ranges; the error is one line.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let in_range = |name: &str, value: u32, max: u32| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "--{name} must be between 1 and {max} (got {value})"
+                ))
+            }
+        };
+        in_range("rounds", self.rounds, MAX_ROUNDS)?;
+        in_range("seconds", self.seconds, MAX_SECONDS)?;
+        in_range("threads", self.threads, MAX_THREADS)?;
+        if let Some(n) = self.server_threads {
+            in_range("server-threads", n, MAX_THREADS)?;
+        }
+        Ok(())
+    }
+
+    fn server_threads(&self) -> u32 {
+        self.server_threads.unwrap_or(self.threads)
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.seconds))
+    }
+}
+
+/// What is measured in each round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Variant {
+    Baseline,
+    Floor,
+    Trace,
+    Conns,
+    Timewait,
+    Bpftrace,
+}
+
+impl Variant {
+    const ALL: [Variant; 6] = [
+        Variant::Baseline,
+        Variant::Floor,
+        Variant::Trace,
+        Variant::Conns,
+        Variant::Timewait,
+        Variant::Bpftrace,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::Floor => "floor",
+            Variant::Trace => "trace",
+            Variant::Conns => "conns",
+            Variant::Timewait => "timewait",
+            Variant::Bpftrace => "bpftrace",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Baseline => "no tracer (baseline)",
+            Variant::Floor => "empty program (`tcpwatch bench floor`)",
+            Variant::Trace => "`tcpwatch trace --format json`",
+            Variant::Conns => "`tcpwatch conns`",
+            Variant::Timewait => "`tcpwatch timewait`",
+            Variant::Bpftrace => "bpftrace, tcpstates-like printf",
+        }
+    }
+
+    /// tcpwatch's real modes, which the targets are about.
+    fn is_mode(self) -> bool {
+        matches!(self, Variant::Trace | Variant::Conns | Variant::Timewait)
+    }
+
+    /// The arguments for tcpwatch, if this variant runs it.
+    fn tcpwatch_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Variant::Floor => Some(&["bench", "floor"]),
+            Variant::Trace => Some(&["trace", "--format", "json"]),
+            Variant::Conns => Some(&["conns"]),
+            Variant::Timewait => Some(&["timewait"]),
+            Variant::Baseline | Variant::Bpftrace => None,
+        }
+    }
+
+    /// The start of the name (15 characters at most, as the kernel keeps
+    /// it) of the program attached to sock:inet_sock_set_state.
+    fn state_program(self) -> &'static str {
+        match self {
+            Variant::Floor => "bench_floor",
+            _ => "inet_sock_set_s",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry point
+
+/// Set by SIGINT/SIGTERM/SIGHUP: the bench stops at the next check, and its
+/// guards stop the tracer and restore the sysctl.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_signals() {
+    let handler = on_signal as extern "C" fn(libc::c_int);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; tracers stopped and kernel.bpf_stats_enabled restored");
+    }
+    Ok(())
+}
+
+/// Sleeps for `d`, waking early (with an error) when interrupted.
+fn pause(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// Runs the whole benchmark and writes its reports.
+pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
+    if !process::is_root() {
+        bail!(
+            "cargo xtask bench must run as root (it loads eBPF programs and sets \
+             kernel.bpf_stats_enabled); run: sudo -E cargo xtask bench"
+        );
+    }
+    setup::run(ws, setup::Options { test_tools: false })?;
+    let object = compile::build_ebpf(ws)?;
+    let built = compile::build_tcpwatch(ws, true, &object)?;
+
+    let out_dir = ws.root().join("target").join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    // A private copy, so that a rebuild of target/release during the
+    // bench cannot change the binary between variants.
+    let binary = out_dir.join("tcpwatch");
+    let staging = out_dir.join("tcpwatch.new");
+    fs::copy(&built, &staging).with_context(|| format!("cannot copy {}", built.display()))?;
+    fs::rename(&staging, &binary)
+        .with_context(|| format!("cannot rename to {}", binary.display()))?;
+
+    let bpftool = match setup::ensure_tool(ws, "bpftool", "bpftool") {
+        Ok(path) => Some(path),
+        Err(e) => {
+            eprintln!(
+                "bench: no bpftool ({e:#}); programs are named by id, the figures come from \
+                 /proc/PID/fdinfo"
+            );
+            None
+        }
+    };
+    let mut skipped: Vec<(Variant, String)> = Vec::new();
+    let bpftrace = if options.bpftrace {
+        match setup::ensure_tool(ws, "bpftrace", "bpftrace") {
+            Ok(path) => Some(path),
+            Err(e) => {
+                skipped.push((Variant::Bpftrace, format!("bpftrace unavailable: {e:#}")));
+                None
+            }
+        }
+    } else {
+        skipped.push((Variant::Bpftrace, "left out with --no-bpftrace".into()));
+        None
+    };
+
+    catch_signals();
+    let started = SystemTime::now();
+    let machine = Machine::read();
+    let mut bench = Bench {
+        options: options.clone(),
+        binary,
+        bpftrace,
+        bpftool,
+        server: None,
+    };
+    let mut variants: Vec<Variant> = Variant::ALL.to_vec();
+    if bench.bpftrace.is_none() {
+        variants.retain(|&v| v != Variant::Bpftrace);
+    }
+
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut conditions = Conditions {
+        load_before: loadavg(),
+        ..Conditions::default()
+    };
+    {
+        let stats = BpfStats::enable()?;
+        eprintln!(
+            "bench: kernel.bpf_stats_enabled=1 for the run (was {}; restored at the end)",
+            stats.previous
+        );
+        bench.server = Some(churn::Server::start(options.server_threads())?);
+        eprintln!(
+            "bench: churn server on 127.0.0.1:{} ({} accept threads); warming up for {} s",
+            bench.server().port(),
+            options.server_threads(),
+            WARM_UP.as_secs()
+        );
+        let warm = bench.churn(WARM_UP)?;
+        eprintln!(
+            "bench: warm-up {:.0} connections/s",
+            warm.per_second().round()
+        );
+        for round in 0..options.rounds as usize {
+            let order: Vec<Variant> = (0..variants.len())
+                .map(|k| variants[(k + round) % variants.len()])
+                .collect();
+            for variant in order {
+                if !variants.contains(&variant) {
+                    continue;
+                }
+                check_interrupted()?;
+                match bench.measure(variant, round) {
+                    Ok(sample) => {
+                        eprintln!("bench: {}", sample.one_line());
+                        samples.push(sample);
+                    }
+                    Err(e)
+                        if variant == Variant::Bpftrace && !INTERRUPTED.load(Ordering::SeqCst) =>
+                    {
+                        eprintln!("bench: leaving bpftrace out: {e:#}");
+                        skipped.push((variant, format!("{e:#}")));
+                        variants.retain(|&v| v != Variant::Bpftrace);
+                        samples.retain(|s| s.variant != Variant::Bpftrace);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        bench.server = None;
+        drop(stats);
+    }
+    conditions.load_after = loadavg();
+
+    eprintln!("bench: offline figures (correlator, memory)");
+    let correlator = bench.offline(&["bench", "correlator", "--events", "10000000"]);
+    let memory = bench.offline(&["bench", "memory", "--connections", "1000000"]);
+
+    let report = Report {
+        date: started,
+        machine,
+        options: options.clone(),
+        conditions,
+        rows: variants.iter().map(|&v| Row::of(v, &samples)).collect(),
+        samples,
+        correlator,
+        memory,
+        skipped,
+    };
+    let markdown = report.table();
+    let json = report.json();
+    let json_path = out_dir.join("bench.json");
+    let md_path = out_dir.join("bench.md");
+    fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    fs::write(&md_path, &markdown)
+        .with_context(|| format!("cannot write {}", md_path.display()))?;
+    let docs = ws.root().join("docs");
+    fs::create_dir_all(&docs).with_context(|| format!("cannot create {}", docs.display()))?;
+    let doc_path = docs.join("performance.md");
+    fs::write(&doc_path, report.document())
+        .with_context(|| format!("cannot write {}", doc_path.display()))?;
+    println!("{markdown}");
+    println!("{}", report.targets_markdown());
+    for caveat in report.caveats() {
+        println!("caution: {caveat}");
+    }
+    eprintln!(
+        "bench: wrote {}, {} and {}",
+        json_path.display(),
+        md_path.display(),
+        doc_path.display()
+    );
+    Ok(())
+}
+
+struct Bench {
+    options: Options,
+    binary: PathBuf,
+    bpftrace: Option<PathBuf>,
+    bpftool: Option<PathBuf>,
+    server: Option<churn::Server>,
+}
+
+impl Bench {
+    fn server(&self) -> &churn::Server {
+        self.server.as_ref().expect("the churn server runs")
+    }
+
+    fn churn(&self, duration: Duration) -> Result<ChurnResult> {
+        let r = self
+            .server()
+            .churn(self.options.threads, duration, &INTERRUPTED)?;
+        check_interrupted()?;
+        Ok(r)
+    }
+
+    fn tracer_command(&self, variant: Variant) -> Option<(Command, Output)> {
+        if let Some(args) = variant.tcpwatch_args() {
+            let mut cmd = Command::new(&self.binary);
+            cmd.args(args);
+            return Some((cmd, Output::Discard));
+        }
+        if variant == Variant::Bpftrace {
+            let mut cmd = Command::new(self.bpftrace.as_ref()?);
+            cmd.args(["-e", BPFTRACE_SCRIPT]);
+            return Some((cmd, Output::Count));
+        }
+        None
+    }
+
+    /// One variant of one round: start the tracer and wait until it is
+    /// attached, churn, read its figures, stop it and wait for it.
+    fn measure(&self, variant: Variant, round: usize) -> Result<Sample> {
+        let mut tracer = match self.tracer_command(variant) {
+            Some((cmd, output)) => {
+                let mut t = Tracer::spawn(cmd, output)?;
+                t.wait_ready(variant)?;
+                Some(t)
+            }
+            None => None,
+        };
+        pause(SETTLE)?;
+        let before = tracer.as_ref().map(|t| t.reading());
+        let tracer_pid = tracer.as_ref().map(|t| t.pid);
+        let foreign_before = foreign_tracers(tracer_pid);
+        let cpu_before = CpuTimes::now(tracer_pid);
+        let churn = self.churn(self.options.duration())?;
+        let cpu_after = CpuTimes::now(tracer_pid);
+        let foreign: Vec<Foreign> = foreign_before
+            .into_iter()
+            .map(|mut f| {
+                let now = cpu_seconds(f.pid).unwrap_or(f.cores);
+                f.cores = (now - f.cores).max(0.0) / churn.seconds.max(1e-9);
+                f
+            })
+            .collect();
+        pause(DRAIN)?;
+        let mut sample = Sample {
+            variant,
+            round,
+            load: cpu_after.since(&cpu_before),
+            foreign,
+            churn,
+            ..Sample::default()
+        };
+        let Some(t) = tracer.take() else {
+            return Ok(sample);
+        };
+        let after = t.reading();
+        sample.peak_rss = vm_hwm(t.pid);
+        let names = self.program_names();
+        if let Some(before) = before {
+            let user = (after.cpu.0 - before.cpu.0).max(0.0);
+            let system = (after.cpu.1 - before.cpu.1).max(0.0);
+            sample.cpu_seconds = Some(user + system);
+            sample.cpu_user_seconds = Some(user);
+            sample.cpu_system_seconds = Some(system);
+            sample.programs = after
+                .programs
+                .iter()
+                .map(|(id, a)| {
+                    let b = before.programs.get(id).copied().unwrap_or_default();
+                    ProgramDelta {
+                        id: *id,
+                        name: names
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("prog#{id}")),
+                        run_time_ns: a.run_time_ns.saturating_sub(b.run_time_ns),
+                        run_cnt: a.run_cnt.saturating_sub(b.run_cnt),
+                        recursion_misses: a.recursion_misses.saturating_sub(b.recursion_misses),
+                    }
+                })
+                .collect();
+        }
+        let stopped = t.stop()?;
+        sample.exit = Some(describe_status(stopped.status));
+        if !stopped.status.success() {
+            sample
+                .notes
+                .push(format!("exited with {}", describe_status(stopped.status)));
+        }
+        match variant {
+            Variant::Bpftrace => {
+                let lost = stopped.stdout_lost + lost_in(&stopped.stderr);
+                sample.seen = Some(stopped.stdout_events);
+                sample.lost = Some(lost);
+                sample.buffer_full = Some(lost);
+            }
+            Variant::Floor => {}
+            _ => {
+                let summary = stopped
+                    .stderr
+                    .iter()
+                    .rev()
+                    .find(|l| l.starts_with("tcpwatch: ") && l.contains(" lost events"))
+                    .cloned();
+                if let Some(line) = &summary {
+                    let counts = summary_counts(line);
+                    let get =
+                        |label: &str| counts.iter().find(|(l, _)| l == label).map(|&(_, n)| n);
+                    sample.seen = get("transitions seen").or_else(|| get("events"));
+                    sample.lost = get("lost events");
+                    sample.skipped = get("skipped by the kernel");
+                    sample.buffer_full = get("ring buffer full");
+                    if sample.buffer_full.is_none() {
+                        // No breakdown (timewait): the kernel's skips over
+                        // the window are the skipped part, the rest was
+                        // the ring buffer's.
+                        let misses: u64 = sample.programs.iter().map(|p| p.recursion_misses).sum();
+                        sample.buffer_full = sample.lost.map(|l| l.saturating_sub(misses));
+                        sample.notes_quiet.push(
+                            "summary has no loss breakdown: ring buffer full = lost events \
+                             - the kernel's recursion_misses over the window"
+                                .into(),
+                        );
+                    }
+                } else {
+                    sample.notes.push(format!(
+                        "no exit summary on stderr: {}",
+                        stopped.stderr.join(" | ")
+                    ));
+                }
+                sample.summary = summary;
+            }
+        }
+        for line in &stopped.stderr {
+            let notable = ["degraded", "warning", "error", "ERROR"]
+                .iter()
+                .any(|w| line.contains(w));
+            // bpftrace cannot raise RLIMIT_MEMLOCK here (no CAP_SYS_RESOURCE),
+            // which this kernel does not need: not worth a note.
+            if notable && !line.contains("RLIMIT_MEMLOCK") {
+                sample.notes.push(line.clone());
+            }
+        }
+        Ok(sample)
+    }
+
+    /// Program names by id, from `bpftool prog show --json`.
+    fn program_names(&self) -> HashMap<u64, String> {
+        self.bpftool_programs()
+            .into_iter()
+            .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+            .collect()
+    }
+
+    fn bpftool_programs(&self) -> Vec<Value> {
+        let Some(bpftool) = &self.bpftool else {
+            return Vec::new();
+        };
+        process::probe(Command::new(bpftool).args(["prog", "show", "--json"]))
+            .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Runs `tcpwatch args` and parses the JSON it prints.
+    fn offline(&self, args: &[&str]) -> std::result::Result<Value, String> {
+        check_interrupted().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args);
+        let output = cmd
+            .output()
+            .map_err(|e| format!("cannot run `{}`: {e}", process::display(&cmd)))?;
+        if !output.status.success() {
+            return Err(format!(
+                "`{}` failed ({}): {}",
+                process::display(&cmd),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        let value = serde_json::from_str::<Value>(text.trim())
+            .map_err(|e| format!("`{}` printed no JSON ({e}): {text}", process::display(&cmd)))?;
+        eprintln!("bench: {}: {value}", process::display(&cmd));
+        Ok(value)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// kernel.bpf_stats_enabled
+
+/// Sets kernel.bpf_stats_enabled to 1 and restores the previous value when
+/// dropped. It also holds a `BPF_ENABLE_STATS` descriptor, which keeps the
+/// statistics on even if someone else writes 0 to the sysctl meanwhile, and
+/// which the kernel releases by itself should xtask be killed.
+struct BpfStats {
+    previous: String,
+    _held: Option<OwnedFd>,
+}
+
+/// bpf(2) command and statistics type (include/uapi/linux/bpf.h).
+const BPF_ENABLE_STATS: libc::c_long = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        let previous = fs::read_to_string(BPF_STATS_SYSCTL)
+            .with_context(|| format!("cannot read {BPF_STATS_SYSCTL}"))?
+            .trim()
+            .to_string();
+        fs::write(BPF_STATS_SYSCTL, "1")
+            .with_context(|| format!("cannot enable BPF statistics ({BPF_STATS_SYSCTL})"))?;
+        Ok(BpfStats {
+            previous,
+            _held: enable_stats_fd(),
+        })
+    }
+}
+
+/// A descriptor that keeps BPF run-time statistics enabled while open.
+fn enable_stats_fd() -> Option<OwnedFd> {
+    // union bpf_attr's enable_stats member is one u32; the kernel wants the
+    // rest of the size it is told about zeroed.
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_STATS_RUN_TIME);
+    // SAFETY: `attr` is a zeroed buffer of the size passed, valid for the
+    // call; the kernel only reads it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    // SAFETY: a non-negative return is a new descriptor owned by no one else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(BPF_STATS_SYSCTL, &self.previous) {
+            eprintln!(
+                "bench: cannot restore kernel.bpf_stats_enabled={}: {e}; run: sysctl -w \
+                 kernel.bpf_stats_enabled={}",
+                self.previous, self.previous
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tracer processes
+
+/// Where a tracer's stdout goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    /// /dev/null.
+    Discard,
+    /// A pipe whose lines are counted (bpftrace: events, "Lost N events").
+    Count,
+}
+
+/// What the stdout counter has seen so far.
+#[derive(Default)]
+struct StdoutCount {
+    events: AtomicU64,
+    lost: AtomicU64,
+    ready: AtomicBool,
+    other: Mutex<Vec<String>>,
+}
+
+/// One kernel program's counters, from /proc/PID/fdinfo.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgramCounters {
+    run_time_ns: u64,
+    run_cnt: u64,
+    recursion_misses: u64,
+}
+
+/// A tracer's CPU time and its programs' counters at one moment.
+struct Reading {
+    /// User and system CPU seconds.
+    cpu: (f64, f64),
+    programs: BTreeMap<u64, ProgramCounters>,
+}
+
+struct Stopped {
+    status: ExitStatus,
+    stderr: Vec<String>,
+    stdout_events: u64,
+    stdout_lost: u64,
+}
+
+/// A running tracer; dropping it stops it (SIGINT, then SIGKILL) and
+/// waits for it.
+struct Tracer {
+    child: Child,
+    pid: u32,
+    description: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<StdoutCount>,
+    readers: Vec<JoinHandle<()>>,
+    exited: Option<ExitStatus>,
+}
+
+impl Tracer {
+    fn spawn(mut cmd: Command, output: Output) -> Result<Tracer> {
+        let description = process::display(&cmd);
+        cmd.stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdout(match output {
+                Output::Discard => Stdio::null(),
+                Output::Count => Stdio::piped(),
+            })
+            // Its own process group: a Ctrl-C on the terminal reaches only
+            // xtask, which stops the tracer itself after the measurement.
+            .process_group(0);
+        // SAFETY: prctl(2) is async-signal-safe; this only asks the kernel
+        // to SIGTERM the tracer should xtask die without stopping it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run `{description}`"))?;
+        let pid = child.id();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stdout = Arc::new(StdoutCount::default());
+        let mut readers = Vec::new();
+        if let Some(pipe) = child.stderr.take() {
+            let lines = Arc::clone(&stderr);
+            readers.push(thread::spawn(move || collect_lines(pipe, &lines)));
+        }
+        if let Some(pipe) = child.stdout.take() {
+            let count = Arc::clone(&stdout);
+            readers.push(thread::spawn(move || count_lines(pipe, &count)));
+        }
+        Ok(Tracer {
+            child,
+            pid,
+            description,
+            stderr,
+            stdout,
+            readers,
+            exited: None,
+        })
+    }
+
+    fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the line saying the programs are attached: tcpwatch's
+    /// "tcpwatch: tracing ..." on stderr, bpftrace's BEGIN line "READY"
+    /// (BEGIN runs once every probe is attached).
+    fn wait_ready(&mut self, variant: Variant) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ready = match variant {
+                Variant::Bpftrace => self.stdout.ready.load(Ordering::SeqCst),
+                _ => self
+                    .stderr_lines()
+                    .iter()
+                    .any(|l| l.starts_with("tcpwatch: tracing ")),
+            };
+            if ready {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait().context("cannot wait for a tracer")? {
+                self.exited = Some(status);
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                bail!(
+                    "`{}` exited ({}) before attaching: {}",
+                    self.description,
+                    describe_status(status),
+                    self.stderr_lines().join(" | ")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "`{}` did not attach within {} s: {}",
+                    self.description,
+                    READY_TIMEOUT.as_secs(),
+                    self.stderr_lines().join(" | ")
+                );
+            }
+            check_interrupted()?;
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn reading(&self) -> Reading {
+        Reading {
+            cpu: cpu_split(self.pid).unwrap_or_default(),
+            programs: bpf_programs_of(self.pid),
+        }
+    }
+
+    /// SIGINT, wait (SIGKILL after [`STOP_TIMEOUT`]), and collect output.
+    fn stop(mut self) -> Result<Stopped> {
+        let status = self.terminate()?;
+        Ok(Stopped {
+            status,
+            stderr: self.stderr_lines(),
+            stdout_events: self.stdout.events.load(Ordering::SeqCst),
+            stdout_lost: self.stdout.lost.load(Ordering::SeqCst),
+        })
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().context("cannot wait for a tracer")? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let status = self.child.wait().context("cannot wait for a tracer")?;
+                self.exited = Some(status);
+                bail!(
+                    "`{}` did not exit within {} s of SIGINT; killed",
+                    self.description,
+                    STOP_TIMEOUT.as_secs()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.exited = Some(status);
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        Ok(status)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            if let Err(e) = self.terminate() {
+                eprintln!("bench: {e:#}");
+            }
+        }
+    }
+}
+
+fn collect_lines(pipe: impl Read, lines: &Mutex<Vec<String>>) {
+    for line in BufReader::new(pipe).lines() {
+        let Ok(line) = line else { break };
+        if let Ok(mut lines) = lines.lock() {
+            if lines.len() < 10_000 {
+                lines.push(line);
+            }
+        }
+    }
+}
+
+/// Counts bpftrace's output: event lines start with a digit (the time);
+/// "Lost N events" lines add N to the lost count.
+fn count_lines(pipe: impl Read, count: &StdoutCount) {
+    let mut reader = BufReader::with_capacity(1 << 20, pipe);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.first().is_some_and(u8::is_ascii_digit) {
+            count.events.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if let Some(n) = lost_count(text) {
+            count.lost.fetch_add(n, Ordering::Relaxed);
+        } else if text == "READY" {
+            count.ready.store(true, Ordering::SeqCst);
+        } else if !text.is_empty() {
+            if let Ok(mut other) = count.other.lock() {
+                if other.len() < 100 {
+                    other.push(text.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// N from bpftrace's "Lost N events".
+fn lost_count(line: &str) -> Option<u64> {
+    let rest = line.trim().strip_prefix("Lost ")?;
+    let (n, tail) = rest.split_once(' ')?;
+    tail.starts_with("events").then(|| n.parse().ok())?
+}
+
+fn lost_in(lines: &[String]) -> u64 {
+    lines.iter().filter_map(|l| lost_count(l)).sum()
+}
+
+/// The counts in a tcpwatch summary line, each a number followed by words
+/// up to a comma or parenthesis: "tcpwatch: 12 transitions seen, 2 lost
+/// events (0 ring buffer full, 2 skipped by the kernel)" gives
+/// ("transitions seen", 12), ("lost events", 2), ("ring buffer full", 0),
+/// ("skipped by the kernel", 2).
+fn summary_counts(line: &str) -> Vec<(String, u64)> {
+    let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
+    body.split([',', '(', ')'])
+        .filter_map(|part| {
+            let (n, label) = part.trim().split_once(' ')?;
+            let label = label.trim();
+            if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
+                return None;
+            }
+            Some((label.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        _ => "unknown status".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc readings
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// utime and stime of a process (all its threads), in seconds.
+fn cpu_split(pid: u32) -> Option<(f64, f64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (utime, stime) = cpu_ticks(&stat)?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime as f64 / hz, stime as f64 / hz))
+}
+
+/// utime and stime (fields 14 and 15) of a /proc/PID/stat line, in ticks.
+fn cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    // The command name (field 2) may hold spaces; fields after it start
+    // after its closing parenthesis, with the state as field 3.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime, stime))
+}
+
+/// Another process holding BPF tracing programs.
+#[derive(Clone, Debug)]
+struct Foreign {
+    pid: u32,
+    command: String,
+    programs: usize,
+    /// Its CPU seconds when found; cores over the churn once measured.
+    cores: f64,
+}
+
+/// BPF program types that run on kernel events: kprobe, tracepoint,
+/// perf_event, raw_tracepoint, raw_tracepoint_writable, tracing.
+const TRACING_PROG_TYPES: &[u64] = &[2, 5, 7, 17, 24, 26];
+
+/// Processes, other than xtask and `tracer`, that hold descriptors of BPF
+/// tracing programs: they see the churn's transitions too.
+fn foreign_tracers(tracer: Option<u32>) -> Vec<Foreign> {
+    let me = std::process::id();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || Some(pid) == tracer {
+            continue;
+        }
+        let programs = bpf_program_types_of(pid)
+            .iter()
+            .filter(|t| TRACING_PROG_TYPES.contains(t))
+            .count();
+        if programs == 0 {
+            continue;
+        }
+        let command = fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|raw| {
+                let words: Vec<String> = raw
+                    .split(|&b| b == 0)
+                    .filter(|w| !w.is_empty())
+                    .map(|w| String::from_utf8_lossy(w).into_owned())
+                    .collect();
+                words.join(" ")
+            })
+            .unwrap_or_default();
+        let command: String = command.chars().take(80).collect();
+        out.push(Foreign {
+            pid,
+            command,
+            programs,
+            cores: cpu_seconds(pid).unwrap_or(0.0),
+        });
+    }
+    out
+}
+
+/// The types of the distinct BPF programs a process holds descriptors of.
+fn bpf_program_types_of(pid: u32) -> Vec<u64> {
+    let mut seen = BTreeMap::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    for fd in fds.flatten() {
+        let is_prog = fs::read_link(fd.path())
+            .map(|target| target.as_os_str() == "anon_inode:bpf-prog")
+            .unwrap_or(false);
+        if !is_prog {
+            continue;
+        }
+        let info_path = Path::new("/proc")
+            .join(pid.to_string())
+            .join("fdinfo")
+            .join(fd.file_name());
+        let Ok(info) = fs::read_to_string(info_path) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if let (Some(id), Some(kind)) = (field("prog_id:"), field("prog_type:")) {
+            seen.insert(id, kind);
+        }
+    }
+    seen.into_values().collect()
+}
+
+/// Peak resident set size (VmHWM) in bytes.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_kib(&status, "VmHWM:").map(|kib| kib * 1024)
+}
+
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The BPF programs a process holds descriptors of, by id, with their
+/// counters (from /proc/PID/fdinfo: the kernel's own run_time_ns, run_cnt
+/// and recursion_misses, as bpftool shows them).
+fn bpf_programs_of(pid: u32) -> BTreeMap<u64, ProgramCounters> {
+    let mut out = BTreeMap::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for fd in fds.flatten() {
+        let is_prog = fs::read_link(fd.path())
+            .map(|target| target.as_os_str() == "anon_inode:bpf-prog")
+            .unwrap_or(false);
+        if !is_prog {
+            continue;
+        }
+        let info_path = Path::new("/proc")
+            .join(pid.to_string())
+            .join("fdinfo")
+            .join(fd.file_name());
+        if let Ok(info) = fs::read_to_string(info_path) {
+            if let Some((id, counters)) = parse_fdinfo(&info) {
+                out.insert(id, counters);
+            }
+        }
+    }
+    out
+}
+
+fn parse_fdinfo(info: &str) -> Option<(u64, ProgramCounters)> {
+    let field = |name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some((
+        field("prog_id:")?,
+        ProgramCounters {
+            run_time_ns: field("run_time_ns:").unwrap_or(0),
+            run_cnt: field("run_cnt:").unwrap_or(0),
+            recursion_misses: field("recursion_misses:").unwrap_or(0),
+        },
+    ))
+}
+
+/// CPU time of the whole machine, of xtask and of the tracer, in seconds.
+struct CpuTimes {
+    at: Instant,
+    busy: f64,
+    steal: f64,
+    xtask: f64,
+    tracer: f64,
+}
+
+impl CpuTimes {
+    fn now(tracer: Option<u32>) -> CpuTimes {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let (busy, steal) = machine_cpu(&stat).unwrap_or_default();
+        CpuTimes {
+            at: Instant::now(),
+            busy,
+            steal,
+            xtask: cpu_seconds(std::process::id()).unwrap_or(0.0),
+            tracer: tracer.and_then(cpu_seconds).unwrap_or(0.0),
+        }
+    }
+
+    fn since(&self, before: &CpuTimes) -> Load {
+        let secs = (self.at - before.at).as_secs_f64().max(1e-9);
+        Load {
+            busy: (self.busy - before.busy) / secs,
+            steal: (self.steal - before.steal) / secs,
+            xtask: (self.xtask - before.xtask) / secs,
+            tracer: (self.tracer - before.tracer) / secs,
+        }
+    }
+}
+
+/// Cores busy on average over an interval.
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    /// The machine: user, nice, system, irq and softirq time.
+    busy: f64,
+    /// Time the hypervisor gave to others.
+    steal: f64,
+    /// xtask (the churn's clients and server).
+    xtask: f64,
+    /// The tracer.
+    tracer: f64,
+}
+
+impl Load {
+    /// Everything else: softirq and kernel threads working for the churn,
+    /// and other processes on the machine.
+    fn rest(&self) -> f64 {
+        (self.busy - self.xtask - self.tracer).max(0.0)
+    }
+}
+
+/// Busy and steal seconds of all CPUs from /proc/stat's first line.
+fn machine_cpu(stat: &str) -> Option<(f64, f64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    let steal = v.get(7).copied().unwrap_or(0);
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((busy as f64 / hz, steal as f64 / hz))
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Samples and their summary
+
+#[derive(Clone, Debug, Default)]
+struct ProgramDelta {
+    id: u64,
+    name: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+    recursion_misses: u64,
+}
+
+/// One variant in one round.
+#[derive(Clone, Debug)]
+struct Sample {
+    variant: Variant,
+    round: usize,
+    churn: ChurnResult,
+    /// Connections/s over the baseline's in the same round.
+    ratio: Option<f64>,
+    /// Transitions the tracer reported seeing (whole run).
+    seen: Option<u64>,
+    /// Events the tracer says it lost (tcpwatch: buffer full + skipped).
+    lost: Option<u64>,
+    /// Of those, records the ring (perf) buffer had no room for.
+    buffer_full: Option<u64>,
+    /// Of those, transitions the kernel skipped its program for.
+    skipped: Option<u64>,
+    /// Where the CPUs' time went during the churn.
+    load: Load,
+    /// Other processes' tracers running during the churn.
+    foreign: Vec<Foreign>,
+    /// Remarks for bench.json only.
+    notes_quiet: Vec<String>,
+    /// The tracer's user and system CPU time over the measured window.
+    cpu_user_seconds: Option<f64>,
+    cpu_system_seconds: Option<f64>,
+    /// The tracer's CPU time over the measured window.
+    cpu_seconds: Option<f64>,
+    /// Its programs' counters over the measured window.
+    programs: Vec<ProgramDelta>,
+    peak_rss: Option<u64>,
+    summary: Option<String>,
+    exit: Option<String>,
+    notes: Vec<String>,
+}
+
+impl Default for Sample {
+    fn default() -> Self {
+        Sample {
+            variant: Variant::Baseline,
+            round: 0,
+            churn: ChurnResult::default(),
+            ratio: None,
+            seen: None,
+            lost: None,
+            buffer_full: None,
+            skipped: None,
+            load: Load::default(),
+            foreign: Vec::new(),
+            notes_quiet: Vec::new(),
+            cpu_user_seconds: None,
+            cpu_system_seconds: None,
+            cpu_seconds: None,
+            programs: Vec::new(),
+            peak_rss: None,
+            summary: None,
+            exit: None,
+            notes: Vec::new(),
+        }
+    }
+}
+
+impl Sample {
+    /// The program on sock:inet_sock_set_state: by name, else the busiest.
+    fn state_program(&self) -> Option<&ProgramDelta> {
+        let prefix = self.variant.state_program();
+        self.programs
+            .iter()
+            .find(|p| p.name.starts_with(prefix))
+            .or_else(|| self.programs.iter().max_by_key(|p| p.run_cnt))
+    }
+
+    /// Program runs over the measured window (all the tracer's programs).
+    fn window_events(&self) -> Option<u64> {
+        (!self.programs.is_empty()).then(|| self.programs.iter().map(|p| p.run_cnt).sum())
+    }
+
+    fn kernel_ns_per_event(&self) -> Option<f64> {
+        let p = self.state_program()?;
+        (p.run_cnt > 0).then(|| p.run_time_ns as f64 / p.run_cnt as f64)
+    }
+
+    fn misses(&self) -> Option<u64> {
+        (!self.programs.is_empty()).then(|| self.programs.iter().map(|p| p.recursion_misses).sum())
+    }
+
+    fn cpu_us_per_event(&self) -> Option<f64> {
+        let events = self.window_events()?;
+        let cpu = self.cpu_seconds?;
+        (events > 0).then(|| cpu * 1e6 / events as f64)
+    }
+
+    fn one_line(&self) -> String {
+        let mut s = format!(
+            "round {} {:<9} {:>7.0} conn/s",
+            self.round + 1,
+            self.variant.key(),
+            self.churn.per_second()
+        );
+        if self.churn.errors > 0 {
+            let _ = write!(s, ", {} errors", self.churn.errors);
+        }
+        if let Some(seen) = self.seen {
+            let _ = write!(s, ", {seen} seen");
+        }
+        if let Some(lost) = self.lost {
+            let _ = write!(s, ", {lost} lost");
+        }
+        if let Some(ns) = self.kernel_ns_per_event() {
+            let _ = write!(s, ", {ns:.0} ns/event kernel");
+        }
+        if let Some(us) = self.cpu_us_per_event() {
+            let _ = write!(s, ", {us:.2} µs/event CPU");
+        }
+        if let Some(m) = self.misses().filter(|&m| m > 0) {
+            let _ = write!(s, ", {m} recursion misses");
+        }
+        for f in &self.foreign {
+            let _ = write!(
+                s,
+                "; other tracer pid {} ({}) used {:.2} cores",
+                f.pid, f.command, f.cores
+            );
+        }
+        for note in &self.notes {
+            let _ = write!(s, "; {note}");
+        }
+        s
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "variant": self.variant.key(),
+            "round": self.round + 1,
+            "connections": self.churn.connections,
+            "seconds": self.churn.seconds,
+            "connections_per_second": self.churn.per_second(),
+            "errors": self.churn.errors,
+            "first_error": self.churn.first_error,
+            "ratio_to_baseline": self.ratio,
+            "transitions_seen": self.seen,
+            "lost_events": self.lost,
+            "lost_buffer_full": self.buffer_full,
+            "lost_skipped_by_kernel": self.skipped,
+            "load_cores": {
+                "busy": self.load.busy,
+                "steal": self.load.steal,
+                "xtask": self.load.xtask,
+                "tracer": self.load.tracer,
+                "rest": self.load.rest(),
+            },
+            "cpu_seconds": self.cpu_seconds,
+            "cpu_user_seconds": self.cpu_user_seconds,
+            "cpu_system_seconds": self.cpu_system_seconds,
+            "foreign_tracers": self.foreign.iter().map(|f| json!({
+                "pid": f.pid,
+                "command": f.command,
+                "programs": f.programs,
+                "cores": f.cores,
+            })).collect::<Vec<_>>(),
+            "window_program_runs": self.window_events(),
+            "cpu_us_per_event": self.cpu_us_per_event(),
+            "kernel_ns_per_event": self.kernel_ns_per_event(),
+            "recursion_misses": self.misses(),
+            "programs": self.programs.iter().map(|p| json!({
+                "id": p.id,
+                "name": p.name,
+                "run_time_ns": p.run_time_ns,
+                "run_cnt": p.run_cnt,
+                "recursion_misses": p.recursion_misses,
+            })).collect::<Vec<_>>(),
+            "peak_rss_bytes": self.peak_rss,
+            "summary": self.summary,
+            "exit": self.exit,
+            "notes": self.notes,
+            "remarks": self.notes_quiet,
+        })
+    }
+}
+
+/// Median and range of a set of figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    fn json(&self) -> Value {
+        json!({"median": self.median, "min": self.min, "max": self.max})
+    }
+}
+
+/// One variant over all rounds.
+#[derive(Clone, Debug)]
+struct Row {
+    variant: Variant,
+    rounds: usize,
+    rate: Option<Spread>,
+    ratio: Option<Spread>,
+    seen: Option<Spread>,
+    seen_per_connection: Option<Spread>,
+    /// The tracer's own count of lost events (tcpwatch: ring buffer full
+    /// plus skipped by the kernel; bpftrace: its "Lost N events").
+    lost_total: Option<u64>,
+    /// Of those, ring (perf) buffer full.
+    buffer_full_total: Option<u64>,
+    /// Runs the kernel skipped (recursion_misses, over the measured windows).
+    misses_total: Option<u64>,
+    /// Cores busy with neither xtask nor the tracer during the churn.
+    rest_cores: Option<Spread>,
+    /// Runs of the tracer's programs over the measured windows.
+    program_runs_total: u64,
+    kernel_ns: Option<Spread>,
+    cpu_us: Option<Spread>,
+    peak_rss: Option<u64>,
+    errors: u64,
+}
+
+impl Row {
+    fn of(variant: Variant, samples: &[Sample]) -> Row {
+        let mine: Vec<Sample> = samples
+            .iter()
+            .filter(|s| s.variant == variant)
+            .map(|s| {
+                let mut s = s.clone();
+                s.ratio = ratio_in_round(s.round, s.churn.per_second(), samples);
+                s
+            })
+            .collect();
+        let spread = |f: &dyn Fn(&Sample) -> Option<f64>| {
+            Spread::of(&mine.iter().filter_map(f).collect::<Vec<_>>())
+        };
+        let total = |f: &dyn Fn(&Sample) -> Option<u64>| {
+            let v: Vec<u64> = mine.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum())
+        };
+        Row {
+            variant,
+            rounds: mine.len(),
+            rate: spread(&|s| Some(s.churn.per_second())),
+            ratio: spread(&|s| s.ratio),
+            seen: spread(&|s| s.seen.map(|n| n as f64)),
+            seen_per_connection: spread(&|s| {
+                let seen = s.seen?;
+                (s.churn.connections > 0).then(|| seen as f64 / s.churn.connections as f64)
+            }),
+            lost_total: total(&|s| s.lost),
+            buffer_full_total: total(&|s| s.buffer_full),
+            misses_total: total(&|s| s.misses()),
+            rest_cores: spread(&|s| Some(s.load.rest())),
+            program_runs_total: mine.iter().filter_map(Sample::window_events).sum(),
+            kernel_ns: spread(&|s| s.kernel_ns_per_event()),
+            cpu_us: spread(&|s| s.cpu_us_per_event()),
+            peak_rss: mine.iter().filter_map(|s| s.peak_rss).max(),
+            errors: mine.iter().map(|s| s.churn.errors).sum(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        let spread = |s: &Option<Spread>| s.as_ref().map(Spread::json);
+        json!({
+            "variant": self.variant.key(),
+            "label": self.variant.label(),
+            "rounds": self.rounds,
+            "connections_per_second": spread(&self.rate),
+            "ratio_to_baseline": spread(&self.ratio),
+            "transitions_seen": spread(&self.seen),
+            "transitions_seen_per_connection": spread(&self.seen_per_connection),
+            "lost_events_total": self.lost_total,
+            "lost_buffer_full_total": self.buffer_full_total,
+            "recursion_misses_total": self.misses_total,
+            "rest_of_machine_cores": spread(&self.rest_cores),
+            "kernel_ns_per_event": spread(&self.kernel_ns),
+            "cpu_us_per_event": spread(&self.cpu_us),
+            "peak_rss_bytes": self.peak_rss,
+            "churn_errors": self.errors,
+        })
+    }
+}
+
+/// `rate` over the baseline's rate in round `round`.
+fn ratio_in_round(round: usize, rate: f64, samples: &[Sample]) -> Option<f64> {
+    let base = samples
+        .iter()
+        .find(|s| s.round == round && s.variant == Variant::Baseline)?
+        .churn
+        .per_second();
+    (base > 0.0).then(|| rate / base)
+}
+
+// ---------------------------------------------------------------------------
+// The report
+
+/// The machine the bench ran on.
+#[derive(Clone, Debug, Default)]
+struct Machine {
+    cpus: usize,
+    model: String,
+    kernel: String,
+    memory_bytes: u64,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Machine {
+            cpus: thread::available_parallelism().map_or(0, usize::from),
+            model,
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            memory_bytes: status_kib(&meminfo, "MemTotal:").unwrap_or(0) * 1024,
+        }
+    }
+}
+
+/// What else was going on.
+#[derive(Clone, Debug, Default)]
+struct Conditions {
+    load_before: String,
+    load_after: String,
+}
+
+struct Report {
+    date: SystemTime,
+    machine: Machine,
+    options: Options,
+    conditions: Conditions,
+    rows: Vec<Row>,
+    samples: Vec<Sample>,
+    correlator: std::result::Result<Value, String>,
+    memory: std::result::Result<Value, String>,
+    skipped: Vec<(Variant, String)>,
+}
+
+/// A target's verdict.
+struct Verdict {
+    target: &'static str,
+    met: Option<bool>,
+    detail: String,
+}
+
+impl Report {
+    fn row(&self, variant: Variant) -> Option<&Row> {
+        self.rows.iter().find(|r| r.variant == variant)
+    }
+
+    fn modes(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(|r| r.variant.is_mode())
+    }
+
+    fn table(&self) -> String {
+        let mut t = String::new();
+        t.push_str(
+            "| variant | connections/s, median (min–max) | vs. baseline, median (min–max) | \
+             transitions seen per round | lost: buffer full | lost: skipped by the kernel | \
+             kernel ns/event | tracer CPU µs/event | peak RSS |\n",
+        );
+        t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.rows {
+            let rate = r.rate.map_or("—".into(), |s| {
+                format!(
+                    "{} ({}–{})",
+                    thousands(s.median),
+                    thousands(s.min),
+                    thousands(s.max)
+                )
+            });
+            let ratio = match (r.variant, r.ratio) {
+                (Variant::Baseline, _) => "100%".into(),
+                (_, Some(s)) => format!(
+                    "{:.1}% ({:.1}–{:.1}%)",
+                    s.median * 100.0,
+                    s.min * 100.0,
+                    s.max * 100.0
+                ),
+                (_, None) => "—".into(),
+            };
+            let seen = match (r.variant, r.seen) {
+                (_, Some(s)) => thousands(s.median),
+                (Variant::Timewait, None) => "n/a¹".into(),
+                (_, None) => "—".into(),
+            };
+            let count = |n: Option<u64>| n.map_or("—".into(), |n| thousands(n as f64));
+            let lost = count(r.buffer_full_total);
+            let kernel = r
+                .kernel_ns
+                .map_or("—".into(), |s| format!("{:.0}", s.median));
+            let cpu = r.cpu_us.map_or("—".into(), |s| format!("{:.2}", s.median));
+            let rss = r.peak_rss.map_or("—".into(), mebibytes);
+            let _ = writeln!(
+                t,
+                "| {} | {rate} | {ratio} | {seen} | {lost} | {} | {kernel} | {cpu} | {rss} |",
+                r.variant.label(),
+                count(r.misses_total)
+            );
+        }
+        t
+    }
+
+    fn verdicts(&self) -> Vec<Verdict> {
+        let mut v = Vec::new();
+        let modes: Vec<&Row> = self.modes().collect();
+        let missing = |target: &'static str, why: &str| Verdict {
+            target,
+            met: None,
+            detail: format!("not measured ({why})"),
+        };
+
+        // Zero lost events.
+        {
+            let target = "zero lost events in every tcpwatch mode at the generator's full rate";
+            let parts: Vec<String> = modes
+                .iter()
+                .map(|r| {
+                    let Some(n) = r.lost_total else {
+                        return format!("{}: unknown", r.variant.key());
+                    };
+                    let mut part = format!("{}: {}", r.variant.key(), thousands(n as f64));
+                    if n > 0 {
+                        let runs = r.program_runs_total + r.misses_total.unwrap_or(0);
+                        let full = r.buffer_full_total.unwrap_or(0);
+                        let _ = write!(
+                            part,
+                            " ({:.3}% of its transitions; {} ring buffer full, the rest skipped \
+                             by the kernel)",
+                            n as f64 * 100.0 / runs.max(1) as f64,
+                            thousands(full as f64)
+                        );
+                    }
+                    part
+                })
+                .collect();
+            let lost: Option<u64> = modes.iter().map(|r| r.lost_total).sum();
+            v.push(match lost {
+                _ if modes.is_empty() => missing(target, "no tcpwatch mode ran"),
+                Some(0) => Verdict {
+                    target,
+                    met: Some(true),
+                    detail: format!("met: {} lost over all rounds", parts.join(", ")),
+                },
+                Some(n) => Verdict {
+                    target,
+                    met: Some(false),
+                    detail: format!(
+                        "missed by {} events over all rounds ({})",
+                        thousands(n as f64),
+                        parts.join(", ")
+                    ),
+                },
+                None => missing(target, "a mode printed no summary"),
+            });
+        }
+
+        // Throughput ≥ 97% of baseline, within noise of the floor.
+        {
+            let target = "throughput with tcpwatch ≥ 97% of the baseline in every mode";
+            let medians: Vec<(Variant, f64)> = modes
+                .iter()
+                .filter_map(|r| Some((r.variant, r.ratio?.median)))
+                .collect();
+            if medians.is_empty() {
+                v.push(missing(target, "no tcpwatch mode ran"));
+            } else {
+                let worst = medians
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .expect("not empty");
+                let parts = medians
+                    .iter()
+                    .map(|(m, r)| format!("{} {:.1}%", m.key(), r * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let margin = (worst.1 - 0.97) * 100.0;
+                v.push(Verdict {
+                    target,
+                    met: Some(worst.1 >= 0.97),
+                    detail: if worst.1 >= 0.97 {
+                        format!("met by {margin:.1} points at worst ({parts}; medians)")
+                    } else {
+                        format!(
+                            "missed by {:.1} points ({} at {:.1}%; {parts}; medians)",
+                            -margin,
+                            worst.0.key(),
+                            worst.1 * 100.0
+                        )
+                    },
+                });
+            }
+            let target = "throughput within noise of the floor (each mode's min–max range of \
+                          ratios overlaps the floor's)";
+            match self.row(Variant::Floor).and_then(|f| f.ratio) {
+                Some(floor) if !modes.is_empty() => {
+                    let mut met = true;
+                    let parts: Vec<String> = modes
+                        .iter()
+                        .filter_map(|r| {
+                            let s = r.ratio?;
+                            let overlaps = s.max >= floor.min && s.min <= floor.max;
+                            met &= overlaps;
+                            Some(if overlaps {
+                                format!(
+                                    "{} {:.1}–{:.1}% overlaps",
+                                    r.variant.key(),
+                                    s.min * 100.0,
+                                    s.max * 100.0
+                                )
+                            } else {
+                                format!(
+                                    "{} {:.1}–{:.1}% is {:.1} points below",
+                                    r.variant.key(),
+                                    s.min * 100.0,
+                                    s.max * 100.0,
+                                    (floor.min - s.max) * 100.0
+                                )
+                            })
+                        })
+                        .collect();
+                    v.push(Verdict {
+                        target,
+                        met: Some(met),
+                        detail: format!(
+                            "{}: floor {:.1}–{:.1}% (median {:.1}%); {}",
+                            if met { "met" } else { "missed" },
+                            floor.min * 100.0,
+                            floor.max * 100.0,
+                            floor.median * 100.0,
+                            parts.join("; ")
+                        ),
+                    });
+                }
+                _ => v.push(missing(target, "no floor or no mode")),
+            }
+        }
+
+        // Kernel time.
+        {
+            let target = "kernel time ≤ 150 ns per event";
+            let parts: Vec<(Variant, f64)> = modes
+                .iter()
+                .filter_map(|r| Some((r.variant, r.kernel_ns?.median)))
+                .collect();
+            v.push(threshold(target, &parts, 150.0, "ns", 0));
+        }
+
+        // tcpwatch CPU in conns and timewait.
+        {
+            let target = "tcpwatch CPU ≤ 0.5 µs per event in conns and timewait";
+            let parts: Vec<(Variant, f64)> = modes
+                .iter()
+                .filter(|r| matches!(r.variant, Variant::Conns | Variant::Timewait))
+                .filter_map(|r| Some((r.variant, r.cpu_us?.median)))
+                .collect();
+            v.push(threshold(target, &parts, 0.5, "µs", 2));
+        }
+
+        // Correlator offline.
+        {
+            let target = "correlator offline ≥ 5 million events/s on one core";
+            v.push(match &self.correlator {
+                Ok(c) => match c["events_per_second"].as_f64() {
+                    Some(eps) => Verdict {
+                        target,
+                        met: Some(eps >= 5e6),
+                        detail: if eps >= 5e6 {
+                            format!(
+                                "met: {:.2} M events/s ({:.0}% above)",
+                                eps / 1e6,
+                                (eps / 5e6 - 1.0) * 100.0
+                            )
+                        } else {
+                            format!(
+                                "missed: {:.2} M events/s ({:.0}% short)",
+                                eps / 1e6,
+                                (1.0 - eps / 5e6) * 100.0
+                            )
+                        },
+                    },
+                    None => missing(target, "no events_per_second in its output"),
+                },
+                Err(e) => missing(target, e),
+            });
+        }
+
+        // Memory.
+        {
+            let target = "memory ≤ 200 bytes per tracked open connection";
+            let target_rss = "RSS < 300 MB with one million tracked connections";
+            match &self.memory {
+                Ok(m) => {
+                    let per = m["bytes_per_connection"].as_f64();
+                    let rss = m["rss_after"].as_f64();
+                    let tracked = m["tracked"].as_u64().unwrap_or(0);
+                    let connections = m["connections"].as_u64().unwrap_or(0);
+                    let tracked_note = if tracked == connections {
+                        String::new()
+                    } else {
+                        format!(
+                            " (only {} of {} tracked)",
+                            thousands(tracked as f64),
+                            thousands(connections as f64)
+                        )
+                    };
+                    v.push(match per {
+                        Some(b) => Verdict {
+                            target,
+                            met: Some(b <= 200.0 && tracked == connections),
+                            detail: if b <= 200.0 {
+                                format!("met: {b:.0} bytes ({:.0} under){tracked_note}", 200.0 - b)
+                            } else {
+                                format!(
+                                    "missed: {b:.0} bytes ({:.0} over){tracked_note}",
+                                    b - 200.0
+                                )
+                            },
+                        },
+                        None => missing(target, "no bytes_per_connection in its output"),
+                    });
+                    v.push(match rss {
+                        Some(r) => {
+                            let mb = r / 1e6;
+                            Verdict {
+                                target: target_rss,
+                                met: Some(mb < 300.0),
+                                detail: if mb < 300.0 {
+                                    format!("met: {mb:.0} MB ({:.0} MB under)", 300.0 - mb)
+                                } else {
+                                    format!("missed: {mb:.0} MB ({:.0} MB over)", mb - 300.0)
+                                },
+                            }
+                        }
+                        None => missing(target_rss, "no rss_after in its output"),
+                    });
+                }
+                Err(e) => {
+                    v.push(missing(target, e));
+                    v.push(missing(target_rss, e));
+                }
+            }
+        }
+        v
+    }
+
+    fn targets_markdown(&self) -> String {
+        let mut t = String::from("| target | verdict |\n|---|---|\n");
+        for v in self.verdicts() {
+            let mark = match v.met {
+                Some(true) => "✅",
+                Some(false) => "❌",
+                None => "❔",
+            };
+            let _ = writeln!(t, "| {} | {mark} {} |", v.target, v.detail);
+        }
+        t
+    }
+
+    /// Observations worth a sentence: anything odd in the samples, and
+    /// where the cost goes.
+    fn observations(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let base = self.row(Variant::Baseline).and_then(|r| r.rate);
+        if let Some(b) = base {
+            notes.push(format!(
+                "Baseline: {} connections/s (median; {}–{} over the rounds, a spread of {:.1}%).",
+                thousands(b.median),
+                thousands(b.min),
+                thousands(b.max),
+                (b.max - b.min) / b.median * 100.0
+            ));
+        }
+        if let Some(f) = self.row(Variant::Floor) {
+            if let (Some(ratio), Some(k)) = (f.ratio, f.kernel_ns) {
+                notes.push(format!(
+                    "The hook alone (empty program, BPF statistics on) costs {:.1}% of the \
+                     throughput, though the program runs for only {:.0} ns per call: the rest of \
+                     the floor is the classic tracepoint's own work outside the program (its perf \
+                     handler builds the event record before calling BPF), the statistics' clock \
+                     reads, and noise. Every tracer on this tracepoint pays it.",
+                    (1.0 - ratio.median) * 100.0,
+                    k.median
+                ));
+            }
+        }
+        for r in self.modes() {
+            let (Some(ratio), Some(k), Some(cpu)) = (r.ratio, r.kernel_ns, r.cpu_us) else {
+                continue;
+            };
+            let floor = self
+                .row(Variant::Floor)
+                .and_then(|f| Some((f.ratio?.median, f.kernel_ns?.median)));
+            let mut s = format!(
+                "`{}`: {:.1}% of the baseline; its program takes {:.0} ns per event in the \
+                 kernel",
+                r.variant.key(),
+                ratio.median * 100.0,
+                k.median
+            );
+            if let Some((fr, fk)) = floor {
+                let _ = write!(
+                    s,
+                    " ({:.0} ns more than the empty program) and costs {:.1} points beyond the floor",
+                    k.median - fk,
+                    (fr - ratio.median) * 100.0
+                );
+            }
+            let _ = write!(
+                s,
+                "; the tcpwatch process spends {cpu:.2} µs of CPU per event",
+                cpu = cpu.median
+            );
+            let system_share: Vec<f64> = self
+                .samples
+                .iter()
+                .filter(|x| x.variant == r.variant)
+                .filter_map(|x| {
+                    let (u, sys) = (x.cpu_user_seconds?, x.cpu_system_seconds?);
+                    (u + sys > 0.0).then(|| sys / (u + sys))
+                })
+                .collect();
+            if let Some(share) = Spread::of(&system_share) {
+                let _ = write!(s, ", {:.0}% of it system time", share.median * 100.0);
+            }
+            let cores: Vec<f64> = self
+                .samples
+                .iter()
+                .filter(|x| x.variant == r.variant)
+                .map(|x| x.load.tracer)
+                .collect();
+            if let Some(cores) = Spread::of(&cores) {
+                let _ = write!(s, " ({:.2} cores during the churn, median)", cores.median);
+            }
+            s.push('.');
+            notes.push(s);
+        }
+        for r in &self.rows {
+            if let Some(spc) = r.seen_per_connection {
+                if r.variant != Variant::Bpftrace && !(8.0..=12.0).contains(&spc.median) {
+                    notes.push(format!(
+                        "`{}` saw {:.1} transitions per connection (about 10 expected).",
+                        r.variant.key(),
+                        spc.median
+                    ));
+                }
+            }
+            if r.variant == Variant::Bpftrace {
+                if let (Some(lost), Some(seen)) = (r.lost_total, r.seen) {
+                    if lost > 0 {
+                        notes.push(format!(
+                            "bpftrace lost {} events over {} rounds (it printed {} per round, median).",
+                            thousands(lost as f64),
+                            r.rounds,
+                            thousands(seen.median)
+                        ));
+                    }
+                }
+            }
+            if r.errors > 0 {
+                let first = self
+                    .samples
+                    .iter()
+                    .filter(|s| s.variant == r.variant)
+                    .find_map(|s| s.churn.first_error.clone())
+                    .unwrap_or_default();
+                notes.push(format!(
+                    "{}: {} failed connection attempts in the churn (first: {first}).",
+                    r.variant.label(),
+                    thousands(r.errors as f64)
+                ));
+            }
+        }
+        let skips: Vec<String> = self
+            .rows
+            .iter()
+            .filter_map(|r| {
+                let m = r.misses_total.filter(|&m| m > 0)?;
+                Some(format!("{} {}", r.variant.key(), thousands(m as f64)))
+            })
+            .collect();
+        if !skips.is_empty() {
+            notes.push(format!(
+                "The kernel skipped the tracers' programs (recursion_misses, over all rounds: {}): \
+                 the tracepoint fired while a BPF program was already running on that CPU, \
+                 typically a softirq interrupting one (also another process's program on the \
+                 same tracepoint). Those transitions never reach the tracer; tcpwatch counts \
+                 them among its lost events (\"skipped by the kernel\"), bpftrace cannot know of \
+                 them.",
+                skips.join(", ")
+            ));
+        }
+        let rest: Vec<f64> = self.samples.iter().map(|s| s.load.rest()).collect();
+        let steal: Vec<f64> = self.samples.iter().map(|s| s.load.steal).collect();
+        if let (Some(rest), Some(steal)) = (Spread::of(&rest), Spread::of(&steal)) {
+            notes.push(format!(
+                "During the churn windows the CPUs were busy with something other than xtask and \
+                 the tracer (softirq and kernel threads serving the churn, plus other processes) \
+                 for {:.2} cores (median; {:.2}–{:.2}); hypervisor steal {:.2} cores (median; max \
+                 {:.2}). Per sample in bench.json under `load_cores`.",
+                rest.median, rest.min, rest.max, steal.median, steal.max
+            ));
+        }
+        for s in &self.samples {
+            for note in &s.notes {
+                notes.push(format!(
+                    "Round {}, {}: {note}",
+                    s.round + 1,
+                    s.variant.key()
+                ));
+            }
+        }
+        for (variant, why) in &self.skipped {
+            notes.push(format!("{} not measured: {why}", variant.label()));
+        }
+        notes
+    }
+
+    fn machine_line(&self) -> String {
+        let m = &self.machine;
+        format!(
+            "{} CPUs ({}), Linux {}, {:.1} GiB memory",
+            m.cpus,
+            m.model,
+            m.kernel,
+            m.memory_bytes as f64 / (1u64 << 30) as f64
+        )
+    }
+
+    /// Other processes' tracers seen during the churn windows.
+    fn foreign_line(&self) -> String {
+        let with: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| !s.foreign.is_empty())
+            .collect();
+        if with.is_empty() {
+            return "no other process held BPF tracing programs during the churn windows".into();
+        }
+        let mut commands: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for f in with.iter().flat_map(|s| &s.foreign) {
+            let e = commands.entry(f.command.clone()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(f.cores);
+        }
+        format!(
+            "other processes held BPF tracing programs (which see the churn's transitions too) \
+             during {} of {} churn windows: {}",
+            with.len(),
+            self.samples.len(),
+            commands
+                .iter()
+                .map(|(c, (n, cores))| format!("`{c}` ({n} windows, up to {cores:.2} cores)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// Why the figures of this run may not be trusted, if they may not.
+    fn caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(b) = self.row(Variant::Baseline).and_then(|r| r.rate) {
+            let spread = (b.max - b.min) / b.median.max(1e-9);
+            if spread > 0.10 {
+                out.push(format!(
+                    "the baseline varied by {:.0}% between rounds ({}–{} connections/s), so \
+                     differences of that order between variants are noise",
+                    spread * 100.0,
+                    thousands(b.min),
+                    thousands(b.max)
+                ));
+            }
+        }
+        let with_foreign = self
+            .samples
+            .iter()
+            .filter(|s| !s.foreign.is_empty())
+            .count();
+        if with_foreign > 0 {
+            out.push(format!(
+                "other processes' tracers were attached during {with_foreign} of {} churn \
+                 windows; they process the churn's events too and slow every variant, \
+                 unevenly",
+                self.samples.len()
+            ));
+        }
+        out
+    }
+
+    fn document(&self) -> String {
+        let o = &self.options;
+        let mut d = String::new();
+        d.push_str("# Performance\n\n");
+        d.push_str(
+            "This page is written by `cargo xtask bench` (as root); rerun it to refresh it. The \
+             same figures, round by round, are in `target/bench/bench.json`.\n\n",
+        );
+        let _ = writeln!(d, "- Date: {}", utc_date(self.date));
+        let _ = writeln!(d, "- Machine: {}", self.machine_line());
+        let _ = writeln!(
+            d,
+            "- Run: {} rounds × {} s per variant, {} client threads, {} accept threads; load \
+             average {} before, {} after; {}.",
+            o.rounds,
+            o.seconds,
+            o.threads,
+            o.server_threads(),
+            self.conditions.load_before,
+            self.conditions.load_after,
+            self.foreign_line()
+        );
+        if o.rounds < 5 {
+            d.push_str(
+                "- Fewer than 5 rounds: the spreads below say little; the defaults run 5.\n",
+            );
+        }
+        let caveats = self.caveats();
+        if !caveats.is_empty() {
+            let _ = writeln!(
+                d,
+                "\n> **Caution:** this run was noisy: {}. Rerun on a quiet machine before \
+                 drawing conclusions from the ratios.",
+                caveats.join("; ")
+            );
+        }
+        d.push_str("\n## How it is measured\n\n");
+        d.push_str(
+            "The churn generator (`xtask/src/churn.rs`, in the xtask process) runs client \
+             threads that each loop over socket, bind to 127.0.X.Y:0 (cycling through 65,024 \
+             loopback addresses, so ephemeral ports never run out), connect to a server on \
+             127.0.0.1 and close; the server's accept threads read each connection to EOF and \
+             close it. The client closes first, so about 10 state transitions happen per \
+             connection and TIME_WAIT sockets pile up to `tcp_max_tw_buckets` (the overflow is \
+             realistic for such a host).\n\n",
+        );
+        d.push_str(
+            "Each round runs every variant once, in an order rotated from round to round, so \
+             noise on the machine hits the variants alike; ratios compare a variant with the \
+             baseline of the same round. A tracer is started and waited for until it says it \
+             is attached (tcpwatch's `tcpwatch: tracing ...` line, bpftrace's BEGIN output), \
+             then given 0.5 s to settle, the churn runs, the tracer gets 0.5 s to drain, and \
+             it is stopped with SIGINT and waited for before the next variant starts.\n\n",
+        );
+        d.push_str(
+            "- *transitions seen*: the tracer's own count (tcpwatch's exit summary; for \
+             bpftrace, the lines it printed), median per round.\n\
+             - *lost: buffer full*: records the ring buffer had no room for (tcpwatch's \
+             summary, \"ring buffer full\"); for bpftrace, its `Lost N events` lines (perf \
+             buffer). Total over all rounds.\n\
+             - *lost: skipped by the kernel*: the kernel's `recursion_misses` of the tracer's \
+             programs over the measured windows, transitions the program was never run for. \
+             tcpwatch counts these in its lost events too; bpftrace cannot see them. Total \
+             over all rounds.\n\
+             - *kernel ns/event*: `run_time_ns / run_cnt` of the program on \
+             `sock:inet_sock_set_state` over the measured window, with \
+             `kernel.bpf_stats_enabled=1` for the whole bench (restored afterwards; the \
+             statistics themselves add two clock reads per call to every variant but the \
+             baseline). Programs are found through the tracer's descriptors in \
+             /proc/PID/fdinfo and named by `bpftool prog show --json`.\n\
+             - *tracer CPU µs/event*: utime+stime of the tracer process (/proc/PID/stat) over \
+             the window from the end of the settle time to the end of the drain time, divided \
+             by the runs of its programs over the same window.\n\
+             - *peak RSS*: VmHWM of the tracer just before it is stopped, largest over rounds.\n\n",
+        );
+        d.push_str("## Results\n\n");
+        d.push_str(&self.table());
+        if self.row(Variant::Timewait).is_some() {
+            d.push_str(
+                "\n¹ `tcpwatch timewait` prints no event count at exit (only snapshots and lost \
+                 events); like every row, its per-event figures divide by the runs of its \
+                 programs in the kernel over the measured window.\n",
+            );
+        }
+        d.push('\n');
+        d.push_str("## Offline\n\n");
+        match &self.correlator {
+            Ok(c) => {
+                let _ = writeln!(
+                    d,
+                    "- `tcpwatch bench correlator --events 10000000`: {} events in {:.2} s on one \
+                     core, **{:.2} M events/s** ({} timelines).",
+                    thousands(c["events"].as_f64().unwrap_or(0.0)),
+                    c["seconds"].as_f64().unwrap_or(0.0),
+                    c["events_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                    thousands(c["timelines"].as_f64().unwrap_or(0.0))
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(d, "- correlator: not measured ({e})");
+            }
+        }
+        match &self.memory {
+            Ok(m) => {
+                let _ = writeln!(
+                    d,
+                    "- `tcpwatch bench memory --connections 1000000`: {} connections tracked, RSS \
+                     {} before and {} after, **{:.0} bytes per connection**.",
+                    thousands(m["tracked"].as_f64().unwrap_or(0.0)),
+                    megabytes(m["rss_before"].as_f64().unwrap_or(0.0)),
+                    megabytes(m["rss_after"].as_f64().unwrap_or(0.0)),
+                    m["bytes_per_connection"].as_f64().unwrap_or(0.0)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(d, "- memory: not measured ({e})");
+            }
+        }
+        d.push_str("\n## Targets\n\n");
+        d.push_str(&self.targets_markdown());
+        d.push_str("\n## Observations\n\n");
+        for note in self.observations() {
+            let _ = writeln!(d, "- {note}");
+        }
+        d.push_str(
+            "\nFigures on shared machines vary from run to run; compare ratios taken in one run, \
+             not absolute rates across runs.\n",
+        );
+        d
+    }
+
+    fn json(&self) -> Value {
+        let mut samples = Vec::new();
+        for s in &self.samples {
+            let mut s = s.clone();
+            s.ratio = ratio_in_round(s.round, s.churn.per_second(), &self.samples);
+            samples.push(s.json());
+        }
+        json!({
+            "date": utc_date(self.date),
+            "machine": {
+                "cpus": self.machine.cpus,
+                "model": self.machine.model,
+                "kernel": self.machine.kernel,
+                "memory_bytes": self.machine.memory_bytes,
+            },
+            "options": {
+                "rounds": self.options.rounds,
+                "seconds": self.options.seconds,
+                "threads": self.options.threads,
+                "server_threads": self.options.server_threads(),
+            },
+            "conditions": {
+                "loadavg_before": self.conditions.load_before,
+                "loadavg_after": self.conditions.load_after,
+            },
+            "summary": self.rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "samples": samples,
+            "offline": {
+                "correlator": self.correlator.clone().unwrap_or_else(|e| json!({"error": e})),
+                "memory": self.memory.clone().unwrap_or_else(|e| json!({"error": e})),
+            },
+            "targets": self.verdicts().iter().map(|v| json!({
+                "target": v.target,
+                "met": v.met,
+                "detail": v.detail,
+            })).collect::<Vec<_>>(),
+            "caveats": self.caveats(),
+            "skipped": self.skipped.iter().map(|(v, why)| json!({
+                "variant": v.key(),
+                "reason": why,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A "≤ limit" verdict over per-mode medians.
+fn threshold(
+    target: &'static str,
+    parts: &[(Variant, f64)],
+    limit: f64,
+    unit: &str,
+    decimals: usize,
+) -> Verdict {
+    if parts.is_empty() {
+        return Verdict {
+            target,
+            met: None,
+            detail: "not measured".into(),
+        };
+    }
+    let worst = parts
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("not empty");
+    let list = parts
+        .iter()
+        .map(|(v, x)| format!("{} {x:.decimals$} {unit}", v.key()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let met = worst.1 <= limit;
+    let detail = if met {
+        format!(
+            "met with {:.decimals$} {unit} to spare at worst ({list}; medians)",
+            limit - worst.1
+        )
+    } else {
+        format!(
+            "missed by {:.decimals$} {unit} ({} at {:.decimals$} {unit}; {list}; medians)",
+            worst.1 - limit,
+            worst.0.key(),
+            worst.1
+        )
+    };
+    Verdict {
+        target,
+        met: Some(met),
+        detail,
+    }
+}
+
+/// 27512.4 → "27,512".
+fn thousands(x: f64) -> String {
+    let n = x.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn megabytes(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1e6)
+}
+
+/// "2026-11-23 14:05 UTC".
+fn utc_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> Options {
+        Options {
+            rounds: 5,
+            seconds: 5,
+            threads: 2,
+            server_threads: None,
+            bpftrace: true,
+        }
+    }
+
+    #[test]
+    fn options_out_of_range_are_one_line_errors() {
+        assert!(options().check().is_ok());
+        for (o, what) in [
+            (
+                Options {
+                    threads: 0,
+                    ..options()
+                },
+                "--threads",
+            ),
+            (
+                Options {
+                    seconds: 0,
+                    ..options()
+                },
+                "--seconds",
+            ),
+            (
+                Options {
+                    rounds: 0,
+                    ..options()
+                },
+                "--rounds",
+            ),
+            (
+                Options {
+                    server_threads: Some(0),
+                    ..options()
+                },
+                "--server-threads",
+            ),
+            (
+                Options {
+                    threads: MAX_THREADS + 1,
+                    ..options()
+                },
+                "--threads",
+            ),
+        ] {
+            let e = o.check().unwrap_err();
+            assert!(e.starts_with(what), "{e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn summary_lines() {
+        let get = |line: &str, label: &str| {
+            summary_counts(line)
+                .into_iter()
+                .find(|(l, _)| l == label)
+                .map(|(_, n)| n)
+        };
+        let trace = "tcpwatch: 365805 transitions seen, 365805 shown, 2034 lost events (0 ring \
+                     buffer full, 2034 skipped by the kernel), 0 undecodable records";
+        assert_eq!(get(trace, "transitions seen"), Some(365_805));
+        assert_eq!(get(trace, "lost events"), Some(2034));
+        assert_eq!(get(trace, "ring buffer full"), Some(0));
+        assert_eq!(get(trace, "skipped by the kernel"), Some(2034));
+        assert_eq!(get(trace, "undecodable records"), Some(0));
+        let conns = "tcpwatch: 68576 connections finished, 68576 shown, 0 still open at exit, \
+                     348505 events, 415 lost events (0 ring buffer full, 415 skipped by the \
+                     kernel), 0 undecodable records, 0 sockets evicted from tracking";
+        assert_eq!(get(conns, "events"), Some(348_505));
+        assert_eq!(get(conns, "lost events"), Some(415));
+        assert_eq!(get(conns, "connections finished"), Some(68_576));
+        let tw = "tcpwatch: 3 snapshots, 7 lost events";
+        assert_eq!(
+            summary_counts(tw),
+            [("snapshots".to_string(), 3), ("lost events".to_string(), 7)]
+        );
+        // An older summary without the breakdown still parses.
+        let old = "tcpwatch: 12 transitions seen, 3 shown, 5 lost events, 0 undecodable records";
+        assert_eq!(get(old, "lost events"), Some(5));
+        assert_eq!(get(old, "ring buffer full"), None);
+    }
+
+    #[test]
+    fn bpftrace_lost_lines() {
+        assert_eq!(lost_count("Lost 42 events"), Some(42));
+        assert_eq!(lost_count("  Lost 7 events\n"), Some(7));
+        assert_eq!(lost_count("Attaching 2 probes..."), None);
+        assert_eq!(lost_count("Lost track"), None);
+    }
+
+    #[test]
+    fn counting_bpftrace_output() {
+        let out =
+            b"Attaching 2 probes...\nREADY\n1 ffff 1 a 127.0.0.1 1 127.0.0.1 2 CLOSE -> SYN_SENT\n\
+                    2 ffff 1 a 127.0.0.1 1 127.0.0.1 2 SYN_SENT -> ESTABLISHED\nLost 5 events\n\n";
+        let count = StdoutCount::default();
+        count_lines(&out[..], &count);
+        assert_eq!(count.events.load(Ordering::SeqCst), 2);
+        assert_eq!(count.lost.load(Ordering::SeqCst), 5);
+        assert!(count.ready.load(Ordering::SeqCst));
+        assert_eq!(
+            count.other.lock().unwrap().as_slice(),
+            ["Attaching 2 probes..."]
+        );
+    }
+
+    #[test]
+    fn proc_stat_cpu() {
+        let stat = "1234 (tcp watch) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 30 0 0 20 0 2 0 \
+                    100 1000000 500 18446744073709551615";
+        assert_eq!(cpu_ticks(stat), Some((250, 30)));
+    }
+
+    #[test]
+    fn fdinfo_of_a_program() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nprog_id:\t2885\nrun_time_ns:\t900\n\
+                    run_cnt:\t10\nrecursion_misses:\t3\n";
+        let (id, c) = parse_fdinfo(info).unwrap();
+        assert_eq!(id, 2885);
+        assert_eq!((c.run_time_ns, c.run_cnt, c.recursion_misses), (900, 10, 3));
+        assert!(parse_fdinfo("pos:\t0\n").is_none());
+    }
+
+    #[test]
+    fn spreads() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(thousands(27_512.4), "27,512");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1_000_000.0), "1,000,000");
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn ratios_are_within_the_round() {
+        let sample = |variant, round, connections| Sample {
+            variant,
+            round,
+            churn: ChurnResult {
+                connections,
+                seconds: 1.0,
+                ..ChurnResult::default()
+            },
+            ..Sample::default()
+        };
+        let samples = vec![
+            sample(Variant::Baseline, 0, 100),
+            sample(Variant::Trace, 0, 90),
+            sample(Variant::Baseline, 1, 200),
+            sample(Variant::Trace, 1, 190),
+        ];
+        let row = Row::of(Variant::Trace, &samples);
+        let ratio = row.ratio.unwrap();
+        assert!((ratio.min - 0.9).abs() < 1e-9);
+        assert!((ratio.max - 0.95).abs() < 1e-9);
+    }
+}
