@@ -201,8 +201,12 @@ async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
     .await;
     if started {
         eprintln!(
-            "tcpwatch: {} snapshots, {} lost events",
-            sink.snapshots, sink.lost
+            "tcpwatch: {} snapshots, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel)",
+            sink.snapshots,
+            sink.events,
+            sink.lost,
+            sink.lost_counts.ring_full,
+            sink.lost_counts.skipped
         );
     }
     result

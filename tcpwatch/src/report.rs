@@ -84,6 +84,8 @@ pub struct TimewaitSink<W: Write> {
     pub lost: u64,
     pub lost_counts: crate::probe::LostCounts,
     pub snapshots: u64,
+    /// Records taken from the ring buffer.
+    pub events: u64,
     kernel_error: Option<String>,
     warn: Box<dyn FnMut(&str) + Send>,
 }
@@ -123,6 +125,7 @@ impl<W: Write> TimewaitSink<W> {
             lost: 0,
             lost_counts: crate::probe::LostCounts::default(),
             snapshots: 0,
+            events: 0,
             kernel_error: None,
             warn,
         }
@@ -256,6 +259,7 @@ impl<W: Write> Sink for TimewaitSink<W> {
         if let Some(w) = rejects.warning() {
             (self.warn)(&w);
         }
+        self.events += records.len() as u64;
         self.absorb(&records);
         self.correlator.advance(settled_ns, &mut self.finished);
         self.take_finished();

@@ -2490,11 +2490,12 @@ mod tests {
         assert_eq!(get(conns, "events"), Some(348_505));
         assert_eq!(get(conns, "lost events"), Some(415));
         assert_eq!(get(conns, "connections finished"), Some(68_576));
-        let tw = "tcpwatch: 3 snapshots, 7 lost events";
-        assert_eq!(
-            summary_counts(tw),
-            [("snapshots".to_string(), 3), ("lost events".to_string(), 7)]
-        );
+        let tw = "tcpwatch: 3 snapshots, 900 events, 7 lost events (0 ring buffer full, 7 \
+                  skipped by the kernel)";
+        assert_eq!(get(tw, "snapshots"), Some(3));
+        assert_eq!(get(tw, "events"), Some(900));
+        assert_eq!(get(tw, "lost events"), Some(7));
+        assert_eq!(get(tw, "skipped by the kernel"), Some(7));
         // An older summary without the breakdown still parses.
         let old = "tcpwatch: 12 transitions seen, 3 shown, 5 lost events, 0 undecodable records";
         assert_eq!(get(old, "lost events"), Some(5));

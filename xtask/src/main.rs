@@ -54,15 +54,16 @@ enum Cmd {
     /// Build the eBPF object, then the tcpwatch binary embedding it, and
     /// print the binary's path.
     Build {
-        /// Build the userspace binary in release mode.
+        /// Build an unoptimised binary (the default is release: a debug
+        /// tcpwatch cannot keep up with a busy host).
         #[arg(long)]
-        release: bool,
+        debug: bool,
     },
     /// Build, then run tcpwatch as root with the arguments after `--`.
     Run {
-        /// Build the userspace binary in release mode.
+        /// Build an unoptimised binary (the default is release).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Arguments for tcpwatch.
         #[arg(last = true)]
         args: Vec<String>,
@@ -169,13 +170,15 @@ fn execute(command: Cmd) -> Result<u8> {
             setup::run(&ws, build_only)?;
             compile::build_ebpf(&ws)?;
         }
-        Cmd::Build { release } => {
+        Cmd::Build { debug } => {
+            let release = !debug;
             setup::run(&ws, build_only)?;
             let object = compile::build_ebpf(&ws)?;
             let binary = compile::build_tcpwatch(&ws, release, &object)?;
             println!("{}", binary.display());
         }
-        Cmd::Run { release, args } => {
+        Cmd::Run { debug, args } => {
+            let release = !debug;
             setup::run(&ws, build_only)?;
             let object = compile::build_ebpf(&ws)?;
             let binary = compile::build_tcpwatch(&ws, release, &object)?;
@@ -204,11 +207,10 @@ mod tests {
 
     #[test]
     fn run_takes_arguments_after_double_dash() {
-        let cli =
-            Cli::try_parse_from(["xtask", "run", "--release", "--", "trace", "--bogus"]).unwrap();
+        let cli = Cli::try_parse_from(["xtask", "run", "--", "trace", "--bogus"]).unwrap();
         match cli.command {
-            Cmd::Run { release, args } => {
-                assert!(release);
+            Cmd::Run { debug, args } => {
+                assert!(!debug, "release by default");
                 assert_eq!(args, ["trace", "--bogus"]);
             }
             other => panic!("parsed as {other:?}"),

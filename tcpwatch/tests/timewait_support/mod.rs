@@ -638,7 +638,7 @@ impl Timewait {
         let summary = f
             .stderr
             .iter()
-            .find(|l| l.ends_with(" lost events") && l.contains(" snapshots, "))
+            .find(|l| l.contains(" lost events") && l.contains(" snapshots, "))
             .unwrap_or_else(|| panic!("{name}: no closing summary:\n{stderr}"));
         let nums: Vec<u64> = summary
             .split(|c: char| !c.is_ascii_digit())
@@ -653,10 +653,18 @@ impl Timewait {
         for s in &snaps {
             s.check_invariants(top);
         }
+        // "S snapshots, E events, L lost events (R ring buffer full, K
+        // skipped by the kernel)"
+        assert!(nums.len() >= 5, "{name}: summary: {summary}");
+        assert_eq!(
+            nums[2],
+            nums[3] + nums[4],
+            "{name}: lost is not ring + skipped: {summary}"
+        );
         TimewaitRun {
             snaps,
             stderr: f.stderr,
-            lost: nums[1],
+            lost: nums[2],
         }
     }
 }
