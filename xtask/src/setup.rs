@@ -37,6 +37,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftrace", "bpftrace"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
+    // Cross-checks BTF offsets and reads the kernel's skip counters.
+    ("bpftool", "bpftool"),
+    // Shows an unprivileged run makes no bpf() call.
+    ("strace", "strace"),
 ];
 
 /// What to check besides the build toolchain.
