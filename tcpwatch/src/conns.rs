@@ -27,8 +27,7 @@ pub struct ConnsSummary {
     pub events: u64,
     pub connections: u64,
     pub shown: u64,
-    pub lost: u64,
-    pub lost_counts: crate::probe::LostCounts,
+    pub lost: crate::probe::LostCounts,
     pub undecodable: u64,
     pub still_open: usize,
     pub evicted: u64,
@@ -42,9 +41,9 @@ impl ConnsSummary {
             self.shown,
             self.still_open,
             self.events,
-            self.lost,
-            self.lost_counts.ring_full,
-            self.lost_counts.skipped,
+            self.lost.total(),
+            self.lost.ring_full,
+            self.lost.skipped,
             self.undecodable,
             self.evicted
         )
@@ -208,10 +207,7 @@ impl<W: Write> Sink for ConnsSink<W> {
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
-        let before = self.summary.lost_counts;
-        self.summary.lost_counts = counts;
-        self.summary.lost = counts.total();
-        (self.warn)(&counts.warning(&before));
+        (self.warn)(&self.summary.lost.advance(counts));
     }
 
     fn finish(&mut self) -> io::Result<()> {

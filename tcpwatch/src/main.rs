@@ -204,9 +204,9 @@ async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
             "tcpwatch: {} snapshots, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel)",
             sink.snapshots,
             sink.events,
-            sink.lost,
-            sink.lost_counts.ring_full,
-            sink.lost_counts.skipped
+            sink.lost.total(),
+            sink.lost.ring_full,
+            sink.lost.skipped
         );
     }
     result
@@ -243,7 +243,7 @@ async fn record(args: RecordArgs) -> Result<(), String> {
             "tcpwatch: recorded {} events to {}, {} lost events",
             r.events,
             args.output.display(),
-            r.lost
+            r.lost.total()
         );
     }
     Ok(())

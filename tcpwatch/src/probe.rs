@@ -316,6 +316,13 @@ impl LostCounts {
         self.ring_full + self.skipped
     }
 
+    /// Takes the kernel's latest counts and returns the line to say about
+    /// what they add.
+    pub fn advance(&mut self, latest: LostCounts) -> String {
+        let before = std::mem::replace(self, latest);
+        latest.warning(&before)
+    }
+
     /// The line said when the counts grow from `before`.
     pub fn warning(&self, before: &LostCounts) -> String {
         format!(

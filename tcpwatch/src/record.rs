@@ -122,8 +122,7 @@ fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
 pub struct Recorder<W: Write> {
     out: W,
     pub events: u64,
-    pub lost: u64,
-    pub lost_counts: crate::probe::LostCounts,
+    pub lost: crate::probe::LostCounts,
 }
 
 impl Recorder<BufWriter<File>> {
@@ -172,8 +171,7 @@ impl<W: Write> Recorder<W> {
         Ok(Recorder {
             out,
             events: 0,
-            lost: 0,
-            lost_counts: crate::probe::LostCounts::default(),
+            lost: crate::probe::LostCounts::default(),
         })
     }
 
@@ -217,10 +215,7 @@ impl<W: Write> crate::session::Sink for Recorder<W> {
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
-        let before = self.lost_counts;
-        self.lost_counts = counts;
-        self.lost = counts.total();
-        eprintln!("{}", counts.warning(&before));
+        eprintln!("{}", self.lost.advance(counts));
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -81,8 +81,7 @@ pub struct TimewaitSink<W: Write> {
     overflow_base: Option<u64>,
     overflow_prev: Option<u64>,
     finished: Vec<crate::correlate::Timeline>,
-    pub lost: u64,
-    pub lost_counts: crate::probe::LostCounts,
+    pub lost: crate::probe::LostCounts,
     pub snapshots: u64,
     /// Records taken from the ring buffer.
     pub events: u64,
@@ -122,8 +121,7 @@ impl<W: Write> TimewaitSink<W> {
             overflow_base: overflow,
             overflow_prev: overflow,
             finished: Vec::new(),
-            lost: 0,
-            lost_counts: crate::probe::LostCounts::default(),
+            lost: crate::probe::LostCounts::default(),
             snapshots: 0,
             events: 0,
             kernel_error: None,
@@ -203,11 +201,11 @@ impl<W: Write> TimewaitSink<W> {
                     writeln!(self.out)?;
                 }
                 write!(self.out, "{}", timewait_text(s))?;
-                if self.lost > 0 {
+                if self.lost.total() > 0 {
                     writeln!(
                         self.out,
                         "  ! {} kernel events lost since start: counts may be low",
-                        self.lost
+                        self.lost.total()
                     )?;
                 }
             }
@@ -274,10 +272,7 @@ impl<W: Write> Sink for TimewaitSink<W> {
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
-        let before = self.lost_counts;
-        self.lost_counts = counts;
-        self.lost = counts.total();
-        (self.warn)(&counts.warning(&before));
+        (self.warn)(&self.lost.advance(counts));
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -128,10 +128,7 @@ impl<W: Write> Sink for TraceSink<W> {
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
-        let before = self.summary.lost_counts;
-        self.summary.lost_counts = counts;
-        self.summary.lost = counts.total();
-        (self.warn)(&counts.warning(&before));
+        (self.warn)(&self.summary.lost.advance(counts));
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -250,6 +247,6 @@ mod tests {
             "{}",
             w[1]
         );
-        assert_eq!(s.summary.lost, 12);
+        assert_eq!(s.summary.lost.total(), 12);
     }
 }

@@ -125,8 +125,7 @@ pub struct Summary {
     pub seen: u64,
     pub shown: u64,
     pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
-    pub lost: u64,
-    pub lost_counts: crate::probe::LostCounts,
+    pub lost: crate::probe::LostCounts,
     pub decode_errors: u64,
     pub evicted: u64,
 }
@@ -145,9 +144,9 @@ impl Summary {
             "tcpwatch: {} transitions seen, {} shown, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records",
             self.seen,
             self.shown,
-            self.lost,
-            self.lost_counts.ring_full,
-            self.lost_counts.skipped,
+            self.lost.total(),
+            self.lost.ring_full,
+            self.lost.skipped,
             self.decode_errors
         );
         if self.evicted > 0 {
@@ -274,7 +273,10 @@ mod tests {
         let t = transition();
         s.count(&t);
         s.count(&t);
-        s.lost = 3;
+        s.lost = crate::probe::LostCounts {
+            ring_full: 3,
+            skipped: 0,
+        };
         let r = s.render();
         assert!(
             r.starts_with("tcpwatch: 2 transitions seen, 0 shown, 3 lost events"),
