@@ -273,41 +273,6 @@ fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> io::Result<()> {
     }
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 fn new_socket(for_addr: SocketAddr) -> io::Result<OwnedFd> {
     let family = if for_addr.is_ipv4() {
         libc::AF_INET
@@ -345,7 +310,7 @@ fn local_port(fd: &OwnedFd) -> io::Result<u16> {
 }
 
 fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<u16> {
-    let (storage, len) = sockaddr(addr);
+    let (_, storage, len) = crate::common::sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of len bytes.
     let rc = unsafe { libc::bind(fd.as_raw_fd(), &storage as *const _ as *const _, len) };
     if rc != 0 {
@@ -371,7 +336,7 @@ fn connect(to: SocketAddr, syncnt: Option<i32>) -> Result<TcpStream, (io::Error,
         0,
     );
     let port = bind(&fd, any).map_err(|e| (e, 0))?;
-    let (storage, len) = sockaddr(to);
+    let (_, storage, len) = crate::common::sockaddr(to);
     // SAFETY: storage holds a valid sockaddr of len bytes.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), &storage as *const _ as *const _, len) };
     if rc != 0 {
