@@ -373,11 +373,6 @@ impl Correlator {
             .count()
     }
 
-    fn track(&self, skaddr: u64) -> Option<(u32, &Track)> {
-        let slot = *self.index.get(&skaddr)?;
-        self.slots.get(slot as usize)?.as_ref().map(|t| (slot, t))
-    }
-
     fn track_mut(&mut self, skaddr: u64) -> Option<&mut Track> {
         let slot = *self.index.get(&skaddr)?;
         self.slots.get_mut(slot as usize)?.as_mut()
@@ -492,14 +487,18 @@ impl Correlator {
 
     fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
         let birth = crate::owner::is_birth(t.old, t.new);
+        // One lookup serves the whole event.
+        let mut existing = self.index.get(&t.skaddr).copied();
         // A new open on an address whose previous socket has closed but is
         // still in its grace period: finish the old one first.
-        if birth {
-            if let Some((slot, gen)) = self
-                .track(t.skaddr)
-                .filter(|(_, tr)| tr.closed)
-                .map(|(slot, tr)| (slot, tr.gen))
-            {
+        if let (true, Some(slot)) = (birth, existing) {
+            let closed_gen = self
+                .slots
+                .get(slot as usize)
+                .and_then(|tr| tr.as_ref())
+                .filter(|tr| tr.closed)
+                .map(|tr| tr.gen);
+            if let Some(gen) = closed_gen {
                 if let Some(pos) = self
                     .closing
                     .iter()
@@ -509,23 +508,25 @@ impl Correlator {
                         self.finish(c, out);
                     }
                 }
+                existing = self.index.get(&t.skaddr).copied();
             }
         }
-        let known = self.track(t.skaddr).map(|(_, tr)| {
+        let known = existing
+            .and_then(|slot| self.slots.get(slot as usize))
+            .and_then(|tr| tr.as_ref());
+        let first_sight = known.is_none();
+        let known = known.and_then(|tr| {
             tr.owner.clone().map(|owner| Attribution {
                 owner,
                 source: tr.owner_source,
             })
         });
-        let first_sight = known.is_none();
-        let owner = self
-            .owners
-            .attribute(t, known.flatten().as_ref(), first_sight);
+        let owner = self.owners.attribute(t, known.as_ref(), first_sight);
 
-        let slot = match self.index.get(&t.skaddr) {
+        let slot = match existing {
             // A birth on an address still tracked means the kernel freed and
             // reused it without us seeing CLOSE: start over.
-            Some(&slot) if !birth => slot,
+            Some(slot) if !birth => slot,
             _ => self.insert(Track {
                 skaddr: t.skaddr,
                 local: t.local,
