@@ -17,6 +17,7 @@ pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod conns;
+pub mod daemon;
 pub mod correlate;
 pub mod decode;
 pub mod filter;

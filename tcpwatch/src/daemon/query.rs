@@ -1,0 +1,202 @@
+//! Parsing what a client asks the daemon for: the request path and its
+//! query string. Kept apart from the server so it can be tested and fuzzed
+//! on its own; everything here is total (no input panics).
+
+/// The daemon's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Metrics,
+    Timewait,
+    Conns(ConnsQuery),
+    Health,
+}
+
+/// `GET /api/conns?limit=N&since=SEQ`: at most `limit` of the most recent
+/// finished connections, only those numbered above `since`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnsQuery {
+    pub limit: usize,
+    pub since: Option<u64>,
+}
+
+/// Connections returned when the client gives no `limit`.
+pub const DEFAULT_LIMIT: usize = 100;
+/// The most a client may ask for at once.
+pub const MAX_LIMIT: usize = 100_000;
+
+/// Why a request was refused: 404 for a path, 400 for a query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    NotFound(String),
+    BadQuery(String),
+}
+
+impl RouteError {
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) => 404,
+            RouteError::BadQuery(_) => 400,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            RouteError::NotFound(m) | RouteError::BadQuery(m) => m,
+        }
+    }
+}
+
+/// Splits a request target (`/api/conns?limit=5`) into its route.
+pub fn route(target: &str) -> Result<Route, RouteError> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let no_query = |route: Route| match query {
+        Some(q) if !q.is_empty() => Err(RouteError::BadQuery(format!(
+            "{path} takes no query parameters"
+        ))),
+        _ => Ok(route),
+    };
+    match path {
+        "/metrics" => no_query(Route::Metrics),
+        "/healthz" => no_query(Route::Health),
+        "/api/timewait" => no_query(Route::Timewait),
+        "/api/conns" => parse_conns_query(query.unwrap_or("")).map(Route::Conns),
+        _ => Err(RouteError::NotFound(format!(
+            "no such path: {}",
+            printable(path)
+        ))),
+    }
+}
+
+/// Parses `limit=N&since=SEQ` (either, both, or neither; each at most once).
+pub fn parse_conns_query(query: &str) -> Result<ConnsQuery, RouteError> {
+    let mut q = ConnsQuery {
+        limit: DEFAULT_LIMIT,
+        since: None,
+    };
+    let (mut seen_limit, mut seen_since) = (false, false);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            RouteError::BadQuery(format!("parameter {} has no value", printable(pair)))
+        })?;
+        match key {
+            "limit" if !seen_limit => {
+                seen_limit = true;
+                let n = number(key, value)?;
+                if n == 0 || n > MAX_LIMIT as u64 {
+                    return Err(RouteError::BadQuery(format!(
+                        "limit must be between 1 and {MAX_LIMIT}, not {n}"
+                    )));
+                }
+                q.limit = n as usize;
+            }
+            "since" if !seen_since => {
+                seen_since = true;
+                q.since = Some(number(key, value)?);
+            }
+            "limit" | "since" => {
+                return Err(RouteError::BadQuery(format!("{key} given twice")));
+            }
+            _ => {
+                return Err(RouteError::BadQuery(format!(
+                    "unknown parameter {} (expected limit or since)",
+                    printable(key)
+                )));
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// A decimal number of at most 19 digits (no sign, no spaces).
+fn number(key: &str, value: &str) -> Result<u64, RouteError> {
+    if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RouteError::BadQuery(format!(
+            "{key} must be a whole number, not {}",
+            printable(value)
+        )));
+    }
+    value
+        .parse()
+        .map_err(|_| RouteError::BadQuery(format!("{key} is out of range")))
+}
+
+/// Client text echoed in an error: bounded and without control characters.
+fn printable(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/metrics"), Ok(Route::Metrics));
+        assert_eq!(route("/healthz"), Ok(Route::Health));
+        assert_eq!(route("/api/timewait"), Ok(Route::Timewait));
+        assert_eq!(
+            route("/api/conns"),
+            Ok(Route::Conns(ConnsQuery {
+                limit: DEFAULT_LIMIT,
+                since: None
+            }))
+        );
+        assert_eq!(
+            route("/api/conns?limit=5&since=17"),
+            Ok(Route::Conns(ConnsQuery {
+                limit: 5,
+                since: Some(17)
+            }))
+        );
+    }
+
+    #[test]
+    fn unknown_paths_are_404() {
+        for p in ["/", "/api", "/api/conns/1", "/metricsx", "", "x"] {
+            let e = route(p).unwrap_err();
+            assert_eq!(e.status(), 404, "{p}");
+        }
+    }
+
+    #[test]
+    fn bad_queries_are_400() {
+        for q in [
+            "limit=",
+            "limit=-1",
+            "limit=0",
+            "limit=abc",
+            "limit=1e3",
+            "limit=100001",
+            "limit=99999999999999999999",
+            "limit",
+            "limit=1&limit=2",
+            "since=1&since=1",
+            "colour=red",
+            "limit=+5",
+            "limit= 5",
+        ] {
+            let e = parse_conns_query(q).unwrap_err();
+            assert_eq!(e.status(), 400, "{q}: {e:?}");
+        }
+        assert_eq!(route("/metrics?x=1").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn error_text_is_bounded_and_printable() {
+        let long = format!("/{}\u{7}", "a".repeat(1000));
+        let e = route(&long).unwrap_err();
+        assert!(e.message().len() < 120, "{}", e.message());
+        assert!(!e.message().contains('\u{7}'));
+    }
+}
