@@ -26,6 +26,9 @@ const MAGIC: u16 = 0xEB9F;
 const VERSION: u8 = 1;
 /// Size of the fixed part of `struct btf_header`.
 const HEADER_LEN: usize = 24;
+/// The largest BTF file read: a kernel's is a few MB (5.5 MB here), so
+/// anything far larger is not BTF, and reading it would only use memory.
+const MAX_FILE_LEN: u64 = 256 << 20;
 /// Size of `struct btf_type`.
 const TYPE_LEN: usize = 12;
 /// How many typedef/modifier/array hops or nested anonymous members we
@@ -88,6 +91,10 @@ pub enum BtfError {
         #[source]
         source: std::io::Error,
     },
+    #[error("not a regular file but {what}")]
+    NotAFile { what: &'static str },
+    #[error("the file is {len} bytes, more than the {MAX_FILE_LEN} a BTF blob may be")]
+    TooLarge { len: u64 },
     #[error("BTF blob is {len} bytes, shorter than the {HEADER_LEN}-byte header")]
     TooShort { len: usize },
     #[error("not a BTF blob: magic is {magic:#06x}, expected {MAGIC:#06x}")]
@@ -96,11 +103,12 @@ pub enum BtfError {
     UnsupportedVersion { version: u8 },
     #[error("BTF header length {hdr_len} is invalid for a {len}-byte blob")]
     BadHeaderLen { hdr_len: u32, len: usize },
-    #[error("BTF {section} section (offset {off}, length {len}) runs past the end of the blob")]
+    #[error("BTF {section} section (offset {off}, length {len}) runs past the end of the {blob}-byte blob: the file is truncated or corrupt")]
     SectionOutOfBounds {
         section: &'static str,
         off: u32,
         len: u32,
+        blob: usize,
     },
     #[error("BTF string section is empty or does not start and end with a NUL byte")]
     BadStringSection,
@@ -217,11 +225,50 @@ impl Reader {
 
 impl Btf {
     /// Reads and parses a raw BTF file such as [`VMLINUX_BTF`].
+    /// Only a regular file of at most [`MAX_FILE_LEN`] bytes is read: a
+    /// FIFO would block the start forever, and `/dev/zero` never ends.
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let bytes = std::fs::read(path).map_err(|source| BtfError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let io = |source| BtfError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // Non-blocking, so that opening a FIFO returns at once.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let what = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a file"
+            };
+            return Err(BtfError::NotAFile { what });
+        }
+        if meta.len() > MAX_FILE_LEN {
+            return Err(BtfError::TooLarge { len: meta.len() });
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        // A file growing while read is still cut at the limit.
+        file.take(MAX_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_FILE_LEN {
+            return Err(BtfError::TooLarge {
+                len: bytes.len() as u64,
+            });
+        }
         Btf::parse(&bytes)
     }
 
@@ -263,6 +310,7 @@ impl Btf {
                     section: name,
                     off,
                     len,
+                    blob: bytes.len(),
                 }),
             }
         };
@@ -582,6 +630,9 @@ struct Field {
     size: u32,
     base: Base,
     slot: fn(&mut SockOffsets) -> &mut u32,
+    /// What the views show differently without the field, said with the
+    /// degraded line so that nobody reads a `-` as a fault of the network.
+    without: &'static str,
 }
 
 const FIELDS: &[Field] = &[
@@ -591,6 +642,7 @@ const FIELDS: &[Field] = &[
         size: 1,
         base: Base::Direct,
         slot: |o| &mut o.sk_shutdown,
+        without: "no view uses it; recordings keep it unset",
     },
     Field {
         strukt: "sock",
@@ -598,6 +650,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Direct,
         slot: |o| &mut o.sk_err,
+        without: "conns: error/errno are null, so a close by error shows unknown and a timed-out connect failed",
     },
     Field {
         strukt: "tcp_sock",
@@ -605,6 +658,7 @@ const FIELDS: &[Field] = &[
         size: 8,
         base: Base::Tcp,
         slot: |o| &mut o.bytes_acked,
+        without: "conns: TX (bytes_sent) shows -",
     },
     Field {
         strukt: "tcp_sock",
@@ -612,6 +666,7 @@ const FIELDS: &[Field] = &[
         size: 8,
         base: Base::Tcp,
         slot: |o| &mut o.bytes_received,
+        without: "conns: RX (bytes_received) shows -",
     },
     Field {
         strukt: "tcp_sock",
@@ -619,6 +674,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Tcp,
         slot: |o| &mut o.srtt_us,
+        without: "conns: RTT_US (srtt_us) and a server's HS_MS (handshake_ms) show -",
     },
     Field {
         strukt: "tcp_sock",
@@ -626,6 +682,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Tcp,
         slot: |o| &mut o.total_retrans,
+        without: "conns --format json: total_retrans is null",
     },
     Field {
         strukt: "tcp_sock",
@@ -633,6 +690,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Tcp,
         slot: |o| &mut o.segs_in,
+        without: "conns: SEGS of the end that closed first shows -, and fin_wait2 is reported as fin_wait2_timeout",
     },
     Field {
         strukt: "tcp_sock",
@@ -640,6 +698,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Tcp,
         slot: |o| &mut o.segs_out,
+        without: "conns: SEGS of the end that closed second shows - where icsk_ack.pending is missing too",
     },
     Field {
         strukt: "tcp_sock",
@@ -647,6 +706,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Tcp,
         slot: |o| &mut o.rcv_nxt,
+        without: "conns: CLOSE of the end that closed first shows unknown, with SEGS and TIMEWAIT -",
     },
     Field {
         strukt: "inet_connection_sock",
@@ -654,6 +714,7 @@ const FIELDS: &[Field] = &[
         size: 1,
         base: Base::Icsk,
         slot: |o| &mut o.icsk_ack_pending,
+        without: "conns: SEGS of the end that closed second is counted from segs_out instead",
     },
     // possible_net_t wraps `struct net *`; 8 bytes unless the kernel lacks netns.
     Field {
@@ -662,6 +723,7 @@ const FIELDS: &[Field] = &[
         size: 8,
         base: Base::Direct,
         slot: |o| &mut o.skc_net,
+        without: "the network namespace is unknown (netns null), so sockets of other namespaces are not told apart",
     },
     Field {
         strukt: "net",
@@ -669,6 +731,7 @@ const FIELDS: &[Field] = &[
         size: 4,
         base: Base::Direct,
         slot: |o| &mut o.net_ns_inum,
+        without: "the network namespace is unknown (netns null), so sockets of other namespaces are not told apart",
     },
 ];
 
@@ -704,21 +767,22 @@ pub fn sock_offsets(btf: &Btf) -> (SockOffsets, Vec<String>) {
             Base::Icsk => icsk_base.clone(),
             Base::Tcp => tcp_base.clone(),
         };
-        if let Err(why) = base {
-            missing.push(format!("{label}: not usable from a socket pointer: {why}"));
-            continue;
-        }
-        match btf.member(f.strukt, f.path) {
-            Ok(m) if m.size != f.size => missing.push(format!(
-                "{label}: size differs: {} bytes in the kernel's BTF, expected {}",
+        let why = match (base, btf.member(f.strukt, f.path)) {
+            (Err(why), _) => format!("not usable from a socket pointer: {why}"),
+            (Ok(()), Ok(m)) if m.size != f.size => format!(
+                "size differs: {} bytes in the kernel's BTF, expected {}",
                 m.size, f.size
-            )),
-            Ok(m) => *(f.slot)(&mut offsets) = m.offset,
-            Err(e @ (BtfError::NoSuchStruct { .. } | BtfError::NoSuchMember { .. })) => {
-                missing.push(format!("{label}: not in the kernel's BTF ({e})"));
+            ),
+            (Ok(()), Ok(m)) => {
+                *(f.slot)(&mut offsets) = m.offset;
+                continue;
             }
-            Err(e) => missing.push(format!("{label}: {e}")),
-        }
+            (Ok(()), Err(e @ (BtfError::NoSuchStruct { .. } | BtfError::NoSuchMember { .. }))) => {
+                format!("not in the kernel's BTF ({e})")
+            }
+            (Ok(()), Err(e)) => e.to_string(),
+        };
+        missing.push(format!("{label}: {why}; {}", f.without));
     }
     (offsets, missing)
 }
@@ -1443,6 +1507,32 @@ mod tests {
             err.to_string().contains("/nonexistent/btf/vmlinux"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_regular_files_of_sane_size_are_read() {
+        let dir = std::env::temp_dir().join(format!("tcpwatch-btf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A FIFO with no writer: reading it would block forever.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = Btf::from_file(&fifo).expect_err("fifo").to_string();
+        assert!(err.contains("a FIFO"), "{err}");
+        let err = Btf::from_file(&dir).expect_err("dir").to_string();
+        assert!(err.contains("a directory"), "{err}");
+        let err = Btf::from_file(Path::new("/dev/zero")).expect_err("device");
+        assert!(err.to_string().contains("a device"), "{err}");
+        // Sparse: takes no space, but would take 1 GB of memory to read.
+        let big = dir.join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let err = Btf::from_file(&big).expect_err("too large").to_string();
+        assert!(err.contains("1073741824 bytes"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     // ---- the running kernel -------------------------------------------

@@ -36,6 +36,8 @@ pub enum Command {
     Record(RecordArgs),
     /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
     Replay(ReplayArgs),
+    /// Run for good: serve metrics to Prometheus and connections and TIME_WAIT to `--from`.
+    Daemon(DaemonArgs),
     /// Measurements for `cargo xtask bench` (not for everyday use).
     #[command(hide = true)]
     Bench(BenchArgs),
@@ -88,6 +90,9 @@ pub struct ConnsArgs {
     /// Do not print the column header (text format).
     #[arg(long)]
     pub no_header: bool,
+    /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -119,6 +124,39 @@ pub struct TimewaitArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DaemonArgs {
+    /// Address to serve HTTP on. Loopback unless you ask otherwise.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Seconds between TIME_WAIT snapshots (checked against the kernel each time).
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Processes and destinations given their own series; the rest are summed as `other`.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
+    pub top: usize,
+    /// Finished connections kept for /api/conns.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive_usize)]
+    pub keep: usize,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -165,6 +203,16 @@ pub struct ReplayOutputArgs {
     /// Most sockets tracked at once.
     #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
     pub max_sockets: usize,
+}
+
+impl ProbeArgs {
+    pub fn options(&self) -> probe::ProbeOptions {
+        probe::ProbeOptions {
+            ring_size: self.ring_size,
+            wakeup_bytes: u64::from(self.ring_size / 8),
+            btf_path: self.btf.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

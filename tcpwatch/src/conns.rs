@@ -30,13 +30,13 @@ pub struct ConnsSummary {
     pub lost: crate::probe::LostCounts,
     pub undecodable: u64,
     pub still_open: usize,
-    pub evicted: u64,
+    pub tracking: crate::output::Tracking,
 }
 
 impl ConnsSummary {
     pub fn render(&self) -> String {
         format!(
-            "tcpwatch: {} connections finished, {} shown, {} still open at exit, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records, {} sockets evicted from tracking\n",
+            "tcpwatch: {} connections finished, {} shown, {} still open at exit, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records, {}\n",
             self.connections,
             self.shown,
             self.still_open,
@@ -45,7 +45,7 @@ impl ConnsSummary {
             self.lost.ring_full,
             self.lost.skipped,
             self.undecodable,
-            self.evicted
+            self.tracking
         )
     }
 }
@@ -214,7 +214,7 @@ impl<W: Write> Sink for ConnsSink<W> {
         self.correlator.flush(&mut self.finished);
         self.emit(None)?;
         self.summary.still_open = self.correlator.open_connections();
-        self.summary.evicted = self.correlator.stats().evicted;
+        self.summary.tracking = self.correlator.tracking();
         self.out.flush()
     }
 }

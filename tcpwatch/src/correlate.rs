@@ -314,6 +314,8 @@ pub struct CorrelatorStats {
     /// Socket events for sockets not being followed (e.g. a retransmit on a
     /// socket opened before the trace with no transition since).
     pub orphan_events: u64,
+    /// Most sockets followed at once (at most `max_sockets`).
+    pub peak_tracked: usize,
 }
 
 pub struct Correlator {
@@ -331,6 +333,10 @@ pub struct Correlator {
     closing: VecDeque<PendingClose>,
     owners: OwnerTracker,
     stats: CorrelatorStats,
+    /// Sockets evicted while open and not seen closed since: the rest of
+    /// such a socket's life is skipped, as no timeline of it can be right
+    /// (it would pass for a connection older than the trace).
+    evicted: crate::table::EvictedKeys,
 }
 
 impl Correlator {
@@ -352,6 +358,7 @@ impl Correlator {
             closing: VecDeque::new(),
             owners: OwnerTracker::new(1, snapshot, own_netns),
             stats: CorrelatorStats::default(),
+            evicted: crate::table::EvictedKeys::new(opts.max_sockets),
         }
     }
 
@@ -362,6 +369,21 @@ impl Correlator {
     /// Sockets currently followed (listeners included).
     pub fn tracked(&self) -> usize {
         self.index.len()
+    }
+
+    /// The table's figures for an exit summary.
+    pub fn tracking(&self) -> crate::output::Tracking {
+        crate::output::Tracking {
+            evicted: self.stats.evicted,
+            peak: self.stats.peak_tracked,
+            limit: self.opts.max_sockets,
+            at_exit: self.tracked(),
+        }
+    }
+
+    /// Closed sockets waiting out their grace period.
+    pub fn closing(&self) -> usize {
+        self.closing.len()
     }
 
     /// Connections currently open (followed, not listening, not closed).
@@ -409,6 +431,7 @@ impl Correlator {
             }
         };
         self.index.insert(skaddr, slot);
+        self.stats.peak_tracked = self.stats.peak_tracked.max(self.index.len());
         self.order.push_back((slot, gen));
         if self.order.len() > 2 * self.opts.max_sockets + 1024 {
             let slots = &self.slots;
@@ -430,7 +453,9 @@ impl Correlator {
                 .and_then(|t| t.as_ref())
                 .is_some_and(|t| t.gen == gen);
             if live {
-                self.remove_slot(slot);
+                if let Some(track) = self.remove_slot(slot).filter(|t| !t.closed) {
+                    self.evicted.insert(track.skaddr);
+                }
                 self.stats.evicted += 1;
                 return true;
             }
@@ -458,6 +483,23 @@ impl Correlator {
                 self.finish(c, out);
             }
         }
+    }
+
+    /// Drops the entries of sockets evicted or reused since they closed.
+    /// Each tracked socket has at most one entry, so this keeps the queue
+    /// within twice the cap even when time stalls or runs backwards (a
+    /// CLOSE stamped in the future holds up every entry behind it).
+    fn compact_closing(&mut self) {
+        if self.closing.len() <= 2 * self.opts.max_sockets {
+            return;
+        }
+        let slots = &self.slots;
+        self.closing.retain(|c| {
+            slots
+                .get(c.slot as usize)
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| t.gen == c.gen && t.closed)
+        });
     }
 
     /// Finishes every closed socket now (end of input).
@@ -521,7 +563,16 @@ impl Correlator {
                 source: tr.owner_source,
             })
         });
-        let owner = self.owners.attribute(t, known.as_ref(), first_sight);
+        let forgotten = existing.is_none() && !birth && self.evicted.contains(t.skaddr);
+        if birth || t.new == TcpState::Close {
+            self.evicted.remove(t.skaddr);
+        }
+        let owner = self
+            .owners
+            .attribute(t, known.as_ref(), first_sight && !forgotten);
+        if forgotten {
+            return;
+        }
 
         let slot = match existing {
             // A birth on an address still tracked means the kernel freed and
@@ -602,7 +653,9 @@ impl Correlator {
         if t.new == Listen {
             track.listener = true;
         }
-        if t.new == Close {
+        // A second CLOSE of one socket changes nothing: the first one's
+        // entry finishes it.
+        if t.new == Close && !track.closed {
             track.closed = true;
             self.closing.push_back(PendingClose {
                 slot,
@@ -610,6 +663,7 @@ impl Correlator {
                 closed_ns: t.ts_ns,
                 last: t.sock,
             });
+            self.compact_closing();
         }
     }
 
@@ -1158,6 +1212,94 @@ mod tests {
         }
         assert_eq!(c.tracked(), 100);
         assert_eq!(c.stats().evicted, 9_900);
+        assert_eq!(c.stats().peak_tracked, 100);
+    }
+
+    #[test]
+    fn sockets_evicted_while_open_give_no_timeline() {
+        let mut c = Correlator::new(
+            CorrelatorOptions {
+                max_sockets: 2,
+                ..CorrelatorOptions::default()
+            },
+            None,
+            None,
+        );
+        let mut out = Vec::new();
+        let steps = |sk: u64, list: &[(TcpState, TcpState, u64)]| -> Vec<Record> {
+            list.iter()
+                .map(|(old, new, ts)| decode(&encode(&state_event(sk, *old, *new, *ts))).unwrap())
+                .collect()
+        };
+        // A flood: four half-open sockets, two tracked.
+        for sk in 1..=4 {
+            for r in steps(sk, &[(Close, SynSent, sk * 1000)]) {
+                c.push(&r, &mut out);
+            }
+        }
+        // Their SYNs time out. The evicted two are skipped, not taken for
+        // connections older than the trace (nor tracked again, which
+        // would evict the others in turn).
+        for sk in 1..=4 {
+            for r in steps(sk, &[(SynSent, Close, 3_000_000_000 + sk)]) {
+                c.push(&r, &mut out);
+            }
+        }
+        c.flush(&mut out);
+        let opens: Vec<(u64, OpenKind)> = out.iter().map(|t| (t.skaddr, t.open)).collect();
+        assert_eq!(opens, [(3, OpenKind::Failed), (4, OpenKind::Failed)]);
+        assert_eq!((c.stats().evicted, c.tracked()), (2, 0));
+        // The address of an evicted socket, reused, is followed as usual.
+        out.clear();
+        let reused = [
+            (Close, SynSent, 4_000_000_000),
+            (SynSent, Established, 4_000_100_000),
+            (Established, Close, 4_000_200_000),
+        ];
+        for r in steps(1, &reused) {
+            c.push(&r, &mut out);
+        }
+        c.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].open, OpenKind::Active);
+    }
+
+    #[test]
+    fn closing_queue_stays_bounded_when_time_jumps_back() {
+        // Found while writing the correlator fuzzer: one CLOSE stamped far
+        // in the future held up the grace-period queue, and every later
+        // CLOSE (and a socket's repeated CLOSE) queued behind it for good,
+        // long after the sockets themselves were evicted.
+        let max = 8;
+        let mut c = Correlator::new(
+            CorrelatorOptions {
+                max_sockets: max,
+                ..CorrelatorOptions::default()
+            },
+            None,
+            None,
+        );
+        let mut out = Vec::new();
+        let push = |c: &mut Correlator, out: &mut Vec<Timeline>, e: Event| {
+            c.push(&decode(&encode(&e)).unwrap(), out);
+        };
+        push(
+            &mut c,
+            &mut out,
+            state_event(1, Established, Close, u64::MAX / 2),
+        );
+        for i in 0..10_000u64 {
+            let sk = 2 + i % 100;
+            push(&mut c, &mut out, state_event(sk, Close, SynSent, 1000 + i));
+            push(&mut c, &mut out, state_event(sk, SynSent, Close, 1000 + i));
+            push(&mut c, &mut out, state_event(sk, Close, Close, 1000 + i));
+        }
+        assert!(c.tracked() <= max);
+        assert!(c.closing() <= 2 * max, "{} closing", c.closing());
+        // Nothing still tracked was dropped from the queue.
+        c.flush(&mut out);
+        assert_eq!(c.tracked(), 0);
+        assert_eq!(c.stats().timelines + c.stats().evicted, 10_000 + 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Turning ring-buffer records into typed events: the length is checked and
 //! the bytes are copied out unaligned, never reinterpreted in place.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -37,10 +38,28 @@ pub fn decode_raw(bytes: &[u8]) -> Result<Event, DecodeError> {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm(pub [u8; 16]);
 
+/// A process name as shown: control characters (a task may name itself
+/// `"\n..."` or an escape sequence) become `?`, as `ps` shows them, so a
+/// name can never break a line of output or drive the terminal.
+pub fn printable_name(name: &str) -> Cow<'_, str> {
+    if name.contains(char::is_control) {
+        Cow::Owned(
+            name.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
 impl Comm {
-    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+    pub fn as_str(&self) -> Cow<'_, str> {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
-        String::from_utf8_lossy(&self.0[..end])
+        match String::from_utf8_lossy(&self.0[..end]) {
+            Cow::Borrowed(name) => printable_name(name),
+            Cow::Owned(name) => Cow::Owned(printable_name(&name).into_owned()),
+        }
     }
 
     pub fn from_str_lossy(s: &str) -> Comm {
@@ -385,6 +404,21 @@ pub(crate) mod tests {
                 let _ = decode(&b);
             }
         }
+    }
+
+    #[test]
+    fn control_characters_in_a_process_name_are_not_printed() {
+        // Found by the correlator fuzzer: a comm with a newline split a
+        // `conns` text line in two.
+        let name = Comm(*b"evil\nname\x1b[2J\0\0\0");
+        assert_eq!(name.as_str(), "evil?name?[2J");
+        assert_eq!(name.to_string(), "evil?name?[2J");
+        let invalid = Comm(*b"a\xff\tb\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(invalid.as_str(), "a\u{fffd}?b");
+        assert!(matches!(
+            Comm::from_str_lossy("nginx").as_str(),
+            Cow::Borrowed("nginx")
+        ));
     }
 
     #[test]

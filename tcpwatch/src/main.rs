@@ -10,44 +10,16 @@ use tcpwatch::cli::{
 };
 use tcpwatch::clock::Clock;
 use tcpwatch::conns::{ConnsSink, View};
-use tcpwatch::correlate::{Correlator, CorrelatorOptions};
+use tcpwatch::correlate::Correlator;
+use tcpwatch::daemon::client::{self, Daemon};
+use tcpwatch::host::{self, correlator_options, fin_timeout_s, own_netns};
 use tcpwatch::output::Format;
 use tcpwatch::owner::OwnerTracker;
-use tcpwatch::probe::{Probe, ProbeOptions};
+use tcpwatch::probe::Probe;
 use tcpwatch::procfs::SocketSnapshot;
 use tcpwatch::record::{Header, Recorder, Replay};
 use tcpwatch::session::{self, SessionOptions};
 use tcpwatch::trace::TraceSink;
-
-fn own_netns() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net")
-        .ok()
-        .map(|m| m.ino() as u32)
-}
-
-fn fin_timeout_s() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(60)
-}
-
-fn correlator_options(max_sockets: usize, fin_timeout_s: u32) -> CorrelatorOptions {
-    CorrelatorOptions {
-        max_sockets,
-        fin_timeout_ns: u64::from(fin_timeout_s) * 1_000_000_000,
-        ..CorrelatorOptions::default()
-    }
-}
-
-fn probe_options(args: &cli::ProbeArgs) -> ProbeOptions {
-    ProbeOptions {
-        ring_size: args.ring_size,
-        wakeup_bytes: u64::from(args.ring_size / 8),
-        btf_path: args.btf.clone(),
-    }
-}
 
 /// Said once the probe is live: what is degraded, and that tracing began
 /// (always, so scripts and tests know when to start).
@@ -61,16 +33,9 @@ fn announce(probe: &Probe, what: &str) {
     eprintln!("tcpwatch: tracing {what}; Ctrl-C to stop");
 }
 
-/// Owners of sockets that predate the trace, looked up once the probe is
-/// attached so that no socket falls between the two.
+/// Owners of sockets that predate the trace (see `host::socket_snapshot`).
 fn snapshot() -> Option<SocketSnapshot> {
-    match SocketSnapshot::capture() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("tcpwatch: owners of sockets older than this trace are unknown: {e}");
-            None
-        }
-    }
+    host::socket_snapshot(|m| eprintln!("{m}"))
 }
 
 fn stderr_warn() -> Box<dyn FnMut(&str) + Send> {
@@ -90,7 +55,7 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
         stderr_warn(),
     );
     let opts = SessionOptions {
-        probe: probe_options(&args.probe),
+        probe: args.probe.options(),
         duration: args.duration,
     };
     let no_header = args.no_header;
@@ -133,7 +98,7 @@ async fn conns(
         stderr_warn(),
     );
     let opts = SessionOptions {
-        probe: probe_options(&probe),
+        probe: probe.options(),
         duration,
     };
     let mut started = false;
@@ -156,20 +121,37 @@ async fn conns(
     result
 }
 
-async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
+async fn timewait(args: TimewaitArgs) -> Result<(), String> {
     use std::io::IsTerminal;
-    use tcpwatch::report::{TimewaitSink, TimewaitSinkOptions};
+    use tcpwatch::report::{TimewaitSink, TimewaitTracker, TrackerOptions};
     use tcpwatch::timewait::{TimewaitBook, TimewaitOptions};
     let stdout = io::stdout();
     let redraw = stdout.is_terminal() && args.format == Format::Text;
-    let out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    if let Some(url) = &args.from {
+        if !args.filter.to_filter().is_empty() {
+            return Err(
+                "--from shows the daemon's snapshot as it is: filters cannot be applied to it"
+                    .into(),
+            );
+        }
+        let daemon = Daemon::parse(url)?;
+        let shown = client::watch_timewait(
+            &daemon,
+            &mut out,
+            args.format,
+            redraw,
+            args.interval,
+            args.duration,
+        )
+        .await?;
+        eprintln!("tcpwatch: {shown} snapshots from {}", daemon.url());
+        return Ok(());
+    }
     let copts = correlator_options(args.probe.max_sockets, fin_timeout_s());
     let interval_ns = args.interval.as_nanos().min(u128::from(u64::MAX)) as u64;
-    let mut sink = TimewaitSink::new(
-        out,
-        TimewaitSinkOptions {
-            format: args.format,
-            redraw,
+    let tracker = TimewaitTracker::new(
+        TrackerOptions {
             filter: args.filter.to_filter(),
             interval_ns,
             top: args.top,
@@ -179,17 +161,18 @@ async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
         TimewaitBook::new(TimewaitOptions::default(), own_netns(), 0),
         stderr_warn(),
     );
+    let mut sink = TimewaitSink::new(out, args.format, redraw, tracker);
     let opts = SessionOptions {
-        probe: probe_options(&args.probe),
+        probe: args.probe.options(),
         duration: args.duration,
     };
     let mut started = false;
     let result = session::run(
         opts,
-        |probe, sink| {
+        |probe, sink: &mut TimewaitSink<_>| {
             started = true;
             let now = tcpwatch::clock::monotonic_ns();
-            sink.start(
+            sink.tracker.start(
                 Correlator::new(copts, snapshot(), own_netns()),
                 TimewaitBook::new(TimewaitOptions::default(), own_netns(), now),
                 now,
@@ -200,22 +183,48 @@ async fn timewait(args: TimewaitArgs) -> Result<(), session::SessionError> {
     )
     .await;
     if started {
+        let lost = sink.tracker.lost;
         eprintln!(
-            "tcpwatch: {} snapshots, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel)",
+            "tcpwatch: {} snapshots, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel), {}",
             sink.snapshots,
-            sink.events,
-            sink.lost.total(),
-            sink.lost.ring_full,
-            sink.lost.skipped
+            sink.tracker.events,
+            lost.total(),
+            lost.ring_full,
+            lost.skipped,
+            sink.tracker.correlator().tracking()
         );
     }
-    result
+    result.map_err(|e| e.to_string())
+}
+
+/// `conns --from`: what a daemon finishes, shown as `conns` shows it.
+async fn conns_from(url: &str, args: &ConnsArgs) -> Result<(), String> {
+    let daemon = Daemon::parse(url)?;
+    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let header = !args.no_header && args.format == Format::Text;
+    let s = client::follow_conns(
+        &daemon,
+        &mut out,
+        args.format,
+        &args.filter.to_filter(),
+        header,
+        args.duration,
+    )
+    .await?;
+    eprintln!(
+        "tcpwatch: {} connections finished, {} shown, {} no longer held by the daemon when asked ({})",
+        s.received,
+        s.shown,
+        s.missed,
+        daemon.url()
+    );
+    Ok(())
 }
 
 async fn record(args: RecordArgs) -> Result<(), String> {
     let mut recorder = None;
     let opts = SessionOptions {
-        probe: probe_options(&args.probe),
+        probe: args.probe.options(),
         duration: args.duration,
     };
     // The file is created only once the probe loaded, so a failure to load
@@ -378,7 +387,7 @@ async fn bench(args: cli::BenchArgs) -> Result<(), String> {
             Ok(())
         }
         cli::BenchWhat::Floor { probe, duration } => {
-            let _probe = Probe::load_floor(&probe_options(&probe)).map_err(|e| e.to_string())?;
+            let _probe = Probe::load_floor(&probe.options()).map_err(|e| e.to_string())?;
             eprintln!("tcpwatch: tracing nothing (empty program attached); Ctrl-C to stop");
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -406,6 +415,8 @@ fn main() -> ExitCode {
     // timewait socket of the host).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The daemon's own connections show under this name.
+        .thread_name("tcpwatch")
         .enable_all()
         .build()
     {
@@ -418,12 +429,16 @@ fn main() -> ExitCode {
     let result: Result<(), String> = runtime.block_on(async {
         match cli.command {
             Command::Trace(args) => trace(args).await.map_err(|e| e.to_string()),
+            Command::Conns(args) if args.from.is_some() => {
+                conns_from(args.from.as_deref().unwrap_or_default(), &args).await
+            }
             Command::Conns(ConnsArgs {
                 filter,
                 probe,
                 format,
                 duration,
                 no_header,
+                from: _,
             }) => conns(
                 View::Records(format),
                 filter,
@@ -440,7 +455,8 @@ fn main() -> ExitCode {
             }) => conns(View::Ladder, filter, probe, duration, true)
                 .await
                 .map_err(|e| e.to_string()),
-            Command::Timewait(args) => timewait(args).await.map_err(|e| e.to_string()),
+            Command::Timewait(args) => timewait(args).await,
+            Command::Daemon(args) => tcpwatch::daemon::run(args).await,
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args),
             Command::Bench(args) => bench(args).await,

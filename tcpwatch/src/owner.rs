@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::decode::Transition;
 use crate::model::{Endpoint, Owner, TcpState};
 use crate::procfs::{SocketKey, SocketSnapshot};
-use crate::table::BoundedMap;
+use crate::table::{BoundedMap, EvictedKeys};
 
 /// Whether the current task at this transition is the socket's user.
 pub fn is_process_context(old: TcpState, new: TcpState) -> bool {
@@ -62,6 +62,11 @@ const OWNER_CACHE: usize = 16_384;
 #[derive(Debug)]
 pub struct OwnerTracker {
     sockets: BoundedMap<u64, Option<Attribution>>,
+    /// Sockets evicted from `sockets` and not seen closed since. Their later
+    /// transitions are of a socket whose owner was forgotten: unknown, not
+    /// looked up as a socket older than the trace, and not tracked again
+    /// (which would evict another in turn).
+    evicted: EvictedKeys,
     /// Listening sockets by local port: (bound address, owner, skaddr).
     listeners: HashMap<u16, Vec<(IpAddr, Attribution, u64)>>,
     snapshot: Option<SocketSnapshot>,
@@ -93,6 +98,7 @@ impl OwnerTracker {
         }
         OwnerTracker {
             sockets: BoundedMap::new(max_sockets),
+            evicted: EvictedKeys::new(max_sockets),
             listeners,
             snapshot,
             own_netns,
@@ -106,6 +112,21 @@ impl OwnerTracker {
 
     pub fn evicted(&self) -> u64 {
         self.sockets.evicted()
+    }
+
+    /// Most sockets tracked at once.
+    pub fn peak(&self) -> usize {
+        self.sockets.peak()
+    }
+
+    /// The table's figures for an exit summary.
+    pub fn tracking(&self) -> crate::output::Tracking {
+        crate::output::Tracking {
+            evicted: self.evicted(),
+            peak: self.peak(),
+            limit: self.sockets.capacity(),
+            at_exit: self.tracked(),
+        }
     }
 
     fn listener_owner(&self, local: &Endpoint) -> Option<Attribution> {
@@ -214,12 +235,19 @@ impl OwnerTracker {
     /// owner as of this transition (remembering owners per socket itself).
     pub fn observe(&mut self, t: &Transition) -> Option<Attribution> {
         let known = self.sockets.get(&t.skaddr).cloned();
-        let first_sight = known.is_none();
+        let birth = is_birth(t.old, t.new);
+        let forgotten = known.is_none() && !birth && self.evicted.contains(t.skaddr);
+        let first_sight = known.is_none() && !forgotten;
         let attribution = self.attribute(t, known.flatten().as_ref(), first_sight);
+        if birth || t.new == TcpState::Close {
+            self.evicted.remove(t.skaddr);
+        }
         if t.new == TcpState::Close {
             self.sockets.remove(&t.skaddr);
-        } else {
-            self.sockets.insert(t.skaddr, attribution.clone());
+        } else if !forgotten {
+            if let Some((evicted, _)) = self.sockets.insert(t.skaddr, attribution.clone()) {
+                self.evicted.insert(evicted);
+            }
         }
         attribution
     }
@@ -387,5 +415,42 @@ mod tests {
         }
         assert_eq!(o.tracked(), 3);
         assert_eq!(o.evicted(), 7);
+        assert_eq!(o.peak(), 3);
+    }
+
+    #[test]
+    fn evicted_sockets_stay_forgotten_until_they_close() {
+        let mut o = OwnerTracker::new(2, None, None);
+        for sk in 0..4 {
+            o.observe(&tr(sk, Close, SynSent, 100 + sk as u32, "flood"));
+        }
+        assert_eq!((o.tracked(), o.evicted()), (2, 2));
+        // Socket 0 was evicted: its softirq transitions have no owner, and
+        // it is not tracked again, which would evict socket 2 or 3.
+        assert!(o
+            .observe(&tr(0, SynSent, Established, 7, "ksoftirqd/0"))
+            .is_none());
+        assert_eq!((o.tracked(), o.evicted()), (2, 2));
+        // In process context its owner is seen again, still untracked.
+        let a = o
+            .observe(&tr(0, Established, FinWait1, 100, "flood"))
+            .unwrap();
+        assert_eq!(a.owner.pid, 100);
+        assert!(o
+            .observe(&tr(0, FinWait1, FinWait2, 7, "swapper/1"))
+            .is_none());
+        o.observe(&tr(0, FinWait2, Close, 7, "swapper/1"));
+        assert_eq!((o.tracked(), o.evicted()), (2, 2));
+        // Closed: a new socket at the same address is tracked as usual.
+        let a = o.observe(&tr(0, Close, SynSent, 200, "next")).unwrap();
+        assert_eq!(a.owner.pid, 200);
+        assert_eq!(
+            o.observe(&tr(0, SynSent, Established, 7, "x"))
+                .unwrap()
+                .owner
+                .pid,
+            200
+        );
+        assert_eq!(o.peak(), 2);
     }
 }

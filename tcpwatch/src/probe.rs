@@ -21,7 +21,7 @@ pub const DEFAULT_RING_SIZE: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("must run as root: it loads eBPF programs and attaches them to kernel tracepoints")]
+    #[error("must run as root (or with CAP_BPF and CAP_PERFMON): it loads eBPF programs and attaches them to kernel tracepoints")]
     NotRoot,
     #[error("kernel BTF is missing: {path} does not exist (tcpwatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     NoBtf { path: PathBuf },
@@ -33,6 +33,8 @@ pub enum ProbeError {
     NoObject,
     #[error("{0}")]
     Tracefs(#[from] tracefs::TracefsError),
+    #[error("running in a user namespace (uid_map `{uid_map}`): the capabilities it grants do not let it load eBPF programs; run tcpwatch in the host's user namespace")]
+    UserNamespace { uid_map: String },
     #[error("loading the eBPF object failed: {0}")]
     Load(String),
     #[error("attaching to tracepoint {tracepoint} failed: {reason}")]
@@ -94,9 +96,41 @@ pub struct Probe {
     pub mounted_tracefs: bool,
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Whether this process may load and attach the programs: root, or (as
+/// the systemd unit in deploy/ runs it) a user holding CAP_BPF and
+/// CAP_PERFMON, or CAP_SYS_ADMIN on kernels older than 5.8.
+fn may_load() -> bool {
+    match std::fs::read_to_string("/proc/self/status") {
+        Ok(status) => may_load_with(effective_caps(&status)),
+        // SAFETY: geteuid has no preconditions.
+        Err(_) => unsafe { libc::geteuid() == 0 },
+    }
+}
+
+fn may_load_with(caps: u64) -> bool {
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    (has(CAP_BPF) && has(CAP_PERFMON)) || has(CAP_SYS_ADMIN)
+}
+
+/// The `CapEff:` mask of a `/proc/PID/status` text (0 if absent).
+fn effective_caps(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// The uid map of this process's user namespace when it is not the
+/// initial one (`0 0 4294967295`): its capabilities do not reach bpf().
+fn user_namespace() -> Option<String> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let map = map.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!map.is_empty() && map != "0 0 4294967295").then_some(map)
 }
 
 fn kernel_release() -> String {
@@ -117,8 +151,11 @@ fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
 /// Checks the host before touching anything, so each missing piece gets
 /// one clear line.
 pub fn preflight(opts: &ProbeOptions) -> Result<(), ProbeError> {
-    if !is_root() {
+    if !may_load() {
         return Err(ProbeError::NotRoot);
+    }
+    if let Some(uid_map) = user_namespace() {
+        return Err(ProbeError::UserNamespace { uid_map });
     }
     if BPF_OBJECT.is_empty() {
         return Err(ProbeError::NoObject);
@@ -147,12 +184,18 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
+/// An error and its causes on one line. A cause whose text the line
+/// already ends with is not repeated (aya's errors often print their
+/// source themselves).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         src = cause.source();
     }
     s
@@ -389,6 +432,21 @@ impl LostCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_that_may_load() {
+        let status = "Name:\tx\nCapPrm:\t0\nCapEff:\t000000c000000000\nCapBnd:\t0\n";
+        assert_eq!(effective_caps(status), (1 << CAP_BPF) | (1 << CAP_PERFMON));
+        assert!(may_load_with(effective_caps(status)));
+        assert!(may_load_with(effective_caps("CapEff:\t000001ffffffffff\n")));
+        assert!(may_load_with(1 << CAP_SYS_ADMIN));
+        assert!(!may_load_with(1 << CAP_BPF));
+        assert!(!may_load_with(1 << CAP_PERFMON));
+        assert!(!may_load_with(effective_caps(
+            "CapEff:\t0000000000000000\n"
+        )));
+        assert_eq!(effective_caps("no such line"), 0);
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

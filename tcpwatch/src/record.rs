@@ -12,7 +12,9 @@
 //! - events: `Event` records back to back, exactly as the kernel wrote them.
 //!
 //! A reader processes the valid prefix of a damaged file and then reports
-//! the byte offset where it stopped making sense.
+//! the byte offset where it stopped making sense. A file that ends partway
+//! through a record (a recorder killed mid-write) is not damaged: every
+//! whole record is read, and the partial tail is a warning.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -110,7 +112,7 @@ fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
             owner: Some(Owner {
                 pid: f[3].parse().map_err(|_| bad())?,
                 cgroup_id: f[4].parse().map_err(|_| bad())?,
-                comm: f[5].to_string(),
+                comm: crate::decode::printable_name(f[5]).into_owned(),
             }),
         });
     }
@@ -228,6 +230,8 @@ pub struct Replay<R: Read> {
     input: R,
     path: PathBuf,
     offset: u64,
+    /// Bytes after the last whole record, once the end has been reached.
+    partial_tail: usize,
     pub header: Header,
     pub snapshot: SocketSnapshot,
 }
@@ -328,6 +332,7 @@ impl<R: Read> Replay<R> {
             input,
             path: path.to_path_buf(),
             offset: (HEADER_LEN + snap.len()) as u64,
+            partial_tail: 0,
             header,
             snapshot,
         })
@@ -338,23 +343,22 @@ impl<R: Read> Replay<R> {
         self.offset
     }
 
-    /// The next raw event; `Ok(None)` at a clean end of file.
+    /// The next raw event; `Ok(None)` at the end of the file, including an
+    /// end partway through a record (see [`Replay::warning`]).
     pub fn next_event(&mut self) -> Result<Option<Event>, RecordError> {
+        if self.partial_tail > 0 {
+            return Ok(None);
+        }
         let mut buf = [0u8; Event::SIZE];
         let got = read_full(&mut self.input, &mut buf).map_err(|source| RecordError::Read {
             path: self.path.clone(),
             offset: self.offset,
             source,
         })?;
-        if got == 0 {
-            return Ok(None);
-        }
         if got < Event::SIZE {
-            return Err(RecordError::Corrupt {
-                path: self.path.clone(),
-                offset: self.offset,
-                what: format!("truncated record ({got} of {} bytes)", Event::SIZE),
-            });
+            // A recorder killed mid-write leaves part of its last record.
+            self.partial_tail = got;
+            return Ok(None);
         }
         let event = decode_raw(&buf).map_err(|e| self.bad_record(e))?;
         self.offset += Event::SIZE as u64;
@@ -375,6 +379,26 @@ impl<R: Read> Replay<R> {
                 }
             },
         }
+    }
+
+    /// Bytes after the last whole record (0 for a file that ends cleanly),
+    /// known once the end has been reached.
+    pub fn partial_tail(&self) -> usize {
+        self.partial_tail
+    }
+
+    /// The warning for a file that ends partway through a record.
+    pub fn warning(&self) -> Option<String> {
+        (self.partial_tail > 0).then(|| {
+            format!(
+                "tcpwatch: {}: ends with a partial record ({} of {} bytes at byte offset {}), \
+                 ignored: the recorder was probably killed while writing",
+                self.path.display(),
+                self.partial_tail,
+                Event::SIZE,
+                self.offset
+            )
+        })
     }
 
     fn bad_record(&self, e: DecodeError) -> RecordError {
@@ -467,18 +491,46 @@ mod tests {
     }
 
     #[test]
-    fn truncated_file_keeps_the_valid_prefix_and_names_the_offset() {
+    fn file_cut_mid_record_gives_every_whole_record_and_a_warning() {
         let bytes = recording(&events());
         let start = bytes.len() - 3 * Event::SIZE;
-        let cut = &bytes[..bytes.len() - 10];
-        let (got, err) = read_all(cut);
-        assert_eq!(got.len(), 2);
-        let msg = err.unwrap().to_string();
-        let expected = format!("byte offset {}", start + 2 * Event::SIZE);
-        assert!(
-            msg.contains("truncated record") && msg.contains(&expected),
-            "{msg}"
-        );
+        // Every cut inside the last record, from its first byte to its last.
+        for keep in 1..Event::SIZE {
+            let cut = &bytes[..start + 2 * Event::SIZE + keep];
+            let mut r = Replay::new(cut, Path::new("t.rec")).unwrap();
+            let mut got = Vec::new();
+            while let Some((e, _)) = r.next_record().unwrap() {
+                got.push(e);
+            }
+            assert_eq!(got, events()[..2]);
+            assert_eq!(r.partial_tail(), keep);
+            // The end stays the end.
+            assert!(r.next_record().unwrap().is_none());
+            let msg = r.warning().unwrap();
+            let expected = format!(
+                "partial record ({keep} of {} bytes at byte offset {})",
+                Event::SIZE,
+                start + 2 * Event::SIZE
+            );
+            assert!(msg.contains(&expected) && msg.contains("t.rec"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn file_cut_between_records_or_in_the_first_has_no_warning_or_no_records() {
+        let bytes = recording(&events());
+        let start = bytes.len() - 3 * Event::SIZE;
+        let (got, err) = read_all(&bytes[..start + Event::SIZE]);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, events()[..1]);
+        let mut r = Replay::new(&bytes[..start + Event::SIZE], Path::new("t.rec")).unwrap();
+        while r.next_record().unwrap().is_some() {}
+        assert_eq!((r.partial_tail(), r.warning()), (0, None));
+        // Killed during its first record: an empty recording with a warning.
+        let mut r = Replay::new(&bytes[..start + 5], Path::new("t.rec")).unwrap();
+        assert!(r.next_record().unwrap().is_none());
+        assert_eq!(r.partial_tail(), 5);
+        assert!(r.warning().is_some());
     }
 
     #[test]
@@ -491,6 +543,16 @@ mod tests {
         assert_eq!(got.len(), 1);
         let msg = err.unwrap().to_string();
         assert!(msg.contains(&format!("byte offset {second}")), "{msg}");
+    }
+
+    #[test]
+    fn snapshot_names_lose_their_control_characters() {
+        let snap = parse_snapshot("LISTEN\t127.0.0.1:80\t0.0.0.0:0\t7\t0\tx\r\x1b[2Jy\n").unwrap();
+        let key = SocketKey {
+            local: Endpoint::new("127.0.0.1".parse().unwrap(), 80),
+            remote: Endpoint::new("0.0.0.0".parse().unwrap(), 0),
+        };
+        assert_eq!(snap.owner_of(&key).unwrap().comm, "x??[2Jy");
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub enum ReplayError {
 const BATCH: usize = 4096;
 
 /// Feeds every valid record to the sink, then finishes it. A damaged file
-/// still has its valid prefix processed and written before the error.
+/// still has its valid prefix processed and written before the error. A
+/// file that ends partway through a record (its recorder was killed) is
+/// read to its last whole record, with a warning on stderr.
 pub fn run<R: io::Read, S: Sink>(replay: &mut Replay<R>, sink: &mut S) -> Result<u64, ReplayError> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut count = 0u64;
@@ -38,6 +40,9 @@ pub fn run<R: io::Read, S: Sink>(replay: &mut Replay<R>, sink: &mut S) -> Result
         }
     }
     deliver(sink, &mut batch, &mut count)?;
+    if let Some(warning) = replay.warning() {
+        eprintln!("{warning}");
+    }
     match sink.finish() {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(ReplayError::Output(e)),
         _ => {}
@@ -60,4 +65,52 @@ fn deliver<S: Sink>(
         .map_err(ReplayError::Output)?;
     batch.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::state_event;
+    use crate::model::TcpState::*;
+    use crate::probe::LostCounts;
+    use crate::record::{Header, Recorder};
+    use std::path::Path;
+    use tcpwatch_common::Event;
+
+    #[derive(Default)]
+    struct Collect(Vec<Event>, bool);
+
+    impl Sink for Collect {
+        fn events(&mut self, events: &[Event], _: Rejects, _: u64) -> io::Result<()> {
+            self.0.extend_from_slice(events);
+            Ok(())
+        }
+        fn lost(&mut self, _: LostCounts) {}
+        fn finish(&mut self) -> io::Result<()> {
+            self.1 = true;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn recording_cut_mid_record_replays_its_whole_records_without_failing() {
+        let events = [
+            state_event(1, Close, SynSent, 10),
+            state_event(1, SynSent, Established, 20),
+        ];
+        let header = Header {
+            clock_offset_ns: 0,
+            netns: 0,
+            fin_timeout_s: 60,
+        };
+        let mut r = Recorder::new(Vec::new(), header, None).unwrap();
+        r.write(&events).unwrap();
+        let bytes = r.into_inner();
+        let cut = &bytes[..bytes.len() - Event::SIZE / 2];
+        let mut replay = Replay::new(cut, Path::new("cut.rec")).unwrap();
+        let mut sink = Collect::default();
+        assert_eq!(run(&mut replay, &mut sink).unwrap(), 1);
+        assert_eq!((sink.0.as_slice(), sink.1), (&events[..1], true));
+        assert!(replay.warning().is_some());
+    }
 }

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use tcpwatch_common::Event;
 
 use crate::clock::Clock;
-use crate::correlate::Correlator;
+use crate::correlate::{Correlator, Timeline};
 use crate::decode::{interpret_all, Record, Rejects};
 use crate::filter::Filter;
 use crate::kernelstat::{KernelFigures, Sysctls};
@@ -66,11 +66,10 @@ fn kernel_view(overflow_base: Option<u64>, overflow_prev: &mut Option<u64>) -> K
     }
 }
 
-pub struct TimewaitSink<W: Write> {
-    out: W,
-    format: Format,
-    /// Redraw in place (a terminal) rather than append.
-    redraw: bool,
+/// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
+/// events through the correlator into the book, and every interval a
+/// snapshot checked against the kernel's own list and figures.
+pub struct TimewaitTracker {
     filter: Filter,
     clock: Clock,
     correlator: Correlator,
@@ -80,37 +79,30 @@ pub struct TimewaitSink<W: Write> {
     next_snapshot_ns: u64,
     overflow_base: Option<u64>,
     overflow_prev: Option<u64>,
-    finished: Vec<crate::correlate::Timeline>,
+    finished: Vec<Timeline>,
     pub lost: crate::probe::LostCounts,
-    pub snapshots: u64,
     /// Records taken from the ring buffer.
     pub events: u64,
     kernel_error: Option<String>,
     warn: Box<dyn FnMut(&str) + Send>,
 }
 
-pub struct TimewaitSinkOptions {
-    pub format: Format,
-    pub redraw: bool,
+pub struct TrackerOptions {
     pub filter: Filter,
     pub interval_ns: u64,
     pub top: usize,
 }
 
-impl<W: Write> TimewaitSink<W> {
+impl TimewaitTracker {
     pub fn new(
-        out: W,
-        opts: TimewaitSinkOptions,
+        opts: TrackerOptions,
         clock: Clock,
         correlator: Correlator,
         book: TimewaitBook,
         warn: Box<dyn FnMut(&str) + Send>,
     ) -> Self {
         let overflow = KernelFigures::read().tw_overflow;
-        TimewaitSink {
-            out,
-            format: opts.format,
-            redraw: opts.redraw,
+        TimewaitTracker {
             filter: opts.filter,
             clock,
             correlator,
@@ -122,7 +114,6 @@ impl<W: Write> TimewaitSink<W> {
             overflow_prev: overflow,
             finished: Vec::new(),
             lost: crate::probe::LostCounts::default(),
-            snapshots: 0,
             events: 0,
             kernel_error: None,
             warn,
@@ -152,6 +143,10 @@ impl<W: Write> TimewaitSink<W> {
         self.next_snapshot_ns = now_ns + self.interval_ns;
     }
 
+    pub fn correlator(&self) -> &Correlator {
+        &self.correlator
+    }
+
     /// The kernel's list, narrowed to what the user's filters can match
     /// without knowing an owner.
     fn kernel_list(&self) -> Result<Vec<KernelTimewait>, String> {
@@ -167,7 +162,8 @@ impl<W: Write> TimewaitSink<W> {
         Ok(list)
     }
 
-    fn snapshot(&mut self, now_ns: u64) -> Snapshot {
+    /// The figures for the interval ending at `now_ns`.
+    pub fn snapshot(&mut self, now_ns: u64) -> Snapshot {
         if self.kernel_error.is_none() {
             // Sockets closed since the events last processed are not in the
             // book yet: allow for that lag, the correlator's grace, and a
@@ -190,38 +186,16 @@ impl<W: Write> TimewaitSink<W> {
             .snapshot(now_ns, self.clock.rfc3339(now_ns), self.top, view)
     }
 
-    fn write(&mut self, s: &Snapshot) -> io::Result<()> {
-        match self.format {
-            Format::Json => writeln!(self.out, "{}", timewait_json(s))?,
-            Format::Text => {
-                if self.redraw {
-                    // Home the cursor and clear the screen: a live table.
-                    write!(self.out, "\x1b[H\x1b[2J")?;
-                } else if self.snapshots > 0 {
-                    writeln!(self.out)?;
-                }
-                write!(self.out, "{}", timewait_text(s))?;
-                if self.lost.total() > 0 {
-                    writeln!(
-                        self.out,
-                        "  ! {} kernel events lost since start: counts may be low",
-                        self.lost.total()
-                    )?;
-                }
-            }
-        }
-        self.snapshots += 1;
-        self.out.flush()
-    }
-
-    /// Takes the snapshot due at `now_ns` (for tests and replays).
-    pub fn snapshot_now(&mut self, now_ns: u64) -> io::Result<Snapshot> {
-        let s = self.snapshot(now_ns);
-        self.write(&s)?;
-        Ok(s)
-    }
-
-    fn absorb(&mut self, records: &[Record]) {
+    /// Takes one batch of records settled up to `settled_ns`. Finished
+    /// connections the filter matches are appended to `out`; the snapshot
+    /// is returned when one falls due.
+    pub fn absorb(
+        &mut self,
+        records: &[Record],
+        settled_ns: u64,
+        out: &mut Vec<Timeline>,
+    ) -> Option<Snapshot> {
+        self.events += records.len() as u64;
         for r in records {
             if let Record::State(t) = r {
                 if t.new == TcpState::Established {
@@ -230,10 +204,26 @@ impl<W: Write> TimewaitSink<W> {
             }
             self.correlator.push(r, &mut self.finished);
         }
+        self.correlator.advance(settled_ns, &mut self.finished);
+        self.take_finished(out);
+        if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
+            let s = self.snapshot(settled_ns);
+            // Keep to the schedule, but never bunch up after a stall.
+            self.next_snapshot_ns =
+                (self.next_snapshot_ns + self.interval_ns).max(settled_ns + self.interval_ns / 2);
+            return Some(s);
+        }
+        None
     }
 
-    fn take_finished(&mut self) {
-        for t in std::mem::take(&mut self.finished) {
+    /// The stream ended: every connection still held is finished.
+    pub fn flush(&mut self, out: &mut Vec<Timeline>) {
+        self.correlator.flush(&mut self.finished);
+        self.take_finished(out);
+    }
+
+    fn take_finished(&mut self, out: &mut Vec<Timeline>) {
+        for t in self.finished.drain(..) {
             if self.filter.matches(
                 t.family,
                 &t.local,
@@ -241,43 +231,122 @@ impl<W: Write> TimewaitSink<W> {
                 t.owner.as_ref().map(|a| &*a.owner),
             ) {
                 self.book.on_timeline(&t);
+                out.push(t);
             }
         }
     }
-}
 
-impl<W: Write> Sink for TimewaitSink<W> {
-    fn events(
-        &mut self,
-        events: &[Event],
-        mut rejects: Rejects,
-        settled_ns: u64,
-    ) -> io::Result<()> {
+    /// Warns once per growth of the lost counts.
+    pub fn lost(&mut self, counts: crate::probe::LostCounts) {
+        (self.warn)(&self.lost.advance(counts));
+    }
+
+    /// Interprets a raw batch, warning about records that do not decode.
+    pub fn interpret(&mut self, events: &[Event], mut rejects: Rejects) -> Vec<Record> {
         let records = interpret_all(events, &mut rejects);
         if let Some(w) = rejects.warning() {
             (self.warn)(&w);
         }
-        self.events += records.len() as u64;
-        self.absorb(&records);
-        self.correlator.advance(settled_ns, &mut self.finished);
-        self.take_finished();
-        if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
-            let s = self.snapshot(settled_ns);
+        records
+    }
+}
+
+/// `tcpwatch timewait`: the tracker's snapshots written out.
+pub struct TimewaitSink<W: Write> {
+    out: W,
+    format: Format,
+    /// Redraw in place (a terminal) rather than append.
+    redraw: bool,
+    pub tracker: TimewaitTracker,
+    finished: Vec<Timeline>,
+    pub snapshots: u64,
+}
+
+impl<W: Write> TimewaitSink<W> {
+    pub fn new(out: W, format: Format, redraw: bool, tracker: TimewaitTracker) -> Self {
+        TimewaitSink {
+            out,
+            format,
+            redraw,
+            tracker,
+            finished: Vec::new(),
+            snapshots: 0,
+        }
+    }
+
+    pub fn write(&mut self, s: &Snapshot) -> io::Result<()> {
+        let lost = self.tracker.lost.total();
+        write_snapshot(
+            &mut self.out,
+            s,
+            self.format,
+            self.redraw,
+            self.snapshots,
+            lost,
+        )?;
+        self.snapshots += 1;
+        Ok(())
+    }
+
+    /// Takes the snapshot due at `now_ns` (for tests and replays).
+    pub fn snapshot_now(&mut self, now_ns: u64) -> io::Result<Snapshot> {
+        let s = self.tracker.snapshot(now_ns);
+        self.write(&s)?;
+        Ok(s)
+    }
+}
+
+/// Writes one snapshot as `timewait` shows it; `written` snapshots came
+/// before it, and `lost` kernel events are known lost.
+pub fn write_snapshot<W: Write>(
+    out: &mut W,
+    s: &Snapshot,
+    format: Format,
+    redraw: bool,
+    written: u64,
+    lost: u64,
+) -> io::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", timewait_json(s))?,
+        Format::Text => {
+            if redraw {
+                // Home the cursor and clear the screen: a live table.
+                write!(out, "\x1b[H\x1b[2J")?;
+            } else if written > 0 {
+                writeln!(out)?;
+            }
+            write!(out, "{}", timewait_text(s))?;
+            if lost > 0 {
+                writeln!(
+                    out,
+                    "  ! {lost} kernel events lost since start: counts may be low"
+                )?;
+            }
+        }
+    }
+    out.flush()
+}
+
+impl<W: Write> Sink for TimewaitSink<W> {
+    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()> {
+        let records = self.tracker.interpret(events, rejects);
+        let due = self
+            .tracker
+            .absorb(&records, settled_ns, &mut self.finished);
+        self.finished.clear();
+        if let Some(s) = due {
             self.write(&s)?;
-            // Keep to the schedule, but never bunch up after a stall.
-            self.next_snapshot_ns =
-                (self.next_snapshot_ns + self.interval_ns).max(settled_ns + self.interval_ns / 2);
         }
         Ok(())
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
-        (self.warn)(&self.lost.advance(counts));
+        self.tracker.lost(counts);
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.correlator.flush(&mut self.finished);
-        self.take_finished();
+        self.tracker.flush(&mut self.finished);
+        self.finished.clear();
         self.out.flush()
     }
 }

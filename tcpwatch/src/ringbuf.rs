@@ -50,28 +50,46 @@ impl Default for ReaderOptions {
     }
 }
 
-/// Empties the ring. With `always`, an empty drain still reports its time.
-fn drain(ring: &mut RingBuf<MapData>, always: bool) -> Option<Feed> {
-    let drained_at_ns = crate::clock::monotonic_ns();
-    let mut events = Vec::new();
-    let mut undecodable = 0;
-    let mut first_error = None;
-    while let Some(item) = ring.next() {
-        match decode_raw(&item) {
-            Ok(e) => events.push(e),
+/// One drain's records: the length-checked copies, and a count of the
+/// records of the wrong size with the first one's error.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub undecodable: u64,
+    pub first_error: Option<DecodeError>,
+}
+
+impl Batch {
+    /// Takes one record as the ring buffer gave it.
+    pub fn add(&mut self, record: &[u8]) {
+        match decode_raw(record) {
+            Ok(e) => self.events.push(e),
             Err(e) => {
-                undecodable += 1;
-                first_error.get_or_insert(e);
+                self.undecodable += 1;
+                self.first_error.get_or_insert(e);
             }
         }
     }
-    if events.is_empty() && undecodable == 0 && !always {
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.undecodable == 0
+    }
+}
+
+/// Empties the ring. With `always`, an empty drain still reports its time.
+fn drain(ring: &mut RingBuf<MapData>, always: bool) -> Option<Feed> {
+    let drained_at_ns = crate::clock::monotonic_ns();
+    let mut batch = Batch::default();
+    while let Some(item) = ring.next() {
+        batch.add(&item);
+    }
+    if batch.is_empty() && !always {
         None
     } else {
         Some(Feed::Records {
-            events,
-            undecodable,
-            first_error,
+            events: batch.events,
+            undecodable: batch.undecodable,
+            first_error: batch.first_error,
             drained_at_ns,
         })
     }

@@ -15,6 +15,8 @@ pub struct BoundedMap<K, V> {
     order: VecDeque<(K, u64)>,
     next_gen: u64,
     evicted: u64,
+    /// Most entries held at once.
+    peak: usize,
 }
 
 impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
@@ -26,6 +28,7 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
             order: VecDeque::new(),
             next_gen: 0,
             evicted: 0,
+            peak: 0,
         }
     }
 
@@ -44,6 +47,11 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
     /// Entries evicted to stay under the cap, since creation.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// Most entries held at once, since creation (never above the cap).
+    pub fn peak(&self) -> usize {
+        self.peak
     }
 
     pub fn get(&self, k: &K) -> Option<&V> {
@@ -74,6 +82,7 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         } else {
             None
         };
+        self.peak = self.peak.max(self.entries.len());
         if self.order.len() > 2 * self.cap + 1024 {
             self.compact();
         }
@@ -113,6 +122,33 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
     }
 }
 
+/// Sockets evicted from a table while open, until they are seen closed
+/// (or their address is reused): the rest of such a socket's life is of a
+/// socket whose start was forgotten, and must not pass for a socket older
+/// than the trace. Under a flood more sockets can be evicted and still
+/// open than the table holds, so this remembers at least 65,536 (8-byte
+/// keys: at most about 4 MB), forgetting the oldest first.
+#[derive(Debug)]
+pub struct EvictedKeys(BoundedMap<u64, ()>);
+
+impl EvictedKeys {
+    pub fn new(max_sockets: usize) -> Self {
+        EvictedKeys(BoundedMap::new(max_sockets.max(1 << 16)))
+    }
+
+    pub fn insert(&mut self, key: u64) {
+        self.0.insert(key, ());
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        self.0.contains_key(&key)
+    }
+
+    pub fn remove(&mut self, key: u64) {
+        self.0.remove(&key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +161,7 @@ mod tests {
         assert_eq!(m.insert(3, "c"), Some((1, "a")));
         assert_eq!(m.evicted(), 1);
         assert_eq!(m.len(), 2);
+        assert_eq!(m.peak(), 2, "the peak is taken after the eviction");
         assert!(m.get(&1).is_none());
         assert_eq!(m.get(&3), Some(&"c"));
     }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::correlate::{Role, Timeline, TimewaitSubstate};
 use crate::model::{Endpoint, Owner};
@@ -183,7 +183,7 @@ fn key(netns: u32, local: &Endpoint, remote: &Endpoint) -> u64 {
 }
 
 /// What the kernel and its settings say, passed in with each snapshot.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct KernelView {
     /// /proc/net/sockstat `tw`.
     pub sockstat_tw: Option<u64>,
@@ -198,7 +198,7 @@ pub struct KernelView {
     pub timestamps: Option<u8>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Group {
     pub key: String,
     pub pid: Option<u32>,
@@ -208,7 +208,7 @@ pub struct Group {
     pub share: f64,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Destination {
     pub remote: String,
     /// Client-side timewait sockets toward it: ephemeral ports it holds.
@@ -222,7 +222,7 @@ pub struct Destination {
     pub tw_reuse_applies: bool,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
     pub ts: String,
     pub interval_s: f64,

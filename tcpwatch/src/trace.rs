@@ -123,7 +123,7 @@ impl<W: Write> Sink for TraceSink<W> {
             (self.warn)(&w);
         }
         self.records(&records)?;
-        self.summary.evicted = self.owners.evicted();
+        self.summary.tracking = self.owners.tracking();
         Ok(())
     }
 

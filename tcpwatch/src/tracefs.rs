@@ -15,6 +15,8 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 pub enum TracefsError {
     #[error("tracefs is not mounted and mounting it failed ({0}); run: mount -t tracefs nodev /sys/kernel/tracing")]
     Mount(io::Error),
+    #[error("cannot read tracefs at {}: {source}; tcpwatch needs root, or CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON", path.display())]
+    Denied { path: PathBuf, source: io::Error },
     #[error("cannot read tracepoint format {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
@@ -36,10 +38,24 @@ fn has_events(root: &Path) -> bool {
 /// Returns the tracefs root, mounting tracefs at /sys/kernel/tracing first if
 /// neither it nor the debugfs path has it. Returns whether it mounted.
 pub fn ensure_mounted() -> Result<(PathBuf, bool), TracefsError> {
+    let mut denied = None;
     for root in [TRACEFS, DEBUGFS_TRACING] {
-        if has_events(Path::new(root)) {
-            return Ok((PathBuf::from(root), false));
+        let events = Path::new(root).join("events");
+        match fs::read_dir(&events).map(|mut d| d.next().is_some()) {
+            Ok(true) => return Ok((PathBuf::from(root), false)),
+            // Mounted, but this process may not look: mounting again
+            // would fail and say the wrong thing.
+            Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
+                denied.get_or_insert(TracefsError::Denied {
+                    path: events,
+                    source,
+                });
+            }
+            _ => {}
         }
+    }
+    if let Some(e) = denied {
+        return Err(e);
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: all pointers are valid NUL-terminated strings; data is NULL.

@@ -9,6 +9,7 @@
 mod bench;
 mod churn;
 mod compile;
+mod fuzz;
 mod process;
 mod run;
 mod setup;
@@ -68,8 +69,20 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the workspace's tests (with the eBPF object embedded), clippy and
-    /// the rustfmt check.
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, nightly) for a while each
+    /// and print libFuzzer's figures; fails if any target crashes.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+        /// Targets to run [default: all: decode, correlator, record_reader,
+        /// http_query].
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
+    },
+    /// Run the workspace's tests (with the eBPF object embedded), clippy,
+    /// the rustfmt check and a short run of each fuzz target.
     Test {
         /// Extra arguments for `cargo test`; after a further `--`, for the
         /// test harness.
@@ -162,6 +175,19 @@ fn execute(command: Cmd) -> Result<u8> {
         bench::run(&ws, &options)?;
         return Ok(0);
     }
+    if let Cmd::Fuzz { seconds, targets } = &command {
+        let targets = match fuzz::targets(targets) {
+            Ok(targets) => targets,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(2);
+            }
+        };
+        let ws = Workspace::locate()?;
+        setup::fuzz_tools(&ws)?;
+        fuzz::run(&ws, *seconds, &targets)?;
+        return Ok(0);
+    }
     let ws = Workspace::locate()?;
     let build_only = setup::Options { test_tools: false };
     match command {
@@ -190,7 +216,7 @@ fn execute(command: Cmd) -> Result<u8> {
             let object = compile::build_ebpf(&ws)?;
             testing::run(&ws, &object, &args)?;
         }
-        Cmd::Bench { .. } => unreachable!("handled above"),
+        Cmd::Bench { .. } | Cmd::Fuzz { .. } => unreachable!("handled above"),
     }
     Ok(0)
 }
@@ -244,6 +270,34 @@ mod tests {
             threads: 0,
             server_threads: None,
             no_bpftrace: true,
+        })
+        .unwrap();
+        assert_eq!(code, 2);
+    }
+
+    #[test]
+    fn fuzz_defaults_and_targets() {
+        let cli = Cli::try_parse_from(["xtask", "fuzz"]).unwrap();
+        match cli.command {
+            Cmd::Fuzz { seconds, targets } => {
+                assert_eq!(seconds, 60);
+                assert!(targets.is_empty());
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5", "decode", "http_query"])
+            .unwrap();
+        match cli.command {
+            Cmd::Fuzz { seconds, targets } => {
+                assert_eq!(seconds, 5);
+                assert_eq!(targets, ["decode", "http_query"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--seconds", "0"]).is_err());
+        let code = execute(Cmd::Fuzz {
+            seconds: 1,
+            targets: vec!["no_such_target".into()],
         })
         .unwrap();
         assert_eq!(code, 2);

@@ -28,6 +28,8 @@ const LLVM_PACKAGES: &[&str] = &[
 ];
 /// bpf-linker release verified with rustc's LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "^0.13";
+/// cargo-fuzz release verified with the nightly toolchain here.
+const CARGO_FUZZ_VERSION: &str = "^0.13";
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -41,7 +43,19 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // Shows an unprivileged run makes no bpf() call.
     ("strace", "strace"),
+    // deploy.rs checks deploy/prometheus; prometheus_live.rs scrapes the daemon.
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    // deploy.rs checks the systemd unit and runs the daemon with its capabilities.
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
 ];
+
+/// PyPI's Kubernetes manifest validator (it bundles the schemas, so it works
+/// offline), in a virtualenv of its own; tcpwatch/tests/deploy.rs runs it.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The virtualenv holding it, relative to the workspace root.
+const KUBERNETES_VALIDATE_VENV: &str = "target/test-tools/kubernetes-validate";
 
 /// What to check besides the build toolchain.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,6 +78,8 @@ pub fn run(ws: &Workspace, options: Options) -> Result<()> {
     setup.tracefs()?;
     if options.test_tools {
         setup.test_tools()?;
+        // `cargo xtask test` runs the fuzz targets briefly.
+        setup.cargo_fuzz()?;
     }
     Ok(())
 }
@@ -179,8 +195,10 @@ impl Setup<'_> {
         Ok(())
     }
 
-    fn find_bpf_linker(&self) -> Option<(PathBuf, String)> {
-        let path = process::find_program("bpf-linker", &[&self.ws.cargo_bin_dir()])?;
+    /// A program `cargo install` puts in cargo's bin directory, with what
+    /// its `--version` says.
+    fn find_installed(&self, program: &str) -> Option<(PathBuf, String)> {
+        let path = process::find_program(program, &[&self.ws.cargo_bin_dir()])?;
         let version = process::probe(Command::new(&path).arg("--version"))?;
         Some((path, version.trim().to_string()))
     }
@@ -192,7 +210,7 @@ impl Setup<'_> {
              bpf-linker --version '{BPF_LINKER_VERSION}' --locked --no-default-features \
              --features llvm-22"
         );
-        if self.find_bpf_linker().is_none() {
+        if self.find_installed("bpf-linker").is_none() {
             installing("bpf-linker (cargo install, takes about a minute)");
             let path = format!(
                 "{LLVM_PREFIX}/bin:{}",
@@ -207,8 +225,30 @@ impl Setup<'_> {
                 .map_err(|e| missing(format_args!("bpf-linker ({e:#})"), &fix))?;
         }
         let (path, version) = self
-            .find_bpf_linker()
+            .find_installed("bpf-linker")
             .ok_or_else(|| missing("a working bpf-linker", &fix))?;
+        ok(format_args!("{version} ({})", path.display()));
+        Ok(())
+    }
+
+    /// cargo-fuzz, which builds and runs the targets in fuzz/ (with nightly).
+    fn cargo_fuzz(&self) -> Result<()> {
+        let fix = format!("cargo install cargo-fuzz --version '{CARGO_FUZZ_VERSION}' --locked");
+        let find = || self.find_installed("cargo-fuzz");
+        if find().is_none() {
+            installing("cargo-fuzz (cargo install, takes about a minute)");
+            let mut cmd = self.ws.cargo(Toolchain::Default)?;
+            cmd.args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ]);
+            process::run(&mut cmd)
+                .map_err(|e| missing(format_args!("cargo-fuzz ({e:#})"), &fix))?;
+        }
+        let (path, version) = find().ok_or_else(|| missing("a working cargo-fuzz", &fix))?;
         ok(format_args!("{version} ({})", path.display()));
         Ok(())
     }
@@ -257,6 +297,42 @@ impl Setup<'_> {
             })?;
             ok(format_args!("{tool} ({})", path.display()));
         }
+        self.kubernetes_validate()
+    }
+
+    /// 7. kubernetes-validate from PyPI, in a virtualenv under target/.
+    fn kubernetes_validate(&self) -> Result<()> {
+        let venv = self.ws.root().join(KUBERNETES_VALIDATE_VENV);
+        let validator = venv.join("bin").join("kubernetes-validate");
+        let version = || process::probe(Command::new(&validator).arg("--version"));
+        let fix = format!(
+            "python3 -m venv {v} && {v}/bin/pip install {KUBERNETES_VALIDATE} (python3 -m venv \
+             needs Debian's python3-venv)",
+            v = venv.display()
+        );
+        if version().is_none() {
+            installing(format_args!(
+                "{KUBERNETES_VALIDATE} (pip, in {})",
+                venv.display()
+            ));
+            let python = process::find_program("python3", &[])
+                .ok_or_else(|| missing("python3 (for kubernetes-validate)", &fix))?;
+            process::run(Command::new(python).args(["-m", "venv"]).arg(&venv))
+                .and_then(|()| {
+                    process::run(
+                        Command::new(venv.join("bin").join("pip"))
+                            .args(["install", "--quiet", "--disable-pip-version-check"])
+                            .arg(KUBERNETES_VALIDATE),
+                    )
+                })
+                .map_err(|e| missing(format_args!("kubernetes-validate ({e:#})"), &fix))?;
+        }
+        let version = version().ok_or_else(|| missing("a working kubernetes-validate", &fix))?;
+        ok(format_args!(
+            "kubernetes-validate {} ({})",
+            version.trim(),
+            validator.display()
+        ));
         Ok(())
     }
 
@@ -294,6 +370,17 @@ impl Setup<'_> {
             .ok_or_else(no_root)?;
         process::run(&mut install).map_err(|e| missing(format_args!("{what} ({e:#})"), &fix))
     }
+}
+
+/// What `cargo xtask fuzz` needs: the nightly toolchain and cargo-fuzz.
+pub fn fuzz_tools(ws: &Workspace) -> Result<()> {
+    let setup = Setup {
+        ws,
+        privilege: Privilege::detect(),
+        apt_updated: false,
+    };
+    setup.nightly()?;
+    setup.cargo_fuzz()
 }
 
 /// Finds `tool` (in `PATH`, then the sbin directories), installing Debian's

@@ -1,12 +1,13 @@
 //! `cargo xtask test`: the workspace's tests with the eBPF object embedded,
-//! then clippy and rustfmt. Every step runs; the task fails if any did.
+//! then clippy, rustfmt and a short run of each fuzz target. Every step
+//! runs; the task fails if any did.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
 use crate::{
-    process,
+    fuzz, process,
     workspace::{Toolchain, Workspace, BPF_OBJECT_ENV, BPF_PACKAGE},
 };
 
@@ -53,10 +54,15 @@ pub fn run(ws: &Workspace, object: &Path, extra: &[String]) -> Result<()> {
             failed.push(name);
         }
     }
+    eprintln!("fuzz: {} s per target", fuzz::TEST_SECONDS);
+    if let Err(e) = fuzz::run(ws, fuzz::TEST_SECONDS, fuzz::TARGETS) {
+        eprintln!("FAILED: {e:#}");
+        failed.push("fuzz");
+    }
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
-    eprintln!("all passed: tests, clippy, rustfmt");
+    eprintln!("all passed: tests, clippy, rustfmt, fuzz");
     Ok(())
 }
 

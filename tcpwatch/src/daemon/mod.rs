@@ -1,4 +1,349 @@
 //! `tcpwatch daemon`: the correlator and TIME_WAIT accounting run for good,
-//! served over HTTP to Prometheus and to `tcpwatch ... --from`.
+//! served over HTTP to Prometheus (`/metrics`) and to `tcpwatch ... --from`
+//! (`/api/timewait`, `/api/conns`).
+//!
+//! The session's sink does the work on the runtime's main task and
+//! publishes into [`Shared`]; the HTTP tasks only read what was published.
 
+pub mod client;
+pub mod http;
+pub mod metrics;
 pub mod query;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tcpwatch_common::Event;
+
+use crate::cli::{DaemonArgs, LogFormat};
+use crate::clock::{monotonic_ns, Clock};
+use crate::correlate::{Correlator, Timeline};
+use crate::decode::Rejects;
+use crate::filter::Filter;
+use crate::host;
+use crate::output::conns::conns_json;
+use crate::output::timewait::timewait_json;
+use crate::probe::LostCounts;
+use crate::report::{TimewaitTracker, TrackerOptions};
+use crate::session::{self, SessionOptions, Sink};
+use crate::timewait::{Snapshot, TimewaitBook, TimewaitOptions};
+
+use self::metrics::Metrics;
+use self::query::ConnsQuery;
+
+/// What the HTTP side serves: the registry, and the latest published
+/// connections and snapshot.
+pub struct Shared {
+    registry: Registry,
+    state: Mutex<State>,
+    started: Instant,
+}
+
+struct State {
+    /// Finished connections as JSON, numbered from 1, oldest first.
+    conns: VecDeque<(u64, String)>,
+    last_seq: u64,
+    keep: usize,
+    timewait: Option<String>,
+    health: Health,
+}
+
+/// `GET /healthz`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub uptime_s: u64,
+    pub events: u64,
+    pub connections: u64,
+    pub tracked_sockets: usize,
+    pub lost_ring_full: u64,
+    pub lost_kernel_skipped: u64,
+    pub snapshots: u64,
+}
+
+/// `GET /api/conns`.
+#[derive(Debug, Serialize)]
+struct ConnsPage<'a> {
+    /// Number of the newest connection returned (or known, when none is):
+    /// pass it back as `since` to get only newer ones.
+    next: u64,
+    /// Connections after `since` that are no longer kept, or were left out
+    /// by `limit`.
+    missed: u64,
+    conns: Vec<&'a serde_json::value::RawValue>,
+}
+
+impl Shared {
+    pub fn new(registry: Registry, keep: usize) -> Shared {
+        Shared {
+            registry,
+            state: Mutex::new(State {
+                conns: VecDeque::new(),
+                last_seq: 0,
+                keep,
+                timewait: None,
+                health: Health {
+                    status: "starting",
+                    ..Health::default()
+                },
+            }),
+            started: Instant::now(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the endpoints down with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Prometheus text exposition.
+    pub fn metrics(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Held so a snapshot's gauges are never seen half replaced.
+        let _state = self.state();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+
+    pub fn timewait(&self) -> Option<String> {
+        self.state().timewait.clone()
+    }
+
+    pub fn health(&self) -> String {
+        let mut h = self.state().health.clone();
+        h.uptime_s = self.started.elapsed().as_secs();
+        serde_json::to_string(&h).unwrap_or_default()
+    }
+
+    pub fn conns(&self, q: ConnsQuery) -> String {
+        let st = self.state();
+        let since = q.since.unwrap_or(0);
+        let newer = st.conns.iter().filter(|(seq, _)| *seq > since);
+        let available = newer.clone().count();
+        let first_kept = st.conns.front().map_or(st.last_seq + 1, |(seq, _)| *seq);
+        // Numbered after `since` but already dropped from the buffer.
+        let dropped = first_kept.saturating_sub(since.saturating_add(1));
+        let skip = available.saturating_sub(q.limit);
+        let conns: Vec<_> = newer
+            .skip(skip)
+            .filter_map(|(_, json)| serde_json::from_str(json).ok())
+            .collect();
+        let page = ConnsPage {
+            next: st.last_seq,
+            missed: dropped + skip as u64,
+            conns,
+        };
+        serde_json::to_string(&page).unwrap_or_default()
+    }
+}
+
+/// The session's sink: TIME_WAIT accounting, metrics, and publishing.
+pub struct DaemonSink {
+    pub tracker: TimewaitTracker,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    clock: Clock,
+    finished: Vec<Timeline>,
+    connections: u64,
+    snapshots: u64,
+    lost_logged: Option<Instant>,
+}
+
+/// Most often a growth of the lost counts is logged.
+const LOST_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl DaemonSink {
+    pub fn new(tracker: TimewaitTracker, metrics: Metrics, shared: Arc<Shared>) -> DaemonSink {
+        DaemonSink {
+            tracker,
+            metrics,
+            shared,
+            clock: Clock::system(),
+            finished: Vec::new(),
+            connections: 0,
+            snapshots: 0,
+            lost_logged: None,
+        }
+    }
+
+    /// Hands what the last batch finished, and a snapshot when one was
+    /// taken, to the metrics and the HTTP side.
+    pub fn publish(&mut self, snapshot: Option<Snapshot>) {
+        let json: Vec<String> = self
+            .finished
+            .drain(..)
+            .map(|t| {
+                self.metrics.connection(&t);
+                conns_json(&t, &self.clock)
+            })
+            .collect();
+        self.connections += json.len() as u64;
+        let correlator = self.tracker.correlator();
+        self.metrics
+            .tracking(correlator.tracked(), correlator.stats().evicted);
+        let timewait = snapshot.as_ref().map(timewait_json);
+        let lost = self.tracker.lost;
+        let mut st = self.shared.state();
+        for j in json {
+            st.last_seq += 1;
+            let seq = st.last_seq;
+            st.conns.push_back((seq, j));
+        }
+        let excess = st.conns.len().saturating_sub(st.keep);
+        st.conns.drain(..excess);
+        if let (Some(s), Some(j)) = (snapshot, timewait) {
+            self.snapshots += 1;
+            self.metrics.snapshot(&s);
+            st.timewait = Some(j);
+        }
+        st.health = Health {
+            status: "ok",
+            uptime_s: 0,
+            events: self.tracker.events,
+            connections: self.connections,
+            tracked_sockets: correlator.tracked(),
+            lost_ring_full: lost.ring_full,
+            lost_kernel_skipped: lost.skipped,
+            snapshots: self.snapshots,
+        };
+    }
+
+    /// The counts logged when the daemon stops.
+    pub fn totals(&self) -> (u64, u64, LostCounts, u64) {
+        (
+            self.tracker.events,
+            self.connections,
+            self.tracker.lost,
+            self.tracker.correlator().stats().evicted,
+        )
+    }
+}
+
+impl Sink for DaemonSink {
+    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()> {
+        let undecodable = rejects.count;
+        let records = self.tracker.interpret(events, rejects);
+        self.metrics.records(&records, undecodable);
+        let due = self
+            .tracker
+            .absorb(&records, settled_ns, &mut self.finished);
+        self.publish(due);
+        Ok(())
+    }
+
+    fn lost(&mut self, counts: LostCounts) {
+        self.metrics.lost(counts);
+        let line = self.tracker.lost.advance(counts);
+        if self
+            .lost_logged
+            .is_none_or(|t| t.elapsed() >= LOST_LOG_EVERY)
+        {
+            self.lost_logged = Some(Instant::now());
+            tracing::warn!("{}", line.trim_start_matches("tcpwatch: "));
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.tracker.flush(&mut self.finished);
+        self.publish(None);
+        Ok(())
+    }
+}
+
+/// Logs to stderr: text (coloured on a terminal) or one JSON object a line.
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_ansi(io::stderr().is_terminal()).try_init(),
+    };
+}
+
+fn warn_log() -> Box<dyn FnMut(&str) + Send> {
+    Box::new(|m| tracing::warn!("{}", m.trim_start_matches("tcpwatch: ")))
+}
+
+/// Binds, loads, serves, and runs until SIGTERM, SIGINT or `--duration`.
+pub async fn run(args: DaemonArgs) -> Result<(), String> {
+    init_logging(args.log_format);
+    // Bound first: a port in use fails before anything is loaded.
+    let listener = http::bind(args.listen)?;
+    let listen: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let mut registry = Registry::with_prefix("tcpwatch");
+    let metrics = Metrics::new(&mut registry);
+    let shared = Arc::new(Shared::new(registry, args.keep));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx));
+
+    let netns = host::own_netns();
+    let copts = host::correlator_options(args.probe.max_sockets, host::fin_timeout_s());
+    let tracker = TimewaitTracker::new(
+        TrackerOptions {
+            filter: Filter::default(),
+            interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+            top: args.top,
+        },
+        Clock::system(),
+        Correlator::new(copts, None, netns),
+        TimewaitBook::new(TimewaitOptions::default(), netns, 0),
+        warn_log(),
+    );
+    let mut sink = DaemonSink::new(tracker, metrics, shared);
+    let opts = SessionOptions {
+        probe: args.probe.options(),
+        duration: args.duration,
+    };
+    let mut started = false;
+    let result = session::run(
+        opts,
+        |probe, sink: &mut DaemonSink| {
+            started = true;
+            let snapshot =
+                host::socket_snapshot(|m| tracing::warn!("{}", m.trim_start_matches("tcpwatch: ")));
+            let now = monotonic_ns();
+            sink.tracker.start(
+                Correlator::new(copts, snapshot, netns),
+                TimewaitBook::new(TimewaitOptions::default(), netns, now),
+                now,
+            );
+            // Timewait sockets that already exist are served at once.
+            let first = sink.tracker.snapshot(now);
+            sink.publish(Some(first));
+            for line in &probe.degraded {
+                tracing::warn!("degraded: {line}");
+            }
+            if probe.mounted_tracefs {
+                tracing::info!("mounted tracefs at /sys/kernel/tracing");
+            }
+            tracing::info!("listening on http://{listen}; tracing TCP connections");
+        },
+        &mut sink,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    if started {
+        let (events, connections, lost, evicted) = sink.totals();
+        tracing::info!(
+            events,
+            connections,
+            lost_ring_full = lost.ring_full,
+            lost_kernel_skipped = lost.skipped,
+            evicted,
+            "stopped: programs detached"
+        );
+    }
+    result.map_err(|e| e.to_string())
+}

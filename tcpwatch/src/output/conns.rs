@@ -3,10 +3,13 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
+use crate::model::{Endpoint, Family, Owner};
 use crate::owner::OwnerSource;
 
 pub fn errno_name(errno: i32) -> String {
@@ -101,155 +104,196 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
-pub fn conns_text(t: &Timeline, clock: &Clock) -> String {
-    let (pid, comm) = match &t.owner {
-        Some(a) => (a.owner.pid.to_string(), a.owner.comm.as_str()),
-        None => ("-".to_string(), "-"),
-    };
-    let close = match (t.close, t.error) {
-        (CloseKind::Error | CloseKind::NeverOpened, Some(e)) => {
-            format!("{}:{}", close_name(t.close), errno_name(e))
+/// One finished connection as written out: the JSON object `conns
+/// --format json` prints and the daemon serves, and what the text columns
+/// are drawn from, so that `conns --from` shows exactly what `conns` does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnRecord {
+    pub ts: String,
+    pub start_ts: String,
+    pub skaddr: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<u64>,
+    pub owner_source: Option<String>,
+    pub family: String,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub netns: Option<u32>,
+    pub role: Option<String>,
+    pub open: String,
+    pub before_trace: bool,
+    pub handshake_ms: Option<f64>,
+    pub lifetime_ms: f64,
+    pub close: String,
+    pub closed_by: Option<String>,
+    pub teardown_segments: Option<u8>,
+    pub timewait: Option<TimewaitRecord>,
+    pub error: Option<String>,
+    pub errno: Option<i32>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub srtt_us: Option<u32>,
+    pub retransmits: u32,
+    pub total_retrans: Option<u32>,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+    /// Left out of the text columns; empty when built for them.
+    pub transitions: Vec<StepRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimewaitRecord {
+    pub state: String,
+    pub hold_s: f64,
+    pub until: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub ts: String,
+    pub t_ms: f64,
+    pub old: String,
+    pub new: String,
+}
+
+impl ConnRecord {
+    /// `steps`: include every transition (JSON) or not (text columns).
+    pub fn new(t: &Timeline, clock: &Clock, steps: bool) -> ConnRecord {
+        let owner = t.owner.as_ref().map(|a| &a.owner);
+        ConnRecord {
+            ts: clock.rfc3339(t.closed_ns),
+            start_ts: clock.rfc3339(t.first_ns),
+            skaddr: format!("{:#x}", t.skaddr),
+            pid: owner.map(|o| o.pid),
+            comm: owner.map(|o| o.comm.clone()),
+            cgroup: owner.map(|o| o.cgroup_id).filter(|c| *c != 0),
+            owner_source: t.owner.as_ref().map(|a| source_name(a.source).into()),
+            family: t.family.name().into(),
+            saddr: t.local.addr,
+            sport: t.local.port,
+            daddr: t.remote.addr,
+            dport: t.remote.port,
+            netns: t.netns,
+            role: role_name(t.role).map(Into::into),
+            open: open_name(t.open).into(),
+            before_trace: t.pre_existing(),
+            handshake_ms: t.handshake_ns.map(ms),
+            lifetime_ms: ms(t.lifetime_ns()),
+            close: close_name(t.close).into(),
+            closed_by: t.closed_by.map(|c| closer_name(c).into()),
+            teardown_segments: t.teardown_segments,
+            timewait: t.timewait.map(|tw| TimewaitRecord {
+                state: substate_name(tw.substate).into(),
+                hold_s: tw.hold_ns as f64 / 1e9,
+                until: clock.rfc3339(t.closed_ns.saturating_add(tw.hold_ns)),
+            }),
+            error: t.error.map(errno_name),
+            errno: t.error,
+            bytes_sent: t.bytes_sent,
+            bytes_received: t.bytes_received,
+            srtt_us: t.srtt_us,
+            retransmits: t.retransmits,
+            total_retrans: t.total_retrans,
+            resets_sent: t.resets_sent,
+            resets_received: t.resets_received,
+            transitions: if steps {
+                t.steps
+                    .iter()
+                    .map(|s| StepRecord {
+                        ts: clock.rfc3339(s.ts_ns),
+                        t_ms: ms(s.ts_ns.saturating_sub(t.first_ns)),
+                        old: s.old.name().into(),
+                        new: s.new.name().into(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
-        _ => close_name(t.close).to_string(),
+    }
+
+    pub fn local(&self) -> Endpoint {
+        Endpoint::new(self.saddr, self.sport)
+    }
+
+    pub fn remote(&self) -> Endpoint {
+        Endpoint::new(self.daddr, self.dport)
+    }
+
+    pub fn family(&self) -> Family {
+        if self.saddr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// The owner as a filter sees it.
+    pub fn owner(&self) -> Option<Owner> {
+        Some(Owner {
+            pid: self.pid?,
+            comm: self.comm.clone().unwrap_or_default(),
+            cgroup_id: self.cgroup.unwrap_or(0),
+        })
+    }
+}
+
+pub fn conns_text(t: &Timeline, clock: &Clock) -> String {
+    record_text(&ConnRecord::new(t, clock, false))
+}
+
+/// The text columns of one record (see `CONNS_HEADER`).
+pub fn record_text(r: &ConnRecord) -> String {
+    let failed = |kind: &str| match &r.error {
+        Some(e) => format!("{kind}:{e}"),
+        None => kind.to_string(),
     };
-    let open = match (t.open, t.error) {
-        (OpenKind::Failed, Some(e)) => format!("failed:{}", errno_name(e)),
-        _ => open_name(t.open).to_string(),
+    let close = match r.close.as_str() {
+        "error" | "never_opened" => failed(&r.close),
+        other => other.to_string(),
     };
-    let timewait = t.timewait.map_or_else(
+    let open = match r.open.as_str() {
+        "failed" => failed("failed"),
+        other => other.to_string(),
+    };
+    let timewait = r.timewait.as_ref().map_or_else(
         || "-".to_string(),
-        |tw| {
-            format!(
-                "{} {}s",
-                substate_name(tw.substate),
-                tw.hold_ns / 1_000_000_000
-            )
-        },
+        |tw| format!("{} {}s", tw.state, tw.hold_s.floor() as u64),
     );
+    // 2026-11-23T23:41:07.123456789Z → 23:41:07.123456
+    let time_of_day = r.ts.get(11..26).unwrap_or(&r.ts);
     let mut out = String::with_capacity(220);
     let _ = write!(
         out,
         "{} {:<7} {:<16} {:<6} {:<28} {:<28} {:<12} {:>6} {:>10} {:<18} {:<5} {:>4} {:<13} {:>10} {:>10} {:>7} {:>4}",
-        clock.time_of_day(t.closed_ns),
-        pid,
-        comm,
-        role_name(t.role).unwrap_or("-"),
-        t.local,
-        t.remote,
+        time_of_day,
+        opt(r.pid),
+        r.comm.as_deref().unwrap_or("-"),
+        r.role.as_deref().unwrap_or("-"),
+        r.local(),
+        r.remote(),
         open,
-        t.handshake_ns.map_or_else(|| "-".to_string(), |h| format!("{:.3}", ms(h))),
-        format!("{:.3}", ms(t.lifetime_ns())),
+        r.handshake_ms.map_or_else(|| "-".to_string(), |h| format!("{h:.3}")),
+        format!("{:.3}", r.lifetime_ms),
         close,
-        t.closed_by.map_or("-", closer_name),
-        opt(t.teardown_segments),
+        r.closed_by.as_deref().unwrap_or("-"),
+        opt(r.teardown_segments),
         timewait,
-        opt(t.bytes_sent),
-        opt(t.bytes_received),
-        opt(t.srtt_us),
-        t.retransmits,
+        opt(r.bytes_sent),
+        opt(r.bytes_received),
+        opt(r.srtt_us),
+        r.retransmits,
     );
     out
 }
 
-#[derive(Serialize)]
-struct TimewaitJson {
-    state: &'static str,
-    hold_s: f64,
-    until: String,
-}
-
-#[derive(Serialize)]
-struct StepJson {
-    ts: String,
-    t_ms: f64,
-    old: &'static str,
-    new: &'static str,
-}
-
-#[derive(Serialize)]
-struct ConnJson<'a> {
-    ts: String,
-    start_ts: String,
-    skaddr: String,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    cgroup: Option<u64>,
-    owner_source: Option<&'static str>,
-    family: &'static str,
-    saddr: String,
-    sport: u16,
-    daddr: String,
-    dport: u16,
-    netns: Option<u32>,
-    role: Option<&'static str>,
-    open: &'static str,
-    before_trace: bool,
-    handshake_ms: Option<f64>,
-    lifetime_ms: f64,
-    close: &'static str,
-    closed_by: Option<&'static str>,
-    teardown_segments: Option<u8>,
-    timewait: Option<TimewaitJson>,
-    error: Option<String>,
-    errno: Option<i32>,
-    bytes_sent: Option<u64>,
-    bytes_received: Option<u64>,
-    srtt_us: Option<u32>,
-    retransmits: u32,
-    total_retrans: Option<u32>,
-    resets_sent: u32,
-    resets_received: u32,
-    transitions: Vec<StepJson>,
-}
-
 pub fn conns_json(t: &Timeline, clock: &Clock) -> String {
-    let owner = t.owner.as_ref().map(|a| &a.owner);
-    let j = ConnJson {
-        ts: clock.rfc3339(t.closed_ns),
-        start_ts: clock.rfc3339(t.first_ns),
-        skaddr: format!("{:#x}", t.skaddr),
-        pid: owner.map(|o| o.pid),
-        comm: owner.map(|o| o.comm.as_str()),
-        cgroup: owner.map(|o| o.cgroup_id).filter(|c| *c != 0),
-        owner_source: t.owner.as_ref().map(|a| source_name(a.source)),
-        family: t.family.name(),
-        saddr: t.local.addr.to_string(),
-        sport: t.local.port,
-        daddr: t.remote.addr.to_string(),
-        dport: t.remote.port,
-        netns: t.netns,
-        role: role_name(t.role),
-        open: open_name(t.open),
-        before_trace: t.pre_existing(),
-        handshake_ms: t.handshake_ns.map(ms),
-        lifetime_ms: ms(t.lifetime_ns()),
-        close: close_name(t.close),
-        closed_by: t.closed_by.map(closer_name),
-        teardown_segments: t.teardown_segments,
-        timewait: t.timewait.map(|tw| TimewaitJson {
-            state: substate_name(tw.substate),
-            hold_s: tw.hold_ns as f64 / 1e9,
-            until: clock.rfc3339(t.closed_ns.saturating_add(tw.hold_ns)),
-        }),
-        error: t.error.map(errno_name),
-        errno: t.error,
-        bytes_sent: t.bytes_sent,
-        bytes_received: t.bytes_received,
-        srtt_us: t.srtt_us,
-        retransmits: t.retransmits,
-        total_retrans: t.total_retrans,
-        resets_sent: t.resets_sent,
-        resets_received: t.resets_received,
-        transitions: t
-            .steps
-            .iter()
-            .map(|s| StepJson {
-                ts: clock.rfc3339(s.ts_ns),
-                t_ms: ms(s.ts_ns.saturating_sub(t.first_ns)),
-                old: s.old.name(),
-                new: s.new.name(),
-            })
-            .collect(),
-    };
-    serde_json::to_string(&j).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    record_json(&ConnRecord::new(t, clock, true))
+}
+
+pub fn record_json(r: &ConnRecord) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

@@ -127,7 +127,29 @@ pub struct Summary {
     pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
     pub lost: crate::probe::LostCounts,
     pub decode_errors: u64,
+    pub tracking: Tracking,
+}
+
+/// How full a socket table got, for the exit summaries: it shows that
+/// `--max-sockets` held, and that nothing was left behind in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tracking {
     pub evicted: u64,
+    /// Most sockets tracked at once.
+    pub peak: usize,
+    /// `--max-sockets`.
+    pub limit: usize,
+    pub at_exit: usize,
+}
+
+impl std::fmt::Display for Tracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sockets evicted from tracking, {} sockets tracked at peak (limit {}), {} sockets tracked at exit",
+            self.evicted, self.peak, self.limit, self.at_exit
+        )
+    }
 }
 
 impl Summary {
@@ -149,9 +171,7 @@ impl Summary {
             self.lost.skipped,
             self.decode_errors
         );
-        if self.evicted > 0 {
-            let _ = write!(out, ", {} sockets evicted from tracking", self.evicted);
-        }
+        let _ = write!(out, ", {}", self.tracking);
         out.push('\n');
         let mut kinds: Vec<_> = self.by_kind.iter().collect();
         kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));

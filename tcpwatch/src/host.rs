@@ -1,0 +1,43 @@
+//! Facts about the host every live command starts from.
+
+use crate::correlate::CorrelatorOptions;
+use crate::procfs::SocketSnapshot;
+
+/// The inode of tcpwatch's own network namespace.
+pub fn own_netns() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|m| m.ino() as u32)
+}
+
+/// net.ipv4.tcp_fin_timeout (60 when unreadable, the kernel's default).
+pub fn fin_timeout_s() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(60)
+}
+
+pub fn correlator_options(max_sockets: usize, fin_timeout_s: u32) -> CorrelatorOptions {
+    CorrelatorOptions {
+        max_sockets,
+        fin_timeout_ns: u64::from(fin_timeout_s) * 1_000_000_000,
+        ..CorrelatorOptions::default()
+    }
+}
+
+/// Owners of sockets that predate the trace, looked up once the probe is
+/// attached so that no socket falls between the two. `warn` hears why
+/// they are unknown when /proc cannot be read.
+pub fn socket_snapshot(warn: impl FnOnce(&str)) -> Option<SocketSnapshot> {
+    match SocketSnapshot::capture() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn(&format!(
+                "tcpwatch: owners of sockets older than this trace are unknown: {e}"
+            ));
+            None
+        }
+    }
+}

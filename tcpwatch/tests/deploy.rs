@@ -1,0 +1,826 @@
+//! Checks of the deployment files in `deploy/`, each by the tool that owns
+//! its format, and each with a broken copy that the same check must reject
+//! (so a check that cannot fail would fail here):
+//!
+//! - the systemd unit: `systemd-analyze verify` and `security --offline`;
+//! - the Kubernetes manifests: `kubernetes-validate --strict` (PyPI, in the
+//!   virtualenv `cargo xtask test` makes under target/test-tools), plus what
+//!   a schema cannot say (the same capabilities as the unit, probes on the
+//!   port the daemon listens on, ...);
+//! - the Prometheus config and alerts: `promtool check config`, `check
+//!   rules`, and `test rules` with series that must and must not fire;
+//! - the daemon's arguments in both: `tcpwatch daemon` accepts them.
+//!
+//! As root, two more run the daemon the way the unit does: as uid 65534 with
+//! exactly the unit's ambient capabilities (loads, serves, attributes
+//! connections; and each capability dropped in turn breaks what it is for),
+//! and under strace, checking the unit's SystemCallFilter allows every
+//! system call it made.
+//!
+//! A missing tool fails under CI (`cargo xtask test` installs them all) and
+//! is skipped with a message otherwise.
+
+mod common;
+mod deploy_support;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::skip;
+use deploy_support::*;
+
+const UNIT: &str = "systemd/tcpwatch.service";
+const MANIFEST: &str = "kubernetes/daemonset.yaml";
+
+/// The tool, or `None` after saying why the test does not run.
+fn tool(program: &str, package: &str) -> Option<PathBuf> {
+    find_tool(program, package).map_err(|why| skip(&why)).ok()
+}
+
+/// `text` with `from` replaced by `to`, which must occur in it: a mutation
+/// that silently changed nothing would make a negative check meaningless.
+fn mutate(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "mutation target {from:?} not found");
+    text.replacen(from, to, 1)
+}
+
+// ---------------------------------------------------------------------------
+// systemd
+
+/// The values of `key=` in the unit (each line one value; later lines add).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
+        .collect()
+}
+
+fn unit_words(unit: &str, key: &str) -> BTreeSet<String> {
+    unit_values(unit, key)
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The capabilities the unit grants, as `CAP_…` names.
+fn unit_capabilities(unit: &str) -> BTreeSet<String> {
+    unit_words(unit, "AmbientCapabilities")
+}
+
+/// `systemd-analyze verify` of `unit` with the daemon binary at `binary`
+/// (verify requires every ExecStart program to exist): `Err(output)` unless
+/// it exits 0 and says nothing.
+fn systemd_verify(analyze: &Path, unit: &str, binary: &Path) -> Result<(), String> {
+    let dir = Scratch::new("unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/tcpwatch "));
+    let text = unit.replace("/usr/local/bin/tcpwatch", &binary.display().to_string());
+    let path = dir.write("tcpwatch.service", &text);
+    let r = run(Command::new(analyze).arg("verify").arg(&path));
+    if r.ok && r.output.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(r.output)
+    }
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze() {
+    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    let unit = read_deploy(UNIT);
+    let bin = Daemon::bin();
+    if let Err(out) = systemd_verify(&analyze, &unit, &bin) {
+        panic!("systemd-analyze verify {UNIT}:\n{out}");
+    }
+    // A misspelt setting is only a warning to systemd, and an error here.
+    for (from, to) in [
+        ("NoNewPrivileges=", "NoNewPrivilege="),
+        ("Restart=on-failure", "Restart=on-failures"),
+        ("[Service]", "[Servise]"),
+    ] {
+        let broken = mutate(&unit, from, to);
+        assert!(
+            systemd_verify(&analyze, &broken, &bin).is_err(),
+            "systemd-analyze verify accepted the unit with {from:?} -> {to:?}"
+        );
+    }
+
+    // The sandboxing, as systemd rates it (0 = locked down, 10 = none).
+    let dir = Scratch::new("unit-security");
+    let path = dir.write("tcpwatch.service", &unit);
+    let r = run(Command::new(&analyze)
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&path));
+    let verdict = r
+        .output
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level:\n{}", r.output));
+    println!("{verdict}");
+    let level: f64 = verdict
+        .split(": ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable: {verdict}"));
+    assert!(level <= 3.0, "the unit's sandboxing got weaker: {verdict}");
+}
+
+#[test]
+fn unit_grants_only_what_the_daemon_needs() {
+    let unit = read_deploy(UNIT);
+    let expected: BTreeSet<String> = [
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_SYS_PTRACE",
+    ]
+    .map(String::from)
+    .into();
+    // Adding a capability must come with a reason (and a change here).
+    assert_eq!(unit_capabilities(&unit), expected, "AmbientCapabilities");
+    assert_eq!(
+        unit_words(&unit, "CapabilityBoundingSet"),
+        expected,
+        "CapabilityBoundingSet must equal AmbientCapabilities"
+    );
+    for (key, value) in [
+        ("DynamicUser", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("Restart", "on-failure"),
+        ("LimitMEMLOCK", "infinity"),
+        ("ProtectSystem", "strict"),
+    ] {
+        assert_eq!(unit_values(&unit, key), [value], "{key}=");
+    }
+    // Settings that would break the daemon (see the comments in the unit).
+    for key in [
+        "PrivateNetwork",
+        "PrivateUsers",
+        "ProtectProc",
+        "ProcSubset",
+        "User",
+    ] {
+        assert!(unit_values(&unit, key).is_empty(), "{key}= breaks tcpwatch");
+    }
+    let exec = unit_values(&unit, "ExecStart");
+    assert_eq!(exec.len(), 1);
+    assert!(
+        exec[0].starts_with("/usr/local/bin/tcpwatch daemon --listen ${TCPWATCH_LISTEN}"),
+        "{exec:?}"
+    );
+    assert_eq!(
+        unit_values(&unit, "Environment")[0],
+        "TCPWATCH_LISTEN=127.0.0.1:9977",
+        "the default listen address is loopback only"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Kubernetes
+
+fn kubernetes_validate() -> Option<PathBuf> {
+    let bin = kubernetes_validate_venv().join("bin/kubernetes-validate");
+    if bin.is_file() {
+        Some(bin)
+    } else {
+        skip(&format!(
+            "{} is missing (`cargo xtask setup --test-tools` or `cargo xtask test` installs \
+             kubernetes-validate from PyPI there)",
+            bin.display()
+        ));
+        None
+    }
+}
+
+/// `kubernetes-validate --strict` on a copy of `manifest`. A warning counts
+/// as a failure: a resource of an unknown kind or apiVersion is only warned
+/// about (and not checked at all).
+fn validate_manifest(validator: &Path, manifest: &str) -> Ran {
+    let dir = Scratch::new("manifest");
+    let path = dir.write("daemonset.yaml", manifest);
+    let mut r = run(Command::new(validator).arg("--strict").arg(&path));
+    r.ok &= !r.output.lines().any(|l| l.starts_with("WARN"));
+    r
+}
+
+/// The documents of a YAML file, as JSON (through the validator's PyYAML).
+fn yaml_documents(yaml: &str) -> Vec<Value> {
+    let python = kubernetes_validate_venv().join("bin/python");
+    let dir = Scratch::new("yaml");
+    let path = dir.write("in.yaml", yaml);
+    let r = run(Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(&path));
+    assert!(r.ok, "PyYAML: {}", r.output);
+    serde_json::from_str::<Vec<Value>>(&r.output)
+        .unwrap_or_else(|e| panic!("{e}: {}", r.output))
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_match_the_schema() {
+    let Some(validator) = kubernetes_validate() else {
+        return;
+    };
+    let manifest = read_deploy(MANIFEST);
+    let r = validate_manifest(&validator, &manifest);
+    assert!(r.ok, "kubernetes-validate {MANIFEST}:\n{}", r.output);
+    for kind in ["namespace", "serviceaccount", "service", "daemonset"] {
+        assert!(
+            r.output
+                .contains(&format!("passed for resource {kind}/tcpwatch")),
+            "{kind} not validated:\n{}",
+            r.output
+        );
+    }
+    for (from, to) in [
+        // wrong type
+        ("hostNetwork: true", "hostNetwork: \"yes\""),
+        // unknown field (a typo)
+        ("readOnlyRootFilesystem: true", "readOnlyRootFs: true"),
+        // required field missing
+        (
+            "      containers:\n        - name: tcpwatch\n",
+            "      containers:\n        - nam: tcpwatch\n",
+        ),
+        // not an apps/v1 kind: only a warning from the validator
+        ("kind: DaemonSet", "kind: DaemonSett"),
+        ("apiVersion: apps/v1", "apiVersion: apps/v1beta9"),
+    ] {
+        let r = validate_manifest(&validator, &mutate(&manifest, from, to));
+        assert!(
+            !r.ok,
+            "kubernetes-validate accepted {from:?} -> {to:?}:\n{}",
+            r.output
+        );
+    }
+}
+
+#[test]
+fn daemonset_runs_the_daemon_like_the_unit() {
+    if kubernetes_validate().is_none() {
+        return;
+    }
+    let docs = yaml_documents(&read_deploy(MANIFEST));
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let pod = &ds["spec"]["template"];
+    let spec = &pod["spec"];
+    assert_eq!(spec["hostPID"], true);
+    assert_eq!(spec["hostNetwork"], true);
+    let c = &spec["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let added: BTreeSet<String> = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| format!("CAP_{}", c.as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        added,
+        unit_capabilities(&read_deploy(UNIT)),
+        "the DaemonSet and the systemd unit grant different capabilities"
+    );
+
+    // Listens on the node IP, on the port the probes, annotations and
+    // Service use.
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "daemon");
+    assert!(args.contains(&"--listen=$(NODE_IP):9977"), "{args:?}");
+    let env = &c["env"][0];
+    assert_eq!(env["name"], "NODE_IP");
+    assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+    let port = &c["ports"][0];
+    assert_eq!(port["containerPort"], 9977);
+    assert_eq!(
+        port["hostPort"], 9977,
+        "hostNetwork: hostPort = containerPort"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], port["name"], "{probe}");
+    }
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9977");
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(service["spec"]["ports"][0]["port"], 9977);
+    assert!(c["resources"]["limits"]["memory"].is_string());
+
+    // tracefs and BTF from the host, read-only.
+    let mounts: Vec<(&str, bool)> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["mountPath"].as_str().unwrap(), m["readOnly"] == true))
+        .collect();
+    for path in ["/sys/kernel/tracing", "/sys/kernel/btf"] {
+        assert!(
+            mounts.contains(&(path, true)),
+            "{path} not mounted read-only: {mounts:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus
+
+/// deploy/prometheus copied to a scratch directory, with `file` mutated.
+fn prometheus_copy(file: &str, from: &str, to: &str) -> Scratch {
+    let dir = Scratch::new("prometheus-deploy");
+    for entry in fs::read_dir(deploy_file("prometheus")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let mut text = fs::read_to_string(entry.path()).unwrap();
+        if name == file {
+            text = mutate(&text, from, to);
+        }
+        dir.write(&name, &text);
+    }
+    dir
+}
+
+fn promtool(promtool: &Path, dir: &Path, args: &[&str]) -> Ran {
+    run(Command::new(promtool).current_dir(dir).args(args))
+}
+
+#[test]
+fn prometheus_config_and_rules_pass_promtool() {
+    let Some(bin) = tool("promtool", "prometheus") else {
+        return;
+    };
+    let dir = deploy_file("prometheus");
+    // check config also loads the rule files it names.
+    for (args, success) in [
+        (
+            &["check", "config", "prometheus.yml"],
+            "SUCCESS: 1 rule files found",
+        ),
+        (
+            &["check", "rules", "tcpwatch-alerts.yml"],
+            "SUCCESS: 6 rules found",
+        ),
+    ] {
+        let r = promtool(&bin, &dir, args);
+        assert!(
+            r.ok && r.output.contains(success),
+            "promtool {args:?}:\n{}",
+            r.output
+        );
+    }
+
+    for (file, from, to, args) in [
+        (
+            "prometheus.yml",
+            "scrape_timeout: 10s",
+            "scrape_timeout: 20s",
+            &["check", "config", "prometheus.yml"][..],
+        ),
+        (
+            "prometheus.yml",
+            "type: A",
+            "type: AAAAA",
+            &["check", "config", "prometheus.yml"],
+        ),
+        (
+            "tcpwatch-alerts.yml",
+            "/ tcpwatch_kernel_tw_max_buckets > 0.8",
+            "/ tcpwatch_kernel_tw_max_buckets >> 0.8",
+            &["check", "rules", "tcpwatch-alerts.yml"],
+        ),
+        (
+            "tcpwatch-alerts.yml",
+            "{{ $labels.instance }} is down",
+            "{{ $labels.instance }} is down {{",
+            &["check", "rules", "tcpwatch-alerts.yml"],
+        ),
+    ] {
+        let broken = prometheus_copy(file, from, to);
+        let r = promtool(&bin, &broken.path, args);
+        assert!(
+            !r.ok,
+            "promtool {args:?} accepted {from:?} -> {to:?}:\n{}",
+            r.output
+        );
+    }
+}
+
+#[test]
+fn alert_rules_fire_only_when_they_should() {
+    let Some(bin) = tool("promtool", "prometheus") else {
+        return;
+    };
+    let test = ["test", "rules", "tcpwatch-alerts.test.yml"];
+    let r = promtool(&bin, &deploy_file("prometheus"), &test);
+    assert!(r.ok, "promtool test rules:\n{}", r.output);
+    // Rules that would fire too late, too soon, for the wrong series or
+    // never: each must fail a test case.
+    for (from, to) in [
+        (
+            "tcpwatch_kernel_tw_max_buckets > 0.8",
+            "tcpwatch_kernel_tw_max_buckets > 0.95",
+        ),
+        (
+            "tcpwatch_kernel_tw_max_buckets > 0.8\n        for: 5m",
+            "tcpwatch_kernel_tw_max_buckets > 0.8\n        for: 1m",
+        ),
+        (
+            "tcpwatch_destination_ports_held{destination!=\"other\"}",
+            "tcpwatch_destination_ports_held",
+        ),
+        ("> 0.5", "> 0.8"),
+        ("sum by (job, instance, reason)", "sum by (job, instance)"),
+        (
+            "up{job=~\"tcpwatch|tcpwatch-kubernetes\"} == 0\n        for: 5m",
+            "up{job=~\"tcpwatch|tcpwatch-kubernetes\"} == 0\n        for: 1m",
+        ),
+        (
+            "increase(tcpwatch_evictions_total[10m]) > 0",
+            "increase(tcpwatch_evictions_total[10m]) > 100",
+        ),
+        (
+            "increase(tcpwatch_kernel_timewait_overflows_total[5m]) > 0",
+            "rate(tcpwatch_kernel_timewait_overflows_total[5m]) > 1",
+        ),
+    ] {
+        let broken = prometheus_copy("tcpwatch-alerts.yml", from, to);
+        let r = promtool(&bin, &broken.path, &test);
+        assert!(
+            !r.ok,
+            "promtool test rules passed with {from:?} -> {to:?}:\n{}",
+            r.output
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon's arguments
+
+/// Runs `tcpwatch <args> --btf <missing>`: arguments the daemon accepts get
+/// as far as the BTF check (or the root check) and exit 1; ones it refuses
+/// exit 2 with clap's message.
+fn accepts(args: &[String]) -> Result<(), String> {
+    let out = Command::new(Daemon::bin())
+        .args(args)
+        .args(["--btf", "/nonexistent/tcpwatch-deploy-check"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    match out.status.code() {
+        Some(1) => Ok(()),
+        _ => Err(format!("{args:?}: {} {stderr}", out.status)),
+    }
+}
+
+#[test]
+fn daemon_accepts_the_deployed_arguments() {
+    // systemd: ExecStart with the unit's default environment.
+    let unit = read_deploy(UNIT);
+    let exec = unit_values(&unit, "ExecStart").remove(0);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let unit_args: Vec<String> = exec
+        .replace("${TCPWATCH_LISTEN}", &listen)
+        .replace("$TCPWATCH_ARGS", "--top 20 --interval 10")
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    accepts(&unit_args).unwrap();
+    // Kubernetes: command + args with the downward-API variable set.
+    let docs = yaml_documents_or_skip();
+    if let Some(docs) = docs {
+        let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        let c = &ds["spec"]["template"]["spec"]["containers"][0];
+        let k8s_args: Vec<String> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().replace("$(NODE_IP)", "127.0.0.1"))
+            .map(|a| a.replace(":9977", &format!(":{}", free_port())))
+            .collect();
+        accepts(&k8s_args).unwrap();
+    }
+    // And the check can fail.
+    let mut bad = unit_args.clone();
+    bad.push("--no-such-option".into());
+    assert!(accepts(&bad).is_err());
+}
+
+fn yaml_documents_or_skip() -> Option<Vec<Value>> {
+    kubernetes_validate()?;
+    Some(yaml_documents(&read_deploy(MANIFEST)))
+}
+
+// ---------------------------------------------------------------------------
+// Live: the unit's capabilities and system call filter
+
+/// The binary copied where any user may run it, as /usr/local/bin would be.
+fn world_runnable_binary(dir: &Scratch) -> PathBuf {
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path.join("tcpwatch");
+    fs::copy(Daemon::bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// setpriv arguments running a program as `uid` with exactly `caps`
+/// (`CAP_…` names) as its inheritable, ambient and bounding sets, and
+/// no_new_privs, as systemd does for the unit.
+fn setpriv(setpriv: &Path, uid: u32, caps: &BTreeSet<String>) -> Vec<String> {
+    let list: String = caps
+        .iter()
+        .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let set = format!("-all{list}");
+    let mut words = vec![
+        setpriv.display().to_string(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        format!("--inh-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--no-new-privs".into(),
+    ];
+    if uid != 0 {
+        words.push(format!("--ambient-caps={set}"));
+    }
+    words
+}
+
+/// What one run under a capability set showed.
+struct CapRun {
+    /// The connection to the listener made after start: its client side's owner pid.
+    client_pid: Option<u64>,
+    /// The listener opened before the daemon started: its owner pid.
+    listener_pid: Option<u64>,
+    /// Timewait sockets toward the listener, per /metrics.
+    timewait: Option<f64>,
+}
+
+/// Starts the daemon under `wrapper`; with a listener of this process opened
+/// before it, one connection to it (the client closes first, leaving a
+/// TIME_WAIT socket), then the listener closed. `Err(output)` if the daemon
+/// did not start.
+fn run_with_caps(name: &str, wrapper: &[String], bin: &Path) -> Result<CapRun, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let daemon = Daemon::try_start(name, wrapper, bin, &["--interval", "1"])?;
+    daemon.get("/healthz");
+    assert!(
+        find_sample(&daemon.metrics(), "tcpwatch_build_info", &[]) == Some(1.0),
+        "{name}: no tcpwatch_build_info"
+    );
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    drop(client);
+    std::io::copy(&mut server, &mut std::io::sink()).unwrap();
+    drop(server);
+    drop(listener);
+
+    let me = u64::from(std::process::id());
+    let destination = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut run = CapRun {
+        client_pid: None,
+        listener_pid: None,
+        timewait: None,
+    };
+    loop {
+        let conns = daemon.conns();
+        let client = conns
+            .iter()
+            .find(|c| c["dport"] == port && c["role"] == "client");
+        let listening = conns.iter().find(|c| c["sport"] == port && c["dport"] == 0);
+        run.client_pid = client.and_then(|c| c["pid"].as_u64());
+        run.listener_pid = listening.and_then(|c| c["pid"].as_u64());
+        run.timewait = find_sample(
+            &daemon.metrics(),
+            "tcpwatch_timewait_by_destination",
+            &[("destination", &destination)],
+        );
+        let done = client.is_some() && listening.is_some() && run.timewait.is_some();
+        if done || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.stop();
+    // The test process owns both ends.
+    for pid in [run.client_pid, run.listener_pid].into_iter().flatten() {
+        assert_eq!(pid, me, "{name}: attributed to another process");
+    }
+    Ok(run)
+}
+
+#[test]
+fn unit_capabilities_are_enough_and_each_is_needed() {
+    require_live!();
+    let Some(setpriv_bin) = tool("setpriv", "util-linux") else {
+        return;
+    };
+    let caps = unit_capabilities(&read_deploy(UNIT));
+    let dir = Scratch::new("caps");
+    let bin = world_runnable_binary(&dir);
+    const NOBODY: u32 = 65534;
+
+    // Exactly the unit's set, as an unprivileged user.
+    let full = run_with_caps("unit caps", &setpriv(&setpriv_bin, NOBODY, &caps), &bin)
+        .unwrap_or_else(|out| panic!("the daemon did not start with {caps:?}:\n{out}"));
+    assert!(
+        full.client_pid.is_some(),
+        "client connection not attributed"
+    );
+    assert!(
+        full.listener_pid.is_some(),
+        "listener opened before the start not attributed (/proc/PID/fd unreadable?)"
+    );
+    assert_eq!(full.timewait, Some(1.0), "TIME_WAIT socket not counted");
+    println!(
+        "uid {NOBODY} with {caps:?}: starts, serves, attributes both sockets, counts timewait"
+    );
+
+    // The Kubernetes container: uid 0 with only these capabilities.
+    let k8s = run_with_caps("uid 0, unit caps", &setpriv(&setpriv_bin, 0, &caps), &bin)
+        .unwrap_or_else(|out| panic!("the daemon did not start as uid 0 with {caps:?}:\n{out}"));
+    assert!(k8s.client_pid.is_some() && k8s.listener_pid.is_some());
+    assert_eq!(k8s.timewait, Some(1.0));
+
+    for cap in &caps {
+        let mut fewer = caps.clone();
+        fewer.remove(cap);
+        let name = format!("without {cap}");
+        let result = run_with_caps(&name, &setpriv(&setpriv_bin, NOBODY, &fewer), &bin);
+        match cap.as_str() {
+            // Loading, attaching, reading tracefs: it cannot start.
+            "CAP_BPF" | "CAP_PERFMON" | "CAP_DAC_READ_SEARCH" => {
+                let out = match result {
+                    Ok(_) => panic!("the daemon started {name}"),
+                    Err(out) => out,
+                };
+                assert!(out.starts_with("exit status: 1\n"), "{name}: {out}");
+                println!("{name}: exit 1: {}", out.lines().last().unwrap_or(""));
+            }
+            // /proc/PID/fd of other users: owners of older sockets unknown.
+            "CAP_SYS_PTRACE" => {
+                let r = result.unwrap_or_else(|out| panic!("{name}: did not start: {out}"));
+                assert!(
+                    r.client_pid.is_some(),
+                    "{name}: new connection not attributed"
+                );
+                assert_eq!(r.listener_pid, None, "{name}: listener attributed anyway");
+                println!("{name}: starts, but the older listener has no owner");
+            }
+            other => panic!("no check for {other}: say what it is for"),
+        }
+    }
+}
+
+/// Every system call in the unit's SystemCallFilter, groups expanded.
+fn allowed_syscalls(analyze: &Path, filter: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut allowed = BTreeSet::new();
+    let mut todo: Vec<String> = filter.iter().cloned().collect();
+    let mut seen = BTreeSet::new();
+    while let Some(item) = todo.pop() {
+        if !item.starts_with('@') {
+            allowed.insert(item);
+            continue;
+        }
+        if !seen.insert(item.clone()) {
+            continue;
+        }
+        let r = run(Command::new(analyze).args(["syscall-filter", &item]));
+        assert!(r.ok, "systemd-analyze syscall-filter {item}: {}", r.output);
+        for line in r.output.lines().skip(1).map(str::trim) {
+            if !line.is_empty() && !line.starts_with('#') {
+                todo.push(line.to_string());
+            }
+        }
+    }
+    allowed
+}
+
+/// The system call names in an `strace -c` summary.
+fn strace_summary_calls(summary: &str) -> BTreeSet<String> {
+    summary
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.last()?;
+            let numeric = f.len() >= 5 && f[0].parse::<f64>().is_ok();
+            (numeric && name != "total").then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// The pid of `parent`'s child (strace's tracee).
+fn child_of(parent: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "strace started no child");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unit_syscall_filter_allows_every_call_the_daemon_makes() {
+    require_live!();
+    let (Some(analyze), Some(strace)) =
+        (tool("systemd-analyze", "systemd"), tool("strace", "strace"))
+    else {
+        return;
+    };
+    let unit = read_deploy(UNIT);
+    let filter = unit_words(&unit, "SystemCallFilter");
+    assert!(!filter.is_empty(), "the unit has no SystemCallFilter");
+    let allowed = allowed_syscalls(&analyze, &filter);
+
+    let dir = Scratch::new("strace");
+    let summary = dir.path.join("strace.txt");
+    let wrapper = vec![
+        strace.display().to_string(),
+        "-f".into(),
+        "-c".into(),
+        "-o".into(),
+        summary.display().to_string(),
+    ];
+    let daemon = Daemon::start(
+        "under strace",
+        &wrapper,
+        &Daemon::bin(),
+        &["--interval", "1"],
+    );
+    // Every endpoint, a connection and a timewait snapshot, then SIGTERM to
+    // the daemon itself (strace's own SIGTERM would kill it).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (s, _) = listener.accept().unwrap();
+    drop((c, s, listener));
+    std::thread::sleep(Duration::from_millis(1500));
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/api/timewait",
+        "/api/conns?limit=5",
+    ] {
+        daemon.get(path);
+    }
+    let tracee = child_of(daemon.proc.pid());
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(tracee as libc::pid_t, libc::SIGTERM) };
+    let f = daemon.proc.finish(common::STOP_TIMEOUT);
+    assert!(
+        f.status.success(),
+        "daemon under strace: {}\n{}",
+        f.status,
+        f.stderr.join("\n")
+    );
+
+    let used = strace_summary_calls(&fs::read_to_string(&summary).unwrap());
+    assert!(
+        used.contains("bpf") && used.contains("epoll_wait"),
+        "strace summary: {used:?}"
+    );
+    let refused: Vec<&String> = used.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "SystemCallFilter={filter:?} refuses {refused:?}, which the daemon calls"
+    );
+    println!(
+        "{} system calls used, all allowed by the unit's filter",
+        used.len()
+    );
+    // The check can fail: without "bpf" the filter refuses the daemon.
+    let mut without_bpf = filter.clone();
+    without_bpf.remove("bpf");
+    assert!(!used.is_subset(&allowed_syscalls(&analyze, &without_bpf)));
+}

@@ -1,0 +1,460 @@
+//! Root integration tests of tcpwatch under overload, on the running kernel.
+//!
+//! - A SYN flood: in a namespace of the test's own, a listener with a
+//!   backlog of 1 that never accepts, SYN cookies off and one SYN retry, so
+//!   that thousands of nonblocking connect() calls from the same namespace
+//!   stay half-open for about three seconds each and then time out.
+//!   `tcpwatch trace`, `conns` and `timewait` run through it with a small
+//!   `--max-sockets`.
+//! - A ring burst: the three modes with a tiny `--ring-size` while a
+//!   connection churn runs far faster than the ring can hold.
+//!
+//! Each checks that tcpwatch stays up, that its resident memory stays under
+//! a cap, that its tables stay under `--max-sockets` with the evictions
+//! counted, that lost events are counted and reported with their cause, and
+//! that once the overload is over its figures are right again: a known
+//! batch of connections made afterwards is reported exactly (every
+//! transition, every record, the TIME_WAIT count against the kernel's), and
+//! no socket of the overload is left in its tables. Every figure is printed
+//! (`--nocapture` shows them).
+//!
+//! tcpwatch runs inside the test namespace with `--laddr` this run's own
+//! addresses; it still traces (and tracks) the whole host, so other
+//! programs' traffic shares its tables and its ring buffer. A batch whose
+//! window saw lost events is made again (at most three times).
+//!
+//! Tests that cannot run (not root, no kernel BTF, binary built without its
+//! eBPF object) print "skipped: <why>", or fail when CI is set or
+//! TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
+//! `cargo xtask test --test overload_live -- --nocapture`.
+
+mod common;
+#[allow(dead_code)]
+mod conns_support;
+mod overload_support;
+mod timewait_support;
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use conns_support::Conn;
+use overload_support::*;
+use timewait_support::{listen, server_ip, Churn, Netns, Snap};
+
+/// `--max-sockets` for the flood: far below the half-open sockets it makes.
+const MAX_SOCKETS: usize = 2000;
+/// Connections in the batch made after the overload.
+const BATCH: u16 = 40;
+/// Half-open sockets per second, and for how long.
+const FLOOD_RATE: f64 = 4000.0;
+const FLOOD_TIME: Duration = Duration::from_secs(5);
+/// How long the flood keeps each socket: past its SYN timeout (one retry:
+/// about 3 s), so the kernel, not the flood, ends it.
+const FLOOD_HOLD: Duration = Duration::from_millis(3500);
+/// The resident memory each tcpwatch may add to what it had once attached.
+/// Its tables are capped at `MAX_SOCKETS` sockets (a few hundred bytes
+/// each: under 2 MiB in all, whatever the flood does); the rest allows for
+/// record batches in flight between the ring-buffer reader and the stages
+/// and for the allocator's slack. A table that grew with the flood would
+/// pass it: 20,000 half-open sockets, each in the correlator, the owner
+/// table and the trace's delta table.
+const RSS_GROWTH_CAP_KIB: u64 = 16 * 1024;
+/// Sockets tcpwatch may still count as open at exit that are not the
+/// test's: other programs on the host open connections meanwhile.
+const FOREIGN_SLACK: u64 = 64;
+
+fn port_needles(port: u16) -> [String; 2] {
+    [format!("\"sport\":{port},"), format!("\"dport\":{port},")]
+}
+
+/// The batch: `BATCH` connections to `server_ip():port` from ports `base`
+/// up, the client closing first, made after the overload; then waits (up
+/// to 10 s) until each mode printed them.
+fn make_batch(ns: &Netns, watchers: &[Watcher], port: u16, base: u16) {
+    paced_batch(ns, port, BATCH, base, Duration::from_millis(2));
+    let needles = port_needles(port);
+    for w in watchers {
+        let has_port = |l: &str| needles.iter().any(|n| l.contains(n.as_str()));
+        let wanted = match w.mode {
+            // Each client and accepted socket: five transitions; the
+            // listener: two.
+            Mode::Trace => 10 * BATCH as usize + 2,
+            Mode::Conns => 2 * BATCH as usize,
+            Mode::Timewait => 0,
+        };
+        w.wait_stdout(has_port, wanted, Duration::from_secs(10));
+    }
+}
+
+/// Checks what `trace` printed for the batch on `port`: exactly the
+/// client's, the accepted socket's and the listener's transitions.
+fn check_trace_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Result<(), String> {
+    let lines: Vec<common::Line> = stdout
+        .iter()
+        .map(|l| common::Line::parse(l))
+        .filter(|l| l.netns == Some(netns) && l.has_port(&[port]))
+        .collect();
+    let lives = common::lifetimes(&lines);
+    let mut clients = 0;
+    let mut accepted = 0;
+    let mut listeners = 0;
+    for life in &lives {
+        let steps = common::transitions(life);
+        let first = &life[0];
+        if steps == common::CLIENT_SEQ && first.dport == port {
+            let sport = life[1].sport;
+            if !(base..base + BATCH).contains(&sport) {
+                return Err(format!("client from unexpected port {sport}"));
+            }
+            clients += 1;
+        } else if steps == common::ACCEPTED_SEQ && first.sport == port {
+            accepted += 1;
+        } else if steps == common::LISTENER_SEQ {
+            listeners += 1;
+        } else {
+            return Err(format!("unexpected lifetime {steps:?} of {}", first.skaddr));
+        }
+    }
+    let got = (clients, accepted, listeners);
+    if got != (BATCH as usize, BATCH as usize, 1) {
+        return Err(format!(
+            "trace: {clients} client, {accepted} accepted and {listeners} listener lifetimes"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what `conns` printed for the batch: one record per end, each
+/// orderly, the client closing first into TIME_WAIT.
+fn check_conns_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Result<(), String> {
+    let needles = port_needles(port);
+    let records: Vec<Conn> = stdout
+        .iter()
+        .filter(|l| needles.iter().any(|n| l.contains(n.as_str())))
+        .map(|l| Conn::parse(l))
+        .filter(|c| c.get("netns").as_u64() == Some(u64::from(netns)))
+        .collect();
+    let mut by_key: HashMap<(u16, u16), usize> = HashMap::new();
+    for c in &records {
+        c.check_shape();
+        *by_key
+            .entry((c.port("sport"), c.port("dport")))
+            .or_default() += 1;
+        let client = c.port("dport") == port;
+        let want = if client {
+            [("active", "orderly", "local")]
+        } else {
+            [("passive", "orderly", "peer")]
+        };
+        let got = [(c.str("open"), c.str("close"), c.str("closed_by"))];
+        if got != want {
+            return Err(format!("conns: {}", c.line));
+        }
+        if client && c.get("timewait")["state"] != "TIME_WAIT" {
+            return Err(format!("conns: no TIME_WAIT: {}", c.line));
+        }
+        if c.get("pid").as_u64() != Some(u64::from(std::process::id())) {
+            return Err(format!("conns: owner is not this test: {}", c.line));
+        }
+    }
+    for i in 0..BATCH {
+        for key in [(base + i, port), (port, base + i)] {
+            if by_key.get(&key) != Some(&1) {
+                return Err(format!(
+                    "conns: {:?} records for {key:?} ({} records on port {port})",
+                    by_key.get(&key),
+                    records.len()
+                ));
+            }
+        }
+    }
+    if records.len() != 2 * BATCH as usize {
+        return Err(format!("conns: {} records on port {port}", records.len()));
+    }
+    Ok(())
+}
+
+/// Checks `timewait`'s first snapshot taken a second after the batch: the
+/// batch's TIME_WAIT sockets, all attributed, and a total that is the
+/// kernel's.
+fn check_timewait_batch(w: &Watcher, ns: &Netns, port: u16) -> Result<Snap, String> {
+    let key = SocketAddrV4::new(server_ip(), port).to_string();
+    let done = common::now_ns();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let is_snap = |l: &str| l.starts_with('{');
+    loop {
+        let n = w.wait_stdout(is_snap, 0, Duration::ZERO).len();
+        let s = Snap::parse(&w.wait_stdout(is_snap, n + 1, Duration::from_secs(10))[n]);
+        s.check_invariants(10);
+        if s.ts_ns() < done + 1_000_000_000 && Instant::now() < deadline {
+            continue;
+        }
+        let k = ns.kernel_now();
+        let batch = Snap::count_of(&s.by_remote, &key);
+        let kernel = k.ss_time_wait + k.ss_fin_wait2;
+        if batch != u64::from(BATCH) || s.kernel_listed != Some(s.total) || s.total != kernel {
+            return Err(format!(
+                "timewait: {batch} of the batch's {BATCH} toward {key}; total {} (TIME_WAIT {}, \
+                 FIN_WAIT2 {}), kernel listed {:?}, ss {kernel}, unattributed {}, just closed {}",
+                s.total, s.time_wait, s.fin_wait2, s.kernel_listed, s.unattributed, s.just_closed
+            ));
+        }
+        return Ok(s);
+    }
+}
+
+/// Makes batches until one whose window lost no event (at most three);
+/// returns its port and client base port, checked as far as the modes
+/// still running can be (the timewait snapshot); trace and conns are
+/// checked on their output once stopped.
+fn lossless_batch(ns: &Netns, watchers: &[Watcher], first_port: u16) -> (u16, u16) {
+    for attempt in 0..3u16 {
+        let (port, base) = (first_port + attempt, 30000 + 1000 * attempt);
+        // The lost-event lines come at most every half second.
+        std::thread::sleep(Duration::from_millis(600));
+        let before: Vec<Lost> = watchers.iter().map(Watcher::lost_so_far).collect();
+        make_batch(ns, watchers, port, base);
+        let tw = watchers.iter().find(|w| w.mode == Mode::Timewait);
+        let snap = tw.map(|w| check_timewait_batch(w, ns, port));
+        std::thread::sleep(Duration::from_millis(600));
+        let lost: Vec<u64> = watchers
+            .iter()
+            .zip(&before)
+            .map(|(w, b)| w.lost_so_far().total - b.total)
+            .collect();
+        if lost.iter().all(|n| *n == 0) {
+            if let Some(Err(e)) = snap {
+                panic!("batch on port {port}, no event lost: {e}");
+            }
+            eprintln!("batch of {BATCH} connections on port {port}: no event lost in its window");
+            return (port, base);
+        }
+        eprintln!(
+            "note: batch on port {port}: events lost in its window ({lost:?} by mode {:?}); again",
+            watchers.iter().map(|w| w.mode.name()).collect::<Vec<_>>()
+        );
+    }
+    panic!(
+        "three batches in a row lost events (other BPF programs or traffic on this host?): \
+         cannot check that the figures are right again"
+    );
+}
+
+/// The checks on every mode's exit: summary numbers, memory, evictions.
+struct ModeFigures {
+    rss_start_kib: u64,
+    rss_max_kib: u64,
+}
+
+fn report_rss(mode: Mode, start_kib: u64, series: &[u64], hwm_kib: u64) -> ModeFigures {
+    let max = series.iter().copied().max().unwrap_or(0).max(start_kib);
+    eprintln!(
+        "{}: RSS {start_kib} KiB once attached, at most {max} KiB sampled ({} samples), VmHWM \
+         {hwm_kib} KiB; growth {} KiB (cap {RSS_GROWTH_CAP_KIB} KiB)",
+        mode.name(),
+        series.len(),
+        max.saturating_sub(start_kib)
+    );
+    assert!(
+        hwm_kib.max(max) <= start_kib + RSS_GROWTH_CAP_KIB,
+        "{}: resident memory grew by {} KiB",
+        mode.name(),
+        hwm_kib.max(max) - start_kib
+    );
+    ModeFigures {
+        rss_start_kib: start_kib,
+        rss_max_kib: max,
+    }
+}
+
+/// A half-open flood toward a listener with a backlog of 1, then a batch.
+#[test]
+fn syn_flood_leaves_tcpwatch_bounded_and_right() {
+    require_live!();
+    let nofile = raise_nofile();
+    let hold_sockets = (FLOOD_RATE * FLOOD_HOLD.as_secs_f64()) as u64 + 1000;
+    assert!(
+        nofile >= hold_sockets,
+        "the flood holds up to {hold_sockets} sockets; RLIMIT_NOFILE is {nofile}"
+    );
+    let ns = Netns::new();
+    let netns = common_netns(&ns);
+    // Every SYN beyond the queue is dropped (no cookies), and a connect
+    // gives up after one retransmission (about 3 s).
+    ns.sysctl("net.ipv4.tcp_syncookies", "0");
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    let target = SocketAddrV4::new(server_ip(), 9000);
+    let listener = ns.in_ns(|| listen(target, 1)).expect("listen");
+
+    let max = MAX_SOCKETS.to_string();
+    let watchers: Vec<Watcher> = Mode::ALL
+        .iter()
+        .map(|m| Watcher::start(&ns, *m, &["--max-sockets", &max]))
+        .collect();
+    let pids: Vec<u32> = watchers.iter().map(Watcher::pid).collect();
+    let start_rss: Vec<u64> = pids
+        .iter()
+        .map(|p| status_kib(*p, "VmRSS:").unwrap_or(0))
+        .collect();
+    let sampler = RssSampler::start(&pids, Duration::from_millis(100));
+
+    let flooded = Instant::now();
+    let f = flood(&ns, target, FLOOD_RATE, FLOOD_TIME, FLOOD_HOLD);
+    eprintln!(
+        "flood: {} half-open connects in {:.1} s ({:.0}/s), at most {} open at once; {} timed \
+         out in SYN_SENT, {} completed a handshake, {} still connecting when closed, {} errors",
+        f.attempts,
+        f.elapsed.as_secs_f64(),
+        f.rate(),
+        f.peak_open,
+        f.timed_out,
+        f.connected,
+        f.pending_at_close,
+        f.errors
+    );
+    assert!(
+        f.peak_open > 2 * MAX_SOCKETS as u64,
+        "the flood never held more half-open sockets than --max-sockets: {f:?}"
+    );
+    assert!(
+        f.timed_out > f.attempts / 2,
+        "most half-open sockets should die of their SYN timeout: {f:?}"
+    );
+    // The accept queue's few connections go with the listener.
+    drop(listener);
+    ns.settle(Duration::from_secs(15));
+    let flood_secs = flooded.elapsed().as_secs_f64();
+
+    let (port, base) = lossless_batch(&ns, &watchers, 9100);
+    let series = sampler.series();
+    drop(sampler);
+    let stopped: Vec<Stopped> = watchers.into_iter().map(Watcher::stop).collect();
+
+    for (i, s) in stopped.iter().enumerate() {
+        let rss = report_rss(s.mode, start_rss[i], &series[i], s.peak_rss_kib);
+        check_common_summary(s, flood_secs, &rss, MAX_SOCKETS);
+        assert!(
+            s.summary.get("sockets evicted from tracking") > 0,
+            "{}: the flood overflowed --max-sockets {MAX_SOCKETS} without an eviction: {}",
+            s.mode.name(),
+            s.summary.line
+        );
+        match s.mode {
+            Mode::Trace => check_trace_batch(&s.stdout, port, base, netns).unwrap(),
+            Mode::Conns => check_conns_batch(&s.stdout, port, base, netns).unwrap(),
+            Mode::Timewait => {}
+        }
+    }
+}
+
+/// Figures every mode's exit summary must show after an overload: the
+/// lost-event split, a peak of tracked sockets within the cap, and
+/// (almost) nothing still tracked. Prints them.
+fn check_common_summary(s: &Stopped, secs: f64, rss: &ModeFigures, limit: usize) {
+    let name = s.mode.name();
+    let c = &s.summary;
+    let lost = c.lost();
+    eprintln!("{name}: {}", c.line);
+    let events = c
+        .try_get("events")
+        .or_else(|| c.try_get("transitions seen"))
+        .unwrap_or(0);
+    eprintln!(
+        "{name}: {events} events ({:.0}/s over {secs:.1} s), lost {} ({} ring buffer full, {} \
+         skipped by the kernel), RSS {} -> {} KiB",
+        events as f64 / secs,
+        lost.total,
+        lost.ring_full,
+        lost.skipped,
+        rss.rss_start_kib,
+        rss.rss_max_kib
+    );
+    let peak = c.get("sockets tracked at peak");
+    assert!(
+        peak <= limit as u64 && c.line.contains(&format!("(limit {limit})")),
+        "{name}: tracked {peak} sockets at once, more than --max-sockets: {}",
+        c.line
+    );
+    let left = c.get("sockets tracked at exit");
+    assert!(
+        left <= FOREIGN_SLACK,
+        "{name}: {left} sockets still tracked at exit after the overload ended: {}",
+        c.line
+    );
+}
+
+/// The namespace's inode, as tcpwatch prints it.
+fn common_netns(ns: &Netns) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(ns.path()).unwrap().ino() as u32
+}
+
+/// A churn far above what a 4 KiB ring buffer holds, then a batch.
+#[test]
+fn ring_burst_is_counted_and_recovered_from() {
+    require_live!();
+    let ns = Netns::new();
+    let netns = common_netns(&ns);
+    let ring = "4K";
+    let watchers: Vec<Watcher> = Mode::ALL
+        .iter()
+        .map(|m| Watcher::start(&ns, *m, &["--ring-size", ring]))
+        .collect();
+    let pids: Vec<u32> = watchers.iter().map(Watcher::pid).collect();
+    let start_rss: Vec<u64> = pids
+        .iter()
+        .map(|p| status_kib(*p, "VmRSS:").unwrap_or(0))
+        .collect();
+    let sampler = RssSampler::start(&pids, Duration::from_millis(100));
+
+    let started = Instant::now();
+    let churn = Churn::start(&ns, 2, 2, None);
+    std::thread::sleep(Duration::from_secs(3));
+    let r = churn.stop();
+    eprintln!(
+        "burst: {} connections in {:.1} s ({:.0}/s, about {:.0} events/s) against a {ring} ring \
+         buffer (about 26 records), {} failed",
+        r.connections,
+        r.elapsed.as_secs_f64(),
+        r.rate(),
+        10.0 * r.rate(),
+        r.failed
+    );
+    ns.settle(Duration::from_secs(15));
+    let burst_lost: Vec<Lost> = watchers.iter().map(Watcher::lost_so_far).collect();
+    let secs = started.elapsed().as_secs_f64();
+
+    let (port, base) = lossless_batch(&ns, &watchers, 9200);
+    let series = sampler.series();
+    drop(sampler);
+    let stopped: Vec<Stopped> = watchers.into_iter().map(Watcher::stop).collect();
+    for (i, s) in stopped.iter().enumerate() {
+        let rss = report_rss(s.mode, start_rss[i], &series[i], s.peak_rss_kib);
+        check_common_summary(s, secs, &rss, 262_144);
+        eprintln!(
+            "{}: lost during the burst: {} ({} ring buffer full)",
+            s.mode.name(),
+            burst_lost[i].total,
+            burst_lost[i].ring_full
+        );
+        assert!(
+            burst_lost[i].ring_full > 0,
+            "{}: the burst never filled a {ring} ring buffer (or it was not reported as it \
+             happened): {:?}",
+            s.mode.name(),
+            burst_lost[i]
+        );
+        assert!(
+            s.stderr.iter().any(|l| l.starts_with("tcpwatch: LOST ")),
+            "{}: lost events were not reported as they happened",
+            s.mode.name()
+        );
+        assert!(s.summary.lost().ring_full >= burst_lost[i].ring_full);
+        match s.mode {
+            Mode::Trace => check_trace_batch(&s.stdout, port, base, netns).unwrap(),
+            Mode::Conns => check_conns_batch(&s.stdout, port, base, netns).unwrap(),
+            Mode::Timewait => {}
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! Harness for the overload tests (overload_live.rs): tcpwatch in its three
+//! live modes run inside a test namespace, their resident memory sampled
+//! while they run, their exit summaries and lost-event lines read back as
+//! numbers, and a flood of half-open connections made with nonblocking
+//! connect() calls toward a listener that never accepts.
+//!
+//! The namespace, addresses, listeners and the connection churn come from
+//! `timewait_support`; the JSON line models from `common` (trace) and
+//! `conns_support` (conns).
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::common::{self, Proc};
+use crate::timewait_support::{client_ip, connect_from, listen, our_net, our_octet, server_ip, Netns};
+
+// ---------------------------------------------------------------------------
+// tcpwatch, inside the test namespace
+
+/// The live modes the overload tests run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Trace,
+    Conns,
+    Timewait,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Trace, Mode::Conns, Mode::Timewait];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Trace => "trace",
+            Mode::Conns => "conns",
+            Mode::Timewait => "timewait",
+        }
+    }
+
+    /// Words of the exit summary line that only this mode prints.
+    fn summary_marker(self) -> &'static str {
+        match self {
+            Mode::Trace => " transitions seen, ",
+            Mode::Conns => " connections finished, ",
+            Mode::Timewait => " snapshots, ",
+        }
+    }
+}
+
+/// A running `tcpwatch MODE --format json --laddr <our net> ...` inside a
+/// namespace (killed if dropped). `--laddr` keeps other namespaces'
+/// traffic out of its output, not out of its tables: tcpwatch traces the
+/// whole host, and every socket it sees counts toward `--max-sockets`.
+pub struct Watcher {
+    pub mode: Mode,
+    proc: Proc,
+}
+
+/// What a stopped tcpwatch printed, with its exit summary as numbers.
+pub struct Stopped {
+    pub mode: Mode,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    pub summary: Counts,
+    /// VmHWM just before it was stopped, in KiB.
+    pub peak_rss_kib: u64,
+}
+
+impl Watcher {
+    pub fn start(ns: &Netns, mode: Mode, extra: &[&str]) -> Watcher {
+        let mut cmd = ns.command(common::tcpwatch_bin());
+        cmd.args([mode.name(), "--format", "json", "--laddr", &our_net()])
+            .args(extra);
+        if mode == Mode::Timewait {
+            cmd.args(["--interval", "1"]);
+        }
+        let proc = Proc::spawn(&format!("tcpwatch {} {extra:?}", mode.name()), cmd, false);
+        proc.wait_stderr(
+            |l| l.starts_with("tcpwatch: tracing ") && l.ends_with("; Ctrl-C to stop"),
+            1,
+            common::START_TIMEOUT,
+        );
+        Watcher { mode, proc }
+    }
+
+    /// tcpwatch's own pid: `ip netns exec` execs it in place.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Lost events it has reported so far (its latest `LOST` line).
+    pub fn lost_so_far(&self) -> Lost {
+        Lost::latest(&self.proc.stderr_now())
+    }
+
+    /// Waits up to `t` for `n` stdout lines that satisfy `pred`; those
+    /// seen by then (fewer on timeout).
+    pub fn wait_stdout(&self, pred: impl Fn(&str) -> bool, n: usize, t: Duration) -> Vec<String> {
+        let deadline = Instant::now() + t;
+        loop {
+            let hits = self.proc.wait_stdout(&pred, 0, Duration::ZERO);
+            if hits.len() >= n || Instant::now() >= deadline {
+                return hits;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGINT; checks a clean exit and an exit summary, and returns both.
+    pub fn stop(self) -> Stopped {
+        let peak_rss_kib = status_kib(self.pid(), "VmHWM:").unwrap_or(0);
+        self.proc.signal(libc::SIGINT);
+        let name = self.proc.name.clone();
+        let f = self.proc.finish(common::STOP_TIMEOUT);
+        let stderr = f.stderr.join("\n");
+        assert!(
+            f.status.success(),
+            "{name} exited with {}:\n{stderr}",
+            f.status
+        );
+        assert!(!stderr.contains("panicked"), "{name} panicked:\n{stderr}");
+        let line = f
+            .stderr
+            .iter()
+            .find(|l| l.starts_with("tcpwatch: ") && l.contains(self.mode.summary_marker()))
+            .unwrap_or_else(|| panic!("{name}: no exit summary:\n{stderr}"));
+        Stopped {
+            mode: self.mode,
+            summary: Counts::parse(line),
+            stdout: f.stdout,
+            stderr: f.stderr,
+            peak_rss_kib,
+        }
+    }
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The numbers of a tcpwatch summary line, each by the words after it up
+/// to a comma or parenthesis: "tcpwatch: 12 transitions seen, 2 lost
+/// events (0 ring buffer full, 2 skipped by the kernel)" gives
+/// "transitions seen" 12, "lost events" 2, "ring buffer full" 0, ...
+#[derive(Clone, Debug)]
+pub struct Counts {
+    pub line: String,
+    pairs: Vec<(String, u64)>,
+}
+
+impl Counts {
+    pub fn parse(line: &str) -> Counts {
+        let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
+        let pairs = body
+            .split([',', '(', ')'])
+            .filter_map(|part| {
+                let (n, label) = part.trim().split_once(' ')?;
+                Some((label.trim().to_string(), n.parse().ok()?))
+            })
+            .collect();
+        Counts {
+            line: line.to_string(),
+            pairs,
+        }
+    }
+
+    /// The number before `label` (e.g. "ring buffer full").
+    pub fn get(&self, label: &str) -> u64 {
+        self.try_get(label)
+            .unwrap_or_else(|| panic!("no '{label}' in the summary: {}", self.line))
+    }
+
+    pub fn try_get(&self, label: &str) -> Option<u64> {
+        self.pairs
+            .iter()
+            .find(|(l, _)| l.as_str() == label)
+            .map(|(_, n)| *n)
+    }
+
+    /// The lost-event split, checked to add up.
+    pub fn lost(&self) -> Lost {
+        let lost = Lost {
+            total: self.get("lost events"),
+            ring_full: self.get("ring buffer full"),
+            skipped: self.get("skipped by the kernel"),
+        };
+        assert_eq!(
+            lost.total,
+            lost.ring_full + lost.skipped,
+            "lost is not ring + skipped: {}",
+            self.line
+        );
+        lost
+    }
+}
+
+/// Lost events by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lost {
+    pub total: u64,
+    pub ring_full: u64,
+    pub skipped: u64,
+}
+
+impl Lost {
+    /// From the last "tcpwatch: LOST N events (T in all: R with the ring
+    /// buffer full - ...; K skipped by the kernel ...)" line (none: zero).
+    pub fn latest(stderr: &[String]) -> Lost {
+        let Some(line) = stderr
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("tcpwatch: LOST "))
+        else {
+            return Lost::default();
+        };
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(nums.len() >= 4, "LOST line: {line}");
+        Lost {
+            total: nums[1],
+            ring_full: nums[2],
+            skipped: nums[3],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resident memory
+
+/// Samples VmRSS of some processes every `period` on a thread of its own.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Vec<u64>>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start(pids: &[u32], period: Duration) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(vec![Vec::new(); pids.len()]));
+        let (st, sa, pids) = (stop.clone(), samples.clone(), pids.to_vec());
+        let handle = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Some(kib) = status_kib(*pid, "VmRSS:") {
+                        sa.lock().unwrap()[i].push(kib);
+                    }
+                }
+                std::thread::sleep(period);
+            }
+        });
+        RssSampler {
+            stop,
+            samples,
+            handle: Some(handle),
+        }
+    }
+
+    /// The samples of each process so far, in KiB.
+    pub fn series(&self) -> Vec<Vec<u64>> {
+        self.samples.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A flood of half-open connections
+
+/// What a flood did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FloodResult {
+    /// connect() calls that went out (EINPROGRESS).
+    pub attempts: u64,
+    /// Of those, sockets the kernel gave up on (SYN retries exhausted:
+    /// ETIMEDOUT) before the flood closed them.
+    pub timed_out: u64,
+    /// Handshakes that completed (the listener's queue had room).
+    pub connected: u64,
+    /// Still connecting when closed by the flood.
+    pub pending_at_close: u64,
+    /// Most sockets open at once.
+    pub peak_open: u64,
+    /// socket/bind/connect failures.
+    pub errors: u64,
+    pub elapsed: Duration,
+}
+
+impl FloodResult {
+    pub fn rate(&self) -> f64 {
+        self.attempts as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// A nonblocking socket bound to `src` (port chosen at connect), with a
+/// connect() to `dst` in progress.
+fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let one: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned from the moment it
+    // exists; option values and sockaddrs are valid for the sizes passed.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let owned = OwnedFd::from_raw_fd(fd);
+        check(libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let (_, sa, _) = common::sockaddr(SocketAddrV4::new(src, 0).into());
+        check(libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            len,
+        ))?;
+        let (_, da, _) = common::sockaddr(dst.into());
+        if libc::connect(fd, &da as *const _ as *const libc::sockaddr, len) < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        Ok(owned)
+    }
+}
+
+/// SO_ERROR of a socket, and whether it is connected (has a peer).
+fn socket_outcome(fd: &OwnedFd) -> (i32, bool) {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err and len describe a writable c_int.
+    unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut plen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: peer and plen describe a writable sockaddr_storage.
+    let connected = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            &mut peer as *mut _ as *mut libc::sockaddr,
+            &mut plen,
+        )
+    } == 0;
+    (err, connected)
+}
+
+/// Raises the soft limit on open files to the hard limit; returns it.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a valid rlimit struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur as u64
+    }
+}
+
+/// From a thread inside `ns`: `rate` nonblocking connects per second for
+/// `duration` toward `dst`, from addresses 127.X.200.1-250 (X: this run's
+/// octet), each socket held for `hold` and then closed. Returns once every
+/// socket is closed.
+pub fn flood(
+    ns: &Netns,
+    dst: SocketAddrV4,
+    rate: f64,
+    duration: Duration,
+    hold: Duration,
+) -> FloodResult {
+    ns.in_ns(|| {
+        let mut r = FloodResult::default();
+        let mut open: VecDeque<(Instant, OwnedFd)> = VecDeque::new();
+        let start = Instant::now();
+        let close_old =
+            |open: &mut VecDeque<(Instant, OwnedFd)>, r: &mut FloodResult, all: bool| {
+                while let Some((t, _)) = open.front() {
+                    if !all && t.elapsed() < hold {
+                        break;
+                    }
+                    let (_, fd) = open.pop_front().unwrap();
+                    match socket_outcome(&fd) {
+                        (libc::ETIMEDOUT, _) => r.timed_out += 1,
+                        (0, true) => r.connected += 1,
+                        _ => r.pending_at_close += 1,
+                    }
+                }
+            };
+        let mut n: u32 = 0;
+        while start.elapsed() < duration {
+            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+            if r.attempts + r.errors >= due {
+                close_old(&mut open, &mut r, false);
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let src = Ipv4Addr::new(127, our_octet(), 200, 1 + (n % 250) as u8);
+            n = n.wrapping_add(1);
+            match half_open(src, dst) {
+                Ok(fd) => {
+                    r.attempts += 1;
+                    open.push_back((Instant::now(), fd));
+                    r.peak_open = r.peak_open.max(open.len() as u64);
+                }
+                Err(_) => r.errors += 1,
+            }
+        }
+        r.elapsed = start.elapsed();
+        while !open.is_empty() {
+            close_old(&mut open, &mut r, false);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r
+    })
+}
+
+/// `n` connections to `server_ip():port` from `client_ip()`, ports `base`
+/// up, one every `gap`, each read to EOF by the server after the client
+/// closed (the client's side is left in TIME_WAIT). Paced, so that a tiny
+/// ring buffer can carry them.
+pub fn paced_batch(ns: &Netns, port: u16, n: u16, base: u16, gap: Duration) {
+    ns.in_ns(|| {
+        let server = SocketAddrV4::new(server_ip(), port);
+        let listener = listen(server, 1024).expect("listen");
+        for i in 0..n {
+            let src = SocketAddrV4::new(client_ip(), base + i);
+            let c = connect_from(src, server, false)
+                .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
+            let (mut s, _) = listener.accept().expect("accept");
+            drop(c);
+            let mut sink = Vec::new();
+            io::Read::read_to_end(&mut s, &mut sink).expect("read to EOF");
+            drop(s);
+            std::thread::sleep(gap);
+        }
+    });
+}

@@ -1,0 +1,314 @@
+//! A real Prometheus server (Debian's `prometheus`) scraping `tcpwatch
+//! daemon` every second: after connections the test makes, the series must
+//! arrive in Prometheus with the right values, and the alert rules from
+//! deploy/prometheus must evaluate on them without error.
+//!
+//! Both run on 127.0.0.1 on free ports; Prometheus keeps its data in a
+//! scratch directory. Other tests may churn connections on this host at the
+//! same time, so the test's own destination (a listener on a port of its
+//! own) and its own client process are checked exactly, and host-wide
+//! counters only as lower bounds.
+//!
+//! `prometheus_harness_scrapes_a_fixed_exposition` checks the harness alone
+//! (no root): Prometheus scraping a fixed text served by the test.
+//!
+//! Root, kernel BTF and the eBPF object are needed for the live test: it is
+//! skipped with a message without them, and fails under CI.
+
+mod common;
+mod deploy_support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{settle, skip, PeerSpec};
+use deploy_support::*;
+
+/// Not a test: the peer program. When the test binary is re-executed with
+/// TCPWATCH_PEER set, this runs a server or client (see `common::peer_main`).
+#[test]
+fn peer_entry() {
+    common::peer_main();
+}
+
+/// Connections the test makes (each leaves one TIME_WAIT socket).
+const N: u64 = 100;
+const ARRIVAL: Duration = Duration::from_secs(30);
+
+fn prometheus_bin() -> Option<PathBuf> {
+    find_tool("prometheus", "prometheus")
+        .map_err(|why| skip(&why))
+        .ok()
+}
+
+/// Serves `body` as the answer to every request, until the test ends.
+fn fixed_exporter(body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn prometheus_harness_scrapes_a_fixed_exposition() {
+    let Some(prometheus) = prometheus_bin() else {
+        return;
+    };
+    const BODY: &str = "# TYPE fake_total counter\nfake_total{kind=\"a b\",x=\"1\"} 42\n\
+                        # TYPE fake_gauge gauge\nfake_gauge 7.5\n";
+    let samples = parse_exposition(BODY).unwrap();
+    assert_eq!(
+        find_sample(&samples, "fake_total", &[("kind", "a b")]),
+        Some(42.0)
+    );
+    assert_eq!(find_sample(&samples, "fake_gauge", &[]), Some(7.5));
+    assert_eq!(find_sample(&samples, "fake_total", &[("kind", "c")]), None);
+    assert!(parse_exposition("fake_total{kind=\"a\" 1\n").is_err());
+    assert_eq!(url_encode("a{b=\"c d\"}"), "a%7Bb%3D%22c%20d%22%7D");
+
+    let target = fixed_exporter(BODY);
+    let p = Prometheus::start(&prometheus, &target.to_string(), &[]);
+    let v = p.wait_scalar("fake_total{kind=\"a b\"}", ARRIVAL, |v| v == 42.0);
+    assert_eq!(v, Some(42.0), "the fixed series never arrived");
+    assert_eq!(p.scalar("fake_gauge * 2"), Some(15.0));
+    assert_eq!(p.scalar(&format!("up{{instance=\"{target}\"}}")), Some(1.0));
+    assert_eq!(p.scalar("fake_total{kind=\"nothing\"}"), None);
+    p.stop();
+}
+
+/// `name{labels}` for PromQL.
+fn selector(name: &str, labels: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", inner.join(","))
+}
+
+/// A counter's value now, 0 when it has no series yet.
+fn counter(p: &Prometheus, name: &str, labels: &[(&str, &str)]) -> f64 {
+    p.scalar(&selector(name, labels)).unwrap_or(0.0)
+}
+
+fn read_sysctl(name: &str) -> Vec<u64> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+/// A series: metric name and labels.
+type Series = (&'static str, &'static [(&'static str, &'static str)]);
+
+/// The counters checked as lower bounds, with how much each must grow by.
+const COUNTERS: &[(Series, u64)] = &[
+    (
+        (
+            "tcpwatch_connections_opened_total",
+            &[("direction", "active")],
+        ),
+        N,
+    ),
+    (
+        (
+            "tcpwatch_connections_opened_total",
+            &[("direction", "passive")],
+        ),
+        N,
+    ),
+    // Both ends of each connection close in order.
+    (
+        ("tcpwatch_connections_closed_total", &[("kind", "orderly")]),
+        2 * N,
+    ),
+    (("tcpwatch_timewait_created_total", &[]), N),
+    (
+        (
+            "tcpwatch_transitions_total",
+            &[("from", "SYN_SENT"), ("to", "ESTABLISHED")],
+        ),
+        N,
+    ),
+    (
+        (
+            "tcpwatch_transitions_total",
+            &[("from", "FIN_WAIT1"), ("to", "FIN_WAIT2")],
+        ),
+        N,
+    ),
+    (
+        (
+            "tcpwatch_handshake_seconds_count",
+            &[("direction", "active")],
+        ),
+        N,
+    ),
+    (
+        (
+            "tcpwatch_handshake_seconds_count",
+            &[("direction", "passive")],
+        ),
+        N,
+    ),
+    (
+        (
+            "tcpwatch_connection_lifetime_seconds_count",
+            &[("direction", "active")],
+        ),
+        N,
+    ),
+    // About ten transitions each.
+    (("tcpwatch_events_total", &[]), 8 * N),
+];
+
+#[test]
+fn prometheus_sees_what_the_daemon_saw() {
+    require_live!();
+    let Some(prometheus) = prometheus_bin() else {
+        return;
+    };
+    let daemon = Daemon::start(
+        "daemon",
+        &[],
+        &Daemon::bin(),
+        &["--interval", "1", "--top", "50"],
+    );
+    let p = Prometheus::start(
+        &prometheus,
+        &daemon.addr,
+        &[deploy_file("prometheus/tcpwatch-alerts.yml")],
+    );
+    let up = p.wait_scalar("up{job=\"tcpwatch\"}", ARRIVAL, |v| v == 1.0);
+    assert_eq!(up, Some(1.0), "Prometheus could not scrape the daemon");
+    // Counters as Prometheus has them before the connections.
+    let before: Vec<f64> = COUNTERS
+        .iter()
+        .map(|((name, labels), _)| counter(&p, name, labels))
+        .collect();
+    let lost_before = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0);
+
+    // N connections from a client process of known pid to a server of this
+    // test's own; the client closes first and keeps a TIME_WAIT socket each.
+    let server = PeerSpec::server("server", "127.0.0.1:0")
+        .accept(N as usize)
+        .spawn();
+    let port = server.port();
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = PeerSpec::client("client", &vec![target; N as usize])
+        .comm("twpromclient")
+        .spawn();
+    let (client_pid, client_comm) = (client.pid(), client.comm.clone());
+    client.finish();
+    server.finish();
+    settle(&[port], Duration::from_secs(10));
+
+    let destination = target.to_string();
+    let process = format!("{client_pid} {client_comm}");
+    let exact = [
+        selector(
+            "tcpwatch_timewait_by_destination",
+            &[("destination", &destination)],
+        ),
+        selector(
+            "tcpwatch_destination_ports_held",
+            &[("destination", &destination)],
+        ),
+        selector("tcpwatch_timewait_by_process", &[("process", &process)]),
+    ];
+    for q in &exact {
+        let v = p.wait_scalar(q, ARRIVAL, |v| v == N as f64);
+        println!("{q} = {v:?}");
+        assert_eq!(v, Some(N as f64), "{q}");
+    }
+
+    // Host-wide counters grew by at least what the test did (less what the
+    // daemon says it lost meanwhile).
+    let lost = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0) - lost_before;
+    for (((name, labels), at_least), was) in COUNTERS.iter().zip(&before) {
+        let q = selector(name, labels);
+        let want = *at_least as f64 - lost;
+        let v = p.wait_scalar(&q, ARRIVAL, |v| v - was >= want);
+        let grew = v.unwrap_or(0.0) - was;
+        println!("{q}: +{grew} (at least {want})");
+        assert!(grew >= want, "{q} grew by {grew}, expected at least {want}");
+    }
+
+    // Gauges read from the kernel: the same figures as /proc.
+    let range = read_sysctl("ip_local_port_range");
+    let gauges = [
+        (
+            "tcpwatch_local_port_range_ports",
+            (range[1] - range[0] + 1) as f64,
+        ),
+        (
+            "tcpwatch_kernel_tw_max_buckets",
+            read_sysctl("tcp_max_tw_buckets")[0] as f64,
+        ),
+        ("tcpwatch_build_info", 1.0),
+    ];
+    for (name, want) in gauges {
+        assert_eq!(p.scalar(name), Some(want), "{name}");
+    }
+    let kernel_tw = p.scalar("tcpwatch_kernel_timewait_sockets").unwrap();
+    assert!(kernel_tw >= N as f64, "kernel timewait sockets {kernel_tw}");
+    let tw = p
+        .scalar("tcpwatch_timewait_sockets{substate=\"time_wait\"}")
+        .unwrap();
+    assert!(tw >= N as f64, "timewait sockets {tw}");
+    for reason in ["ring_full", "kernel_skipped"] {
+        let q = selector("tcpwatch_lost_events_total", &[("reason", reason)]);
+        assert!(p.scalar(&q).is_some(), "{q} missing");
+    }
+    for name in ["tcpwatch_tracked_sockets", "tcpwatch_evictions_total"] {
+        assert!(p.scalar(name).is_some(), "{name} missing");
+    }
+    println!(
+        "kernel timewait {kernel_tw}, tcpwatch timewait {tw}, lost during the test {lost}, \
+         tracked {:?}",
+        p.scalar("tcpwatch_tracked_sockets")
+    );
+
+    // Every metric the shipped alerts use is one the daemon exports, and
+    // every rule evaluates on the real series without error.
+    let exported: BTreeSet<String> = daemon.metrics().into_iter().map(|s| s.name).collect();
+    let alerts = read_deploy("prometheus/tcpwatch-alerts.yml");
+    for word in alerts.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("tcpwatch_") && !word.ends_with('_') {
+            assert!(
+                exported.contains(word),
+                "alert uses {word}, which the daemon does not export"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rules = p.api("rules");
+    let mut evaluated = 0;
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            assert_eq!(
+                rule["health"], "ok",
+                "rule {}: {}",
+                rule["name"], rule["lastError"]
+            );
+            evaluated += 1;
+        }
+    }
+    assert_eq!(evaluated, 6, "rules loaded: {rules}");
+    let firing = p.query("ALERTS{alertstate=\"firing\",alertname=\"TcpwatchDown\"}");
+    assert!(firing.is_empty(), "{firing:?}");
+
+    p.stop();
+    daemon.stop();
+}
