@@ -154,6 +154,52 @@ impl Timeline {
     pub fn pre_existing(&self) -> bool {
         self.open == OpenKind::BeforeTrace
     }
+
+    /// An orderly connection closed first by this end, which left a
+    /// TIME_WAIT socket: a fixture for tests and benchmarks.
+    #[doc(hidden)]
+    pub fn sample(
+        local: Endpoint,
+        remote: Endpoint,
+        owner: Option<Attribution>,
+        role: Role,
+        closed_ns: u64,
+    ) -> Timeline {
+        Timeline {
+            skaddr: 1,
+            family: if local.addr.is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            },
+            local,
+            remote,
+            netns: Some(7),
+            owner,
+            role,
+            open: OpenKind::Active,
+            first_ns: closed_ns.saturating_sub(1000),
+            established_ns: None,
+            closed_ns,
+            handshake_ns: None,
+            close: CloseKind::Orderly,
+            closed_by: Some(Closer::Local),
+            teardown_segments: Some(4),
+            timewait: Some(Timewait {
+                substate: TimewaitSubstate::TimeWait,
+                hold_ns: 60_000_000_000,
+            }),
+            error: None,
+            bytes_sent: None,
+            bytes_received: None,
+            srtt_us: None,
+            retransmits: 0,
+            total_retrans: None,
+            resets_sent: 0,
+            resets_received: 0,
+            steps: Vec::new(),
+        }
+    }
 }
 
 /// One transition kept while a socket is followed: 8 bytes, microseconds
@@ -189,6 +235,10 @@ impl StepList {
         self.inline[..usize::from(self.inline_len)]
             .iter()
             .chain(self.spill.iter())
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.inline_len) + self.spill.len()
     }
 }
 
@@ -378,6 +428,8 @@ impl Correlator {
             peak: self.stats.peak_tracked,
             limit: self.opts.max_sockets,
             at_exit: self.tracked(),
+            // Counted by whoever sweeps the table.
+            stale: 0,
         }
     }
 
@@ -903,6 +955,44 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
         resets_received: u32::from(tr.resets_received),
         steps: steps_owned,
     }
+}
+
+/// Open sockets of tcpwatch's own namespace whose close may have been lost
+/// (see `sweep`); the mark is the track's generation and step count.
+impl crate::sweep::SweepTable for Correlator {
+    fn unlisted(&self, kernel: &crate::sweep::KernelSockets) -> Vec<(u64, u64)> {
+        let Some(own) = self.owners.own_netns() else {
+            return Vec::new();
+        };
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|t| !t.closed && t.netns == own)
+            .filter_map(|t| {
+                let key = crate::sweep::endpoints_key(&t.local, &t.remote);
+                (key != 0 && !kernel.lists(key)).then(|| (t.skaddr, track_mark(t)))
+            })
+            .collect()
+    }
+
+    fn drop_unchanged(&mut self, skaddr: u64, mark: u64) -> bool {
+        let Some(&slot) = self.index.get(&skaddr) else {
+            return false;
+        };
+        let unchanged = self
+            .slots
+            .get(slot as usize)
+            .and_then(|t| t.as_ref())
+            .is_some_and(|t| !t.closed && track_mark(t) == mark);
+        if unchanged {
+            self.remove_slot(slot);
+        }
+        unchanged
+    }
+}
+
+fn track_mark(t: &Track) -> u64 {
+    (u64::from(t.gen) << 32) | t.steps.len() as u64
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ async fn trace(args: TraceArgs) -> Result<(), session::SessionError> {
             started = true;
             // The snapshot first: once "tracing" is said, sockets may close.
             sink.replace_owners(OwnerTracker::new(max, snapshot(), own_netns()));
+            sink.sweep_stale();
             announce(probe, "TCP state transitions");
             if !no_header {
                 let _ = sink.header();
@@ -107,6 +108,7 @@ async fn conns(
         |probe, sink| {
             started = true;
             sink.replace_correlator(Correlator::new(copts, snapshot(), own_netns()));
+            sink.sweep_stale();
             announce(probe, "TCP connections");
             if !no_header {
                 let _ = sink.header();
@@ -172,6 +174,7 @@ async fn timewait(args: TimewaitArgs) -> Result<(), String> {
         |probe, sink: &mut TimewaitSink<_>| {
             started = true;
             let now = tcpwatch::clock::monotonic_ns();
+            sink.tracker.sweep_stale();
             sink.tracker.start(
                 Correlator::new(copts, snapshot(), own_netns()),
                 TimewaitBook::new(TimewaitOptions::default(), own_netns(), now),
@@ -191,7 +194,7 @@ async fn timewait(args: TimewaitArgs) -> Result<(), String> {
             lost.total(),
             lost.ring_full,
             lost.skipped,
-            sink.tracker.correlator().tracking()
+            sink.tracker.tracking()
         );
     }
     result.map_err(|e| e.to_string())

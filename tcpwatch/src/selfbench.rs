@@ -254,10 +254,8 @@ pub struct TimewaitMemoryBench {
 /// a few destinations, by a few processes) to a TIME_WAIT book and measures
 /// the resident memory they take.
 pub fn timewait_memory(sockets: u64) -> TimewaitMemoryBench {
-    use crate::correlate::{
-        CloseKind, Closer, OpenKind, Role, Timeline, Timewait, TimewaitSubstate,
-    };
-    use crate::model::{Endpoint, Family, Owner};
+    use crate::correlate::{Role, Timeline};
+    use crate::model::{Endpoint, Owner};
     use crate::owner::{Attribution, OwnerSource};
     use crate::timewait::{TimewaitBook, TimewaitOptions};
     let owners: Vec<Attribution> = (0..8)
@@ -272,36 +270,13 @@ pub fn timewait_memory(sockets: u64) -> TimewaitMemoryBench {
         .collect();
     let (rss_before, _) = rss_bytes();
     let mut book = TimewaitBook::new(TimewaitOptions::default(), Some(1), 0);
-    let mut t = Timeline {
-        skaddr: 0,
-        family: Family::V4,
-        local: Endpoint::new([10, 0, 0, 1].into(), 0),
-        remote: Endpoint::new([10, 0, 9, 1].into(), 443),
-        netns: Some(1),
-        owner: None,
-        role: Role::Client,
-        open: OpenKind::Active,
-        first_ns: 0,
-        established_ns: None,
-        closed_ns: 1_000_000,
-        handshake_ns: None,
-        close: CloseKind::Orderly,
-        closed_by: Some(Closer::Local),
-        teardown_segments: Some(4),
-        timewait: Some(Timewait {
-            substate: TimewaitSubstate::TimeWait,
-            hold_ns: 60_000_000_000,
-        }),
-        error: None,
-        bytes_sent: None,
-        bytes_received: None,
-        srtt_us: None,
-        retransmits: 0,
-        total_retrans: None,
-        resets_sent: 0,
-        resets_received: 0,
-        steps: Vec::new(),
-    };
+    let mut t = Timeline::sample(
+        Endpoint::new([10, 0, 0, 1].into(), 0),
+        Endpoint::new([10, 0, 9, 1].into(), 443),
+        None,
+        Role::Client,
+        1_000_000,
+    );
     for n in 0..sockets {
         t.local = Endpoint::new(
             [10, 0, (n / 60_000) as u8, 1].into(),

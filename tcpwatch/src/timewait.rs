@@ -944,8 +944,6 @@ fn findings(s: &Snapshot, server_side: &[(String, u64)]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{CloseKind, Closer, OpenKind, Timewait};
-    use crate::model::Family;
     use crate::owner::{Attribution as OwnerAttribution, OwnerSource};
 
     fn ep(s: &str) -> Endpoint {
@@ -953,44 +951,16 @@ mod tests {
     }
 
     fn timeline(local: &str, remote: &str, pid: u32, role: Role, closed_ns: u64) -> Timeline {
-        Timeline {
-            skaddr: 1,
-            family: Family::V4,
-            local: ep(local),
-            remote: ep(remote),
-            netns: Some(7),
-            owner: Some(OwnerAttribution {
-                owner: Owner {
-                    pid,
-                    comm: format!("p{pid}"),
-                    cgroup_id: 0,
-                }
-                .into(),
-                source: OwnerSource::Observed,
-            }),
-            role,
-            open: OpenKind::Active,
-            first_ns: closed_ns.saturating_sub(1000),
-            established_ns: None,
-            closed_ns,
-            handshake_ns: None,
-            close: CloseKind::Orderly,
-            closed_by: Some(Closer::Local),
-            teardown_segments: Some(4),
-            timewait: Some(Timewait {
-                substate: TimewaitSubstate::TimeWait,
-                hold_ns: 60_000_000_000,
-            }),
-            error: None,
-            bytes_sent: None,
-            bytes_received: None,
-            srtt_us: None,
-            retransmits: 0,
-            total_retrans: None,
-            resets_sent: 0,
-            resets_received: 0,
-            steps: Vec::new(),
-        }
+        let owner = OwnerAttribution {
+            owner: Owner {
+                pid,
+                comm: format!("p{pid}"),
+                cgroup_id: 0,
+            }
+            .into(),
+            source: OwnerSource::Observed,
+        };
+        Timeline::sample(ep(local), ep(remote), Some(owner), role, closed_ns)
     }
 
     fn kview() -> KernelView {

@@ -347,3 +347,102 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
     }
     result.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::Role;
+    use crate::model::Endpoint;
+    use crate::output::Format;
+    use crate::report::write_snapshot;
+    use crate::timewait::KernelView;
+
+    fn shared_with(n: u64, keep: usize) -> Shared {
+        let shared = Shared::new(Registry::default(), keep);
+        {
+            let mut st = shared.state();
+            for i in 1..=n {
+                st.last_seq = i;
+                st.conns.push_back((i, format!("{{\"n\":{i}}}")));
+            }
+            let excess = st.conns.len().saturating_sub(keep);
+            st.conns.drain(..excess);
+        }
+        shared
+    }
+
+    fn page(shared: &Shared, limit: usize, since: Option<u64>) -> serde_json::Value {
+        serde_json::from_str(&shared.conns(ConnsQuery { limit, since })).unwrap()
+    }
+
+    fn numbers(v: &serde_json::Value) -> Vec<u64> {
+        v["conns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn conns_pages_are_the_newest_after_since() {
+        let s = shared_with(10, 6);
+        // Kept: 5..=10.
+        let all = page(&s, 100, None);
+        assert_eq!(numbers(&all), vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(all["next"], 10);
+        assert_eq!(all["missed"], 4);
+        let newest = page(&s, 2, None);
+        assert_eq!(numbers(&newest), vec![9, 10]);
+        assert_eq!(newest["missed"], 8);
+        let after = page(&s, 100, Some(8));
+        assert_eq!(numbers(&after), vec![9, 10]);
+        assert_eq!(after["missed"], 0);
+        let none = page(&s, 100, Some(10));
+        assert!(numbers(&none).is_empty());
+        assert_eq!(none["next"], 10);
+        assert_eq!(none["missed"], 0);
+        // A client far behind learns how many it missed.
+        let behind = page(&s, 100, Some(2));
+        assert_eq!(numbers(&behind), vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(behind["missed"], 2);
+        let empty = shared_with(0, 6);
+        assert_eq!(page(&empty, 5, None)["next"], 0);
+    }
+
+    /// `timewait --from` renders the snapshot it gets back from JSON: the
+    /// round trip must give the same output in both formats.
+    #[test]
+    fn snapshot_round_trip_gives_the_same_output() {
+        let mut book = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        for port in 0..5u16 {
+            let t = Timeline::sample(
+                Endpoint::new([10, 0, 0, 1].into(), 40_000 + port),
+                Endpoint::new([10, 0, 0, 2].into(), 80 + port % 2),
+                None,
+                Role::Client,
+                1_000_000 + u64::from(port),
+            );
+            book.on_timeline(&t);
+        }
+        let kernel = KernelView {
+            sockstat_tw: Some(5),
+            max_tw_buckets: Some(131_072),
+            port_range: Some(28_232),
+            tw_reuse: Some(2),
+            fin_timeout_s: Some(60),
+            timestamps: Some(1),
+            ..KernelView::default()
+        };
+        let s = book.snapshot(2_000_000_000, "2026-11-24T00:00:02Z".into(), 10, kernel);
+        let json = timewait_json(&s);
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        for format in [Format::Text, Format::Json] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            write_snapshot(&mut a, &s, format, false, 1, 3).unwrap();
+            write_snapshot(&mut b, &back, format, false, 1, 3).unwrap();
+            assert_eq!(a, b);
+        }
+    }
+}

@@ -297,3 +297,85 @@ pub fn conns_json(t: &Timeline, clock: &Clock) -> String {
 pub fn record_json(r: &ConnRecord) -> String {
     serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::Step;
+    use crate::model::TcpState;
+    use crate::owner::Attribution;
+
+    fn timeline() -> Timeline {
+        let owner = Attribution {
+            owner: Owner {
+                pid: 4242,
+                comm: "curl".into(),
+                cgroup_id: 99,
+            }
+            .into(),
+            source: OwnerSource::Observed,
+        };
+        let mut t = Timeline::sample(
+            "[fd00::1]:40000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+            "[fd00::2]:443"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+            Some(owner),
+            Role::Client,
+            5_123_456_789,
+        );
+        t.handshake_ns = Some(123_457);
+        t.bytes_sent = Some(100);
+        t.bytes_received = Some(7);
+        t.srtt_us = Some(31);
+        t.steps = vec![Step {
+            ts_ns: 5_123_456_000,
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+        }];
+        t
+    }
+
+    /// `conns --from` prints what it gets back from the daemon's JSON:
+    /// the round trip must give the same text and the same JSON.
+    #[test]
+    fn json_round_trip_gives_the_same_output() {
+        let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
+        let mut failed = timeline();
+        failed.open = OpenKind::Failed;
+        failed.close = CloseKind::Error;
+        failed.error = Some(111);
+        failed.timewait = None;
+        for t in [timeline(), failed] {
+            let json = conns_json(&t, &clock);
+            let back: ConnRecord = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, ConnRecord::new(&t, &clock, true));
+            assert_eq!(record_json(&back), json);
+            assert_eq!(record_text(&back), conns_text(&t, &clock));
+        }
+    }
+
+    #[test]
+    fn text_columns() {
+        let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
+        let line = conns_text(&timeline(), &clock);
+        for part in [
+            "00:00:05.123456",
+            "4242",
+            "curl",
+            "client",
+            "[fd00::1]:40000",
+            "[fd00::2]:443",
+            "active",
+            "0.123",
+            "orderly",
+            "TIME_WAIT 60s",
+        ] {
+            assert!(line.contains(part), "{part} missing from {line}");
+        }
+    }
+}
