@@ -13,9 +13,7 @@ use tcpwatch::clock::Clock;
 use tcpwatch::correlate::{
     CloseKind, Correlator, CorrelatorOptions, OpenKind, Role, Timeline, TimewaitSubstate,
 };
-use tcpwatch::decode::{
-    Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition,
-};
+use tcpwatch::decode::{Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition};
 use tcpwatch::model::{Endpoint, Family, TcpState};
 use tcpwatch::output::conns::{conns_json, conns_text};
 use tcpwatch::output::ladder::ladder;
@@ -53,9 +51,13 @@ enum Op {
         dt_us: i32,
     },
     /// The clock moves with nothing arriving (the live reader's drains).
-    Advance { dt_us: i32 },
+    Advance {
+        dt_us: i32,
+    },
     /// Time anywhere at all, e.g. a corrupt record's.
-    Jump { ts_ns: u64 },
+    Jump {
+        ts_ns: u64,
+    },
     Flush,
 }
 
@@ -123,7 +125,8 @@ fn check(t: &Timeline, opts: &CorrelatorOptions, pushes: usize) {
     assert!(!t.steps.is_empty(), "a timeline with no steps");
     assert!(t.steps.len() <= pushes);
     assert_eq!(t.steps[0].ts_ns, t.first_ns);
-    assert!((t.skaddr - skaddr(0)) % 0x100 == 0 && t.skaddr < skaddr(0) + SOCKETS * 0x100);
+    let index = t.skaddr.wrapping_sub(skaddr(0));
+    assert!(index.is_multiple_of(0x100) && index < SOCKETS * 0x100);
     let role = match t.open {
         OpenKind::Active | OpenKind::Refused | OpenKind::TimedOut | OpenKind::Failed => {
             Role::Client

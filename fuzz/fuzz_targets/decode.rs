@@ -50,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
 
     let mut rejects = Rejects::default();
     let decoded = interpret_all(&batch.events, &mut rejects);
-    assert_eq!(decoded.len() as u64 + rejects.count, batch.events.len() as u64);
+    assert_eq!(
+        decoded.len() as u64 + rejects.count,
+        batch.events.len() as u64
+    );
     assert_eq!(rejects.warning().is_some(), rejects.count > 0);
 
     // The clock offset comes from the input too: any recording header's.

@@ -977,9 +977,10 @@ fn replay_of_a_recording_matches_live_conns() {
     );
 }
 
-/// A recording cut in the middle of a record: replay prints the
-/// connections whose events all lie before the cut, then exits 1 with one
-/// error line naming the byte offset of the cut record.
+/// A recording cut in the middle of a record (tcpwatch killed while
+/// writing): replay prints the connections whose events all lie before the
+/// cut, warns in one line naming the byte offset of the partial record, and
+/// exits 0.
 #[test]
 fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     require_live!();
@@ -1035,7 +1036,7 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     assert_eq!(whole.code, Some(0), "{:?}", whole.stderr);
     let whole = parse_replay(&whole);
     let part = replay_as_nobody(&cut, &["conns", "--format", "json"]);
-    assert_eq!(part.code, Some(1), "truncated replay: {:?}", part.stderr);
+    assert_eq!(part.code, Some(0), "truncated replay: {:?}", part.stderr);
     let errors: Vec<&String> = part
         .stderr
         .iter()

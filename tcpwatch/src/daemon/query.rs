@@ -123,17 +123,26 @@ fn number(key: &str, value: &str) -> Result<u64, RouteError> {
         .map_err(|_| RouteError::BadQuery(format!("{key} is out of range")))
 }
 
-/// Client text echoed in an error: bounded and without control characters.
+/// Client text echoed in an error, quoted: at most 64 bytes of it once
+/// escaped (a character can take 4 bytes, or 10 escaped), control
+/// characters shown as `?`.
 fn printable(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(64)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > 64 {
-        out.push('…');
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        let before = out.len();
+        match c {
+            c if c.is_control() => out.push('?'),
+            '\'' => out.push(c),
+            c => out.extend(c.escape_debug()),
+        }
+        if out.len() > 1 + 64 {
+            out.truncate(before);
+            out.push('…');
+            break;
+        }
     }
-    format!("{out:?}")
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -190,6 +199,26 @@ mod tests {
             assert_eq!(e.status(), 400, "{q}: {e:?}");
         }
         assert_eq!(route("/metrics?x=1").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn error_text_is_bounded_in_bytes_not_characters() {
+        // Found by the http_query fuzzer: 64 characters of 3 bytes each, or
+        // escaped to 10, made messages of 200 bytes and more.
+        for c in ["\u{fffd}", "\u{301}", "\u{10ffff}", "\"", "\\", "\u{85}"] {
+            for target in [
+                format!("/{}", c.repeat(100)),
+                format!("/api/conns?{}", c.repeat(100)),
+                format!("/api/conns?{}=1", c.repeat(100)),
+                format!("/api/conns?limit={}", c.repeat(100)),
+            ] {
+                let e = route(&target).unwrap_err();
+                let m = e.message();
+                assert!(m.len() < 120 && m.contains("…\""), "{m}");
+                assert!(!m.contains(char::is_control), "{m:?}");
+            }
+        }
+        assert_eq!(printable("a'b\"c\u{7}"), r#""a'b\"c?""#);
     }
 
     #[test]

@@ -1,0 +1,530 @@
+//! `tcpwatch daemon` on a real kernel: known connections on loopback must
+//! show in `/metrics`, `/api/timewait` and `/api/conns` with the right
+//! figures (checked against what the test did and against `ss`); bad
+//! requests and idle or garbage clients do not hurt it; and `conns --from`
+//! and `timewait --from` show what direct mode shows.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::daemon::{metric, request, Daemon};
+use common::{live, skip, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
+use serde_json::Value;
+
+const PAYLOAD: usize = 100;
+
+/// A loopback server that reads each connection to its end and closes it,
+/// so the client (which closes first) is left with a TIME_WAIT socket.
+fn server() -> (u16, JoinHandle<()>, TcpListener) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let l = listener.try_clone().unwrap();
+    let h = std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            if buf == b"stop" {
+                return;
+            }
+        }
+    });
+    (port, h, listener)
+}
+
+fn stop_server(port: u16, h: JoinHandle<()>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"stop").unwrap();
+    drop(s);
+    h.join().unwrap();
+}
+
+/// `n` connections to `port`, each sending PAYLOAD bytes; the client
+/// closes first and waits for the server's FIN, so each leaves TIME_WAIT.
+fn connect_n(port: u16, n: usize) {
+    for _ in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&[7u8; PAYLOAD]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+    }
+}
+
+/// TIME_WAIT sockets toward 127.0.0.1:port, as `ss` counts them.
+fn ss_timewait_to(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args([
+            "-Htan",
+            "state",
+            "time-wait",
+            "dst",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn ready() -> bool {
+    match live() {
+        Ok(()) => true,
+        Err(why) => {
+            skip(&why);
+            false
+        }
+    }
+}
+
+fn group_count(snapshot: &Value, table: &str, key: &str) -> Option<u64> {
+    snapshot[table]
+        .as_array()?
+        .iter()
+        .find(|g| g["key"] == key)
+        .and_then(|g| g["count"].as_u64())
+}
+
+#[test]
+fn daemon_reports_known_connections() {
+    if !ready() {
+        return;
+    }
+    const N: usize = 25;
+    // Enough kept that connections made elsewhere on the host meanwhile do
+    // not push the test's out.
+    let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--keep", "200000"]);
+    let health = daemon.get_json("/healthz");
+    assert_eq!(health["status"], "ok", "{health}");
+
+    let (port, server_thread, _l) = server();
+    let dest = format!("127.0.0.1:{port}");
+    connect_n(port, N);
+    let ss_count = ss_timewait_to(port);
+
+    // /api/timewait: the next snapshot has them, by remote endpoint.
+    let started = Instant::now();
+    let tw = daemon.wait_json("/api/timewait", Duration::from_secs(15), |s| {
+        group_count(s, "by_remote", &dest) == Some(N as u64)
+    });
+    eprintln!(
+        "timewait toward {dest}: daemon {:?}, ss {ss_count}, test made {N} (seen after {:?})",
+        group_count(&tw, "by_remote", &dest),
+        started.elapsed()
+    );
+    assert_eq!(group_count(&tw, "by_remote", &dest), Some(N as u64), "{tw}");
+    assert_eq!(ss_count, N, "ss disagrees with what the test did");
+    let held = tw["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["remote"] == dest.as_str())
+        .unwrap_or_else(|| panic!("no destination {dest}: {tw}"));
+    assert_eq!(held["ports_held"], N as u64);
+
+    // /metrics: the same figures, and the host-wide counters at least ours.
+    let m = daemon.get("/metrics");
+    assert_eq!(m.status, 200);
+    assert!(m.headers.contains("openmetrics-text"), "{}", m.headers);
+    let text = m.body;
+    let series = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("no series {s}"));
+    eprintln!(
+        "metrics: timewait_by_destination {}, ports_held {}, opened active {}, passive {}, closed orderly {}, handshakes {}, events {}, lost ring_full {}, kernel_skipped {}",
+        series(&format!("tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}")),
+        series(&format!("tcpwatch_destination_ports_held{{destination=\"{dest}\"}}")),
+        series("tcpwatch_connections_opened_total{direction=\"active\"}"),
+        series("tcpwatch_connections_opened_total{direction=\"passive\"}"),
+        series("tcpwatch_connections_closed_total{kind=\"orderly\"}"),
+        series("tcpwatch_handshake_seconds_count{direction=\"active\"}"),
+        series("tcpwatch_events_total"),
+        series("tcpwatch_lost_events_total{reason=\"ring_full\"}"),
+        series("tcpwatch_lost_events_total{reason=\"kernel_skipped\"}"),
+    );
+    assert_eq!(
+        series(&format!(
+            "tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}"
+        )),
+        N as f64
+    );
+    assert_eq!(
+        series(&format!(
+            "tcpwatch_destination_ports_held{{destination=\"{dest}\"}}"
+        )),
+        N as f64
+    );
+    for s in [
+        "tcpwatch_connections_opened_total{direction=\"active\"}",
+        "tcpwatch_connections_opened_total{direction=\"passive\"}",
+        "tcpwatch_handshake_seconds_count{direction=\"active\"}",
+        "tcpwatch_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"}",
+        "tcpwatch_transitions_total{from=\"FIN_WAIT2\",to=\"CLOSE\"}",
+        "tcpwatch_timewait_created_total",
+    ] {
+        assert!(series(s) >= N as f64, "{s} = {} < {N}", series(s));
+    }
+    assert!(series("tcpwatch_connections_closed_total{kind=\"orderly\"}") >= 2.0 * N as f64);
+    assert!(series("tcpwatch_timewait_sockets{substate=\"time_wait\"}") >= N as f64);
+    assert!(series("tcpwatch_kernel_tw_max_buckets") > 0.0);
+    assert!(series("tcpwatch_local_port_range_ports") > 0.0);
+    assert!(metric(&text, "tcpwatch_build_info{version=\"0.1.0\"}") == Some(1.0));
+    assert!(text.trim_end().ends_with("# EOF"));
+
+    // /api/conns: both ends of every connection, with what was sent.
+    let page = daemon.wait_json("/api/conns?limit=100000", Duration::from_secs(10), |p| {
+        p["conns"]
+            .as_array()
+            .is_some_and(|c| c.iter().filter(|r| r["dport"] == port).count() >= N)
+    });
+    let conns = page["conns"].as_array().unwrap();
+    let netns = common::own_netns();
+    let ours = |r: &&Value| r["netns"] == netns && r["daddr"] == "127.0.0.1";
+    let clients: Vec<&Value> = conns
+        .iter()
+        .filter(|r| r["dport"] == port)
+        .filter(ours)
+        .collect();
+    let servers: Vec<&Value> = conns
+        .iter()
+        .filter(|r| r["sport"] == port)
+        .filter(ours)
+        .collect();
+    eprintln!(
+        "/api/conns: {} records, {} client ends and {} server ends toward {dest}, next {}",
+        conns.len(),
+        clients.len(),
+        servers.len(),
+        page["next"]
+    );
+    assert_eq!(clients.len(), N, "{page}");
+    assert_eq!(servers.len(), N, "{page}");
+    let me = std::process::id();
+    for c in &clients {
+        assert_eq!(c["role"], "client", "{c}");
+        assert_eq!(c["open"], "active", "{c}");
+        assert_eq!(c["close"], "orderly", "{c}");
+        assert_eq!(c["closed_by"], "local", "{c}");
+        assert_eq!(c["bytes_sent"], PAYLOAD as u64, "{c}");
+        assert_eq!(c["timewait"]["state"], "TIME_WAIT", "{c}");
+        assert_eq!(c["pid"], me, "{c}");
+    }
+    for s in &servers {
+        assert_eq!(s["role"], "server", "{s}");
+        assert_eq!(s["bytes_received"], PAYLOAD as u64, "{s}");
+        assert_eq!(s["closed_by"], "peer", "{s}");
+    }
+    // `since` gives only what is newer.
+    let next = page["next"].as_u64().unwrap();
+    connect_n(port, 1);
+    let newer = daemon.wait_json(
+        &format!("/api/conns?since={next}"),
+        Duration::from_secs(10),
+        |p| {
+            p["conns"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|r| r["dport"] == port))
+        },
+    );
+    assert!(newer["conns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["dport"] != port || r["ts"].as_str() > clients[N - 1]["ts"].as_str()));
+    let limited = daemon.get_json("/api/conns?limit=1");
+    assert_eq!(limited["conns"].as_array().unwrap().len(), 1);
+
+    stop_server(port, server_thread);
+    let f = daemon.stop();
+    let last = f.stderr.last().cloned().unwrap_or_default();
+    eprintln!("daemon's last log line: {last}");
+    assert!(
+        last.contains("stopped: programs detached"),
+        "{}",
+        f.stderr.join("\n")
+    );
+}
+
+#[test]
+fn bad_requests_and_bad_clients_do_not_hurt_it() {
+    if !ready() {
+        return;
+    }
+    let daemon = Daemon::start(&["--log-format", "json"]);
+    let expect = |path: &str, status: u16| {
+        let r = daemon.get(path);
+        assert_eq!(r.status, status, "GET {path}: {}", r.body);
+        if status != 200 {
+            let v: Value = serde_json::from_str(&r.body)
+                .unwrap_or_else(|e| panic!("GET {path}: error body is not JSON ({e}): {}", r.body));
+            assert!(v["error"].is_string(), "{v}");
+        }
+    };
+    expect("/nope", 404);
+    expect("/api", 404);
+    expect("/api/conns/7", 404);
+    expect("/api/conns?limit=abc", 400);
+    expect("/api/conns?limit=0", 400);
+    expect("/api/conns?limit=5&limit=6", 400);
+    expect("/api/conns?color=red", 400);
+    expect("/metrics?x=1", 400);
+    expect("/api/conns?limit=3", 200);
+    let post = request(
+        daemon.addr,
+        "POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(post.status, 405);
+    assert!(
+        post.headers.contains("allow: GET, HEAD"),
+        "{}",
+        post.headers
+    );
+
+    // Garbage: answered 400 and closed.
+    let garbage = request(daemon.addr, "\u{1}\u{2}NOT HTTP AT ALL\r\n\r\n");
+    assert_eq!(garbage.status, 400);
+    // Clients that connect and send nothing, or half a request, do not
+    // block others; the server drops them after its header timeout.
+    let idle: Vec<TcpStream> = (0..8)
+        .map(|i| {
+            let mut s = TcpStream::connect(daemon.addr).unwrap();
+            if i % 2 == 0 {
+                s.write_all(b"GET /metr").unwrap();
+            }
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    expect("/healthz", 200);
+    let answered = t.elapsed();
+    let t = Instant::now();
+    let mut dropped = 0;
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = Vec::new();
+        // The server closes the connection (perhaps with a 408 first).
+        if s.read_to_end(&mut buf).is_ok() {
+            dropped += 1;
+        }
+    }
+    eprintln!(
+        "with 8 idle clients /healthz answered in {answered:?}; they were dropped after {:?} ({dropped} of 8 closed by the server)",
+        t.elapsed()
+    );
+    assert!(answered < Duration::from_secs(2));
+    assert_eq!(dropped, 8);
+    assert!(t.elapsed() < Duration::from_secs(25));
+    expect("/healthz", 200);
+
+    let f = daemon.stop();
+    // --log-format json: every line on stderr is a JSON object.
+    for l in &f.stderr {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{l}");
+    }
+    let last: Value = serde_json::from_str(f.stderr.last().unwrap()).unwrap();
+    assert_eq!(last["message"], "stopped: programs detached");
+    assert!(last["events"].as_u64().is_some(), "{last}");
+}
+
+#[test]
+fn port_in_use_is_one_line_and_exit_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for listen in [addr.as_str(), "192.0.2.1:80", "not-an-address"] {
+        let out = Command::new(tcpwatch_bin())
+            .args(["daemon", "--listen", listen])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("--listen {listen}: exit {:?}: {err}", out.status.code());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(listen), "{err}");
+        let want = if listen == "not-an-address" { 2 } else { 1 };
+        assert_eq!(out.status.code(), Some(want), "{err}");
+    }
+}
+
+/// Starts `tcpwatch <args>` and waits for the stderr line saying it runs.
+fn spawn_ready(name: &str, args: &[&str], ready: &str) -> Proc {
+    let mut cmd = Command::new(tcpwatch_bin());
+    cmd.args(args);
+    let p = Proc::spawn(name, cmd, false);
+    p.wait_stderr(|l| l.contains(ready), 1, START_TIMEOUT);
+    p
+}
+
+/// The record's fields that do not depend on when each program read the
+/// clock (the daemon and the direct run each load their own program).
+fn timeless(r: &Value) -> Value {
+    let mut r = r.clone();
+    let o = r.as_object_mut().unwrap();
+    for k in [
+        "ts",
+        "start_ts",
+        "lifetime_ms",
+        "handshake_ms",
+        "transitions",
+    ] {
+        o.remove(k);
+    }
+    if let Some(tw) = o.get_mut("timewait").and_then(|t| t.as_object_mut()) {
+        tw.remove("until");
+    }
+    r
+}
+
+#[test]
+fn from_mode_matches_direct_mode() {
+    if !ready() {
+        return;
+    }
+    const N: usize = 10;
+    let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--keep", "200000"]);
+    let (port, server_thread, _l) = server();
+    let p = port.to_string();
+    let url = daemon.url();
+    let direct = spawn_ready(
+        "conns direct",
+        &["conns", "--format", "json", "--rport", &p],
+        "tracing TCP connections",
+    );
+    let from = spawn_ready(
+        "conns --from",
+        &["conns", "--format", "json", "--rport", &p, "--from", &url],
+        "reading TCP connections from",
+    );
+    let from_text = spawn_ready(
+        "conns --from text",
+        &["conns", "--rport", &p, "--from", &url],
+        "reading TCP connections from",
+    );
+    connect_n(port, N);
+    let netns = common::own_netns();
+    let ours = |l: &str| {
+        l.contains(&format!("\"dport\":{port},"))
+            && l.contains(&format!("\"netns\":{netns},"))
+            && l.contains("\"daddr\":\"127.0.0.1\"")
+    };
+    direct.wait_stdout(ours, N, STOP_TIMEOUT);
+    from.wait_stdout(ours, N, STOP_TIMEOUT);
+    from_text.wait_stdout(|l| l.contains(&format!(":{port} ")), N, STOP_TIMEOUT);
+    let mut outs = Vec::new();
+    for proc in [direct, from, from_text] {
+        proc.signal(libc::SIGINT);
+        let f = proc.finish(STOP_TIMEOUT);
+        assert!(f.status.success(), "{}", f.stderr.join("\n"));
+        outs.push(f.stdout);
+    }
+    // Other network namespaces have their own port space: only ours.
+    let parse = |lines: &[String]| -> HashMap<u16, Value> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["netns"] == netns && v["daddr"] == "127.0.0.1")
+            .map(|v| (v["sport"].as_u64().unwrap() as u16, v))
+            .collect()
+    };
+    let (d, f) = (parse(&outs[0]), parse(&outs[1]));
+    assert_eq!(d.len(), N, "direct: {:?}", outs[0]);
+    assert_eq!(f.len(), N, "from: {:?}", outs[1]);
+    let mut worst_ms: f64 = 0.0;
+    for (sport, dv) in &d {
+        let fv = f
+            .get(sport)
+            .unwrap_or_else(|| panic!("--from lacks :{sport}"));
+        assert_eq!(timeless(dv), timeless(fv), "direct and --from differ");
+        let dl = dv["lifetime_ms"].as_f64().unwrap();
+        let fl = fv["lifetime_ms"].as_f64().unwrap();
+        worst_ms = worst_ms.max((dl - fl).abs());
+    }
+    eprintln!(
+        "{N} connections: direct and --from agree on every field but the clock readings; lifetimes differ by at most {:.3} µs",
+        worst_ms * 1000.0
+    );
+    assert!(worst_ms < 1.0, "lifetimes differ by {worst_ms} ms");
+    // Text: the header, then one line per connection with the same columns
+    // direct mode prints (the clock columns aside).
+    let text = &outs[2];
+    assert!(text[0].starts_with("CLOSED(UTC)"), "{text:?}");
+    let mut lines = 0;
+    for l in &text[1..] {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        let sport: u16 = cols[4].rsplit(':').next().unwrap().parse().unwrap();
+        let Some(dv) = d.get(&sport) else { continue };
+        if cols[5] != format!("127.0.0.1:{port}") {
+            continue;
+        }
+        lines += 1;
+        assert_eq!(cols[1], dv["pid"].to_string(), "{l}");
+        assert_eq!(cols[3], "client", "{l}");
+        assert!(l.contains("orderly") && l.contains("TIME_WAIT 60s"), "{l}");
+    }
+    assert_eq!(lines, N, "{text:?}");
+
+    // timewait: the daemon's snapshot through --from and a direct run's
+    // own agree on our destination.
+    let tw_direct = spawn_ready(
+        "timewait direct",
+        &[
+            "timewait",
+            "--format",
+            "json",
+            "--interval",
+            "1",
+            "--top",
+            "50",
+        ],
+        "tracing TCP connections",
+    );
+    let tw_from = spawn_ready(
+        "timewait --from",
+        &[
+            "timewait",
+            "--format",
+            "json",
+            "--interval",
+            "1",
+            "--from",
+            &url,
+        ],
+        "reading TIME_WAIT snapshots from",
+    );
+    let dest = format!("\"key\":\"127.0.0.1:{port}\",");
+    tw_direct.wait_stdout(|l| l.contains(&dest), 2, STOP_TIMEOUT);
+    tw_from.wait_stdout(|l| l.contains(&dest), 2, STOP_TIMEOUT);
+    let mut last = Vec::new();
+    for proc in [tw_direct, tw_from] {
+        proc.signal(libc::SIGINT);
+        let f = proc.finish(STOP_TIMEOUT);
+        assert!(f.status.success(), "{}", f.stderr.join("\n"));
+        let s: Value = serde_json::from_str(f.stdout.last().unwrap()).unwrap();
+        last.push(s);
+    }
+    let key = format!("127.0.0.1:{port}");
+    let counts: Vec<_> = last
+        .iter()
+        .map(|s| group_count(s, "by_remote", &key))
+        .collect();
+    eprintln!(
+        "timewait toward {key}: direct {:?}, --from {:?}",
+        counts[0], counts[1]
+    );
+    assert_eq!(counts[0], Some(N as u64));
+    assert_eq!(counts[1], Some(N as u64));
+    for s in &last {
+        let d = s["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["remote"] == key.as_str())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(d["ports_held"], N as u64, "{s}");
+    }
+    stop_server(port, server_thread);
+    daemon.stop();
+}
