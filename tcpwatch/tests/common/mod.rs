@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+pub mod daemon;
+
 /// The line tcpwatch prints on stderr once its probe is attached.
 pub const READY_LINE: &str = "tcpwatch: tracing TCP state transitions; Ctrl-C to stop";
 /// What a binary built without `TCPWATCH_BPF_OBJECT` says when asked to trace.
@@ -186,8 +188,20 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, with_stdin: bool) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    pub fn spawn(name: &str, cmd: Command, with_stdin: bool) -> Proc {
+        Proc::start(name, cmd, with_stdin, None)
+    }
+
+    /// Like [`Proc::spawn`] without stdin, but stdout goes to `stdout` (a
+    /// file, or `Stdio::null()` for a flood nobody reads) and only stderr
+    /// is collected.
+    pub fn spawn_stdout_to(name: &str, cmd: Command, stdout: Stdio) -> Proc {
+        Proc::start(name, cmd, false, Some(stdout))
+    }
+
+    fn start(name: &str, mut cmd: Command, with_stdin: bool, stdout: Option<Stdio>) -> Proc {
+        cmd.stdout(stdout.unwrap_or_else(Stdio::piped))
+            .stderr(Stdio::piped());
         cmd.stdin(if with_stdin {
             Stdio::piped()
         } else {
@@ -198,10 +212,11 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         let out = Arc::new(Shared::default());
         let err = Arc::new(Shared::default());
-        let readers = vec![
-            out.collect(child.stdout.take().unwrap()),
-            err.collect(child.stderr.take().unwrap()),
-        ];
+        let mut readers = vec![err.collect(child.stderr.take().unwrap())];
+        match child.stdout.take() {
+            Some(pipe) => readers.push(out.collect(pipe)),
+            None => out.state.lock().unwrap().eof = true,
+        }
         Proc {
             name: name.to_string(),
             stdin: child.stdin.take(),
@@ -484,10 +499,24 @@ impl Tcpwatch {
 
     /// Starts tcpwatch without waiting (to start several in parallel).
     pub fn spawn(name: &str, extra: &[&str]) -> Tcpwatch {
-        let mut cmd = Command::new(tcpwatch_bin());
-        cmd.args(["trace", "--format", "json"]).args(extra);
+        Tcpwatch::spawn_wrapped(name, &[], extra)
+    }
+
+    /// Like [`Tcpwatch::spawn`], through a wrapper command that ends by
+    /// exec'ing its arguments (`ip netns exec NS`, `unshare -m ...`), so the
+    /// pid signalled is tcpwatch's.
+    pub fn spawn_wrapped(name: &str, wrapper: &[&str], extra: &[&str]) -> Tcpwatch {
+        let mut argv = wrapper.to_vec();
+        argv.extend([tcpwatch_bin(), "trace", "--format", "json"]);
+        argv.extend_from_slice(extra);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
         Tcpwatch {
-            proc: Proc::spawn(&format!("tcpwatch {name} {extra:?}"), cmd, false),
+            proc: Proc::spawn(
+                &format!("tcpwatch {name} {wrapper:?} {extra:?}"),
+                cmd,
+                false,
+            ),
         }
     }
 
