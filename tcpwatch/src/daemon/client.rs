@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -21,11 +22,16 @@ use crate::timewait::Snapshot;
 /// Longest a request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a daemon is: `http://HOST:PORT` (or just `HOST:PORT`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Where a daemon is: `http://HOST:PORT` (or just `HOST:PORT`). One
+/// connection is kept open and reused, so polling makes no new connection
+/// (and no TIME_WAIT socket) each time.
+#[derive(Debug)]
 pub struct Daemon {
     /// `HOST:PORT`, as connected to and sent in `Host:`.
     authority: String,
+    conn: tokio::sync::Mutex<Option<Sender>>,
 }
 
 impl Daemon {
@@ -46,6 +52,7 @@ impl Daemon {
         match uri.authority() {
             Some(a) if a.port_u16().is_some() && a.as_str() == authority => Ok(Daemon {
                 authority: authority.to_string(),
+                conn: tokio::sync::Mutex::new(None),
             }),
             _ => Err(format!(
                 "--from {url}: not a URL of the form http://HOST:PORT"
@@ -64,22 +71,53 @@ impl Daemon {
             .map_err(|_| format!("{}{path}: no answer within {TIMEOUT:?}", self.url()))?
     }
 
-    async fn get_inner(&self, path: &str) -> Result<Bytes, String> {
-        let fail = |e: &dyn std::fmt::Display| {
-            format!("cannot reach the tcpwatch daemon at {}: {e}", self.url())
-        };
+    async fn connect(&self) -> Result<Sender, String> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
-            .map_err(|e| fail(&e))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .map_err(|e| self.unreachable(&e))?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| self.unreachable(&e))?;
         tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(hyper::header::HOST, &self.authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| fail(&e))?;
-        let resp = send.send_request(req).await.map_err(|e| fail(&e))?;
+        Ok(send)
+    }
+
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> String {
+        format!("cannot reach the tcpwatch daemon at {}: {e}", self.url())
+    }
+
+    async fn get_inner(&self, path: &str) -> Result<Bytes, String> {
+        let mut conn = self.conn.lock().await;
+        // The kept connection first; if the daemon closed it meanwhile (it
+        // drops idle ones), once more on a new one.
+        let mut reused = match conn.as_mut() {
+            Some(send) => send.ready().await.is_ok(),
+            None => false,
+        };
+        loop {
+            if !reused {
+                *conn = Some(self.connect().await?);
+            }
+            let Some(send) = conn.as_mut() else {
+                return Err(self.unreachable(&"no connection"));
+            };
+            let req = Request::get(path)
+                .header(hyper::header::HOST, &self.authority)
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| self.unreachable(&e))?;
+            match send.send_request(req).await {
+                Ok(resp) => return self.answer(path, resp).await,
+                Err(_) if reused => reused = false,
+                Err(e) => {
+                    *conn = None;
+                    return Err(self.unreachable(&e));
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, path: &str, resp: hyper::Response<Incoming>) -> Result<Bytes, String> {
+        let fail = |e: &dyn std::fmt::Display| self.unreachable(e);
         let status = resp.status();
         let body = resp
             .into_body()
