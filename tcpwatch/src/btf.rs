@@ -93,7 +93,7 @@ pub enum BtfError {
     },
     #[error("not a regular file but {what}")]
     NotAFile { what: &'static str },
-    #[error("the file is {len} bytes, more than the {MAX_FILE_LEN} a BTF blob may be")]
+    #[error("the file is {len} bytes, more than the {MAX_FILE_LEN} bytes a BTF blob may be")]
     TooLarge { len: u64 },
     #[error("BTF blob is {len} bytes, shorter than the {HEADER_LEN}-byte header")]
     TooShort { len: usize },

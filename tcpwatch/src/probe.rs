@@ -128,8 +128,11 @@ fn effective_caps(status: &str) -> u64 {
 /// The uid map of this process's user namespace when it is not the
 /// initial one (`0 0 4294967295`): its capabilities do not reach bpf().
 fn user_namespace() -> Option<String> {
-    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
-    let map = map.split_whitespace().collect::<Vec<_>>().join(" ");
+    foreign_uid_map(&std::fs::read_to_string("/proc/self/uid_map").ok()?)
+}
+
+fn foreign_uid_map(text: &str) -> Option<String> {
+    let map = text.split_whitespace().collect::<Vec<_>>().join(" ");
     (!map.is_empty() && map != "0 0 4294967295").then_some(map)
 }
 
@@ -446,6 +449,44 @@ mod tests {
             "CapEff:\t0000000000000000\n"
         )));
         assert_eq!(effective_caps("no such line"), 0);
+    }
+
+    #[test]
+    fn only_the_initial_user_namespace_may_load() {
+        assert_eq!(foreign_uid_map("         0          0 4294967295\n"), None);
+        assert_eq!(
+            foreign_uid_map("         0          0          1\n"),
+            Some("0 0 1".into())
+        );
+        assert_eq!(
+            foreign_uid_map("0 100000 65536\n"),
+            Some("0 100000 65536".into())
+        );
+        assert_eq!(foreign_uid_map(""), None);
+    }
+
+    #[test]
+    fn error_chain_does_not_repeat_a_cause() {
+        #[derive(Debug)]
+        struct E(String, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let io = E("Operation not permitted (os error 1)".into(), None);
+        let map = E("failed to create map `LOST`".into(), Some(Box::new(io)));
+        // aya prints its source inside its own message, as here.
+        let top = E(format!("map error: {map}"), Some(Box::new(map)));
+        assert_eq!(
+            chain(&top),
+            "map error: failed to create map `LOST`: Operation not permitted (os error 1)"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tcpwatch_common::Event;
@@ -133,16 +133,22 @@ impl Recorder<BufWriter<File>> {
         header: Header,
         snapshot: Option<&SocketSnapshot>,
     ) -> Result<Self, RecordError> {
+        let fail = |source| RecordError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Never through a symlink (a planted one in /tmp would make root
+        // overwrite its target), and 0600 even when the file existed.
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
-            .map_err(|source| RecordError::Create {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(fail)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(fail)?;
         let mut recorder =
             Recorder::new(BufWriter::with_capacity(256 * 1024, file), header, snapshot)?;
         // The header reaches the file at once: a recorder killed before its
@@ -444,6 +450,36 @@ mod tests {
         r.write(events).unwrap();
         r.flush().unwrap();
         r.into_inner()
+    }
+
+    #[test]
+    fn created_0600_even_over_an_existing_file_and_never_through_a_symlink() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("tcpwatch-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let header = Header {
+            clock_offset_ns: 0,
+            netns: 1,
+            fin_timeout_s: 60,
+        };
+        let existing = dir.join("existing.rec");
+        std::fs::write(&existing, b"old").unwrap();
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Recorder::create(&existing, header, None).unwrap();
+        let mode = std::fs::metadata(&existing).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+
+        let target = dir.join("target");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = dir.join("link.rec");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = Recorder::create(&link, header, None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("link.rec"), "{err}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn events() -> Vec<Event> {
