@@ -205,6 +205,7 @@ fn prometheus_sees_what_the_daemon_saw() {
         .accept(N as usize)
         .spawn();
     let port = server.port();
+    server.wait_for("listening");
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = PeerSpec::client("client", &vec![target; N as usize])
         .comm("twpromclient")
@@ -216,7 +217,8 @@ fn prometheus_sees_what_the_daemon_saw() {
 
     let destination = target.to_string();
     let process = format!("{client_pid} {client_comm}");
-    let exact = [
+    // From the kernel's own list of timewait sockets (sock_diag): exact.
+    for q in [
         selector(
             "tcpwatch_timewait_by_destination",
             &[("destination", &destination)],
@@ -225,17 +227,25 @@ fn prometheus_sees_what_the_daemon_saw() {
             "tcpwatch_destination_ports_held",
             &[("destination", &destination)],
         ),
-        selector("tcpwatch_timewait_by_process", &[("process", &process)]),
-    ];
-    for q in &exact {
-        let v = p.wait_scalar(q, ARRIVAL, |v| v == N as f64);
+    ] {
+        let v = p.wait_scalar(&q, ARRIVAL, |v| v == N as f64);
         println!("{q} = {v:?}");
         assert_eq!(v, Some(N as f64), "{q}");
+    }
+    // The owner comes from the traced events: exact unless the daemon lost
+    // some (other BPF programs on a shared host can make the kernel skip it).
+    let q = selector("tcpwatch_timewait_by_process", &[("process", &process)]);
+    let v = p.wait_scalar(&q, ARRIVAL, |v| v == N as f64);
+    let lost = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0) - lost_before;
+    println!("{q} = {v:?} ({lost} events lost meanwhile)");
+    if lost == 0.0 {
+        assert_eq!(v, Some(N as f64), "{q}");
+    } else {
+        assert!(v.unwrap_or(0.0) <= N as f64, "{q} = {v:?}");
     }
 
     // Host-wide counters grew by at least what the test did (less what the
     // daemon says it lost meanwhile).
-    let lost = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0) - lost_before;
     for (((name, labels), at_least), was) in COUNTERS.iter().zip(&before) {
         let q = selector(name, labels);
         let want = *at_least as f64 - lost;

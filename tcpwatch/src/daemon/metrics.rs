@@ -159,7 +159,7 @@ impl Metrics {
         );
         r.register(
             "timewait_sockets",
-            "Timewait sockets now, by substate (TIME_WAIT, or FIN_WAIT2 held by the kernel's timewait code)",
+            "Timewait sockets tcpwatch counts now in every network namespace, by substate (TIME_WAIT, or FIN_WAIT2 held by the kernel's timewait code); tcpwatch_kernel_timewait_sockets is the kernel's count for the daemon's own namespace",
             m.timewait.clone(),
         );
         r.register(
@@ -189,7 +189,7 @@ impl Metrics {
         );
         r.register(
             "kernel_timewait_sockets",
-            "Timewait sockets the kernel counts (/proc/net/sockstat tw)",
+            "Timewait sockets the kernel counts in the daemon's network namespace (/proc/net/sockstat tw)",
             m.kernel_timewait.clone(),
         );
         r.register(

@@ -1,19 +1,22 @@
 //! Harness for the tests of `deploy/` and of `tcpwatch daemon` as deployed:
-//! finding the test tools, a scratch directory, a plain HTTP/1.0 client, a
-//! parser for the Prometheus text format, a running daemon, and a real
-//! Prometheus server (Debian's `prometheus`) scraping it and answering
-//! queries on its HTTP API.
+//! finding the test tools, a scratch directory, a plain HTTP/1.0 client
+//! (Prometheus answers HTTP/1.1 in chunks; 1.0 gets the body as it is, and
+//! a refused connection is an error to retry, not a panic), a parser for the
+//! Prometheus text format, the daemon run under a wrapper (setpriv, strace),
+//! and a real Prometheus server (Debian's `prometheus`) scraping it and
+//! answering queries on its HTTP API.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub use crate::common::daemon::free_port;
 use crate::common::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
 /// The repository's root (the workspace).
@@ -104,14 +107,6 @@ pub fn run(cmd: &mut Command) -> Ran {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
-}
-
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 // ---------------------------------------------------------------------------
@@ -317,17 +312,6 @@ impl Daemon {
 
     pub fn metrics(&self) -> Vec<Sample> {
         parse_exposition(&self.get("/metrics")).unwrap_or_else(|e| panic!("/metrics: {e}"))
-    }
-
-    /// The finished connections `/api/conns` returns (at most 10000).
-    pub fn conns(&self) -> Vec<serde_json::Value> {
-        let body = self.get("/api/conns?limit=10000");
-        let v: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/conns ({e}): {body}"));
-        v["conns"]
-            .as_array()
-            .unwrap_or_else(|| panic!("/api/conns has no conns array: {body}"))
-            .clone()
     }
 
     /// SIGTERM; it must exit 0 without panicking. Returns its stderr.
