@@ -22,7 +22,21 @@ const PAYLOAD: usize = 100;
 /// A loopback server that reads each connection to its end and closes it,
 /// so the client (which closes first) is left with a TIME_WAIT socket.
 fn server() -> (u16, JoinHandle<()>, TcpListener) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    server_on(TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// A listener below the ephemeral port range, as a real server's port is:
+/// for sockets older than tracing, tcpwatch takes the higher port of a
+/// timewait socket as the client's.
+fn low_port_server() -> (u16, JoinHandle<()>, TcpListener) {
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    let listener = (start..start + 5_000)
+        .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+        .expect("a free port between 20000 and 30000");
+    server_on(listener)
+}
+
+fn server_on(listener: TcpListener) -> (u16, JoinHandle<()>, TcpListener) {
     let port = listener.local_addr().unwrap().port();
     let l = listener.try_clone().unwrap();
     let h = std::thread::spawn(move || {
@@ -527,4 +541,45 @@ fn from_mode_matches_direct_mode() {
     }
     stop_server(port, server_thread);
     daemon.stop();
+}
+
+#[test]
+fn restart_picks_up_existing_timewait_sockets() {
+    if !ready() {
+        return;
+    }
+    const N: usize = 12;
+    let first = Daemon::start(&["--interval", "1", "--top", "50"]);
+    let (port, server_thread, _l) = low_port_server();
+    let dest = format!("127.0.0.1:{port}");
+    connect_n(port, N);
+    let seen = first.wait_json("/api/timewait", Duration::from_secs(15), |s| {
+        group_count(s, "by_remote", &dest) == Some(N as u64)
+    });
+    assert_eq!(
+        group_count(&seen, "by_remote", &dest),
+        Some(N as u64),
+        "{seen}"
+    );
+    first.stop();
+    // A new daemon knows them from its first answer, from the kernel's list.
+    let t = Instant::now();
+    let second = Daemon::start(&["--interval", "1", "--top", "50"]);
+    let snapshot = second.get_json("/api/timewait");
+    let ss = ss_timewait_to(port);
+    eprintln!(
+        "after a restart ({:?} to serve): {:?} timewait sockets toward {dest}, ss {ss}, {} from before tracing",
+        t.elapsed(),
+        group_count(&snapshot, "by_remote", &dest),
+        snapshot["before_tracing"]
+    );
+    assert_eq!(
+        group_count(&snapshot, "by_remote", &dest),
+        Some(N as u64),
+        "{snapshot}"
+    );
+    assert_eq!(ss, N);
+    assert!(snapshot["before_tracing"].as_u64().unwrap() >= N as u64);
+    stop_server(port, server_thread);
+    second.stop();
 }
