@@ -63,6 +63,8 @@ pub struct ConnsSink<W: Write> {
     finished: Vec<Timeline>,
     pub summary: ConnsSummary,
     warn: Box<dyn FnMut(&str) + Send>,
+    /// Live only: checks the correlator against the kernel after losses.
+    sweep: Option<crate::sweep::Sweeper>,
 }
 
 /// Most connections held waiting for their other end.
@@ -88,7 +90,14 @@ impl<W: Write> ConnsSink<W> {
             finished: Vec::new(),
             summary: ConnsSummary::default(),
             warn,
+            sweep: None,
         }
+    }
+
+    /// After lost events, drops the sockets the kernel no longer has (see
+    /// `sweep`): for live tracing, never for a replay.
+    pub fn sweep_stale(&mut self) {
+        self.sweep = Some(crate::sweep::Sweeper::default());
     }
 
     pub fn replace_correlator(&mut self, correlator: Correlator) {
@@ -202,12 +211,18 @@ impl<W: Write> Sink for ConnsSink<W> {
             self.correlator.push(r, &mut self.finished);
         }
         self.correlator.advance(settled_ns, &mut self.finished);
+        if let Some(sweep) = &mut self.sweep {
+            sweep.tick(settled_ns, &mut self.correlator, &mut *self.warn);
+        }
         self.emit(Some(settled_ns))?;
         self.out.flush()
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
         (self.warn)(&self.summary.lost.advance(counts));
+        if let Some(sweep) = &mut self.sweep {
+            sweep.lost(counts.total());
+        }
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -215,6 +230,7 @@ impl<W: Write> Sink for ConnsSink<W> {
         self.emit(None)?;
         self.summary.still_open = self.correlator.open_connections();
         self.summary.tracking = self.correlator.tracking();
+        self.summary.tracking.stale = self.sweep.as_ref().map_or(0, |s| s.dropped);
         self.out.flush()
     }
 }

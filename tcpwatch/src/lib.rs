@@ -35,6 +35,7 @@ pub mod ringbuf;
 pub mod selfbench;
 pub mod session;
 pub mod sockdiag;
+pub mod sweep;
 pub mod table;
 pub mod timewait;
 pub mod trace;

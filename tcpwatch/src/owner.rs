@@ -55,13 +55,21 @@ pub struct Attribution {
     pub source: OwnerSource,
 }
 
+/// A tracked socket: its owner, and its 4-tuple as a `sweep` key when it
+/// is in our namespace (else 0), to check it against the kernel's list.
+#[derive(Debug)]
+struct Tracked {
+    owner: Option<Attribution>,
+    key: u64,
+}
+
 /// Most distinct owners kept for sharing before the cache starts over.
 const OWNER_CACHE: usize = 16_384;
 
 /// Remembers owners of sockets and listeners.
 #[derive(Debug)]
 pub struct OwnerTracker {
-    sockets: BoundedMap<u64, Option<Attribution>>,
+    sockets: BoundedMap<u64, Tracked>,
     /// Sockets evicted from `sockets` and not seen closed since. Their later
     /// transitions are of a socket whose owner was forgotten: unknown, not
     /// looked up as a socket older than the trace, and not tracked again
@@ -119,6 +127,11 @@ impl OwnerTracker {
         self.sockets.peak()
     }
 
+    /// Our own network namespace's inode, when known.
+    pub fn own_netns(&self) -> Option<u32> {
+        self.own_netns
+    }
+
     /// The table's figures for an exit summary.
     pub fn tracking(&self) -> crate::output::Tracking {
         crate::output::Tracking {
@@ -126,6 +139,8 @@ impl OwnerTracker {
             peak: self.peak(),
             limit: self.sockets.capacity(),
             at_exit: self.tracked(),
+            // Counted by whoever sweeps the table.
+            stale: 0,
         }
     }
 
@@ -234,7 +249,7 @@ impl OwnerTracker {
     /// Updates what is known from one transition and returns the socket's
     /// owner as of this transition (remembering owners per socket itself).
     pub fn observe(&mut self, t: &Transition) -> Option<Attribution> {
-        let known = self.sockets.get(&t.skaddr).cloned();
+        let known = self.sockets.get(&t.skaddr).map(|s| s.owner.clone());
         let birth = is_birth(t.old, t.new);
         let forgotten = known.is_none() && !birth && self.evicted.contains(t.skaddr);
         let first_sight = known.is_none() && !forgotten;
@@ -245,11 +260,36 @@ impl OwnerTracker {
         if t.new == TcpState::Close {
             self.sockets.remove(&t.skaddr);
         } else if !forgotten {
-            if let Some((evicted, _)) = self.sockets.insert(t.skaddr, attribution.clone()) {
+            let ours = self.own_netns.is_some() && t.sock.netns == self.own_netns;
+            let tracked = Tracked {
+                owner: attribution.clone(),
+                key: if ours {
+                    crate::sweep::endpoints_key(&t.local, &t.remote)
+                } else {
+                    0
+                },
+            };
+            if let Some((evicted, _)) = self.sockets.insert(t.skaddr, tracked) {
                 self.evicted.insert(evicted);
             }
         }
         attribution
+    }
+}
+
+/// Sockets of our namespace whose close may have been lost (see `sweep`);
+/// the mark changes with each of their transitions.
+impl crate::sweep::SweepTable for OwnerTracker {
+    fn unlisted(&self, kernel: &crate::sweep::KernelSockets) -> Vec<(u64, u64)> {
+        self.sockets
+            .iter_marked()
+            .filter(|(_, s, _)| s.key != 0 && !kernel.lists(s.key))
+            .map(|(skaddr, _, mark)| (*skaddr, mark))
+            .collect()
+    }
+
+    fn drop_unchanged(&mut self, skaddr: u64, mark: u64) -> bool {
+        self.sockets.remove_if_unchanged(&skaddr, mark).is_some()
     }
 }
 

@@ -85,6 +85,8 @@ pub struct TimewaitTracker {
     pub events: u64,
     kernel_error: Option<String>,
     warn: Box<dyn FnMut(&str) + Send>,
+    /// Live only: checks the correlator against the kernel after losses.
+    sweep: Option<crate::sweep::Sweeper>,
 }
 
 pub struct TrackerOptions {
@@ -117,6 +119,7 @@ impl TimewaitTracker {
             events: 0,
             kernel_error: None,
             warn,
+            sweep: None,
         }
     }
 
@@ -205,6 +208,9 @@ impl TimewaitTracker {
             self.correlator.push(r, &mut self.finished);
         }
         self.correlator.advance(settled_ns, &mut self.finished);
+        if let Some(sweep) = &mut self.sweep {
+            sweep.tick(settled_ns, &mut self.correlator, &mut *self.warn);
+        }
         self.take_finished(out);
         if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
             let s = self.snapshot(settled_ns);
@@ -239,6 +245,23 @@ impl TimewaitTracker {
     /// Warns once per growth of the lost counts.
     pub fn lost(&mut self, counts: crate::probe::LostCounts) {
         (self.warn)(&self.lost.advance(counts));
+        if let Some(sweep) = &mut self.sweep {
+            sweep.lost(counts.total());
+        }
+    }
+
+    /// After lost events, drops the sockets the kernel no longer has (see
+    /// `sweep`): for live tracing, never for a replay.
+    pub fn sweep_stale(&mut self) {
+        self.sweep = Some(crate::sweep::Sweeper::default());
+    }
+
+    /// The correlator's figures for an exit summary.
+    pub fn tracking(&self) -> crate::output::Tracking {
+        crate::output::Tracking {
+            stale: self.sweep.as_ref().map_or(0, |s| s.dropped),
+            ..self.correlator.tracking()
+        }
     }
 
     /// Interprets a raw batch, warning about records that do not decode.

@@ -76,22 +76,67 @@ impl Batch {
     }
 }
 
-/// Empties the ring. With `always`, an empty drain still reports its time.
-fn drain(ring: &mut RingBuf<MapData>, always: bool) -> Option<Feed> {
-    let drained_at_ns = crate::clock::monotonic_ns();
+/// Most records in one batch. The channel to the stages holds at most
+/// [`crate::session::channel_batches`] batches, about a ring buffer's worth
+/// of records, so what the reader has taken from the ring and the stages
+/// have not yet seen stays within `--ring-size` bytes however far behind
+/// they fall: past that, the reader waits, the ring buffer fills, and the
+/// kernel counts what it drops ("ring buffer full").
+pub const MAX_BATCH: usize = 1024;
+
+/// Takes up to [`MAX_BATCH`] records; whether that emptied the ring.
+fn take(ring: &mut RingBuf<MapData>) -> (Batch, bool) {
     let mut batch = Batch::default();
-    while let Some(item) = ring.next() {
-        batch.add(&item);
+    while batch.events.len() + (batch.undecodable as usize) < MAX_BATCH {
+        match ring.next() {
+            Some(item) => batch.add(&item),
+            None => return (batch, true),
+        }
     }
-    if batch.is_empty() && !always {
-        None
-    } else {
-        Some(Feed::Records {
+    (batch, false)
+}
+
+/// How much older than the last record taken an event still in the ring
+/// may be stamped: records are written in the order they were reserved,
+/// and a program reads the clock only microseconds before it reserves.
+const SKEW_NS: u64 = 10_000_000;
+
+/// Empties the ring, sending batches of at most [`MAX_BATCH`] records as
+/// they fill (waiting while the stages are behind). `settled` is the time
+/// before which every event has been sent: for the last batch, the time
+/// this drain began; for one sent before the ring is empty (which, when
+/// the stages cannot keep up, is every batch for a while), [`SKEW_NS`]
+/// before its last record. With `always`, an empty drain still reports its
+/// time. Returns false once the receiver is gone.
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    settled: &mut u64,
+    always: bool,
+    tx: &mpsc::Sender<Feed>,
+) -> bool {
+    let began = crate::clock::monotonic_ns();
+    loop {
+        let (batch, emptied) = take(ring);
+        if emptied {
+            *settled = (*settled).max(began);
+            if batch.is_empty() && !always {
+                return true;
+            }
+        } else if let Some(last) = batch.events.last() {
+            *settled = (*settled).max(last.ts_ns.saturating_sub(SKEW_NS));
+        }
+        let feed = Feed::Records {
             events: batch.events,
             undecodable: batch.undecodable,
             first_error: batch.first_error,
-            drained_at_ns,
-        })
+            drained_at_ns: *settled,
+        };
+        if tx.send(feed).await.is_err() {
+            return false;
+        }
+        if emptied {
+            return true;
+        }
     }
 }
 
@@ -112,24 +157,21 @@ pub async fn run_reader(
     let mut lost_tick = tokio::time::interval(opts.lost_check);
     lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_seen = LostCounts::default();
+    let mut settled = 0;
     loop {
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let feed = drain(guard.get_inner_mut(), false);
+                let open = drain(guard.get_inner_mut(), &mut settled, false, &tx).await;
                 guard.clear_ready();
-                if let Some(feed) = feed {
-                    if tx.send(feed).await.is_err() {
-                        return Ok(());
-                    }
+                if !open {
+                    return Ok(());
                 }
                 false
             }
             _ = poll.tick() => {
-                if let Some(feed) = drain(fd.get_mut(), true) {
-                    if tx.send(feed).await.is_err() {
-                        return Ok(());
-                    }
+                if !drain(fd.get_mut(), &mut settled, true, &tx).await {
+                    return Ok(());
                 }
                 false
             }
@@ -144,14 +186,32 @@ pub async fn run_reader(
             }
         }
         if stopping {
-            if let Some(feed) = drain(fd.get_mut(), true) {
-                let _ = tx.send(feed).await;
-            }
+            drain(fd.get_mut(), &mut settled, true, &tx).await;
             let counts = lost.counts();
             if counts.total() > lost_seen.total() {
                 let _ = tx.send(Feed::Lost(counts)).await;
             }
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::channel_batches;
+
+    #[test]
+    fn records_queued_for_the_stages_fit_in_the_ring_size() {
+        for ring in [4096u32, 1 << 20, 16 << 20, 1 << 30] {
+            let queued = channel_batches(ring) * MAX_BATCH * Event::SIZE;
+            let floor = 4 * MAX_BATCH * Event::SIZE;
+            assert!(queued <= (ring as usize).max(floor), "{ring}: {queued}");
+        }
+        assert_eq!(channel_batches(4096), 4);
+        assert!(
+            channel_batches(16 << 20) >= 64,
+            "the default keeps 64 batches or more"
+        );
     }
 }

@@ -37,6 +37,14 @@ pub enum SessionError {
     Output(io::Error),
 }
 
+/// Record batches the reader may queue for the stages: as many records as
+/// the ring buffer holds (at least 4 batches), so that what waits in
+/// tcpwatch's memory is bounded by `--ring-size` too.
+pub fn channel_batches(ring_size: u32) -> usize {
+    let batch_bytes = crate::ringbuf::MAX_BATCH * (tcpwatch_common::Event::SIZE + 8);
+    (ring_size as usize / batch_bytes).max(4)
+}
+
 pub struct SessionOptions {
     pub probe: ProbeOptions,
     pub duration: Option<Duration>,
@@ -90,7 +98,7 @@ pub async fn run<S: Sink>(
     let lost = probe.take_lost_counter()?;
     ready(&probe, sink);
 
-    let (tx, mut rx) = mpsc::channel::<Feed>(64);
+    let (tx, mut rx) = mpsc::channel::<Feed>(channel_batches(opts.probe.ring_size));
     let (stop_tx, stop_rx) = watch::channel(false);
     let reader = tokio::spawn(run_reader(
         ring,

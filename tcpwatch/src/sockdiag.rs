@@ -105,15 +105,46 @@ pub enum SockDiagError {
     },
 }
 
+/// What one dump asks the kernel for, and what it keeps of each socket
+/// listed (`None`: not one of those wanted).
+struct Dump<T> {
+    states: StateFlags,
+    keep: fn(&[u8]) -> Result<Option<T>, ReplyError>,
+}
+
+/// Timewait sockets: TIME_WAIT or FIN_WAIT2 (the kernel matches a timewait
+/// socket by its substate).
+fn timewait_dump() -> Dump<TimewaitSocket> {
+    Dump {
+        states: StateFlags::TIME_WAIT | StateFlags::FIN_WAIT2,
+        keep: parse_inet_diag_msg,
+    }
+}
+
 /// Lists the timewait sockets of both address families in the calling
 /// thread's network namespace. When the kernel has no IPv6 sock_diag
 /// support, only the IPv4 ones.
 pub fn dump_timewait() -> Result<Vec<TimewaitSocket>, SockDiagError> {
+    dump(&timewait_dump())
+}
+
+/// Lists the full TCP sockets (every state but the timewait sockets') of
+/// both address families in the calling thread's network namespace, as
+/// (local, remote) endpoints. The kernel leaves the TIME_WAIT ones out
+/// itself, so this costs little however many of those there are.
+pub fn dump_full_sockets() -> Result<Vec<(Endpoint, Endpoint)>, SockDiagError> {
+    dump(&Dump {
+        states: StateFlags::all() - StateFlags::TIME_WAIT,
+        keep: parse_full_socket,
+    })
+}
+
+fn dump<T>(what: &Dump<T>) -> Result<Vec<T>, SockDiagError> {
     let socket = open()?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
     let mut out = Vec::new();
-    dump_family(&socket, &mut buf, AF_INET, 1, &mut out)?;
-    match dump_family(&socket, &mut buf, AF_INET6, 2, &mut out) {
+    dump_family(&socket, &mut buf, AF_INET, 1, what, &mut out)?;
+    match dump_family(&socket, &mut buf, AF_INET6, 2, what, &mut out) {
         Err(SockDiagError::Kernel { source, .. }) if ipv6_unavailable(&source) => {}
         other => other?,
     }
@@ -164,9 +195,8 @@ fn family_name(family: u8) -> &'static str {
     }
 }
 
-/// The `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in TIME_WAIT or
-/// FIN_WAIT2 (the kernel matches a timewait socket by its substate).
-fn request(family: u8, seq: u32) -> Vec<u8> {
+/// The `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in `states`.
+fn request(family: u8, seq: u32, states: StateFlags) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = seq;
@@ -181,7 +211,7 @@ fn request(family: u8, seq: u32) -> Vec<u8> {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::TIME_WAIT | StateFlags::FIN_WAIT2,
+            states,
             socket_id,
         })
         .into(),
@@ -194,16 +224,17 @@ fn request(family: u8, seq: u32) -> Vec<u8> {
 }
 
 /// Sends one dump request and collects its reply until `NLMSG_DONE`.
-fn dump_family(
+fn dump_family<T>(
     socket: &Socket,
     buf: &mut [u8],
     family: u8,
     seq: u32,
-    out: &mut Vec<TimewaitSocket>,
+    what: &Dump<T>,
+    out: &mut Vec<T>,
 ) -> Result<(), SockDiagError> {
     let name = family_name(family);
     socket
-        .send(&request(family, seq), 0)
+        .send(&request(family, seq, what.states.clone()), 0)
         .map_err(|source| SockDiagError::Send {
             family: name,
             source,
@@ -211,7 +242,7 @@ fn dump_family(
     loop {
         let len = recv(socket, buf, name)?;
         let data = buf.get(..len).unwrap_or(buf);
-        match parse_reply(data, seq, out) {
+        match parse_reply(data, seq, what.keep, out) {
             Ok(Reply::More) => {}
             Ok(Reply::Done) => return Ok(()),
             Err(ReplyError::Kernel(errno)) => {
@@ -272,12 +303,13 @@ enum ReplyError {
 }
 
 /// Parses one datagram of a dump reply with sequence number `seq`, adding
-/// the timewait sockets it lists to `out`. Messages of other sequence
-/// numbers and of unknown types are skipped.
-fn parse_reply(
+/// what `keep` keeps of the sockets it lists to `out`. Messages of other
+/// sequence numbers and of unknown types are skipped.
+fn parse_reply<T>(
     mut data: &[u8],
     seq: u32,
-    out: &mut Vec<TimewaitSocket>,
+    keep: fn(&[u8]) -> Result<Option<T>, ReplyError>,
+    out: &mut Vec<T>,
 ) -> Result<Reply, ReplyError> {
     while !data.is_empty() {
         // new_checked guarantees 16 <= length <= data.len(), so the
@@ -314,7 +346,7 @@ fn parse_reply(
                     return Err(ReplyError::Malformed("NLMSG_OVERRUN: data lost".into()))
                 }
                 SOCK_DIAG_BY_FAMILY => {
-                    if let Some(socket) = parse_inet_diag_msg(payload)? {
+                    if let Some(socket) = keep(payload)? {
                         out.push(socket);
                     }
                 }
@@ -327,9 +359,9 @@ fn parse_reply(
     Ok(Reply::More)
 }
 
-/// One `struct inet_diag_msg`: `Some` for a timewait socket, `None` for any
-/// other socket or an address family we do not know.
-fn parse_inet_diag_msg(payload: &[u8]) -> Result<Option<TimewaitSocket>, ReplyError> {
+/// The header of one `struct inet_diag_msg`; `None` for an address family
+/// we do not know.
+fn inet_header(payload: &[u8]) -> Result<Option<InetResponseHeader>, ReplyError> {
     if payload.len() < INET_DIAG_MSG_LEN {
         return Err(ReplyError::Malformed(format!(
             "inet_diag_msg of {} bytes, expected at least {INET_DIAG_MSG_LEN}",
@@ -339,11 +371,40 @@ fn parse_inet_diag_msg(payload: &[u8]) -> Result<Option<TimewaitSocket>, ReplyEr
     if !matches!(payload.first(), Some(&AF_INET | &AF_INET6)) {
         return Ok(None);
     }
-    let header = InetResponseHeader::parse(payload)
-        .map_err(|e| ReplyError::Malformed(format!("bad inet_diag_msg: {e}")))?;
-    // A full socket (even an orphaned one) has another timer; timewait
-    // sockets have no inode.
-    if header.timer != Some(Timer::TimeWait) || header.inode != 0 {
+    InetResponseHeader::parse(payload)
+        .map(Some)
+        .map_err(|e| ReplyError::Malformed(format!("bad inet_diag_msg: {e}")))
+}
+
+/// A full socket (even an orphaned one) has another timer; timewait
+/// sockets have no inode.
+fn is_timewait(header: &InetResponseHeader) -> bool {
+    header.timer == Some(Timer::TimeWait) && header.inode == 0
+}
+
+/// One `struct inet_diag_msg` of a full socket: its (local, remote)
+/// endpoints; `None` for a timewait socket.
+fn parse_full_socket(payload: &[u8]) -> Result<Option<(Endpoint, Endpoint)>, ReplyError> {
+    let Some(header) = inet_header(payload)? else {
+        return Ok(None);
+    };
+    if is_timewait(&header) {
+        return Ok(None);
+    }
+    let id = &header.socket_id;
+    Ok(Some((
+        Endpoint::new(id.source_address, id.source_port),
+        Endpoint::new(id.destination_address, id.destination_port),
+    )))
+}
+
+/// One `struct inet_diag_msg`: `Some` for a timewait socket, `None` for any
+/// other socket or an address family we do not know.
+fn parse_inet_diag_msg(payload: &[u8]) -> Result<Option<TimewaitSocket>, ReplyError> {
+    let Some(header) = inet_header(payload)? else {
+        return Ok(None);
+    };
+    if !is_timewait(&header) {
         return Ok(None);
     }
     let substate = match header.state {
@@ -468,7 +529,7 @@ mod tests {
 
     fn parse(data: &[u8]) -> (Result<Reply, ReplyError>, Vec<TimewaitSocket>) {
         let mut out = Vec::new();
-        let r = parse_reply(data, SEQ, &mut out);
+        let r = parse_reply(data, SEQ, parse_inet_diag_msg, &mut out);
         (r, out)
     }
 
@@ -642,8 +703,36 @@ mod tests {
     }
 
     #[test]
+    fn full_sockets_leave_timewait_sockets_out() {
+        // A timewait socket, an orphaned FIN_WAIT2 full socket (timer 1, no
+        // inode) and an established one.
+        let orphan = Diag {
+            state: TCP_FIN_WAIT2,
+            timer: 1,
+            ..tw_v4(40001, 0)
+        };
+        let established = Diag {
+            state: 1,
+            timer: 0,
+            inode: 77,
+            ..tw_v4(40002, 0)
+        };
+        let mut data = diag(&tw_v4(40000, 59_000));
+        data.extend(diag(&orphan));
+        data.extend(diag(&established));
+        data.extend(done(0));
+        let mut out = Vec::new();
+        assert_eq!(
+            parse_reply(&data, SEQ, parse_full_socket, &mut out),
+            Ok(Reply::Done)
+        );
+        let ports: Vec<(u16, u16)> = out.iter().map(|(l, r)| (l.port, r.port)).collect();
+        assert_eq!(ports, [(40001, 8080), (40002, 8080)]);
+    }
+
+    #[test]
     fn request_is_an_inet_diag_req_v2_for_tcp_tw_and_fin_wait2() {
-        let bytes = request(AF_INET6, 3);
+        let bytes = request(AF_INET6, 3, timewait_dump().states);
         // nlmsghdr (16) + inet_diag_req_v2 (56).
         assert_eq!(bytes.len(), 72);
         assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), 72);

@@ -110,6 +110,21 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         self.entries.iter().map(|(k, (v, _))| (k, v))
     }
 
+    /// Entries with a mark that changes whenever the entry is inserted
+    /// again: [`Self::remove_if_unchanged`] takes it.
+    pub fn iter_marked(&self) -> impl Iterator<Item = (&K, &V, u64)> {
+        self.entries.iter().map(|(k, (v, gen))| (k, v, *gen))
+    }
+
+    /// Removes the entry if it was not inserted again since `mark` was
+    /// read.
+    pub fn remove_if_unchanged(&mut self, k: &K, mark: u64) -> Option<V> {
+        match self.entries.get(k) {
+            Some((_, gen)) if *gen == mark => self.remove(k),
+            _ => None,
+        }
+    }
+
     /// Removes and returns every entry.
     pub fn drain(&mut self) -> Vec<(K, V)> {
         self.order.clear();

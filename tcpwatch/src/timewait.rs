@@ -484,7 +484,12 @@ impl TimewaitBook {
                     matched += 1;
                     let flags = (e.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2))
                         | substate_flag(kt.substate);
-                    let expires = now_ms.saturating_add(kt.expires_ms).min(EXPIRES_MASK);
+                    // A socket past its expiry that the kernel has not
+                    // reaped yet (many expiring at once) says 0 ms: it
+                    // still exists, and counts until a list lacks it.
+                    let expires = now_ms
+                        .saturating_add(kt.expires_ms.max(1))
+                        .min(EXPIRES_MASK);
                     e.expires_and_flags = flags | expires;
                     true
                 }
@@ -1068,6 +1073,28 @@ mod tests {
         let s = b.snapshot(61_500_000_000, "t".into(), 5, kview());
         assert_eq!(s.total, 0);
         assert_eq!(b.groups_len(), (0, 0));
+    }
+
+    #[test]
+    fn sockets_the_kernel_lists_as_overdue_still_count() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let a = timeline("10.0.0.1:40000", "10.0.0.9:80", 1, Role::Client, 1);
+        b.on_timeline(&a);
+        // Expiring en masse, the kernel lists it past its time (0 ms left).
+        let kernel = [KernelTimewait {
+            local: a.local,
+            remote: a.remote,
+            substate: TimewaitSubstate::TimeWait,
+            expires_ms: 0,
+        }];
+        b.reconcile(&kernel, 61_000_000_000, 1000, true);
+        let s = b.snapshot(61_000_000_000, "t".into(), 5, kview());
+        assert_eq!((s.total, s.kernel_listed), (1, Some(1)));
+        assert_eq!(s.unattributed, 0);
+        // Once the kernel no longer lists it, it goes.
+        b.reconcile(&[], 61_100_000_000, 1000, true);
+        let s = b.snapshot(61_100_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct TraceSink<W: Write> {
     pub summary: Summary,
     /// Where lost-event and decode warnings go (stderr in the binary).
     warn: Box<dyn FnMut(&str) + Send>,
+    /// Live only: checks the owner table against the kernel after losses.
+    sweep: Option<crate::sweep::Sweeper>,
 }
 
 impl<W: Write> TraceSink<W> {
@@ -42,9 +44,16 @@ impl<W: Write> TraceSink<W> {
             clock,
             owners,
             last_ts: BoundedMap::new(max_sockets),
+            sweep: None,
             summary: Summary::default(),
             warn,
         }
+    }
+
+    /// After lost events, drops the sockets the kernel no longer has (see
+    /// `sweep`): for live tracing, never for a replay.
+    pub fn sweep_stale(&mut self) {
+        self.sweep = Some(crate::sweep::Sweeper::default());
     }
 
     /// Swaps in an owner tracker (the binary builds one with the /proc
@@ -115,7 +124,7 @@ impl<W: Write> Sink for TraceSink<W> {
         &mut self,
         events: &[Event],
         mut rejects: Rejects,
-        _settled_ns: u64,
+        settled_ns: u64,
     ) -> io::Result<()> {
         let records = interpret_all(events, &mut rejects);
         if let Some(w) = rejects.warning() {
@@ -124,11 +133,21 @@ impl<W: Write> Sink for TraceSink<W> {
         }
         self.records(&records)?;
         self.summary.tracking = self.owners.tracking();
+        if let Some(sweep) = &mut self.sweep {
+            for skaddr in sweep.tick(settled_ns, &mut self.owners, &mut *self.warn) {
+                self.last_ts.remove(&skaddr);
+            }
+            self.summary.tracking.at_exit = self.owners.tracked();
+            self.summary.tracking.stale = sweep.dropped;
+        }
         Ok(())
     }
 
     fn lost(&mut self, counts: crate::probe::LostCounts) {
         (self.warn)(&self.summary.lost.advance(counts));
+        if let Some(sweep) = &mut self.sweep {
+            sweep.lost(counts.total());
+        }
     }
 
     fn finish(&mut self) -> io::Result<()> {

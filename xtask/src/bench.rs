@@ -44,6 +44,10 @@ use crate::{
     workspace::Workspace,
 };
 
+/// The part of docs/performance.md this bench writes (see
+/// `soak::splice_section`).
+pub(crate) const BENCH_SECTION: &str = "bench";
+
 /// Limits of the options (inclusive).
 const MAX_ROUNDS: u32 = 100;
 const MAX_SECONDS: u32 = 3600;
@@ -132,7 +136,7 @@ impl Options {
 
 /// What is measured in each round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Variant {
+pub(crate) enum Variant {
     Baseline,
     Floor,
     Trace,
@@ -204,13 +208,13 @@ impl Variant {
 
 /// Set by SIGINT/SIGTERM/SIGHUP: the bench stops at the next check, and its
 /// guards stop the tracer and restore the sysctl.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn catch_signals() {
+pub(crate) fn catch_signals() {
     let handler = on_signal as extern "C" fn(libc::c_int);
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is
@@ -219,7 +223,7 @@ fn catch_signals() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; tracers stopped and kernel.bpf_stats_enabled restored");
     }
@@ -227,7 +231,7 @@ fn check_interrupted() -> Result<()> {
 }
 
 /// Sleeps for `d`, waking early (with an error) when interrupted.
-fn pause(d: Duration) -> Result<()> {
+pub(crate) fn pause(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     loop {
         check_interrupted()?;
@@ -241,25 +245,11 @@ fn pause(d: Duration) -> Result<()> {
 
 /// Runs the whole benchmark and writes its reports.
 pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
-    if !process::is_root() {
-        bail!(
-            "cargo xtask bench must run as root (it loads eBPF programs and sets \
-             kernel.bpf_stats_enabled); run: sudo -E cargo xtask bench"
-        );
-    }
-    setup::run(ws, setup::Options { test_tools: false })?;
-    let object = compile::build_ebpf(ws)?;
-    let built = compile::build_tcpwatch(ws, true, &object)?;
-
-    let out_dir = ws.root().join("target").join("bench");
-    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    // A private copy, so that a rebuild of target/release during the
-    // bench cannot change the binary between variants.
-    let binary = out_dir.join("tcpwatch");
-    let staging = out_dir.join("tcpwatch.new");
-    fs::copy(&built, &staging).with_context(|| format!("cannot copy {}", built.display()))?;
-    fs::rename(&staging, &binary)
-        .with_context(|| format!("cannot rename to {}", binary.display()))?;
+    let (out_dir, binary) = private_build(
+        ws,
+        "bench",
+        "it loads eBPF programs and sets kernel.bpf_stats_enabled",
+    )?;
 
     let bpftool = match setup::ensure_tool(ws, "bpftool", "bpftool") {
         Ok(path) => Some(path),
@@ -380,8 +370,10 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     let docs = ws.root().join("docs");
     fs::create_dir_all(&docs).with_context(|| format!("cannot create {}", docs.display()))?;
     let doc_path = docs.join("performance.md");
-    fs::write(&doc_path, report.document())
-        .with_context(|| format!("cannot write {}", doc_path.display()))?;
+    // Other tasks' sections of the page (the soak's) are kept.
+    let page = fs::read_to_string(&doc_path).unwrap_or_default();
+    let page = crate::soak::splice_section(&page, BENCH_SECTION, &report.document());
+    fs::write(&doc_path, page).with_context(|| format!("cannot write {}", doc_path.display()))?;
     println!("{markdown}");
     println!("{}", report.targets_markdown());
     for caveat in report.caveats() {
@@ -394,6 +386,27 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
         doc_path.display()
     );
     Ok(())
+}
+
+/// For a task that runs tcpwatch as root (`task` says why it must be
+/// root): checks root, builds release, and copies the binary into
+/// target/TASK, so that a rebuild of target/release meanwhile cannot change
+/// it. Returns target/TASK and the copy.
+pub(crate) fn private_build(ws: &Workspace, task: &str, why: &str) -> Result<(PathBuf, PathBuf)> {
+    if !process::is_root() {
+        bail!("cargo xtask {task} must run as root ({why}); run: sudo -E cargo xtask {task}");
+    }
+    setup::run(ws, setup::Options { test_tools: false })?;
+    let object = compile::build_ebpf(ws)?;
+    let built = compile::build_tcpwatch(ws, true, &object)?;
+    let out_dir = ws.root().join("target").join(task);
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let binary = out_dir.join("tcpwatch");
+    let staging = out_dir.join("tcpwatch.new");
+    fs::copy(&built, &staging).with_context(|| format!("cannot copy {}", built.display()))?;
+    fs::rename(&staging, &binary)
+        .with_context(|| format!("cannot rename to {}", binary.display()))?;
+    Ok((out_dir, binary))
 }
 
 struct Bench {
@@ -669,12 +682,14 @@ impl Drop for BpfStats {
 // Tracer processes
 
 /// Where a tracer's stdout goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Output {
+#[derive(Debug)]
+pub(crate) enum Output {
     /// /dev/null.
     Discard,
     /// A pipe whose lines are counted (bpftrace: events, "Lost N events").
     Count,
+    /// A file (the soak reads tcpwatch's snapshots back from it).
+    File(fs::File),
 }
 
 /// What the stdout counter has seen so far.
@@ -701,18 +716,18 @@ struct Reading {
     programs: BTreeMap<u64, ProgramCounters>,
 }
 
-struct Stopped {
-    status: ExitStatus,
-    stderr: Vec<String>,
+pub(crate) struct Stopped {
+    pub(crate) status: ExitStatus,
+    pub(crate) stderr: Vec<String>,
     stdout_events: u64,
     stdout_lost: u64,
 }
 
 /// A running tracer; dropping it stops it (SIGINT, then SIGKILL) and
 /// waits for it.
-struct Tracer {
+pub(crate) struct Tracer {
     child: Child,
-    pid: u32,
+    pub(crate) pid: u32,
     description: String,
     stderr: Arc<Mutex<Vec<String>>>,
     stdout: Arc<StdoutCount>,
@@ -721,13 +736,14 @@ struct Tracer {
 }
 
 impl Tracer {
-    fn spawn(mut cmd: Command, output: Output) -> Result<Tracer> {
+    pub(crate) fn spawn(mut cmd: Command, output: Output) -> Result<Tracer> {
         let description = process::display(&cmd);
         cmd.stdin(Stdio::null())
             .stderr(Stdio::piped())
             .stdout(match output {
                 Output::Discard => Stdio::null(),
                 Output::Count => Stdio::piped(),
+                Output::File(file) => Stdio::from(file),
             })
             // Its own process group: a Ctrl-C on the terminal reaches only
             // xtask, which stops the tracer itself after the measurement.
@@ -773,7 +789,7 @@ impl Tracer {
     /// Waits for the line saying the programs are attached: tcpwatch's
     /// "tcpwatch: tracing ..." on stderr, bpftrace's BEGIN line "READY"
     /// (BEGIN runs once every probe is attached).
-    fn wait_ready(&mut self, variant: Variant) -> Result<()> {
+    pub(crate) fn wait_ready(&mut self, variant: Variant) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ready = match variant {
@@ -819,7 +835,7 @@ impl Tracer {
     }
 
     /// SIGINT, wait (SIGKILL after [`STOP_TIMEOUT`]), and collect output.
-    fn stop(mut self) -> Result<Stopped> {
+    pub(crate) fn stop(mut self) -> Result<Stopped> {
         let status = self.terminate()?;
         Ok(Stopped {
             status,
@@ -928,7 +944,7 @@ fn lost_in(lines: &[String]) -> u64 {
 /// events (0 ring buffer full, 2 skipped by the kernel)" gives
 /// ("transitions seen", 12), ("lost events", 2), ("ring buffer full", 0),
 /// ("skipped by the kernel", 2).
-fn summary_counts(line: &str) -> Vec<(String, u64)> {
+pub(crate) fn summary_counts(line: &str) -> Vec<(String, u64)> {
     let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
     body.split([',', '(', ')'])
         .filter_map(|part| {
@@ -960,7 +976,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// utime and stime of a process (all its threads), in seconds.
-fn cpu_split(pid: u32) -> Option<(f64, f64)> {
+pub(crate) fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (utime, stime) = cpu_ticks(&stat)?;
     // SAFETY: sysconf(3) has no preconditions.
@@ -1078,7 +1094,7 @@ fn vm_hwm(pid: u32) -> Option<u64> {
     status_kib(&status, "VmHWM:").map(|kib| kib * 1024)
 }
 
-fn status_kib(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find(|l| l.starts_with(field))?
@@ -1202,7 +1218,7 @@ fn machine_cpu(stat: &str) -> Option<(f64, f64)> {
     Some((busy as f64 / hz, steal as f64 / hz))
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -1535,7 +1551,7 @@ fn ratio_in_round(round: usize, rate: f64, samples: &[Sample]) -> Option<f64> {
 
 /// The machine the bench ran on.
 #[derive(Clone, Debug, Default)]
-struct Machine {
+pub(crate) struct Machine {
     cpus: usize,
     model: String,
     kernel: String,
@@ -1543,7 +1559,7 @@ struct Machine {
 }
 
 impl Machine {
-    fn read() -> Machine {
+    pub(crate) fn read() -> Machine {
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let model = cpuinfo
             .lines()
@@ -1560,6 +1576,17 @@ impl Machine {
                 .unwrap_or_default(),
             memory_bytes: status_kib(&meminfo, "MemTotal:").unwrap_or(0) * 1024,
         }
+    }
+
+    /// "2 CPUs (AMD EPYC), Linux 6.18.44, 23.5 GiB memory".
+    pub(crate) fn line(&self) -> String {
+        format!(
+            "{} CPUs ({}), Linux {}, {:.1} GiB memory",
+            self.cpus,
+            self.model,
+            self.kernel,
+            self.memory_bytes as f64 / (1u64 << 30) as f64
+        )
     }
 }
 
@@ -2064,14 +2091,7 @@ impl Report {
     }
 
     fn machine_line(&self) -> String {
-        let m = &self.machine;
-        format!(
-            "{} CPUs ({}), Linux {}, {:.1} GiB memory",
-            m.cpus,
-            m.model,
-            m.kernel,
-            m.memory_bytes as f64 / (1u64 << 30) as f64
-        )
+        self.machine.line()
     }
 
     /// Other processes' tracers seen during the churn windows.
@@ -2357,7 +2377,7 @@ fn threshold(
 }
 
 /// 27512.4 → "27,512".
-fn thousands(x: f64) -> String {
+pub(crate) fn thousands(x: f64) -> String {
     let n = x.round() as i64;
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
@@ -2383,7 +2403,7 @@ fn megabytes(bytes: f64) -> String {
 }
 
 /// "2026-11-23 14:05 UTC".
-fn utc_date(t: SystemTime) -> String {
+pub(crate) fn utc_date(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;

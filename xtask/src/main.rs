@@ -13,6 +13,7 @@ mod fuzz;
 mod process;
 mod run;
 mod setup;
+mod soak;
 mod testing;
 mod workspace;
 
@@ -110,6 +111,19 @@ enum Cmd {
         #[arg(long)]
         no_bpftrace: bool,
     },
+    /// Run tcpwatch timewait through minutes of connection churn at full
+    /// rate (as root) and check that its memory stays flat, that no event
+    /// is lost to a full ring buffer and that its TIME_WAIT count is the
+    /// kernel's at the end. Writes the soak section of docs/performance.md.
+    Soak {
+        /// Minutes of churn.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        minutes: u32,
+        /// Client threads of the churn generator (and as many accept
+        /// threads).
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        threads: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -188,6 +202,16 @@ fn execute(command: Cmd) -> Result<u8> {
         fuzz::run(&ws, *seconds, &targets)?;
         return Ok(0);
     }
+    if let Cmd::Soak { minutes, threads } = command {
+        let options = soak::Options { minutes, threads };
+        if let Err(e) = options.check() {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+        let ws = Workspace::locate()?;
+        let met = soak::run(&ws, &options)?;
+        return Ok(if met { 0 } else { 1 });
+    }
     let ws = Workspace::locate()?;
     let build_only = setup::Options { test_tools: false };
     match command {
@@ -216,7 +240,9 @@ fn execute(command: Cmd) -> Result<u8> {
             let object = compile::build_ebpf(&ws)?;
             testing::run(&ws, &object, &args)?;
         }
-        Cmd::Bench { .. } | Cmd::Fuzz { .. } => unreachable!("handled above"),
+        Cmd::Bench { .. } | Cmd::Fuzz { .. } | Cmd::Soak { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(0)
 }
@@ -298,6 +324,23 @@ mod tests {
         let code = execute(Cmd::Fuzz {
             seconds: 1,
             targets: vec!["no_such_target".into()],
+        })
+        .unwrap();
+        assert_eq!(code, 2);
+    }
+
+    #[test]
+    fn soak_defaults_to_ten_minutes() {
+        let cli = Cli::try_parse_from(["xtask", "soak"]).unwrap();
+        match cli.command {
+            Cmd::Soak { minutes, threads } => assert_eq!((minutes, threads), (10, 2)),
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "soak", "--minutes", "1"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Soak { minutes: 1, .. }));
+        let code = execute(Cmd::Soak {
+            minutes: 0,
+            threads: 2,
         })
         .unwrap();
         assert_eq!(code, 2);

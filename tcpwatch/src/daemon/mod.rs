@@ -318,6 +318,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
                 TimewaitBook::new(TimewaitOptions::default(), netns, now),
                 now,
             );
+            // Sockets whose CLOSE was lost are found and dropped.
+            sink.tracker.sweep_stale();
             // Timewait sockets that already exist are served at once.
             let first = sink.tracker.snapshot(now);
             sink.publish(Some(first));

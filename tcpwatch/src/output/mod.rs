@@ -135,6 +135,8 @@ pub struct Summary {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tracking {
     pub evicted: u64,
+    /// Dropped once the kernel no longer had them: their close was lost.
+    pub stale: u64,
     /// Most sockets tracked at once.
     pub peak: usize,
     /// `--max-sockets`.
@@ -146,8 +148,8 @@ impl std::fmt::Display for Tracking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} sockets evicted from tracking, {} sockets tracked at peak (limit {}), {} sockets tracked at exit",
-            self.evicted, self.peak, self.limit, self.at_exit
+            "{} sockets evicted from tracking, {} sockets dropped as closed while their events were lost, {} sockets tracked at peak (limit {}), {} sockets tracked at exit",
+            self.evicted, self.stale, self.peak, self.limit, self.at_exit
         )
     }
 }

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::common::{self, Proc};
-use crate::timewait_support::{client_ip, connect_from, listen, our_net, our_octet, server_ip, Netns};
+use crate::timewait_support::{our_net, our_octet, Netns};
 
 // ---------------------------------------------------------------------------
 // tcpwatch, inside the test namespace
@@ -119,12 +119,8 @@ impl Watcher {
         let name = self.proc.name.clone();
         let f = self.proc.finish(common::STOP_TIMEOUT);
         let stderr = f.stderr.join("\n");
-        assert!(
-            f.status.success(),
-            "{name} exited with {}:\n{stderr}",
-            f.status
-        );
-        assert!(!stderr.contains("panicked"), "{name} panicked:\n{stderr}");
+        let clean = f.status.success() && !stderr.contains("panicked");
+        assert!(clean, "{name}: {}, stderr:\n{stderr}", f.status);
         let line = f
             .stderr
             .iter()
@@ -152,10 +148,11 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// The numbers of a tcpwatch summary line, each by the words after it up
-/// to a comma or parenthesis: "tcpwatch: 12 transitions seen, 2 lost
-/// events (0 ring buffer full, 2 skipped by the kernel)" gives
-/// "transitions seen" 12, "lost events" 2, "ring buffer full" 0, ...
+/// The numbers of a tcpwatch summary (or LOST) line, each by the words
+/// after it up to a comma, colon, semicolon or parenthesis: "tcpwatch: 12
+/// transitions seen, 2 lost events (0 ring buffer full, 2 skipped by the
+/// kernel)" gives "transitions seen" 12, "lost events" 2, "ring buffer
+/// full" 0, ...
 #[derive(Clone, Debug)]
 pub struct Counts {
     pub line: String,
@@ -166,7 +163,7 @@ impl Counts {
     pub fn parse(line: &str) -> Counts {
         let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
         let pairs = body
-            .split([',', '(', ')'])
+            .split([',', '(', ')', ':', ';'])
             .filter_map(|part| {
                 let (n, label) = part.trim().split_once(' ')?;
                 Some((label.trim().to_string(), n.parse().ok()?))
@@ -178,7 +175,8 @@ impl Counts {
         }
     }
 
-    /// The number before `label` (e.g. "ring buffer full").
+    /// The number before `label` (e.g. "ring buffer full"), followed by
+    /// nothing or by more words.
     pub fn get(&self, label: &str) -> u64 {
         self.try_get(label)
             .unwrap_or_else(|| panic!("no '{label}' in the summary: {}", self.line))
@@ -187,7 +185,7 @@ impl Counts {
     pub fn try_get(&self, label: &str) -> Option<u64> {
         self.pairs
             .iter()
-            .find(|(l, _)| l.as_str() == label)
+            .find(|(l, _)| l == label || l.starts_with(&format!("{label} ")))
             .map(|(_, n)| *n)
     }
 
@@ -227,16 +225,11 @@ impl Lost {
         else {
             return Lost::default();
         };
-        let nums: Vec<u64> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert!(nums.len() >= 4, "LOST line: {line}");
+        let c = Counts::parse(line);
         Lost {
-            total: nums[1],
-            ring_full: nums[2],
-            skipped: nums[3],
+            total: c.get("in all"),
+            ring_full: c.get("with the ring buffer full"),
+            skipped: c.get("skipped by the kernel"),
         }
     }
 }
@@ -316,7 +309,7 @@ impl FloodResult {
     }
 }
 
-/// A nonblocking socket bound to `src` (port chosen at connect), with a
+/// A nonblocking socket bound to `src` (an ephemeral port), with a
 /// connect() to `dst` in progress.
 fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
     let check = |rc: libc::c_int| {
@@ -326,7 +319,6 @@ fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
             Ok(rc)
         }
     };
-    let one: libc::c_int = 1;
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: plain socket calls on a descriptor owned from the moment it
     // exists; option values and sockaddrs are valid for the sizes passed.
@@ -337,13 +329,6 @@ fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
             0,
         ))?;
         let owned = OwnedFd::from_raw_fd(fd);
-        check(libc::setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ))?;
         let (_, sa, _) = common::sockaddr(SocketAddrV4::new(src, 0).into());
         check(libc::bind(
             fd,
@@ -361,7 +346,7 @@ fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
     }
 }
 
-/// SO_ERROR of a socket, and whether it is connected (has a peer).
+/// SO_ERROR of a socket, and whether it is connected (writable, no error).
 fn socket_outcome(fd: &OwnedFd) -> (i32, bool) {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -375,18 +360,14 @@ fn socket_outcome(fd: &OwnedFd) -> (i32, bool) {
             &mut len,
         )
     };
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut plen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: peer and plen describe a writable sockaddr_storage.
-    let connected = unsafe {
-        libc::getpeername(
-            fd.as_raw_fd(),
-            &mut peer as *mut _ as *mut libc::sockaddr,
-            &mut plen,
-        )
-    } == 0;
-    (err, connected)
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) };
+    (err, err == 0 && p.revents & libc::POLLOUT != 0)
 }
 
 /// Raises the soft limit on open files to the hard limit; returns it.
@@ -401,7 +382,7 @@ pub fn raise_nofile() -> u64 {
         r.rlim_cur = r.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur as u64
+        r.rlim_cur
     }
 }
 
@@ -460,26 +441,4 @@ pub fn flood(
         }
         r
     })
-}
-
-/// `n` connections to `server_ip():port` from `client_ip()`, ports `base`
-/// up, one every `gap`, each read to EOF by the server after the client
-/// closed (the client's side is left in TIME_WAIT). Paced, so that a tiny
-/// ring buffer can carry them.
-pub fn paced_batch(ns: &Netns, port: u16, n: u16, base: u16, gap: Duration) {
-    ns.in_ns(|| {
-        let server = SocketAddrV4::new(server_ip(), port);
-        let listener = listen(server, 1024).expect("listen");
-        for i in 0..n {
-            let src = SocketAddrV4::new(client_ip(), base + i);
-            let c = connect_from(src, server, false)
-                .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
-            let (mut s, _) = listener.accept().expect("accept");
-            drop(c);
-            let mut sink = Vec::new();
-            io::Read::read_to_end(&mut s, &mut sink).expect("read to EOF");
-            drop(s);
-            std::thread::sleep(gap);
-        }
-    });
 }
