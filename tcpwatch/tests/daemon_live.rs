@@ -21,16 +21,19 @@ const PAYLOAD: usize = 100;
 
 /// A loopback server that reads each connection to its end and closes it,
 /// so the client (which closes first) is left with a TIME_WAIT socket.
-fn server() -> (u16, JoinHandle<()>, TcpListener) {
-    server_on(TcpListener::bind("127.0.0.1:0").unwrap())
-}
-
 /// A listener below the ephemeral port range, as a real server's port is:
 /// for sockets older than tracing, tcpwatch takes the higher port of a
-/// timewait socket as the client's.
+/// timewait socket as the client's; and no earlier test's client can have
+/// used the port, so no stale socket names it as its peer.
 fn low_port_server() -> (u16, JoinHandle<()>, TcpListener) {
-    let start = 20_000 + (std::process::id() % 5_000) as u16;
-    let listener = (start..start + 5_000)
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Each call in this process starts past the last one's port: a port an
+    // earlier test used still has its timewait sockets.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let first = NEXT.fetch_add(100, Ordering::Relaxed);
+    let base = std::process::id() % 5_000 + first;
+    let listener = (0..5_000u32)
+        .map(|i| 20_000 + ((base + i) % 10_000) as u16)
         .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok())
         .expect("a free port between 20000 and 30000");
     server_on(listener)
@@ -61,18 +64,25 @@ fn stop_server(port: u16, h: JoinHandle<()>) {
 
 /// `n` connections to `port`, each sending PAYLOAD bytes; the client
 /// closes first and waits for the server's FIN, so each leaves TIME_WAIT.
-fn connect_n(port: u16, n: usize) {
-    for _ in 0..n {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.write_all(&[7u8; PAYLOAD]).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-    }
+/// Returns the client ports used.
+fn connect_n(port: u16, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let local = s.local_addr().unwrap().port();
+            s.write_all(&[7u8; PAYLOAD]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            local
+        })
+        .collect()
 }
 
-/// TIME_WAIT sockets toward 127.0.0.1:port, as `ss` counts them.
-fn ss_timewait_to(port: u16) -> usize {
+/// TIME_WAIT sockets toward 127.0.0.1:port from the given client ports, as
+/// `ss` lists them. (Other sockets may name that port as their peer: a
+/// server's timewait socket toward an earlier client that used it.)
+fn ss_timewait_to(port: u16, clients: &[u16]) -> usize {
     let out = Command::new("ss")
         .args([
             "-Htan",
@@ -83,7 +93,15 @@ fn ss_timewait_to(port: u16) -> usize {
         ])
         .output()
         .expect("ss (iproute2) runs");
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // Recv-Q Send-Q Local:Port Peer:Port
+            let local = l.split_whitespace().nth(2)?;
+            local.rsplit(':').next()?.parse::<u16>().ok()
+        })
+        .filter(|p| clients.contains(p))
+        .count()
 }
 
 fn ready() -> bool {
@@ -116,10 +134,10 @@ fn daemon_reports_known_connections() {
     let health = daemon.get_json("/healthz");
     assert_eq!(health["status"], "ok", "{health}");
 
-    let (port, server_thread, _l) = server();
+    let (port, server_thread, _l) = low_port_server();
     let dest = format!("127.0.0.1:{port}");
-    connect_n(port, N);
-    let ss_count = ss_timewait_to(port);
+    let clients = connect_n(port, N);
+    let ss_count = ss_timewait_to(port, &clients);
 
     // /api/timewait: the next snapshot has them, by remote endpoint.
     let started = Instant::now();
@@ -398,7 +416,7 @@ fn from_mode_matches_direct_mode() {
     }
     const N: usize = 10;
     let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--keep", "200000"]);
-    let (port, server_thread, _l) = server();
+    let (port, server_thread, _l) = low_port_server();
     let p = port.to_string();
     let url = daemon.url();
     let direct = spawn_ready(
@@ -552,7 +570,7 @@ fn restart_picks_up_existing_timewait_sockets() {
     let first = Daemon::start(&["--interval", "1", "--top", "50"]);
     let (port, server_thread, _l) = low_port_server();
     let dest = format!("127.0.0.1:{port}");
-    connect_n(port, N);
+    let clients = connect_n(port, N);
     let seen = first.wait_json("/api/timewait", Duration::from_secs(15), |s| {
         group_count(s, "by_remote", &dest) == Some(N as u64)
     });
@@ -566,7 +584,7 @@ fn restart_picks_up_existing_timewait_sockets() {
     let t = Instant::now();
     let second = Daemon::start(&["--interval", "1", "--top", "50"]);
     let snapshot = second.get_json("/api/timewait");
-    let ss = ss_timewait_to(port);
+    let ss = ss_timewait_to(port, &clients);
     eprintln!(
         "after a restart ({:?} to serve): {:?} timewait sockets toward {dest}, ss {ss}, {} from before tracing",
         t.elapsed(),
