@@ -416,6 +416,11 @@ impl Correlator {
         self.stats
     }
 
+    /// The options it was made with (as adjusted by `new`).
+    pub fn options(&self) -> CorrelatorOptions {
+        self.opts
+    }
+
     /// Sockets currently followed (listeners included).
     pub fn tracked(&self) -> usize {
         self.index.len()

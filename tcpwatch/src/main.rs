@@ -126,7 +126,6 @@ async fn conns(
 async fn timewait(args: TimewaitArgs) -> Result<(), String> {
     use std::io::IsTerminal;
     use tcpwatch::report::{TimewaitSink, TimewaitTracker, TrackerOptions};
-    use tcpwatch::timewait::{TimewaitBook, TimewaitOptions};
     let stdout = io::stdout();
     let redraw = stdout.is_terminal() && args.format == Format::Text;
     let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
@@ -150,17 +149,14 @@ async fn timewait(args: TimewaitArgs) -> Result<(), String> {
         eprintln!("tcpwatch: {shown} snapshots from {}", daemon.url());
         return Ok(());
     }
-    let copts = correlator_options(args.probe.max_sockets, fin_timeout_s());
     let interval_ns = args.interval.as_nanos().min(u128::from(u64::MAX)) as u64;
-    let tracker = TimewaitTracker::new(
+    let tracker = TimewaitTracker::for_host(
         TrackerOptions {
             filter: args.filter.to_filter(),
             interval_ns,
             top: args.top,
         },
-        Clock::system(),
-        Correlator::new(copts, None, own_netns()),
-        TimewaitBook::new(TimewaitOptions::default(), own_netns(), 0),
+        args.probe.max_sockets,
         stderr_warn(),
     );
     let mut sink = TimewaitSink::new(out, args.format, redraw, tracker);
@@ -173,13 +169,7 @@ async fn timewait(args: TimewaitArgs) -> Result<(), String> {
         opts,
         |probe, sink: &mut TimewaitSink<_>| {
             started = true;
-            let now = tcpwatch::clock::monotonic_ns();
-            sink.tracker.sweep_stale();
-            sink.tracker.start(
-                Correlator::new(copts, snapshot(), own_netns()),
-                TimewaitBook::new(TimewaitOptions::default(), own_netns(), now),
-                now,
-            );
+            sink.tracker.start_on_host(snapshot());
             announce(probe, "TCP connections for TIME_WAIT accounting");
         },
         &mut sink,

@@ -123,6 +123,40 @@ impl TimewaitTracker {
         }
     }
 
+    /// A tracker for live tracing on this host: its own network namespace
+    /// and `tcp_fin_timeout`, at most `max_sockets` tracked. It counts from
+    /// [`TimewaitTracker::start_on_host`], called once the probe is live.
+    pub fn for_host(
+        opts: TrackerOptions,
+        max_sockets: usize,
+        warn: Box<dyn FnMut(&str) + Send>,
+    ) -> Self {
+        let netns = crate::host::own_netns();
+        let copts = crate::host::correlator_options(max_sockets, crate::host::fin_timeout_s());
+        TimewaitTracker::new(
+            opts,
+            Clock::system(),
+            Correlator::new(copts, None, netns),
+            TimewaitBook::new(crate::timewait::TimewaitOptions::default(), netns, 0),
+            warn,
+        )
+    }
+
+    /// Starts live tracing now: `owners` of the sockets that already exist
+    /// (from /proc), the timewait sockets that already exist (from the
+    /// kernel), and the check for sockets whose close was lost.
+    pub fn start_on_host(&mut self, owners: Option<crate::procfs::SocketSnapshot>) {
+        let netns = crate::host::own_netns();
+        let now = crate::clock::monotonic_ns();
+        let copts = self.correlator.options();
+        self.sweep_stale();
+        self.start(
+            Correlator::new(copts, owners, netns),
+            TimewaitBook::new(crate::timewait::TimewaitOptions::default(), netns, now),
+            now,
+        );
+    }
+
     /// Starts the first interval at `now_ns` and seeds the sockets that
     /// already exist (counted as "before tracing").
     pub fn start(&mut self, correlator: Correlator, book: TimewaitBook, now_ns: u64) {

@@ -22,7 +22,7 @@ use tcpwatch_common::Event;
 
 use crate::cli::{DaemonArgs, LogFormat};
 use crate::clock::{monotonic_ns, Clock};
-use crate::correlate::{Correlator, Timeline};
+use crate::correlate::Timeline;
 use crate::decode::Rejects;
 use crate::filter::Filter;
 use crate::host;
@@ -31,7 +31,7 @@ use crate::output::timewait::timewait_json;
 use crate::probe::LostCounts;
 use crate::report::{TimewaitTracker, TrackerOptions};
 use crate::session::{self, SessionOptions, Sink};
-use crate::timewait::{Snapshot, TimewaitBook, TimewaitOptions};
+use crate::timewait::Snapshot;
 
 use self::metrics::Metrics;
 use self::query::ConnsQuery;
@@ -287,17 +287,13 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx));
 
-    let netns = host::own_netns();
-    let copts = host::correlator_options(args.probe.max_sockets, host::fin_timeout_s());
-    let tracker = TimewaitTracker::new(
+    let tracker = TimewaitTracker::for_host(
         TrackerOptions {
             filter: Filter::default(),
             interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
             top: args.top,
         },
-        Clock::system(),
-        Correlator::new(copts, None, netns),
-        TimewaitBook::new(TimewaitOptions::default(), netns, 0),
+        args.probe.max_sockets,
         warn_log(),
     );
     let mut sink = DaemonSink::new(tracker, metrics, shared);
@@ -312,16 +308,9 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
             started = true;
             let snapshot =
                 host::socket_snapshot(|m| tracing::warn!("{}", m.trim_start_matches("tcpwatch: ")));
-            let now = monotonic_ns();
-            sink.tracker.start(
-                Correlator::new(copts, snapshot, netns),
-                TimewaitBook::new(TimewaitOptions::default(), netns, now),
-                now,
-            );
-            // Sockets whose CLOSE was lost are found and dropped.
-            sink.tracker.sweep_stale();
+            sink.tracker.start_on_host(snapshot);
             // Timewait sockets that already exist are served at once.
-            let first = sink.tracker.snapshot(now);
+            let first = sink.tracker.snapshot(monotonic_ns());
             sink.publish(Some(first));
             for line in &probe.degraded {
                 tracing::warn!("degraded: {line}");
@@ -357,7 +346,7 @@ mod tests {
     use crate::model::Endpoint;
     use crate::output::Format;
     use crate::report::write_snapshot;
-    use crate::timewait::KernelView;
+    use crate::timewait::{KernelView, TimewaitBook, TimewaitOptions};
 
     fn shared_with(n: u64, keep: usize) -> Shared {
         let shared = Shared::new(Registry::default(), keep);
