@@ -1059,23 +1059,7 @@ fn foreign_tracers(tracer: Option<u32>) -> Vec<Foreign> {
 /// The types of the distinct BPF programs a process holds descriptors of.
 fn bpf_program_types_of(pid: u32) -> Vec<u64> {
     let mut seen = BTreeMap::new();
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    for fd in fds.flatten() {
-        let is_prog = fs::read_link(fd.path())
-            .map(|target| target.as_os_str() == "anon_inode:bpf-prog")
-            .unwrap_or(false);
-        if !is_prog {
-            continue;
-        }
-        let info_path = Path::new("/proc")
-            .join(pid.to_string())
-            .join("fdinfo")
-            .join(fd.file_name());
-        let Ok(info) = fs::read_to_string(info_path) else {
-            continue;
-        };
+    for info in bpf_program_fdinfo(pid) {
         let field = |name: &str| -> Option<u64> {
             info.lines()
                 .find_map(|l| l.strip_prefix(name))
@@ -1086,6 +1070,27 @@ fn bpf_program_types_of(pid: u32) -> Vec<u64> {
         }
     }
     seen.into_values().collect()
+}
+
+/// The /proc/PID/fdinfo text of each BPF program descriptor `pid` holds.
+fn bpf_program_fdinfo(pid: u32) -> Vec<String> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| {
+            fs::read_link(fd.path())
+                .map(|target| target.as_os_str() == "anon_inode:bpf-prog")
+                .unwrap_or(false)
+        })
+        .filter_map(|fd| {
+            let info_path = Path::new("/proc")
+                .join(pid.to_string())
+                .join("fdinfo")
+                .join(fd.file_name());
+            fs::read_to_string(info_path).ok()
+        })
+        .collect()
 }
 
 /// Peak resident set size (VmHWM) in bytes.
@@ -1108,28 +1113,10 @@ pub(crate) fn status_kib(status: &str, field: &str) -> Option<u64> {
 /// counters (from /proc/PID/fdinfo: the kernel's own run_time_ns, run_cnt
 /// and recursion_misses, as bpftool shows them).
 fn bpf_programs_of(pid: u32) -> BTreeMap<u64, ProgramCounters> {
-    let mut out = BTreeMap::new();
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return out;
-    };
-    for fd in fds.flatten() {
-        let is_prog = fs::read_link(fd.path())
-            .map(|target| target.as_os_str() == "anon_inode:bpf-prog")
-            .unwrap_or(false);
-        if !is_prog {
-            continue;
-        }
-        let info_path = Path::new("/proc")
-            .join(pid.to_string())
-            .join("fdinfo")
-            .join(fd.file_name());
-        if let Ok(info) = fs::read_to_string(info_path) {
-            if let Some((id, counters)) = parse_fdinfo(&info) {
-                out.insert(id, counters);
-            }
-        }
-    }
-    out
+    bpf_program_fdinfo(pid)
+        .iter()
+        .filter_map(|info| parse_fdinfo(info))
+        .collect()
 }
 
 fn parse_fdinfo(info: &str) -> Option<(u64, ProgramCounters)> {
