@@ -9,14 +9,14 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use tcpwatch::clock::Clock;
-use tcpwatch::correlate::{
+use tcpwatch::host::clock::Clock;
+use tcpwatch::model::correlate::{
     CloseKind, Correlator, CorrelatorOptions, OpenKind, Role, Timeline, TimewaitSubstate,
 };
-use tcpwatch::decode::{Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition};
+use tcpwatch::model::decode::{Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition};
 use tcpwatch::model::{Endpoint, Family, TcpState};
-use tcpwatch::output::conns::{conns_json, conns_text};
-use tcpwatch::output::ladder::ladder;
+use tcpwatch::views::conns::{conns_json, conns_text};
+use tcpwatch::views::ladder::ladder;
 
 /// Distinct socket addresses the input can name: few, so they are reused.
 const SOCKETS: u64 = 12;

@@ -10,11 +10,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcpwatch::clock::Clock;
-use tcpwatch::decode::{decode, decode_raw, encode, interpret_all, Record, Rejects};
-use tcpwatch::output::{trace_json, trace_text, TraceLine};
-use tcpwatch::owner::OwnerTracker;
-use tcpwatch::ringbuf::Batch;
+use tcpwatch::host::clock::Clock;
+use tcpwatch::model::decode::{decode, decode_raw, encode, interpret_all, Record, Rejects};
+use tcpwatch::views::{trace_json, trace_text, TraceLine};
+use tcpwatch::model::owner::OwnerTracker;
+use tcpwatch::kernel::ringbuf::Batch;
 use tcpwatch_common::Event;
 
 fn record_len(code: u8) -> usize {

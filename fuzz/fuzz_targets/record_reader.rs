@@ -9,14 +9,14 @@ use std::io;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tcpwatch::clock::Clock;
-use tcpwatch::conns::{ConnsSink, View};
-use tcpwatch::correlate::{Correlator, CorrelatorOptions};
-use tcpwatch::decode::Rejects;
-use tcpwatch::filter::Filter;
-use tcpwatch::output::Format;
-use tcpwatch::record::{Replay, HEADER_LEN};
-use tcpwatch::session::Sink;
+use tcpwatch::host::clock::Clock;
+use tcpwatch::commands::conns::{ConnsSink, View};
+use tcpwatch::model::correlate::{Correlator, CorrelatorOptions};
+use tcpwatch::model::decode::Rejects;
+use tcpwatch::model::filter::Filter;
+use tcpwatch::views::Format;
+use tcpwatch::stream::record::{Replay, HEADER_LEN};
+use tcpwatch::stream::session::Sink;
 use tcpwatch_common::Event;
 
 const BATCH: usize = 16;

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::filter::{Cidr, Filter};
+use crate::kernel::probe;
+use crate::model::filter::{Cidr, Filter};
 use crate::model::Family;
-use crate::output::Format;
-use crate::probe;
+use crate::views::Format;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,42 +1,23 @@
 //! tcpwatch: a TCP connection-lifecycle tracer.
 //!
-//! The modules follow the data as it flows:
-//! - `tracefs`, `btf`: what the kernel program needs to know about this kernel;
-//! - `probe`: loading and attaching it;
-//! - `ringbuf`: draining the ring buffer;
-//! - `decode`: records into typed events;
-//! - `owner` (with `procfs` for sockets older than the trace): which process
-//!   a socket belongs to;
-//! - `filter`: what the user asked to see;
-//! - `output`: text and JSON;
-//! - `correlate`: per-socket events into connection timelines;
-//! - `record`, `replay`: the raw stream to a file and back;
-//! - `session`, `trace`, `conns`: the commands that tie them together.
+//! The folders follow the data as it flows:
+//! - `kernel`: BTF offsets and tracefs for the eBPF program, loading and
+//!   attaching it, draining its ring buffer;
+//! - `host`: facts read from the running host (/proc, sock_diag, kernel
+//!   counters, the clock);
+//! - `model`: the pure core, no I/O: events and their decoding, filters,
+//!   socket owners, the correlator that builds timelines, TIME_WAIT
+//!   accounting, sweep decisions, bounded tables;
+//! - `stream`: the live session, recording and replay;
+//! - `views`: text, JSON and ladder output;
+//! - `commands`: trace, conns/ladder, timewait, bench;
+//! - `daemon`: the always-on HTTP service and its client.
 
-pub mod btf;
 pub mod cli;
-pub mod clock;
-pub mod conns;
-pub mod correlate;
+pub mod commands;
 pub mod daemon;
-pub mod decode;
-pub mod filter;
 pub mod host;
-pub mod kernelstat;
+pub mod kernel;
 pub mod model;
-pub mod output;
-pub mod owner;
-pub mod probe;
-pub mod procfs;
-pub mod record;
-pub mod replay;
-pub mod report;
-pub mod ringbuf;
-pub mod selfbench;
-pub mod session;
-pub mod sockdiag;
-pub mod sweep;
-pub mod table;
-pub mod timewait;
-pub mod trace;
-pub mod tracefs;
+pub mod stream;
+pub mod views;

@@ -8,18 +8,18 @@ use tcpwatch::cli::{
     self, Command, ConnsArgs, LadderArgs, RecordArgs, ReplayArgs, ReplayView, TimewaitArgs,
     TraceArgs,
 };
-use tcpwatch::clock::Clock;
-use tcpwatch::conns::{ConnsSink, View};
-use tcpwatch::correlate::Correlator;
+use tcpwatch::commands::conns::{ConnsSink, View};
+use tcpwatch::commands::trace::TraceSink;
 use tcpwatch::daemon::client::{self, Daemon};
+use tcpwatch::host::clock::Clock;
+use tcpwatch::host::procfs::SocketSnapshot;
 use tcpwatch::host::{self, correlator_options, fin_timeout_s, own_netns};
-use tcpwatch::output::Format;
-use tcpwatch::owner::OwnerTracker;
-use tcpwatch::probe::Probe;
-use tcpwatch::procfs::SocketSnapshot;
-use tcpwatch::record::{Header, Recorder, Replay};
-use tcpwatch::session::{self, SessionOptions};
-use tcpwatch::trace::TraceSink;
+use tcpwatch::kernel::probe::Probe;
+use tcpwatch::model::correlate::Correlator;
+use tcpwatch::model::owner::OwnerTracker;
+use tcpwatch::stream::record::{Header, Recorder, Replay};
+use tcpwatch::stream::session::{self, SessionOptions};
+use tcpwatch::views::Format;
 
 /// Said once the probe is live: what is degraded, and that tracing began
 /// (always, so scripts and tests know when to start).
@@ -125,7 +125,7 @@ async fn conns(
 
 async fn timewait(args: TimewaitArgs) -> Result<(), String> {
     use std::io::IsTerminal;
-    use tcpwatch::report::{TimewaitSink, TimewaitTracker, TrackerOptions};
+    use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions};
     let stdout = io::stdout();
     let redraw = stdout.is_terminal() && args.format == Format::Text;
     let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
@@ -276,7 +276,7 @@ impl session::Sink for LazyRecorder<'_> {
     fn events(
         &mut self,
         events: &[tcpwatch_common::Event],
-        rejects: tcpwatch::decode::Rejects,
+        rejects: tcpwatch::model::decode::Rejects,
         settled: u64,
     ) -> io::Result<()> {
         match self.inner.as_mut() {
@@ -285,7 +285,7 @@ impl session::Sink for LazyRecorder<'_> {
         }
     }
 
-    fn lost(&mut self, counts: tcpwatch::probe::LostCounts) {
+    fn lost(&mut self, counts: tcpwatch::kernel::probe::LostCounts) {
         if let Some(r) = self.inner.as_mut() {
             r.lost(counts);
         }
@@ -320,7 +320,7 @@ fn replay(args: ReplayArgs) -> Result<(), String> {
             if !o.no_header {
                 let _ = sink.header();
             }
-            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            let r = tcpwatch::stream::replay::run(&mut replay, &mut sink);
             eprint!("{}", sink.summary.render());
             r
         }
@@ -338,7 +338,7 @@ fn replay(args: ReplayArgs) -> Result<(), String> {
             if !o.no_header {
                 let _ = sink.header();
             }
-            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            let r = tcpwatch::stream::replay::run(&mut replay, &mut sink);
             eprint!("{}", sink.summary.render());
             r
         }
@@ -353,7 +353,7 @@ fn replay(args: ReplayArgs) -> Result<(), String> {
                 correlator,
                 stderr_warn(),
             );
-            let r = tcpwatch::replay::run(&mut replay, &mut sink);
+            let r = tcpwatch::stream::replay::run(&mut replay, &mut sink);
             eprint!("{}", sink.summary.render());
             r
         }
@@ -362,20 +362,20 @@ fn replay(args: ReplayArgs) -> Result<(), String> {
 }
 
 async fn bench(args: cli::BenchArgs) -> Result<(), String> {
-    use tcpwatch::selfbench;
+    use tcpwatch::commands::bench;
     match args.what {
         cli::BenchWhat::Correlator { events } => {
-            let b = selfbench::correlator_throughput(events);
+            let b = bench::correlator_throughput(events);
             println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
             Ok(())
         }
         cli::BenchWhat::TimewaitMemory { sockets } => {
-            let b = selfbench::timewait_memory(sockets);
+            let b = bench::timewait_memory(sockets);
             println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
             Ok(())
         }
         cli::BenchWhat::Memory { connections } => {
-            let b = selfbench::tracked_memory(connections);
+            let b = bench::tracked_memory(connections);
             println!("{}", serde_json::to_string(&b).map_err(|e| e.to_string())?);
             Ok(())
         }

@@ -519,7 +519,7 @@ fn set_btf_type_len(blob: &mut [u8], len: u32) {
 fn bad_btf_files_are_refused_in_one_line() {
     require_live!();
     let dir = Scratch::new("btf");
-    let vmlinux = fs::read(tcpwatch::btf::VMLINUX_BTF).unwrap();
+    let vmlinux = fs::read(tcpwatch::kernel::btf::VMLINUX_BTF).unwrap();
     let mut cases: Vec<(&str, PathBuf)> = vec![("missing", dir.join("missing"))];
     let mut file = |name: &'static str, bytes: &[u8]| {
         let p = dir.join(name);
@@ -565,7 +565,7 @@ fn bad_btf_files_are_refused_in_one_line() {
 /// A copy of the kernel's BTF with members renamed (same length, so
 /// nothing else moves): the field is then missing.
 fn btf_without(fields: &[&str], to: &Path) {
-    let mut blob = fs::read(tcpwatch::btf::VMLINUX_BTF).unwrap();
+    let mut blob = fs::read(tcpwatch::kernel::btf::VMLINUX_BTF).unwrap();
     for f in fields {
         let needle: Vec<u8> = [&[0u8][..], f.as_bytes(), &[0]].concat();
         let at = blob

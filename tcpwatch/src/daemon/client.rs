@@ -13,11 +13,11 @@ use serde::Deserialize;
 use std::io::Write;
 
 use super::query::MAX_LIMIT;
-use crate::filter::Filter;
-use crate::output::conns::{record_json, record_text, ConnRecord, CONNS_HEADER};
-use crate::output::Format;
-use crate::report::write_snapshot;
-use crate::timewait::Snapshot;
+use crate::commands::timewait::write_snapshot;
+use crate::model::filter::Filter;
+use crate::model::timewait::Snapshot;
+use crate::views::conns::{record_json, record_text, ConnRecord, CONNS_HEADER};
+use crate::views::Format;
 
 /// Longest a request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);

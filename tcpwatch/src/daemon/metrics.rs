@@ -10,12 +10,12 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::correlate::{Role, Timeline};
-use crate::decode::Record;
+use crate::kernel::probe::LostCounts;
+use crate::model::correlate::{Role, Timeline};
+use crate::model::decode::Record;
+use crate::model::timewait::Snapshot;
 use crate::model::TcpState;
-use crate::output::conns::close_name;
-use crate::probe::LostCounts;
-use crate::timewait::Snapshot;
+use crate::views::conns::close_name;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {

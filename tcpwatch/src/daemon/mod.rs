@@ -21,17 +21,17 @@ use serde::Serialize;
 use tcpwatch_common::Event;
 
 use crate::cli::{DaemonArgs, LogFormat};
-use crate::clock::{monotonic_ns, Clock};
-use crate::correlate::Timeline;
-use crate::decode::Rejects;
-use crate::filter::Filter;
+use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
 use crate::host;
-use crate::output::conns::conns_json;
-use crate::output::timewait::timewait_json;
-use crate::probe::LostCounts;
-use crate::report::{TimewaitTracker, TrackerOptions};
-use crate::session::{self, SessionOptions, Sink};
-use crate::timewait::Snapshot;
+use crate::host::clock::{monotonic_ns, Clock};
+use crate::kernel::probe::LostCounts;
+use crate::model::correlate::Timeline;
+use crate::model::decode::Rejects;
+use crate::model::filter::Filter;
+use crate::model::timewait::Snapshot;
+use crate::stream::session::{self, SessionOptions, Sink};
+use crate::views::conns::conns_json;
+use crate::views::timewait::timewait_json;
 
 use self::metrics::Metrics;
 use self::query::ConnsQuery;
@@ -342,11 +342,11 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::Role;
+    use crate::commands::timewait::write_snapshot;
+    use crate::model::correlate::Role;
+    use crate::model::timewait::{KernelView, TimewaitBook, TimewaitOptions};
     use crate::model::Endpoint;
-    use crate::output::Format;
-    use crate::report::write_snapshot;
-    use crate::timewait::{KernelView, TimewaitBook, TimewaitOptions};
+    use crate::views::Format;
 
     fn shared_with(n: u64, keep: usize) -> Shared {
         let shared = Shared::new(Registry::default(), keep);

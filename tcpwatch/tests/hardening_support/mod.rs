@@ -271,7 +271,7 @@ pub struct RecordingShape {
 }
 
 pub fn recording_shape(file: &Path) -> RecordingShape {
-    use tcpwatch::record::{HEADER_LEN, MAGIC};
+    use tcpwatch::stream::record::{HEADER_LEN, MAGIC};
     let bytes = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     assert!(
         bytes.len() >= HEADER_LEN && bytes.starts_with(MAGIC),

@@ -7,10 +7,10 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::Clock;
-use crate::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
+use crate::host::clock::Clock;
+use crate::model::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
+use crate::model::owner::OwnerSource;
 use crate::model::{Endpoint, Family, Owner};
-use crate::owner::OwnerSource;
 
 pub fn errno_name(errno: i32) -> String {
     let name = match errno {
@@ -301,9 +301,9 @@ pub fn record_json(r: &ConnRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::Step;
+    use crate::model::correlate::Step;
+    use crate::model::owner::Attribution;
     use crate::model::TcpState;
-    use crate::owner::Attribution;
 
     fn timeline() -> Timeline {
         let owner = Attribution {

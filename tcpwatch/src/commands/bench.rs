@@ -9,8 +9,8 @@ use std::time::Instant;
 use serde::Serialize;
 use tcpwatch_common::{kind, valid, Event, AF_INET};
 
-use crate::correlate::{Correlator, CorrelatorOptions};
-use crate::decode::interpret;
+use crate::model::correlate::{Correlator, CorrelatorOptions};
+use crate::model::decode::interpret;
 use crate::model::TcpState;
 
 /// Resident set size of this process, in bytes (VmRSS), and its peak (VmHWM).
@@ -254,10 +254,10 @@ pub struct TimewaitMemoryBench {
 /// a few destinations, by a few processes) to a TIME_WAIT book and measures
 /// the resident memory they take.
 pub fn timewait_memory(sockets: u64) -> TimewaitMemoryBench {
-    use crate::correlate::{Role, Timeline};
+    use crate::model::correlate::{Role, Timeline};
+    use crate::model::owner::{Attribution, OwnerSource};
+    use crate::model::timewait::{TimewaitBook, TimewaitOptions};
     use crate::model::{Endpoint, Owner};
-    use crate::owner::{Attribution, OwnerSource};
-    use crate::timewait::{TimewaitBook, TimewaitOptions};
     let owners: Vec<Attribution> = (0..8)
         .map(|i| Attribution {
             owner: std::sync::Arc::new(Owner {
@@ -317,9 +317,9 @@ mod tests {
         assert_eq!(out.len(), 200);
         let client = out
             .iter()
-            .find(|t| t.role == crate::correlate::Role::Client)
+            .find(|t| t.role == crate::model::correlate::Role::Client)
             .unwrap();
-        assert_eq!(client.close, crate::correlate::CloseKind::Orderly);
+        assert_eq!(client.close, crate::model::correlate::CloseKind::Orderly);
         assert_eq!(client.teardown_segments, Some(3));
     }
 

@@ -1,5 +1,20 @@
-//! The vocabulary every stage shares: TCP states, socket endpoints and the
-//! process that owns a socket.
+//! The pure core of tcpwatch: no I/O, no clock of its own (time comes from
+//! the events), so every part can be driven by recorded or synthetic events.
+//!
+//! This file holds the vocabulary every stage shares: TCP states, socket
+//! endpoints and the process that owns a socket. The submodules follow the
+//! data: `decode` (records into events), `filter`, `owner` (who owns each
+//! socket), `correlate` (events into timelines), `timewait` (the TIME_WAIT
+//! book), `sweep` (which entries outlived their socket), `table` (bounded
+//! maps).
+
+pub mod correlate;
+pub mod decode;
+pub mod filter;
+pub mod owner;
+pub mod sweep;
+pub mod table;
+pub mod timewait;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

@@ -8,11 +8,11 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::host::procfs::SocketSnapshot;
+use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::Owner;
 use crate::model::{Endpoint, Family, TcpState};
-use crate::owner::{Attribution, OwnerSource, OwnerTracker};
-use crate::procfs::SocketSnapshot;
 use std::sync::Arc;
 
 const ECONNREFUSED: i32 = 111;
@@ -329,7 +329,7 @@ struct PendingClose {
     slot: u32,
     gen: u32,
     closed_ns: u64,
-    last: crate::decode::SockFields,
+    last: crate::model::decode::SockFields,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -386,7 +386,7 @@ pub struct Correlator {
     /// Sockets evicted while open and not seen closed since: the rest of
     /// such a socket's life is skipped, as no timeline of it can be right
     /// (it would pass for a connection older than the trace).
-    evicted: crate::table::EvictedKeys,
+    evicted: crate::model::table::EvictedKeys,
 }
 
 impl Correlator {
@@ -408,7 +408,7 @@ impl Correlator {
             closing: VecDeque::new(),
             owners: OwnerTracker::new(1, snapshot, own_netns),
             stats: CorrelatorStats::default(),
-            evicted: crate::table::EvictedKeys::new(opts.max_sockets),
+            evicted: crate::model::table::EvictedKeys::new(opts.max_sockets),
         }
     }
 
@@ -427,8 +427,8 @@ impl Correlator {
     }
 
     /// The table's figures for an exit summary.
-    pub fn tracking(&self) -> crate::output::Tracking {
-        crate::output::Tracking {
+    pub fn tracking(&self) -> crate::views::Tracking {
+        crate::views::Tracking {
             evicted: self.stats.evicted,
             peak: self.stats.peak_tracked,
             limit: self.opts.max_sockets,
@@ -585,7 +585,7 @@ impl Correlator {
     }
 
     fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
-        let birth = crate::owner::is_birth(t.old, t.new);
+        let birth = crate::model::owner::is_birth(t.old, t.new);
         // One lookup serves the whole event.
         let mut existing = self.index.get(&t.skaddr).copied();
         // A new open on an address whose previous socket has closed but is
@@ -964,8 +964,8 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
 
 /// Open sockets of tcpwatch's own namespace whose close may have been lost
 /// (see `sweep`); the mark is the track's generation and step count.
-impl crate::sweep::SweepTable for Correlator {
-    fn unlisted(&self, kernel: &crate::sweep::KernelSockets) -> Vec<(u64, u64)> {
+impl crate::model::sweep::SweepTable for Correlator {
+    fn unlisted(&self, kernel: &crate::model::sweep::KernelSockets) -> Vec<(u64, u64)> {
         let Some(own) = self.owners.own_netns() else {
             return Vec::new();
         };
@@ -974,7 +974,7 @@ impl crate::sweep::SweepTable for Correlator {
             .flatten()
             .filter(|t| !t.closed && t.netns == own)
             .filter_map(|t| {
-                let key = crate::sweep::endpoints_key(&t.local, &t.remote);
+                let key = crate::model::sweep::endpoints_key(&t.local, &t.remote);
                 (key != 0 && !kernel.lists(key)).then(|| (t.skaddr, track_mark(t)))
             })
             .collect()
@@ -1003,8 +1003,8 @@ fn track_mark(t: &Track) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
-    use crate::decode::{decode, encode};
+    use crate::model::decode::tests::state_event;
+    use crate::model::decode::{decode, encode};
     use tcpwatch_common::{kind, valid, Event, RCV_SHUTDOWN};
     use TcpState::*;
 

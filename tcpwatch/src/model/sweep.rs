@@ -45,7 +45,7 @@ pub struct KernelSockets {
 impl KernelSockets {
     /// Asks the kernel (sock_diag).
     pub fn read() -> Result<KernelSockets, String> {
-        let sockets = crate::sockdiag::dump_full_sockets().map_err(|e| e.to_string())?;
+        let sockets = crate::host::sockdiag::dump_full_sockets().map_err(|e| e.to_string())?;
         Ok(Self::from_endpoints(sockets))
     }
 
@@ -107,7 +107,7 @@ pub struct Sweeper {
 
 impl Default for Sweeper {
     fn default() -> Self {
-        Sweeper::with(KernelSockets::read, crate::clock::monotonic_ns)
+        Sweeper::with(KernelSockets::read, crate::host::clock::monotonic_ns)
     }
 }
 
@@ -310,8 +310,8 @@ mod tests {
         sport: u16,
         netns: u32,
         steps: &[(crate::model::TcpState, crate::model::TcpState)],
-    ) -> Vec<crate::decode::Record> {
-        use crate::decode::{decode, encode, tests::state_event};
+    ) -> Vec<crate::model::decode::Record> {
+        use crate::model::decode::{decode, encode, tests::state_event};
         steps
             .iter()
             .enumerate()
@@ -329,9 +329,9 @@ mod tests {
     /// kernel lacks go, sockets alive, unknown or elsewhere stay.
     #[test]
     fn correlator_and_owner_table_drop_what_the_kernel_lacks() {
-        use crate::correlate::{Correlator, CorrelatorOptions};
+        use crate::model::correlate::{Correlator, CorrelatorOptions};
+        use crate::model::owner::OwnerTracker;
         use crate::model::TcpState::*;
-        use crate::owner::OwnerTracker;
         fn kernel() -> Result<KernelSockets, String> {
             Ok(KernelSockets::from_endpoints([(
                 ep("127.0.0.1:1000"),
@@ -351,7 +351,7 @@ mod tests {
         let mut out = Vec::new();
         for r in &all {
             c.push(r, &mut out);
-            if let crate::decode::Record::State(t) = r {
+            if let crate::model::decode::Record::State(t) = r {
                 o.observe(t);
             }
         }

@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::decode::Transition;
+use crate::host::procfs::{SocketKey, SocketSnapshot};
+use crate::model::decode::Transition;
+use crate::model::table::{BoundedMap, EvictedKeys};
 use crate::model::{Endpoint, Owner, TcpState};
-use crate::procfs::{SocketKey, SocketSnapshot};
-use crate::table::{BoundedMap, EvictedKeys};
 
 /// Whether the current task at this transition is the socket's user.
 pub fn is_process_context(old: TcpState, new: TcpState) -> bool {
@@ -133,8 +133,8 @@ impl OwnerTracker {
     }
 
     /// The table's figures for an exit summary.
-    pub fn tracking(&self) -> crate::output::Tracking {
-        crate::output::Tracking {
+    pub fn tracking(&self) -> crate::views::Tracking {
+        crate::views::Tracking {
             evicted: self.evicted(),
             peak: self.peak(),
             limit: self.sockets.capacity(),
@@ -264,7 +264,7 @@ impl OwnerTracker {
             let tracked = Tracked {
                 owner: attribution.clone(),
                 key: if ours {
-                    crate::sweep::endpoints_key(&t.local, &t.remote)
+                    crate::model::sweep::endpoints_key(&t.local, &t.remote)
                 } else {
                     0
                 },
@@ -279,8 +279,8 @@ impl OwnerTracker {
 
 /// Sockets of our namespace whose close may have been lost (see `sweep`);
 /// the mark changes with each of their transitions.
-impl crate::sweep::SweepTable for OwnerTracker {
-    fn unlisted(&self, kernel: &crate::sweep::KernelSockets) -> Vec<(u64, u64)> {
+impl crate::model::sweep::SweepTable for OwnerTracker {
+    fn unlisted(&self, kernel: &crate::model::sweep::KernelSockets) -> Vec<(u64, u64)> {
         self.sockets
             .iter_marked()
             .filter(|(_, s, _)| s.key != 0 && !kernel.lists(s.key))
@@ -296,8 +296,8 @@ impl crate::sweep::SweepTable for OwnerTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
-    use crate::decode::{decode, encode, Comm, Record};
+    use crate::model::decode::tests::state_event;
+    use crate::model::decode::{decode, encode, Comm, Record};
     use std::collections::HashMap;
 
     fn tr(skaddr: u64, old: TcpState, new: TcpState, pid: u32, comm: &str) -> Transition {

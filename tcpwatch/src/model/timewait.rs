@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::correlate::{Role, Timeline, TimewaitSubstate};
+use crate::model::correlate::{Role, Timeline, TimewaitSubstate};
 use crate::model::{Endpoint, Owner};
 
 /// A timewait socket as the kernel lists it (sock_diag).
@@ -949,7 +949,7 @@ fn findings(s: &Snapshot, server_side: &[(String, u64)]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::owner::{Attribution as OwnerAttribution, OwnerSource};
+    use crate::model::owner::{Attribution as OwnerAttribution, OwnerSource};
 
     fn ep(s: &str) -> Endpoint {
         Endpoint::from(s.parse::<std::net::SocketAddr>().unwrap())

@@ -7,17 +7,17 @@ use std::io::{self, Write};
 
 use tcpwatch_common::Event;
 
-use crate::clock::Clock;
-use crate::correlate::{Correlator, Timeline};
-use crate::decode::{interpret_all, Record, Rejects};
-use crate::filter::Filter;
-use crate::kernelstat::{KernelFigures, Sysctls};
+use crate::host::clock::Clock;
+use crate::host::kernelstat::{KernelFigures, Sysctls};
+use crate::host::sockdiag;
+use crate::model::correlate::{Correlator, Timeline};
+use crate::model::decode::{interpret_all, Record, Rejects};
+use crate::model::filter::Filter;
+use crate::model::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook};
 use crate::model::TcpState;
-use crate::output::timewait::{timewait_json, timewait_text};
-use crate::output::Format;
-use crate::session::Sink;
-use crate::sockdiag;
-use crate::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook};
+use crate::stream::session::Sink;
+use crate::views::timewait::{timewait_json, timewait_text};
+use crate::views::Format;
 
 /// The kernel's list of timewait sockets in tcpwatch's namespace, or why
 /// it could not be read.
@@ -29,9 +29,9 @@ pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, String> {
             local: s.local,
             remote: s.remote,
             substate: if s.substate == TcpState::FinWait2 {
-                crate::correlate::TimewaitSubstate::FinWait2
+                crate::model::correlate::TimewaitSubstate::FinWait2
             } else {
-                crate::correlate::TimewaitSubstate::TimeWait
+                crate::model::correlate::TimewaitSubstate::TimeWait
             },
             expires_ms: s.expires_ms,
         })
@@ -80,13 +80,13 @@ pub struct TimewaitTracker {
     overflow_base: Option<u64>,
     overflow_prev: Option<u64>,
     finished: Vec<Timeline>,
-    pub lost: crate::probe::LostCounts,
+    pub lost: crate::kernel::probe::LostCounts,
     /// Records taken from the ring buffer.
     pub events: u64,
     kernel_error: Option<String>,
     warn: Box<dyn FnMut(&str) + Send>,
     /// Live only: checks the correlator against the kernel after losses.
-    sweep: Option<crate::sweep::Sweeper>,
+    sweep: Option<crate::model::sweep::Sweeper>,
 }
 
 pub struct TrackerOptions {
@@ -115,7 +115,7 @@ impl TimewaitTracker {
             overflow_base: overflow,
             overflow_prev: overflow,
             finished: Vec::new(),
-            lost: crate::probe::LostCounts::default(),
+            lost: crate::kernel::probe::LostCounts::default(),
             events: 0,
             kernel_error: None,
             warn,
@@ -137,7 +137,7 @@ impl TimewaitTracker {
             opts,
             Clock::system(),
             Correlator::new(copts, None, netns),
-            TimewaitBook::new(crate::timewait::TimewaitOptions::default(), netns, 0),
+            TimewaitBook::new(crate::model::timewait::TimewaitOptions::default(), netns, 0),
             warn,
         )
     }
@@ -145,14 +145,18 @@ impl TimewaitTracker {
     /// Starts live tracing now: `owners` of the sockets that already exist
     /// (from /proc), the timewait sockets that already exist (from the
     /// kernel), and the check for sockets whose close was lost.
-    pub fn start_on_host(&mut self, owners: Option<crate::procfs::SocketSnapshot>) {
+    pub fn start_on_host(&mut self, owners: Option<crate::host::procfs::SocketSnapshot>) {
         let netns = crate::host::own_netns();
-        let now = crate::clock::monotonic_ns();
+        let now = crate::host::clock::monotonic_ns();
         let copts = self.correlator.options();
         self.sweep_stale();
         self.start(
             Correlator::new(copts, owners, netns),
-            TimewaitBook::new(crate::timewait::TimewaitOptions::default(), netns, now),
+            TimewaitBook::new(
+                crate::model::timewait::TimewaitOptions::default(),
+                netns,
+                now,
+            ),
             now,
         );
     }
@@ -205,7 +209,7 @@ impl TimewaitTracker {
             // Sockets closed since the events last processed are not in the
             // book yet: allow for that lag, the correlator's grace, and a
             // second.
-            let lag_ms = crate::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
+            let lag_ms = crate::host::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
             let recent_ms = (lag_ms + 1_000).min(u64::from(u32::MAX)) as u32;
             let count_unmatched = !self.filter.has_owner_filters();
             match self.kernel_list() {
@@ -277,7 +281,7 @@ impl TimewaitTracker {
     }
 
     /// Warns once per growth of the lost counts.
-    pub fn lost(&mut self, counts: crate::probe::LostCounts) {
+    pub fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
         (self.warn)(&self.lost.advance(counts));
         if let Some(sweep) = &mut self.sweep {
             sweep.lost(counts.total());
@@ -287,12 +291,12 @@ impl TimewaitTracker {
     /// After lost events, drops the sockets the kernel no longer has (see
     /// `sweep`): for live tracing, never for a replay.
     pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::sweep::Sweeper::default());
+        self.sweep = Some(crate::model::sweep::Sweeper::default());
     }
 
     /// The correlator's figures for an exit summary.
-    pub fn tracking(&self) -> crate::output::Tracking {
-        crate::output::Tracking {
+    pub fn tracking(&self) -> crate::views::Tracking {
+        crate::views::Tracking {
             stale: self.sweep.as_ref().map_or(0, |s| s.dropped),
             ..self.correlator.tracking()
         }
@@ -397,7 +401,7 @@ impl<W: Write> Sink for TimewaitSink<W> {
         Ok(())
     }
 
-    fn lost(&mut self, counts: crate::probe::LostCounts) {
+    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
         self.tracker.lost(counts);
     }
 

@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 
 use tcpwatch_common::Event;
 
-use crate::decode::{decode_raw, encode, interpret, DecodeError, Record};
+use crate::host::procfs::{SnapshotEntry, SocketKey, SocketSnapshot};
+use crate::model::decode::{decode_raw, encode, interpret, DecodeError, Record};
 use crate::model::{Endpoint, Owner, TcpState};
-use crate::procfs::{SnapshotEntry, SocketKey, SocketSnapshot};
 
 pub const MAGIC: &[u8; 8] = b"TCPWATCH";
 pub const VERSION: u16 = 1;
@@ -112,7 +112,7 @@ fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
             owner: Some(Owner {
                 pid: f[3].parse().map_err(|_| bad())?,
                 cgroup_id: f[4].parse().map_err(|_| bad())?,
-                comm: crate::decode::printable_name(f[5]).into_owned(),
+                comm: crate::model::decode::printable_name(f[5]).into_owned(),
             }),
         });
     }
@@ -124,7 +124,7 @@ fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
 pub struct Recorder<W: Write> {
     out: W,
     pub events: u64,
-    pub lost: crate::probe::LostCounts,
+    pub lost: crate::kernel::probe::LostCounts,
 }
 
 impl Recorder<BufWriter<File>> {
@@ -179,7 +179,7 @@ impl<W: Write> Recorder<W> {
         Ok(Recorder {
             out,
             events: 0,
-            lost: crate::probe::LostCounts::default(),
+            lost: crate::kernel::probe::LostCounts::default(),
         })
     }
 
@@ -202,11 +202,11 @@ impl<W: Write> Recorder<W> {
     }
 }
 
-impl<W: Write> crate::session::Sink for Recorder<W> {
+impl<W: Write> crate::stream::session::Sink for Recorder<W> {
     fn events(
         &mut self,
         events: &[Event],
-        rejects: crate::decode::Rejects,
+        rejects: crate::model::decode::Rejects,
         _settled: u64,
     ) -> io::Result<()> {
         if rejects.count > 0 {
@@ -222,7 +222,7 @@ impl<W: Write> crate::session::Sink for Recorder<W> {
         self.flush().map_err(|e| io::Error::other(e.to_string()))
     }
 
-    fn lost(&mut self, counts: crate::probe::LostCounts) {
+    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
         eprintln!("{}", self.lost.advance(counts));
     }
 
@@ -419,7 +419,7 @@ impl<R: Read> Replay<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
+    use crate::model::decode::tests::state_event;
     use std::collections::HashMap;
     use TcpState::*;
 

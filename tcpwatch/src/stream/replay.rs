@@ -2,9 +2,9 @@
 
 use std::io;
 
-use crate::decode::Rejects;
-use crate::record::{RecordError, Replay};
-use crate::session::Sink;
+use crate::model::decode::Rejects;
+use crate::stream::record::{RecordError, Replay};
+use crate::stream::session::Sink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -70,10 +70,10 @@ fn deliver<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
+    use crate::kernel::probe::LostCounts;
+    use crate::model::decode::tests::state_event;
     use crate::model::TcpState::*;
-    use crate::probe::LostCounts;
-    use crate::record::{Header, Recorder};
+    use crate::stream::record::{Header, Recorder};
     use std::path::Path;
     use tcpwatch_common::Event;
 

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, watch};
 
 use tcpwatch_common::Event;
 
-use crate::decode::{decode_raw, DecodeError};
-use crate::probe::{LostCounter, LostCounts};
+use crate::kernel::probe::{LostCounter, LostCounts};
+use crate::model::decode::{decode_raw, DecodeError};
 
 /// What the reader hands the stages after it.
 #[derive(Debug)]
@@ -77,7 +77,7 @@ impl Batch {
 }
 
 /// Most records in one batch. The channel to the stages holds at most
-/// [`crate::session::channel_batches`] batches, about a ring buffer's worth
+/// [`crate::stream::session::channel_batches`] batches, about a ring buffer's worth
 /// of records, so what the reader has taken from the ring and the stages
 /// have not yet seen stays within `--ring-size` bytes however far behind
 /// they fall: past that, the reader waits, the ring buffer fills, and the
@@ -114,7 +114,7 @@ async fn drain(
     always: bool,
     tx: &mpsc::Sender<Feed>,
 ) -> bool {
-    let began = crate::clock::monotonic_ns();
+    let began = crate::host::clock::monotonic_ns();
     loop {
         let (batch, emptied) = take(ring);
         if emptied {
@@ -199,7 +199,7 @@ pub async fn run_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::channel_batches;
+    use crate::stream::session::channel_batches;
 
     #[test]
     fn records_queued_for_the_stages_fit_in_the_ring_size() {

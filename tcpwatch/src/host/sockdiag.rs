@@ -17,7 +17,7 @@
 //! sock_diag reports the network namespace of the calling thread.
 //!
 //! Addresses are kept as the kernel gives them: a dual-stack IPv6 socket's
-//! IPv4 peer stays an IPv4-mapped IPv6 address, as in [`crate::procfs`].
+//! IPv4 peer stays an IPv4-mapped IPv6 address, as in [`crate::host::procfs`].
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -437,7 +437,7 @@ mod tests {
     use std::process::Command;
     use std::time::{Duration, Instant};
 
-    use crate::kernelstat::{KernelFigures, Sysctls};
+    use crate::host::kernelstat::{KernelFigures, Sysctls};
 
     // -----------------------------------------------------------------
     // Parsing synthetic replies

@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::clock::Clock;
-use crate::decode::Transition;
-use crate::owner::{Attribution, OwnerSource};
+use crate::host::clock::Clock;
+use crate::model::decode::Transition;
+use crate::model::owner::{Attribution, OwnerSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -125,7 +125,7 @@ pub struct Summary {
     pub seen: u64,
     pub shown: u64,
     pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
-    pub lost: crate::probe::LostCounts,
+    pub lost: crate::kernel::probe::LostCounts,
     pub decode_errors: u64,
     pub tracking: Tracking,
 }
@@ -187,8 +187,8 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
-    use crate::decode::{decode, encode, Record};
+    use crate::model::decode::tests::state_event;
+    use crate::model::decode::{decode, encode, Record};
     use crate::model::{Owner, TcpState};
 
     fn transition() -> Transition {
@@ -295,7 +295,7 @@ mod tests {
         let t = transition();
         s.count(&t);
         s.count(&t);
-        s.lost = crate::probe::LostCounts {
+        s.lost = crate::kernel::probe::LostCounts {
             ring_full: 3,
             skipped: 0,
         };

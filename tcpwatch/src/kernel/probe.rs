@@ -10,8 +10,8 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use tcpwatch_common::{Config, LOST_SLOT};
 
-use crate::btf::{self, Btf};
-use crate::tracefs::{self, Format};
+use crate::kernel::btf::{self, Btf};
+use crate::kernel::tracefs::{self, Format};
 
 /// The object `cargo xtask build` compiled; empty when built without it.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwatch.bpf.o"));

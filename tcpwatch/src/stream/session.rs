@@ -10,9 +10,9 @@ use tcpwatch_common::Event;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::decode::Rejects;
-use crate::probe::{LostCounts, Probe, ProbeError, ProbeOptions};
-use crate::ringbuf::{run_reader, Feed, ReaderOptions};
+use crate::kernel::probe::{LostCounts, Probe, ProbeError, ProbeOptions};
+use crate::kernel::ringbuf::{run_reader, Feed, ReaderOptions};
+use crate::model::decode::Rejects;
 
 /// What a command does with the event stream.
 pub trait Sink {
@@ -41,7 +41,7 @@ pub enum SessionError {
 /// the ring buffer holds (at least 4 batches), so that what waits in
 /// tcpwatch's memory is bounded by `--ring-size` too.
 pub fn channel_batches(ring_size: u32) -> usize {
-    let batch_bytes = crate::ringbuf::MAX_BATCH * (tcpwatch_common::Event::SIZE + 8);
+    let batch_bytes = crate::kernel::ringbuf::MAX_BATCH * (tcpwatch_common::Event::SIZE + 8);
     (ring_size as usize / batch_bytes).max(4)
 }
 

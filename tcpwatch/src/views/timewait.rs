@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::timewait::{Group, Snapshot};
+use crate::model::timewait::{Group, Snapshot};
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "?".to_string(), |v| v.to_string())

@@ -1,7 +1,12 @@
 //! Facts about the host every live command starts from.
 
-use crate::correlate::CorrelatorOptions;
-use crate::procfs::SocketSnapshot;
+pub mod clock;
+pub mod kernelstat;
+pub mod procfs;
+pub mod sockdiag;
+
+use crate::host::procfs::SocketSnapshot;
+use crate::model::correlate::CorrelatorOptions;
 
 /// The inode of tcpwatch's own network namespace.
 pub fn own_netns() -> Option<u32> {

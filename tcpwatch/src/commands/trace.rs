@@ -3,13 +3,13 @@
 
 use std::io::{self, Write};
 
-use crate::clock::Clock;
-use crate::decode::{interpret_all, Record, Rejects};
-use crate::filter::Filter;
-use crate::output::{trace_json, trace_text, Format, Summary, TraceLine, TRACE_HEADER};
-use crate::owner::OwnerTracker;
-use crate::session::Sink;
-use crate::table::BoundedMap;
+use crate::host::clock::Clock;
+use crate::model::decode::{interpret_all, Record, Rejects};
+use crate::model::filter::Filter;
+use crate::model::owner::OwnerTracker;
+use crate::model::table::BoundedMap;
+use crate::stream::session::Sink;
+use crate::views::{trace_json, trace_text, Format, Summary, TraceLine, TRACE_HEADER};
 use tcpwatch_common::Event;
 
 /// Turns records into trace lines written to `out`.
@@ -24,7 +24,7 @@ pub struct TraceSink<W: Write> {
     /// Where lost-event and decode warnings go (stderr in the binary).
     warn: Box<dyn FnMut(&str) + Send>,
     /// Live only: checks the owner table against the kernel after losses.
-    sweep: Option<crate::sweep::Sweeper>,
+    sweep: Option<crate::model::sweep::Sweeper>,
 }
 
 impl<W: Write> TraceSink<W> {
@@ -53,7 +53,7 @@ impl<W: Write> TraceSink<W> {
     /// After lost events, drops the sockets the kernel no longer has (see
     /// `sweep`): for live tracing, never for a replay.
     pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::sweep::Sweeper::default());
+        self.sweep = Some(crate::model::sweep::Sweeper::default());
     }
 
     /// Swaps in an owner tracker (the binary builds one with the /proc
@@ -143,7 +143,7 @@ impl<W: Write> Sink for TraceSink<W> {
         Ok(())
     }
 
-    fn lost(&mut self, counts: crate::probe::LostCounts) {
+    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
         (self.warn)(&self.summary.lost.advance(counts));
         if let Some(sweep) = &mut self.sweep {
             sweep.lost(counts.total());
@@ -158,8 +158,8 @@ impl<W: Write> Sink for TraceSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::state_event;
-    use crate::decode::{decode, encode};
+    use crate::model::decode::tests::state_event;
+    use crate::model::decode::{decode, encode};
     use crate::model::TcpState::*;
     use std::sync::{Arc, Mutex};
 
@@ -248,11 +248,11 @@ mod tests {
     #[test]
     fn lost_events_are_reported_as_they_happen() {
         let (mut s, warnings) = sink(Filter::default(), Format::Text);
-        s.lost(crate::probe::LostCounts {
+        s.lost(crate::kernel::probe::LostCounts {
             ring_full: 5,
             skipped: 0,
         });
-        s.lost(crate::probe::LostCounts {
+        s.lost(crate::kernel::probe::LostCounts {
             ring_full: 9,
             skipped: 3,
         });

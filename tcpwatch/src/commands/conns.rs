@@ -5,14 +5,14 @@ use std::io::{self, Write};
 
 use tcpwatch_common::Event;
 
-use crate::clock::Clock;
-use crate::correlate::{Correlator, Role, Timeline};
-use crate::decode::{interpret_all, Rejects};
-use crate::filter::Filter;
-use crate::output::conns::{conns_json, conns_text, CONNS_HEADER};
-use crate::output::ladder::{are_peers, ladder};
-use crate::output::Format;
-use crate::session::Sink;
+use crate::host::clock::Clock;
+use crate::model::correlate::{Correlator, Role, Timeline};
+use crate::model::decode::{interpret_all, Rejects};
+use crate::model::filter::Filter;
+use crate::stream::session::Sink;
+use crate::views::conns::{conns_json, conns_text, CONNS_HEADER};
+use crate::views::ladder::{are_peers, ladder};
+use crate::views::Format;
 
 /// How finished connections are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +27,10 @@ pub struct ConnsSummary {
     pub events: u64,
     pub connections: u64,
     pub shown: u64,
-    pub lost: crate::probe::LostCounts,
+    pub lost: crate::kernel::probe::LostCounts,
     pub undecodable: u64,
     pub still_open: usize,
-    pub tracking: crate::output::Tracking,
+    pub tracking: crate::views::Tracking,
 }
 
 impl ConnsSummary {
@@ -64,7 +64,7 @@ pub struct ConnsSink<W: Write> {
     pub summary: ConnsSummary,
     warn: Box<dyn FnMut(&str) + Send>,
     /// Live only: checks the correlator against the kernel after losses.
-    sweep: Option<crate::sweep::Sweeper>,
+    sweep: Option<crate::model::sweep::Sweeper>,
 }
 
 /// Most connections held waiting for their other end.
@@ -97,7 +97,7 @@ impl<W: Write> ConnsSink<W> {
     /// After lost events, drops the sockets the kernel no longer has (see
     /// `sweep`): for live tracing, never for a replay.
     pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::sweep::Sweeper::default());
+        self.sweep = Some(crate::model::sweep::Sweeper::default());
     }
 
     pub fn replace_correlator(&mut self, correlator: Correlator) {
@@ -218,7 +218,7 @@ impl<W: Write> Sink for ConnsSink<W> {
         self.out.flush()
     }
 
-    fn lost(&mut self, counts: crate::probe::LostCounts) {
+    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
         (self.warn)(&self.summary.lost.advance(counts));
         if let Some(sweep) = &mut self.sweep {
             sweep.lost(counts.total());

@@ -11,8 +11,8 @@
 
 use std::fmt::Write as _;
 
-use crate::clock::Clock;
-use crate::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
+use crate::host::clock::Clock;
+use crate::model::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
 use crate::model::TcpState;
 
 use super::conns::{close_name, substate_name};
@@ -156,7 +156,7 @@ fn name(t: &Timeline) -> String {
 /// What happened at the close, in words. `other` is the peer's timeline
 /// when it is a socket on this host.
 fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
-    use crate::correlate::Closer;
+    use crate::model::correlate::Closer;
     let (closer, passive) = match (t.closed_by, other) {
         (Some(Closer::Peer), Some(o)) => (o, Some(t)),
         (_, o) => (t, o),
