@@ -43,7 +43,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // Shows an unprivileged run makes no bpf() call.
     ("strace", "strace"),
-    // deploy.rs checks deploy/prometheus; prometheus_live.rs scrapes the daemon.
+    // tests/live/deploy.rs checks deploy/prometheus; tests/live/prometheus.rs scrapes the daemon.
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     // deploy.rs checks the systemd unit and runs the daemon with its capabilities.
@@ -52,7 +52,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// PyPI's Kubernetes manifest validator (it bundles the schemas, so it works
-/// offline), in a virtualenv of its own; tcpwatch/tests/deploy.rs runs it.
+/// offline), in a virtualenv of its own; tcpwatch/tests/live/deploy.rs runs it.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The virtualenv holding it, relative to the workspace root.
 const KUBERNETES_VALIDATE_VENV: &str = "target/test-tools/kubernetes-validate";

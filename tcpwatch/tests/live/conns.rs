@@ -16,10 +16,11 @@
 //! Tests that cannot run (not root, no kernel BTF, binary built without
 //! its eBPF object, a missing tool) print "skipped: <why>", or fail when CI
 //! is set or TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test conns_live -- --test-threads=1`.
+//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 conns::`.
 
-mod common;
-mod conns_support;
+use crate::require_live;
+use crate::support as common;
+use crate::support::conns as conns_support;
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,20 +30,6 @@ use serde_json::Value;
 
 use common::own_netns;
 use conns_support::*;
-
-/// Not a test of tcpwatch: the socket actor. When the test binary is
-/// re-executed with TCPWATCH_CONNS_ACTOR set, this runs the actor's command
-/// loop (see `conns_support::actor_main`) and exits. Otherwise it checks
-/// that the command interpreter refuses what it cannot do.
-#[test]
-fn actor_entry() {
-    actor_main();
-    let mut st = ActorState::default();
-    assert!(st.exec("bogus").is_err());
-    assert!(st.exec("write 1").is_err(), "no connection yet");
-    assert!(st.exec("listen nowhere").is_err());
-    assert_eq!(st.exec("sleep 1").unwrap(), None);
-}
 
 type Steps = &'static [(&'static str, &'static str)];
 

@@ -11,9 +11,10 @@
 //! Tests that cannot run (not root, no kernel BTF, binary built without its
 //! eBPF object) print "skipped: <why>", or fail when CI is set or
 //! TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test trace_live -- --test-threads=1`.
+//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 trace::`.
 
-mod common;
+use crate::require_live;
+use crate::support as common;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -23,15 +24,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Not a test: the peer program. When the test binary is re-executed with
-/// TCPWATCH_PEER set, this runs a server or client (see `common::peer_main`)
-/// so that sockets belong to a process with a known pid. Without the
-/// variable it returns at once.
-#[test]
-fn peer_entry() {
-    common::peer_main();
-}
 
 const SERVER_DELAY_MS: u64 = 100;
 /// Tests that compare exact sets use a large ring, so a burst of other

@@ -4,7 +4,7 @@
 //! requests and idle or garbage clients do not hurt it; and `conns --from`
 //! and `timewait --from` show what direct mode shows.
 
-mod common;
+use crate::support as common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

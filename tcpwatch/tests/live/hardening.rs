@@ -16,8 +16,9 @@
 //!
 //! Every test prints its figures (run with `--nocapture` to see them).
 
-mod common;
-mod hardening_support;
+use crate::require_live;
+use crate::support as common;
+use crate::support::hardening as hardening_support;
 
 use std::collections::BTreeSet;
 use std::fs;

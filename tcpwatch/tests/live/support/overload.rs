@@ -1,4 +1,4 @@
-//! Harness for the overload tests (overload_live.rs): tcpwatch in its three
+//! Harness for the overload tests (overload.rs): tcpwatch in its three
 //! live modes run inside a test namespace, their resident memory sampled
 //! while they run, their exit summaries and lost-event lines read back as
 //! numbers, and a flood of half-open connections made with nonblocking
@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Proc};
-use crate::timewait_support::{our_net, our_octet, Netns};
+use crate::support::timewait::{our_net, our_octet, Netns};
+use crate::support::{self as common, Proc};
 
 // ---------------------------------------------------------------------------
 // tcpwatch, inside the test namespace

@@ -4,8 +4,6 @@
 //! fails, a `tcpwatch` runner, the JSON line model, and the "peer" program
 //! (the test binary re-executed to own sockets under a known pid).
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,7 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+pub mod conns;
 pub mod daemon;
+pub mod deploy;
+pub mod hardening;
+pub mod overload;
+pub mod timewait;
 
 /// The line tcpwatch prints on stderr once its probe is attached.
 pub const READY_LINE: &str = "tcpwatch: tracing TCP state transitions; Ctrl-C to stop";
@@ -91,8 +94,8 @@ pub fn live() -> Result<(), String> {
 #[macro_export]
 macro_rules! require_live {
     () => {
-        if let Err(why) = $crate::common::live() {
-            $crate::common::skip(&why);
+        if let Err(why) = $crate::support::live() {
+            $crate::support::skip(&why);
             return;
         }
     };
@@ -342,7 +345,6 @@ pub struct Line {
     pub skaddr: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub cgroup: Option<u64>,
     pub owner_source: Option<String>,
     pub family: String,
     pub saddr: String,
@@ -522,10 +524,6 @@ impl Tcpwatch {
 
     pub fn wait_ready(&self) {
         self.proc.wait_stderr(|l| l == READY_LINE, 1, START_TIMEOUT);
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
     }
 
     /// Waits up to `t` for a stderr line containing `needle` while running.

@@ -11,8 +11,6 @@
 //! (other tests' loopback traffic, or another run of these tests in its own
 //! namespaces) would otherwise be added to its totals as `other_netns`.
 
-#![allow(dead_code)]
-
 use std::fs;
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -25,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::common::{self, Proc};
+use crate::support::{self as common, Proc};
 
 /// The second octet of this run's addresses: from the test process's pid
 /// (peers are told it), so that two runs on one host keep apart; never 0,
@@ -330,7 +328,6 @@ pub struct Group {
     pub key: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub cgroup: Option<u64>,
     pub count: u64,
     pub share: f64,
 }

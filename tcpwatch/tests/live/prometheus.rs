@@ -15,8 +15,9 @@
 //! Root, kernel BTF and the eBPF object are needed for the live test: it is
 //! skipped with a message without them, and fails under CI.
 
-mod common;
-mod deploy_support;
+use crate::require_live;
+use crate::support as common;
+use crate::support::deploy as deploy_support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -26,13 +27,6 @@ use std::time::Duration;
 
 use common::{settle, skip, PeerSpec};
 use deploy_support::*;
-
-/// Not a test: the peer program. When the test binary is re-executed with
-/// TCPWATCH_PEER set, this runs a server or client (see `common::peer_main`).
-#[test]
-fn peer_entry() {
-    common::peer_main();
-}
 
 /// Connections the test makes (each leaves one TIME_WAIT socket).
 const N: u64 = 100;

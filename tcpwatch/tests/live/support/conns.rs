@@ -1,5 +1,5 @@
 //! Helpers for the live `conns`, `ladder`, `record` and `replay` tests
-//! (conns_live.rs):
+//! (conns.rs):
 //! - socket actors: the test binary re-executed (optionally inside a
 //!   network namespace via `ip netns exec`), doing socket calls on command,
 //!   so every socket has a known owner (pid and comm) and the test decides
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::common::{self, Finished, Proc};
+use crate::support::{self as common, Finished, Proc};
 
 /// Longest any single actor command may take (a timed-out connect takes ~3 s).
 pub const ACT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -310,7 +310,7 @@ fn local_port(fd: &OwnedFd) -> io::Result<u16> {
 }
 
 fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<u16> {
-    let (_, storage, len) = crate::common::sockaddr(addr);
+    let (_, storage, len) = crate::support::sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of len bytes.
     let rc = unsafe { libc::bind(fd.as_raw_fd(), &storage as *const _ as *const _, len) };
     if rc != 0 {
@@ -336,7 +336,7 @@ fn connect(to: SocketAddr, syncnt: Option<i32>) -> Result<TcpStream, (io::Error,
         0,
     );
     let port = bind(&fd, any).map_err(|e| (e, 0))?;
-    let (_, storage, len) = crate::common::sockaddr(to);
+    let (_, storage, len) = crate::support::sockaddr(to);
     // SAFETY: storage holds a valid sockaddr of len bytes.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), &storage as *const _ as *const _, len) };
     if rc != 0 {

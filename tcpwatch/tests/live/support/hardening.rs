@@ -1,4 +1,4 @@
-//! Helpers for the hardening tests (hardening_live.rs): a loopback churn
+//! Helpers for the hardening tests (hardening.rs): a loopback churn
 //! generator, the BPF objects one process holds (from its fdinfo) and what
 //! `bpftool` lists, recordings checked against their own length, scratch
 //! directories, and a network namespace the test creates and deletes.
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, tcpwatch_bin, Finished, Proc};
+use crate::support::{self as common, tcpwatch_bin, Finished, Proc};
 
 /// The names of the programs in tcpwatch's eBPF object.
 pub const PROGRAM_NAMES: [&str; 5] = [

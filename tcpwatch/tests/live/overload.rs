@@ -26,13 +26,14 @@
 //! Tests that cannot run (not root, no kernel BTF, binary built without its
 //! eBPF object) print "skipped: <why>", or fail when CI is set or
 //! TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `cargo xtask test --test overload_live -- --nocapture`.
+//! `cargo xtask test -- --test live -- overload:: --nocapture`.
 
-mod common;
-#[allow(dead_code)]
-mod conns_support;
-mod overload_support;
-mod timewait_support;
+use crate::require_live;
+use crate::support as common;
+
+use crate::support::conns as conns_support;
+use crate::support::overload as overload_support;
+use crate::support::timewait as timewait_support;
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;

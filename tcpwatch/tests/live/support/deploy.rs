@@ -6,8 +6,6 @@
 //! and a real Prometheus server (Debian's `prometheus`) scraping it and
 //! answering queries on its HTTP API.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -16,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub use crate::common::daemon::free_port;
-use crate::common::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
+pub use crate::support::daemon::free_port;
+use crate::support::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
 /// The repository's root (the workspace).
 pub fn repo_root() -> PathBuf {
@@ -68,7 +66,7 @@ impl Scratch {
         let path = std::env::temp_dir().join(format!(
             "tcpwatch-{name}-{}-{}",
             std::process::id(),
-            crate::common::now_ns()
+            crate::support::now_ns()
         ));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Scratch { path }

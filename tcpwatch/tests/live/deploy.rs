@@ -20,8 +20,9 @@
 //! A missing tool fails under CI (`cargo xtask test` installs them all) and
 //! is skipped with a message otherwise.
 
-mod common;
-mod deploy_support;
+use crate::require_live;
+use crate::support as common;
+use crate::support::deploy as deploy_support;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -23,22 +23,15 @@
 //! eBPF object) print "skipped: <why>", or fail when CI is set or
 //! TCPWATCH_REQUIRE_ROOT_TESTS=1. The bad-input test needs no root. Run
 //! them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test timewait_live -- --test-threads=1`.
+//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 timewait::`.
 
-mod common;
-mod timewait_support;
+use crate::require_live;
+use crate::support as common;
+use crate::support::timewait as timewait_support;
 
 use std::time::{Duration, Instant};
 
 use timewait_support::*;
-
-/// Not a test: the peer program. When the test binary is re-executed with
-/// TCPWATCH_TW_PEER set, this runs a server or client inside a namespace
-/// (see `timewait_support::peer_main`). Without the variable it returns.
-#[test]
-fn tw_peer_entry() {
-    timewait_support::peer_main();
-}
 
 /// Connections per test: the acceptance figure.
 const N: u64 = 200;
