@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::kernel::probe;
 use crate::model::filter::{Cidr, Filter};
 use crate::model::Family;
+pub use crate::views::log::LogFormat;
 use crate::views::Format;
 
 #[derive(Debug, Parser)]
@@ -104,6 +105,9 @@ pub struct LadderArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Format of the exit summary on stderr (the pictures are text).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -153,12 +157,6 @@ pub struct DaemonArgs {
     pub duration: Option<Duration>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Args, Clone)]
 pub struct RecordArgs {
     /// File to write (created with mode 0600).
@@ -169,6 +167,9 @@ pub struct RecordArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Format of the exit summary on stderr (the recording is binary).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -219,6 +220,9 @@ impl ProbeArgs {
 pub struct ReplayLadderArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// Format of the exit summary on stderr (the pictures are text).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
     /// Most sockets tracked at once.
     #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
     pub max_sockets: usize,
@@ -304,39 +308,61 @@ pub struct TraceArgs {
     pub no_header: bool,
 }
 
-fn parse_port(s: &str) -> Result<u16, String> {
+/// A value on the command line that does not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgError {
+    #[error("port {0} is out of range (1-65535)")]
+    PortRange(u64),
+    #[error("'{0}' is not a port number")]
+    NotAPort(String),
+    #[error("'{0}' must be a whole number greater than 0")]
+    NotPositive(String),
+    #[error("'{0}' must be a number of seconds greater than 0")]
+    NotSeconds(String),
+    /// What the address parser says is wrong.
+    #[error("{0}")]
+    Cidr(String),
+    /// What the ring size check says is wrong.
+    #[error("{0}")]
+    RingSize(String),
+}
+
+fn parse_port(s: &str) -> Result<u16, ArgError> {
     match s.parse::<u64>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is out of range (1-65535)")),
-        Err(_) => Err(format!("'{s}' is not a port number")),
+        Ok(p) => Err(ArgError::PortRange(p)),
+        Err(_) => Err(ArgError::NotAPort(s.to_string())),
     }
 }
 
-fn parse_cidr(s: &str) -> Result<Cidr, String> {
-    s.parse()
+fn parse_cidr(s: &str) -> Result<Cidr, ArgError> {
+    s.parse().map_err(ArgError::Cidr)
 }
 
-fn parse_ring_size(s: &str) -> Result<u32, String> {
-    probe::check_ring_size(probe::parse_size(s)?)
+fn parse_ring_size(s: &str) -> Result<u32, ArgError> {
+    probe::parse_size(s)
+        .and_then(probe::check_ring_size)
+        .map_err(ArgError::RingSize)
 }
 
-pub fn parse_positive_usize(s: &str) -> Result<usize, String> {
+pub fn parse_positive_usize(s: &str) -> Result<usize, ArgError> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("'{s}' must be a whole number greater than 0")),
+        _ => Err(ArgError::NotPositive(s.to_string())),
     }
 }
 
 /// Seconds, possibly fractional, greater than zero.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ArgError> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("'{s}' must be a number of seconds greater than 0")),
+        _ => Err(ArgError::NotSeconds(s.to_string())),
     }
 }
 
-/// Parses arguments; on bad input prints one line and exits 2 (help and
-/// version print normally and exit 0).
+/// Parses arguments; on bad input logs one line (`tcpwatch: ...` with the
+/// commands' log format) and exits 2 (help and version print normally and
+/// exit 0).
 pub fn parse() -> Cli {
     parse_from(std::env::args_os())
 }
@@ -355,7 +381,7 @@ where
                 | ErrorKind::DisplayVersion
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
                 _ => {
-                    eprintln!("tcpwatch: {}", one_line(&e.to_string()));
+                    tracing::error!("{}", one_line(&e.to_string()));
                     std::process::exit(2);
                 }
             }
@@ -448,7 +474,7 @@ mod tests {
     #[test]
     fn port_message_names_the_range() {
         assert_eq!(
-            parse_port("70000").unwrap_err(),
+            parse_port("70000").unwrap_err().to_string(),
             "port 70000 is out of range (1-65535)"
         );
     }

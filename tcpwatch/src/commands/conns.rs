@@ -3,15 +3,15 @@
 
 use std::io::{self, Write};
 
-use tcpwatch_common::Event;
-
 use crate::host::clock::Clock;
 use crate::model::correlate::{Correlator, Role, Timeline};
-use crate::model::decode::{interpret_all, Rejects};
 use crate::model::filter::Filter;
-use crate::stream::session::Sink;
+use crate::model::sweep::SweepTable;
+use crate::stream::context::Context;
+use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::conns::{conns_json, conns_text, CONNS_HEADER};
 use crate::views::ladder::{are_peers, ladder};
+use crate::views::summary::{ConnsSummary, ExitSummary};
 use crate::views::Format;
 
 /// How finished connections are shown.
@@ -21,33 +21,14 @@ pub enum View {
     Ladder,
 }
 
-/// Counts for the summary printed on exit.
-#[derive(Clone, Debug, Default)]
-pub struct ConnsSummary {
-    pub events: u64,
-    pub connections: u64,
-    pub shown: u64,
-    pub lost: crate::kernel::probe::LostCounts,
-    pub undecodable: u64,
-    pub still_open: usize,
-    pub tracking: crate::views::Tracking,
-}
-
-impl ConnsSummary {
-    pub fn render(&self) -> String {
-        format!(
-            "tcpwatch: {} connections finished, {} shown, {} still open at exit, {} events, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records, {}\n",
-            self.connections,
-            self.shown,
-            self.still_open,
-            self.events,
-            self.lost.total(),
-            self.lost.ring_full,
-            self.lost.skipped,
-            self.undecodable,
-            self.tracking
-        )
-    }
+/// What the user asked `conns` or `ladder` for.
+#[derive(Clone, Debug)]
+pub struct ConnsOptions {
+    pub view: View,
+    pub filter: Filter,
+    pub max_sockets: usize,
+    /// Print the column header first (text records).
+    pub header: bool,
 }
 
 pub struct ConnsSink<W: Write> {
@@ -61,55 +42,39 @@ pub struct ConnsSink<W: Write> {
     waiting: Vec<(Timeline, u64)>,
     pair_wait_ns: u64,
     finished: Vec<Timeline>,
-    pub summary: ConnsSummary,
-    warn: Box<dyn FnMut(&str) + Send>,
-    /// Live only: checks the correlator against the kernel after losses.
-    sweep: Option<crate::model::sweep::Sweeper>,
+    connections: u64,
+    shown: u64,
 }
 
 /// Most connections held waiting for their other end.
 const MAX_WAITING: usize = 4096;
 
 impl<W: Write> ConnsSink<W> {
-    pub fn new(
-        out: W,
-        view: View,
-        filter: Filter,
-        clock: Clock,
-        correlator: Correlator,
-        warn: Box<dyn FnMut(&str) + Send>,
-    ) -> Self {
-        ConnsSink {
+    /// The sink for a stream described by `ctx`: its correlator knows the
+    /// sockets from before tracing and the stream's `tcp_fin_timeout`.
+    pub fn build(out: W, opts: ConnsOptions, ctx: &Context) -> Self {
+        let correlator = Correlator::new(
+            ctx.correlator_options(opts.max_sockets),
+            ctx.snapshot.clone(),
+            ctx.netns,
+        );
+        let mut sink = ConnsSink {
             out,
-            view,
-            filter,
-            clock,
+            view: opts.view,
+            filter: opts.filter,
+            clock: ctx.clock,
             correlator,
             waiting: Vec::new(),
             pair_wait_ns: 2_000_000_000,
             finished: Vec::new(),
-            summary: ConnsSummary::default(),
-            warn,
-            sweep: None,
+            connections: 0,
+            shown: 0,
+        };
+        if opts.header && sink.view == View::Records(Format::Text) {
+            // A closed pipe shows at the first line written.
+            let _ = writeln!(sink.out, "{CONNS_HEADER}").and_then(|()| sink.out.flush());
         }
-    }
-
-    /// After lost events, drops the sockets the kernel no longer has (see
-    /// `sweep`): for live tracing, never for a replay.
-    pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::model::sweep::Sweeper::default());
-    }
-
-    pub fn replace_correlator(&mut self, correlator: Correlator) {
-        self.correlator = correlator;
-    }
-
-    pub fn header(&mut self) -> io::Result<()> {
-        if self.view == View::Records(Format::Text) {
-            writeln!(self.out, "{CONNS_HEADER}")?;
-            self.out.flush()?;
-        }
-        Ok(())
+        sink
     }
 
     fn wanted(&self, t: &Timeline) -> bool {
@@ -123,14 +88,14 @@ impl<W: Write> ConnsSink<W> {
 
     fn emit(&mut self, settled_ns: Option<u64>) -> io::Result<()> {
         let finished = std::mem::take(&mut self.finished);
-        self.summary.connections += finished.len() as u64;
+        self.connections += finished.len() as u64;
         for t in finished {
             match self.view {
                 View::Records(format) => {
                     if !self.wanted(&t) {
                         continue;
                     }
-                    self.summary.shown += 1;
+                    self.shown += 1;
                     let line = match format {
                         Format::Text => conns_text(&t, &self.clock),
                         Format::Json => conns_json(&t, &self.clock),
@@ -171,7 +136,7 @@ impl<W: Write> ConnsSink<W> {
         if !self.wanted(&a) && !self.wanted(&b) {
             return Ok(());
         }
-        self.summary.shown += 2;
+        self.shown += 2;
         // The client (the end that connected) goes on the left.
         let (left, right) = if b.role == Role::Client && a.role != Role::Client {
             (b, a)
@@ -185,7 +150,7 @@ impl<W: Write> ConnsSink<W> {
         if !self.wanted(&t) {
             return Ok(());
         }
-        self.summary.shown += 1;
+        self.shown += 1;
         writeln!(self.out, "{}", ladder(&t, None, &self.clock))
     }
 
@@ -194,43 +159,33 @@ impl<W: Write> ConnsSink<W> {
     }
 }
 
-impl<W: Write> Sink for ConnsSink<W> {
-    fn events(
-        &mut self,
-        events: &[Event],
-        mut rejects: Rejects,
-        settled_ns: u64,
-    ) -> io::Result<()> {
-        let records = interpret_all(events, &mut rejects);
-        if let Some(w) = rejects.warning() {
-            self.summary.undecodable += rejects.count;
-            (self.warn)(&w);
-        }
-        self.summary.events += records.len() as u64;
-        for r in &records {
+impl<W: Write> Consumer for ConnsSink<W> {
+    fn records(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        for r in batch.records {
             self.correlator.push(r, &mut self.finished);
         }
-        self.correlator.advance(settled_ns, &mut self.finished);
-        if let Some(sweep) = &mut self.sweep {
-            sweep.tick(settled_ns, &mut self.correlator, &mut *self.warn);
-        }
-        self.emit(Some(settled_ns))?;
+        self.correlator.advance(batch.settled_ns, &mut self.finished);
+        self.emit(Some(batch.settled_ns))?;
         self.out.flush()
     }
 
-    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
-        (self.warn)(&self.summary.lost.advance(counts));
-        if let Some(sweep) = &mut self.sweep {
-            sweep.lost(counts.total());
-        }
+    fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
+        Some(&mut self.correlator)
     }
 
     fn finish(&mut self) -> io::Result<()> {
         self.correlator.flush(&mut self.finished);
         self.emit(None)?;
-        self.summary.still_open = self.correlator.open_connections();
-        self.summary.tracking = self.correlator.tracking();
-        self.summary.tracking.stale = self.sweep.as_ref().map_or(0, |s| s.dropped);
         self.out.flush()
+    }
+
+    fn summary(&self, totals: &Totals) -> ExitSummary {
+        ExitSummary::Conns(ConnsSummary {
+            connections_finished: self.connections,
+            shown: self.shown,
+            still_open: self.correlator.open_connections(),
+            stream: totals.stream(),
+            tracking: totals.tracking(self.correlator.tracking()),
+        })
     }
 }

@@ -5,33 +5,33 @@
 
 use std::io::{self, Write};
 
-use tcpwatch_common::Event;
-
-use crate::host::clock::Clock;
 use crate::host::kernelstat::{KernelFigures, Sysctls};
-use crate::host::sockdiag;
-use crate::model::correlate::{Correlator, Timeline};
-use crate::model::decode::{interpret_all, Record, Rejects};
+use crate::host::sockdiag::{self, SockDiagError};
+use crate::kernel::probe::LostCounts;
+use crate::model::correlate::{Correlator, Timeline, TimewaitSubstate};
+use crate::model::decode::Record;
 use crate::model::filter::Filter;
-use crate::model::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook};
+use crate::model::sweep::SweepTable;
+use crate::model::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook, TimewaitOptions};
 use crate::model::TcpState;
-use crate::stream::session::Sink;
+use crate::stream::context::Context;
+use crate::stream::pipeline::{Batch, Consumer, Totals};
+use crate::views::summary::{ExitSummary, TimewaitSummary, Tracking};
 use crate::views::timewait::{timewait_json, timewait_text};
 use crate::views::Format;
 
-/// The kernel's list of timewait sockets in tcpwatch's namespace, or why
-/// it could not be read.
-pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, String> {
-    let list = sockdiag::dump_timewait().map_err(|e| e.to_string())?;
+/// The kernel's list of timewait sockets in tcpwatch's namespace.
+pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
+    let list = sockdiag::dump_timewait()?;
     Ok(list
         .into_iter()
         .map(|s| KernelTimewait {
             local: s.local,
             remote: s.remote,
             substate: if s.substate == TcpState::FinWait2 {
-                crate::model::correlate::TimewaitSubstate::FinWait2
+                TimewaitSubstate::FinWait2
             } else {
-                crate::model::correlate::TimewaitSubstate::TimeWait
+                TimewaitSubstate::TimeWait
             },
             expires_ms: s.expires_ms,
         })
@@ -68,10 +68,11 @@ fn kernel_view(overflow_base: Option<u64>, overflow_prev: &mut Option<u64>) -> K
 
 /// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
 /// events through the correlator into the book, and every interval a
-/// snapshot checked against the kernel's own list and figures.
+/// snapshot checked against the kernel's own list and figures. Live only:
+/// it reads this host's kernel.
 pub struct TimewaitTracker {
     filter: Filter,
-    clock: Clock,
+    clock: crate::host::clock::Clock,
     correlator: Correlator,
     book: TimewaitBook,
     interval_ns: u64,
@@ -80,108 +81,58 @@ pub struct TimewaitTracker {
     overflow_base: Option<u64>,
     overflow_prev: Option<u64>,
     finished: Vec<Timeline>,
-    pub lost: crate::kernel::probe::LostCounts,
-    /// Records taken from the ring buffer.
-    pub events: u64,
-    kernel_error: Option<String>,
-    warn: Box<dyn FnMut(&str) + Send>,
-    /// Live only: checks the correlator against the kernel after losses.
-    sweep: Option<crate::model::sweep::Sweeper>,
+    /// The kernel's list could not be read: it is not asked again.
+    kernel_unreadable: bool,
 }
 
 pub struct TrackerOptions {
     pub filter: Filter,
     pub interval_ns: u64,
     pub top: usize,
+    pub max_sockets: usize,
 }
 
 impl TimewaitTracker {
-    pub fn new(
-        opts: TrackerOptions,
-        clock: Clock,
-        correlator: Correlator,
-        book: TimewaitBook,
-        warn: Box<dyn FnMut(&str) + Send>,
-    ) -> Self {
+    /// Starts counting where `ctx` begins: owners of the sockets that
+    /// already exist from its snapshot, the timewait sockets that already
+    /// exist from the kernel (counted as "before tracing"), and the first
+    /// interval from then.
+    pub fn start(opts: TrackerOptions, ctx: &Context) -> Self {
+        let now_ns = ctx.live_since_ns().unwrap_or(0);
         let overflow = KernelFigures::read().tw_overflow;
-        TimewaitTracker {
+        let mut tracker = TimewaitTracker {
             filter: opts.filter,
-            clock,
-            correlator,
-            book,
+            clock: ctx.clock,
+            correlator: Correlator::new(
+                ctx.correlator_options(opts.max_sockets),
+                ctx.snapshot.clone(),
+                ctx.netns,
+            ),
+            book: TimewaitBook::new(TimewaitOptions::default(), ctx.netns, now_ns),
             interval_ns: opts.interval_ns,
             top: opts.top,
-            next_snapshot_ns: 0,
+            next_snapshot_ns: now_ns + opts.interval_ns,
             overflow_base: overflow,
             overflow_prev: overflow,
             finished: Vec::new(),
-            lost: crate::kernel::probe::LostCounts::default(),
-            events: 0,
-            kernel_error: None,
-            warn,
-            sweep: None,
-        }
-    }
-
-    /// A tracker for live tracing on this host: its own network namespace
-    /// and `tcp_fin_timeout`, at most `max_sockets` tracked. It counts from
-    /// [`TimewaitTracker::start_on_host`], called once the probe is live.
-    pub fn for_host(
-        opts: TrackerOptions,
-        max_sockets: usize,
-        warn: Box<dyn FnMut(&str) + Send>,
-    ) -> Self {
-        let netns = crate::host::own_netns();
-        let copts = crate::host::correlator_options(max_sockets, crate::host::fin_timeout_s());
-        TimewaitTracker::new(
-            opts,
-            Clock::system(),
-            Correlator::new(copts, None, netns),
-            TimewaitBook::new(crate::model::timewait::TimewaitOptions::default(), netns, 0),
-            warn,
-        )
-    }
-
-    /// Starts live tracing now: `owners` of the sockets that already exist
-    /// (from /proc), the timewait sockets that already exist (from the
-    /// kernel), and the check for sockets whose close was lost.
-    pub fn start_on_host(&mut self, owners: Option<crate::host::procfs::SocketSnapshot>) {
-        let netns = crate::host::own_netns();
-        let now = crate::host::clock::monotonic_ns();
-        let copts = self.correlator.options();
-        self.sweep_stale();
-        self.start(
-            Correlator::new(copts, owners, netns),
-            TimewaitBook::new(
-                crate::model::timewait::TimewaitOptions::default(),
-                netns,
-                now,
-            ),
-            now,
-        );
-    }
-
-    /// Starts the first interval at `now_ns` and seeds the sockets that
-    /// already exist (counted as "before tracing").
-    pub fn start(&mut self, correlator: Correlator, book: TimewaitBook, now_ns: u64) {
-        self.correlator = correlator;
-        self.book = book;
-        match self.kernel_list() {
+            kernel_unreadable: false,
+        };
+        match tracker.kernel_list() {
             // Sockets from before tracing have no owner: a process filter
             // excludes them all.
-            Ok(list) if self.filter.has_owner_filters() => drop(list),
-            Ok(list) => self.book.seed_before_tracing(&list, now_ns),
+            Ok(list) if tracker.filter.has_owner_filters() => drop(list),
+            Ok(list) => tracker.book.seed_before_tracing(&list, now_ns),
             Err(e) => {
-                (self.warn)(&format!(
-                    "tcpwatch: cannot list existing timewait sockets ({e}); counting only those made from now on"
-                ));
-                self.kernel_error = Some(e);
+                tracing::warn!(
+                    "cannot list existing timewait sockets ({e}); counting only those made from now on"
+                );
+                tracker.kernel_unreadable = true;
             }
         }
-        let _ = self
+        let _ = tracker
             .book
-            .snapshot(now_ns, String::new(), self.top, KernelView::default());
-        self.next_snapshot_ns = now_ns + self.interval_ns;
+            .snapshot(now_ns, String::new(), tracker.top, KernelView::default());
+        tracker
     }
 
     pub fn correlator(&self) -> &Correlator {
@@ -190,7 +141,7 @@ impl TimewaitTracker {
 
     /// The kernel's list, narrowed to what the user's filters can match
     /// without knowing an owner.
-    fn kernel_list(&self) -> Result<Vec<KernelTimewait>, String> {
+    fn kernel_list(&self) -> Result<Vec<KernelTimewait>, SockDiagError> {
         let mut list = kernel_timewait()?;
         list.retain(|k| {
             let family = if k.local.addr.is_ipv4() {
@@ -205,7 +156,7 @@ impl TimewaitTracker {
 
     /// The figures for the interval ending at `now_ns`.
     pub fn snapshot(&mut self, now_ns: u64) -> Snapshot {
-        if self.kernel_error.is_none() {
+        if !self.kernel_unreadable {
             // Sockets closed since the events last processed are not in the
             // book yet: allow for that lag, the correlator's grace, and a
             // second.
@@ -217,8 +168,8 @@ impl TimewaitTracker {
                     .book
                     .reconcile(&list, now_ns, recent_ms, count_unmatched),
                 Err(e) => {
-                    (self.warn)(&format!("tcpwatch: cannot list timewait sockets: {e}"));
-                    self.kernel_error = Some(e);
+                    tracing::warn!("cannot list timewait sockets: {e}");
+                    self.kernel_unreadable = true;
                 }
             }
         }
@@ -236,7 +187,6 @@ impl TimewaitTracker {
         settled_ns: u64,
         out: &mut Vec<Timeline>,
     ) -> Option<Snapshot> {
-        self.events += records.len() as u64;
         for r in records {
             if let Record::State(t) = r {
                 if t.new == TcpState::Established {
@@ -246,9 +196,6 @@ impl TimewaitTracker {
             self.correlator.push(r, &mut self.finished);
         }
         self.correlator.advance(settled_ns, &mut self.finished);
-        if let Some(sweep) = &mut self.sweep {
-            sweep.tick(settled_ns, &mut self.correlator, &mut *self.warn);
-        }
         self.take_finished(out);
         if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
             let s = self.snapshot(settled_ns);
@@ -280,35 +227,14 @@ impl TimewaitTracker {
         }
     }
 
-    /// Warns once per growth of the lost counts.
-    pub fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
-        (self.warn)(&self.lost.advance(counts));
-        if let Some(sweep) = &mut self.sweep {
-            sweep.lost(counts.total());
-        }
-    }
-
-    /// After lost events, drops the sockets the kernel no longer has (see
-    /// `sweep`): for live tracing, never for a replay.
-    pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::model::sweep::Sweeper::default());
+    /// The table the session sweeps after lost events.
+    pub fn sweep_table(&mut self) -> &mut dyn SweepTable {
+        &mut self.correlator
     }
 
     /// The correlator's figures for an exit summary.
-    pub fn tracking(&self) -> crate::views::Tracking {
-        crate::views::Tracking {
-            stale: self.sweep.as_ref().map_or(0, |s| s.dropped),
-            ..self.correlator.tracking()
-        }
-    }
-
-    /// Interprets a raw batch, warning about records that do not decode.
-    pub fn interpret(&mut self, events: &[Event], mut rejects: Rejects) -> Vec<Record> {
-        let records = interpret_all(events, &mut rejects);
-        if let Some(w) = rejects.warning() {
-            (self.warn)(&w);
-        }
-        records
+    pub fn tracking(&self) -> Tracking {
+        self.correlator.tracking()
     }
 }
 
@@ -318,9 +244,10 @@ pub struct TimewaitSink<W: Write> {
     format: Format,
     /// Redraw in place (a terminal) rather than append.
     redraw: bool,
-    pub tracker: TimewaitTracker,
+    tracker: TimewaitTracker,
     finished: Vec<Timeline>,
-    pub snapshots: u64,
+    snapshots: u64,
+    lost: LostCounts,
 }
 
 impl<W: Write> TimewaitSink<W> {
@@ -332,28 +259,21 @@ impl<W: Write> TimewaitSink<W> {
             tracker,
             finished: Vec::new(),
             snapshots: 0,
+            lost: LostCounts::default(),
         }
     }
 
     pub fn write(&mut self, s: &Snapshot) -> io::Result<()> {
-        let lost = self.tracker.lost.total();
         write_snapshot(
             &mut self.out,
             s,
             self.format,
             self.redraw,
             self.snapshots,
-            lost,
+            self.lost.total(),
         )?;
         self.snapshots += 1;
         Ok(())
-    }
-
-    /// Takes the snapshot due at `now_ns` (for tests and replays).
-    pub fn snapshot_now(&mut self, now_ns: u64) -> io::Result<Snapshot> {
-        let s = self.tracker.snapshot(now_ns);
-        self.write(&s)?;
-        Ok(s)
     }
 }
 
@@ -388,12 +308,11 @@ pub fn write_snapshot<W: Write>(
     out.flush()
 }
 
-impl<W: Write> Sink for TimewaitSink<W> {
-    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()> {
-        let records = self.tracker.interpret(events, rejects);
+impl<W: Write> Consumer for TimewaitSink<W> {
+    fn records(&mut self, batch: &Batch<'_>) -> io::Result<()> {
         let due = self
             .tracker
-            .absorb(&records, settled_ns, &mut self.finished);
+            .absorb(batch.records, batch.settled_ns, &mut self.finished);
         self.finished.clear();
         if let Some(s) = due {
             self.write(&s)?;
@@ -401,13 +320,25 @@ impl<W: Write> Sink for TimewaitSink<W> {
         Ok(())
     }
 
-    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
-        self.tracker.lost(counts);
+    fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
+        Some(self.tracker.sweep_table())
+    }
+
+    fn lost(&mut self, lost: LostCounts) {
+        self.lost = lost;
     }
 
     fn finish(&mut self) -> io::Result<()> {
         self.tracker.flush(&mut self.finished);
         self.finished.clear();
         self.out.flush()
+    }
+
+    fn summary(&self, totals: &Totals) -> ExitSummary {
+        ExitSummary::Timewait(TimewaitSummary {
+            snapshots: self.snapshots,
+            stream: totals.stream(),
+            tracking: totals.tracking(self.tracker.tracking()),
+        })
     }
 }

@@ -1,16 +1,29 @@
 //! `tcpwatch trace`: one line per transition, with the socket's real owner
 //! and the time since its previous transition.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use crate::host::clock::Clock;
-use crate::model::decode::{interpret_all, Record, Rejects};
+use crate::model::decode::Record;
 use crate::model::filter::Filter;
 use crate::model::owner::OwnerTracker;
+use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
-use crate::stream::session::Sink;
-use crate::views::{trace_json, trace_text, Format, Summary, TraceLine, TRACE_HEADER};
-use tcpwatch_common::Event;
+use crate::stream::context::Context;
+use crate::stream::pipeline::{Batch, Consumer, Totals};
+use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
+use crate::views::{trace_json, trace_text, Format, TraceLine, TRACE_HEADER};
+
+/// What the user asked `trace` for.
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    pub format: Format,
+    pub filter: Filter,
+    pub max_sockets: usize,
+    /// Print the column header first (text format).
+    pub header: bool,
+}
 
 /// Turns records into trace lines written to `out`.
 pub struct TraceSink<W: Write> {
@@ -20,61 +33,42 @@ pub struct TraceSink<W: Write> {
     clock: Clock,
     owners: OwnerTracker,
     last_ts: BoundedMap<u64, u64>,
-    pub summary: Summary,
-    /// Where lost-event and decode warnings go (stderr in the binary).
-    warn: Box<dyn FnMut(&str) + Send>,
-    /// Live only: checks the owner table against the kernel after losses.
-    sweep: Option<crate::model::sweep::Sweeper>,
+    seen: u64,
+    shown: u64,
+    by_kind: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 impl<W: Write> TraceSink<W> {
-    pub fn new(
-        out: W,
-        format: Format,
-        filter: Filter,
-        clock: Clock,
-        owners: OwnerTracker,
-        max_sockets: usize,
-        warn: Box<dyn FnMut(&str) + Send>,
-    ) -> Self {
-        TraceSink {
+    /// The sink for a stream described by `ctx`; the owners of sockets
+    /// from before tracing come from its snapshot.
+    pub fn build(out: W, opts: TraceOptions, ctx: &Context) -> Self {
+        let mut sink = TraceSink {
             out,
-            format,
-            filter,
-            clock,
-            owners,
-            last_ts: BoundedMap::new(max_sockets),
-            sweep: None,
-            summary: Summary::default(),
-            warn,
+            format: opts.format,
+            filter: opts.filter,
+            clock: ctx.clock,
+            owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
+            last_ts: BoundedMap::new(opts.max_sockets),
+            seen: 0,
+            shown: 0,
+            by_kind: BTreeMap::new(),
+        };
+        if opts.header && sink.format == Format::Text {
+            // A closed pipe shows at the first line written.
+            let _ = writeln!(sink.out, "{TRACE_HEADER}").and_then(|()| sink.out.flush());
         }
-    }
-
-    /// After lost events, drops the sockets the kernel no longer has (see
-    /// `sweep`): for live tracing, never for a replay.
-    pub fn sweep_stale(&mut self) {
-        self.sweep = Some(crate::model::sweep::Sweeper::default());
-    }
-
-    /// Swaps in an owner tracker (the binary builds one with the /proc
-    /// snapshot once the probe is attached).
-    pub fn replace_owners(&mut self, owners: OwnerTracker) {
-        self.owners = owners;
-    }
-
-    pub fn header(&mut self) -> io::Result<()> {
-        if self.format == Format::Text {
-            writeln!(self.out, "{TRACE_HEADER}")?;
-            self.out.flush()?;
-        }
-        Ok(())
+        sink
     }
 
     fn record(&mut self, r: &Record) -> io::Result<()> {
         let Record::State(t) = r else {
             return Ok(());
         };
-        self.summary.count(t);
+        self.seen += 1;
+        *self
+            .by_kind
+            .entry((t.old.name(), t.new.name()))
+            .or_default() += 1;
         let owner = self.owners.observe(t);
         let delta_ns = self
             .last_ts
@@ -93,7 +87,7 @@ impl<W: Write> TraceSink<W> {
         ) {
             return Ok(());
         }
-        self.summary.shown += 1;
+        self.shown += 1;
         let line = TraceLine {
             t,
             owner: owner.as_ref(),
@@ -106,52 +100,61 @@ impl<W: Write> TraceSink<W> {
         writeln!(self.out, "{text}")
     }
 
-    /// Handles records directly (replay and tests).
-    pub fn records(&mut self, records: &[Record]) -> io::Result<()> {
-        for r in records {
-            self.record(r)?;
-        }
-        self.out.flush()
-    }
-
     pub fn into_inner(self) -> W {
         self.out
     }
 }
 
-impl<W: Write> Sink for TraceSink<W> {
-    fn events(
-        &mut self,
-        events: &[Event],
-        mut rejects: Rejects,
-        settled_ns: u64,
-    ) -> io::Result<()> {
-        let records = interpret_all(events, &mut rejects);
-        if let Some(w) = rejects.warning() {
-            self.summary.decode_errors += rejects.count;
-            (self.warn)(&w);
+impl<W: Write> Consumer for TraceSink<W> {
+    fn records(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        for r in batch.records {
+            self.record(r)?;
         }
-        self.records(&records)?;
-        self.summary.tracking = self.owners.tracking();
-        if let Some(sweep) = &mut self.sweep {
-            for skaddr in sweep.tick(settled_ns, &mut self.owners, &mut *self.warn) {
-                self.last_ts.remove(&skaddr);
-            }
-            self.summary.tracking.at_exit = self.owners.tracked();
-            self.summary.tracking.stale = sweep.dropped;
-        }
-        Ok(())
+        self.out.flush()
     }
 
-    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
-        (self.warn)(&self.summary.lost.advance(counts));
-        if let Some(sweep) = &mut self.sweep {
-            sweep.lost(counts.total());
-        }
+    fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
+        Some(self)
     }
 
     fn finish(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    fn summary(&self, totals: &Totals) -> ExitSummary {
+        let mut transitions: Vec<TransitionCount> = self
+            .by_kind
+            .iter()
+            .map(|((old, new), count)| TransitionCount {
+                old: old.to_string(),
+                new: new.to_string(),
+                count: *count,
+            })
+            .collect();
+        // Most frequent first; ties in name order.
+        transitions.sort_by(|a, b| b.count.cmp(&a.count));
+        ExitSummary::Trace(TraceSummary {
+            transitions_seen: self.seen,
+            shown: self.shown,
+            stream: totals.stream(),
+            tracking: totals.tracking(self.owners.tracking()),
+            transitions,
+        })
+    }
+}
+
+/// The owner table, and with each socket dropped its last time stamp.
+impl<W: Write> SweepTable for TraceSink<W> {
+    fn unlisted(&self, kernel: &KernelSockets) -> Vec<(u64, u64)> {
+        self.owners.unlisted(kernel)
+    }
+
+    fn drop_unchanged(&mut self, skaddr: u64, mark: u64) -> bool {
+        let dropped = self.owners.drop_unchanged(skaddr, mark);
+        if dropped {
+            self.last_ts.remove(&skaddr);
+        }
+        dropped
     }
 }
 
@@ -161,7 +164,7 @@ mod tests {
     use crate::model::decode::tests::state_event;
     use crate::model::decode::{decode, encode};
     use crate::model::TcpState::*;
-    use std::sync::{Arc, Mutex};
+    use crate::stream::pipeline::Pipeline;
 
     fn ev(
         sk: u64,
@@ -185,31 +188,52 @@ mod tests {
         decode(&encode(&ev(sk, old, new, ts, pid))).unwrap()
     }
 
-    fn sink(filter: Filter, format: Format) -> (TraceSink<Vec<u8>>, Arc<Mutex<Vec<String>>>) {
-        let warnings = Arc::new(Mutex::new(Vec::new()));
-        let w = warnings.clone();
-        let s = TraceSink::new(
-            Vec::new(),
+    /// A context with no snapshot and no namespace, as tests build it.
+    pub(crate) fn context() -> Context {
+        let header = crate::stream::record::Header {
+            clock_offset_ns: 0,
+            netns: 0,
+            fin_timeout_s: 60,
+        };
+        Context {
+            snapshot: None,
+            ..Context::recorded(
+                &header,
+                crate::host::procfs::SocketSnapshot::from_entries(Vec::new()),
+            )
+        }
+    }
+
+    fn sink(filter: Filter, format: Format) -> TraceSink<Vec<u8>> {
+        let opts = TraceOptions {
             format,
             filter,
-            Clock::with_offset_ns(0),
-            OwnerTracker::new(100, None, None),
-            100,
-            Box::new(move |m| w.lock().unwrap().push(m.to_string())),
-        );
-        (s, warnings)
+            max_sockets: 100,
+            header: false,
+        };
+        TraceSink::build(Vec::new(), opts, &context())
+    }
+
+    fn feed(s: &mut TraceSink<Vec<u8>>, records: &[Record]) {
+        s.records(&Batch {
+            events: &[],
+            records,
+            undecodable: 0,
+            settled_ns: 0,
+        })
+        .unwrap();
     }
 
     #[test]
     fn prints_owner_and_delta_per_socket() {
-        let (mut s, _) = sink(Filter::default(), Format::Json);
+        let mut p = Pipeline::replay(sink(Filter::default(), Format::Json));
         let events = vec![
             ev(1, Close, SynSent, 1_000_000, 10),
             ev(2, Close, SynSent, 1_500_000, 20),
             ev(1, SynSent, Established, 3_000_000, 0),
         ];
-        s.events(&events, Rejects::default(), 0).unwrap();
-        let out = String::from_utf8(s.into_inner()).unwrap();
+        p.raw(events, Default::default(), 0).unwrap();
+        let out = String::from_utf8(p.end(None).consumer.into_inner()).unwrap();
         let lines: Vec<serde_json::Value> = out
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -229,43 +253,95 @@ mod tests {
             pids: vec![10],
             ..Filter::default()
         };
-        let (mut s, _) = sink(f, Format::Json);
-        s.records(&[
-            rec(1, Close, SynSent, 1, 10),
-            rec(2, Close, SynSent, 2, 20),
-            // current task is 20 here, but the socket is 10's
-            rec(1, SynSent, Established, 3, 20),
-            rec(2, SynSent, Established, 4, 10),
-        ])
-        .unwrap();
-        assert_eq!(s.summary.seen, 4);
-        assert_eq!(s.summary.shown, 2);
+        let mut s = sink(f, Format::Json);
+        feed(
+            &mut s,
+            &[
+                rec(1, Close, SynSent, 1, 10),
+                rec(2, Close, SynSent, 2, 20),
+                // current task is 20 here, but the socket is 10's
+                rec(1, SynSent, Established, 3, 20),
+                rec(2, SynSent, Established, 4, 10),
+            ],
+        );
+        let ExitSummary::Trace(summary) = s.summary(&Totals::default()) else {
+            panic!("not a trace summary")
+        };
+        assert_eq!(summary.transitions_seen, 4);
+        assert_eq!(summary.shown, 2);
         let out = String::from_utf8(s.into_inner()).unwrap();
         assert_eq!(out.lines().count(), 2);
         assert!(out.lines().all(|l| l.contains("\"pid\":10")), "{out}");
     }
 
     #[test]
-    fn lost_events_are_reported_as_they_happen() {
-        let (mut s, warnings) = sink(Filter::default(), Format::Text);
-        s.lost(crate::kernel::probe::LostCounts {
-            ring_full: 5,
-            skipped: 0,
-        });
-        s.lost(crate::kernel::probe::LostCounts {
-            ring_full: 9,
-            skipped: 3,
-        });
-        let w = warnings.lock().unwrap();
-        assert_eq!(w.len(), 2);
-        assert!(w[0].contains("LOST 5 events"), "{}", w[0]);
-        assert!(
-            w[1].contains("LOST 7 events")
-                && w[1].contains("12 in all")
-                && w[1].contains("3 skipped by the kernel"),
-            "{}",
-            w[1]
+    fn summary_lists_kinds_by_count_with_the_streams_figures() {
+        let mut s = sink(Filter::default(), Format::Text);
+        feed(
+            &mut s,
+            &[
+                rec(1, Close, SynSent, 1, 10),
+                rec(1, SynSent, Established, 2, 10),
+                rec(2, SynSent, Established, 3, 10),
+            ],
         );
-        assert_eq!(s.summary.lost.total(), 12);
+        let totals = Totals {
+            events: 3,
+            stale: 1,
+            lost: crate::kernel::probe::LostCounts {
+                ring_full: 3,
+                skipped: 0,
+            },
+            ..Totals::default()
+        };
+        let summary = s.summary(&totals);
+        let ExitSummary::Trace(t) = &summary else {
+            panic!("not a trace summary")
+        };
+        assert_eq!(
+            (t.transitions[0].count, t.transitions[0].new.as_str()),
+            (2, "ESTABLISHED")
+        );
+        assert_eq!(t.tracking.stale, 1);
+        assert_eq!(t.tracking.limit, 100);
+        let r = summary.text();
+        assert!(
+            r.starts_with("tcpwatch: 3 transitions seen, 3 shown\n"),
+            "{r}"
+        );
+        assert!(r.contains("3 lost events (3 ring buffer full"), "{r}");
+        assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
+    }
+
+    /// A socket dropped by the sweep loses its owner and its time stamp.
+    #[test]
+    fn sweeping_drops_the_owner_and_the_time_stamp() {
+        let ctx = Context {
+            netns: Some(5),
+            ..context()
+        };
+        let opts = TraceOptions {
+            format: Format::Json,
+            filter: Filter::default(),
+            max_sockets: 100,
+            header: false,
+        };
+        let mut s = TraceSink::build(Vec::new(), opts, &ctx);
+        let ours = |old, new, ts| {
+            let mut e = ev(1, old, new, ts, 10);
+            e.netns = 5;
+            e.valid |= tcpwatch_common::valid::NETNS;
+            decode(&encode(&e)).unwrap()
+        };
+        feed(
+            &mut s,
+            &[ours(Close, SynSent, 1), ours(SynSent, Established, 2)],
+        );
+        let unlisted = s.unlisted(&KernelSockets::default());
+        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
+        let (sk, mark) = unlisted[0];
+        assert!(s.drop_unchanged(sk, mark));
+        assert_eq!(s.owners.tracked(), 0);
+        assert!(s.last_ts.get(&sk).is_none());
     }
 }

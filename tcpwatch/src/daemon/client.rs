@@ -1,28 +1,79 @@
 //! `tcpwatch conns --from` and `tcpwatch timewait --from`: read a running
 //! daemon over plain HTTP instead of loading programs here.
 
+use std::io::{self, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use std::io::Write;
-
 use super::query::MAX_LIMIT;
+use super::Health;
 use crate::commands::timewait::write_snapshot;
 use crate::model::filter::Filter;
 use crate::model::timewait::Snapshot;
 use crate::views::conns::{record_json, record_text, ConnRecord, CONNS_HEADER};
+use crate::views::summary::{FollowSummary, WatchSummary};
 use crate::views::Format;
 
 /// Longest a request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Why `--from` could not read the daemon. Each message names the daemon;
+/// the cause, when there is one, follows as the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "--from {url}: only http:// is supported (the daemon serves plain HTTP), not {scheme}://"
+    )]
+    Scheme { url: String, scheme: String },
+    #[error("--from {url}: not a URL of the form http://HOST:PORT")]
+    NotAUrl { url: String },
+    #[error("cannot reach the tcpwatch daemon at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach the tcpwatch daemon at {url}")]
+    Http {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("cannot reach the tcpwatch daemon at {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("{url}{path}: no answer within {TIMEOUT:?}")]
+    Timeout { url: String, path: String },
+    #[error("{url}{path}: {status}: {why}")]
+    Refused {
+        url: String,
+        path: String,
+        status: StatusCode,
+        why: String,
+    },
+    #[error("{url}{path}: not what a tcpwatch daemon answers")]
+    Answer {
+        url: String,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot install signal handler")]
+    Signal(#[source] io::Error),
+    #[error("writing output failed")]
+    Output(#[source] io::Error),
+}
 
 /// Where a daemon is: `http://HOST:PORT` (or just `HOST:PORT`). One
 /// connection is kept open and reused, so polling makes no new connection
@@ -35,28 +86,30 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn parse(url: &str) -> Result<Daemon, String> {
+    pub fn parse(url: &str) -> Result<Daemon, ClientError> {
+        let not_a_url = || ClientError::NotAUrl {
+            url: url.to_string(),
+        };
         let rest = match url.split_once("://") {
             Some(("http", rest)) => rest,
             Some((scheme, _)) => {
-                return Err(format!(
-                    "--from {url}: only http:// is supported (the daemon serves plain HTTP), not {scheme}://"
-                ))
+                return Err(ClientError::Scheme {
+                    url: url.to_string(),
+                    scheme: scheme.to_string(),
+                })
             }
             None => url,
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         let uri: hyper::Uri = format!("http://{authority}/")
             .parse()
-            .map_err(|_| format!("--from {url}: not a URL of the form http://HOST:PORT"))?;
+            .map_err(|_| not_a_url())?;
         match uri.authority() {
             Some(a) if a.port_u16().is_some() && a.as_str() == authority => Ok(Daemon {
                 authority: authority.to_string(),
                 conn: tokio::sync::Mutex::new(None),
             }),
-            _ => Err(format!(
-                "--from {url}: not a URL of the form http://HOST:PORT"
-            )),
+            _ => Err(not_a_url()),
         }
     }
 
@@ -65,28 +118,37 @@ impl Daemon {
     }
 
     /// GETs `path` and returns the body of a 200 answer.
-    pub async fn get(&self, path: &str) -> Result<Bytes, String> {
+    pub async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
         tokio::time::timeout(TIMEOUT, self.get_inner(path))
             .await
-            .map_err(|_| format!("{}{path}: no answer within {TIMEOUT:?}", self.url()))?
+            .map_err(|_| ClientError::Timeout {
+                url: self.url(),
+                path: path.to_string(),
+            })?
     }
 
-    async fn connect(&self) -> Result<Sender, String> {
+    async fn connect(&self) -> Result<Sender, ClientError> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|source| ClientError::Connect {
+                url: self.url(),
+                source,
+            })?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.http_error(e))?;
         tokio::spawn(conn);
         Ok(send)
     }
 
-    fn unreachable(&self, e: &dyn std::fmt::Display) -> String {
-        format!("cannot reach the tcpwatch daemon at {}: {e}", self.url())
+    fn http_error(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            url: self.url(),
+            source,
+        }
     }
 
-    async fn get_inner(&self, path: &str) -> Result<Bytes, String> {
+    async fn get_inner(&self, path: &str) -> Result<Bytes, ClientError> {
         let mut conn = self.conn.lock().await;
         // The kept connection first; if the daemon closed it meanwhile (it
         // drops idle ones), once more on a new one.
@@ -96,34 +158,41 @@ impl Daemon {
         };
         loop {
             if !reused {
-                *conn = Some(self.connect().await?);
+                *conn = None;
             }
-            let Some(send) = conn.as_mut() else {
-                return Err(self.unreachable(&"no connection"));
+            let send = match conn.as_mut() {
+                Some(send) => send,
+                None => conn.insert(self.connect().await?),
             };
             let req = Request::get(path)
                 .header(hyper::header::HOST, &self.authority)
                 .body(Empty::<Bytes>::new())
-                .map_err(|e| self.unreachable(&e))?;
+                .map_err(|source| ClientError::Request {
+                    url: self.url(),
+                    source,
+                })?;
             match send.send_request(req).await {
                 Ok(resp) => return self.answer(path, resp).await,
                 Err(_) if reused => reused = false,
                 Err(e) => {
                     *conn = None;
-                    return Err(self.unreachable(&e));
+                    return Err(self.http_error(e));
                 }
             }
         }
     }
 
-    async fn answer(&self, path: &str, resp: hyper::Response<Incoming>) -> Result<Bytes, String> {
-        let fail = |e: &dyn std::fmt::Display| self.unreachable(e);
+    async fn answer(
+        &self,
+        path: &str,
+        resp: hyper::Response<Incoming>,
+    ) -> Result<Bytes, ClientError> {
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| fail(&e))?
+            .map_err(|e| self.http_error(e))?
             .to_bytes();
         if !status.is_success() {
             #[derive(Deserialize)]
@@ -133,18 +202,25 @@ impl Daemon {
             let why = serde_json::from_slice::<ErrorBody>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
-            return Err(format!("{}{path}: {status}: {why}", self.url()));
+            return Err(ClientError::Refused {
+                url: self.url(),
+                path: path.to_string(),
+                status,
+                why,
+            });
         }
         Ok(body)
     }
 
-    pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, String> {
+    pub async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<T, ClientError> {
         let body = self.get(path).await?;
-        serde_json::from_slice(&body).map_err(|e| {
-            format!(
-                "{}{path}: not what a tcpwatch daemon answers: {e}",
-                self.url()
-            )
+        serde_json::from_slice(&body).map_err(|source| ClientError::Answer {
+            url: self.url(),
+            path: path.to_string(),
+            source,
         })
     }
 }
@@ -157,18 +233,11 @@ pub struct ConnsPage {
     pub conns: Vec<ConnRecord>,
 }
 
-/// `GET /healthz`, as far as `--from` needs it.
-#[derive(Debug, Deserialize)]
-pub struct Health {
-    pub lost_ring_full: u64,
-    pub lost_kernel_skipped: u64,
-}
-
 /// How long `--from` runs, and what it does on Ctrl-C or SIGTERM.
-async fn until_stopped(duration: Option<Duration>) -> Result<(), String> {
+async fn until_stopped(duration: Option<Duration>) -> Result<(), ClientError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(ClientError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ClientError::Signal)?;
     let wait = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -195,18 +264,22 @@ pub async fn follow_conns<W: Write>(
     filter: &Filter,
     header: bool,
     duration: Option<Duration>,
-) -> Result<FollowSummary, String> {
+) -> Result<FollowSummary, ClientError> {
     // Where the daemon is now: only what finishes after this is shown.
     let first: ConnsPage = daemon.get_json("/api/conns?limit=1").await?;
-    eprintln!(
-        "tcpwatch: reading TCP connections from {}; Ctrl-C to stop",
+    tracing::info!(
+        "reading TCP connections from {}; Ctrl-C to stop",
         daemon.url()
     );
+    let mut summary = FollowSummary {
+        daemon: daemon.url(),
+        ..FollowSummary::default()
+    };
     if header && format == Format::Text {
-        writeln!(out, "{CONNS_HEADER}").map_err(|e| e.to_string())?;
-        out.flush().map_err(|e| e.to_string())?;
+        if let Err(e) = writeln!(out, "{CONNS_HEADER}").and_then(|()| out.flush()) {
+            return quiet_pipe(e, summary);
+        }
     }
-    let mut summary = FollowSummary::default();
     let mut since = first.next;
     let stop = until_stopped(duration);
     tokio::pin!(stop);
@@ -242,20 +315,12 @@ pub async fn follow_conns<W: Write>(
 }
 
 /// A closed pipe (`| head`) ends the command quietly.
-fn quiet_pipe(e: std::io::Error, summary: FollowSummary) -> Result<FollowSummary, String> {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
+fn quiet_pipe<T>(e: io::Error, summary: T) -> Result<T, ClientError> {
+    if e.kind() == io::ErrorKind::BrokenPipe {
         Ok(summary)
     } else {
-        Err(format!("writing output failed: {e}"))
+        Err(ClientError::Output(e))
     }
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FollowSummary {
-    pub received: u64,
-    pub shown: u64,
-    /// Finished connections the daemon no longer held when asked.
-    pub missed: u64,
 }
 
 /// `tcpwatch timewait --from`: the daemon's snapshot every `interval`,
@@ -267,29 +332,31 @@ pub async fn watch_timewait<W: Write>(
     redraw: bool,
     interval: Duration,
     duration: Option<Duration>,
-) -> Result<u64, String> {
-    let mut written = 0u64;
+) -> Result<WatchSummary, ClientError> {
+    let mut summary = WatchSummary {
+        snapshots: 0,
+        daemon: daemon.url(),
+    };
     let stop = until_stopped(duration);
     tokio::pin!(stop);
-    eprintln!(
-        "tcpwatch: reading TIME_WAIT snapshots from {}; Ctrl-C to stop",
+    tracing::info!(
+        "reading TIME_WAIT snapshots from {}; Ctrl-C to stop",
         daemon.url()
     );
     loop {
         let snapshot: Snapshot = daemon.get_json("/api/timewait").await?;
         let health: Health = daemon.get_json("/healthz").await?;
         let lost = health.lost_ring_full + health.lost_kernel_skipped;
-        match write_snapshot(out, &snapshot, format, redraw, written, lost) {
-            Ok(()) => written += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(written),
-            Err(e) => return Err(format!("writing output failed: {e}")),
+        match write_snapshot(out, &snapshot, format, redraw, summary.snapshots, lost) {
+            Ok(()) => summary.snapshots += 1,
+            Err(e) => return quiet_pipe(e, summary),
         }
         tokio::select! {
             r = &mut stop => { r?; break; }
             _ = tokio::time::sleep(interval) => {}
         }
     }
-    Ok(written)
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -318,7 +385,7 @@ mod tests {
             "http://",
             "::::",
         ] {
-            let e = Daemon::parse(bad).unwrap_err();
+            let e = Daemon::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("--from") && !e.contains('\n'), "{bad}: {e}");
         }
     }

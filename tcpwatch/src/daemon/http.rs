@@ -1,7 +1,8 @@
-//! The daemon's HTTP/1.1 server. Every endpoint answers from what the sink
-//! last published; nothing a client sends reaches the tracing side. A client
-//! that sends garbage gets 400 and is dropped; one that sends nothing is
-//! dropped after `HEADER_TIMEOUT`; at most `MAX_CLIENTS` are served at once.
+//! The daemon's HTTP/1.1 server. Every endpoint answers from what the
+//! daemon's consumer last published (`/healthz`: 503 until it is live);
+//! nothing a client sends reaches the tracing side. A client that sends
+//! garbage gets 400 and is dropped; one that sends nothing is dropped after
+//! `HEADER_TIMEOUT`; at most `MAX_CLIENTS` are served at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,12 +30,22 @@ const JSON: &str = "application/json";
 /// prometheus-client writes the OpenMetrics text format.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Binds the listening socket; the error is one line.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+/// The address could not be listened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds the listening socket.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let fail = |source| ListenError { addr, source };
     let std = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    TcpListener::from_std(std).map_err(|e| format!("cannot listen on {addr}: {e}"))
+        .map_err(fail)?;
+    TcpListener::from_std(std).map_err(fail)
 }
 
 /// Serves until `stop` turns true.
@@ -106,7 +117,12 @@ pub fn respond(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     match route(target) {
         Ok(Route::Metrics) => reply(StatusCode::OK, OPENMETRICS, shared.metrics()),
-        Ok(Route::Health) => reply(StatusCode::OK, JSON, shared.health()),
+        Ok(Route::Health) => match shared.health() {
+            (true, body) => reply(StatusCode::OK, JSON, body),
+            // Not live yet (or never, for a probe that fails to load): a
+            // readiness probe must not pass.
+            (false, body) => reply(StatusCode::SERVICE_UNAVAILABLE, JSON, body),
+        },
         Ok(Route::Timewait) => match shared.timewait() {
             Some(j) => reply(StatusCode::OK, JSON, j),
             None => error(

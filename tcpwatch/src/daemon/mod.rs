@@ -2,8 +2,10 @@
 //! served over HTTP to Prometheus (`/metrics`) and to `tcpwatch ... --from`
 //! (`/api/timewait`, `/api/conns`).
 //!
-//! The session's sink does the work on the runtime's main task and
-//! publishes into [`Shared`]; the HTTP tasks only read what was published.
+//! The session builds the daemon's consumer once the probe is live; it
+//! does the work on the runtime's main task and publishes into [`Shared`];
+//! the HTTP tasks only read what was published. `/healthz` says "ok" (200)
+//! only from the moment the probe is live and the first snapshot is served.
 
 pub mod client;
 pub mod http;
@@ -17,20 +19,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
-use serde::Serialize;
-use tcpwatch_common::Event;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::{DaemonArgs, LogFormat};
+use crate::cli::DaemonArgs;
 use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
-use crate::host;
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::kernel::probe::LostCounts;
 use crate::model::correlate::Timeline;
-use crate::model::decode::Rejects;
 use crate::model::filter::Filter;
+use crate::model::sweep::SweepTable;
 use crate::model::timewait::Snapshot;
-use crate::stream::session::{self, SessionOptions, Sink};
+use crate::stream::context::Context;
+use crate::stream::error::StreamError;
+use crate::stream::pipeline::{Batch, Consumer, Totals};
+use crate::stream::session::{self, SessionOptions};
 use crate::views::conns::conns_json;
+use crate::views::summary::{DaemonSummary, ExitSummary};
 use crate::views::timewait::timewait_json;
 
 use self::metrics::Metrics;
@@ -53,10 +57,22 @@ struct State {
     health: Health,
 }
 
+/// Whether the daemon serves what it traces yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Loading the probe, or taking the first snapshot: `/healthz` answers
+    /// 503.
+    #[default]
+    Starting,
+    /// The probe is live and the first snapshot is served.
+    Ok,
+}
+
 /// `GET /healthz`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Health {
-    pub status: &'static str,
+    pub status: Status,
     pub uptime_s: u64,
     pub events: u64,
     pub connections: u64,
@@ -87,10 +103,7 @@ impl Shared {
                 last_seq: 0,
                 keep,
                 timewait: None,
-                health: Health {
-                    status: "starting",
-                    ..Health::default()
-                },
+                health: Health::default(),
             }),
             started: Instant::now(),
         }
@@ -116,10 +129,14 @@ impl Shared {
         self.state().timewait.clone()
     }
 
-    pub fn health(&self) -> String {
+    /// Whether the daemon is live, and `/healthz`'s body.
+    pub fn health(&self) -> (bool, String) {
         let mut h = self.state().health.clone();
         h.uptime_s = self.started.elapsed().as_secs();
-        serde_json::to_string(&h).unwrap_or_default()
+        (
+            h.status == Status::Ok,
+            serde_json::to_string(&h).unwrap_or_default(),
+        )
     }
 
     pub fn conns(&self, q: ConnsQuery) -> String {
@@ -144,33 +161,67 @@ impl Shared {
     }
 }
 
-/// The session's sink: TIME_WAIT accounting, metrics, and publishing.
+/// The daemon's consumer of the stream: TIME_WAIT accounting, metrics,
+/// and publishing.
 pub struct DaemonSink {
-    pub tracker: TimewaitTracker,
+    tracker: TimewaitTracker,
     metrics: Metrics,
     shared: Arc<Shared>,
     clock: Clock,
     finished: Vec<Timeline>,
+    events: u64,
     connections: u64,
     snapshots: u64,
-    lost_logged: Option<Instant>,
+    lost: LostCounts,
+    /// The session said tracing began: `/healthz` says "ok".
+    live: bool,
 }
 
 /// Most often a growth of the lost counts is logged.
 const LOST_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// What the user asked the daemon for.
+#[derive(Clone, Copy, Debug)]
+pub struct DaemonOptions {
+    pub interval_ns: u64,
+    pub top: usize,
+    pub max_sockets: usize,
+}
+
 impl DaemonSink {
-    pub fn new(tracker: TimewaitTracker, metrics: Metrics, shared: Arc<Shared>) -> DaemonSink {
-        DaemonSink {
+    /// Starts the accounting where `ctx` begins and publishes its first
+    /// snapshot at once: timewait sockets that already exist are served
+    /// from the first answer.
+    pub fn build(
+        opts: DaemonOptions,
+        metrics: Metrics,
+        shared: Arc<Shared>,
+        ctx: &Context,
+    ) -> DaemonSink {
+        let tracker = TimewaitTracker::start(
+            TrackerOptions {
+                filter: Filter::default(),
+                interval_ns: opts.interval_ns,
+                top: opts.top,
+                max_sockets: opts.max_sockets,
+            },
+            ctx,
+        );
+        let mut sink = DaemonSink {
             tracker,
             metrics,
             shared,
-            clock: Clock::system(),
+            clock: ctx.clock,
             finished: Vec::new(),
+            events: 0,
             connections: 0,
             snapshots: 0,
-            lost_logged: None,
-        }
+            lost: LostCounts::default(),
+            live: false,
+        };
+        let first = sink.tracker.snapshot(monotonic_ns());
+        sink.publish(Some(first));
+        sink
     }
 
     /// Hands what the last batch finished, and a snapshot when one was
@@ -189,7 +240,6 @@ impl DaemonSink {
         self.metrics
             .tracking(correlator.tracked(), correlator.stats().evicted);
         let timewait = snapshot.as_ref().map(timewait_json);
-        let lost = self.tracker.lost;
         let mut st = self.shared.state();
         for j in json {
             st.last_seq += 1;
@@ -204,50 +254,45 @@ impl DaemonSink {
             st.timewait = Some(j);
         }
         st.health = Health {
-            status: "ok",
+            status: if self.live && st.timewait.is_some() {
+                Status::Ok
+            } else {
+                Status::Starting
+            },
             uptime_s: 0,
-            events: self.tracker.events,
+            events: self.events,
             connections: self.connections,
             tracked_sockets: correlator.tracked(),
-            lost_ring_full: lost.ring_full,
-            lost_kernel_skipped: lost.skipped,
+            lost_ring_full: self.lost.ring_full,
+            lost_kernel_skipped: self.lost.skipped,
             snapshots: self.snapshots,
         };
     }
-
-    /// The counts logged when the daemon stops.
-    pub fn totals(&self) -> (u64, u64, LostCounts, u64) {
-        (
-            self.tracker.events,
-            self.connections,
-            self.tracker.lost,
-            self.tracker.correlator().stats().evicted,
-        )
-    }
 }
 
-impl Sink for DaemonSink {
-    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()> {
-        let undecodable = rejects.count;
-        let records = self.tracker.interpret(events, rejects);
-        self.metrics.records(&records, undecodable);
+impl Consumer for DaemonSink {
+    fn records(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        self.events += batch.records.len() as u64;
+        self.metrics.records(batch.records, batch.undecodable);
         let due = self
             .tracker
-            .absorb(&records, settled_ns, &mut self.finished);
+            .absorb(batch.records, batch.settled_ns, &mut self.finished);
         self.publish(due);
         Ok(())
     }
 
-    fn lost(&mut self, counts: LostCounts) {
-        self.metrics.lost(counts);
-        let line = self.tracker.lost.advance(counts);
-        if self
-            .lost_logged
-            .is_none_or(|t| t.elapsed() >= LOST_LOG_EVERY)
-        {
-            self.lost_logged = Some(Instant::now());
-            tracing::warn!("{}", line.trim_start_matches("tcpwatch: "));
-        }
+    fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
+        Some(self.tracker.sweep_table())
+    }
+
+    fn lost(&mut self, lost: LostCounts) {
+        self.metrics.lost(lost);
+        self.lost = lost;
+    }
+
+    fn live(&mut self) {
+        self.live = true;
+        self.publish(None);
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -255,31 +300,36 @@ impl Sink for DaemonSink {
         self.publish(None);
         Ok(())
     }
+
+    fn summary(&self, totals: &Totals) -> ExitSummary {
+        ExitSummary::Daemon(DaemonSummary {
+            connections: self.connections,
+            snapshots: self.snapshots,
+            stream: totals.stream(),
+            tracking: totals.tracking(self.tracker.tracking()),
+        })
+    }
 }
 
-/// Logs to stderr: text (coloured on a terminal) or one JSON object a line.
-pub fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_target(false)
-        .with_max_level(tracing::Level::INFO);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.with_ansi(io::stderr().is_terminal()).try_init(),
-    };
-}
-
-fn warn_log() -> Box<dyn FnMut(&str) + Send> {
-    Box::new(|m| tracing::warn!("{}", m.trim_start_matches("tcpwatch: ")))
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Listen(#[from] http::ListenError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 /// Binds, loads, serves, and runs until SIGTERM, SIGINT or `--duration`.
-pub async fn run(args: DaemonArgs) -> Result<(), String> {
-    init_logging(args.log_format);
+pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
     // Bound first: a port in use fails before anything is loaded.
     let listener = http::bind(args.listen)?;
-    let listen: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listen: SocketAddr = listener
+        .local_addr()
+        .map_err(|source| http::ListenError {
+            addr: args.listen,
+            source,
+        })?;
 
     let mut registry = Registry::with_prefix("tcpwatch");
     let metrics = Metrics::new(&mut registry);
@@ -287,56 +337,36 @@ pub async fn run(args: DaemonArgs) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx));
 
-    let tracker = TimewaitTracker::for_host(
-        TrackerOptions {
-            filter: Filter::default(),
-            interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
-            top: args.top,
-        },
-        args.probe.max_sockets,
-        warn_log(),
-    );
-    let mut sink = DaemonSink::new(tracker, metrics, shared);
-    let opts = SessionOptions {
+    let opts = DaemonOptions {
+        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        top: args.top,
+        max_sockets: args.probe.max_sockets,
+    };
+    let session = SessionOptions {
         probe: args.probe.options(),
         duration: args.duration,
+        announce: format!("listening on http://{listen}; tracing TCP connections"),
+        lost_log_every: LOST_LOG_EVERY,
     };
-    let mut started = false;
-    let result = session::run(
-        opts,
-        |probe, sink: &mut DaemonSink| {
-            started = true;
-            let snapshot =
-                host::socket_snapshot(|m| tracing::warn!("{}", m.trim_start_matches("tcpwatch: ")));
-            sink.tracker.start_on_host(snapshot);
-            // Timewait sockets that already exist are served at once.
-            let first = sink.tracker.snapshot(monotonic_ns());
-            sink.publish(Some(first));
-            for line in &probe.degraded {
-                tracing::warn!("degraded: {line}");
-            }
-            if probe.mounted_tracefs {
-                tracing::info!("mounted tracefs at /sys/kernel/tracing");
-            }
-            tracing::info!("listening on http://{listen}; tracing TCP connections");
-        },
-        &mut sink,
-    )
+    let ended = session::run(session, |ctx| {
+        Ok(DaemonSink::build(opts, metrics, shared, ctx))
+    })
     .await;
     let _ = stop_tx.send(true);
     let _ = server.await;
-    if started {
-        let (events, connections, lost, evicted) = sink.totals();
+    let ended = ended?;
+    if let ExitSummary::Daemon(s) = ended.summary() {
         tracing::info!(
-            events,
-            connections,
-            lost_ring_full = lost.ring_full,
-            lost_kernel_skipped = lost.skipped,
-            evicted,
+            events = s.stream.events,
+            connections = s.connections,
+            lost_ring_full = s.stream.lost.ring_full,
+            lost_kernel_skipped = s.stream.lost.skipped,
+            evicted = s.tracking.evicted,
+            stale = s.tracking.stale,
             "stopped: programs detached"
         );
     }
-    result.map_err(|e| e.to_string())
+    Ok(ended.result()?)
 }
 
 #[cfg(test)]

@@ -372,7 +372,7 @@ impl LostCounts {
     /// The line said when the counts grow from `before`.
     pub fn warning(&self, before: &LostCounts) -> String {
         format!(
-            "tcpwatch: LOST {} events ({} in all: {} with the ring buffer full - raise --ring-size; {} skipped by the kernel while another BPF program ran on the CPU)",
+            "LOST {} events ({} in all: {} with the ring buffer full - raise --ring-size; {} skipped by the kernel while another BPF program ran on the CPU)",
             self.total().saturating_sub(before.total()),
             self.total(),
             self.ring_full,

@@ -195,23 +195,3 @@ pub async fn run_reader(
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::stream::session::channel_batches;
-
-    #[test]
-    fn records_queued_for_the_stages_fit_in_the_ring_size() {
-        for ring in [4096u32, 1 << 20, 16 << 20, 1 << 30] {
-            let queued = channel_batches(ring) * MAX_BATCH * Event::SIZE;
-            let floor = 4 * MAX_BATCH * Event::SIZE;
-            assert!(queued <= (ring as usize).max(floor), "{ring}: {queued}");
-        }
-        assert_eq!(channel_batches(4096), 4);
-        assert!(
-            channel_batches(16 << 20) >= 64,
-            "the default keeps 64 batches or more"
-        );
-    }
-}

@@ -275,7 +275,7 @@ impl Rejects {
                 .as_ref()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            format!("tcpwatch: {} undecodable records ({why})", self.count)
+            format!("{} undecodable records ({why})", self.count)
         })
     }
 }

@@ -147,7 +147,7 @@ impl Sweeper {
     pub fn tick(
         &mut self,
         settled_ns: u64,
-        table: &mut impl SweepTable,
+        table: &mut (impl SweepTable + ?Sized),
         warn: &mut dyn FnMut(&str),
     ) -> Vec<u64> {
         let mut dropped = Vec::new();
@@ -177,7 +177,7 @@ impl Sweeper {
                 Err(e) if !self.warned => {
                     self.warned = true;
                     warn(&format!(
-                        "tcpwatch: cannot list this namespace's sockets ({e}): sockets whose close \
+                        "cannot list this namespace's sockets ({e}): sockets whose close \
                          was lost stay tracked until evicted"
                     ));
                 }

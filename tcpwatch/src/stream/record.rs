@@ -34,24 +34,34 @@ pub const HEADER_LEN: usize = 40;
 /// Snapshot sections larger than this are refused as corrupt.
 const MAX_SNAPSHOT: u32 = 64 << 20;
 
+/// The cause of each follows its message as the error's source.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("cannot create {path}: {source}")]
-    Create { path: PathBuf, source: io::Error },
-    #[error("cannot open {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("writing the recording failed: {0}")]
-    Write(io::Error),
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the recording failed")]
+    Write(#[source] io::Error),
     #[error("{path}: {what} at byte offset {offset}")]
     Corrupt {
         path: PathBuf,
         offset: u64,
         what: String,
     },
-    #[error("{path}: read error at byte offset {offset}: {source}")]
+    #[error("{path}: read error at byte offset {offset}")]
     Read {
         path: PathBuf,
         offset: u64,
+        #[source]
         source: io::Error,
     },
 }
@@ -87,11 +97,16 @@ fn snapshot_text(snapshot: Option<&SocketSnapshot>) -> String {
     text
 }
 
-fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
+/// A line of the snapshot section that does not read (numbered from 1).
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot line {0} is malformed")]
+struct MalformedSnapshot(usize);
+
+fn parse_snapshot(text: &str) -> Result<SocketSnapshot, MalformedSnapshot> {
     let mut entries = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let f: Vec<&str> = line.splitn(6, '\t').collect();
-        let bad = || format!("snapshot line {} is malformed", i + 1);
+        let bad = || MalformedSnapshot(i + 1);
         if f.len() != 6 {
             return Err(bad());
         }
@@ -123,8 +138,8 @@ fn parse_snapshot(text: &str) -> Result<SocketSnapshot, String> {
 /// peers.
 pub struct Recorder<W: Write> {
     out: W,
+    /// Records written.
     pub events: u64,
-    pub lost: crate::kernel::probe::LostCounts,
 }
 
 impl Recorder<BufWriter<File>> {
@@ -176,11 +191,7 @@ impl<W: Write> Recorder<W> {
         h[32..36].copy_from_slice(&header.fin_timeout_s.to_le_bytes());
         out.write_all(&h).map_err(RecordError::Write)?;
         out.write_all(snap.as_bytes()).map_err(RecordError::Write)?;
-        Ok(Recorder {
-            out,
-            events: 0,
-            lost: crate::kernel::probe::LostCounts::default(),
-        })
+        Ok(Recorder { out, events: 0 })
     }
 
     pub fn write(&mut self, events: &[Event]) -> Result<(), RecordError> {
@@ -199,35 +210,6 @@ impl<W: Write> Recorder<W> {
 
     pub fn into_inner(self) -> W {
         self.out
-    }
-}
-
-impl<W: Write> crate::stream::session::Sink for Recorder<W> {
-    fn events(
-        &mut self,
-        events: &[Event],
-        rejects: crate::model::decode::Rejects,
-        _settled: u64,
-    ) -> io::Result<()> {
-        if rejects.count > 0 {
-            eprintln!(
-                "tcpwatch: {} records of the wrong size were not recorded",
-                rejects.count
-            );
-        }
-        self.write(events)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        // Whole batches reach the file promptly, so a killed recorder loses
-        // at most the last moment.
-        self.flush().map_err(|e| io::Error::other(e.to_string()))
-    }
-
-    fn lost(&mut self, counts: crate::kernel::probe::LostCounts) {
-        eprintln!("{}", self.lost.advance(counts));
-    }
-
-    fn finish(&mut self) -> io::Result<()> {
-        self.flush().map_err(|e| io::Error::other(e.to_string()))
     }
 }
 
@@ -333,7 +315,8 @@ impl<R: Read> Replay<R> {
                 "snapshot is not UTF-8",
             )
         })?;
-        let snapshot = parse_snapshot(text).map_err(|w| corrupt(HEADER_LEN as u64, &w))?;
+        let snapshot =
+            parse_snapshot(text).map_err(|e| corrupt(HEADER_LEN as u64, &e.to_string()))?;
         Ok(Replay {
             input,
             path: path.to_path_buf(),
@@ -397,7 +380,7 @@ impl<R: Read> Replay<R> {
     pub fn warning(&self) -> Option<String> {
         (self.partial_tail > 0).then(|| {
             format!(
-                "tcpwatch: {}: ends with a partial record ({} of {} bytes at byte offset {}), \
+                "{}: ends with a partial record ({} of {} bytes at byte offset {}), \
                  ignored: the recorder was probably killed while writing",
                 self.path.display(),
                 self.partial_tail,

@@ -1,41 +1,20 @@
-//! A tracing session: loads the probe, starts the ring-buffer reader, and
-//! hands records to a sink until the user stops it (Ctrl-C, SIGTERM) or
-//! `--duration` runs out. Shared by every command that traces live; replay
-//! drives the same sinks from a file.
+//! A live session: loads and attaches the probe, takes the snapshot of
+//! the sockets that already exist once the probe is live, builds the
+//! command's consumer from that [`Context`], says that tracing began, and
+//! hands it every batch through the pipeline's front until the user stops
+//! it (Ctrl-C, SIGTERM) or `--duration` runs out.
 
-use std::io;
 use std::time::Duration;
 
-use tcpwatch_common::Event;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::kernel::probe::{LostCounts, Probe, ProbeError, ProbeOptions};
+use crate::kernel::probe::{Probe, ProbeOptions};
 use crate::kernel::ringbuf::{run_reader, Feed, ReaderOptions};
 use crate::model::decode::Rejects;
-
-/// What a command does with the event stream.
-pub trait Sink {
-    /// A batch of raw events in ring order. Every event stamped before
-    /// `settled_ns` has been delivered by now.
-    fn events(&mut self, events: &[Event], rejects: Rejects, settled_ns: u64) -> io::Result<()>;
-    /// The kernel's lost-event counts have grown to `lost`.
-    fn lost(&mut self, lost: LostCounts);
-    /// The stream ended: write out whatever is still held.
-    fn finish(&mut self) -> io::Result<()>;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("{0}")]
-    Probe(#[from] ProbeError),
-    #[error("ring buffer reader failed: {0}")]
-    Reader(io::Error),
-    #[error("cannot install signal handler: {0}")]
-    Signal(io::Error),
-    #[error("writing output failed: {0}")]
-    Output(io::Error),
-}
+use crate::stream::context::Context;
+use crate::stream::error::StreamError;
+use crate::stream::pipeline::{Consumer, Ended, Pipeline};
 
 /// Record batches the reader may queue for the stages: as many records as
 /// the ring buffer holds (at least 4 batches), so that what waits in
@@ -48,18 +27,35 @@ pub fn channel_batches(ring_size: u32) -> usize {
 pub struct SessionOptions {
     pub probe: ProbeOptions,
     pub duration: Option<Duration>,
+    /// Said once the consumer is built: that tracing began (always, so
+    /// scripts and tests know when to start).
+    pub announce: String,
+    /// Least time between two lost-event warnings (zero: every growth).
+    pub lost_log_every: Duration,
 }
 
-/// Hands one feed message to the sink.
-fn deliver<S: Sink>(sink: &mut S, feed: Feed) -> io::Result<()> {
+impl SessionOptions {
+    /// A command's session: `what` it traces, every loss said.
+    pub fn command(probe: ProbeOptions, duration: Option<Duration>, what: &str) -> Self {
+        SessionOptions {
+            probe,
+            duration,
+            announce: format!("tracing {what}; Ctrl-C to stop"),
+            lost_log_every: Duration::ZERO,
+        }
+    }
+}
+
+/// Hands one feed message to the pipeline.
+fn deliver<C: Consumer>(pipeline: &mut Pipeline<C>, feed: Feed) -> std::io::Result<()> {
     match feed {
         Feed::Records {
             events,
             undecodable,
             first_error,
             drained_at_ns,
-        } => sink.events(
-            &events,
+        } => pipeline.raw(
+            events,
             Rejects {
                 count: undecodable,
                 first: first_error,
@@ -67,36 +63,39 @@ fn deliver<S: Sink>(sink: &mut S, feed: Feed) -> io::Result<()> {
             drained_at_ns,
         ),
         Feed::Lost(counts) => {
-            sink.lost(counts);
+            pipeline.lost(counts);
             Ok(())
         }
     }
 }
 
-/// A closed pipe (`tcpwatch trace | head`) ends the session quietly.
-fn output_result(e: io::Error) -> Result<(), SessionError> {
-    if e.kind() == io::ErrorKind::BrokenPipe {
-        Ok(())
-    } else {
-        Err(SessionError::Output(e))
-    }
-}
-
-/// Loads and attaches, then calls `ready` once (the probe is live: anything
-/// that happens from now on is seen), then runs until stopped.
-pub async fn run<S: Sink>(
+/// Runs a session. An error before the consumer is built (the probe does
+/// not load, the consumer cannot be built) is `Err`; once it runs, the
+/// session always ends with its consumer and figures, and how it stopped.
+pub async fn run<C: Consumer>(
     opts: SessionOptions,
-    ready: impl FnOnce(&Probe, &mut S),
-    sink: &mut S,
-) -> Result<(), SessionError> {
+    build: impl FnOnce(&Context) -> Result<C, StreamError>,
+) -> Result<Ended<C>, StreamError> {
     // Signals are caught from before the probe is live, so a Ctrl-C right
     // after "tracing" still ends the session cleanly.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(SessionError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(SessionError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(StreamError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(StreamError::Signal)?;
     let mut probe = Probe::load(&opts.probe)?;
     let ring = probe.take_ring()?;
     let lost = probe.take_lost_counter()?;
-    ready(&probe, sink);
+    // The probe is live: the snapshot first, as once "tracing" is said,
+    // sockets may close.
+    let ctx = Context::live();
+    let consumer = build(&ctx)?;
+    for line in &probe.degraded {
+        tracing::warn!("degraded: {line}");
+    }
+    if probe.mounted_tracefs {
+        tracing::info!("mounted tracefs at /sys/kernel/tracing");
+    }
+    tracing::info!("{}", opts.announce);
+    let mut pipeline = Pipeline::live(consumer, opts.lost_log_every);
+    pipeline.consumer_mut().live();
 
     let (tx, mut rx) = mpsc::channel::<Feed>(channel_batches(opts.probe.ring_size));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -123,7 +122,7 @@ pub async fn run<S: Sink>(
             msg = rx.recv() => match msg {
                 Some(feed) => {
                     if output_error.is_none() {
-                        if let Err(e) = deliver(sink, feed) {
+                        if let Err(e) = deliver(&mut pipeline, feed) {
                             output_error = Some(e);
                             stopping = true;
                             let _ = stop_tx.send(true);
@@ -140,15 +139,32 @@ pub async fn run<S: Sink>(
     let result = reader.await;
     // Detach only once the reader has drained the last records.
     drop(probe);
-    if let Some(e) = output_error {
-        return output_result(e);
-    }
-    if let Err(e) = sink.finish() {
-        return output_result(e);
-    }
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(SessionError::Reader(e)),
-        Err(join) => Err(SessionError::Reader(io::Error::other(join.to_string()))),
+    let error = match (output_error, result) {
+        (Some(e), _) => Some(StreamError::Output(e)),
+        (None, Ok(Ok(()))) => None,
+        (None, Ok(Err(e))) => Some(StreamError::Reader(e)),
+        (None, Err(join)) => Some(StreamError::ReaderTask(join)),
+    };
+    Ok(pipeline.end(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::ringbuf::MAX_BATCH;
+    use tcpwatch_common::Event;
+
+    #[test]
+    fn records_queued_for_the_stages_fit_in_the_ring_size() {
+        for ring in [4096u32, 1 << 20, 16 << 20, 1 << 30] {
+            let queued = channel_batches(ring) * MAX_BATCH * Event::SIZE;
+            let floor = 4 * MAX_BATCH * Event::SIZE;
+            assert!(queued <= (ring as usize).max(floor), "{ring}: {queued}");
+        }
+        assert_eq!(channel_batches(4096), 4);
+        assert!(
+            channel_batches(16 << 20) >= 64,
+            "the default keeps 64 batches or more"
+        );
     }
 }

@@ -1,12 +1,14 @@
 //! Writing what tcpwatch saw, for people (aligned text) and for programs
 //! (one JSON object per line): transitions here, connections in `conns`,
-//! the ladder picture in `ladder`.
+//! the ladder picture in `ladder`, TIME_WAIT snapshots in `timewait`, exit
+//! summaries in `summary`, and diagnostics on stderr in `log`.
 
 pub mod conns;
 pub mod ladder;
+pub mod log;
+pub mod summary;
 pub mod timewait;
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -14,6 +16,8 @@ use serde::Serialize;
 use crate::host::clock::Clock;
 use crate::model::decode::Transition;
 use crate::model::owner::{Attribution, OwnerSource};
+
+pub use summary::Tracking;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -119,71 +123,6 @@ pub fn trace_json(line: &TraceLine<'_>, clock: &Clock) -> String {
     serde_json::to_string(&j).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// Counts kept for the summary printed on exit.
-#[derive(Debug, Default, Clone)]
-pub struct Summary {
-    pub seen: u64,
-    pub shown: u64,
-    pub by_kind: BTreeMap<(&'static str, &'static str), u64>,
-    pub lost: crate::kernel::probe::LostCounts,
-    pub decode_errors: u64,
-    pub tracking: Tracking,
-}
-
-/// How full a socket table got, for the exit summaries: it shows that
-/// `--max-sockets` held, and that nothing was left behind in it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tracking {
-    pub evicted: u64,
-    /// Dropped once the kernel no longer had them: their close was lost.
-    pub stale: u64,
-    /// Most sockets tracked at once.
-    pub peak: usize,
-    /// `--max-sockets`.
-    pub limit: usize,
-    pub at_exit: usize,
-}
-
-impl std::fmt::Display for Tracking {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} sockets evicted from tracking, {} sockets dropped as closed while their events were lost, {} sockets tracked at peak (limit {}), {} sockets tracked at exit",
-            self.evicted, self.stale, self.peak, self.limit, self.at_exit
-        )
-    }
-}
-
-impl Summary {
-    pub fn count(&mut self, t: &Transition) {
-        self.seen += 1;
-        *self
-            .by_kind
-            .entry((t.old.name(), t.new.name()))
-            .or_default() += 1;
-    }
-
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "tcpwatch: {} transitions seen, {} shown, {} lost events ({} ring buffer full, {} skipped by the kernel), {} undecodable records",
-            self.seen,
-            self.shown,
-            self.lost.total(),
-            self.lost.ring_full,
-            self.lost.skipped,
-            self.decode_errors
-        );
-        let _ = write!(out, ", {}", self.tracking);
-        out.push('\n');
-        let mut kinds: Vec<_> = self.by_kind.iter().collect();
-        kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        for ((old, new), n) in kinds {
-            let _ = writeln!(out, "  {:>10}  {} -> {}", n, old, new);
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,23 +226,5 @@ mod tests {
         assert_eq!(v["old"], "SYN_SENT");
         assert_eq!(v["new"], "ESTABLISHED");
         assert!((v["delta_ms"].as_f64().unwrap() - 1.234567).abs() < 1e-9);
-    }
-
-    #[test]
-    fn summary_lists_kinds_by_count() {
-        let mut s = Summary::default();
-        let t = transition();
-        s.count(&t);
-        s.count(&t);
-        s.lost = crate::kernel::probe::LostCounts {
-            ring_full: 3,
-            skipped: 0,
-        };
-        let r = s.render();
-        assert!(
-            r.starts_with("tcpwatch: 2 transitions seen, 0 shown, 3 lost events"),
-            "{r}"
-        );
-        assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
     }
 }
