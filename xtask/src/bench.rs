@@ -187,8 +187,8 @@ impl Variant {
         match self {
             Variant::Floor => Some(&["bench", "floor"]),
             Variant::Trace => Some(&["trace", "--format", "json"]),
-            Variant::Conns => Some(&["conns"]),
-            Variant::Timewait => Some(&["timewait"]),
+            Variant::Conns => Some(&["conns", "--format", "json"]),
+            Variant::Timewait => Some(&["timewait", "--format", "json"]),
             Variant::Baseline | Variant::Bpftrace => None,
         }
     }
@@ -525,39 +525,21 @@ impl Bench {
             }
             Variant::Floor => {}
             _ => {
-                let summary = stopped
-                    .stderr
-                    .iter()
-                    .rev()
-                    .find(|l| l.starts_with("tcpwatch: ") && l.contains(" lost events"))
-                    .cloned();
-                if let Some(line) = &summary {
-                    let counts = summary_counts(line);
+                let summary = exit_summary(&stopped.stderr);
+                if let Some((_, counts)) = &summary {
                     let get =
                         |label: &str| counts.iter().find(|(l, _)| l == label).map(|&(_, n)| n);
-                    sample.seen = get("transitions seen").or_else(|| get("events"));
-                    sample.lost = get("lost events");
-                    sample.skipped = get("skipped by the kernel");
-                    sample.buffer_full = get("ring buffer full");
-                    if sample.buffer_full.is_none() {
-                        // No breakdown (timewait): the kernel's skips over
-                        // the window are the skipped part, the rest was
-                        // the ring buffer's.
-                        let misses: u64 = sample.programs.iter().map(|p| p.recursion_misses).sum();
-                        sample.buffer_full = sample.lost.map(|l| l.saturating_sub(misses));
-                        sample.notes_quiet.push(
-                            "summary has no loss breakdown: ring buffer full = lost events \
-                             - the kernel's recursion_misses over the window"
-                                .into(),
-                        );
-                    }
+                    sample.seen = get("transitions_seen").or_else(|| get("stream.events"));
+                    sample.lost = get("stream.lost.total");
+                    sample.skipped = get("stream.lost.skipped");
+                    sample.buffer_full = get("stream.lost.ring_full");
                 } else {
                     sample.notes.push(format!(
                         "no exit summary on stderr: {}",
                         stopped.stderr.join(" | ")
                     ));
                 }
-                sample.summary = summary;
+                sample.summary = summary.map(|(line, _)| line);
             }
         }
         for line in &stopped.stderr {
@@ -939,23 +921,31 @@ fn lost_in(lines: &[String]) -> u64 {
     lines.iter().filter_map(|l| lost_count(l)).sum()
 }
 
-/// The counts in a tcpwatch summary line, each a number followed by words
-/// up to a comma or parenthesis: "tcpwatch: 12 transitions seen, 2 lost
-/// events (0 ring buffer full, 2 skipped by the kernel)" gives
-/// ("transitions seen", 12), ("lost events", 2), ("ring buffer full", 0),
-/// ("skipped by the kernel", 2).
-pub(crate) fn summary_counts(line: &str) -> Vec<(String, u64)> {
-    let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
-    body.split([',', '(', ')'])
-        .filter_map(|part| {
-            let (n, label) = part.trim().split_once(' ')?;
-            let label = label.trim();
-            if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
-                return None;
+/// tcpwatch's exit summary (`--format json`: one JSON object, the last
+/// line on stderr) and its numbers by path: `{"stream":{"lost":{"total":2}}}`
+/// gives ("stream.lost.total", 2).
+pub(crate) fn exit_summary(stderr: &[String]) -> Option<(String, Vec<(String, u64)>)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, u64)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&path, v, out);
+                }
             }
-            Some((label.to_string(), n.parse().ok()?))
-        })
-        .collect()
+            v => out.extend(v.as_u64().map(|n| (prefix.to_string(), n))),
+        }
+    }
+    let line = stderr.iter().rev().find(|l| !l.trim().is_empty())?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("summary")?;
+    let mut counts = Vec::new();
+    flatten("", &v, &mut counts);
+    Some((line.clone(), counts))
 }
 
 fn describe_status(status: ExitStatus) -> String {
@@ -2478,35 +2468,34 @@ mod tests {
 
     #[test]
     fn summary_lines() {
-        let get = |line: &str, label: &str| {
-            summary_counts(line)
-                .into_iter()
-                .find(|(l, _)| l == label)
+        let get = |stderr: &[&str], label: &str| {
+            let stderr: Vec<String> = stderr.iter().map(|l| l.to_string()).collect();
+            exit_summary(&stderr)
+                .and_then(|(_, counts)| counts.into_iter().find(|(l, _)| l == label))
                 .map(|(_, n)| n)
         };
-        let trace = "tcpwatch: 365805 transitions seen, 365805 shown, 2034 lost events (0 ring \
-                     buffer full, 2034 skipped by the kernel), 0 undecodable records";
-        assert_eq!(get(trace, "transitions seen"), Some(365_805));
-        assert_eq!(get(trace, "lost events"), Some(2034));
-        assert_eq!(get(trace, "ring buffer full"), Some(0));
-        assert_eq!(get(trace, "skipped by the kernel"), Some(2034));
-        assert_eq!(get(trace, "undecodable records"), Some(0));
-        let conns = "tcpwatch: 68576 connections finished, 68576 shown, 0 still open at exit, \
-                     348505 events, 415 lost events (0 ring buffer full, 415 skipped by the \
-                     kernel), 0 undecodable records, 0 sockets evicted from tracking";
-        assert_eq!(get(conns, "events"), Some(348_505));
-        assert_eq!(get(conns, "lost events"), Some(415));
-        assert_eq!(get(conns, "connections finished"), Some(68_576));
-        let tw = "tcpwatch: 3 snapshots, 900 events, 7 lost events (0 ring buffer full, 7 \
-                  skipped by the kernel)";
-        assert_eq!(get(tw, "snapshots"), Some(3));
-        assert_eq!(get(tw, "events"), Some(900));
-        assert_eq!(get(tw, "lost events"), Some(7));
-        assert_eq!(get(tw, "skipped by the kernel"), Some(7));
-        // An older summary without the breakdown still parses.
-        let old = "tcpwatch: 12 transitions seen, 3 shown, 5 lost events, 0 undecodable records";
-        assert_eq!(get(old, "lost events"), Some(5));
-        assert_eq!(get(old, "ring buffer full"), None);
+        let trace = r#"{"summary":"trace","transitions_seen":365805,"shown":365805,"stream":{"events":365805,"lost":{"total":2034,"ring_full":0,"skipped":2034},"undecodable":0},"tracking":{"evicted":0,"stale":0,"peak":9,"limit":262144,"at_exit":0},"transitions":[]}"#;
+        assert_eq!(get(&[trace], "transitions_seen"), Some(365_805));
+        assert_eq!(get(&[trace], "stream.lost.total"), Some(2034));
+        assert_eq!(get(&[trace], "stream.lost.ring_full"), Some(0));
+        assert_eq!(get(&[trace], "stream.lost.skipped"), Some(2034));
+        assert_eq!(get(&[trace], "stream.undecodable"), Some(0));
+        let conns = r#"{"summary":"conns","connections_finished":68576,"shown":68576,"still_open":0,"stream":{"events":348505,"lost":{"total":415,"ring_full":0,"skipped":415},"undecodable":0},"tracking":{"evicted":0,"stale":0,"peak":9,"limit":262144,"at_exit":0}}"#;
+        assert_eq!(get(&[conns], "stream.events"), Some(348_505));
+        assert_eq!(get(&[conns], "stream.lost.total"), Some(415));
+        assert_eq!(get(&[conns], "connections_finished"), Some(68_576));
+        // The summary is the last line; LOST lines before it do not count.
+        let tw = r#"{"summary":"timewait","snapshots":3,"stream":{"events":900,"lost":{"total":7,"ring_full":0,"skipped":7},"undecodable":0},"tracking":{"evicted":0,"stale":0,"peak":9,"limit":262144,"at_exit":0}}"#;
+        let lines = ["tcpwatch: LOST 7 events (7 in all: ...)", tw];
+        assert_eq!(get(&lines, "snapshots"), Some(3));
+        assert_eq!(get(&lines, "stream.events"), Some(900));
+        assert_eq!(get(&lines, "tracking.peak"), Some(9));
+        // A run that failed after its summary, or printed none, has none.
+        assert_eq!(
+            get(&[tw, "tcpwatch: writing output failed"], "snapshots"),
+            None
+        );
+        assert_eq!(get(&["tcpwatch: 3 snapshots"], "snapshots"), None);
     }
 
     #[test]

@@ -147,19 +147,15 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
             stopped.stderr.join(" | ")
         );
     }
-    let summary = stopped
-        .stderr
-        .iter()
-        .find(|l| l.contains(" snapshots, ") && l.contains(" lost events"))
-        .cloned()
-        .context("tcpwatch printed no exit summary")?;
+    let (summary, counts) =
+        bench::exit_summary(&stopped.stderr).context("tcpwatch printed no exit summary")?;
     let report = Report {
         date: started,
         machine,
         options: options.clone(),
         run,
         end,
-        counts: bench::summary_counts(&summary),
+        counts,
         summary,
         cpu,
         load: (load_before, load_after),
@@ -588,7 +584,7 @@ struct Report {
     options: Options,
     run: Run,
     end: Comparison,
-    /// tcpwatch's exit summary, and its counts by label.
+    /// tcpwatch's exit summary (JSON), and its numbers by path.
     summary: String,
     counts: Vec<(String, u64)>,
     /// tcpwatch's user and system CPU seconds over its whole run.
@@ -615,7 +611,7 @@ impl Report {
 
     fn verdicts(&self) -> Vec<Verdict> {
         let rss = self.rss();
-        let ring_full = self.count("ring buffer full");
+        let ring_full = self.count("stream.lost.ring_full");
         let (paused, end) = (&self.run.before_end, &self.end);
         vec![
             Verdict {
@@ -640,7 +636,7 @@ impl Report {
                 detail: format!(
                     "{} with the ring buffer full; {} skipped by the kernel, counted apart",
                     bench::thousands(ring_full as f64),
-                    bench::thousands(self.count("skipped by the kernel") as f64)
+                    bench::thousands(self.count("stream.lost.skipped") as f64)
                 ),
             },
             Verdict {
@@ -721,8 +717,8 @@ impl Report {
                 r.slope_kib_per_min
             );
         }
-        let events = self.count("events");
-        let lost = self.count("lost events");
+        let events = self.count("stream.events");
+        let lost = self.count("stream.lost.total");
         let (user, system) = self.cpu;
         let _ = writeln!(
             d,
@@ -731,8 +727,8 @@ impl Report {
              cores on average, {:.2} µs per event taken.",
             bench::thousands(events as f64),
             bench::thousands(lost as f64),
-            bench::thousands(self.count("ring buffer full") as f64),
-            bench::thousands(self.count("skipped by the kernel") as f64),
+            bench::thousands(self.count("stream.lost.ring_full") as f64),
+            bench::thousands(self.count("stream.lost.skipped") as f64),
             100.0 * lost as f64 / (events + lost).max(1) as f64,
             user + system,
             100.0 * system / (user + system).max(1e-9),
@@ -756,13 +752,11 @@ impl Report {
             d,
             "- tcpwatch's socket table: {} tracked at peak (limit {}), {} evicted, {} dropped \
              as closed while their events were lost, {} tracked at exit.",
-            bench::thousands(self.count("sockets tracked at peak") as f64),
+            bench::thousands(self.count("tracking.peak") as f64),
             bench::thousands(f64::from(MAX_SOCKETS)),
-            bench::thousands(self.count("sockets evicted from tracking") as f64),
-            bench::thousands(
-                self.count("sockets dropped as closed while their events were lost") as f64
-            ),
-            bench::thousands(self.count("sockets tracked at exit") as f64)
+            bench::thousands(self.count("tracking.evicted") as f64),
+            bench::thousands(self.count("tracking.stale") as f64),
+            bench::thousands(self.count("tracking.at_exit") as f64)
         );
         d.push_str("\n| target | verdict |\n|---|---|\n");
         for v in self.verdicts() {

@@ -164,7 +164,8 @@ impl<W: Write> Consumer for ConnsSink<W> {
         for r in batch.records {
             self.correlator.push(r, &mut self.finished);
         }
-        self.correlator.advance(batch.settled_ns, &mut self.finished);
+        self.correlator
+            .advance(batch.settled_ns, &mut self.finished);
         self.emit(Some(batch.settled_ns))?;
         self.out.flush()
     }

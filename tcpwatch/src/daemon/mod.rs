@@ -324,12 +324,10 @@ pub enum DaemonError {
 pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
     // Bound first: a port in use fails before anything is loaded.
     let listener = http::bind(args.listen)?;
-    let listen: SocketAddr = listener
-        .local_addr()
-        .map_err(|source| http::ListenError {
-            addr: args.listen,
-            source,
-        })?;
+    let listen: SocketAddr = listener.local_addr().map_err(|source| http::ListenError {
+        addr: args.listen,
+        source,
+    })?;
 
     let mut registry = Registry::with_prefix("tcpwatch");
     let metrics = Metrics::new(&mut registry);

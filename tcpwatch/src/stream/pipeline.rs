@@ -291,7 +291,8 @@ pub(crate) mod tests {
         bad.kind = 0xee;
         let (ended, said) = capture::cli(|| {
             let mut p = Pipeline::replay(Collect::default());
-            p.raw(vec![good, bad, good], Rejects::default(), 30).unwrap();
+            p.raw(vec![good, bad, good], Rejects::default(), 30)
+                .unwrap();
             p.end(None)
         });
         assert_eq!(ended.consumer.events, [good, good]);
@@ -320,7 +321,11 @@ pub(crate) mod tests {
             p.end(None)
         });
         assert_eq!(said.len(), 2, "{said:?}");
-        assert!(said[0].starts_with("tcpwatch: LOST 5 events"), "{}", said[0]);
+        assert!(
+            said[0].starts_with("tcpwatch: LOST 5 events"),
+            "{}",
+            said[0]
+        );
         assert!(
             said[1].contains("LOST 7 events")
                 && said[1].contains("12 in all")
@@ -414,9 +419,8 @@ pub(crate) mod tests {
             io::Error::from(io::ErrorKind::BrokenPipe),
         )));
         assert!(broken.result().is_ok());
-        let full = Pipeline::replay(Collect::default()).end(Some(StreamError::Output(
-            io::Error::other("disk full"),
-        )));
+        let full = Pipeline::replay(Collect::default())
+            .end(Some(StreamError::Output(io::Error::other("disk full"))));
         assert!(full.result().is_err());
     }
 }

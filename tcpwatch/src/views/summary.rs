@@ -298,7 +298,10 @@ mod tests {
             r.starts_with("tcpwatch: 2 transitions seen, 0 shown\n"),
             "{r}"
         );
-        assert!(r.contains("3 lost events (3 ring buffer full, 0 skipped"), "{r}");
+        assert!(
+            r.contains("3 lost events (3 ring buffer full, 0 skipped"),
+            "{r}"
+        );
         assert!(r.contains("2 at peak (limit 262144), 0 at exit"), "{r}");
         assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
         assert!(r.lines().all(|l| l.len() <= 100), "{r}");

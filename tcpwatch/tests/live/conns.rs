@@ -811,7 +811,7 @@ fn mixed_traffic(server: &mut Actor, client: &mut Actor) -> Vec<(u16, u16)> {
 
 /// Starts `record -o FILE` and `conns --format json` together.
 fn record_and_watch(file: &std::path::Path) -> (Tw, Tw) {
-    let mut recorder = Tw::spawn(&["record", "-o", file.to_str().unwrap()]);
+    let mut recorder = Tw::spawn(&["record", "--format", "json", "-o", file.to_str().unwrap()]);
     let mut live = Tw::spawn(&["conns", "--format", "json"]);
     recorder.wait_ready();
     live.wait_ready();
@@ -826,17 +826,12 @@ fn record_and_watch(file: &std::path::Path) -> (Tw, Tw) {
 
 fn stop_recorder(recorder: Tw, file: &std::path::Path) {
     let f = recorder.stop();
-    let line = f
-        .stderr
-        .iter()
-        .find(|l| l.starts_with("tcpwatch: recorded "))
-        .unwrap_or_else(|| panic!("no record summary: {:?}", f.stderr));
-    assert!(
-        line.contains(&format!(" events to {}, ", file.display())),
-        "{line}"
-    );
-    if !line.ends_with(", 0 lost events") {
-        println!("note: the recorder lost events (busy host): {line}");
+    let Some(ExitSummary::Record(s)) = ExitSummary::from_stderr(&f.stderr) else {
+        panic!("no record summary: {:?}", f.stderr)
+    };
+    assert_eq!(s.file, file, "{s:?}");
+    if s.stream.lost.total > 0 {
+        println!("note: the recorder lost events (busy host): {s:?}");
     }
     // Created 0600: it names processes and peers.
     assert_eq!(mode(file), 0o600, "recording mode");

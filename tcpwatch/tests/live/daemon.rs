@@ -601,3 +601,198 @@ fn restart_picks_up_existing_timewait_sockets() {
     stop_server(port, server_thread);
     second.stop();
 }
+
+/// A `tcpwatch daemon` started by hand, its stderr read without blocking:
+/// what it has written so far is all in the pipe, so a line written before
+/// an answer is seen once the answer is.
+struct Watched {
+    child: std::process::Child,
+    stderr: std::process::ChildStderr,
+    log: String,
+}
+
+impl Watched {
+    fn spawn(args: &[&str]) -> Watched {
+        use std::os::fd::AsRawFd;
+        use std::process::Stdio;
+        let mut child = Command::new(tcpwatch_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpwatch daemon");
+        let stderr = child.stderr.take().expect("piped stderr");
+        // SAFETY: fcntl on a descriptor this process owns.
+        unsafe {
+            let fd = stderr.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            assert!(flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0);
+        }
+        Watched {
+            child,
+            stderr,
+            log: String::new(),
+        }
+    }
+
+    /// Everything written to stderr so far.
+    fn log_now(&mut self) -> &str {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stderr.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.log.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading the daemon's stderr: {e}"),
+            }
+        }
+        &self.log
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for the daemon")
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /healthz` once: (status, body), or `None` while nothing listens.
+fn healthz(addr: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+/// `/healthz` is a readiness probe: from the moment the daemon listens it
+/// answers 503 ("starting") until its probe is live and the first snapshot
+/// is served, and only then 200 ("ok"). Polled from the moment the process
+/// starts, no 200 may come before the line saying tracing began.
+#[test]
+fn healthz_is_ready_only_once_tracing() {
+    if !ready() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let started = Instant::now();
+    let mut d = Watched::spawn(&["daemon", "--listen", &addr]);
+    let live_line = format!("listening on http://{addr}; tracing TCP connections");
+    let mut starting = 0;
+    let first_ok = loop {
+        assert!(
+            started.elapsed() < START_TIMEOUT,
+            "no 200 from /healthz within {START_TIMEOUT:?}: {}",
+            d.log_now()
+        );
+        if let Some(status) = d.exited() {
+            panic!(
+                "the daemon exited ({status}) before it was live: {}",
+                d.log_now()
+            );
+        }
+        // Gently: each answer leaves a timewait socket behind.
+        std::thread::sleep(Duration::from_millis(10));
+        let Some((status, body)) = healthz(&addr) else {
+            continue;
+        };
+        // Read after the answer: all the daemon wrote before answering.
+        let said_live = d.log_now().contains(&live_line);
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        match status {
+            // (The line may be written just after a 503 is sent.)
+            503 => {
+                assert_eq!(v["status"], "starting", "{body}");
+                starting += 1;
+            }
+            200 => {
+                assert_eq!(v["status"], "ok", "{body}");
+                assert!(
+                    said_live,
+                    "/healthz answered 200 before the daemon said tracing began:\n{}",
+                    d.log
+                );
+                break started.elapsed();
+            }
+            other => panic!("/healthz answered {other}: {body}"),
+        }
+    };
+    eprintln!(
+        "/healthz: {starting} answers 503 while loading, then 200 at {first_ok:?}, after the line \
+         saying tracing began"
+    );
+    assert!(
+        starting > 0,
+        "never saw the daemon starting: loading the probe takes longer than a poll (10 ms)"
+    );
+    // Serving: the first snapshot is there.
+    let tw = request(
+        addr.parse().unwrap(),
+        "GET /api/timewait HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(tw.status, 200, "{}", tw.body);
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", d.log_now());
+}
+
+/// A daemon that fails to load the probe never says it is healthy: while
+/// it lives /healthz answers 503, then it exits 1 with one line saying
+/// why. (Its BTF file is 255 MiB of zeros: read to the end, then refused,
+/// which leaves time to ask.)
+#[test]
+fn healthz_never_ok_for_a_daemon_that_fails_to_load() {
+    if !ready() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tcpwatch-healthz-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let btf = dir.join("zeros.btf");
+    std::fs::File::create(&btf)
+        .and_then(|f| f.set_len(255 << 20))
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let mut d = Watched::spawn(&["daemon", "--listen", &addr, "--btf", btf.to_str().unwrap()]);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut answers = Vec::new();
+    let status = loop {
+        if let Some(status) = d.exited() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running: {}", d.log_now());
+        std::thread::sleep(Duration::from_millis(10));
+        if let Some((code, body)) = healthz(&addr) {
+            answers.push(code);
+            assert_ne!(code, 200, "a daemon failing to load said ok: {body}");
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = d.log_now().to_string();
+    eprintln!(
+        "failing daemon: /healthz answered {} times while it lived ({} of them 503); {status}: \
+         {log}",
+        answers.len(),
+        answers.iter().filter(|c| **c == 503).count()
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(log.trim_end().lines().count(), 1, "{log}");
+    assert!(log.contains("BTF"), "{log}");
+    assert!(answers.iter().all(|c| *c == 503), "{answers:?}");
+}

@@ -48,21 +48,16 @@ const NOBODY: u64 = 65534;
 // ---------------------------------------------------------------------------
 // Lifecycle
 
-/// The number the summary line starts with ("N transitions seen", "N
-/// connections finished", "recorded N events").
-fn first_number(line: &str) -> u64 {
-    line.split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no number in {line}"))
-}
-
-fn summary_line(stderr: &[String]) -> Option<&String> {
-    stderr.iter().find(|l| {
-        l.contains(" transitions seen, ")
-            || l.contains(" connections finished, ")
-            || l.starts_with("tcpwatch: recorded ")
-    })
+/// What a command's exit summary (`--format json`, its last line on
+/// stderr) counts first: transitions seen, connections finished, events
+/// recorded.
+fn first_count(summary: &ExitSummary) -> u64 {
+    match summary {
+        ExitSummary::Trace(s) => s.transitions_seen,
+        ExitSummary::Conns(s) => s.connections_finished,
+        ExitSummary::Record(s) => s.recorded,
+        other => panic!("not a summary these tests run: {other:?}"),
+    }
 }
 
 /// A recording left by a stopped recorder: every whole record is replayed,
@@ -163,11 +158,10 @@ fn stop_under_load(sig: libc::c_int, sig_name: &str, args: &[&str], churn: &Chur
             f.status,
             f.stderr
         );
-        let line = summary_line(&f.stderr)
-            .unwrap_or_else(|| panic!("{name}: no summary: {:?}", f.stderr))
-            .clone();
-        assert!(first_number(&line) > 0, "{name} saw nothing: {line}");
-        Some(line)
+        let summary = ExitSummary::from_stderr(&f.stderr)
+            .unwrap_or_else(|| panic!("{name}: no summary: {:?}", f.stderr));
+        assert!(first_count(&summary) > 0, "{name} saw nothing: {summary:?}");
+        Some(summary)
     };
     let released = wait_released(&held, RELEASE_TIMEOUT).unwrap_or_else(|left| {
         panic!("{name}: still loaded {RELEASE_TIMEOUT:?} after it exited: {left:?}")
@@ -186,10 +180,10 @@ fn stop_under_load(sig: libc::c_int, sig_name: &str, args: &[&str], churn: &Chur
         after.len()
     );
     if let Some(s) = &summary {
-        figures += &format!("\n    summary: {s}");
+        figures += &format!("\n    summary: {}", s.json());
     }
     if let Some(i) = args.iter().position(|a| *a == "-o") {
-        let recorded = summary.as_deref().map(first_number);
+        let recorded = summary.as_ref().map(first_count);
         figures += &format!(
             "\n    {}",
             check_recording(Path::new(args[i + 1]), recorded)
@@ -252,9 +246,9 @@ fn lifecycle(sig: libc::c_int, sig_name: &str) {
     let dir = Scratch::new(&sig_name.to_lowercase());
     let file = dir.join("churn.rec");
     let commands: [&[&str]; 3] = [
-        &["trace"],
-        &["conns"],
-        &["record", "-o", file.to_str().unwrap()],
+        &["trace", "--format", "json"],
+        &["conns", "--format", "json"],
+        &["record", "--format", "json", "-o", file.to_str().unwrap()],
     ];
     let churn = Churn::start(2);
     let mut figures = Vec::new();

@@ -7,7 +7,9 @@
 //!   `tcpwatch trace`, `conns` and `timewait` run through it with a small
 //!   `--max-sockets`.
 //! - A ring burst: the three modes with a tiny `--ring-size` while a
-//!   connection churn runs far faster than the ring can hold.
+//!   connection churn runs far faster than the ring can hold; and the
+//!   daemon through the same burst, whose tracked sockets must fall to
+//!   what the kernel lists once it is over.
 //!
 //! Each checks that tcpwatch stays up, that its resident memory stays under
 //! a cap, that its tables stay under `--max-sockets` with the evictions
@@ -41,7 +43,9 @@ use std::time::{Duration, Instant};
 
 use conns_support::Conn;
 use overload_support::*;
-use timewait_support::{listen, make_timewaits, server_ip, Churn, Netns, Snap};
+use timewait_support::{
+    listen, make_timewaits, our_octet, server_ip, ss_lines, Churn, Netns, Snap,
+};
 
 /// `--max-sockets` for the flood: far below the half-open sockets it makes.
 const MAX_SOCKETS: usize = 2000;
@@ -395,10 +399,10 @@ fn syn_flood_leaves_tcpwatch_bounded_and_right() {
     for c in run.finish(&ns, 9100, MAX_SOCKETS) {
         let s = &c.stopped.summary;
         assert!(
-            s.get("sockets evicted from tracking") > 0,
+            s.tracking().evicted > 0,
             "{}: the flood overflowed --max-sockets {MAX_SOCKETS} without an eviction: {}",
             c.stopped.mode.name(),
-            s.line
+            s.line()
         );
     }
 }
@@ -457,11 +461,8 @@ fn check_summary(s: &Stopped, secs: f64, rss_max_kib: u64, limit: usize) {
     let name = s.mode.name();
     let c = &s.summary;
     let lost = c.lost();
-    eprintln!("{name}: {}", c.line);
-    let events = c
-        .try_get("events")
-        .or_else(|| c.try_get("transitions seen"))
-        .unwrap_or(0);
+    eprintln!("{name}: {}", c.line());
+    let events = c.events();
     eprintln!(
         "{name}: {events} events ({:.0}/s over {secs:.1} s), lost {} ({} ring buffer full, {} \
          skipped by the kernel), RSS at most {rss_max_kib} KiB",
@@ -470,23 +471,23 @@ fn check_summary(s: &Stopped, secs: f64, rss_max_kib: u64, limit: usize) {
         lost.ring_full,
         lost.skipped,
     );
-    let peak = c.get("sockets tracked at peak");
+    let t = c.tracking();
     assert!(
-        peak <= limit as u64 && c.line.contains(&format!("(limit {limit})")),
-        "{name}: tracked {peak} sockets at once, more than --max-sockets: {}",
-        c.line
+        t.peak <= limit && t.limit == limit,
+        "{name}: tracked {} sockets at once, more than --max-sockets: {}",
+        t.peak,
+        c.line()
     );
     eprintln!(
-        "{name}: {} sockets evicted, {} dropped as closed while their events were lost, {peak} \
+        "{name}: {} sockets evicted, {} dropped as closed while their events were lost, {} \
          tracked at peak (limit {limit})",
-        c.get("sockets evicted from tracking"),
-        c.get("sockets dropped as closed while their events were lost")
+        t.evicted, t.stale, t.peak
     );
-    let left = c.get("sockets tracked at exit");
     assert!(
-        left <= FOREIGN_SLACK,
-        "{name}: {left} sockets still tracked at exit after the overload ended: {}",
-        c.line
+        t.at_exit as u64 <= FOREIGN_SLACK,
+        "{name}: {} sockets still tracked at exit after the overload ended: {}",
+        t.at_exit,
+        c.line()
     );
 }
 
@@ -496,16 +497,19 @@ fn netns_inode(ns: &Netns) -> u32 {
     std::fs::metadata(ns.path()).unwrap().ino() as u32
 }
 
-/// Not live: the summary and LOST lines read as numbers by the checks.
+/// Not live: the summary (as `--format json` prints it) and LOST lines read
+/// as numbers by the checks.
 #[test]
 fn summary_and_lost_lines_are_read_as_numbers() {
-    let c = Counts::parse(
-        "tcpwatch: 4 connections finished, 4 shown, 0 still open at exit, 22 events, 102 lost \
-         events (2 ring buffer full, 100 skipped by the kernel), 0 undecodable records, 7 \
-         sockets evicted from tracking, 3 sockets dropped as closed while their events were \
-         lost, 2000 sockets tracked at peak (limit 2000), 1 sockets tracked at exit",
-    );
-    assert_eq!(c.get("events"), 22);
+    let stderr = [
+        "tcpwatch: tracing TCP connections; Ctrl-C to stop".to_string(),
+        "tcpwatch: LOST 8 events (102 in all: 2 with the ring buffer full - raise --ring-size; \
+         100 skipped by the kernel while another BPF program ran on the CPU)"
+            .to_string(),
+        r#"{"summary":"conns","connections_finished":4,"shown":4,"still_open":0,"stream":{"events":22,"lost":{"total":102,"ring_full":2,"skipped":100},"undecodable":0},"tracking":{"evicted":7,"stale":3,"peak":2000,"limit":2000,"at_exit":1}}"#.to_string(),
+    ];
+    let c = Summary(ExitSummary::from_stderr(&stderr).expect("a summary"));
+    assert_eq!(c.events(), 22);
     assert_eq!(
         c.lost(),
         Lost {
@@ -514,15 +518,132 @@ fn summary_and_lost_lines_are_read_as_numbers() {
             skipped: 100
         }
     );
-    assert_eq!(c.get("sockets tracked at peak"), 2000);
-    assert_eq!(c.get("sockets tracked at exit"), 1);
-    assert_eq!(c.try_get("limit"), None);
-    let lost = Lost::latest(&[
-        "tcpwatch: tracing TCP connections; Ctrl-C to stop".to_string(),
-        "tcpwatch: LOST 8 events (102 in all: 2 with the ring buffer full - raise --ring-size; \
-         100 skipped by the kernel while another BPF program ran on the CPU)"
-            .to_string(),
-    ]);
+    assert_eq!(c.tracking().peak, 2000);
+    assert_eq!(c.tracking().at_exit, 1);
+    assert_eq!(c.tracking().stale, 3);
+    let lost = Lost::latest(&stderr);
     assert_eq!(lost, c.lost());
     assert_eq!(Lost::latest(&[]), Lost::default());
+}
+
+/// `tcpwatch daemon` inside `ns`, serving on the namespace's loopback;
+/// asked from a thread that enters the namespace.
+struct NsDaemon {
+    proc: common::Proc,
+    addr: std::net::SocketAddr,
+}
+
+impl NsDaemon {
+    fn start(ns: &Netns, extra: &[&str]) -> NsDaemon {
+        let addr = std::net::SocketAddr::from(([127, our_octet(), 0, 9], 9977));
+        let mut cmd = ns.command(common::tcpwatch_bin());
+        cmd.args([
+            "daemon",
+            "--log-format",
+            "json",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .args(extra);
+        let proc = common::Proc::spawn("tcpwatch daemon in the test namespace", cmd, false);
+        proc.wait_stderr(
+            |l| l.contains("listening on http://"),
+            1,
+            common::START_TIMEOUT,
+        );
+        NsDaemon { proc, addr }
+    }
+
+    fn get(&self, ns: &Netns, path: &str) -> common::daemon::Response {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let r = ns.in_ns(|| common::daemon::request(self.addr, &raw));
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        r
+    }
+
+    fn tracked(&self, ns: &Netns) -> u64 {
+        let text = self.get(ns, "/metrics").body;
+        common::daemon::metric(&text, "tcpwatch_tracked_sockets")
+            .unwrap_or_else(|| panic!("no tcpwatch_tracked_sockets in /metrics:\n{text}"))
+            as u64
+    }
+}
+
+/// The full sockets the kernel lists in `ns` (sock_diag, as `ss` shows
+/// them): every TCP socket but the timewait ones.
+fn kernel_full_sockets(ns: &Netns) -> u64 {
+    ns.in_ns(|| {
+        ss_lines(&["-o", "exclude", "time-wait"])
+            .iter()
+            .filter(|l| !l.contains("timer:(timewait,"))
+            .count() as u64
+    })
+}
+
+/// The daemon through a churn far above what a 4 KiB ring buffer holds:
+/// sockets whose close was lost are swept as `conns` and `timewait` sweep
+/// them, so once the churn is over `tcpwatch_tracked_sockets` falls to
+/// what the kernel lists within a few seconds (give or take the other
+/// programs on the host, whose sockets it tracks too).
+#[test]
+fn daemon_sweeps_what_a_ring_burst_left() {
+    require_live!();
+    /// Time after the churn (and the namespace) settled for the count to
+    /// fall: the sweep runs a second after a loss is heard of, and finishes
+    /// once the events from before the kernel's list was read have come.
+    const SWEPT_WITHIN: Duration = Duration::from_secs(5);
+    let ns = Netns::new();
+    let daemon = NsDaemon::start(&ns, &["--ring-size", "4K", "--interval", "1"]);
+    let churn = Churn::start(&ns, 2, 2, None);
+    std::thread::sleep(Duration::from_secs(3));
+    let during = daemon.tracked(&ns);
+    let r = churn.stop();
+    ns.settle(Duration::from_secs(15));
+    let settled = Instant::now();
+    let health: serde_json::Value =
+        serde_json::from_str(&daemon.get(&ns, "/healthz").body).expect("/healthz JSON");
+    let ring_full = health["lost_ring_full"].as_u64().expect("lost_ring_full");
+    eprintln!(
+        "burst: {} connections in {:.1} s ({:.0}/s) against a 4K ring buffer: {ring_full} events \
+         lost with the ring buffer full; {during} sockets tracked during the churn",
+        r.connections,
+        r.elapsed.as_secs_f64(),
+        r.rate()
+    );
+    assert!(
+        ring_full > 0,
+        "the burst never filled a 4K ring buffer: nothing for the sweep to do ({health})"
+    );
+    let (tracked, kernel) = loop {
+        let tracked = daemon.tracked(&ns);
+        let kernel = kernel_full_sockets(&ns);
+        if tracked <= kernel + FOREIGN_SLACK || settled.elapsed() > SWEPT_WITHIN {
+            break (tracked, kernel);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "{:.1?} after the churn settled: tcpwatch_tracked_sockets {tracked}, the kernel lists \
+         {kernel} full sockets in the namespace",
+        settled.elapsed()
+    );
+    assert!(
+        tracked <= kernel + FOREIGN_SLACK,
+        "{SWEPT_WITHIN:?} after the churn the daemon still tracks {tracked} sockets; the \
+         kernel lists {kernel} in its namespace (and at most {FOREIGN_SLACK} may be other \
+         programs')"
+    );
+
+    daemon.proc.signal(libc::SIGTERM);
+    let f = daemon.proc.finish(common::STOP_TIMEOUT);
+    assert!(f.status.success(), "{}: {}", f.status, f.stderr.join("\n"));
+    let last: serde_json::Value =
+        serde_json::from_str(f.stderr.last().expect("a last log line")).expect("a JSON log line");
+    assert_eq!(last["message"], "stopped: programs detached", "{last}");
+    let stale = last["stale"].as_u64().unwrap_or(0);
+    eprintln!("daemon's last log line: {last}");
+    assert!(
+        stale > 0,
+        "the daemon dropped no socket as closed while its events were lost: {last}"
+    );
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+pub use crate::support::ExitSummary;
 use crate::support::{self as common, Finished, Proc};
 
 /// Longest any single actor command may take (a timed-out connect takes ~3 s).
@@ -748,44 +749,21 @@ impl Drop for Tw {
     }
 }
 
-/// The number just before `what` in a summary line.
-fn count_before(line: &str, what: &str) -> u64 {
-    let head = &line[..line
-        .find(what)
-        .unwrap_or_else(|| panic!("no '{what}' in: {line}"))];
-    let digits: String = head
-        .trim_end()
-        .chars()
-        .rev()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits
-        .chars()
-        .rev()
-        .collect::<String>()
-        .parse()
-        .unwrap_or_else(|_| panic!("no count before '{what}' in: {line}"))
-}
-
-/// Checks the exit summary of `conns`/`replay conns`: "shown" equals the
-/// records printed and nothing was undecodable. Returns the lost-event
-/// count; lost events are not a failure by themselves (another busy
-/// process can fill the ring), but they are announced, since they can make
-/// the timelines checked afterwards incomplete.
+/// Checks the exit summary of `conns`/`replay conns` (`--format json`, its
+/// last line on stderr): "shown" equals the records printed and nothing was
+/// undecodable. Returns the lost-event count; lost events are not a failure
+/// by themselves (another busy process can fill the ring), but they are
+/// announced, since they can make the timelines checked afterwards
+/// incomplete.
 pub fn check_summary(stderr: &[String], printed: usize) -> u64 {
-    let line = stderr
-        .iter()
-        .find(|l| l.contains(" connections finished, "))
-        .unwrap_or_else(|| panic!("no summary on stderr:\n{}", stderr.join("\n")));
-    assert_eq!(
-        count_before(line, " shown"),
-        printed as u64,
-        "shown ≠ records printed: {line}"
-    );
-    assert_eq!(count_before(line, " undecodable"), 0, "{line}");
-    let lost = count_before(line, " lost events");
+    let Some(ExitSummary::Conns(s)) = ExitSummary::from_stderr(stderr) else {
+        panic!("no summary on stderr:\n{}", stderr.join("\n"))
+    };
+    assert_eq!(s.shown, printed as u64, "shown ≠ records printed: {s:?}");
+    assert_eq!(s.stream.undecodable, 0, "{s:?}");
+    let lost = s.stream.lost.total;
     if lost > 0 {
-        println!("note: {lost} events were lost (busy host), the checks below may see incomplete timelines: {line}");
+        println!("note: {lost} events were lost (busy host), the checks below may see incomplete timelines: {s:?}");
     }
     lost
 }

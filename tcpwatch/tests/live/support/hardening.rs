@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::{self as common, tcpwatch_bin, Finished, Proc};
+use crate::support::{self as common, tcpwatch_bin, ExitSummary, Finished, Proc};
 
 /// The names of the programs in tcpwatch's eBPF object.
 pub const PROGRAM_NAMES: [&str; 5] = [
@@ -290,10 +290,13 @@ pub fn recording_shape(file: &Path) -> RecordingShape {
 }
 
 /// What `tcpwatch replay FILE conns` read: (events, undecodable records,
-/// stderr). Its stdout is not kept: a recording of a churn is large.
+/// stderr), from its exit summary (`--format json`). Its stdout is not
+/// kept: a recording of a churn is large.
 pub fn replay_counts(file: &Path) -> (u64, u64, Vec<String>) {
     let mut cmd = Command::new(tcpwatch_bin());
-    cmd.arg("replay").arg(file).arg("conns");
+    cmd.arg("replay")
+        .arg(file)
+        .args(["conns", "--format", "json"]);
     let f = Proc::spawn_stdout_to("replay", cmd, Stdio::null()).finish(Duration::from_secs(60));
     let stderr = f.stderr;
     assert!(
@@ -303,22 +306,10 @@ pub fn replay_counts(file: &Path) -> (u64, u64, Vec<String>) {
         f.status,
         stderr.join("\n")
     );
-    let summary = stderr
-        .iter()
-        .find(|l| l.contains(" connections finished, "))
-        .unwrap_or_else(|| panic!("no replay summary: {stderr:?}"));
-    let number_before = |what: &str| -> u64 {
-        summary
-            .split(", ")
-            .find_map(|part| part.strip_suffix(what))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no '{what}' in: {summary}"))
+    let Some(ExitSummary::Conns(summary)) = ExitSummary::from_stderr(&stderr) else {
+        panic!("no replay summary: {stderr:?}")
     };
-    (
-        number_before(" events"),
-        number_before(" undecodable records"),
-        stderr,
-    )
+    (summary.stream.events, summary.stream.undecodable, stderr)
 }
 
 // ---------------------------------------------------------------------------

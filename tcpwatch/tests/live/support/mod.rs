@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+pub use tcpwatch::views::summary::ExitSummary;
 
 pub mod conns;
 pub mod daemon;
@@ -405,7 +406,8 @@ impl Line {
     }
 }
 
-/// The exit summary: "tcpwatch: N transitions seen, M shown, L lost events, ...".
+/// The figures of a `trace --format json` exit summary (its last line on
+/// stderr, one JSON object).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Summary {
     pub seen: u64,
@@ -415,28 +417,20 @@ pub struct Summary {
 }
 
 pub fn parse_summary(stderr: &[String]) -> Summary {
-    let line = stderr
-        .iter()
-        .find(|l| l.starts_with("tcpwatch: ") && l.contains(" transitions seen, "))
-        .unwrap_or_else(|| panic!("no summary on stderr:\n{}", stderr.join("\n")));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect();
-    // "N transitions seen, M shown, L lost events (R ring buffer full, K
-    // skipped by the kernel), U undecodable records"
-    assert!(nums.len() >= 6, "unexpected summary: {line}");
+    let Some(ExitSummary::Trace(s)) = ExitSummary::from_stderr(stderr) else {
+        panic!("no trace summary on stderr:\n{}", stderr.join("\n"));
+    };
+    let lost = s.stream.lost;
     assert_eq!(
-        nums[2],
-        nums[3] + nums[4],
-        "lost is not ring + skipped: {line}"
+        lost.total,
+        lost.ring_full + lost.skipped,
+        "lost is not ring + skipped: {s:?}"
     );
     Summary {
-        seen: nums[0],
-        shown: nums[1],
-        lost: nums[2],
-        undecodable: nums[5],
+        seen: s.transitions_seen,
+        shown: s.shown,
+        lost: lost.total,
+        undecodable: s.stream.undecodable,
     }
 }
 

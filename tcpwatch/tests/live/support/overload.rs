@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::support::timewait::{our_net, our_octet, Netns};
+pub use crate::support::ExitSummary;
 use crate::support::{self as common, Proc};
 
 // ---------------------------------------------------------------------------
@@ -43,13 +44,14 @@ impl Mode {
         }
     }
 
-    /// Words of the exit summary line that only this mode prints.
-    fn summary_marker(self) -> &'static str {
-        match self {
-            Mode::Trace => " transitions seen, ",
-            Mode::Conns => " connections finished, ",
-            Mode::Timewait => " snapshots, ",
-        }
+    /// Whether `s` is the exit summary this mode prints.
+    fn is_its_summary(self, s: &ExitSummary) -> bool {
+        matches!(
+            (self, s),
+            (Mode::Trace, ExitSummary::Trace(_))
+                | (Mode::Conns, ExitSummary::Conns(_))
+                | (Mode::Timewait, ExitSummary::Timewait(_))
+        )
     }
 }
 
@@ -62,12 +64,12 @@ pub struct Watcher {
     proc: Proc,
 }
 
-/// What a stopped tcpwatch printed, with its exit summary as numbers.
+/// What a stopped tcpwatch printed, with its exit summary.
 pub struct Stopped {
     pub mode: Mode,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
-    pub summary: Counts,
+    pub summary: Summary,
     /// VmHWM just before it was stopped, in KiB.
     pub peak_rss_kib: u64,
 }
@@ -121,14 +123,13 @@ impl Watcher {
         let stderr = f.stderr.join("\n");
         let clean = f.status.success() && !stderr.contains("panicked");
         assert!(clean, "{name}: {}, stderr:\n{stderr}", f.status);
-        let line = f
-            .stderr
-            .iter()
-            .find(|l| l.starts_with("tcpwatch: ") && l.contains(self.mode.summary_marker()))
+        // `--format json`: the summary is the last line on stderr.
+        let summary = ExitSummary::from_stderr(&f.stderr)
+            .filter(|s| self.mode.is_its_summary(s))
             .unwrap_or_else(|| panic!("{name}: no exit summary:\n{stderr}"));
         Stopped {
             mode: self.mode,
-            summary: Counts::parse(line),
+            summary: Summary(summary),
             stdout: f.stdout,
             stderr: f.stderr,
             peak_rss_kib,
@@ -148,11 +149,48 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// The numbers of a tcpwatch summary (or LOST) line, each by the words
-/// after it up to a comma, colon, semicolon or parenthesis: "tcpwatch: 12
-/// transitions seen, 2 lost events (0 ring buffer full, 2 skipped by the
-/// kernel)" gives "transitions seen" 12, "lost events" 2, "ring buffer
-/// full" 0, ...
+/// An exit summary of trace, conns or timewait, read for the figures every
+/// mode has.
+#[derive(Clone, Debug)]
+pub struct Summary(pub ExitSummary);
+
+impl Summary {
+    /// Records taken from the ring buffer.
+    pub fn events(&self) -> u64 {
+        self.0.stream().map_or(0, |s| s.events)
+    }
+
+    /// The lost-event split, checked to add up.
+    pub fn lost(&self) -> Lost {
+        let l = self.0.stream().expect("a summary of an event stream").lost;
+        assert_eq!(
+            l.total,
+            l.ring_full + l.skipped,
+            "lost is not ring + skipped: {:?}",
+            self.0
+        );
+        Lost {
+            total: l.total,
+            ring_full: l.ring_full,
+            skipped: l.skipped,
+        }
+    }
+
+    /// How full the socket table got.
+    pub fn tracking(&self) -> tcpwatch::views::summary::Tracking {
+        *self.0.tracking().expect("a summary of a socket table")
+    }
+
+    /// As printed.
+    pub fn line(&self) -> String {
+        self.0.json()
+    }
+}
+
+/// The numbers of a tcpwatch LOST line, each by the words after it up to a
+/// comma, colon, semicolon or parenthesis: "tcpwatch: LOST 2 events (12 in
+/// all: 10 with the ring buffer full ...; 2 skipped by the kernel ...)"
+/// gives "in all" 12, "with the ring buffer full ..." 10, ...
 #[derive(Clone, Debug)]
 pub struct Counts {
     pub line: String,
@@ -179,7 +217,7 @@ impl Counts {
     /// nothing or by more words.
     pub fn get(&self, label: &str) -> u64 {
         self.try_get(label)
-            .unwrap_or_else(|| panic!("no '{label}' in the summary: {}", self.line))
+            .unwrap_or_else(|| panic!("no '{label}' in: {}", self.line))
     }
 
     pub fn try_get(&self, label: &str) -> Option<u64> {
@@ -187,22 +225,6 @@ impl Counts {
             .iter()
             .find(|(l, _)| l == label || l.starts_with(&format!("{label} ")))
             .map(|(_, n)| *n)
-    }
-
-    /// The lost-event split, checked to add up.
-    pub fn lost(&self) -> Lost {
-        let lost = Lost {
-            total: self.get("lost events"),
-            ring_full: self.get("ring buffer full"),
-            skipped: self.get("skipped by the kernel"),
-        };
-        assert_eq!(
-            lost.total,
-            lost.ring_full + lost.skipped,
-            "lost is not ring + skipped: {}",
-            self.line
-        );
-        lost
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::support::{self as common, Proc};
+use crate::support::{self as common, ExitSummary, Proc};
 
 /// The second octet of this run's addresses: from the test process's pid
 /// (peers are told it), so that two runs on one host keep apart; never 0,
@@ -632,36 +632,28 @@ impl Timewait {
             "{name}:\n{stderr}"
         );
         let snaps: Vec<Snap> = f.stdout.iter().map(|l| Snap::parse(l)).collect();
-        let summary = f
-            .stderr
-            .iter()
-            .find(|l| l.contains(" lost events") && l.contains(" snapshots, "))
-            .unwrap_or_else(|| panic!("{name}: no closing summary:\n{stderr}"));
-        let nums: Vec<u64> = summary
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
+        // The closing summary, `--format json`: the last line on stderr.
+        let Some(ExitSummary::Timewait(summary)) = ExitSummary::from_stderr(&f.stderr) else {
+            panic!("{name}: no closing summary:\n{stderr}")
+        };
         assert_eq!(
-            nums[0],
+            summary.snapshots,
             snaps.len() as u64,
-            "{name}: summary's snapshot count: {summary}"
+            "{name}: summary's snapshot count: {summary:?}"
         );
         for s in &snaps {
             s.check_invariants(top);
         }
-        // "S snapshots, E events, L lost events (R ring buffer full, K
-        // skipped by the kernel)"
-        assert!(nums.len() >= 5, "{name}: summary: {summary}");
+        let lost = summary.stream.lost;
         assert_eq!(
-            nums[2],
-            nums[3] + nums[4],
-            "{name}: lost is not ring + skipped: {summary}"
+            lost.total,
+            lost.ring_full + lost.skipped,
+            "{name}: lost is not ring + skipped: {summary:?}"
         );
         TimewaitRun {
             snaps,
             stderr: f.stderr,
-            lost: nums[2],
+            lost: lost.total,
         }
     }
 }
