@@ -132,7 +132,7 @@ impl<W: Write> Consumer for TraceSink<W> {
             })
             .collect();
         // Most frequent first; ties in name order.
-        transitions.sort_by(|a, b| b.count.cmp(&a.count));
+        transitions.sort_by_key(|t| std::cmp::Reverse(t.count));
         ExitSummary::Trace(TraceSummary {
             transitions_seen: self.seen,
             shown: self.shown,
