@@ -227,6 +227,12 @@ impl DaemonSink {
     /// Hands what the last batch finished, and a snapshot when one was
     /// taken, to the metrics and the HTTP side.
     pub fn publish(&mut self, snapshot: Option<Snapshot>) {
+        self.publish_saying(snapshot, None);
+    }
+
+    /// [`DaemonSink::publish`], logging `line` while the HTTP side cannot
+    /// read: what it answers next is what was published with the line.
+    fn publish_saying(&mut self, snapshot: Option<Snapshot>, line: Option<&str>) {
         let json: Vec<String> = self
             .finished
             .drain(..)
@@ -252,6 +258,9 @@ impl DaemonSink {
             self.snapshots += 1;
             self.metrics.snapshot(&s);
             st.timewait = Some(j);
+        }
+        if let Some(line) = line {
+            tracing::info!("{line}");
         }
         st.health = Health {
             status: if self.live && st.timewait.is_some() {
@@ -290,9 +299,12 @@ impl Consumer for DaemonSink {
         self.lost = lost;
     }
 
-    fn live(&mut self) {
+    /// Says that tracing began and turns `/healthz` to "ok" as one step:
+    /// no answer says "ok" before the line is written, none after it says
+    /// "starting".
+    fn live(&mut self, announce: &str) {
         self.live = true;
-        self.publish(None);
+        self.publish_saying(None, Some(announce));
     }
 
     fn finish(&mut self) -> io::Result<()> {

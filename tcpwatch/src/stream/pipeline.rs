@@ -45,9 +45,12 @@ pub trait Consumer {
     /// The kernel's lost-event counts have grown to `lost` (already said).
     fn lost(&mut self, _lost: LostCounts) {}
 
-    /// The probe is live and the session has said so: from now on every
-    /// event is seen.
-    fn live(&mut self) {}
+    /// The probe is live and the consumer built: from now on every event
+    /// is seen. Says so with `announce` (a consumer that serves others
+    /// says it and marks itself ready as one step).
+    fn live(&mut self, announce: &str) {
+        tracing::info!("{announce}");
+    }
 
     /// The stream ended: write out whatever is still held.
     fn finish(&mut self) -> io::Result<()>;

@@ -27,8 +27,8 @@ pub fn channel_batches(ring_size: u32) -> usize {
 pub struct SessionOptions {
     pub probe: ProbeOptions,
     pub duration: Option<Duration>,
-    /// Said once the consumer is built: that tracing began (always, so
-    /// scripts and tests know when to start).
+    /// Said once the consumer is built (see [`Consumer::live`]): that
+    /// tracing began (always, so scripts and tests know when to start).
     pub announce: String,
     /// Least time between two lost-event warnings (zero: every growth).
     pub lost_log_every: Duration,
@@ -93,9 +93,8 @@ pub async fn run<C: Consumer>(
     if probe.mounted_tracefs {
         tracing::info!("mounted tracefs at /sys/kernel/tracing");
     }
-    tracing::info!("{}", opts.announce);
     let mut pipeline = Pipeline::live(consumer, opts.lost_log_every);
-    pipeline.consumer_mut().live();
+    pipeline.consumer_mut().live(&opts.announce);
 
     let (tx, mut rx) = mpsc::channel::<Feed>(channel_batches(opts.probe.ring_size));
     let (stop_tx, stop_rx) = watch::channel(false);
