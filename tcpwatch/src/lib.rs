@@ -8,10 +8,16 @@
 //! - `model`: the pure core, no I/O: events and their decoding, filters,
 //!   socket owners, the correlator that builds timelines, TIME_WAIT
 //!   accounting, sweep decisions, bounded tables;
-//! - `stream`: the live session, recording and replay;
-//! - `views`: text, JSON and ladder output;
-//! - `commands`: trace, conns/ladder, timewait, bench;
-//! - `daemon`: the always-on HTTP service and its client.
+//! - `stream`: the event stream: the context every consumer is built from
+//!   (live or from a recording), the pipeline's front (decoding, lost
+//!   events, the sweep after losses), the live session, recording and
+//!   replay;
+//! - `views`: text, JSON and ladder output, exit summaries, and how
+//!   diagnostics look on stderr;
+//! - `commands`: the consumers (trace, conns/ladder, timewait, record) and
+//!   the one path that runs them; bench;
+//! - `daemon`: the always-on HTTP service (another consumer) and its
+//!   client.
 
 pub mod cli;
 pub mod commands;

@@ -6,9 +6,10 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tcpwatch::cli::{self, BenchArgs, BenchWhat, Command, ReplayView, TimewaitArgs};
+use tcpwatch::cli::{self, BenchArgs, BenchWhat, Command, ProbeArgs, ReplayView, TimewaitArgs};
 use tcpwatch::commands::conns::{ConnsOptions, ConnsSink, View};
 use tcpwatch::commands::record::RecordSink;
 use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions};
@@ -21,6 +22,11 @@ use tcpwatch::stream::session::SessionOptions;
 use tcpwatch::views::log;
 use tcpwatch::views::summary::ExitSummary;
 use tcpwatch::views::Format;
+
+/// Events from the kernel, `what` said once tracing began.
+fn live(probe: &ProbeArgs, duration: Option<Duration>, what: &str) -> Source {
+    Source::Live(SessionOptions::command(probe.options(), duration, what))
+}
 
 /// Standard output, buffered: the consumers flush after each batch.
 fn stdout() -> io::BufWriter<io::StdoutLock<'static>> {
@@ -67,11 +73,11 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
         top: args.top,
         max_sockets: args.probe.max_sockets,
     };
-    let source = Source::Live(SessionOptions::command(
-        args.probe.options(),
+    let source = live(
+        &args.probe,
         args.duration,
         "TCP connections for TIME_WAIT accounting",
-    ));
+    );
     commands::run(source, args.format, |ctx| {
         let tracker = TimewaitTracker::start(opts, ctx);
         Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker))
@@ -119,11 +125,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Trace(a) => {
-            let source = Source::Live(SessionOptions::command(
-                a.probe.options(),
-                a.duration,
-                "TCP state transitions",
-            ));
+            let source = live(&a.probe, a.duration, "TCP state transitions");
             let opts = TraceOptions {
                 format: a.format,
                 filter: a.filter.to_filter(),
@@ -149,11 +151,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ExitSummary::ConnsFrom(s).print(a.format);
                 return Ok(());
             }
-            let source = Source::Live(SessionOptions::command(
-                a.probe.options(),
-                a.duration,
-                "TCP connections",
-            ));
+            let source = live(&a.probe, a.duration, "TCP connections");
             let opts = ConnsOptions {
                 view: View::Records(a.format),
                 filter: a.filter.to_filter(),
@@ -163,11 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             conns(source, opts, a.format).await?;
         }
         Command::Ladder(a) => {
-            let source = Source::Live(SessionOptions::command(
-                a.probe.options(),
-                a.duration,
-                "TCP connections",
-            ));
+            let source = live(&a.probe, a.duration, "TCP connections");
             let opts = ConnsOptions {
                 view: View::Ladder,
                 filter: a.filter.to_filter(),
@@ -179,11 +173,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Timewait(a) => timewait(a).await?,
         Command::Daemon(a) => tcpwatch::daemon::run(a).await?,
         Command::Record(a) => {
-            let source = Source::Live(SessionOptions::command(
-                a.probe.options(),
-                a.duration,
-                "TCP events into a recording",
-            ));
+            let source = live(&a.probe, a.duration, "TCP events into a recording");
             commands::run(source, a.format, |ctx| {
                 Ok(RecordSink::build(&a.output, ctx)?)
             })
