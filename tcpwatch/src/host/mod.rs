@@ -5,7 +5,6 @@ pub mod kernelstat;
 pub mod procfs;
 pub mod sockdiag;
 
-use crate::host::procfs::SocketSnapshot;
 use crate::model::correlate::CorrelatorOptions;
 
 /// The inode of tcpwatch's own network namespace.
@@ -29,20 +28,5 @@ pub fn correlator_options(max_sockets: usize, fin_timeout_s: u32) -> CorrelatorO
         max_sockets,
         fin_timeout_ns: u64::from(fin_timeout_s) * 1_000_000_000,
         ..CorrelatorOptions::default()
-    }
-}
-
-/// Owners of sockets that predate the trace, looked up once the probe is
-/// attached so that no socket falls between the two. `warn` hears why
-/// they are unknown when /proc cannot be read.
-pub fn socket_snapshot(warn: impl FnOnce(&str)) -> Option<SocketSnapshot> {
-    match SocketSnapshot::capture() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn(&format!(
-                "tcpwatch: owners of sockets older than this trace are unknown: {e}"
-            ));
-            None
-        }
     }
 }

@@ -18,9 +18,9 @@ use crate::model::decode::{decode_raw, DecodeError};
 /// What the reader hands the stages after it.
 #[derive(Debug)]
 pub enum Feed {
-    /// Records in ring-buffer order (length-checked copies; their meaning
-    /// is for each stage to take with `decode::interpret`), and the number
-    /// of records of the wrong size.
+    /// Records in ring-buffer order (length-checked copies; the pipeline's
+    /// front gives them their meaning, once), and the number of records of
+    /// the wrong size.
     Records {
         events: Vec<Event>,
         undecodable: u64,
