@@ -238,8 +238,53 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes on one line: `what failed: why: why`. A cause
+/// the line already says is not said again (some errors, aya's among them,
+/// print their source themselves as well as returning it).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {path}: {source}; run as root")]
+    struct SaysItsSource {
+        path: &'static str,
+        source: io::Error,
+    }
+
+    #[test]
+    fn causes_follow_once() {
+        let e = anyhow::Error::new(io::Error::from(io::ErrorKind::NotFound))
+            .context("cannot open x.rec");
+        assert_eq!(one_line(&e), "cannot open x.rec: entity not found");
+        let e = anyhow::Error::new(SaysItsSource {
+            path: "/sys/kernel/tracing",
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        });
+        assert_eq!(
+            one_line(&e),
+            "cannot read /sys/kernel/tracing: permission denied; run as root"
+        );
     }
 }
