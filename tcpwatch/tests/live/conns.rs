@@ -13,23 +13,20 @@
 //! `replay` of a `record`ing made alongside is checked against the live
 //! output, also for a recording cut in the middle of a record.
 //!
-//! Tests that cannot run (not root, no kernel BTF, binary built without
-//! its eBPF object, a missing tool) print "skipped: <why>", or fail when CI
-//! is set or TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 conns::`.
-
-use crate::require_live;
-use crate::support as common;
-use crate::support::conns as conns_support;
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::own_netns;
-use conns_support::*;
+use crate::require_live;
+use crate::support::conns::*;
+use crate::support::netns::{VethPair, MAC_A, MAC_B, VETH_A, VETH_B};
+use crate::support::peer::{accept_one, connect_pair, Link, Peer};
+use crate::support::summary::record_summary;
+use crate::support::{family, have, loopbacks, mode, own_netns, parse_ts, set_mode, Scratch};
 
 type Steps = &'static [(&'static str, &'static str)];
 
@@ -76,14 +73,7 @@ fn check_end(what: &str, c: &Conn, me: SocketAddr, peer: SocketAddr, netns: u32)
 
 /// Both ends of an established connection: owners, roles, how they opened,
 /// and a handshake time (the client's is exactly SYN_SENT→ESTABLISHED).
-fn check_opened(
-    link: &Link,
-    c: &Conn,
-    s: &Conn,
-    client: &Actor,
-    server: &Actor,
-    netns: (u32, u32),
-) {
+fn check_opened(link: &Link, c: &Conn, s: &Conn, client: &Peer, server: &Peer, netns: (u32, u32)) {
     check_end("client", c, link.client, link.server, netns.0);
     check_end("server", s, link.server, link.client, netns.1);
     c.expect(
@@ -102,11 +92,20 @@ fn check_opened(
             ("comm", server.comm.as_str().into()),
         ],
     );
-    let syn_sent_to_established = c.get("transitions")[1]["t_ms"].clone();
-    c.expect("client", &[("handshake_ms", syn_sent_to_established)]);
-    assert!(s.num("handshake_ms") > 0.0, "server handshake: {}", s.line);
+    let syn_sent_to_established = c.rec.transitions[1].t_ms;
+    assert_eq!(
+        c.handshake_ms,
+        Some(syn_sent_to_established),
+        "client: handshake_ms\nrecord: {}",
+        c.line
+    );
+    assert!(
+        s.handshake_ms.is_some_and(|h| h > 0.0),
+        "server handshake: {}",
+        s.line
+    );
     for x in [c, s] {
-        let srtt = x.get("srtt_us").as_u64().unwrap_or(0);
+        let srtt = x.srtt_us.unwrap_or(0);
         assert!(srtt > 0 && srtt < 1_000_000, "srtt_us: {}", x.line);
     }
 }
@@ -123,7 +122,7 @@ fn check_no_retransmits(c: &Conn, s: &Conn) {
 
 fn show(what: &str, c: &Conn) {
     println!(
-        "{what}: pid {} comm {} role {} open {} close {} closed_by {} segments {} timewait {} error {} sent {} received {} handshake_ms {} lifetime_ms {} resets {}/{} retransmits {} netns {}",
+        "{what}: pid {} comm {} role {} open {} close {} closed_by {} segments {} timewait {:?} error {} sent {} received {} handshake_ms {} lifetime_ms {} resets {}/{} retransmits {} netns {}",
         c.get("pid"),
         c.get("comm"),
         c.get("role"),
@@ -131,7 +130,7 @@ fn show(what: &str, c: &Conn) {
         c.get("close"),
         c.get("closed_by"),
         c.get("teardown_segments"),
-        timewait_of(c),
+        c.timewait_left(),
         c.get("error"),
         c.get("bytes_sent"),
         c.get("bytes_received"),
@@ -150,8 +149,8 @@ fn show(what: &str, c: &Conn) {
 fn client_closes_first_orderly_with_time_wait() {
     require_live!();
     let mut tw = Tw::conns();
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let mut links = Vec::new();
     for ip in loopbacks() {
         let link = connect_pair(&mut server, &mut client, ip, ip);
@@ -206,7 +205,7 @@ fn client_closes_first_orderly_with_time_wait() {
                 ("resets_received", 0.into()),
             ],
         );
-        assert_eq!(timewait_of(c), timewait("TIME_WAIT", 60.0), "{}", c.line);
+        assert_eq!(c.timewait_left(), Some(("TIME_WAIT", 60.0)), "{}", c.line);
         c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
         s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
     }
@@ -218,8 +217,8 @@ fn client_closes_first_orderly_with_time_wait() {
 fn server_closes_first_orderly_with_time_wait() {
     require_live!();
     let mut tw = Tw::conns();
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let mut links = Vec::new();
     for ip in loopbacks() {
         let link = connect_pair(&mut server, &mut client, ip, ip);
@@ -266,7 +265,7 @@ fn server_closes_first_orderly_with_time_wait() {
                 ("bytes_received", seq_bytes(500, false, true).into()),
             ],
         );
-        assert_eq!(timewait_of(s), timewait("TIME_WAIT", 60.0), "{}", s.line);
+        assert_eq!(s.timewait_left(), Some(("TIME_WAIT", 60.0)), "{}", s.line);
         s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_FIRST));
         c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_SECOND));
     }
@@ -279,8 +278,8 @@ fn server_closes_first_orderly_with_time_wait() {
 fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
     require_live!();
     let mut tw = Tw::conns();
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let mut links = Vec::new();
     for ip in loopbacks() {
         let link = connect_pair(&mut server, &mut client, ip, ip);
@@ -315,8 +314,8 @@ fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
             ],
         );
         assert_eq!(
-            timewait_of(c),
-            timewait("FIN_WAIT2", fin_timeout_s()),
+            c.timewait_left(),
+            Some(("FIN_WAIT2", fin_timeout_s())),
             "{}",
             c.line
         );
@@ -334,8 +333,8 @@ fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
         );
         s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
         // The hand-off is immediate: FIN_WAIT2→CLOSE on the same segment.
-        let t = c.get("transitions");
-        let gap = t[4]["t_ms"].as_f64().unwrap() - t[3]["t_ms"].as_f64().unwrap();
+        let t = &c.rec.transitions;
+        let gap = t[4].t_ms - t[3].t_ms;
         assert!(gap < 100.0, "FIN_WAIT2 lasted {gap} ms: {}", c.line);
     }
 }
@@ -348,15 +347,15 @@ fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
 #[test]
 fn teardown_three_or_four_segments_as_captured() {
     require_live!();
-    if !have_tools(&["tcpdump"]) {
+    if !have(&["tcpdump"]) {
         return;
     }
     let mut conns_tw = Tw::spawn(&["conns", "--format", "json"]);
     let mut ladder_tw = Tw::spawn(&["ladder"]);
     conns_tw.wait_ready();
     ladder_tw.wait_ready();
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     // (link, expected segments, segments in the capture, what was counted)
     let mut cases: Vec<(Link, usize, usize, Vec<String>)> = Vec::new();
     for ip in loopbacks() {
@@ -426,7 +425,7 @@ fn teardown_three_or_four_segments_as_captured() {
         }
         c.expect("client", &[("closed_by", "local".into())]);
         s.expect("server", &[("closed_by", "peer".into())]);
-        assert_eq!(timewait_of(c), timewait("TIME_WAIT", 60.0), "{}", c.line);
+        assert_eq!(c.timewait_left(), Some(("TIME_WAIT", 60.0)), "{}", c.line);
         c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
         s.expect_transitions("server", &steps(OPENED_BY_ACCEPT, CLOSED_SECOND));
 
@@ -462,13 +461,13 @@ fn teardown_three_or_four_segments_as_captured() {
 #[test]
 fn simultaneous_close_between_namespaces() {
     require_live!();
-    if !have_tools(&["ip"]) {
+    if !have(&["ip"]) {
         return;
     }
-    let net = NetnsPair::create();
+    let net = VethPair::create();
     let mut tw = Tw::conns();
-    let mut server = Actor::spawn("twc-ns-server", Some(&net.b));
-    let mut client = Actor::spawn("twc-ns-client", Some(&net.a));
+    let mut server = Peer::spawn("twc-ns-server", Some(&net.b));
+    let mut client = Peer::spawn("twc-ns-client", Some(&net.a));
     let link = connect_pair(
         &mut server,
         &mut client,
@@ -487,33 +486,34 @@ fn simultaneous_close_between_namespaces() {
     // the link down instead drops the FINs, and they cross only if both
     // retransmission timers fire within microseconds of each other.)
     for (ns, dev) in [(&net.a, VETH_A), (&net.b, VETH_B)] {
-        net.sysctl(ns, &format!("net.ipv4.conf.{dev}.arp_ignore"), "8");
-        net.ip(ns, &["neigh", "flush", "dev", dev]);
+        ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "8");
+        ns.ip(&["neigh", "flush", "dev", dev]);
     }
     client.run("shut_wr");
     server.run("shut_wr");
     for (ns, peer) in [(&net.a, net.addr_b), (&net.b, net.addr_a)] {
-        let state = net.ip(ns, &["neigh", "show", &peer.to_string()]);
-        assert!(state.contains("INCOMPLETE"), "{ns}: FIN not held: {state}");
+        let state = ns.ip(&["neigh", "show", &peer.to_string()]);
+        assert!(
+            state.contains("INCOMPLETE"),
+            "{}: FIN not held: {state}",
+            ns.name
+        );
     }
     for (ns, peer, mac, dev) in [
         (&net.a, net.addr_b, MAC_B, VETH_A),
         (&net.b, net.addr_a, MAC_A, VETH_B),
     ] {
-        net.ip(
-            ns,
-            &[
-                "neigh",
-                "replace",
-                &peer.to_string(),
-                "lladdr",
-                mac,
-                "dev",
-                dev,
-                "nud",
-                "reachable",
-            ],
-        );
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &peer.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "reachable",
+        ]);
     }
     let c_eof = client.send("eof; close");
     let s_eof = server.send("eof; close");
@@ -522,7 +522,7 @@ fn simultaneous_close_between_namespaces() {
     tw.wait_conns(&link.keys());
     let conns = tw.stop_conns();
 
-    let (ns_a, ns_b) = (NetnsPair::inode(&net.a), NetnsPair::inode(&net.b));
+    let (ns_a, ns_b) = (net.a.inode(), net.b.inode());
     assert_ne!(ns_a, ns_b);
     assert!(ns_a != own_netns() && ns_b != own_netns());
     let c = find(&conns, link.client_key());
@@ -541,12 +541,11 @@ fn simultaneous_close_between_namespaces() {
                 ("error", Value::Null),
             ],
         );
-        assert_eq!(timewait_of(x), timewait("TIME_WAIT", 60.0), "{}", x.line);
+        assert_eq!(x.timewait_left(), Some(("TIME_WAIT", 60.0)), "{}", x.line);
         // A FIN held longer than the RTO is retransmitted into the queue:
         // whatever the count, tcpwatch saw at least what the kernel counted.
-        let retx = x.get("retransmits").as_u64().unwrap();
-        let kernel = x.get("total_retrans").as_u64().unwrap();
-        assert!(retx >= kernel, "{what}: retransmits: {}", x.line);
+        let kernel = x.total_retrans.expect("total_retrans");
+        assert!(x.retransmits >= kernel, "{what}: retransmits: {}", x.line);
     }
     c.expect(
         "client",
@@ -573,8 +572,8 @@ fn simultaneous_close_between_namespaces() {
 fn abortive_close_with_linger_zero() {
     require_live!();
     let mut tw = Tw::conns();
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
     let mut cases = Vec::new();
     for client_aborts in [true, false] {
@@ -656,8 +655,8 @@ fn abortive_close_with_linger_zero() {
 fn refused_connect() {
     require_live!();
     let mut tw = Tw::conns();
-    let mut holder = Actor::spawn("twc-holder", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut holder = Peer::spawn("twc-holder", None);
+    let mut client = Peer::spawn("twc-client", None);
     let mut cases = Vec::new();
     for ip in loopbacks() {
         // Bound, so no one else takes the port; not listening, so refused.
@@ -708,27 +707,24 @@ fn refused_connect() {
 #[test]
 fn timed_out_connect() {
     require_live!();
-    if !have_tools(&["ip"]) {
+    if !have(&["ip"]) {
         return;
     }
-    let net = NetnsPair::create();
-    net.ip(&net.b, &["link", "set", VETH_B, "down"]);
-    net.ip(
-        &net.a,
-        &[
-            "neigh",
-            "replace",
-            &net.addr_b.to_string(),
-            "lladdr",
-            MAC_B,
-            "dev",
-            VETH_A,
-            "nud",
-            "permanent",
-        ],
-    );
+    let net = VethPair::create();
+    net.b.ip(&["link", "set", VETH_B, "down"]);
+    net.a.ip(&[
+        "neigh",
+        "replace",
+        &net.addr_b.to_string(),
+        "lladdr",
+        MAC_B,
+        "dev",
+        VETH_A,
+        "nud",
+        "permanent",
+    ]);
     let mut tw = Tw::conns();
-    let mut client = Actor::spawn("twc-ns-client", Some(&net.a));
+    let mut client = Peer::spawn("twc-ns-client", Some(&net.a));
     let to = SocketAddr::new(net.addr_b.into(), 9);
     let started = Instant::now();
     let v = client.run1(&format!("syncnt 1; connect_fail {to}"));
@@ -744,7 +740,7 @@ fn timed_out_connect() {
     let conns = tw.stop_conns();
     let c = find(&conns, (me.port(), 9));
     show("timed-out client", c);
-    check_end("timed-out client", c, me, to, NetnsPair::inode(&net.a));
+    check_end("timed-out client", c, me, to, net.a.inode());
     c.expect_owner("timed-out client", &client, "observed");
     c.expect(
         "timed-out client",
@@ -764,14 +760,13 @@ fn timed_out_connect() {
     // The kernel counted at least one SYN retransmission, and tcpwatch saw
     // exactly those (failed attempts, err≠0 at the tracepoint, put nothing
     // on the wire and are counted by neither).
-    let retx = c.get("retransmits").as_u64().unwrap();
-    let kernel = c.get("total_retrans").as_u64().unwrap();
+    let kernel = c.total_retrans.expect("total_retrans");
     assert!(
-        kernel >= 1 && retx == kernel,
+        kernel >= 1 && c.retransmits == kernel,
         "SYN retransmissions: {}",
         c.line
     );
-    let life = c.num("lifetime_ms");
+    let life = c.lifetime_ms;
     assert!(
         life > 2000.0 && life < 10_000.0 && (life - took.as_secs_f64() * 1e3).abs() < 500.0,
         "lifetime {life} ms, connect took {took:?}: {}",
@@ -781,7 +776,7 @@ fn timed_out_connect() {
 
 /// Traffic for the record/replay tests: an orderly close on each loopback
 /// family, an abort and a refused connect. Returns the records' keys.
-fn mixed_traffic(server: &mut Actor, client: &mut Actor) -> Vec<(u16, u16)> {
+fn mixed_traffic(server: &mut Peer, client: &mut Peer) -> Vec<(u16, u16)> {
     let mut keys = Vec::new();
     for ip in loopbacks() {
         let link = connect_pair(server, client, ip, ip);
@@ -810,7 +805,7 @@ fn mixed_traffic(server: &mut Actor, client: &mut Actor) -> Vec<(u16, u16)> {
 }
 
 /// Starts `record -o FILE` and `conns --format json` together.
-fn record_and_watch(file: &std::path::Path) -> (Tw, Tw) {
+fn record_and_watch(file: &Path) -> (Tw, Tw) {
     let mut recorder = Tw::spawn(&["record", "--format", "json", "-o", file.to_str().unwrap()]);
     let mut live = Tw::spawn(&["conns", "--format", "json"]);
     recorder.wait_ready();
@@ -824,11 +819,9 @@ fn record_and_watch(file: &std::path::Path) -> (Tw, Tw) {
     (recorder, live)
 }
 
-fn stop_recorder(recorder: Tw, file: &std::path::Path) {
+fn stop_recorder(recorder: Tw, file: &Path) {
     let f = recorder.stop();
-    let Some(ExitSummary::Record(s)) = ExitSummary::from_stderr(&f.stderr) else {
-        panic!("no record summary: {:?}", f.stderr)
-    };
+    let s = record_summary(&f.stderr);
     assert_eq!(s.file, file, "{s:?}");
     if s.stream.lost.total > 0 {
         println!("note: the recorder lost events (busy host): {s:?}");
@@ -838,7 +831,7 @@ fn stop_recorder(recorder: Tw, file: &std::path::Path) {
 }
 
 /// A world-readable copy of a recording, for the unprivileged replay.
-fn readable_copy(from: &std::path::Path, to: &std::path::Path, len: Option<usize>) {
+fn readable_copy(from: &Path, to: &Path, len: Option<usize>) {
     let bytes = fs::read(from).unwrap();
     fs::write(to, &bytes[..len.unwrap_or(bytes.len())]).unwrap();
     set_mode(to, 0o644);
@@ -851,27 +844,8 @@ fn parse_replay(run: &ReplayRun) -> Vec<Conn> {
 }
 
 /// Nanoseconds between two RFC 3339 timestamps.
-fn ts_gap(a: &Value, b: &Value) -> i128 {
-    (common::parse_ts(a.as_str().unwrap()) - common::parse_ts(b.as_str().unwrap())).abs()
-}
-
-/// A record without its timestamps and durations.
-fn timeless(c: &Conn) -> Value {
-    let mut v = c.v.clone();
-    for f in ["ts", "start_ts", "handshake_ms", "lifetime_ms"] {
-        v.remove(f);
-    }
-    if let Some(Value::Object(tw)) = v.get_mut("timewait") {
-        tw.remove("until");
-    }
-    if let Some(Value::Array(tr)) = v.get_mut("transitions") {
-        for t in tr {
-            let t = t.as_object_mut().unwrap();
-            t.remove("ts");
-            t.remove("t_ms");
-        }
-    }
-    Value::Object(v)
+fn ts_gap(a: &str, b: &str) -> i128 {
+    (parse_ts(a) - parse_ts(b)).abs()
 }
 
 /// Live and replayed records of one connection: every field equal, except
@@ -888,20 +862,18 @@ fn same_connection(live: &Conn, replayed: &Conn) -> i128 {
         replayed.line
     );
     let mut gaps = vec![
-        ts_gap(live.get("ts"), replayed.get("ts")),
-        ts_gap(live.get("start_ts"), replayed.get("start_ts")),
+        ts_gap(&live.ts, &replayed.ts),
+        ts_gap(&live.start_ts, &replayed.start_ts),
+        ((live.lifetime_ms - replayed.lifetime_ms).abs() * 1e6) as i128,
     ];
-    if let (Value::Object(a), Value::Object(b)) = (live.get("timewait"), replayed.get("timewait")) {
-        gaps.push(ts_gap(&a["until"], &b["until"]));
+    if let (Some(a), Some(b)) = (&live.timewait, &replayed.timewait) {
+        gaps.push(ts_gap(&a.until, &b.until));
     }
-    let (ta, tb) = (live.get("transitions"), replayed.get("transitions"));
-    for i in 0..ta.as_array().unwrap().len() {
-        gaps.push(ts_gap(&ta[i]["ts"], &tb[i]["ts"]));
+    for (a, b) in live.rec.transitions.iter().zip(&replayed.rec.transitions) {
+        gaps.push(ts_gap(&a.ts, &b.ts));
     }
-    for f in ["handshake_ms", "lifetime_ms"] {
-        if let (Some(a), Some(b)) = (live.get(f).as_f64(), replayed.get(f).as_f64()) {
-            gaps.push(((a - b).abs() * 1e6) as i128);
-        }
+    if let (Some(a), Some(b)) = (live.handshake_ms, replayed.handshake_ms) {
+        gaps.push(((a - b).abs() * 1e6) as i128);
     }
     let worst = gaps.into_iter().max().unwrap();
     assert!(
@@ -918,14 +890,14 @@ fn same_connection(live: &Conn, replayed: &Conn) -> i128 {
 #[test]
 fn replay_of_a_recording_matches_live_conns() {
     require_live!();
-    if !have_tools(&["setpriv"]) {
+    if !have(&["setpriv"]) {
         return;
     }
-    let dir = TempDir::new("replay");
+    let dir = Scratch::new("replay");
     let file = dir.join("live.rec");
     let (recorder, mut live) = record_and_watch(&file);
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let keys = mixed_traffic(&mut server, &mut client);
     live.wait_conns(&keys);
     let live_conns = live.stop_conns();
@@ -966,14 +938,14 @@ fn replay_of_a_recording_matches_live_conns() {
 #[test]
 fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     require_live!();
-    if !have_tools(&["setpriv"]) {
+    if !have(&["setpriv"]) {
         return;
     }
-    let dir = TempDir::new("truncated");
+    let dir = Scratch::new("truncated");
     let file = dir.join("live.rec");
     let (recorder, mut live) = record_and_watch(&file);
-    let mut server = Actor::spawn("twc-server", None);
-    let mut client = Actor::spawn("twc-client", None);
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
     let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
     // Two connections, the second begun only once the first is reported:
     // every event of the first comes before any of the second.
@@ -990,6 +962,7 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     stop_recorder(recorder, &file);
 
     let raw = RawRecording::read(&file);
+    assert_eq!(raw.partial, 0, "a finished recording holds whole records");
     // A record is a connection's if its ports are those of one of its
     // sockets: either end, the listener (remote port 0) or the client
     // before its port is chosen (local port 0).
@@ -1050,9 +1023,7 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     for key in links[1].keys() {
         find(&whole, key);
         assert!(
-            !part
-                .iter()
-                .any(|c| (c.port("sport"), c.port("dport")) == key),
+            !part.iter().any(|c| (c.sport, c.dport) == key),
             "a connection after the cut was printed"
         );
     }

@@ -4,8 +4,6 @@
 //! requests and idle or garbage clients do not hurt it; and `conns --from`
 //! and `timewait --from` show what direct mode shows.
 
-use crate::support as common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,9 +11,19 @@ use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::daemon::{metric, request, Daemon};
-use common::{live, skip, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 use serde_json::Value;
+use tcpwatch::daemon::client::ConnsPage;
+use tcpwatch::daemon::{Health, Status};
+use tcpwatch::model::timewait::Snapshot;
+use tcpwatch::views::conns::ConnRecord;
+
+use crate::require_live;
+use crate::support::conns::timeless;
+use crate::support::daemon::{metric, parse_exposition, request, Daemon};
+use crate::support::timewait::Snap;
+use crate::support::{
+    free_port, own_netns, tcpwatch_bin, Proc, Scratch, START_TIMEOUT, STOP_TIMEOUT,
+};
 
 const PAYLOAD: usize = 100;
 
@@ -104,35 +112,39 @@ fn ss_timewait_to(port: u16, clients: &[u16]) -> usize {
         .count()
 }
 
-fn ready() -> bool {
-    match live() {
-        Ok(()) => true,
-        Err(why) => {
-            skip(&why);
-            false
-        }
-    }
+/// The count of the remote-endpoint group `key`, if the snapshot has one.
+fn remote_count(snapshot: &Snapshot, key: &str) -> Option<u64> {
+    snapshot
+        .by_remote
+        .iter()
+        .find(|g| g.key == key)
+        .map(|g| g.count)
 }
 
-fn group_count(snapshot: &Value, table: &str, key: &str) -> Option<u64> {
-    snapshot[table]
-        .as_array()?
+/// Ports held toward destination `key`, if the snapshot lists it.
+fn ports_held(snapshot: &Snapshot, key: &str) -> Option<u64> {
+    snapshot
+        .destinations
         .iter()
-        .find(|g| g["key"] == key)
-        .and_then(|g| g["count"].as_u64())
+        .find(|d| d.remote == key)
+        .map(|d| d.ports_held)
+}
+
+/// A record of a socket in this test's network namespace toward or from
+/// 127.0.0.1 (other namespaces have their own port space).
+fn ours(r: &ConnRecord) -> bool {
+    r.netns == Some(own_netns()) && r.daddr.to_string() == "127.0.0.1"
 }
 
 #[test]
 fn daemon_reports_known_connections() {
-    if !ready() {
-        return;
-    }
+    require_live!();
     const N: usize = 25;
     // Enough kept that connections made elsewhere on the host meanwhile do
     // not push the test's out.
     let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--keep", "200000"]);
-    let health = daemon.get_json("/healthz");
-    assert_eq!(health["status"], "ok", "{health}");
+    let health: Health = daemon.get_as("/healthz");
+    assert_eq!(health.status, Status::Ok, "{health:?}");
 
     let (port, server_thread, _l) = low_port_server();
     let dest = format!("127.0.0.1:{port}");
@@ -141,30 +153,25 @@ fn daemon_reports_known_connections() {
 
     // /api/timewait: the next snapshot has them, by remote endpoint.
     let started = Instant::now();
-    let tw = daemon.wait_json("/api/timewait", Duration::from_secs(15), |s| {
-        group_count(s, "by_remote", &dest) == Some(N as u64)
+    let tw: Snapshot = daemon.wait_for("/api/timewait", Duration::from_secs(15), |s| {
+        remote_count(s, &dest) == Some(N as u64)
     });
     eprintln!(
         "timewait toward {dest}: daemon {:?}, ss {ss_count}, test made {N} (seen after {:?})",
-        group_count(&tw, "by_remote", &dest),
+        remote_count(&tw, &dest),
         started.elapsed()
     );
-    assert_eq!(group_count(&tw, "by_remote", &dest), Some(N as u64), "{tw}");
+    assert_eq!(remote_count(&tw, &dest), Some(N as u64), "{tw:?}");
     assert_eq!(ss_count, N, "ss disagrees with what the test did");
-    let held = tw["destinations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["remote"] == dest.as_str())
-        .unwrap_or_else(|| panic!("no destination {dest}: {tw}"));
-    assert_eq!(held["ports_held"], N as u64);
+    assert_eq!(ports_held(&tw, &dest), Some(N as u64), "{tw:?}");
 
     // /metrics: the same figures, and the host-wide counters at least ours.
     let m = daemon.get("/metrics");
     assert_eq!(m.status, 200);
     assert!(m.headers.contains("openmetrics-text"), "{}", m.headers);
     let text = m.body;
-    let series = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("no series {s}"));
+    let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("/metrics: {e}"));
+    let series = |s: &str| metric(&samples, s).unwrap_or_else(|| panic!("no series {s}"));
     eprintln!(
         "metrics: timewait_by_destination {}, ports_held {}, opened active {}, passive {}, closed orderly {}, handshakes {}, events {}, lost ring_full {}, kernel_skipped {}",
         series(&format!("tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}")),
@@ -203,71 +210,62 @@ fn daemon_reports_known_connections() {
     assert!(series("tcpwatch_timewait_sockets{substate=\"time_wait\"}") >= N as f64);
     assert!(series("tcpwatch_kernel_tw_max_buckets") > 0.0);
     assert!(series("tcpwatch_local_port_range_ports") > 0.0);
-    assert!(metric(&text, "tcpwatch_build_info{version=\"0.1.0\"}") == Some(1.0));
+    assert!(metric(&samples, "tcpwatch_build_info{version=\"0.1.0\"}") == Some(1.0));
     assert!(text.trim_end().ends_with("# EOF"));
 
     // /api/conns: both ends of every connection, with what was sent.
-    let page = daemon.wait_json("/api/conns?limit=100000", Duration::from_secs(10), |p| {
-        p["conns"]
-            .as_array()
-            .is_some_and(|c| c.iter().filter(|r| r["dport"] == port).count() >= N)
-    });
-    let conns = page["conns"].as_array().unwrap();
-    let netns = common::own_netns();
-    let ours = |r: &&Value| r["netns"] == netns && r["daddr"] == "127.0.0.1";
-    let clients: Vec<&Value> = conns
+    let page: ConnsPage = daemon.wait_for(
+        "/api/conns?limit=100000",
+        Duration::from_secs(10),
+        |p: &ConnsPage| p.conns.iter().filter(|r| r.dport == port).count() >= N,
+    );
+    let conns = &page.conns;
+    let clients: Vec<&ConnRecord> = conns
         .iter()
-        .filter(|r| r["dport"] == port)
-        .filter(ours)
+        .filter(|r| r.dport == port && ours(r))
         .collect();
-    let servers: Vec<&Value> = conns
+    let servers: Vec<&ConnRecord> = conns
         .iter()
-        .filter(|r| r["sport"] == port)
-        .filter(ours)
+        .filter(|r| r.sport == port && ours(r))
         .collect();
     eprintln!(
         "/api/conns: {} records, {} client ends and {} server ends toward {dest}, next {}",
         conns.len(),
         clients.len(),
         servers.len(),
-        page["next"]
+        page.next
     );
-    assert_eq!(clients.len(), N, "{page}");
-    assert_eq!(servers.len(), N, "{page}");
+    assert_eq!(clients.len(), N, "{page:?}");
+    assert_eq!(servers.len(), N, "{page:?}");
     let me = std::process::id();
     for c in &clients {
-        assert_eq!(c["role"], "client", "{c}");
-        assert_eq!(c["open"], "active", "{c}");
-        assert_eq!(c["close"], "orderly", "{c}");
-        assert_eq!(c["closed_by"], "local", "{c}");
-        assert_eq!(c["bytes_sent"], PAYLOAD as u64, "{c}");
-        assert_eq!(c["timewait"]["state"], "TIME_WAIT", "{c}");
-        assert_eq!(c["pid"], me, "{c}");
+        assert_eq!(c.role.as_deref(), Some("client"), "{c:?}");
+        assert_eq!(c.open, "active", "{c:?}");
+        assert_eq!(c.close, "orderly", "{c:?}");
+        assert_eq!(c.closed_by.as_deref(), Some("local"), "{c:?}");
+        assert_eq!(c.bytes_sent, Some(PAYLOAD as u64), "{c:?}");
+        let tw_state = c.timewait.as_ref().map(|t| t.state.as_str());
+        assert_eq!(tw_state, Some("TIME_WAIT"), "{c:?}");
+        assert_eq!(c.pid, Some(me), "{c:?}");
     }
     for s in &servers {
-        assert_eq!(s["role"], "server", "{s}");
-        assert_eq!(s["bytes_received"], PAYLOAD as u64, "{s}");
-        assert_eq!(s["closed_by"], "peer", "{s}");
+        assert_eq!(s.role.as_deref(), Some("server"), "{s:?}");
+        assert_eq!(s.bytes_received, Some(PAYLOAD as u64), "{s:?}");
+        assert_eq!(s.closed_by.as_deref(), Some("peer"), "{s:?}");
     }
     // `since` gives only what is newer.
-    let next = page["next"].as_u64().unwrap();
     connect_n(port, 1);
-    let newer = daemon.wait_json(
-        &format!("/api/conns?since={next}"),
+    let newer: ConnsPage = daemon.wait_for(
+        &format!("/api/conns?since={}", page.next),
         Duration::from_secs(10),
-        |p| {
-            p["conns"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|r| r["dport"] == port))
-        },
+        |p: &ConnsPage| p.conns.iter().any(|r| r.dport == port),
     );
-    assert!(newer["conns"]
-        .as_array()
-        .unwrap()
+    assert!(newer
+        .conns
         .iter()
-        .all(|r| r["dport"] != port || r["ts"].as_str() > clients[N - 1]["ts"].as_str()));
-    let limited = daemon.get_json("/api/conns?limit=1");
-    assert_eq!(limited["conns"].as_array().unwrap().len(), 1);
+        .all(|r| r.dport != port || r.ts > clients[N - 1].ts));
+    let limited: ConnsPage = daemon.get_as("/api/conns?limit=1");
+    assert_eq!(limited.conns.len(), 1);
 
     stop_server(port, server_thread);
     let f = daemon.stop();
@@ -282,9 +280,7 @@ fn daemon_reports_known_connections() {
 
 #[test]
 fn bad_requests_and_bad_clients_do_not_hurt_it() {
-    if !ready() {
-        return;
-    }
+    require_live!();
     let daemon = Daemon::start(&["--log-format", "json"]);
     let expect = |path: &str, status: u16| {
         let r = daemon.get(path);
@@ -307,7 +303,8 @@ fn bad_requests_and_bad_clients_do_not_hurt_it() {
     let post = request(
         daemon.addr,
         "POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    );
+    )
+    .expect("POST /metrics");
     assert_eq!(post.status, 405);
     assert!(
         post.headers.contains("allow: GET, HEAD"),
@@ -316,7 +313,8 @@ fn bad_requests_and_bad_clients_do_not_hurt_it() {
     );
 
     // Garbage: answered 400 and closed.
-    let garbage = request(daemon.addr, "\u{1}\u{2}NOT HTTP AT ALL\r\n\r\n");
+    let garbage =
+        request(daemon.addr, "\u{1}\u{2}NOT HTTP AT ALL\r\n\r\n").expect("garbage request");
     assert_eq!(garbage.status, 400);
     // Clients that connect and send nothing, or half a request, do not
     // block others; the server drops them after its header timeout.
@@ -391,29 +389,15 @@ fn spawn_ready(name: &str, args: &[&str], ready: &str) -> Proc {
 
 /// The record's fields that do not depend on when each program read the
 /// clock (the daemon and the direct run each load their own program).
-fn timeless(r: &Value) -> Value {
-    let mut r = r.clone();
-    let o = r.as_object_mut().unwrap();
-    for k in [
-        "ts",
-        "start_ts",
-        "lifetime_ms",
-        "handshake_ms",
-        "transitions",
-    ] {
-        o.remove(k);
-    }
-    if let Some(tw) = o.get_mut("timewait").and_then(|t| t.as_object_mut()) {
-        tw.remove("until");
-    }
+fn clockless(r: &ConnRecord) -> ConnRecord {
+    let mut r = timeless(r);
+    r.transitions.clear();
     r
 }
 
 #[test]
 fn from_mode_matches_direct_mode() {
-    if !ready() {
-        return;
-    }
+    require_live!();
     const N: usize = 10;
     let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--keep", "200000"]);
     let (port, server_thread, _l) = low_port_server();
@@ -435,29 +419,26 @@ fn from_mode_matches_direct_mode() {
         "reading TCP connections from",
     );
     connect_n(port, N);
-    let netns = common::own_netns();
-    let ours = |l: &str| {
+    let netns = own_netns();
+    let ours_line = |l: &str| {
         l.contains(&format!("\"dport\":{port},"))
             && l.contains(&format!("\"netns\":{netns},"))
             && l.contains("\"daddr\":\"127.0.0.1\"")
     };
-    direct.wait_stdout(ours, N, STOP_TIMEOUT);
-    from.wait_stdout(ours, N, STOP_TIMEOUT);
+    direct.wait_stdout(ours_line, N, STOP_TIMEOUT);
+    from.wait_stdout(ours_line, N, STOP_TIMEOUT);
     from_text.wait_stdout(|l| l.contains(&format!(":{port} ")), N, STOP_TIMEOUT);
     let mut outs = Vec::new();
     for proc in [direct, from, from_text] {
-        proc.signal(libc::SIGINT);
-        let f = proc.finish(STOP_TIMEOUT);
-        assert!(f.status.success(), "{}", f.stderr.join("\n"));
-        outs.push(f.stdout);
+        outs.push(proc.interrupt(STOP_TIMEOUT).stdout);
     }
     // Other network namespaces have their own port space: only ours.
-    let parse = |lines: &[String]| -> HashMap<u16, Value> {
+    let parse = |lines: &[String]| -> HashMap<u16, ConnRecord> {
         lines
             .iter()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|v| v["netns"] == netns && v["daddr"] == "127.0.0.1")
-            .map(|v| (v["sport"].as_u64().unwrap() as u16, v))
+            .map(|l| serde_json::from_str::<ConnRecord>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(ours)
+            .map(|r| (r.sport, r))
             .collect()
     };
     let (d, f) = (parse(&outs[0]), parse(&outs[1]));
@@ -468,10 +449,8 @@ fn from_mode_matches_direct_mode() {
         let fv = f
             .get(sport)
             .unwrap_or_else(|| panic!("--from lacks :{sport}"));
-        assert_eq!(timeless(dv), timeless(fv), "direct and --from differ");
-        let dl = dv["lifetime_ms"].as_f64().unwrap();
-        let fl = fv["lifetime_ms"].as_f64().unwrap();
-        worst_ms = worst_ms.max((dl - fl).abs());
+        assert_eq!(clockless(dv), clockless(fv), "direct and --from differ");
+        worst_ms = worst_ms.max((dv.lifetime_ms - fv.lifetime_ms).abs());
     }
     eprintln!(
         "{N} connections: direct and --from agree on every field but the clock readings; lifetimes differ by at most {:.3} µs",
@@ -491,7 +470,7 @@ fn from_mode_matches_direct_mode() {
             continue;
         }
         lines += 1;
-        assert_eq!(cols[1], dv["pid"].to_string(), "{l}");
+        assert_eq!(cols[1], dv.pid.expect("pid").to_string(), "{l}");
         assert_eq!(cols[3], "client", "{l}");
         assert!(l.contains("orderly") && l.contains("TIME_WAIT 60s"), "{l}");
     }
@@ -530,17 +509,11 @@ fn from_mode_matches_direct_mode() {
     tw_from.wait_stdout(|l| l.contains(&dest), 2, STOP_TIMEOUT);
     let mut last = Vec::new();
     for proc in [tw_direct, tw_from] {
-        proc.signal(libc::SIGINT);
-        let f = proc.finish(STOP_TIMEOUT);
-        assert!(f.status.success(), "{}", f.stderr.join("\n"));
-        let s: Value = serde_json::from_str(f.stdout.last().unwrap()).unwrap();
-        last.push(s);
+        let f = proc.interrupt(STOP_TIMEOUT);
+        last.push(Snap::parse(f.stdout.last().expect("a snapshot")));
     }
     let key = format!("127.0.0.1:{port}");
-    let counts: Vec<_> = last
-        .iter()
-        .map(|s| group_count(s, "by_remote", &key))
-        .collect();
+    let counts: Vec<_> = last.iter().map(|s| remote_count(s, &key)).collect();
     eprintln!(
         "timewait toward {key}: direct {:?}, --from {:?}",
         counts[0], counts[1]
@@ -548,14 +521,7 @@ fn from_mode_matches_direct_mode() {
     assert_eq!(counts[0], Some(N as u64));
     assert_eq!(counts[1], Some(N as u64));
     for s in &last {
-        let d = s["destinations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["remote"] == key.as_str())
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(d["ports_held"], N as u64, "{s}");
+        assert_eq!(ports_held(s, &key), Some(N as u64), "{s:?}");
     }
     stop_server(port, server_thread);
     daemon.stop();
@@ -563,41 +529,35 @@ fn from_mode_matches_direct_mode() {
 
 #[test]
 fn restart_picks_up_existing_timewait_sockets() {
-    if !ready() {
-        return;
-    }
+    require_live!();
     const N: usize = 12;
     let first = Daemon::start(&["--interval", "1", "--top", "50"]);
     let (port, server_thread, _l) = low_port_server();
     let dest = format!("127.0.0.1:{port}");
     let clients = connect_n(port, N);
-    let seen = first.wait_json("/api/timewait", Duration::from_secs(15), |s| {
-        group_count(s, "by_remote", &dest) == Some(N as u64)
+    let seen: Snapshot = first.wait_for("/api/timewait", Duration::from_secs(15), |s| {
+        remote_count(s, &dest) == Some(N as u64)
     });
-    assert_eq!(
-        group_count(&seen, "by_remote", &dest),
-        Some(N as u64),
-        "{seen}"
-    );
+    assert_eq!(remote_count(&seen, &dest), Some(N as u64), "{seen:?}");
     first.stop();
     // A new daemon knows them from its first answer, from the kernel's list.
     let t = Instant::now();
     let second = Daemon::start(&["--interval", "1", "--top", "50"]);
-    let snapshot = second.get_json("/api/timewait");
+    let snapshot: Snapshot = second.get_as("/api/timewait");
     let ss = ss_timewait_to(port, &clients);
     eprintln!(
         "after a restart ({:?} to serve): {:?} timewait sockets toward {dest}, ss {ss}, {} from before tracing",
         t.elapsed(),
-        group_count(&snapshot, "by_remote", &dest),
-        snapshot["before_tracing"]
+        remote_count(&snapshot, &dest),
+        snapshot.before_tracing
     );
     assert_eq!(
-        group_count(&snapshot, "by_remote", &dest),
+        remote_count(&snapshot, &dest),
         Some(N as u64),
-        "{snapshot}"
+        "{snapshot:?}"
     );
     assert_eq!(ss, N);
-    assert!(snapshot["before_tracing"].as_u64().unwrap() >= N as u64);
+    assert!(snapshot.before_tracing >= N as u64);
     stop_server(port, server_thread);
     second.stop();
 }
@@ -665,19 +625,12 @@ impl Drop for Watched {
 
 /// `GET /healthz` once: (status, body), or `None` while nothing listens.
 fn healthz(addr: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Some((status, body))
+    let r = request(
+        addr.parse().ok()?,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .ok()?;
+    Some((r.status, r.body))
 }
 
 /// `/healthz` is a readiness probe: from the moment the daemon listens it
@@ -686,10 +639,8 @@ fn healthz(addr: &str) -> Option<(u16, String)> {
 /// starts, no 200 may come before the line saying tracing began.
 #[test]
 fn healthz_is_ready_only_once_tracing() {
-    if !ready() {
-        return;
-    }
-    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    require_live!();
+    let addr = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();
     let mut d = Watched::spawn(&["daemon", "--listen", &addr]);
     let live_line = format!("listening on http://{addr}; tracing TCP connections");
@@ -713,15 +664,15 @@ fn healthz_is_ready_only_once_tracing() {
         };
         // Read after the answer: all the daemon wrote before answering.
         let said_live = d.log_now().contains(&live_line);
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let h: Health = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
         match status {
             // (The line may be written just after a 503 is sent.)
             503 => {
-                assert_eq!(v["status"], "starting", "{body}");
+                assert_eq!(h.status, Status::Starting, "{body}");
                 starting += 1;
             }
             200 => {
-                assert_eq!(v["status"], "ok", "{body}");
+                assert_eq!(h.status, Status::Ok, "{body}");
                 assert!(
                     said_live,
                     "/healthz answered 200 before the daemon said tracing began:\n{}",
@@ -744,7 +695,8 @@ fn healthz_is_ready_only_once_tracing() {
     let tw = request(
         addr.parse().unwrap(),
         "GET /api/timewait HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    );
+    )
+    .expect("GET /api/timewait");
     assert_eq!(tw.status, 200, "{}", tw.body);
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
@@ -758,17 +710,13 @@ fn healthz_is_ready_only_once_tracing() {
 /// which leaves time to ask.)
 #[test]
 fn healthz_never_ok_for_a_daemon_that_fails_to_load() {
-    if !ready() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("tcpwatch-healthz-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    require_live!();
+    let dir = Scratch::new("healthz");
     let btf = dir.join("zeros.btf");
     std::fs::File::create(&btf)
         .and_then(|f| f.set_len(255 << 20))
         .unwrap();
-    let addr = format!("127.0.0.1:{}", common::daemon::free_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut d = Watched::spawn(&["daemon", "--listen", &addr, "--btf", btf.to_str().unwrap()]);
     let deadline = Instant::now() + START_TIMEOUT;
     let mut answers = Vec::new();
@@ -783,7 +731,6 @@ fn healthz_never_ok_for_a_daemon_that_fails_to_load() {
             assert_ne!(code, 200, "a daemon failing to load said ok: {body}");
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
     let log = d.log_now().to_string();
     eprintln!(
         "failing daemon: /healthz answered {} times while it lived ({} of them 503); {status}: \

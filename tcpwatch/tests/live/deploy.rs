@@ -20,30 +20,24 @@
 //! A missing tool fails under CI (`cargo xtask test` installs them all) and
 //! is skipped with a message otherwise.
 
-use crate::require_live;
-use crate::support as common;
-use crate::support::deploy as deploy_support;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tcpwatch::daemon::client::ConnsPage;
+use tcpwatch::daemon::Health;
 
-use common::skip;
-use deploy_support::*;
+use crate::require_live;
+use crate::support::daemon::{find_sample, Daemon};
+use crate::support::deploy::*;
+use crate::support::{free_port, skip, tcpwatch_bin, tool, Scratch, STOP_TIMEOUT};
 
 const UNIT: &str = "systemd/tcpwatch.service";
 const MANIFEST: &str = "kubernetes/daemonset.yaml";
-
-/// The tool, or `None` after saying why the test does not run.
-fn tool(program: &str, package: &str) -> Option<PathBuf> {
-    find_tool(program, package).map_err(|why| skip(&why)).ok()
-}
 
 /// `text` with `from` replaced by `to`, which must occur in it: a mutation
 /// that silently changed nothing would make a negative check meaningless.
@@ -83,7 +77,7 @@ fn systemd_verify(analyze: &Path, unit: &str, binary: &Path) -> Result<(), Strin
     assert!(unit.contains("ExecStart=/usr/local/bin/tcpwatch "));
     let text = unit.replace("/usr/local/bin/tcpwatch", &binary.display().to_string());
     let path = dir.write("tcpwatch.service", &text);
-    let r = run(Command::new(analyze).arg("verify").arg(&path));
+    let r = output_of(Command::new(analyze).arg("verify").arg(&path));
     if r.ok && r.output.trim().is_empty() {
         Ok(())
     } else {
@@ -93,11 +87,11 @@ fn systemd_verify(analyze: &Path, unit: &str, binary: &Path) -> Result<(), Strin
 
 #[test]
 fn systemd_unit_passes_systemd_analyze() {
-    let Some(analyze) = tool("systemd-analyze", "systemd") else {
+    let Some(analyze) = tool("systemd-analyze") else {
         return;
     };
     let unit = read_deploy(UNIT);
-    let bin = Daemon::bin();
+    let bin = Path::new(tcpwatch_bin());
     if let Err(out) = systemd_verify(&analyze, &unit, &bin) {
         panic!("systemd-analyze verify {UNIT}:\n{out}");
     }
@@ -117,9 +111,11 @@ fn systemd_unit_passes_systemd_analyze() {
     // The sandboxing, as systemd rates it (0 = locked down, 10 = none).
     let dir = Scratch::new("unit-security");
     let path = dir.write("tcpwatch.service", &unit);
-    let r = run(Command::new(&analyze)
-        .args(["security", "--offline=yes", "--no-pager"])
-        .arg(&path));
+    let r = output_of(
+        Command::new(&analyze)
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path),
+    );
     let verdict = r
         .output
         .lines()
@@ -208,7 +204,7 @@ fn kubernetes_validate() -> Option<PathBuf> {
 fn validate_manifest(validator: &Path, manifest: &str) -> Ran {
     let dir = Scratch::new("manifest");
     let path = dir.write("daemonset.yaml", manifest);
-    let mut r = run(Command::new(validator).arg("--strict").arg(&path));
+    let mut r = output_of(Command::new(validator).arg("--strict").arg(&path));
     r.ok &= !r.output.lines().any(|l| l.starts_with("WARN"));
     r
 }
@@ -218,7 +214,7 @@ fn yaml_documents(yaml: &str) -> Vec<Value> {
     let python = kubernetes_validate_venv().join("bin/python");
     let dir = Scratch::new("yaml");
     let path = dir.write("in.yaml", yaml);
-    let r = run(Command::new(python)
+    let r = output_of(Command::new(python)
         .args([
             "-c",
             "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
@@ -367,12 +363,12 @@ fn prometheus_copy(file: &str, from: &str, to: &str) -> Scratch {
 }
 
 fn promtool(promtool: &Path, dir: &Path, args: &[&str]) -> Ran {
-    run(Command::new(promtool).current_dir(dir).args(args))
+    output_of(Command::new(promtool).current_dir(dir).args(args))
 }
 
 #[test]
 fn prometheus_config_and_rules_pass_promtool() {
-    let Some(bin) = tool("promtool", "prometheus") else {
+    let Some(bin) = tool("promtool") else {
         return;
     };
     let dir = deploy_file("prometheus");
@@ -433,7 +429,7 @@ fn prometheus_config_and_rules_pass_promtool() {
 
 #[test]
 fn alert_rules_fire_only_when_they_should() {
-    let Some(bin) = tool("promtool", "prometheus") else {
+    let Some(bin) = tool("promtool") else {
         return;
     };
     let test = ["test", "rules", "tcpwatch-alerts.test.yml"];
@@ -486,7 +482,7 @@ fn alert_rules_fire_only_when_they_should() {
 /// as far as the BTF check (or the root check) and exit 1; ones it refuses
 /// exit 2 with clap's message.
 fn accepts(args: &[String]) -> Result<(), String> {
-    let out = Command::new(Daemon::bin())
+    let out = Command::new(Path::new(tcpwatch_bin()))
         .args(args)
         .args(["--btf", "/nonexistent/tcpwatch-deploy-check"])
         .output()
@@ -540,15 +536,6 @@ fn yaml_documents_or_skip() -> Option<Vec<Value>> {
 // ---------------------------------------------------------------------------
 // Live: the unit's capabilities and system call filter
 
-/// The binary copied where any user may run it, as /usr/local/bin would be.
-fn world_runnable_binary(dir: &Scratch) -> PathBuf {
-    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.path.join("tcpwatch");
-    fs::copy(Daemon::bin(), &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-    bin
-}
-
 /// setpriv arguments running a program as `uid` with exactly `caps`
 /// (`CAP_…` names) as its inheritable, ambient and bounding sets, and
 /// no_new_privs, as systemd does for the unit.
@@ -578,9 +565,9 @@ fn setpriv(setpriv: &Path, uid: u32, caps: &BTreeSet<String>) -> Vec<String> {
 struct CapRun {
     /// The connection to the listener made after start: whether its client
     /// side's record arrived, and its owner pid.
-    client: Option<Option<u64>>,
+    client: Option<Option<u32>>,
     /// The same for the listener opened before the daemon started.
-    listener: Option<Option<u64>>,
+    listener: Option<Option<u32>>,
     /// Timewait sockets toward the listener, per /metrics.
     timewait: Option<f64>,
     /// Events the daemon lost, or records it dropped before the test read
@@ -596,14 +583,8 @@ impl CapRun {
 
 /// Lost events so far, per /healthz.
 fn lost_events(daemon: &Daemon) -> u64 {
-    let h: Value = serde_json::from_str(&daemon.get("/healthz")).expect("/healthz JSON");
-    ["lost_ring_full", "lost_kernel_skipped"]
-        .iter()
-        .map(|k| {
-            h[k].as_u64()
-                .unwrap_or_else(|| panic!("/healthz has no {k}: {h}"))
-        })
-        .sum()
+    let h: Health = daemon.get_as("/healthz");
+    h.lost_ring_full + h.lost_kernel_skipped
 }
 
 /// Starts the daemon under `wrapper`; with a listener of this process opened
@@ -623,11 +604,10 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
         "{name}: no tcpwatch_build_info"
     );
     let lost_before = lost_events(&daemon);
-    let page = |since: u64| -> Value {
-        let body = daemon.get(&format!("/api/conns?limit=10000&since={since}"));
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/conns ({e}): {body}"))
+    let page = |since: u64| -> ConnsPage {
+        daemon.get_as(&format!("/api/conns?limit=10000&since={since}"))
     };
-    let mut since = page(0)["next"].as_u64().expect("next");
+    let mut since = page(0).next;
 
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (mut server, _) = listener.accept().unwrap();
@@ -648,13 +628,13 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
     // ours out of the daemon's buffer (--keep) soon after.
     while !run.complete() && Instant::now() < deadline {
         let p = page(since);
-        since = p["next"].as_u64().expect("next");
-        run.disturbed |= p["missed"] != 0;
-        for c in p["conns"].as_array().expect("conns") {
-            if c["dport"] == port && c["role"] == "client" {
-                run.client = Some(c["pid"].as_u64());
-            } else if c["sport"] == port && c["dport"] == 0 {
-                run.listener = Some(c["pid"].as_u64());
+        since = p.next;
+        run.disturbed |= p.missed != 0;
+        for c in &p.conns {
+            if c.dport == port && c.role.as_deref() == Some("client") {
+                run.client = Some(c.pid);
+            } else if c.sport == port && c.dport == 0 {
+                run.listener = Some(c.pid);
             }
         }
         run.timewait = find_sample(
@@ -667,7 +647,7 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
     run.disturbed |= lost_events(&daemon) > lost_before;
     daemon.stop();
     // The test process owns both ends.
-    let me = u64::from(std::process::id());
+    let me = std::process::id();
     for pid in [run.client, run.listener].into_iter().flatten().flatten() {
         assert_eq!(pid, me, "{name}: attributed to another process");
     }
@@ -692,12 +672,13 @@ fn run_with_caps(name: &str, wrapper: &[String], bin: &Path) -> Result<CapRun, S
 #[test]
 fn unit_capabilities_are_enough_and_each_is_needed() {
     require_live!();
-    let Some(setpriv_bin) = tool("setpriv", "util-linux") else {
+    let Some(setpriv_bin) = tool("setpriv") else {
         return;
     };
     let caps = unit_capabilities(&read_deploy(UNIT));
     let dir = Scratch::new("caps");
-    let bin = world_runnable_binary(&dir);
+    // Where any user may run it, as /usr/local/bin would be.
+    let bin = dir.public_binary();
     const NOBODY: u32 = 65534;
 
     // Exactly the unit's set, as an unprivileged user.
@@ -765,7 +746,7 @@ fn allowed_syscalls(analyze: &Path, filter: &BTreeSet<String>) -> BTreeSet<Strin
         if !seen.insert(item.clone()) {
             continue;
         }
-        let r = run(Command::new(analyze).args(["syscall-filter", &item]));
+        let r = output_of(Command::new(analyze).args(["syscall-filter", &item]));
         assert!(r.ok, "systemd-analyze syscall-filter {item}: {}", r.output);
         for line in r.output.lines().skip(1).map(str::trim) {
             if !line.is_empty() && !line.starts_with('#') {
@@ -806,9 +787,7 @@ fn child_of(parent: u32) -> u32 {
 #[test]
 fn unit_syscall_filter_allows_every_call_the_daemon_makes() {
     require_live!();
-    let (Some(analyze), Some(strace)) =
-        (tool("systemd-analyze", "systemd"), tool("strace", "strace"))
-    else {
+    let (Some(analyze), Some(strace)) = (tool("systemd-analyze"), tool("strace")) else {
         return;
     };
     let unit = read_deploy(UNIT);
@@ -825,10 +804,10 @@ fn unit_syscall_filter_allows_every_call_the_daemon_makes() {
         "-o".into(),
         summary.display().to_string(),
     ];
-    let daemon = Daemon::start(
+    let daemon = Daemon::start_as(
         "under strace",
         &wrapper,
-        &Daemon::bin(),
+        Path::new(tcpwatch_bin()),
         &["--interval", "1"],
     );
     // Every endpoint, a connection and a timewait snapshot, then SIGTERM to
@@ -844,12 +823,13 @@ fn unit_syscall_filter_allows_every_call_the_daemon_makes() {
         "/api/timewait",
         "/api/conns?limit=5",
     ] {
-        daemon.get(path);
+        let r = daemon.get(path);
+        assert_eq!(r.status, 200, "GET {path} under strace: {}", r.body);
     }
     let tracee = child_of(daemon.proc.pid());
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(tracee as libc::pid_t, libc::SIGTERM) };
-    let f = daemon.proc.finish(common::STOP_TIMEOUT);
+    let f = daemon.proc.finish(STOP_TIMEOUT);
     assert!(
         f.status.success(),
         "daemon under strace: {}\n{}",

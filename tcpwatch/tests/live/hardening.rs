@@ -16,23 +16,29 @@
 //!
 //! Every test prints its figures (run with `--nocapture` to see them).
 
-use crate::require_live;
-use crate::support as common;
-use crate::support::hardening as hardening_support;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use tcpwatch::model::timewait::Snapshot;
 
-use common::*;
-use hardening_support::*;
+use crate::require_live;
+use crate::support::conns::{Conn, RawRecording, EVENT_SIZE};
+use crate::support::hardening::*;
+use crate::support::netns::Netns;
+use crate::support::summary::{exit_summary, main_count};
+use crate::support::timewait::Snap;
+use crate::support::trace::{
+    lifetimes, transitions, Line, Tcpwatch, ACCEPTED_SEQ, CLIENT_SEQ, LISTENER_SEQ,
+};
+use crate::support::{
+    have, is_ready, is_root, mode, set_mode, settle, skip, tcpwatch_bin, Proc, Scratch,
+    START_TIMEOUT, STOP_TIMEOUT,
+};
 
 /// How long each command runs under churn before the signal.
 const LOAD: Duration = Duration::from_millis(700);
@@ -48,54 +54,45 @@ const NOBODY: u64 = 65534;
 // ---------------------------------------------------------------------------
 // Lifecycle
 
-/// What a command's exit summary (`--format json`, its last line on
-/// stderr) counts first: transitions seen, connections finished, events
-/// recorded.
-fn first_count(summary: &ExitSummary) -> u64 {
-    match summary {
-        ExitSummary::Trace(s) => s.transitions_seen,
-        ExitSummary::Conns(s) => s.connections_finished,
-        ExitSummary::Record(s) => s.recorded,
-        other => panic!("not a summary these tests run: {other:?}"),
-    }
-}
-
 /// A recording left by a stopped recorder: every whole record is replayed,
 /// and a partial last one is named. `recorded` is what a cleanly stopped
 /// recorder said it wrote. A copy cut in the middle of its last record
 /// must give one record fewer and a warning. Returns a figure line.
 fn check_recording(file: &Path, recorded: Option<u64>) -> String {
-    let shape = recording_shape(file);
+    let shape = RawRecording::read(file);
+    let whole = shape.records.len() as u64;
     let (events, undecodable, stderr) = replay_counts(file);
     let warned = stderr.iter().any(|l| l.contains("partial record"));
     assert_eq!(
         events + undecodable,
-        shape.whole,
-        "replay read {events} events (+{undecodable} undecodable) of {shape:?}: {stderr:?}"
+        whole,
+        "replay read {events} events (+{undecodable} undecodable) of {whole} whole records \
+         and {} partial bytes: {stderr:?}",
+        shape.partial
     );
     assert_eq!(warned, shape.partial > 0, "{shape:?}: {stderr:?}");
     if let Some(n) = recorded {
         assert_eq!(
-            (shape.whole, shape.partial),
+            (whole, shape.partial),
             (n, 0),
             "a cleanly stopped recorder said it wrote {n} events"
         );
     }
     let mut figure = format!(
-        "recording {} bytes = {} whole records + {} partial bytes; replay read {events}",
-        shape.len, shape.whole, shape.partial
+        "recording {} bytes = {whole} whole records + {} partial bytes; replay read {events}",
+        shape.len, shape.partial
     );
-    if shape.whole > 0 {
+    if whole > 0 {
         let cut = file.with_extension("cut");
         let bytes = fs::read(file).unwrap();
-        let keep = bytes.len() - shape.partial - tcpwatch_common::Event::SIZE / 2;
+        let keep = bytes.len() - shape.partial - EVENT_SIZE / 2;
         fs::write(&cut, &bytes[..keep]).unwrap();
         let (cut_events, cut_undecodable, cut_stderr) = replay_counts(&cut);
         let warning = cut_stderr
             .iter()
             .find(|l| l.contains("partial record"))
             .unwrap_or_else(|| panic!("no warning for a cut record: {cut_stderr:?}"));
-        assert_eq!(cut_events + cut_undecodable, shape.whole - 1, "{warning}");
+        assert_eq!(cut_events + cut_undecodable, whole - 1, "{warning}");
         figure += &format!("; cut mid-record: {cut_events} read and \"{warning}\"");
         let _ = fs::remove_file(cut);
     }
@@ -158,9 +155,12 @@ fn stop_under_load(sig: libc::c_int, sig_name: &str, args: &[&str], churn: &Chur
             f.status,
             f.stderr
         );
-        let summary = ExitSummary::from_stderr(&f.stderr)
-            .unwrap_or_else(|| panic!("{name}: no summary: {:?}", f.stderr));
-        assert!(first_count(&summary) > 0, "{name} saw nothing: {summary:?}");
+        let summary = exit_summary(&f.stderr);
+        assert!(
+            main_count(&summary) > 0,
+            "{name} saw nothing: {}",
+            summary.json()
+        );
         Some(summary)
     };
     let released = wait_released(&held, RELEASE_TIMEOUT).unwrap_or_else(|left| {
@@ -183,7 +183,7 @@ fn stop_under_load(sig: libc::c_int, sig_name: &str, args: &[&str], churn: &Chur
         figures += &format!("\n    summary: {}", s.json());
     }
     if let Some(i) = args.iter().position(|a| *a == "-o") {
-        let recorded = summary.as_ref().map(first_count);
+        let recorded = summary.as_ref().map(main_count);
         figures += &format!(
             "\n    {}",
             check_recording(Path::new(args[i + 1]), recorded)
@@ -240,7 +240,7 @@ fn restart_at_once(after: &str) -> String {
 
 fn lifecycle(sig: libc::c_int, sig_name: &str) {
     require_live!();
-    if !have("bpftool") {
+    if !have(&["bpftool"]) {
         return;
     }
     let dir = Scratch::new(&sig_name.to_lowercase());
@@ -281,15 +281,6 @@ fn sigkill_under_load_leaves_nothing_attached() {
 // ---------------------------------------------------------------------------
 // Privileges
 
-/// A copy of the binary that every user can run (the build tree may not be
-/// reachable for uid 65534).
-fn public_copy(dir: &Scratch) -> PathBuf {
-    let bin = dir.join("tcpwatch");
-    fs::copy(tcpwatch_bin(), &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-    bin
-}
-
 /// Runs `wrapper... BIN args...` and checks it is refused with one line
 /// containing `needle`. Returns the line.
 fn refused(wrapper: &[&str], bin: &Path, args: &[&str], needle: &str) -> String {
@@ -317,15 +308,15 @@ fn unprivileged_runs_say_one_line_and_load_nothing() {
         skip("needs root to switch users and to list every loaded program");
         return;
     }
-    if !have("bpftool") || !have("setpriv") || !have("unshare") {
+    if !have(&["bpftool", "setpriv", "unshare"]) {
         return;
     }
     let dir = Scratch::new("unpriv");
-    let bin = public_copy(&dir);
+    let bin = dir.public_binary();
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
     // Writable by nobody: a missing recording then means tcpwatch refused.
-    fs::set_permissions(&out, fs::Permissions::from_mode(0o777)).unwrap();
+    set_mode(&out, 0o777);
     let rec = out.join("unpriv.rec");
     let rec_arg = rec.to_str().unwrap();
     let before = programs_of_uid(NOBODY);
@@ -393,7 +384,7 @@ fn recording_is_created_0600_whatever_the_umask() {
     }
     let f = run("record under umask 000", cmd, QUICK);
     assert!(f.status.success(), "{:?}", f.stderr);
-    let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
+    let mode = mode(&file);
     eprintln!(
         "record under umask 000 created {} mode {mode:04o}",
         file.display()
@@ -440,7 +431,7 @@ fn host_has_tracefs() -> bool {
 #[test]
 fn tracefs_unmounted_is_mounted_or_named() {
     require_live!();
-    if !have("unshare") || !have("mountpoint") || !have("setpriv") {
+    if !have(&["unshare", "mountpoint", "setpriv"]) {
         return;
     }
     let host_before = host_has_tracefs();
@@ -531,7 +522,7 @@ fn bad_btf_files_are_refused_in_one_line() {
     let mut short_types = vmlinux.clone();
     set_btf_type_len(&mut short_types, 1_000_001);
     file("type-cut", &short_types);
-    cases.push(("directory", dir.0.clone()));
+    cases.push(("directory", dir.path.clone()));
     let fifo = dir.join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: c is a valid NUL-terminated path.
@@ -573,13 +564,12 @@ fn btf_without(fields: &[&str], to: &Path) {
     fs::write(to, blob).unwrap();
 }
 
-/// A `conns --format json` record as a map.
-fn record_of(lines: &[String], sport: u16, dport: u16) -> serde_json::Map<String, Value> {
+/// The `conns --format json` record with these ports.
+fn record_of(lines: &[String], sport: u16, dport: u16) -> Conn {
     lines
         .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v.as_object().cloned())
-        .find(|o| o["sport"] == sport && o["dport"] == dport)
+        .map(|l| Conn::parse(l))
+        .find(|c| c.sport == sport && c.dport == dport)
         .unwrap_or_else(|| panic!("no record {sport}->{dport}"))
 }
 
@@ -604,13 +594,6 @@ fn start_conns(name: &str, args: &[&str]) -> Proc {
     let p = Proc::spawn(name, cmd, false);
     p.wait_stderr(is_ready, 1, START_TIMEOUT);
     p
-}
-
-fn stop(p: Proc) -> Finished {
-    p.signal(libc::SIGINT);
-    let f = p.finish(STOP_TIMEOUT);
-    assert!(f.status.success(), "{:?}", f.stderr);
-    f
 }
 
 /// BTF without `tcp_sock.bytes_acked` and `tcp_sock.srtt_us`: one degraded
@@ -650,7 +633,7 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
         2,
         Duration::from_secs(20),
     );
-    let (real, json, text) = (stop(real), stop(json), stop(text));
+    let [real, json, text] = [real, json, text].map(|p| p.interrupt(STOP_TIMEOUT));
 
     let degraded: Vec<&String> = json
         .stderr
@@ -673,17 +656,17 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
     for (sport, dport, sent, received) in wrote {
         let r = record_of(&real.stdout, sport, dport);
         let d = record_of(&json.stdout, sport, dport);
-        let role = r["role"].as_str().unwrap().to_string();
-        assert_eq!(r["bytes_sent"], sent, "real BTF, {role}");
-        assert_eq!(d["bytes_sent"], Value::Null, "degraded {role}: {d:?}");
-        assert_eq!(d["srtt_us"], Value::Null, "degraded {role}: {d:?}");
-        assert!(r["srtt_us"].is_u64(), "real BTF {role}: {r:?}");
-        assert_eq!(d["bytes_received"], received, "degraded {role}");
+        let role = r.role.clone().expect("role");
+        assert_eq!(r.bytes_sent, Some(sent), "real BTF, {role}");
+        assert_eq!(d.bytes_sent, None, "degraded {role}: {}", d.line);
+        assert_eq!(d.srtt_us, None, "degraded {role}: {}", d.line);
+        assert!(r.srtt_us.is_some(), "real BTF {role}: {}", r.line);
+        assert_eq!(d.bytes_received, Some(received), "degraded {role}");
         if role == "server" {
-            assert_eq!(d["handshake_ms"], Value::Null, "degraded server: {d:?}");
-            assert!(r["handshake_ms"].is_f64(), "real server: {r:?}");
+            assert_eq!(d.handshake_ms, None, "degraded server: {}", d.line);
+            assert!(r.handshake_ms.is_some(), "real server: {}", r.line);
         } else {
-            assert!(d["handshake_ms"].is_f64(), "degraded client: {d:?}");
+            assert!(d.handshake_ms.is_some(), "degraded client: {}", d.line);
         }
         // Everything else is the same figure.
         for k in [
@@ -701,17 +684,15 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
             "comm",
             "netns",
         ] {
-            assert_eq!(d[k], r[k], "{role}: {k} differs from the real BTF's");
-        }
-        assert_eq!(d["comm"], "hw-btf");
-        // The two probes stamp the same close microseconds apart.
-        for k in ["state", "hold_s"] {
             assert_eq!(
-                d["timewait"].get(k),
-                r["timewait"].get(k),
-                "{role}: timewait"
+                d.get(k),
+                r.get(k),
+                "{role}: {k} differs from the real BTF's"
             );
         }
+        assert_eq!(d.comm.as_deref(), Some("hw-btf"));
+        // The two probes stamp the same close microseconds apart.
+        assert_eq!(d.timewait_left(), r.timewait_left(), "{role}: timewait");
         // Text: TX, RX, RTT_US, RETX are the last four columns; HS_MS is 8th.
         let row = text_row(&text.stdout, sport, dport);
         let n = row.len();
@@ -723,13 +704,13 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
         }
         eprintln!(
             "{role}: real BTF TX {} RTT_US {} HS_MS {}; degraded TX {} RTT_US {} HS_MS {}, RX {} both; text row: {}",
-            r["bytes_sent"],
-            r["srtt_us"],
-            r["handshake_ms"],
-            d["bytes_sent"],
-            d["srtt_us"],
-            d["handshake_ms"],
-            d["bytes_received"],
+            r.get("bytes_sent"),
+            r.get("srtt_us"),
+            r.get("handshake_ms"),
+            d.get("bytes_sent"),
+            d.get("srtt_us"),
+            d.get("handshake_ms"),
+            d.get("bytes_received"),
             row.join(" ")
         );
     }
@@ -746,10 +727,10 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
 #[test]
 fn ipv6_disabled_namespace_traces_ipv4() {
     require_live!();
-    if !have("ip") {
+    if !have(&["ip"]) {
         return;
     }
-    let ns = Netns::new("v6off");
+    let ns = Netns::new();
     for key in ["all", "default", "lo"] {
         ns.sysctl(&format!("net.ipv6.conf.{key}.disable_ipv6"), "1");
     }
@@ -757,9 +738,8 @@ fn ipv6_disabled_namespace_traces_ipv4() {
     let exec = ["ip", "netns", "exec", ns.name.as_str()];
     let trace = Tcpwatch::spawn_wrapped("v6off", &exec, &[]);
     let spawn_in_ns = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, tcpwatch_bin()])
-            .args(args);
+        let mut cmd = ns.command(tcpwatch_bin());
+        cmd.args(args);
         Proc::spawn(name, cmd, false)
     };
     let conns = spawn_in_ns("conns in v6off", &["conns", "--format", "json"]);
@@ -771,20 +751,18 @@ fn ipv6_disabled_namespace_traces_ipv4() {
     conns.wait_stderr(is_ready, 1, START_TIMEOUT);
     timewait.wait_stderr(is_ready, 1, START_TIMEOUT);
 
-    let (v6, (server, client)) = ns.run("hw-v6off", || {
+    let (v6, (server, client)) = ns.in_ns_as(Some("hw-v6off"), || {
         (TcpListener::bind("[::1]:0").err(), exchange())
     });
     let v6 = v6.expect("::1 could be bound: IPv6 is not disabled in the namespace");
     // The client closed first: one TIME_WAIT socket in the namespace.
-    let own = |v: &Value| {
-        let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        n("total") - n("other_netns")
-    };
+    let own = |s: &Snapshot| s.total - s.other_netns;
     let want_tw = |l: &str| {
-        serde_json::from_str::<Value>(l).is_ok_and(|v| own(&v) == 1 && v["kernel_listed"] == 1)
+        serde_json::from_str::<Snapshot>(l)
+            .is_ok_and(|s| own(&s) == 1 && s.kernel_listed == Some(1))
     };
     let snapshot = timewait.wait_stdout(want_tw, 1, Duration::from_secs(20));
-    let snapshot: Value = serde_json::from_str(&snapshot[0]).unwrap();
+    let snapshot = Snap::parse(&snapshot[0]);
     conns.wait_stdout(
         |l| l.contains(&format!("\"sport\":{client},")),
         1,
@@ -792,8 +770,8 @@ fn ipv6_disabled_namespace_traces_ipv4() {
     );
 
     let run = trace.stop();
-    let conns = stop(conns);
-    let timewait = stop(timewait);
+    let conns = conns.interrupt(STOP_TIMEOUT);
+    let timewait = timewait.interrupt(STOP_TIMEOUT);
     for (what, stderr) in [
         ("trace", &run.stderr),
         ("conns", &conns.stderr),
@@ -841,40 +819,35 @@ fn ipv6_disabled_namespace_traces_ipv4() {
     ] {
         assert_eq!(
             (
-                r["role"].as_str(),
-                r["open"].as_str(),
-                r["close"].as_str(),
-                r["closed_by"].as_str()
+                r.role.as_deref(),
+                r.open.as_str(),
+                r.close.as_str(),
+                r.closed_by.as_deref()
             ),
-            (Some(role), Some(open), Some("orderly"), Some(by)),
-            "{r:?}"
+            (Some(role), open, "orderly", Some(by)),
+            "{}",
+            r.line
         );
-        assert_eq!(
-            (&r["bytes_sent"], &r["netns"]),
-            (&Value::from(sent), &Value::from(inode))
-        );
+        assert_eq!((r.bytes_sent, r.netns), (Some(sent), Some(inode)));
     }
-    assert_eq!(snapshot["kernel"]["sockstat_tw"], 1, "{snapshot}");
-    let mine = snapshot["by_process"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pid"] == std::process::id())
-        .unwrap_or_else(|| panic!("the test is not among the closers: {snapshot}"));
-    assert_eq!(mine["count"], 1, "{snapshot}");
+    assert_eq!(snapshot.kernel.sockstat_tw, Some(1), "{snapshot:?}");
+    let mine = snapshot
+        .process(std::process::id())
+        .unwrap_or_else(|| panic!("the test is not among the closers: {snapshot:?}"));
+    assert_eq!(mine.count, 1, "{snapshot:?}");
     eprintln!(
         "v6off (netns {inode}): binding ::1 failed ({v6}); trace: {} transitions in {} sockets of the \
          namespace, all right ({} of other namespaces); conns: client {} / server {}; timewait: {} in \
-         the namespace ({} counted in all, {} in others), kernel_listed {}, sockstat tw {}",
+         the namespace ({} counted in all, {} in others), kernel_listed {:?}, sockstat tw {:?}",
         ours.len(),
         lives.len(),
         run.lines.len() - ours.len(),
-        c["close"],
-        s["close"],
+        c.close,
+        s.close,
         own(&snapshot),
-        snapshot["total"],
-        snapshot["other_netns"],
-        snapshot["kernel_listed"],
-        snapshot["kernel"]["sockstat_tw"]
+        snapshot.total,
+        snapshot.other_netns,
+        snapshot.kernel_listed,
+        snapshot.kernel.sockstat_tw
     );
 }

@@ -25,27 +25,27 @@
 //! programs' traffic shares its tables and its ring buffer. A batch whose
 //! window saw lost events is made again (at most three times).
 //!
-//! Tests that cannot run (not root, no kernel BTF, binary built without its
-//! eBPF object) print "skipped: <why>", or fail when CI is set or
-//! TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `cargo xtask test -- --test live -- overload:: --nocapture`.
-
-use crate::require_live;
-use crate::support as common;
-
-use crate::support::conns as conns_support;
-use crate::support::overload as overload_support;
-use crate::support::timewait as timewait_support;
+//! One module, with the figures: `cargo xtask test -- --test live --
+//! overload:: --nocapture`.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use conns_support::Conn;
-use overload_support::*;
-use timewait_support::{
-    listen, make_timewaits, our_octet, server_ip, ss_lines, Churn, Netns, Snap,
+use tcpwatch::daemon::Health;
+
+use crate::require_live;
+use crate::support::conns::Conn;
+use crate::support::daemon::{metric, parse_exposition, request, Response};
+use crate::support::netns::Netns;
+use crate::support::overload::*;
+use crate::support::sockets::listen;
+use crate::support::summary::{Lost, Stream};
+use crate::support::timewait::{
+    make_timewaits, our_octet, server_ip, ss_lines, timewait_netns, Churn, Snap,
 };
+use crate::support::trace::{self, Line};
+use crate::support::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
 /// `--max-sockets` for the flood: far below the half-open sockets it makes.
 const MAX_SOCKETS: usize = 2000;
@@ -100,27 +100,27 @@ fn make_batch(ns: &Netns, watchers: &[Watcher], port: u16, base: u16) {
 /// Checks what `trace` printed for the batch on `port`: exactly the
 /// client's, the accepted socket's and the listener's transitions.
 fn check_trace_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Result<(), String> {
-    let lines: Vec<common::Line> = stdout
+    let lines: Vec<Line> = stdout
         .iter()
-        .map(|l| common::Line::parse(l))
+        .map(|l| Line::parse(l))
         .filter(|l| l.netns == Some(netns) && l.has_port(&[port]))
         .collect();
-    let lives = common::lifetimes(&lines);
+    let lives = trace::lifetimes(&lines);
     let mut clients = 0;
     let mut accepted = 0;
     let mut listeners = 0;
     for life in &lives {
-        let steps = common::transitions(life);
+        let steps = trace::transitions(life);
         let first = &life[0];
-        if steps == common::CLIENT_SEQ && first.dport == port {
+        if steps == trace::CLIENT_SEQ && first.dport == port {
             let sport = life[1].sport;
             if !(base..base + BATCH).contains(&sport) {
                 return Err(format!("client from unexpected port {sport}"));
             }
             clients += 1;
-        } else if steps == common::ACCEPTED_SEQ && first.sport == port {
+        } else if steps == trace::ACCEPTED_SEQ && first.sport == port {
             accepted += 1;
-        } else if steps == common::LISTENER_SEQ {
+        } else if steps == trace::LISTENER_SEQ {
             listeners += 1;
         } else {
             return Err(format!("unexpected lifetime {steps:?} of {}", first.skaddr));
@@ -144,32 +144,30 @@ fn check_conns_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Res
         .iter()
         .filter(|l| needles.iter().any(|n| l.contains(n.as_str())))
         .map(|l| Conn::parse(l))
-        .filter(|c| c.get("netns").as_u64() == Some(u64::from(netns)))
+        .filter(|c| c.netns == Some(netns))
         .collect();
     let mut by_key: HashMap<(u16, u16), usize> = HashMap::new();
     for c in &records {
         c.check_shape();
-        *by_key
-            .entry((c.port("sport"), c.port("dport")))
-            .or_default() += 1;
-        let client = c.port("dport") == port;
-        let got = (c.str("open"), c.str("close"), c.str("closed_by"));
+        *by_key.entry((c.sport, c.dport)).or_default() += 1;
+        let client = c.dport == port;
+        let got = (c.open.as_str(), c.close.as_str(), c.closed_by.as_deref());
         // The client closes first. If the server's ACK comes before its
         // FIN, the client's closed socket goes from FIN_WAIT2 straight to
         // the kernel's timewait code (close kind `fin_wait2`, timewait
         // substate FIN_WAIT2); otherwise it closes `orderly` into TIME_WAIT.
         let timewait_state = match (client, got) {
-            (true, ("active", "orderly", "local")) => Some("TIME_WAIT"),
-            (true, ("active", "fin_wait2", "local")) => Some("FIN_WAIT2"),
-            (false, ("passive", "orderly", "peer")) => None,
+            (true, ("active", "orderly", Some("local"))) => Some("TIME_WAIT"),
+            (true, ("active", "fin_wait2", Some("local"))) => Some("FIN_WAIT2"),
+            (false, ("passive", "orderly", Some("peer"))) => None,
             _ => return Err(format!("conns: {}", c.line)),
         };
         if let Some(state) = timewait_state {
-            if c.get("timewait")["state"] != state {
+            if c.timewait.as_ref().map(|t| t.state.as_str()) != Some(state) {
                 return Err(format!("conns: no {state}: {}", c.line));
             }
         }
-        if c.get("pid").as_u64() != Some(u64::from(std::process::id())) {
+        if c.pid != Some(std::process::id()) {
             return Err(format!("conns: owner is not this test: {}", c.line));
         }
     }
@@ -195,7 +193,7 @@ fn check_conns_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Res
 /// kernel's.
 fn check_timewait_batch(w: &Watcher, ns: &Netns, port: u16) -> Result<Snap, String> {
     let key = SocketAddrV4::new(server_ip(), port).to_string();
-    let done = common::now_ns();
+    let done = crate::support::now_ns();
     let deadline = Instant::now() + Duration::from_secs(15);
     let is_snap = |l: &str| l.starts_with('{');
     loop {
@@ -305,7 +303,7 @@ impl Overload {
     /// mode's output, its memory, and its summary with `limit` as
     /// `--max-sockets`.
     fn finish(self, ns: &Netns, first_port: u16, limit: usize) -> Vec<Checked> {
-        let netns = netns_inode(ns);
+        let netns = ns.inode();
         let (port, base) = lossless_batch(ns, &self.watchers, first_port);
         let secs = self.started.elapsed().as_secs_f64();
         let series = self.sampler.series();
@@ -362,13 +360,13 @@ fn syn_flood_leaves_tcpwatch_bounded_and_right() {
         nofile >= hold_sockets,
         "the flood holds up to {hold_sockets} sockets; RLIMIT_NOFILE is {nofile}"
     );
-    let ns = Netns::new();
+    let ns = timewait_netns();
     // Every SYN beyond the queue is dropped (no cookies), and a connect
     // gives up after one retransmission (about 3 s).
     ns.sysctl("net.ipv4.tcp_syncookies", "0");
     ns.sysctl("net.ipv4.tcp_syn_retries", "1");
     let target = SocketAddrV4::new(server_ip(), 9000);
-    let listener = ns.in_ns(|| listen(target, 1)).expect("listen");
+    let listener = ns.in_ns(|| listen(target.into(), 1)).expect("listen");
     let run = Overload::start(&ns, &["--max-sockets", &MAX_SOCKETS.to_string()]);
 
     let f = flood(&ns, target, FLOOD_RATE, FLOOD_TIME, FLOOD_HOLD);
@@ -397,12 +395,11 @@ fn syn_flood_leaves_tcpwatch_bounded_and_right() {
     ns.settle(Duration::from_secs(15));
 
     for c in run.finish(&ns, 9100, MAX_SOCKETS) {
-        let s = &c.stopped.summary;
         assert!(
-            s.tracking().evicted > 0,
+            c.stopped.tracking().evicted > 0,
             "{}: the flood overflowed --max-sockets {MAX_SOCKETS} without an eviction: {}",
             c.stopped.mode.name(),
-            s.line()
+            c.stopped.summary.json()
         );
     }
 }
@@ -411,7 +408,7 @@ fn syn_flood_leaves_tcpwatch_bounded_and_right() {
 #[test]
 fn ring_burst_is_counted_and_recovered_from() {
     require_live!();
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let ring = "4K";
     let run = Overload::start(&ns, &["--ring-size", ring]);
     let churn = Churn::start(&ns, 2, 2, None);
@@ -450,7 +447,7 @@ fn ring_burst_is_counted_and_recovered_from() {
             s.stderr.iter().any(|l| l.starts_with("tcpwatch: LOST ")),
             "{name}: lost events were not reported as they happened"
         );
-        assert!(s.summary.lost().ring_full >= lost.ring_full);
+        assert!(s.stream().lost.ring_full >= lost.ring_full);
     }
 }
 
@@ -459,10 +456,9 @@ fn ring_burst_is_counted_and_recovered_from() {
 /// (almost) nothing still tracked. Prints them.
 fn check_summary(s: &Stopped, secs: f64, rss_max_kib: u64, limit: usize) {
     let name = s.mode.name();
-    let c = &s.summary;
-    let lost = c.lost();
-    eprintln!("{name}: {}", c.line());
-    let events = c.events();
+    let line = s.summary.json();
+    let Stream { events, lost, .. } = s.stream();
+    eprintln!("{name}: {line}");
     eprintln!(
         "{name}: {events} events ({:.0}/s over {secs:.1} s), lost {} ({} ring buffer full, {} \
          skipped by the kernel), RSS at most {rss_max_kib} KiB",
@@ -471,72 +467,35 @@ fn check_summary(s: &Stopped, secs: f64, rss_max_kib: u64, limit: usize) {
         lost.ring_full,
         lost.skipped,
     );
-    let t = c.tracking();
+    let t = s.tracking();
+    let peak = t.peak;
     assert!(
-        t.peak <= limit && t.limit == limit,
-        "{name}: tracked {} sockets at once, more than --max-sockets: {}",
-        t.peak,
-        c.line()
+        peak <= limit && t.limit == limit,
+        "{name}: tracked {peak} sockets at once, more than --max-sockets: {line}"
     );
     eprintln!(
-        "{name}: {} sockets evicted, {} dropped as closed while their events were lost, {} \
+        "{name}: {} sockets evicted, {} dropped as closed while their events were lost, {peak} \
          tracked at peak (limit {limit})",
-        t.evicted, t.stale, t.peak
+        t.evicted, t.stale
     );
+    let left = t.at_exit as u64;
     assert!(
-        t.at_exit as u64 <= FOREIGN_SLACK,
-        "{name}: {} sockets still tracked at exit after the overload ended: {}",
-        t.at_exit,
-        c.line()
+        left <= FOREIGN_SLACK,
+        "{name}: {left} sockets still tracked at exit after the overload ended: {line}"
     );
-}
-
-/// The namespace's inode, as tcpwatch prints it.
-fn netns_inode(ns: &Netns) -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(ns.path()).unwrap().ino() as u32
-}
-
-/// Not live: the summary (as `--format json` prints it) and LOST lines read
-/// as numbers by the checks.
-#[test]
-fn summary_and_lost_lines_are_read_as_numbers() {
-    let stderr = [
-        "tcpwatch: tracing TCP connections; Ctrl-C to stop".to_string(),
-        "tcpwatch: LOST 8 events (102 in all: 2 with the ring buffer full - raise --ring-size; \
-         100 skipped by the kernel while another BPF program ran on the CPU)"
-            .to_string(),
-        r#"{"summary":"conns","connections_finished":4,"shown":4,"still_open":0,"stream":{"events":22,"lost":{"total":102,"ring_full":2,"skipped":100},"undecodable":0},"tracking":{"evicted":7,"stale":3,"peak":2000,"limit":2000,"at_exit":1}}"#.to_string(),
-    ];
-    let c = Summary(ExitSummary::from_stderr(&stderr).expect("a summary"));
-    assert_eq!(c.events(), 22);
-    assert_eq!(
-        c.lost(),
-        Lost {
-            total: 102,
-            ring_full: 2,
-            skipped: 100
-        }
-    );
-    assert_eq!(c.tracking().peak, 2000);
-    assert_eq!(c.tracking().at_exit, 1);
-    assert_eq!(c.tracking().stale, 3);
-    let lost = Lost::latest(&stderr);
-    assert_eq!(lost, c.lost());
-    assert_eq!(Lost::latest(&[]), Lost::default());
 }
 
 /// `tcpwatch daemon` inside `ns`, serving on the namespace's loopback;
 /// asked from a thread that enters the namespace.
 struct NsDaemon {
-    proc: common::Proc,
-    addr: std::net::SocketAddr,
+    proc: Proc,
+    addr: SocketAddr,
 }
 
 impl NsDaemon {
     fn start(ns: &Netns, extra: &[&str]) -> NsDaemon {
-        let addr = std::net::SocketAddr::from(([127, our_octet(), 0, 9], 9977));
-        let mut cmd = ns.command(common::tcpwatch_bin());
+        let addr = SocketAddr::from(([127, our_octet(), 0, 9], 9977));
+        let mut cmd = ns.command(tcpwatch_bin());
         cmd.args([
             "daemon",
             "--log-format",
@@ -545,25 +504,24 @@ impl NsDaemon {
             &addr.to_string(),
         ])
         .args(extra);
-        let proc = common::Proc::spawn("tcpwatch daemon in the test namespace", cmd, false);
-        proc.wait_stderr(
-            |l| l.contains("listening on http://"),
-            1,
-            common::START_TIMEOUT,
-        );
+        let proc = Proc::spawn("tcpwatch daemon in the test namespace", cmd, false);
+        proc.wait_stderr(|l| l.contains("listening on http://"), 1, START_TIMEOUT);
         NsDaemon { proc, addr }
     }
 
-    fn get(&self, ns: &Netns, path: &str) -> common::daemon::Response {
+    fn get(&self, ns: &Netns, path: &str) -> Response {
         let raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-        let r = ns.in_ns(|| common::daemon::request(self.addr, &raw));
+        let r = ns
+            .in_ns(|| request(self.addr, &raw))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert_eq!(r.status, 200, "GET {path}: {}", r.body);
         r
     }
 
     fn tracked(&self, ns: &Netns) -> u64 {
         let text = self.get(ns, "/metrics").body;
-        common::daemon::metric(&text, "tcpwatch_tracked_sockets")
+        let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("/metrics: {e}"));
+        metric(&samples, "tcpwatch_tracked_sockets")
             .unwrap_or_else(|| panic!("no tcpwatch_tracked_sockets in /metrics:\n{text}"))
             as u64
     }
@@ -592,7 +550,7 @@ fn daemon_sweeps_what_a_ring_burst_left() {
     /// fall: the sweep runs a second after a loss is heard of, and finishes
     /// once the events from before the kernel's list was read have come.
     const SWEPT_WITHIN: Duration = Duration::from_secs(5);
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let daemon = NsDaemon::start(&ns, &["--ring-size", "4K", "--interval", "1"]);
     let churn = Churn::start(&ns, 2, 2, None);
     std::thread::sleep(Duration::from_secs(3));
@@ -600,9 +558,10 @@ fn daemon_sweeps_what_a_ring_burst_left() {
     let r = churn.stop();
     ns.settle(Duration::from_secs(15));
     let settled = Instant::now();
-    let health: serde_json::Value =
-        serde_json::from_str(&daemon.get(&ns, "/healthz").body).expect("/healthz JSON");
-    let ring_full = health["lost_ring_full"].as_u64().expect("lost_ring_full");
+    let health = daemon.get(&ns, "/healthz").body;
+    let ring_full = serde_json::from_str::<Health>(&health)
+        .unwrap_or_else(|e| panic!("/healthz: {e}: {health}"))
+        .lost_ring_full;
     eprintln!(
         "burst: {} connections in {:.1} s ({:.0}/s) against a 4K ring buffer: {ring_full} events \
          lost with the ring buffer full; {during} sockets tracked during the churn",
@@ -635,7 +594,7 @@ fn daemon_sweeps_what_a_ring_burst_left() {
     );
 
     daemon.proc.signal(libc::SIGTERM);
-    let f = daemon.proc.finish(common::STOP_TIMEOUT);
+    let f = daemon.proc.finish(STOP_TIMEOUT);
     assert!(f.status.success(), "{}: {}", f.status, f.stderr.join("\n"));
     let last: serde_json::Value =
         serde_json::from_str(f.stderr.last().expect("a last log line")).expect("a JSON log line");

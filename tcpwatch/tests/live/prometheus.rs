@@ -15,27 +15,24 @@
 //! Root, kernel BTF and the eBPF object are needed for the live test: it is
 //! skipped with a message without them, and fails under CI.
 
-use crate::require_live;
-use crate::support as common;
-use crate::support::deploy as deploy_support;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{settle, skip, PeerSpec};
-use deploy_support::*;
+use crate::require_live;
+use crate::support::daemon::*;
+use crate::support::deploy::{deploy_file, read_deploy};
+use crate::support::peer::{repeat, Peer};
+use crate::support::{settle, tool};
 
 /// Connections the test makes (each leaves one TIME_WAIT socket).
 const N: u64 = 100;
 const ARRIVAL: Duration = Duration::from_secs(30);
 
 fn prometheus_bin() -> Option<PathBuf> {
-    find_tool("prometheus", "prometheus")
-        .map_err(|why| skip(&why))
-        .ok()
+    tool("prometheus")
 }
 
 /// Serves `body` as the answer to every request, until the test ends.
@@ -173,15 +170,10 @@ fn prometheus_sees_what_the_daemon_saw() {
     let Some(prometheus) = prometheus_bin() else {
         return;
     };
-    let daemon = Daemon::start(
-        "daemon",
-        &[],
-        &Daemon::bin(),
-        &["--interval", "1", "--top", "50"],
-    );
+    let daemon = Daemon::start(&["--interval", "1", "--top", "50"]);
     let p = Prometheus::start(
         &prometheus,
-        &daemon.addr,
+        &daemon.addr.to_string(),
         &[deploy_file("prometheus/tcpwatch-alerts.yml")],
     );
     let up = p.wait_scalar("up{job=\"tcpwatch\"}", ARRIVAL, |v| v == 1.0);
@@ -195,16 +187,19 @@ fn prometheus_sees_what_the_daemon_saw() {
 
     // N connections from a client process of known pid to a server of this
     // test's own; the client closes first and keeps a TIME_WAIT socket each.
-    let server = PeerSpec::server("server", "127.0.0.1:0")
-        .accept(N as usize)
-        .spawn();
-    let port = server.port();
-    server.wait_for("listening");
+    let mut server = Peer::spawn("twpromserver", None);
+    let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
+    let served = server.send(&repeat("accept; eof; close", N as usize));
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let client = PeerSpec::client("client", &vec![target; N as usize])
-        .comm("twpromclient")
-        .spawn();
-    let (client_pid, client_comm) = (client.pid(), client.comm.clone());
+    let mut client = Peer::spawn("twpromclient", None);
+    let made = client.run(&repeat(
+        &format!("connect {target}; write 32; close"),
+        N as usize,
+    ));
+    assert_eq!(made.len(), N as usize, "connections made");
+    server.wait(served);
+    server.run("close_listener");
+    let (client_pid, client_comm) = (client.pid, client.comm.clone());
     client.finish();
     server.finish();
     settle(&[port], Duration::from_secs(10));

@@ -2,8 +2,8 @@
 //!
 //! Each live test makes a network namespace of its own, runs tcpwatch
 //! inside it (`ip netns exec NS tcpwatch timewait --format json …`), makes
-//! TIME_WAIT sockets there from processes of known pid (the test binary
-//! re-executed as a peer) or from threads of this process, and checks the
+//! TIME_WAIT sockets there from processes of known pid (peers, see
+//! `support::peer`) or from threads of this process, and checks the
 //! snapshots against what the test did and against the kernel's own view of
 //! the namespace read at the same moment: `ss -tanH state time-wait` /
 //! `state fin-wait-2` and /proc/net/sockstat `tw`. In a namespace of its own
@@ -19,19 +19,13 @@
 //! run is checked only as far as a loss allows. The two churn tests are the
 //! heavier ones (about 10 s each).
 //!
-//! Tests that cannot run (not root, no kernel BTF, binary built without its
-//! eBPF object) print "skipped: <why>", or fail when CI is set or
-//! TCPWATCH_REQUIRE_ROOT_TESTS=1. The bad-input test needs no root. Run
-//! them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 timewait::`.
-
-use crate::require_live;
-use crate::support as common;
-use crate::support::timewait as timewait_support;
+//! The bad-input test needs no root.
 
 use std::time::{Duration, Instant};
 
-use timewait_support::*;
+use crate::require_live;
+use crate::support::timewait::*;
+use crate::support::{now_ns, run_tcpwatch, skip};
 
 /// Connections per test: the issue's acceptance figure.
 const N: u64 = 200;
@@ -52,10 +46,6 @@ fn server_key() -> String {
 
 fn client_group() -> String {
     format!("{}:*", client_ip())
-}
-
-fn now_ns() -> i128 {
-    common::now_ns()
 }
 
 /// One line on what a snapshot and the kernel said, for the test's output.
@@ -178,10 +168,10 @@ struct Exchange {
 /// least 200 ms after every socket closed, and the kernel's view right
 /// after it.
 fn exchange(order: Order) -> Exchange {
-    let ns = Netns::new();
-    let server = Peer::server(&ns, N as usize, order);
+    let ns = timewait_netns();
+    let server = TwPeer::server(&ns, N as usize, order);
     let tw = Timewait::start(&ns, 1.0, &[]);
-    let client = Peer::client(&ns, N as usize, order);
+    let client = TwPeer::client(&ns, N as usize, order);
     let (client_pid, server_pid) = (client.pid(), server.pid());
     client.finish();
     server.finish();
@@ -354,17 +344,21 @@ struct FinWait2Run {
 const FIN_TIMEOUT_S: i128 = 3;
 
 fn fin_wait2_expiry() -> FinWait2Run {
-    let ns = Netns::new();
+    let ns = timewait_netns();
     ns.sysctl("net.ipv4.tcp_fin_timeout", &FIN_TIMEOUT_S.to_string());
     // The server never closes: each client's FIN gets a bare ACK and the
     // orphaned client socket becomes a FIN_WAIT2 timewait socket.
-    let mut server = Peer::server(&ns, N as usize, Order::ServerNever);
+    let mut server = TwPeer::server(&ns, N as usize, Order::ServerNever);
     let tw = Timewait::start(&ns, 1.0, &[]);
-    let client = Peer::client(&ns, N as usize, Order::ServerNever);
+    let client = TwPeer::client(&ns, N as usize, Order::ServerNever);
     let client_pid = client.pid();
     client.finish();
     let closed_ns = now_ns();
-    server.wait_for(&format!("holding {N}"));
+    assert_eq!(
+        server.wait().last(),
+        Some(&N.to_string()),
+        "connections held"
+    );
     // The bare ACKs are delayed ACKs: give them half a second.
     let held = loop {
         let s = tw.next();
@@ -471,9 +465,9 @@ fn fin_wait2_timewait_sockets_expire_after_tcp_fin_timeout() {
 #[test]
 fn sockets_older_than_the_trace_are_counted_as_before_tracing() {
     require_live!();
-    let ns = Netns::new();
-    let server = Peer::server(&ns, N as usize, Order::ClientFirst);
-    let client = Peer::client(&ns, N as usize, Order::ClientFirst);
+    let ns = timewait_netns();
+    let server = TwPeer::server(&ns, N as usize, Order::ClientFirst);
+    let client = TwPeer::client(&ns, N as usize, Order::ClientFirst);
     client.finish();
     server.finish();
     ns.settle(SETTLE);
@@ -547,7 +541,7 @@ const CHURN_SERVERS: usize = 3;
 /// every snapshot, and every other second pauses the churn just before a
 /// snapshot, so that one is compared with figures that hold still.
 fn churn_in_namespace(max_tw: u64, secs: f64, limit: Option<f64>) -> ChurnRun {
-    let ns = Netns::new();
+    let ns = timewait_netns();
     ns.sysctl("net.ipv4.tcp_max_tw_buckets", &max_tw.to_string());
     let tw = Timewait::start(&ns, 1.0, &["--ring-size", "128M"]);
     let sampler = SockstatSampler::start(&ns, Duration::from_millis(2));
@@ -731,7 +725,7 @@ fn assert_attributed_to_us(s: &Snap, lost: u64) {
 fn check_rate(r: &ChurnResult) {
     if r.rate() < MIN_CHURN_RATE {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        common::skip(&format!(
+        skip(&format!(
             "the churn reached {:.0} connections/s, not the {MIN_CHURN_RATE:.0}/s this test \
              is meant for (a busy host? load average {})",
             r.rate(),
@@ -849,7 +843,7 @@ fn totals_agree_with_the_kernel_when_tw_buckets_overflow() {
 #[test]
 fn filters_apply_to_sockets_known_only_from_the_kernel() {
     require_live!();
-    let ns = Netns::new();
+    let ns = timewait_netns();
     make_timewaits(&ns, 9090, 50, 30000);
     make_timewaits(&ns, SERVER_PORT, N as u16, 20000);
     let tw = Timewait::start(&ns, 1.0, &["--rport", &SERVER_PORT.to_string()]);
@@ -874,19 +868,6 @@ fn filters_apply_to_sockets_known_only_from_the_kernel() {
         assert_eq!(s.before_tracing, N);
         assert_eq!((s.unattributed, s.just_closed), (0, 0));
     }
-}
-
-fn run_tcpwatch(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(common::tcpwatch_bin())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run tcpwatch");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -8,13 +8,8 @@
 //! `ss`, filters, and lost-event accounting. The bad-input tests need no
 //! root.
 //!
-//! Tests that cannot run (not root, no kernel BTF, binary built without its
-//! eBPF object) print "skipped: <why>", or fail when CI is set or
-//! TCPWATCH_REQUIRE_ROOT_TESTS=1. Run them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 trace::`.
-
-use crate::require_live;
-use crate::support as common;
+//! Sockets belong to peers (see `support::peer`): processes of known pid
+//! and comm doing each socket call when the test says.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -23,22 +18,30 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::require_live;
+use crate::support::peer::{repeat, Peer};
+use crate::support::summary::lost_so_far;
+use crate::support::trace::*;
+use crate::support::{
+    assert_one_line, family, is_root, own_netns, parse_ts, run_tcpwatch, settle, skip, tool,
+    wall_minus_mono_ns, Scratch,
+};
 
 const SERVER_DELAY_MS: u64 = 100;
 /// Tests that compare exact sets use a large ring, so a burst of other
 /// traffic on a shared host does not make tcpwatch drop events.
 const BIG_RING: &str = "64M";
 
-fn loopbacks() -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![("ipv4", "127.0.0.1")];
-    if ipv6_loopback() {
-        v.push(("ipv6", "::1"));
-    } else {
-        println!("IPv6 part skipped: ::1 cannot be bound here");
-    }
-    v
+/// (family, address) of each loopback that works here.
+fn loopbacks() -> Vec<(&'static str, String)> {
+    crate::support::loopbacks()
+        .into_iter()
+        .map(|ip| (family(ip), ip.to_string()))
+        .collect()
 }
+
+/// What a peer writes before it closes.
+const HELLO: usize = 32;
 
 fn sock(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(addr.parse().unwrap(), port)
@@ -127,14 +130,13 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
     // Servers bind now (no transition) and listen only once tracing runs.
     let mut servers: Vec<Peer> = fams
         .iter()
-        .map(|(fam, addr)| {
-            PeerSpec::server(&format!("server-{fam}"), &sock(addr, 0).to_string())
-                .delay_ms(SERVER_DELAY_MS)
-                .gates(&["listen"])
-                .spawn()
-        })
+        .map(|(fam, _)| Peer::spawn(&format!("srv-{fam}"), None))
         .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+    let ports: Vec<u16> = servers
+        .iter_mut()
+        .zip(&fams)
+        .map(|(s, (_, addr))| s.run1(&format!("bind {}", sock(addr, 0))).parse().unwrap())
+        .collect();
 
     let tw = Tcpwatch::start("all", &["--ring-size", BIG_RING]);
     let bt = if Path::new(BPFTRACE).exists() {
@@ -144,25 +146,27 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
         None
     };
 
-    let mut clients = Vec::new();
-    for (i, (fam, addr)) in fams.iter().enumerate() {
-        servers[i].go();
-        servers[i].wait_for("listening");
-        // Gated, so its comm is read while it surely runs.
-        let mut client = PeerSpec::client(&format!("client-{fam}"), &[sock(addr, ports[i])])
-            .gates(&["connect"])
-            .spawn();
-        client.go();
-        let cport: u16 = client.values("local", 1)[0].parse().unwrap();
-        clients.push((client, cport));
-    }
     let mut client_ids = Vec::new();
-    for (c, cport) in clients {
-        client_ids.push((c.pid(), c.comm.clone(), cport));
-        c.finish();
+    for (i, (fam, addr)) in fams.iter().enumerate() {
+        let server = &mut servers[i];
+        server.run("listen_bound");
+        // Each connection: read to EOF, hold it SERVER_DELAY_MS, close.
+        let served = server.send(&format!(
+            "accept; eof; sleep {SERVER_DELAY_MS}; close; close_listener"
+        ));
+        let mut client = Peer::spawn(&format!("cli-{fam}"), None);
+        let cport: u16 = client
+            .run1(&format!(
+                "connect {}; write {HELLO}; close",
+                sock(addr, ports[i])
+            ))
+            .parse()
+            .unwrap();
+        server.wait(served);
+        client_ids.push((client.pid, client.comm.clone(), cport));
+        client.finish();
     }
-    let server_ids: Vec<(u32, String)> =
-        servers.iter().map(|s| (s.pid(), s.comm.clone())).collect();
+    let server_ids: Vec<(u32, String)> = servers.iter().map(|s| (s.pid, s.comm.clone())).collect();
     for s in servers {
         s.finish();
     }
@@ -215,7 +219,7 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
             assert_eq!(l.owner_source.as_deref(), Some("observed"), "{l:?}");
             assert_eq!(
                 (l.family.as_str(), l.saddr.as_str(), l.daddr.as_str()),
-                (*fam, *addr, *addr),
+                (*fam, addr.as_str(), addr.as_str()),
                 "{l:?}"
             );
             assert_eq!(l.dport, port, "{l:?}");
@@ -240,7 +244,7 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
             );
             assert_eq!(
                 (l.family.as_str(), l.saddr.as_str(), l.daddr.as_str()),
-                (*fam, *addr, *addr),
+                (*fam, addr.as_str(), addr.as_str()),
                 "{l:?}"
             );
             assert_eq!((l.sport, l.dport), (port, *cport), "{l:?}");
@@ -268,7 +272,7 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
                     l.daddr.as_str(),
                     l.dport
                 ),
-                (*fam, *addr, port, unspecified(fam), 0),
+                (*fam, addr.as_str(), port, unspecified(fam), 0),
                 "{l:?}"
             );
         }
@@ -322,15 +326,20 @@ fn ss_owner(ss: &str, local: &str, peer: &str) -> Vec<u32> {
 #[test]
 fn sockets_older_than_the_trace_keep_their_owner() {
     require_live!();
-    let server = PeerSpec::server("old-server", "127.0.0.1:0").spawn();
-    let port = server.port();
-    server.wait_for("listening");
-    let mut client = PeerSpec::client("old-client", &[sock("127.0.0.1", port)])
-        .gates(&["close"])
-        .spawn();
-    let cport: u16 = client.values("local", 1)[0].parse().unwrap();
-    client.wait_for("connected");
-    server.wait_for("accepted");
+    let mut server = Peer::spawn("old-server", None);
+    let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
+    let accepted = server.send("accept");
+    let mut client = Peer::spawn("old-client", None);
+    let cport: u16 = client
+        .run1(&format!(
+            "connect {}; write {HELLO}",
+            sock("127.0.0.1", port)
+        ))
+        .parse()
+        .unwrap();
+    server.wait(accepted);
+    // The server reads to EOF, then closes, then closes its listener.
+    let served = server.send("eof; close; close_listener");
 
     let ss = Command::new("ss").args(["-tanpH"]).output();
     match ss {
@@ -338,16 +347,8 @@ fn sockets_older_than_the_trace_keep_their_owner() {
             let text = String::from_utf8_lossy(&out.stdout);
             let srv = format!("127.0.0.1:{port}");
             let cli = format!("127.0.0.1:{cport}");
-            assert_eq!(
-                ss_owner(&text, &srv, &cli),
-                vec![server.pid()],
-                "ss:\n{text}"
-            );
-            assert_eq!(
-                ss_owner(&text, &cli, &srv),
-                vec![client.pid()],
-                "ss:\n{text}"
-            );
+            assert_eq!(ss_owner(&text, &srv, &cli), vec![server.pid], "ss:\n{text}");
+            assert_eq!(ss_owner(&text, &cli, &srv), vec![client.pid], "ss:\n{text}");
         }
         other => skip(&format!(
             "ss cross-check: cannot run `ss -tanpH`: {other:?}"
@@ -356,11 +357,12 @@ fn sockets_older_than_the_trace_keep_their_owner() {
 
     let tw = Tcpwatch::start("old", &["--ring-size", BIG_RING]);
     // The client closes first, so the server's socket gets the FIN in softirq.
-    client.go();
+    client.run("close");
+    server.wait(served);
     let (spid, scomm, cpid, ccomm) = (
-        server.pid(),
+        server.pid,
         server.comm.clone(),
-        client.pid(),
+        client.pid,
         client.comm.clone(),
     );
     client.finish();
@@ -438,33 +440,28 @@ fn keys(lines: &[Line]) -> Vec<Key> {
 fn filters_show_exactly_the_matching_subset() {
     require_live!();
     let fams = loopbacks();
+    // Servers bind now (no transition) and listen only once tracing runs.
     let mut servers: Vec<Peer> = fams
         .iter()
-        .map(|(fam, addr)| {
-            PeerSpec::server(&format!("filter-server-{fam}"), &sock(addr, 0).to_string())
-                .accept(2)
-                .gates(&["listen"])
-                .spawn()
-        })
+        .map(|(fam, _)| Peer::spawn(&format!("filter-srv-{fam}"), None))
         .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+    let ports: Vec<u16> = servers
+        .iter_mut()
+        .zip(&fams)
+        .map(|(s, (_, addr))| s.run1(&format!("bind {}", sock(addr, 0))).parse().unwrap())
+        .collect();
     let targets: Vec<SocketAddr> = fams
         .iter()
         .zip(&ports)
         .map(|((_, a), p)| sock(a, *p))
         .collect();
     // Client A gets its own name so --comm selects it alone.
-    let mut a = PeerSpec::client("filter-client-a", &targets)
-        .comm("twpeer-a")
-        .gates(&["connect"])
-        .spawn();
-    let mut b = PeerSpec::client("filter-client-b", &targets)
-        .gates(&["connect"])
-        .spawn();
+    let mut a = Peer::spawn("twpeer-a", None);
+    let mut b = Peer::spawn("twpeer-b", None);
     assert_eq!(a.comm, "twpeer-a");
     assert_ne!(b.comm, a.comm);
 
-    let (p1, pid_a) = (ports[0].to_string(), a.pid().to_string());
+    let (p1, pid_a) = (ports[0].to_string(), a.pid.to_string());
     let mut filters: Vec<(&str, Vec<&str>)> = vec![
         ("pid", vec!["--pid", &pid_a]),
         ("lport", vec!["--lport", &p1]),
@@ -484,21 +481,33 @@ fn filters_show_exactly_the_matching_subset() {
         f.wait_ready();
     }
 
-    for s in &mut servers {
-        s.go();
-        s.wait_for("listening");
-    }
-    let (a_pid, b_pid) = (a.pid(), b.pid());
-    let server_pids: Vec<u32> = servers.iter().map(|s| s.pid()).collect();
-    a.go();
+    // Each server accepts A's connection and B's: read to EOF, close.
+    let served: Vec<_> = servers
+        .iter_mut()
+        .map(|s| {
+            s.run("listen_bound");
+            s.send(&(repeat("accept; eof; close", 2) + "; close_listener"))
+        })
+        .collect();
+    let (a_pid, b_pid) = (a.pid, b.pid);
+    let server_pids: Vec<u32> = servers.iter().map(|s| s.pid).collect();
+    let connect_each = targets
+        .iter()
+        .map(|t| format!("connect {t}; write {HELLO}; close"))
+        .collect::<Vec<_>>()
+        .join("; ");
     let a_ports: Vec<u16> = a
-        .values("local", targets.len())
+        .run(&connect_each)
         .iter()
         .map(|p| p.parse().unwrap())
         .collect();
+    assert_eq!(a_ports.len(), targets.len());
+    b.run(&connect_each);
     a.finish();
-    b.go();
     b.finish();
+    for (s, done) in servers.iter().zip(served) {
+        s.wait(done);
+    }
     for s in servers {
         s.finish();
     }
@@ -622,21 +631,19 @@ fn lost_events_are_reported_and_counted() {
         _ => String::new(),
     };
     assert!(saw_lost, "no LOST line while running: {:?}", run.stderr);
-    let s = run.summary;
-    assert!(s.lost > 0, "summary reports no loss: {s:?}");
-    let lost_lines: Vec<&String> = run.stderr.iter().filter(|l| l.contains("LOST")).collect();
+    let (seen, lost) = (run.summary.transitions_seen, run.lost.total);
+    assert!(lost > 0, "summary reports no loss: {:?}", run.summary);
     // The last LOST line's running total matches the summary.
-    let last = lost_lines.last().unwrap();
-    assert!(
-        last.contains(&format!("({} in all", s.lost)),
-        "last LOST line {last} vs summary {s:?}"
+    assert_eq!(
+        lost_so_far(&run.stderr).total,
+        lost,
+        "last LOST line vs summary {:?}",
+        run.summary
     );
     // Ten transitions per connection; other traffic only adds.
     assert!(
-        s.seen + s.lost >= 10 * pairs.len() as u64,
-        "seen {} + lost {} < 10 × {} connections: transitions vanished uncounted; {misses}",
-        s.seen,
-        s.lost,
+        seen + lost >= 10 * pairs.len() as u64,
+        "seen {seen} + lost {lost} < 10 × {} connections: transitions vanished uncounted; {misses}",
         pairs.len()
     );
 }
@@ -737,52 +744,29 @@ fn default_ring_keeps_every_transition_of_a_burst() {
     }
     let total = 10 * pairs.len();
     assert!(
-        missing as u64 <= run.summary.lost,
+        missing as u64 <= run.lost.total,
         "{missing} of the burst's {total} transitions are missing but tcpwatch reported {} lost \
          (e.g. {examples:?}); {misses} {}",
-        run.summary.lost,
+        run.lost.total,
         run.dump("burst")
     );
     // A 16M ring holds the whole burst: at most a few kernel-skipped runs.
     // Unless others on this host made more transitions than we did: the
     // ring is shared by all of them.
-    let others = run.summary.seen.saturating_sub(ours.len() as u64);
+    let others = run
+        .summary
+        .transitions_seen
+        .saturating_sub(ours.len() as u64);
     if others > total as u64 {
         println!("ring bound not checked: {others} transitions of other processes meanwhile");
     } else {
         assert!(
-            run.summary.lost * 100 <= total as u64,
+            run.lost.total * 100 <= total as u64,
             "default ring lost {} of {total}: {:?}",
-            run.summary.lost,
+            run.lost.total,
             run.stderr
         );
     }
-}
-
-fn run_tcpwatch(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(tcpwatch_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn assert_one_line(stderr: &str, what: &str) {
-    assert!(!stderr.contains("panicked"), "{what}: panicked:\n{stderr}");
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "{what}: expected exactly one line on stderr, got:\n{stderr}"
-    );
-    assert!(
-        stderr.ends_with('\n') && stderr.starts_with("tcpwatch: "),
-        "{what}: {stderr:?}"
-    );
 }
 
 /// (5a) Bad arguments: exit status 2 and one line, nothing else (no root
@@ -829,50 +813,29 @@ fn missing_btf_exits_1_naming_the_path() {
 fn unprivileged_user_is_refused_before_loading_anything() {
     // Run a copy from a fresh world-readable directory: the build tree may
     // not be reachable for uid 65534.
-    let dir = std::env::temp_dir().join(format!("tcpwatch-unpriv-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
-    use std::os::unix::fs::PermissionsExt;
-    let bin = dir.join("tcpwatch");
-    std::fs::copy(tcpwatch_bin(), &bin).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = bin.to_str().unwrap().to_string();
+    let dir = Scratch::new("unpriv");
+    let bin = dir.public_binary().to_str().unwrap().to_string();
 
     // As root, drop to nobody; as anyone else we already are unprivileged.
     let mut argv: Vec<String> = Vec::new();
     if is_root() {
-        if !Path::new("/usr/bin/setpriv").exists() && !Path::new("/bin/setpriv").exists() {
-            skip("setpriv (util-linux) is missing");
+        let Some(setpriv) = tool("setpriv") else {
             return;
-        }
+        };
+        argv.push(setpriv.to_str().unwrap().to_string());
         argv.extend(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
+            ["--reuid=65534", "--regid=65534", "--clear-groups"]
+                .iter()
+                .map(|s| s.to_string()),
         );
     }
     argv.push(bin);
     argv.push("trace".into());
 
-    let strace = ["/usr/bin/strace", "/bin/strace"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
+    let strace = crate::support::find_tool("strace").ok();
     let log = dir.join("strace.log");
     let mut cmd = match strace {
-        Some(s) => {
+        Some(ref s) => {
             let mut c = Command::new(s);
             c.args(["-f", "-qq", "-e", "trace=bpf,mount,perf_event_open", "-o"])
                 .arg(&log)

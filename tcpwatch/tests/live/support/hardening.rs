@@ -1,21 +1,21 @@
-//! Helpers for the hardening tests (hardening.rs): a loopback churn
-//! generator, the BPF objects one process holds (from its fdinfo) and what
-//! `bpftool` lists, recordings checked against their own length, scratch
-//! directories, and a network namespace the test creates and deletes.
+//! Helpers for the hardening tests: a loopback churn generator, the BPF
+//! objects one process holds (from its fdinfo) and what `bpftool` lists,
+//! recordings replayed and checked against their own layout, and refusals.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::{self as common, tcpwatch_bin, ExitSummary, Finished, Proc};
+use super::sockets;
+use super::summary::conns_summary;
+use super::{tcpwatch_bin, Finished, Proc};
 
 /// The names of the programs in tcpwatch's eBPF object.
 pub const PROGRAM_NAMES: [&str; 5] = [
@@ -25,23 +25,6 @@ pub const PROGRAM_NAMES: [&str; 5] = [
     "tcp_send_reset",
     "tcp_receive_reset",
 ];
-
-/// Whether an external program is installed; says why not (or fails
-/// under CI) otherwise.
-pub fn have(tool: &str) -> bool {
-    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).exists());
-    if !found {
-        common::skip(&format!("{tool} is not installed"));
-    }
-    found
-}
-
-/// Whether a line is the one every live command prints once attached.
-pub fn is_ready(line: &str) -> bool {
-    line.starts_with("tcpwatch: tracing ") && line.ends_with("; Ctrl-C to stop")
-}
 
 // ---------------------------------------------------------------------------
 // Churn
@@ -57,24 +40,6 @@ pub struct Churn {
     started: Instant,
 }
 
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads a valid `linger` of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
 impl Churn {
     pub fn start(threads: usize) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
@@ -88,7 +53,7 @@ impl Churn {
                     while !stop.load(Ordering::Relaxed) {
                         let c = TcpStream::connect(addr).unwrap();
                         let (a, _) = listener.accept().unwrap();
-                        set_linger_zero(&c);
+                        sockets::linger_zero(&c).expect("SO_LINGER");
                         drop(c);
                         drop(a);
                         count.fetch_add(1, Ordering::Relaxed);
@@ -261,59 +226,28 @@ pub fn wait_released(ids: &BpfIds, timeout: Duration) -> Result<Duration, BpfIds
 // ---------------------------------------------------------------------------
 // Recordings
 
-/// A recording's layout, from its own bytes: whole records after the
-/// header and snapshot, and the bytes of a last partial one.
-#[derive(Debug)]
-pub struct RecordingShape {
-    pub len: usize,
-    pub whole: u64,
-    pub partial: usize,
-}
-
-pub fn recording_shape(file: &Path) -> RecordingShape {
-    use tcpwatch::stream::record::{HEADER_LEN, MAGIC};
-    let bytes = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    assert!(
-        bytes.len() >= HEADER_LEN && bytes.starts_with(MAGIC),
-        "{} has no header ({} bytes)",
-        file.display(),
-        bytes.len()
-    );
-    let snapshot = u32::from_le_bytes(bytes[28..32].try_into().unwrap()) as usize;
-    let body = bytes.len() - HEADER_LEN - snapshot;
-    let size = tcpwatch_common::Event::SIZE;
-    RecordingShape {
-        len: bytes.len(),
-        whole: (body / size) as u64,
-        partial: body % size,
-    }
-}
-
 /// What `tcpwatch replay FILE conns` read: (events, undecodable records,
-/// stderr), from its exit summary (`--format json`). Its stdout is not
-/// kept: a recording of a churn is large.
+/// stderr), from its exit summary. Its stdout is not kept: a recording of
+/// a churn is large.
 pub fn replay_counts(file: &Path) -> (u64, u64, Vec<String>) {
     let mut cmd = Command::new(tcpwatch_bin());
     cmd.arg("replay")
         .arg(file)
         .args(["conns", "--format", "json"]);
     let f = Proc::spawn_stdout_to("replay", cmd, Stdio::null()).finish(Duration::from_secs(60));
-    let stderr = f.stderr;
     assert!(
-        f.status.success() && !stderr.iter().any(|l| l.contains("panicked")),
+        f.status.success() && !f.stderr.iter().any(|l| l.contains("panicked")),
         "replay of {} failed ({}):\n{}",
         file.display(),
         f.status,
-        stderr.join("\n")
+        f.stderr.join("\n")
     );
-    let Some(ExitSummary::Conns(summary)) = ExitSummary::from_stderr(&stderr) else {
-        panic!("no replay summary: {stderr:?}")
-    };
-    (summary.stream.events, summary.stream.undecodable, stderr)
+    let summary = conns_summary(&f.stderr);
+    (summary.stream.events, summary.stream.undecodable, f.stderr)
 }
 
 // ---------------------------------------------------------------------------
-// Processes, files, namespaces
+// Processes
 
 /// Runs a command to its end; after `timeout` it is killed and the test
 /// fails (a tcpwatch blocked on a FIFO must fail the test, not hang it).
@@ -332,108 +266,6 @@ pub fn refusal(f: &Finished, what: &str) -> String {
     );
     assert!(f.stdout.is_empty(), "{what}: stdout {:?}", f.stdout);
     f.stderr[0].clone()
-}
-
-/// A scratch directory that every user may enter, removed when dropped.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(tag: &str) -> Scratch {
-        use std::os::unix::fs::PermissionsExt;
-        let path =
-            std::env::temp_dir().join(format!("tcpwatch-hardening-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        Scratch(path)
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A network namespace this test created, deleted when dropped.
-pub struct Netns {
-    pub name: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    /// A namespace with loopback up.
-    pub fn new(tag: &str) -> Netns {
-        let name = format!("tcpwatch-hard-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Sets a sysctl inside the namespace.
-    pub fn sysctl(&self, key: &str, value: &str) {
-        ip(&[
-            "netns",
-            "exec",
-            &self.name,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
-        ]);
-    }
-
-    /// Its inode: what tcpwatch prints as `netns`.
-    pub fn inode(&self) -> u32 {
-        use std::os::unix::fs::MetadataExt;
-        fs::metadata(self.path()).unwrap().ino() as u32
-    }
-
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-
-    /// Runs `f` on a thread named `thread` (its comm) that lives in the
-    /// namespace: the sockets it makes are the namespace's.
-    pub fn run<T: Send>(&self, thread: &str, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name(thread.into())
-                .spawn_scoped(s, move || {
-                    let ns = fs::File::open(&path).unwrap();
-                    // SAFETY: setns on a namespace fd we hold; it moves only
-                    // this thread.
-                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .unwrap()
-                .join()
-                .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
 }
 
 /// One orderly loopback connection: the client writes 300 bytes, the

@@ -1,26 +1,28 @@
-//! Harness for the overload tests (overload.rs): tcpwatch in its three
-//! live modes run inside a test namespace, their resident memory sampled
-//! while they run, their exit summaries and lost-event lines read back as
-//! numbers, and a flood of half-open connections made with nonblocking
-//! connect() calls toward a listener that never accepts.
+//! Helpers for the overload tests: tcpwatch in its three live modes run
+//! inside a test namespace, their resident memory sampled while they run,
+//! their exit summaries and LOST lines read back as numbers, and a flood
+//! of half-open connections made with nonblocking connect() calls toward a
+//! listener that never accepts.
 //!
 //! The namespace, addresses, listeners and the connection churn come from
-//! `timewait_support`; the JSON line models from `common` (trace) and
-//! `conns_support` (conns).
+//! `timewait`; the JSON line models from `trace` and `conns`.
 
 use std::collections::VecDeque;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::timewait::{our_net, our_octet, Netns};
-pub use crate::support::ExitSummary;
-use crate::support::{self as common, Proc};
+use super::netns::Netns;
+use super::sockets;
+use super::summary::{exit_summary, lost_so_far, ExitSummary, Lost, Stream};
+use super::timewait::{our_net, our_octet};
+use super::{is_ready, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
+use tcpwatch::views::summary::Tracking;
 
 // ---------------------------------------------------------------------------
 // tcpwatch, inside the test namespace
@@ -69,25 +71,21 @@ pub struct Stopped {
     pub mode: Mode,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
-    pub summary: Summary,
+    pub summary: ExitSummary,
     /// VmHWM just before it was stopped, in KiB.
     pub peak_rss_kib: u64,
 }
 
 impl Watcher {
     pub fn start(ns: &Netns, mode: Mode, extra: &[&str]) -> Watcher {
-        let mut cmd = ns.command(common::tcpwatch_bin());
+        let mut cmd = ns.command(tcpwatch_bin());
         cmd.args([mode.name(), "--format", "json", "--laddr", &our_net()])
             .args(extra);
         if mode == Mode::Timewait {
             cmd.args(["--interval", "1"]);
         }
         let proc = Proc::spawn(&format!("tcpwatch {} {extra:?}", mode.name()), cmd, false);
-        proc.wait_stderr(
-            |l| l.starts_with("tcpwatch: tracing ") && l.ends_with("; Ctrl-C to stop"),
-            1,
-            common::START_TIMEOUT,
-        );
+        proc.wait_stderr(is_ready, 1, START_TIMEOUT);
         Watcher { mode, proc }
     }
 
@@ -98,7 +96,7 @@ impl Watcher {
 
     /// Lost events it has reported so far (its latest `LOST` line).
     pub fn lost_so_far(&self) -> Lost {
-        Lost::latest(&self.proc.stderr_now())
+        lost_so_far(&self.proc.stderr_now())
     }
 
     /// Waits up to `t` for `n` stdout lines that satisfy `pred`; those
@@ -117,23 +115,36 @@ impl Watcher {
     /// SIGINT; checks a clean exit and an exit summary, and returns both.
     pub fn stop(self) -> Stopped {
         let peak_rss_kib = status_kib(self.pid(), "VmHWM:").unwrap_or(0);
-        self.proc.signal(libc::SIGINT);
         let name = self.proc.name.clone();
-        let f = self.proc.finish(common::STOP_TIMEOUT);
-        let stderr = f.stderr.join("\n");
-        let clean = f.status.success() && !stderr.contains("panicked");
-        assert!(clean, "{name}: {}, stderr:\n{stderr}", f.status);
-        // `--format json`: the summary is the last line on stderr.
-        let summary = ExitSummary::from_stderr(&f.stderr)
-            .filter(|s| self.mode.is_its_summary(s))
-            .unwrap_or_else(|| panic!("{name}: no exit summary:\n{stderr}"));
+        let f = self.proc.interrupt(STOP_TIMEOUT);
+        let summary = exit_summary(&f.stderr);
+        assert!(
+            self.mode.is_its_summary(&summary),
+            "{name}: not its exit summary: {}",
+            summary.json()
+        );
         Stopped {
             mode: self.mode,
-            summary: Summary(summary),
+            summary,
             stdout: f.stdout,
             stderr: f.stderr,
             peak_rss_kib,
         }
+    }
+}
+
+impl Stopped {
+    /// What reached it from the kernel: events, lost events by cause.
+    pub fn stream(&self) -> Stream {
+        *self.summary.stream().expect("a summary of an event stream")
+    }
+
+    /// How full its socket table got.
+    pub fn tracking(&self) -> Tracking {
+        *self
+            .summary
+            .tracking()
+            .expect("a summary of a socket table")
     }
 }
 
@@ -147,113 +158,6 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-/// An exit summary of trace, conns or timewait, read for the figures every
-/// mode has.
-#[derive(Clone, Debug)]
-pub struct Summary(pub ExitSummary);
-
-impl Summary {
-    /// Records taken from the ring buffer.
-    pub fn events(&self) -> u64 {
-        self.0.stream().map_or(0, |s| s.events)
-    }
-
-    /// The lost-event split, checked to add up.
-    pub fn lost(&self) -> Lost {
-        let l = self.0.stream().expect("a summary of an event stream").lost;
-        assert_eq!(
-            l.total,
-            l.ring_full + l.skipped,
-            "lost is not ring + skipped: {:?}",
-            self.0
-        );
-        Lost {
-            total: l.total,
-            ring_full: l.ring_full,
-            skipped: l.skipped,
-        }
-    }
-
-    /// How full the socket table got.
-    pub fn tracking(&self) -> tcpwatch::views::summary::Tracking {
-        *self.0.tracking().expect("a summary of a socket table")
-    }
-
-    /// As printed.
-    pub fn line(&self) -> String {
-        self.0.json()
-    }
-}
-
-/// The numbers of a tcpwatch LOST line, each by the words after it up to a
-/// comma, colon, semicolon or parenthesis: "tcpwatch: LOST 2 events (12 in
-/// all: 10 with the ring buffer full ...; 2 skipped by the kernel ...)"
-/// gives "in all" 12, "with the ring buffer full ..." 10, ...
-#[derive(Clone, Debug)]
-pub struct Counts {
-    pub line: String,
-    pairs: Vec<(String, u64)>,
-}
-
-impl Counts {
-    pub fn parse(line: &str) -> Counts {
-        let body = line.strip_prefix("tcpwatch: ").unwrap_or(line);
-        let pairs = body
-            .split([',', '(', ')', ':', ';'])
-            .filter_map(|part| {
-                let (n, label) = part.trim().split_once(' ')?;
-                Some((label.trim().to_string(), n.parse().ok()?))
-            })
-            .collect();
-        Counts {
-            line: line.to_string(),
-            pairs,
-        }
-    }
-
-    /// The number before `label` (e.g. "ring buffer full"), followed by
-    /// nothing or by more words.
-    pub fn get(&self, label: &str) -> u64 {
-        self.try_get(label)
-            .unwrap_or_else(|| panic!("no '{label}' in: {}", self.line))
-    }
-
-    pub fn try_get(&self, label: &str) -> Option<u64> {
-        self.pairs
-            .iter()
-            .find(|(l, _)| l == label || l.starts_with(&format!("{label} ")))
-            .map(|(_, n)| *n)
-    }
-}
-
-/// Lost events by cause.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Lost {
-    pub total: u64,
-    pub ring_full: u64,
-    pub skipped: u64,
-}
-
-impl Lost {
-    /// From the last "tcpwatch: LOST N events (T in all: R with the ring
-    /// buffer full - ...; K skipped by the kernel ...)" line (none: zero).
-    pub fn latest(stderr: &[String]) -> Lost {
-        let Some(line) = stderr
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("tcpwatch: LOST "))
-        else {
-            return Lost::default();
-        };
-        let c = Counts::parse(line);
-        Lost {
-            total: c.get("in all"),
-            ring_full: c.get("with the ring buffer full"),
-            skipped: c.get("skipped by the kernel"),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -334,38 +238,10 @@ impl FloodResult {
 /// A nonblocking socket bound to `src` (an ephemeral port), with a
 /// connect() to `dst` in progress.
 fn half_open(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
-    let check = |rc: libc::c_int| {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor owned from the moment it
-    // exists; option values and sockaddrs are valid for the sizes passed.
-    unsafe {
-        let fd = check(libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        ))?;
-        let owned = OwnedFd::from_raw_fd(fd);
-        let (_, sa, _) = common::sockaddr(SocketAddrV4::new(src, 0).into());
-        check(libc::bind(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            len,
-        ))?;
-        let (_, da, _) = common::sockaddr(dst.into());
-        if libc::connect(fd, &da as *const _ as *const libc::sockaddr, len) < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(e);
-            }
-        }
-        Ok(owned)
-    }
+    let fd = sockets::socket(dst.into(), libc::SOCK_NONBLOCK)?;
+    sockets::bind(&fd, SocketAddrV4::new(src, 0).into())?;
+    sockets::connect_fd(&fd, dst.into())?;
+    Ok(fd)
 }
 
 /// SO_ERROR of a socket, and whether it is connected (writable, no error).

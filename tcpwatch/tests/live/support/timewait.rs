@@ -1,9 +1,9 @@
-//! Harness for the live `tcpwatch timewait` tests: a private network
-//! namespace per test, tcpwatch and "peer" processes run inside it with
-//! `ip netns exec`, the kernel's own view of the namespace (`ss`,
-//! `/proc/net/sockstat`) read from a thread that entered it, the JSON
-//! snapshot model with the invariants every snapshot must keep, and a
-//! multi-threaded connection churn.
+//! Helpers for the `timewait` tests (and the overload tests, which run in
+//! the same kind of namespace): this run's own addresses, the kernel's own
+//! view of a namespace (`ss`, `/proc/net/sockstat`) read from a thread that
+//! entered it, the snapshot (the library's `Snapshot`) with the invariants
+//! every snapshot must keep, a runner, the peers that make the connections,
+//! and a multi-threaded connection churn.
 //!
 //! Every address the tests use is in [`our_net`], a /16 of 127/8 of this
 //! test process's own, and tcpwatch is run with `--laddr` it: tcpwatch
@@ -12,31 +12,30 @@
 //! namespaces) would otherwise be added to its totals as `other_netns`.
 
 use std::fs;
-use std::io::{self, Read};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use tcpwatch::model::timewait::{Group, Snapshot};
 
-use crate::support::{self as common, ExitSummary, Proc};
+use super::netns::{enter, Netns};
+use super::peer::{repeat, Peer, Pending};
+use super::sockets;
+use super::summary::timewait_summary;
+use super::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
-/// The second octet of this run's addresses: from the test process's pid
-/// (peers are told it), so that two runs on one host keep apart; never 0,
-/// the host's own 127.0.0.1.
+/// The second octet of this run's addresses: from the test process's pid,
+/// so that two runs on one host keep apart; never 0, the host's own
+/// 127.0.0.1.
 pub fn our_octet() -> u8 {
-    static OCTET: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *OCTET.get_or_init(|| match std::env::var(OCTET_ENV) {
-        Ok(v) => v.parse().expect("octet"),
-        Err(_) => 32 + (std::process::id() % 200) as u8,
-    })
+    32 + (std::process::id() % 200) as u8
 }
-
-const OCTET_ENV: &str = "TCPWATCH_TW_OCTET";
 
 /// The addresses the tests use (all of 127/8 is local on a namespace's lo).
 pub fn our_net() -> String {
@@ -73,74 +72,19 @@ pub fn server_addr() -> SocketAddrV4 {
 }
 
 // ---------------------------------------------------------------------------
-// Network namespaces
+// The namespace and the kernel's view of it
 
-/// A network namespace of its own, deleted when dropped.
-pub struct Netns {
-    pub name: String,
+/// A namespace for counting timewait sockets exactly: no reuse of
+/// TIME_WAIT 4-tuples by connect() and RFC 1337 on (a stray RST must not
+/// end a timewait socket early).
+pub fn timewait_netns() -> Netns {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    ns.sysctl("net.ipv4.tcp_rfc1337", "1");
+    ns
 }
 
 impl Netns {
-    /// `tcpwatch-tw-<pid>-<n>` with lo up, no reuse of TIME_WAIT 4-tuples by
-    /// connect() and RFC 1337 on (a stray RST must not end a timewait
-    /// socket early: the tests count them exactly).
-    pub fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tcpwatch-tw-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        // A leftover of a killed run that had the same pid.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
-        ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
-        ns.sysctl("net.ipv4.tcp_rfc1337", "1");
-        ns
-    }
-
-    /// `ip netns exec NAME program`, for the caller to add arguments.
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-
-    /// Runs a command inside the namespace; its stdout, or a panic.
-    pub fn exec_ok(&self, args: &[&str]) -> String {
-        let mut cmd = self.command(args[0]);
-        cmd.args(&args[1..]);
-        run_ok(&mut cmd)
-    }
-
-    pub fn sysctl(&self, key: &str, value: &str) {
-        self.exec_ok(&["sysctl", "-qw", &format!("{key}={value}")]);
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// Runs `f` on a thread that entered the namespace: its sockets, its
-    /// /proc/thread-self/net and the processes it starts are the
-    /// namespace's. No process start-up in between, so it is quick.
-    pub fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                enter(&path);
-                f()
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
-    }
-
     /// What the kernel says right now: sockstat, then `ss`, then sockstat
     /// again (the two bracket the `ss` listing).
     pub fn kernel_now(&self) -> KernelNow {
@@ -213,37 +157,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Moves the calling thread into the namespace at `path`.
-fn enter(path: &str) {
-    let f = fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // SAFETY: setns on a descriptor we own; only this thread changes.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-}
-
 /// `tw` of this thread's namespace's /proc/net/sockstat.
 pub fn sockstat_tw() -> u64 {
     let text = fs::read_to_string("/proc/thread-self/net/sockstat").unwrap();
@@ -310,62 +223,18 @@ pub struct KernelNow {
 // ---------------------------------------------------------------------------
 // Snapshots
 
-/// `kernel` of a snapshot.
-#[derive(Clone, Debug, Deserialize)]
-pub struct KernelFigures {
-    pub sockstat_tw: Option<u64>,
-    pub max_tw_buckets: Option<u64>,
-    pub overflow_since_start: Option<u64>,
-    pub overflow_last_interval: Option<u64>,
-    pub port_range: Option<u32>,
-    pub tw_reuse: Option<u8>,
-    pub fin_timeout_s: Option<u32>,
-    pub timestamps: Option<u8>,
-}
+/// One line of `tcpwatch timewait --format json`: the library's
+/// `Snapshot` (its fields through `Deref`), checked on reading to have
+/// every documented field.
+#[derive(Clone, Debug)]
+pub struct Snap(pub Snapshot);
 
-#[derive(Clone, Debug, Deserialize)]
-pub struct Group {
-    pub key: String,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub count: u64,
-    pub share: f64,
-}
+impl Deref for Snap {
+    type Target = Snapshot;
 
-#[derive(Clone, Debug, Deserialize)]
-pub struct Destination {
-    pub remote: String,
-    pub ports_held: u64,
-    pub port_range: Option<u32>,
-    pub rate_per_s: f64,
-    pub exhaustion_s: Option<f64>,
-    pub steady_state_ports: f64,
-    pub tw_reuse_applies: bool,
-}
-
-/// One line of `tcpwatch timewait --format json`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Snap {
-    pub ts: String,
-    pub interval_s: f64,
-    pub total: u64,
-    pub time_wait: u64,
-    pub fin_wait2: u64,
-    pub before_tracing: u64,
-    pub unattributed: u64,
-    pub just_closed: u64,
-    pub other_netns: u64,
-    pub kernel_listed: Option<u64>,
-    pub kernel: KernelFigures,
-    pub created_last_interval: u64,
-    pub rate_last_interval: f64,
-    pub rate_last_minute: f64,
-    pub by_process: Vec<Group>,
-    pub by_remote: Vec<Group>,
-    pub by_local: Vec<Group>,
-    pub destinations: Vec<Destination>,
-    pub findings: Vec<String>,
-    pub untracked: u64,
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
 }
 
 pub const SNAPSHOT_FIELDS: [&str; 20] = [
@@ -403,7 +272,8 @@ pub const KERNEL_FIELDS: [&str; 8] = [
 ];
 
 impl Snap {
-    /// Parses a line, checking every documented field is there.
+    /// Parses a line, checking every documented field is there (an absent
+    /// `Option` field would otherwise read as `None`).
     pub fn parse(text: &str) -> Snap {
         let v: serde_json::Value =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
@@ -419,7 +289,7 @@ impl Snap {
                 "field kernel.{f} missing: {text}"
             );
         }
-        serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {text}"))
+        Snap(serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {text}")))
     }
 
     pub fn process(&self, pid: u32) -> Option<&Group> {
@@ -531,7 +401,7 @@ impl Snap {
 
     /// Wall-clock time of the snapshot, ns since the epoch.
     pub fn ts_ns(&self) -> i128 {
-        common::parse_ts(&self.ts)
+        super::parse_ts(&self.ts)
     }
 }
 
@@ -567,7 +437,7 @@ impl Timewait {
     /// Starts tcpwatch inside `ns` with `--interval interval_s` (and
     /// `extra`) and waits until its probe is attached.
     pub fn start(ns: &Netns, interval_s: f64, extra: &[&str]) -> Timewait {
-        let mut cmd = ns.command(common::tcpwatch_bin());
+        let mut cmd = ns.command(tcpwatch_bin());
         cmd.args([
             "timewait",
             "--format",
@@ -583,7 +453,7 @@ impl Timewait {
             .position(|a| *a == "--top")
             .map_or(10, |i| extra[i + 1].parse().unwrap());
         let proc = Proc::spawn(&format!("tcpwatch timewait in {}", ns.name), cmd, false);
-        proc.wait_stderr(|l| l == READY_LINE, 1, common::START_TIMEOUT);
+        proc.wait_stderr(|l| l == READY_LINE, 1, START_TIMEOUT);
         Timewait {
             proc,
             interval: Duration::from_secs_f64(interval_s),
@@ -616,55 +486,36 @@ impl Timewait {
     /// SIGINT, then all it printed; checks a clean exit, the closing
     /// summary, and that every snapshot keeps the invariants.
     pub fn stop(self) -> TimewaitRun {
-        self.proc.signal(libc::SIGINT);
         let name = self.proc.name.clone();
         let top = self.top;
-        let f = self.proc.finish(common::STOP_TIMEOUT);
+        let f = self.proc.interrupt(STOP_TIMEOUT);
         let stderr = f.stderr.join("\n");
-        assert!(
-            f.status.success(),
-            "{name} exited with {}\n{stderr}",
-            f.status
-        );
-        assert!(!stderr.contains("panicked"), "{name} panicked:\n{stderr}");
         assert!(
             !f.stderr.iter().any(|l| l.starts_with("tcpwatch: ")
                 && (l.contains("undecodable") || l.contains("cannot list"))),
             "{name}:\n{stderr}"
         );
         let snaps: Vec<Snap> = f.stdout.iter().map(|l| Snap::parse(l)).collect();
-        // The closing summary, `--format json`: the last line on stderr.
-        let Some(ExitSummary::Timewait(summary)) = ExitSummary::from_stderr(&f.stderr) else {
-            panic!("{name}: no closing summary:\n{stderr}")
-        };
+        let summary = timewait_summary(&f.stderr);
         assert_eq!(
             summary.snapshots,
             snaps.len() as u64,
             "{name}: summary's snapshot count: {summary:?}"
         );
+        assert_eq!(summary.stream.undecodable, 0, "{name}: {summary:?}");
         for s in &snaps {
             s.check_invariants(top);
         }
-        assert_eq!(summary.stream.undecodable, 0, "{name}: {summary:?}");
-        let lost = summary.stream.lost;
-        assert_eq!(
-            lost.total,
-            lost.ring_full + lost.skipped,
-            "{name}: lost is not ring + skipped: {summary:?}"
-        );
         TimewaitRun {
             snaps,
+            lost: summary.stream.lost.total,
             stderr: f.stderr,
-            lost: lost.total,
         }
     }
 }
 
 // ---------------------------------------------------------------------------
-// Peers: the test binary re-executed inside the namespace, so the sockets
-// belong to a process of known pid.
-
-pub const PEER_ENV: &str = "TCPWATCH_TW_PEER";
+// Peers: processes of known pid inside the namespace make the connections.
 
 /// Who closes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -673,180 +524,73 @@ pub enum Order {
     ClientFirst,
     /// The server closes on accept; the client reads EOF, then closes.
     ServerFirst,
-    /// The client closes; the server keeps its sockets open until told
-    /// (a line on stdin, or stdin closing).
+    /// The client closes; the server keeps its sockets open until
+    /// released.
     ServerNever,
 }
 
-impl Order {
-    fn name(self) -> &'static str {
-        match self {
-            Order::ClientFirst => "client-first",
-            Order::ServerFirst => "server-first",
-            Order::ServerNever => "server-never",
-        }
-    }
+/// A peer running its part of `n` connections in the background.
+pub struct TwPeer {
+    peer: Peer,
+    script: Option<Pending>,
 }
 
-pub struct Peer {
-    pub proc: Proc,
-}
-
-impl Peer {
-    fn spawn(ns: &Netns, comm: &str, env: &[(&str, String)]) -> Peer {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = ns.command(exe.to_str().unwrap());
-        cmd.args([
-            "--exact",
-            "tw_peer_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ]);
-        cmd.env(PEER_ENV, "1")
-            .env("TCPWATCH_TW_COMM", comm)
-            .env(OCTET_ENV, our_octet().to_string());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let proc = Proc::spawn(&format!("peer {comm}"), cmd, true);
-        let peer = Peer { proc };
-        peer.wait_for("named");
-        // `ip netns exec` execs the program in place: the pid is the peer's.
-        assert_eq!(
-            common::proc_comm(peer.pid()),
-            comm,
-            "peer pid {} is not the peer",
-            peer.pid()
-        );
-        peer
+impl TwPeer {
+    /// `tw-server`, listening on [`server_addr`] and accepting `n`
+    /// connections.
+    pub fn server(ns: &Netns, n: usize, order: Order) -> TwPeer {
+        let mut peer = Peer::spawn("tw-server", Some(ns));
+        peer.run(&format!("listen {} 1024", server_addr()));
+        let each = match order {
+            Order::ClientFirst => "accept; eof; close",
+            Order::ServerFirst => "accept; close",
+            Order::ServerNever => "accept; hold",
+        };
+        let script = Some(peer.send(&repeat(each, n)));
+        TwPeer { peer, script }
     }
 
-    /// A server on [`server_addr`] accepting `n` connections.
-    pub fn server(ns: &Netns, n: usize, order: Order) -> Peer {
-        let p = Peer::spawn(
-            ns,
-            "tw-server",
-            &[
-                ("TCPWATCH_TW_ROLE", "server".into()),
-                ("TCPWATCH_TW_N", n.to_string()),
-                ("TCPWATCH_TW_ORDER", order.name().into()),
-            ],
-        );
-        p.wait_for("listening");
-        p
-    }
-
-    /// A client making `n` connections to [`server_addr`] from
+    /// `tw-client`, making `n` connections to [`server_addr`] from
     /// [`client_ip`], ports [`CLIENT_BASE_PORT`] up, one after another.
-    pub fn client(ns: &Netns, n: usize, order: Order) -> Peer {
-        Peer::spawn(
-            ns,
-            "tw-client",
-            &[
-                ("TCPWATCH_TW_ROLE", "client".into()),
-                ("TCPWATCH_TW_N", n.to_string()),
-                ("TCPWATCH_TW_ORDER", order.name().into()),
-            ],
-        )
+    pub fn client(ns: &Netns, n: usize, order: Order) -> TwPeer {
+        let mut peer = Peer::spawn("tw-client", Some(ns));
+        let read = if order == Order::ServerFirst {
+            "eof; "
+        } else {
+            ""
+        };
+        let cmds: Vec<String> = (0..n)
+            .map(|i| {
+                let src = SocketAddrV4::new(client_ip(), CLIENT_BASE_PORT + i as u16);
+                format!("connect_from {src} {}; {read}close", server_addr())
+            })
+            .collect();
+        let script = Some(peer.send(&cmds.join("; ")));
+        TwPeer { peer, script }
     }
 
     pub fn pid(&self) -> u32 {
-        self.proc.pid()
+        self.peer.pid
     }
 
-    /// Waits for the line `TWPEER <what>`.
-    pub fn wait_for(&self, what: &str) {
-        let line = format!("TWPEER {what}");
-        self.proc
-            .wait_stdout(|l| l.ends_with(&line), 1, Duration::from_secs(30));
+    /// Waits until its part is done; the values its commands printed.
+    pub fn wait(&mut self) -> Vec<String> {
+        self.script
+            .take()
+            .map(|p| self.peer.wait(p))
+            .unwrap_or_default()
     }
 
+    /// Closes the connections a `ServerNever` server holds.
     pub fn release(&mut self) {
-        self.proc.send_line("go");
+        self.peer.run("release");
     }
 
-    /// Waits for the peer to finish its work and exit successfully.
-    pub fn finish(self) {
-        let name = self.proc.name.clone();
-        let f = self.proc.finish(Duration::from_secs(30));
-        assert!(
-            f.status.success() && f.stdout.iter().any(|l| l.ends_with("TWPEER done")),
-            "{name} failed ({})\nstdout:\n{}\nstderr:\n{}",
-            f.status,
-            f.stdout.join("\n"),
-            f.stderr.join("\n")
-        );
+    /// Waits for its part, then for it to exit successfully.
+    pub fn finish(mut self) {
+        self.wait();
+        self.peer.finish();
     }
-}
-
-/// The peer program; returns at once unless [`PEER_ENV`] is set.
-pub fn peer_main() {
-    if std::env::var_os(PEER_ENV).is_none() {
-        return;
-    }
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("peer needs {k}"));
-    name_process_and_thread(&var("TCPWATCH_TW_COMM"));
-    println!("TWPEER named");
-    let n: usize = var("TCPWATCH_TW_N").parse().unwrap();
-    let order = var("TCPWATCH_TW_ORDER");
-    match var("TCPWATCH_TW_ROLE").as_str() {
-        "server" => peer_server(n, &order),
-        "client" => peer_client(n, &order),
-        other => panic!("unknown peer role {other}"),
-    }
-    println!("TWPEER done");
-    // Leave without libtest's report after our last line.
-    std::process::exit(0);
-}
-
-/// The kernel reports the comm of the thread that owns a socket; libtest
-/// runs the peer on a thread of its own. Give both the same name.
-fn name_process_and_thread(name: &str) {
-    fs::write("/proc/self/comm", name).expect("rename the process");
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
-    assert_eq!(rc, 0, "prctl(PR_SET_NAME)");
-}
-
-fn peer_server(n: usize, order: &str) {
-    let listener = listen(server_addr(), 1024).expect("listen");
-    println!("TWPEER listening");
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let (mut s, _) = listener.accept().expect("accept");
-        match order {
-            "client-first" => {
-                let mut sink = Vec::new();
-                s.read_to_end(&mut sink).expect("read to EOF");
-            }
-            "server-first" => {}
-            _ => {
-                held.push(s);
-                continue;
-            }
-        }
-        drop(s);
-    }
-    if order == "server-never" {
-        println!("TWPEER holding {}", held.len());
-        let mut line = String::new();
-        let _ = io::stdin().read_line(&mut line);
-    }
-}
-
-fn peer_client(n: usize, order: &str) {
-    for i in 0..n {
-        let src = SocketAddrV4::new(client_ip(), CLIENT_BASE_PORT + i as u16);
-        let mut s = connect_from(src, server_addr(), false)
-            .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
-        if order == "server-first" {
-            let mut sink = Vec::new();
-            s.read_to_end(&mut sink).expect("read to EOF");
-        }
-        drop(s);
-    }
-    println!("TWPEER closed {n}");
 }
 
 // ---------------------------------------------------------------------------
@@ -857,11 +601,11 @@ fn peer_client(n: usize, order: &str) {
 /// the client closing first.
 pub fn make_timewaits(ns: &Netns, port: u16, n: u16, base: u16) {
     ns.in_ns(|| {
-        let server = SocketAddrV4::new(server_ip(), port);
-        let listener = listen(server, 1024).expect("listen");
+        let server = SocketAddrV4::new(server_ip(), port).into();
+        let listener = sockets::listen(server, 1024).expect("listen");
         for i in 0..n {
             let src = SocketAddrV4::new(client_ip(), base + i);
-            let c = connect_from(src, server, false)
+            let c = sockets::connect_from(src.into(), server, false)
                 .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
             let (mut s, _) = listener.accept().expect("accept");
             drop(c);
@@ -869,92 +613,6 @@ pub fn make_timewaits(ns: &Netns, port: u16, n: u16, base: u16) {
             s.read_to_end(&mut sink).expect("read to EOF");
         }
     });
-}
-
-fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// A listener with a backlog of our choosing (std's is fixed).
-pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
-    // SAFETY: plain socket calls on a descriptor owned by the returned
-    // listener from the moment it exists; the sockaddr is valid for its size.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        check(fd)?;
-        let l = TcpListener::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        check(libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ))?;
-        let sa = sockaddr_in(addr);
-        check(libc::bind(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        ))?;
-        check(libc::listen(fd, backlog))?;
-        Ok(l)
-    }
-}
-
-/// connect() from `src`; with `port_at_connect` the port in `src` must be
-/// 0 and is chosen at connect time by 4-tuple (IP_BIND_ADDRESS_NO_PORT),
-/// so ports are shared across destinations rather than used up by bind.
-pub fn connect_from(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    port_at_connect: bool,
-) -> io::Result<TcpStream> {
-    // SAFETY: as in `listen`.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        check(fd)?;
-        let s = TcpStream::from_raw_fd(fd);
-        if port_at_connect {
-            let one: libc::c_int = 1;
-            check(libc::setsockopt(
-                fd,
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ))?;
-        }
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let sa = sockaddr_in(src);
-        check(libc::bind(
-            fd,
-            &sa as *const _ as *const libc::sockaddr,
-            len,
-        ))?;
-        let da = sockaddr_in(dst);
-        check(libc::connect(
-            fd,
-            &da as *const _ as *const libc::sockaddr,
-            len,
-        ))?;
-        Ok(s)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1008,7 +666,8 @@ impl Churn {
     /// out, and `servers` server threads; at most `limit` connections per
     /// second in all, if given.
     pub fn start(ns: &Netns, clients: usize, servers: usize, limit: Option<f64>) -> Churn {
-        let listener = Arc::new(ns.in_ns(|| listen(server_addr(), 4096).expect("listen")));
+        let listener =
+            Arc::new(ns.in_ns(|| sockets::listen(server_addr().into(), 4096).expect("listen")));
         let state = Arc::new(ChurnState::default());
         let servers = (0..servers)
             .map(|_| {
@@ -1147,7 +806,7 @@ fn client_loop(i: usize, st: &ChurnState, limit: Option<f64>) {
             0,
         );
         n = n.wrapping_add(1);
-        match connect_from(src, server_addr(), true) {
+        match sockets::connect_from(src.into(), server_addr().into(), true) {
             Ok(s) => {
                 drop(s);
                 made += 1;
@@ -1193,7 +852,7 @@ impl SockstatSampler {
             enter(&path);
             while !st.load(Ordering::Relaxed) {
                 let tw = sockstat_tw();
-                let t = common::now_ns();
+                let t = super::now_ns();
                 sa.lock().unwrap().push((t, tw));
                 std::thread::sleep(period);
             }
