@@ -11,10 +11,12 @@ mod churn;
 mod compile;
 mod fuzz;
 mod process;
+mod report;
 mod run;
 mod setup;
 mod soak;
 mod testing;
+mod tracer;
 mod workspace;
 
 use std::process::ExitCode;
@@ -95,17 +97,22 @@ enum Cmd {
     /// bpftrace, interleaved over rounds. Writes target/bench/bench.json,
     /// target/bench/bench.md and docs/performance.md.
     Bench {
-        /// Rounds; each runs every variant once.
-        #[arg(long, value_name = "N", default_value_t = 5)]
+        /// Rounds (1-100); each runs every variant once.
+        #[arg(long, value_name = "N", default_value_t = 5,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
-        /// Seconds of churn per variant per round.
-        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        /// Seconds of churn per variant per round (1-3600).
+        #[arg(long, value_name = "SECS", default_value_t = 5,
+              value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
-        /// Client threads of the churn generator.
-        #[arg(long, value_name = "N", default_value_t = 2)]
+        /// Client threads of the churn generator (1-256).
+        #[arg(long, value_name = "N", default_value_t = 2,
+              value_parser = clap::value_parser!(u32).range(1..=256))]
         threads: u32,
-        /// Accept threads of the churn server [default: as many as --threads].
-        #[arg(long, value_name = "N")]
+        /// Accept threads of the churn server (1-256) [default: as many as
+        /// --threads].
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=256))]
         server_threads: Option<u32>,
         /// Leave out the bpftrace comparison.
         #[arg(long)]
@@ -116,12 +123,14 @@ enum Cmd {
     /// is lost to a full ring buffer and that its TIME_WAIT count is the
     /// kernel's at the end. Writes the soak section of docs/performance.md.
     Soak {
-        /// Minutes of churn.
-        #[arg(long, value_name = "N", default_value_t = 10)]
+        /// Minutes of churn (1-1440).
+        #[arg(long, value_name = "N", default_value_t = 10,
+              value_parser = clap::value_parser!(u32).range(1..=24 * 60))]
         minutes: u32,
         /// Client threads of the churn generator (and as many accept
-        /// threads).
-        #[arg(long, value_name = "N", default_value_t = 2)]
+        /// threads) (1-64).
+        #[arg(long, value_name = "N", default_value_t = 2,
+              value_parser = clap::value_parser!(u32).range(1..=64))]
         threads: u32,
     },
 }
@@ -181,10 +190,6 @@ fn execute(command: Cmd) -> Result<u8> {
             server_threads,
             bpftrace: !no_bpftrace,
         };
-        if let Err(e) = options.check() {
-            eprintln!("error: {e}");
-            return Ok(2);
-        }
         let ws = Workspace::locate()?;
         bench::run(&ws, &options)?;
         return Ok(0);
@@ -204,10 +209,6 @@ fn execute(command: Cmd) -> Result<u8> {
     }
     if let Cmd::Soak { minutes, threads } = command {
         let options = soak::Options { minutes, threads };
-        if let Err(e) = options.check() {
-            eprintln!("error: {e}");
-            return Ok(2);
-        }
         let ws = Workspace::locate()?;
         let met = soak::run(&ws, &options)?;
         return Ok(if met { 0 } else { 1 });
@@ -288,17 +289,54 @@ mod tests {
         }
     }
 
+    /// An out-of-range number is clap's usage error (exit status 2),
+    /// one line naming the option.
+    fn assert_out_of_range(args: &[&str], option: &str) {
+        let err = Cli::try_parse_from(args).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{args:?}");
+        let line = first_line(&err.to_string()).to_string();
+        assert!(
+            line.starts_with("error: invalid value") && line.contains(option),
+            "{args:?}: {line}"
+        );
+    }
+
     #[test]
-    fn bench_zero_threads_is_a_one_line_usage_error() {
-        let code = execute(Cmd::Bench {
-            rounds: 5,
-            seconds: 5,
-            threads: 0,
-            server_threads: None,
-            no_bpftrace: true,
-        })
+    fn bench_options_out_of_range_are_one_line_usage_errors() {
+        for (args, option) in [
+            (&["xtask", "bench", "--threads", "0"][..], "--threads"),
+            (&["xtask", "bench", "--threads", "257"], "--threads"),
+            (&["xtask", "bench", "--seconds", "0"], "--seconds"),
+            (&["xtask", "bench", "--seconds", "3601"], "--seconds"),
+            (&["xtask", "bench", "--rounds", "0"], "--rounds"),
+            (&["xtask", "bench", "--rounds", "101"], "--rounds"),
+            (
+                &["xtask", "bench", "--server-threads", "0"],
+                "--server-threads",
+            ),
+        ] {
+            assert_out_of_range(args, option);
+        }
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "bench",
+            "--threads",
+            "256",
+            "--rounds",
+            "100",
+            "--seconds",
+            "3600",
+        ])
         .unwrap();
-        assert_eq!(code, 2);
+        assert!(matches!(
+            cli.command,
+            Cmd::Bench {
+                threads: 256,
+                rounds: 100,
+                seconds: 3600,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -338,12 +376,19 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["xtask", "soak", "--minutes", "1"]).unwrap();
         assert!(matches!(cli.command, Cmd::Soak { minutes: 1, .. }));
-        let code = execute(Cmd::Soak {
-            minutes: 0,
-            threads: 2,
-        })
-        .unwrap();
-        assert_eq!(code, 2);
+        let cli =
+            Cli::try_parse_from(["xtask", "soak", "--minutes", "1440", "--threads", "64"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::Soak {
+                minutes: 1440,
+                threads: 64
+            }
+        ));
+        assert_out_of_range(&["xtask", "soak", "--minutes", "0"], "--minutes");
+        assert_out_of_range(&["xtask", "soak", "--minutes", "1441"], "--minutes");
+        assert_out_of_range(&["xtask", "soak", "--threads", "0"], "--threads");
+        assert_out_of_range(&["xtask", "soak", "--threads", "65"], "--threads");
     }
 
     #[test]

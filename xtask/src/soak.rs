@@ -35,15 +35,14 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::{
-    bench::{self, Machine, Output, Tracer, Variant, INTERRUPTED},
     churn::{self, ChurnResult},
     process,
+    report::{splice_section, thousands, utc_date, Machine},
+    tracer::{self, Output, Ready, Tracer, INTERRUPTED},
     workspace::Workspace,
 };
 
 /// Limits of `--minutes` and `--threads` (inclusive).
-const MAX_MINUTES: u32 = 24 * 60;
-const MAX_THREADS: u32 = 64;
 /// How often RSS is sampled, and tcpwatch's snapshot interval.
 const SAMPLE: Duration = Duration::from_secs(5);
 /// The churn runs in chunks of this length, for a rate series.
@@ -70,23 +69,6 @@ pub struct Options {
 }
 
 impl Options {
-    /// Checks the ranges; the error is one line.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        if !(1..=MAX_MINUTES).contains(&self.minutes) {
-            return Err(format!(
-                "--minutes must be between 1 and {MAX_MINUTES} (got {})",
-                self.minutes
-            ));
-        }
-        if !(1..=MAX_THREADS).contains(&self.threads) {
-            return Err(format!(
-                "--threads must be between 1 and {MAX_THREADS} (got {})",
-                self.threads
-            ));
-        }
-        Ok(())
-    }
-
     fn duration(&self) -> Duration {
         Duration::from_secs(u64::from(self.minutes) * 60)
     }
@@ -101,16 +83,16 @@ impl Options {
 
 /// Runs the soak; `Ok(false)` when it ran but a check failed.
 pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
-    let (out_dir, binary) = bench::private_build(
+    let (out_dir, binary) = tracer::private_build(
         ws,
         "soak",
         "it loads eBPF programs and makes a network namespace",
     )?;
 
-    bench::catch_signals();
+    tracer::catch_signals();
     let started = SystemTime::now();
     let machine = Machine::read();
-    let load_before = bench::loadavg();
+    let load_before = tracer::loadavg();
     let ns = Netns::create()?;
     let snapshots_path = out_dir.join("timewait.jsonl");
     let snapshots = fs::File::create(&snapshots_path)
@@ -123,7 +105,7 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
         .arg("--max-sockets")
         .arg(MAX_SOCKETS.to_string());
     let mut tracer = Tracer::spawn(cmd, Output::File(snapshots))?;
-    tracer.wait_ready(Variant::Timewait)?;
+    tracer.wait_ready(Ready::Tcpwatch)?;
     eprintln!(
         "soak: tcpwatch timewait (pid {}) in network namespace {}; churn for {} min at full \
          rate, RSS every {} s",
@@ -134,11 +116,11 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
     );
 
     let run = soak(&ns, tracer.pid, &snapshots_path, options)?;
-    bench::pause(QUIET)?;
+    tracer::pause(QUIET)?;
     let end = compare(&ns, &snapshots_path, tracer.pid)?;
     eprintln!("soak: churn over: {}", end.line());
-    let cpu = bench::cpu_split(tracer.pid).unwrap_or_default();
-    let load_after = bench::loadavg();
+    let cpu = tracer::cpu_split(tracer.pid).unwrap_or_default();
+    let load_after = tracer::loadavg();
     let stopped = tracer.stop()?;
     if !stopped.status.success() {
         bail!(
@@ -148,7 +130,7 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
         );
     }
     let (summary, counts) =
-        bench::exit_summary(&stopped.stderr).context("tcpwatch printed no exit summary")?;
+        tracer::exit_summary(&stopped.stderr).context("tcpwatch printed no exit summary")?;
     let report = Report {
         date: started,
         machine,
@@ -265,7 +247,7 @@ fn soak(ns: &Netns, pid: u32, snapshots: &Path, options: &Options) -> Result<Run
             next += SAMPLE;
         }
         if paused_rx.try_recv().is_ok() {
-            bench::pause(QUIET)?;
+            tracer::pause(QUIET)?;
             let c = compare(ns, snapshots, pid)?;
             eprintln!(
                 "soak: churn paused {} s before the end: {}",
@@ -280,7 +262,7 @@ fn soak(ns: &Netns, pid: u32, snapshots: &Path, options: &Options) -> Result<Run
     let chunks = churner
         .join()
         .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
-    bench::check_interrupted()?;
+    tracer::check_interrupted()?;
     Ok(Run {
         rss,
         rss_attached_kib,
@@ -291,7 +273,7 @@ fn soak(ns: &Netns, pid: u32, snapshots: &Path, options: &Options) -> Result<Run
 
 fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    bench::status_kib(&status, "VmRSS:")
+    tracer::status_kib(&status, "VmRSS:")
 }
 
 /// A snapshot taken with the churn stopped, against the kernel's figures.
@@ -332,7 +314,7 @@ fn compare(ns: &Netns, snapshots: &Path, pid: u32) -> Result<Comparison> {
                 (3 * SAMPLE).as_secs()
             );
         }
-        bench::check_interrupted()?;
+        tracer::check_interrupted()?;
         thread::sleep(Duration::from_millis(20));
     };
     let sockstat_after = ns.in_ns(sockstat_tw)?;
@@ -396,34 +378,34 @@ impl Comparison {
     fn brief(&self) -> String {
         format!(
             "tcpwatch {}, its sock_diag list {}, sockstat tw {} before and {} after",
-            bench::thousands(self.own_total() as f64),
-            bench::thousands(self.field("kernel_listed") as f64),
-            bench::thousands(self.sockstat_before as f64),
-            bench::thousands(self.sockstat_after as f64)
+            thousands(self.own_total() as f64),
+            thousands(self.field("kernel_listed") as f64),
+            thousands(self.sockstat_before as f64),
+            thousands(self.sockstat_after as f64)
         )
     }
 
     /// What the snapshot and the kernel said, in words.
     fn line(&self) -> String {
-        let n = |f| bench::thousands(self.field(f) as f64);
+        let n = |f| thousands(self.field(f) as f64);
         format!(
             "tcpwatch counted {} timewait sockets in the namespace (and {} of other \
              namespaces; TIME_WAIT {}, FIN_WAIT2 {} in all); {} made by the churn, {} not seen \
              made (lost events), {} closed in the last moment, {} from before tracing. The \
              kernel: sock_diag listed {} to tcpwatch; sockstat `tw` {} just before the snapshot \
              and {} just after; `ss -tan state time-wait` listed {} right after.",
-            bench::thousands(self.own_total() as f64),
+            thousands(self.own_total() as f64),
             n("other_netns"),
             n("time_wait"),
             n("fin_wait2"),
-            bench::thousands(self.churn_attributed as f64),
+            thousands(self.churn_attributed as f64),
             n("unattributed"),
             n("just_closed"),
             n("before_tracing"),
             n("kernel_listed"),
-            bench::thousands(self.sockstat_before as f64),
-            bench::thousands(self.sockstat_after as f64),
-            bench::thousands(self.ss_time_wait as f64)
+            thousands(self.sockstat_before as f64),
+            thousands(self.sockstat_after as f64),
+            thousands(self.ss_time_wait as f64)
         )
     }
 
@@ -635,8 +617,8 @@ impl Report {
                 met: ring_full == 0,
                 detail: format!(
                     "{} with the ring buffer full; {} skipped by the kernel, counted apart",
-                    bench::thousands(ring_full as f64),
-                    bench::thousands(self.count("stream.lost.skipped") as f64)
+                    thousands(ring_full as f64),
+                    thousands(self.count("stream.lost.skipped") as f64)
                 ),
             },
             Verdict {
@@ -678,7 +660,7 @@ impl Report {
              sample, are in `target/soak/soak.json`.\n\n",
         );
         let (mean, min, max) = self.rates();
-        let _ = writeln!(d, "- Date: {}", bench::utc_date(self.date));
+        let _ = writeln!(d, "- Date: {}", utc_date(self.date));
         let _ = writeln!(
             d,
             "- Machine: {}; load average {} before, {} after.",
@@ -693,12 +675,12 @@ impl Report {
             o.minutes,
             o.threads,
             o.threads,
-            bench::thousands(self.run.connections() as f64),
-            bench::thousands(mean),
-            bench::thousands(min),
-            bench::thousands(max),
+            thousands(self.run.connections() as f64),
+            thousands(mean),
+            thousands(min),
+            thousands(max),
             CHUNK.as_secs(),
-            bench::thousands(self.run.errors() as f64)
+            thousands(self.run.errors() as f64)
         );
         if let Some(r) = self.rss() {
             let _ = writeln!(
@@ -725,10 +707,10 @@ impl Report {
             "- Events: {} taken by tcpwatch; {} lost ({} with the ring buffer full, {} skipped \
              by the kernel: {:.3}% of all). tcpwatch used {:.1} s of CPU ({:.0}% system), {:.2} \
              cores on average, {:.2} µs per event taken.",
-            bench::thousands(events as f64),
-            bench::thousands(lost as f64),
-            bench::thousands(self.count("stream.lost.ring_full") as f64),
-            bench::thousands(self.count("stream.lost.skipped") as f64),
+            thousands(events as f64),
+            thousands(lost as f64),
+            thousands(self.count("stream.lost.ring_full") as f64),
+            thousands(self.count("stream.lost.skipped") as f64),
             100.0 * lost as f64 / (events + lost).max(1) as f64,
             user + system,
             100.0 * system / (user + system).max(1e-9),
@@ -752,11 +734,11 @@ impl Report {
             d,
             "- tcpwatch's socket table: {} tracked at peak (limit {}), {} evicted, {} dropped \
              as closed while their events were lost, {} tracked at exit.",
-            bench::thousands(self.count("tracking.peak") as f64),
-            bench::thousands(f64::from(MAX_SOCKETS)),
-            bench::thousands(self.count("tracking.evicted") as f64),
-            bench::thousands(self.count("tracking.stale") as f64),
-            bench::thousands(self.count("tracking.at_exit") as f64)
+            thousands(self.count("tracking.peak") as f64),
+            thousands(f64::from(MAX_SOCKETS)),
+            thousands(self.count("tracking.evicted") as f64),
+            thousands(self.count("tracking.stale") as f64),
+            thousands(self.count("tracking.at_exit") as f64)
         );
         d.push_str("\n| target | verdict |\n|---|---|\n");
         for v in self.verdicts() {
@@ -775,7 +757,7 @@ impl Report {
                 .map_or("—".into(), |(_, k)| mib(*k));
             let (made, secs) = self.chunks_in(t - 60.0, t);
             let rate = if secs > 0.0 {
-                bench::thousands(made as f64 / secs)
+                thousands(made as f64 / secs)
             } else {
                 "—".into()
             };
@@ -802,7 +784,7 @@ impl Report {
     fn json(&self) -> Value {
         let rss = self.rss();
         json!({
-            "date": bench::utc_date(self.date),
+            "date": utc_date(self.date),
             "machine": self.machine.line(),
             "minutes": self.options.minutes,
             "threads": self.options.threads,
@@ -838,121 +820,9 @@ impl Report {
     }
 }
 
-// ---------------------------------------------------------------------------
-// docs/performance.md, written by more than one task
-
-/// Replaces the part of `page` between `<!-- NAME:begin -->` and
-/// `<!-- NAME:end -->` with `body` (markers added), keeping every other
-/// part. docs/performance.md is written by `cargo xtask bench` and
-/// `cargo xtask soak`, and each replaces only its own part. Text outside
-/// any part is the bench's page from before parts existed: the bench's
-/// new part replaces it, at the top; any other new part goes at the end.
-pub(crate) fn splice_section(page: &str, name: &str, body: &str) -> String {
-    let bench = name == bench::BENCH_SECTION;
-    let block = format!(
-        "<!-- {name}:begin -->\n{}\n<!-- {name}:end -->\n",
-        body.trim_end()
-    );
-    let mut out = String::new();
-    let mut placed = false;
-    let mut rest = page;
-    while !rest.is_empty() {
-        let Some((before, part, part_name, after)) = next_section(rest) else {
-            if !bench {
-                out.push_str(rest);
-            }
-            break;
-        };
-        if !bench {
-            out.push_str(before);
-        }
-        if part_name == name {
-            if !placed {
-                push_block(&mut out, &block);
-                placed = true;
-            }
-        } else {
-            push_block(&mut out, part);
-        }
-        rest = after;
-    }
-    if !placed {
-        if bench {
-            let others = std::mem::take(&mut out);
-            push_block(&mut out, &block);
-            push_block(&mut out, &others);
-        } else {
-            push_block(&mut out, &block);
-        }
-    }
-    out
-}
-
-/// Appends `block`, a blank line apart from what comes before it.
-fn push_block(out: &mut String, block: &str) {
-    if block.trim().is_empty() {
-        return;
-    }
-    if !out.is_empty() && !out.ends_with("\n\n") {
-        out.push_str(if out.ends_with('\n') { "\n" } else { "\n\n" });
-    }
-    out.push_str(block.trim_start_matches('\n'));
-    if !out.ends_with('\n') {
-        out.push('\n');
-    }
-}
-
-/// The first marked part of `text`: (text before it, the part with its
-/// markers, its name, text after it).
-fn next_section(text: &str) -> Option<(&str, &str, &str, &str)> {
-    let start = text.find("<!-- ")?;
-    let open_end = start + text[start..].find(" -->")? + " -->".len();
-    let name = text[start + "<!-- ".len()..open_end - " -->".len()].strip_suffix(":begin")?;
-    let close = format!("<!-- {name}:end -->");
-    let end = open_end + text[open_end..].find(&close)? + close.len();
-    let end = if text[end..].starts_with('\n') {
-        end + 1
-    } else {
-        end
-    };
-    Some((&text[..start], &text[start..end], name, &text[end..]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_are_range_checked() {
-        let ok = Options {
-            minutes: 10,
-            threads: 2,
-        };
-        assert!(ok.check().is_ok());
-        assert_eq!(ok.warm_up(), WARM_UP);
-        let short = Options {
-            minutes: 1,
-            ..ok.clone()
-        };
-        assert_eq!(short.warm_up(), Duration::from_secs(20));
-        for bad in [
-            Options {
-                minutes: 0,
-                ..ok.clone()
-            },
-            Options {
-                minutes: MAX_MINUTES + 1,
-                ..ok.clone()
-            },
-            Options {
-                threads: 0,
-                ..ok.clone()
-            },
-        ] {
-            let e = bad.check().unwrap_err();
-            assert!(e.starts_with("--") && !e.contains('\n'), "{e}");
-        }
-    }
 
     #[test]
     fn rss_figures_take_the_warm_up_out() {
@@ -982,54 +852,5 @@ mod tests {
         let text = "sockets: used 5\nTCP: inuse 3 orphan 0 tw 131072 alloc 4 mem 1\nUDP: inuse 0\n";
         assert_eq!(parse_sockstat_tw(text), Some(131_072));
         assert_eq!(parse_sockstat_tw("TCP: inuse 3\n"), None);
-    }
-
-    const BENCH: &str = "# Performance\n\nbench figures\n";
-
-    #[test]
-    fn each_writer_replaces_only_its_own_section() {
-        // The bench's page from before sections, then a first soak.
-        let page = splice_section(BENCH, "soak", "## Soak\n\nfirst");
-        assert_eq!(
-            page,
-            "# Performance\n\nbench figures\n\n<!-- soak:begin -->\n## Soak\n\nfirst\n<!-- soak:end -->\n"
-        );
-        // The bench again: its old text goes, the soak stays after it.
-        let page = splice_section(&page, "bench", "# Performance\n\nnew bench");
-        assert_eq!(
-            page,
-            "<!-- bench:begin -->\n# Performance\n\nnew bench\n<!-- bench:end -->\n\n\
-             <!-- soak:begin -->\n## Soak\n\nfirst\n<!-- soak:end -->\n"
-        );
-        // Each replaces its own part in place.
-        let page = splice_section(&page, "soak", "## Soak\n\nsecond");
-        assert!(
-            page.contains("new bench") && page.contains("second"),
-            "{page}"
-        );
-        assert!(!page.contains("first"), "{page}");
-        let again = splice_section(&page, "bench", "# Performance\n\nnewer bench");
-        assert!(again.starts_with("<!-- bench:begin -->\n# Performance\n\nnewer bench\n"));
-        assert!(
-            again.contains("second") && !again.contains("new bench\n"),
-            "{again}"
-        );
-        // Writing the same thing twice changes nothing.
-        assert_eq!(splice_section(&again, "soak", "## Soak\n\nsecond"), again);
-        assert_eq!(
-            splice_section(&again, "bench", "# Performance\n\nnewer bench"),
-            again
-        );
-    }
-
-    #[test]
-    fn an_empty_or_unclosed_page_still_gets_its_section() {
-        assert_eq!(
-            splice_section("", "soak", "x"),
-            "<!-- soak:begin -->\nx\n<!-- soak:end -->\n"
-        );
-        // An unclosed marker is plain text (the bench's, which it replaces).
-        let page = splice_section("<!-- soak:begin -->\nhalf", "bench", "b");
-        assert_eq!(page, "<!-- bench:begin -->\nb\n<!-- bench:end -->\n");
     }
 }

@@ -92,7 +92,7 @@ fn systemd_unit_passes_systemd_analyze() {
     };
     let unit = read_deploy(UNIT);
     let bin = Path::new(tcpwatch_bin());
-    if let Err(out) = systemd_verify(&analyze, &unit, &bin) {
+    if let Err(out) = systemd_verify(&analyze, &unit, bin) {
         panic!("systemd-analyze verify {UNIT}:\n{out}");
     }
     // A misspelt setting is only a warning to systemd, and an error here.
@@ -103,7 +103,7 @@ fn systemd_unit_passes_systemd_analyze() {
     ] {
         let broken = mutate(&unit, from, to);
         assert!(
-            systemd_verify(&analyze, &broken, &bin).is_err(),
+            systemd_verify(&analyze, &broken, bin).is_err(),
             "systemd-analyze verify accepted the unit with {from:?} -> {to:?}"
         );
     }
