@@ -47,6 +47,19 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(addr.parse().unwrap(), port)
 }
 
+/// A server peer per family (`NAME-FAMILY`) with a socket bound to a fresh
+/// port: bind makes no transition, so it listens (`listen_bound`) only once
+/// tracing runs. The peers, and their ports.
+fn bound_servers(fams: &[(&str, String)], name: &str) -> (Vec<Peer>, Vec<u16>) {
+    fams.iter()
+        .map(|(fam, addr)| {
+            let mut server = Peer::spawn(&format!("{name}-{fam}"), None);
+            let port = server.run1(&format!("bind {}", sock(addr, 0)));
+            (server, port.parse::<u16>().unwrap())
+        })
+        .unzip()
+}
+
 fn unspecified(family: &str) -> &'static str {
     if family == "ipv4" {
         "0.0.0.0"
@@ -127,16 +140,7 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
     require_live!();
     let fams = loopbacks();
 
-    // Servers bind now (no transition) and listen only once tracing runs.
-    let mut servers: Vec<Peer> = fams
-        .iter()
-        .map(|(fam, _)| Peer::spawn(&format!("srv-{fam}"), None))
-        .collect();
-    let ports: Vec<u16> = servers
-        .iter_mut()
-        .zip(&fams)
-        .map(|(s, (_, addr))| s.run1(&format!("bind {}", sock(addr, 0))).parse().unwrap())
-        .collect();
+    let (mut servers, ports) = bound_servers(&fams, "srv");
 
     let tw = Tcpwatch::start("all", &["--ring-size", BIG_RING]);
     let bt = if Path::new(BPFTRACE).exists() {
@@ -440,16 +444,7 @@ fn keys(lines: &[Line]) -> Vec<Key> {
 fn filters_show_exactly_the_matching_subset() {
     require_live!();
     let fams = loopbacks();
-    // Servers bind now (no transition) and listen only once tracing runs.
-    let mut servers: Vec<Peer> = fams
-        .iter()
-        .map(|(fam, _)| Peer::spawn(&format!("filter-srv-{fam}"), None))
-        .collect();
-    let ports: Vec<u16> = servers
-        .iter_mut()
-        .zip(&fams)
-        .map(|(s, (_, addr))| s.run1(&format!("bind {}", sock(addr, 0))).parse().unwrap())
-        .collect();
+    let (mut servers, ports) = bound_servers(&fams, "filter-srv");
     let targets: Vec<SocketAddr> = fams
         .iter()
         .zip(&ports)

@@ -18,7 +18,7 @@ use tcpwatch::views::conns::ConnRecord;
 
 use super::peer::{Link, Peer};
 use super::summary::conns_summary;
-use super::{is_ready, parse_ts, tcpwatch_bin, Finished, Proc, Scratch};
+use super::{is_ready, parse_ts, read_json, tcpwatch_bin, Finished, Proc, Scratch};
 use super::{START_TIMEOUT, STOP_TIMEOUT};
 
 /// Longest the test waits for tcpwatch to print a connection it caused.
@@ -343,19 +343,11 @@ impl Deref for Conn {
 impl Conn {
     /// Parses a line, checking it has every field and no other.
     pub fn parse(line: &str) -> Conn {
-        let v: Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        let Value::Object(map) = v.clone() else {
-            panic!("not an object: {line}")
-        };
-        for f in CONN_FIELDS {
-            assert!(map.contains_key(f), "field {f} missing: {line}");
-        }
-        assert_eq!(map.len(), CONN_FIELDS.len(), "unexpected fields: {line}");
-        let rec = serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {line}"));
+        let (rec, v) = read_json(line, &CONN_FIELDS);
+        assert_eq!(v.len(), CONN_FIELDS.len(), "unexpected fields: {line}");
         Conn {
             line: line.to_string(),
-            v: map,
+            v,
             rec,
         }
     }

@@ -35,6 +35,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
 pub use proc::{Finished, Proc};
 
 /// What a binary built without `TCPWATCH_BPF_OBJECT` says when asked to trace.
@@ -156,6 +159,24 @@ pub fn tool(program: &str) -> Option<PathBuf> {
 /// Whether all these tools are installed; says why not ([`skip`]) otherwise.
 pub fn have(tools: &[&str]) -> bool {
     tools.iter().all(|t| tool(t).is_some())
+}
+
+// ---------------------------------------------------------------------------
+// JSON lines
+
+/// A JSON object line with every field in `fields`, read as `T` (an absent
+/// `Option` field would otherwise read as `None`); and the object itself.
+pub fn read_json<T: DeserializeOwned>(text: &str, fields: &[&str]) -> (T, Map<String, Value>) {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    let Value::Object(map) = &v else {
+        panic!("not an object: {text}")
+    };
+    for f in fields {
+        assert!(map.contains_key(*f), "field {f} missing: {text}");
+    }
+    let map = map.clone();
+    let t = serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {text}"));
+    (t, map)
 }
 
 // ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ use super::netns::{enter, Netns};
 use super::peer::{repeat, Peer, Pending};
 use super::sockets;
 use super::summary::timewait_summary;
-use super::{tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
+use super::{read_json, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
 /// The second octet of this run's addresses: from the test process's pid,
 /// so that two runs on one host keep apart; never 0, the host's own
@@ -275,21 +275,14 @@ impl Snap {
     /// Parses a line, checking every documented field is there (an absent
     /// `Option` field would otherwise read as `None`).
     pub fn parse(text: &str) -> Snap {
-        let v: serde_json::Value =
-            serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-        let obj = v
-            .as_object()
-            .unwrap_or_else(|| panic!("not an object: {text}"));
-        for f in SNAPSHOT_FIELDS {
-            assert!(obj.contains_key(f), "field {f} missing: {text}");
-        }
+        let (snapshot, obj) = read_json(text, &SNAPSHOT_FIELDS);
         for f in KERNEL_FIELDS {
             assert!(
                 obj["kernel"].get(f).is_some(),
                 "field kernel.{f} missing: {text}"
             );
         }
-        Snap(serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {text}")))
+        Snap(snapshot)
     }
 
     pub fn process(&self, pid: u32) -> Option<&Group> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::summary::{trace_summary, Lost, TraceSummary};
-use super::{own_netns, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
+use super::{own_netns, read_json, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT};
 
 /// The line `trace` prints on stderr once its probe is attached.
 pub const READY_LINE: &str = "tcpwatch: tracing TCP state transitions; Ctrl-C to stop";
@@ -61,15 +61,7 @@ pub const JSON_FIELDS: [&str; 17] = [
 
 impl Line {
     pub fn parse(text: &str) -> Line {
-        let v: serde_json::Value =
-            serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-        let obj = v
-            .as_object()
-            .unwrap_or_else(|| panic!("not an object: {text}"));
-        for f in JSON_FIELDS {
-            assert!(obj.contains_key(f), "field {f} missing: {text}");
-        }
-        serde_json::from_value(v).unwrap_or_else(|e| panic!("bad field ({e}): {text}"))
+        read_json(text, &JSON_FIELDS).0
     }
 
     pub fn has_port(&self, ports: &[u16]) -> bool {
