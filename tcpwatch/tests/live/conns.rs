@@ -2,7 +2,7 @@
 //! `replay` on the running kernel.
 //!
 //! Each test makes one kind of connection ending happen deterministically
-//! between two socket actors (the test binary re-executed, so each end has
+//! between two peers (the test binary re-executed, so each end has
 //! its own known pid and comm), on loopback or between two network
 //! namespaces the test creates, and checks the records tcpwatch printed for
 //! the test's own ports: who opened and closed, how (orderly with three or
@@ -12,7 +12,6 @@
 //! is checked against a tcpdump capture and the `ladder` picture;
 //! `replay` of a `record`ing made alongside is checked against the live
 //! output, also for a recording cut in the middle of a record.
-//!
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -721,7 +721,7 @@ fn assert_attributed_to_us(s: &Snap, lost: u64) {
 /// Whether the churn was as fast as the test is meant to be. Checked last,
 /// after the figures: a host too busy to reach the rate (other work on its
 /// CPUs) skips just this part, which fails instead under CI (see
-/// `common::skip`).
+/// `support::skip`).
 fn check_rate(r: &ChurnResult) {
     if r.rate() < MIN_CHURN_RATE {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
