@@ -420,10 +420,15 @@ pub fn short_time(ts: &str) -> &str {
     ts.get(11..19).unwrap_or(ts)
 }
 
-/// A group named by a placeholder rather than an endpoint or process:
-/// "other", "(before tracing)" and the like stay at the bottom.
-fn is_placeholder(key: &str) -> bool {
-    key == "other" || key.starts_with('(')
+/// The rest of the groups, summed: always the last row.
+fn is_rest(key: &str) -> bool {
+    key == "other"
+}
+
+/// Groups named in parentheses ("(before tracing)") come after the named
+/// ones when sorted by name.
+fn name_key(key: &str) -> (bool, &str) {
+    (key.starts_with('('), key)
 }
 
 /// A name ordered as an address where it is one (`ADDR:PORT`, `ADDR:*`).
@@ -472,7 +477,7 @@ pub fn destination_rows<'a>(s: &'a Snapshot, v: &ViewState) -> Vec<DestRow<'a>> 
     let rate = |r: &DestRow<'_>| r.ports.map_or(0.0, |d| d.rate_per_s);
     let runs_out = |r: &DestRow<'_>| r.ports.and_then(|d| d.exhaustion_s);
     rows.sort_by(|a, b| {
-        let placed = is_placeholder(a.name).cmp(&is_placeholder(b.name));
+        let placed = is_rest(a.name).cmp(&is_rest(b.name));
         let by = match v.sort {
             SortKey::TimeWait => b.timewait.cmp(&a.timewait),
             SortKey::Rate => rate(b).total_cmp(&rate(a)),
@@ -498,9 +503,9 @@ pub fn destination_rows<'a>(s: &'a Snapshot, v: &ViewState) -> Vec<DestRow<'a>> 
 pub fn process_rows<'a>(s: &'a Snapshot, v: &ViewState) -> Vec<&'a Group> {
     let mut rows: Vec<&Group> = s.by_process.iter().collect();
     rows.sort_by(|a, b| {
-        let placed = is_placeholder(&a.key).cmp(&is_placeholder(&b.key));
+        let placed = is_rest(&a.key).cmp(&is_rest(&b.key));
         let by = match v.sort {
-            SortKey::Name => a.key.cmp(&b.key),
+            SortKey::Name => name_key(&a.key).cmp(&name_key(&b.key)),
             _ => b.count.cmp(&a.count),
         };
         let by = if v.reverse { by.reverse() } else { by };
@@ -677,6 +682,7 @@ mod tests {
             rate_last_minute: 2.5,
             by_process: vec![
                 group("4242 client", 100, total),
+                group("(before tracing)", 60, total),
                 group("77 aserver", 50, total),
                 group("other", 10, total),
             ],
@@ -789,20 +795,27 @@ mod tests {
         let keys = |v: &ViewState| -> Vec<String> {
             process_rows(&s, v).iter().map(|g| g.key.clone()).collect()
         };
+        // Sockets from before tracing are counted like any group.
         assert_eq!(
             keys(&ViewState::default()),
-            ["4242 client", "77 aserver", "other"]
+            ["4242 client", "(before tracing)", "77 aserver", "other"]
         );
         let by_name = ViewState {
             sort: SortKey::Name,
             reverse: false,
         };
-        assert_eq!(keys(&by_name), ["4242 client", "77 aserver", "other"]);
+        assert_eq!(
+            keys(&by_name),
+            ["4242 client", "77 aserver", "(before tracing)", "other"]
+        );
         let by_name_rev = ViewState {
             sort: SortKey::Name,
             reverse: true,
         };
-        assert_eq!(keys(&by_name_rev), ["77 aserver", "4242 client", "other"]);
+        assert_eq!(
+            keys(&by_name_rev),
+            ["(before tracing)", "77 aserver", "4242 client", "other"]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod hardening;
 mod overload;
 mod prometheus;
 mod timewait;
+mod top;
 mod trace;
 
 /// Not a test: the peer program. When the test binary is re-executed with
