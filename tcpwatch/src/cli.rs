@@ -33,6 +33,8 @@ pub enum Command {
     Ladder(LadderArgs),
     /// Show who makes the host's TIME_WAIT sockets, toward where, and when ports run out.
     Timewait(TimewaitArgs),
+    /// A full-screen live view: connections per second, lost events, TIME_WAIT by destination and process.
+    Top(TopArgs),
     /// Write the raw event stream to a file, for `replay`.
     Record(RecordArgs),
     /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
@@ -131,6 +133,32 @@ pub struct TimewaitArgs {
     /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
     #[arg(long, value_name = "URL")]
     pub from: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TopArgs {
+    /// Which sockets to count (by address and port: `--pid` and `--comm`
+    /// cannot apply, as a connection is counted when it opens, before its
+    /// owner is known).
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Destinations and processes kept for the tables (as many as fit are shown).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = parse_positive_usize)]
+    pub top: usize,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
+    /// Format of the exit summary on stderr (the view is a screen).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -462,6 +490,9 @@ mod tests {
             &["timewait", "--interval", "0"],
             &["timewait", "--interval", "-1"],
             &["timewait", "--interval", "soon"],
+            &["top", "--interval", "0"],
+            &["top", "--top", "0"],
+            &["top", "--bogus"],
             &["nosuchcommand"],
         ] {
             let err = try_parse(args).expect_err(&format!("{args:?} should fail"));

@@ -12,10 +12,10 @@
 //!   (live or from a recording), the pipeline's front (decoding, lost
 //!   events, the sweep after losses), the live session, recording and
 //!   replay;
-//! - `views`: text, JSON and ladder output, exit summaries, and how
-//!   diagnostics look on stderr;
-//! - `commands`: the consumers (trace, conns/ladder, timewait, record) and
-//!   the one path that runs them; bench;
+//! - `views`: text, JSON and ladder output, the screen of `top`, exit
+//!   summaries, and how diagnostics look on stderr;
+//! - `commands`: the consumers (trace, conns/ladder, timewait, top, record)
+//!   and the one path that runs them; bench;
 //! - `daemon`: the always-on HTTP service (another consumer) and its
 //!   client.
 

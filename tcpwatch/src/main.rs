@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tcpwatch::cli::{self, BenchArgs, BenchWhat, Command, ProbeArgs, ReplayView, TimewaitArgs};
+use tcpwatch::cli::{
+    self, BenchArgs, BenchWhat, Command, ProbeArgs, ReplayView, TimewaitArgs, TopArgs,
+};
 use tcpwatch::commands::conns::{ConnsOptions, ConnsSink, View};
 use tcpwatch::commands::record::RecordSink;
 use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions};
@@ -83,6 +85,41 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
         Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker))
     })
     .await?;
+    Ok(())
+}
+
+/// `tcpwatch top`: the live view, tracing here or reading a daemon.
+async fn top(args: TopArgs) -> anyhow::Result<()> {
+    use tcpwatch::commands::top::{self, TopSink};
+    // Before anything is loaded: the view needs a terminal.
+    top::terminal::check()?;
+    let filter = args.filter.to_filter();
+    if filter.has_owner_filters() {
+        bail!("top filters by address and port only: a connection is counted when it opens, before its owner is known, so --pid and --comm cannot apply");
+    }
+    if let Some(url) = &args.from {
+        if !filter.is_empty() {
+            bail!(
+                "--from shows the daemon's figures as they are: filters cannot be applied to them"
+            );
+        }
+        let daemon = Daemon::parse(url)?;
+        let s = top::from::run(&daemon, args.interval, args.duration).await?;
+        ExitSummary::TopFrom(s).print(args.format);
+        return Ok(());
+    }
+    let opts = TrackerOptions {
+        filter,
+        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        top: args.top,
+        max_sockets: args.probe.max_sockets,
+    };
+    let source = live(
+        &args.probe,
+        args.duration,
+        "TCP connections for a live view",
+    );
+    commands::run(source, args.format, |ctx| Ok(TopSink::build(opts, ctx))).await?;
     Ok(())
 }
 
@@ -171,6 +208,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             conns(source, opts, a.format).await?;
         }
         Command::Timewait(a) => timewait(a).await?,
+        Command::Top(a) => top(a).await?,
         Command::Daemon(a) => tcpwatch::daemon::run(a).await?,
         Command::Record(a) => {
             let source = live(&a.probe, a.duration, "TCP events into a recording");
@@ -244,22 +282,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line: `what failed: why: why`. A cause
-/// the line already says is not said again (some errors, aya's among them,
-/// print their source themselves as well as returning it).
+/// The error and its causes on one line: `what failed: why: why`.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    log::one_line(e.as_ref())
 }
 
 #[cfg(test)]

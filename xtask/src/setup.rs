@@ -49,6 +49,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // deploy.rs checks the systemd unit and runs the daemon with its capabilities.
     ("systemd-analyze", "systemd"),
     ("setpriv", "util-linux"),
+    // tests/live/top.rs drives `tcpwatch top` in a terminal of a known size.
+    ("tmux", "tmux"),
 ];
 
 /// PyPI's Kubernetes manifest validator (it bundles the schemas, so it works

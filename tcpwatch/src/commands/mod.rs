@@ -7,6 +7,7 @@ pub mod bench;
 pub mod conns;
 pub mod record;
 pub mod timewait;
+pub mod top;
 pub mod trace;
 
 use std::path::PathBuf;

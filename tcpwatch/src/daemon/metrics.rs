@@ -14,7 +14,6 @@ use crate::kernel::probe::LostCounts;
 use crate::model::correlate::{Role, Timeline};
 use crate::model::decode::Record;
 use crate::model::timewait::Snapshot;
-use crate::model::TcpState;
 use crate::views::conns::close_name;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -258,10 +257,8 @@ impl Metrics {
                     to: t.new.name(),
                 })
                 .inc();
-            let direction = match (t.old, t.new) {
-                (TcpState::SynSent, TcpState::Established) => "active",
-                (TcpState::SynRecv, TcpState::Established) => "passive",
-                _ => continue,
+            let Some(direction) = t.opened() else {
+                continue;
             };
             self.opened
                 .get_or_create(&DirectionLabels { direction })

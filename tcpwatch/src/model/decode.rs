@@ -149,6 +149,19 @@ pub struct Transition {
     pub sock: SockFields,
 }
 
+impl Transition {
+    /// A connection opened: `active` for a connect() that was answered
+    /// (SYN_SENT → ESTABLISHED), `passive` for one accepted from a
+    /// listener (SYN_RECV → ESTABLISHED); `None` for any other change.
+    pub fn opened(&self) -> Option<&'static str> {
+        match (self.old, self.new) {
+            (TcpState::SynSent, TcpState::Established) => Some("active"),
+            (TcpState::SynRecv, TcpState::Established) => Some("passive"),
+            _ => None,
+        }
+    }
+}
+
 /// Something that happened to a socket besides a state change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SocketEventKind {
@@ -351,6 +364,20 @@ pub(crate) mod tests {
         assert_eq!(t.sock.srtt_us, Some(55));
         assert_eq!(t.sock.bytes_acked, None);
         assert_eq!(t.sock.segs_in, None);
+    }
+
+    #[test]
+    fn opened_is_an_answered_connect_or_an_accept() {
+        use TcpState::*;
+        let opened = |old, new| match interpret(&state_event(1, old, new, 1)) {
+            Ok(Record::State(t)) => t.opened(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(opened(SynSent, Established), Some("active"));
+        assert_eq!(opened(SynRecv, Established), Some("passive"));
+        assert_eq!(opened(Close, SynSent), None);
+        assert_eq!(opened(Established, FinWait1), None);
+        assert_eq!(opened(SynSent, Close), None, "a refused connect");
     }
 
     #[test]

@@ -72,6 +72,25 @@ pub fn init_daemon(format: LogFormat) {
     };
 }
 
+/// An error and its causes on one line: `what failed: why: why`. A cause
+/// the line already says is not said again (some errors, aya's among them,
+/// print their source themselves as well as returning it).
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// Collects what is logged, for tests.
 #[cfg(test)]
 pub mod capture {

@@ -1,13 +1,15 @@
 //! Writing what tcpwatch saw, for people (aligned text) and for programs
 //! (one JSON object per line): transitions here, connections in `conns`,
-//! the ladder picture in `ladder`, TIME_WAIT snapshots in `timewait`, exit
-//! summaries in `summary`, and diagnostics on stderr in `log`.
+//! the ladder picture in `ladder`, TIME_WAIT snapshots in `timewait`, the
+//! full-screen live view of `tcpwatch top` in `top`, exit summaries in
+//! `summary`, and diagnostics on stderr in `log`.
 
 pub mod conns;
 pub mod ladder;
 pub mod log;
 pub mod summary;
 pub mod timewait;
+pub mod top;
 
 use std::fmt::Write as _;
 

@@ -111,6 +111,24 @@ pub struct WatchSummary {
     pub daemon: String,
 }
 
+/// `top`: each refresh is one TIME_WAIT snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopSummary {
+    pub refreshes: u64,
+    pub stream: Stream,
+    pub tracking: Tracking,
+}
+
+/// `top --from`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopFromSummary {
+    pub refreshes: u64,
+    /// Finished connections the daemon no longer held when asked (their
+    /// failure reasons are missing from the view).
+    pub missed: u64,
+    pub daemon: String,
+}
+
 /// `daemon` (logged as the fields of its last log line).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonSummary {
@@ -130,6 +148,8 @@ pub enum ExitSummary {
     Record(RecordSummary),
     ConnsFrom(FollowSummary),
     TimewaitFrom(WatchSummary),
+    Top(TopSummary),
+    TopFrom(TopFromSummary),
     Daemon(DaemonSummary),
 }
 
@@ -164,7 +184,10 @@ impl ExitSummary {
             ExitSummary::Timewait(s) => Some(&s.stream),
             ExitSummary::Record(s) => Some(&s.stream),
             ExitSummary::Daemon(s) => Some(&s.stream),
-            ExitSummary::ConnsFrom(_) | ExitSummary::TimewaitFrom(_) => None,
+            ExitSummary::Top(s) => Some(&s.stream),
+            ExitSummary::ConnsFrom(_) | ExitSummary::TimewaitFrom(_) | ExitSummary::TopFrom(_) => {
+                None
+            }
         }
     }
 
@@ -175,6 +198,7 @@ impl ExitSummary {
             ExitSummary::Conns(s) => Some(&s.tracking),
             ExitSummary::Timewait(s) => Some(&s.tracking),
             ExitSummary::Daemon(s) => Some(&s.tracking),
+            ExitSummary::Top(s) => Some(&s.tracking),
             _ => None,
         }
     }
@@ -228,6 +252,19 @@ impl ExitSummary {
             }
             ExitSummary::TimewaitFrom(s) => {
                 let _ = writeln!(out, "tcpwatch: {} snapshots from {}", s.snapshots, s.daemon);
+            }
+            ExitSummary::Top(s) => {
+                let _ = writeln!(out, "tcpwatch: top: {} refreshes", s.refreshes);
+                stream_line(&mut out, &s.stream);
+                tracking_line(&mut out, &s.tracking);
+            }
+            ExitSummary::TopFrom(s) => {
+                let _ = writeln!(
+                    out,
+                    "tcpwatch: top: {} refreshes from {}, {} finished connections no longer \
+                     held by the daemon when asked",
+                    s.refreshes, s.daemon, s.missed
+                );
             }
             ExitSummary::Daemon(s) => {
                 let _ = writeln!(

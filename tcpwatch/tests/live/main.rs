@@ -18,6 +18,7 @@ mod hardening;
 mod overload;
 mod prometheus;
 mod timewait;
+mod top;
 mod trace;
 
 /// Not a test of tcpwatch: the peer. When the test binary is re-executed
