@@ -21,10 +21,10 @@
 //! `TCPWATCH_BPF_OBJECT=<object> cargo test -p tcpwatch --test live -- --test-threads=1 top::`.
 
 use crate::support as common;
-use crate::support::conns::run_ok;
-use crate::support::timewait::{
-    client_ip, connect_from, make_timewaits, our_net, server_ip, Netns,
-};
+use crate::support::netns::Netns;
+use crate::support::run_ok;
+use crate::support::sockets::connect_from;
+use crate::support::timewait::{client_ip, make_timewaits, our_net, server_ip};
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -82,7 +82,7 @@ impl Tmux {
         // -u: UTF-8 whatever the locale, for the view's arrows and ellipses.
         let mut all = vec!["-u", "-L", &self.socket];
         all.extend_from_slice(args);
-        run_ok("tmux", &all)
+        run_ok(std::process::Command::new("tmux").args(&all))
     }
 
     /// Types a line into the shell.
@@ -305,8 +305,12 @@ fn refuse(ns: &Netns, port: u16, n: u16, base: u16) {
     ns.in_ns(|| {
         for i in 0..n {
             let src = SocketAddrV4::new(client_ip(), base + i);
-            let e = connect_from(src, SocketAddrV4::new(server_ip(), port), false)
-                .expect_err("nothing listens there");
+            let e = connect_from(
+                src.into(),
+                SocketAddrV4::new(server_ip(), port).into(),
+                false,
+            )
+            .expect_err("nothing listens there");
             assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         }
     });
