@@ -42,23 +42,22 @@ mod tests {
 
     #[test]
     fn advance_says_what_was_added() {
-        let mut seen = LostCounts::default();
-        let line = seen.advance(LostCounts {
+        let before = LostCounts {
             ring_full: 5,
             skipped: 2,
-        });
-        assert!(
-            line.starts_with("tcpwatch: LOST 7 events (7 in all: 5 "),
-            "{line}"
-        );
-        let line = seen.advance(LostCounts {
+        };
+        let now = LostCounts {
             ring_full: 6,
             skipped: 4,
-        });
+        };
+        let mut seen = before;
+        let line = seen.advance(now);
+        assert_eq!(seen, now);
         assert!(
-            line.starts_with("tcpwatch: LOST 3 events (10 in all: 6 "),
+            line.starts_with("LOST 3 events (10 in all: 6 with the ring buffer full"),
             "{line}"
         );
-        assert_eq!(seen.total(), 10);
+        assert!(line.contains("; 4 skipped by the kernel"), "{line}");
+        assert_eq!(now.total(), 10);
     }
 }
