@@ -5,6 +5,11 @@
 //! Field offsets are not compiled in: userspace reads the tracepoint layouts
 //! from tracefs and the socket layouts from the kernel's BTF and hands them
 //! over in [`CONFIG`] before loading.
+//!
+//! Diagnostics go through aya-log, only off the hot path (a socket field
+//! that could not be read), and only with `--kernel-log`: userspace leaves
+//! aya-log's level at 0 otherwise, a constant the verifier sees, so the
+//! logging code is pruned at load.
 #![no_std]
 #![no_main]
 
@@ -17,8 +22,9 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{PerCpuArray, RingBuf},
     programs::TracePointContext,
-    Global,
+    EbpfContext, Global,
 };
+use aya_log_ebpf::warn;
 use tcpwatch_common::{
     kind, valid, Config, Event, SetStateRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT,
     NO_FIELD, OFFSET_UNKNOWN,
@@ -125,8 +131,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let (old, new) = (ev.oldstate, ev.newstate);
     fill_task(&mut ev, owner_transition(old, new));
-    fill_socket(&mut ev, &cfg, reads_for(old, new));
+    let failed = fill_socket(&mut ev, &cfg, reads_for(old, new));
     emit(&ev, &cfg);
+    report_failed_read(ctx, ev.skaddr, failed);
     Ok(())
 }
 
@@ -190,8 +197,9 @@ fn try_socket_event(
     ev.kind = event_kind;
     ev.skaddr = skaddr;
     fill_task(&mut ev, false);
-    fill_socket(&mut ev, cfg, 0);
+    let failed = fill_socket(&mut ev, cfg, 0);
     emit(&ev, cfg);
+    report_failed_read(ctx, skaddr, failed);
     Ok(())
 }
 
@@ -213,67 +221,97 @@ fn fill_task(ev: &mut Event, owner: bool) {
     }
 }
 
+/// The offset of the last socket read that failed in one event (said with
+/// `--kernel-log`); [`OFFSET_UNKNOWN`] when none did.
+#[derive(Clone, Copy)]
+struct FailedRead {
+    offset: u32,
+}
+
 /// Reads one field of the socket at an offset from BTF; `None` (and the
-/// field left unread) when BTF had no such field.
+/// field left unread) when BTF had no such field, or the read failed
+/// (counted in `failed`).
 #[inline(always)]
-fn read_field<T>(sk: u64, offset: u32) -> Option<T> {
+fn read_field<T>(sk: u64, offset: u32, failed: &mut FailedRead) -> Option<T> {
     if offset == OFFSET_UNKNOWN {
         return None;
     }
-    unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T).ok() }
+    match unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            failed.offset = offset;
+            None
+        }
+    }
 }
 
-fn fill_socket(ev: &mut Event, cfg: &Config, reads: u16) {
+/// Says that a socket read failed: a call of its own, made once the event
+/// is written (so the verifier meets it in few states), whose code it
+/// prunes unless `--kernel-log` set aya-log's level.
+#[inline(never)]
+fn report_failed_read<C: EbpfContext>(ctx: &C, sk: u64, failed: FailedRead) {
+    if failed.offset != OFFSET_UNKNOWN {
+        warn!(
+            ctx,
+            "socket {:x}: reading its field at offset {} failed", sk, failed.offset
+        );
+    }
+}
+
+fn fill_socket(ev: &mut Event, cfg: &Config, reads: u16) -> FailedRead {
     let sk = ev.skaddr;
+    let mut failed = FailedRead {
+        offset: OFFSET_UNKNOWN,
+    };
     let off = &cfg.sock;
     if reads & read::FINAL != 0 {
-        if let Some(v) = read_field::<u8>(sk, off.sk_shutdown) {
+        if let Some(v) = read_field::<u8>(sk, off.sk_shutdown, &mut failed) {
             ev.sk_shutdown = v;
             ev.valid |= valid::SHUTDOWN;
         }
-        if let Some(v) = read_field::<i32>(sk, off.sk_err) {
+        if let Some(v) = read_field::<i32>(sk, off.sk_err, &mut failed) {
             ev.sk_err = v;
             ev.valid |= valid::SK_ERR;
         }
-        if let Some(v) = read_field::<u64>(sk, off.bytes_acked) {
+        if let Some(v) = read_field::<u64>(sk, off.bytes_acked, &mut failed) {
             ev.bytes_acked = v;
             ev.valid |= valid::BYTES_ACKED;
         }
-        if let Some(v) = read_field::<u64>(sk, off.bytes_received) {
+        if let Some(v) = read_field::<u64>(sk, off.bytes_received, &mut failed) {
             ev.bytes_received = v;
             ev.valid |= valid::BYTES_RECEIVED;
         }
-        if let Some(v) = read_field::<u32>(sk, off.total_retrans) {
+        if let Some(v) = read_field::<u32>(sk, off.total_retrans, &mut failed) {
             ev.total_retrans = v;
             ev.valid |= valid::TOTAL_RETRANS;
         }
     }
     if reads & (read::FINAL | read::SRTT) != 0 {
-        if let Some(v) = read_field::<u32>(sk, off.srtt_us) {
+        if let Some(v) = read_field::<u32>(sk, off.srtt_us, &mut failed) {
             ev.srtt_us = v >> 3;
             ev.valid |= valid::SRTT;
         }
     }
     if reads & read::SEGS_IN != 0 {
-        if let Some(v) = read_field::<u32>(sk, off.segs_in) {
+        if let Some(v) = read_field::<u32>(sk, off.segs_in, &mut failed) {
             ev.segs_in = v;
             ev.valid |= valid::SEGS_IN;
         }
     }
     if reads & read::SEGS_OUT != 0 {
-        if let Some(v) = read_field::<u32>(sk, off.segs_out) {
+        if let Some(v) = read_field::<u32>(sk, off.segs_out, &mut failed) {
             ev.segs_out = v;
             ev.valid |= valid::SEGS_OUT;
         }
     }
     if reads & read::RCV_NXT != 0 {
-        if let Some(v) = read_field::<u32>(sk, off.rcv_nxt) {
+        if let Some(v) = read_field::<u32>(sk, off.rcv_nxt, &mut failed) {
             ev.rcv_nxt = v;
             ev.valid |= valid::RCV_NXT;
         }
     }
     if reads & read::ACK_PENDING != 0 {
-        if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending) {
+        if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending, &mut failed) {
             ev.ack_pending = v;
             ev.valid |= valid::ACK_PENDING;
         }
@@ -281,15 +319,16 @@ fn fill_socket(ev: &mut Event, cfg: &Config, reads: u16) {
     // The namespace on every event: it tells sockets of different
     // namespaces apart, and matches sockets older than the trace.
     if off.net_ns_inum != OFFSET_UNKNOWN {
-        if let Some(net) = read_field::<u64>(sk, off.skc_net) {
+        if let Some(net) = read_field::<u64>(sk, off.skc_net, &mut failed) {
             if net != 0 {
-                if let Some(inum) = read_field::<u32>(net, off.net_ns_inum) {
+                if let Some(inum) = read_field::<u32>(net, off.net_ns_inum, &mut failed) {
                     ev.netns = inum;
                     ev.valid |= valid::NETNS;
                 }
             }
         }
     }
+    failed
 }
 
 /// Writes the record, waking the reader only once a batch has built up:

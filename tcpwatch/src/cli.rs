@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::kernel::probe;
-use crate::model::filter::{Cidr, Filter};
+use crate::model::filter::{Cidr, CidrError, Filter};
 use crate::model::Family;
 pub use crate::views::log::LogFormat;
 use crate::views::Format;
@@ -240,6 +240,7 @@ impl ProbeArgs {
             ring_size: self.ring_size,
             wakeup_bytes: u64::from(self.ring_size / 8),
             btf_path: self.btf.clone(),
+            kernel_log: self.kernel_log,
         }
     }
 }
@@ -317,6 +318,9 @@ pub struct ProbeArgs {
     /// Most sockets tracked at once; the oldest is evicted (and counted) beyond it.
     #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
     pub max_sockets: usize,
+    /// Say the kernel program's own diagnostics (e.g. a socket field it could not read).
+    #[arg(long)]
+    pub kernel_log: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -348,11 +352,11 @@ pub enum ArgError {
     #[error("'{0}' must be a number of seconds greater than 0")]
     NotSeconds(String),
     /// What the address parser says is wrong.
-    #[error("{0}")]
-    Cidr(String),
+    #[error(transparent)]
+    Cidr(CidrError),
     /// What the ring size check says is wrong.
-    #[error("{0}")]
-    RingSize(String),
+    #[error(transparent)]
+    RingSize(probe::SizeError),
 }
 
 fn parse_port(s: &str) -> Result<u16, ArgError> {

@@ -7,10 +7,10 @@ use std::io::{self, Write};
 
 use crate::host::kernelstat::{KernelFigures, Sysctls};
 use crate::host::sockdiag::{self, SockDiagError};
-use crate::kernel::probe::LostCounts;
 use crate::model::correlate::{Correlator, Timeline, TimewaitSubstate};
 use crate::model::decode::Record;
 use crate::model::filter::Filter;
+use crate::model::lost::LostCounts;
 use crate::model::sweep::SweepTable;
 use crate::model::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook, TimewaitOptions};
 use crate::model::TcpState;
@@ -123,8 +123,9 @@ impl TimewaitTracker {
             Ok(list) if tracker.filter.has_owner_filters() => drop(list),
             Ok(list) => tracker.book.seed_before_tracing(&list, now_ns),
             Err(e) => {
+                let e = anyhow::Error::from(e);
                 tracing::warn!(
-                    "cannot list existing timewait sockets ({e}); counting only those made from now on"
+                    "cannot list existing timewait sockets ({e:#}); counting only those made from now on"
                 );
                 tracker.kernel_unreadable = true;
             }
@@ -168,7 +169,8 @@ impl TimewaitTracker {
                     .book
                     .reconcile(&list, now_ns, recent_ms, count_unmatched),
                 Err(e) => {
-                    tracing::warn!("cannot list timewait sockets: {e}");
+                    let e = anyhow::Error::from(e);
+                    tracing::warn!("cannot list timewait sockets: {e:#}");
                     self.kernel_unreadable = true;
                 }
             }

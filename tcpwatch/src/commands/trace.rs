@@ -199,7 +199,7 @@ mod tests {
             snapshot: None,
             ..Context::recorded(
                 &header,
-                crate::host::procfs::SocketSnapshot::from_entries(Vec::new()),
+                crate::model::snapshot::SocketSnapshot::from_entries(Vec::new()),
             )
         }
     }
@@ -288,7 +288,7 @@ mod tests {
         let totals = Totals {
             events: 3,
             stale: 1,
-            lost: crate::kernel::probe::LostCounts {
+            lost: crate::model::lost::LostCounts {
                 ring_full: 3,
                 skipped: 0,
             },

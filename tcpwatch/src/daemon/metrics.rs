@@ -10,9 +10,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::kernel::probe::LostCounts;
 use crate::model::correlate::{Role, Timeline};
 use crate::model::decode::Record;
+use crate::model::lost::LostCounts;
 use crate::model::timewait::Snapshot;
 use crate::views::conns::close_name;
 

@@ -39,7 +39,7 @@ pub const SYSCTL_IPV4_DIR: &str = "/proc/sys/net/ipv4";
 #[derive(Debug, thiserror::Error)]
 pub enum KernelStatError {
     /// A file could not be read (missing, or no permission).
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -426,18 +426,5 @@ mod tests {
         assert!(matches!(err, KernelStatError::Malformed { .. }), "{err:?}");
         assert!(text.contains("ip_local_port_range"), "{text}");
         assert!(text.contains("60999 32768"), "{text}");
-    }
-
-    #[test]
-    fn live_figures_and_sysctls_read() {
-        // Every Linux with TCP has these files; nothing here needs root.
-        let figures = KernelFigures::read();
-        assert!(figures.sockstat_tw.is_some(), "{figures:?}");
-        assert!(figures.tw_overflow.is_some(), "{figures:?}");
-        let s = Sysctls::read().unwrap();
-        assert!(s.port_range.0 <= s.port_range.1);
-        assert!(s.tw_reuse <= 2, "{s:?}");
-        assert!(s.timestamps <= 2, "{s:?}");
-        assert!(s.fin_timeout_s > 0, "{s:?}");
     }
 }

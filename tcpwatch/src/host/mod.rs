@@ -1,4 +1,7 @@
-//! Facts about the host every live command starts from.
+//! Facts about the host every live command starts from: /proc (owners of
+//! sockets older than the trace), sock_diag (the kernel's own socket
+//! lists), the kernel's TIME_WAIT figures and sysctls, and the clock.
+//! Each reader hands the pure `model` its plain data types.
 
 pub mod clock;
 pub mod kernelstat;
@@ -6,6 +9,7 @@ pub mod procfs;
 pub mod sockdiag;
 
 use crate::model::correlate::CorrelatorOptions;
+use crate::model::sweep::{KernelSockets, ListError, Sweeper};
 
 /// The inode of tcpwatch's own network namespace.
 pub fn own_netns() -> Option<u32> {
@@ -29,4 +33,19 @@ pub fn correlator_options(max_sockets: usize, fin_timeout_s: u32) -> CorrelatorO
         fin_timeout_ns: u64::from(fin_timeout_s) * 1_000_000_000,
         ..CorrelatorOptions::default()
     }
+}
+
+/// The full sockets the kernel has in the calling thread's network
+/// namespace, for the sweep.
+pub fn kernel_sockets() -> Result<KernelSockets, ListError> {
+    let sockets = sockdiag::dump_full_sockets().map_err(|e| ListError(Box::new(e)))?;
+    Ok(KernelSockets::from_endpoints(
+        sockets.into_iter().map(|s| (s.local, s.remote)),
+    ))
+}
+
+/// A sweeper of this host: it lists sockets through sock_diag and reads
+/// CLOCK_MONOTONIC, the events' clock.
+pub fn sweeper() -> Sweeper {
+    Sweeper::with(kernel_sockets, clock::monotonic_ns)
 }

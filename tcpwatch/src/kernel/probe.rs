@@ -5,13 +5,16 @@
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
-use aya::{Ebpf, EbpfLoader};
+use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::{ProgramError, TracePoint};
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use tcpwatch_common::{Config, LOST_SLOT};
 
-use crate::kernel::btf::{self, Btf};
+use crate::kernel::btf::{self, Btf, BtfError};
+use crate::kernel::diagnostics::{self, KernelLog};
 use crate::kernel::tracefs::{self, Format};
+use crate::model::lost::LostCounts;
 
 /// The object `cargo xtask build` compiled; empty when built without it.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwatch.bpf.o"));
@@ -25,20 +28,49 @@ pub enum ProbeError {
     NotRoot,
     #[error("kernel BTF is missing: {path} does not exist (tcpwatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     NoBtf { path: PathBuf },
-    #[error("kernel BTF at {path} is unusable: {reason}")]
-    BadBtf { path: PathBuf, reason: String },
+    #[error("kernel BTF at {path} is unusable")]
+    BadBtf {
+        path: PathBuf,
+        #[source]
+        source: BtfError,
+    },
     #[error("kernel {release} has no BPF ring buffer (tcpwatch needs Linux 5.8 or later)")]
-    NoRingBuffer { release: String },
+    NoRingBuffer { release: KernelVersion },
     #[error("this binary was built without its eBPF object; build it with `cargo xtask build` or run it with `cargo xtask run -- ...`")]
     NoObject,
-    #[error("{0}")]
+    #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
     #[error("running in a user namespace (uid_map `{uid_map}`): the capabilities it grants do not let it load eBPF programs; run tcpwatch in the host's user namespace")]
     UserNamespace { uid_map: String },
-    #[error("loading the eBPF object failed: {0}")]
-    Load(String),
-    #[error("attaching to tracepoint {tracepoint} failed: {reason}")]
-    Attach { tracepoint: String, reason: String },
+    #[error("loading the eBPF object failed")]
+    Load(#[source] EbpfError),
+    #[error("the eBPF object has no program `{program}`")]
+    MissingProgram { program: &'static str },
+    #[error("attaching to tracepoint {tracepoint} failed")]
+    Attach {
+        tracepoint: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no map `{name}` (or it was already taken)")]
+    MissingMap { name: &'static str },
+    #[error("cannot read the eBPF program's log (--kernel-log)")]
+    KernelLog(#[source] aya_log::Error),
+    #[error("the eBPF object's map `{name}` is not what tcpwatch reads")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// A ring size the user gave that cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("'{text}' is not a size (e.g. 4096, 256K, 16M)")]
+    NotASize { text: String },
+    #[error("ring size {bytes} must be a power of two between 4096 and 1073741824 bytes")]
+    BadRingSize { bytes: u64 },
 }
 
 /// What the user can tune.
@@ -49,6 +81,8 @@ pub struct ProbeOptions {
     /// Wake the reader once this many bytes are waiting (0: every record).
     pub wakeup_bytes: u64,
     pub btf_path: PathBuf,
+    /// Say the program's own diagnostics (aya-log); off by default.
+    pub kernel_log: bool,
 }
 
 impl Default for ProbeOptions {
@@ -57,23 +91,22 @@ impl Default for ProbeOptions {
             ring_size: DEFAULT_RING_SIZE,
             wakeup_bytes: u64::from(DEFAULT_RING_SIZE / 8),
             btf_path: PathBuf::from(DEFAULT_BTF),
+            kernel_log: false,
         }
     }
 }
 
 /// Checks a ring size the user gave: a power of two of at least one page.
-pub fn check_ring_size(bytes: u64) -> Result<u32, String> {
+pub fn check_ring_size(bytes: u64) -> Result<u32, SizeError> {
     let page = 4096;
     if bytes < page || !bytes.is_power_of_two() || bytes > (1 << 30) {
-        return Err(format!(
-            "ring size {bytes} must be a power of two between 4096 and 1073741824 bytes"
-        ));
+        return Err(SizeError::BadRingSize { bytes });
     }
     Ok(bytes as u32)
 }
 
 /// Parses `16M`, `256K`, `1G` or plain bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let (num, mult) = match t.char_indices().last() {
         Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
@@ -84,7 +117,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("'{text}' is not a size (e.g. 4096, 256K, 16M)"))
+        .ok_or_else(|| SizeError::NotASize {
+            text: text.to_string(),
+        })
 }
 
 /// A loaded, attached probe. Dropping it detaches everything.
@@ -94,6 +129,7 @@ pub struct Probe {
     /// fields): said once at start.
     pub degraded: Vec<String>,
     pub mounted_tracefs: bool,
+    kernel_log: Option<KernelLog>,
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -136,19 +172,11 @@ fn foreign_uid_map(text: &str) -> Option<String> {
     (!map.is_empty() && map != "0 0 4294967295").then_some(map)
 }
 
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
+/// The first kernel with the BPF ring buffer.
+const RING_BUFFER_SINCE: KernelVersion = KernelVersion::new(5, 8, 0);
 
-fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (ma, mi) >= (major, minor)
+fn has_ring_buffer(release: KernelVersion) -> bool {
+    release >= RING_BUFFER_SINCE
 }
 
 /// Checks the host before touching anything, so each missing piece gets
@@ -168,9 +196,11 @@ pub fn preflight(opts: &ProbeOptions) -> Result<(), ProbeError> {
             path: opts.btf_path.clone(),
         });
     }
-    let release = kernel_release();
-    if !release.is_empty() && !release_at_least(&release, 5, 8) {
-        return Err(ProbeError::NoRingBuffer { release });
+    // A release that cannot be read is let through: loading will say more.
+    if let Ok(release) = KernelVersion::current() {
+        if !has_ring_buffer(release) {
+            return Err(ProbeError::NoRingBuffer { release });
+        }
     }
     Ok(())
 }
@@ -185,23 +215,6 @@ fn raise_memlock() {
     };
     // SAFETY: rlim is a valid rlimit.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
-}
-
-/// An error and its causes on one line. A cause whose text the line
-/// already ends with is not repeated (aya's errors often print their
-/// source themselves).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let text = cause.to_string();
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        src = cause.source();
-    }
-    s
 }
 
 /// Builds the program's configuration from tracefs and BTF.
@@ -264,57 +277,71 @@ impl Probe {
     fn load_programs(opts: &ProbeOptions, programs: &[&str]) -> Result<Probe, ProbeError> {
         preflight(opts)?;
         let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
-        let btf = Btf::from_file(&opts.btf_path).map_err(|e| ProbeError::BadBtf {
+        let btf = Btf::from_file(&opts.btf_path).map_err(|source| ProbeError::BadBtf {
             path: opts.btf_path.clone(),
-            reason: e.to_string(),
+            source,
         })?;
         let (config, degraded) = build_config(&tracefs_root, &btf, opts.wakeup_bytes)?;
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .override_global(aya_log::LEVEL, &diagnostics::level(opts.kernel_log), true)
             .map_max_entries("EVENTS", opts.ring_size)
             .load(BPF_OBJECT)
-            .map_err(|e| ProbeError::Load(chain(&e)))?;
+            .map_err(ProbeError::Load)?;
         for (program, category, name) in TRACEPOINTS {
             if !programs.contains(&program) {
                 continue;
             }
-            let tracepoint = format!("{category}:{name}");
-            let attach_err = |reason: String| ProbeError::Attach {
-                tracepoint: tracepoint.clone(),
-                reason,
+            let attach_err = |source| ProbeError::Attach {
+                tracepoint: format!("{category}:{name}"),
+                source,
             };
             let prog: &mut TracePoint = ebpf
                 .program_mut(program)
-                .ok_or_else(|| attach_err("program missing from the eBPF object".into()))?
+                .ok_or(ProbeError::MissingProgram { program })?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
-            prog.load().map_err(|e| attach_err(chain(&e)))?;
-            prog.attach(category, name)
-                .map_err(|e| attach_err(chain(&e)))?;
+                .map_err(attach_err)?;
+            prog.load().map_err(attach_err)?;
+            prog.attach(category, name).map_err(attach_err)?;
         }
+        let kernel_log = match opts.kernel_log {
+            true => Some(KernelLog::take(&mut ebpf).map_err(ProbeError::KernelLog)?),
+            false => None,
+        };
         Ok(Probe {
             ebpf,
             degraded,
             mounted_tracefs,
+            kernel_log,
         })
+    }
+
+    /// The program's log records when `--kernel-log` asked for them; can be
+    /// taken once.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// The ring buffer of events; can be taken once.
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| {
-            ProbeError::Load("EVENTS ring buffer missing or already taken".into())
-        })?;
-        RingBuf::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))
+        let name = "EVENTS";
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap { name })?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name, source })
     }
 
     /// The per-CPU count of records the ring buffer had no room for.
     pub fn take_lost_counter(&mut self) -> Result<LostCounter, ProbeError> {
+        let name = "LOST";
         let map = self
             .ebpf
-            .take_map("LOST")
-            .ok_or_else(|| ProbeError::Load("LOST counter missing or already taken".into()))?;
-        let array = PerCpuArray::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap { name })?;
+        let array =
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
         // The kernel skips a tracepoint program that fires while another
         // BPF program runs on the same CPU (a softirq landing inside one)
         // and counts it per program: those events are lost too.
@@ -345,40 +372,6 @@ impl Probe {
 pub struct LostCounter {
     array: PerCpuArray<MapData, u64>,
     programs: Vec<std::os::fd::OwnedFd>,
-}
-
-/// Events lost since load, by cause.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LostCounts {
-    /// The ring buffer had no room (a larger `--ring-size` helps).
-    pub ring_full: u64,
-    /// The kernel did not run the program: another BPF program was running
-    /// on that CPU (`recursion_misses`).
-    pub skipped: u64,
-}
-
-impl LostCounts {
-    pub fn total(&self) -> u64 {
-        self.ring_full + self.skipped
-    }
-
-    /// Takes the kernel's latest counts and returns the line to say about
-    /// what they add.
-    pub fn advance(&mut self, latest: LostCounts) -> String {
-        let before = std::mem::replace(self, latest);
-        latest.warning(&before)
-    }
-
-    /// The line said when the counts grow from `before`.
-    pub fn warning(&self, before: &LostCounts) -> String {
-        format!(
-            "LOST {} events ({} in all: {} with the ring buffer full - raise --ring-size; {} skipped by the kernel while another BPF program ran on the CPU)",
-            self.total().saturating_sub(before.total()),
-            self.total(),
-            self.ring_full,
-            self.skipped
-        )
-    }
 }
 
 /// `bpf_prog_info.recursion_misses` of one program (0 when the kernel does
@@ -466,30 +459,6 @@ mod tests {
     }
 
     #[test]
-    fn error_chain_does_not_repeat_a_cause() {
-        #[derive(Debug)]
-        struct E(String, Option<Box<E>>);
-        impl std::fmt::Display for E {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl std::error::Error for E {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                self.1.as_deref().map(|e| e as _)
-            }
-        }
-        let io = E("Operation not permitted (os error 1)".into(), None);
-        let map = E("failed to create map `LOST`".into(), Some(Box::new(io)));
-        // aya prints its source inside its own message, as here.
-        let top = E(format!("map error: {map}"), Some(Box::new(map)));
-        assert_eq!(
-            chain(&top),
-            "map error: failed to create map `LOST`: Operation not permitted (os error 1)"
-        );
-    }
-
-    #[test]
     fn sizes_parse_with_suffixes() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("256K"), Ok(256 * 1024));
@@ -512,11 +481,13 @@ mod tests {
     }
 
     #[test]
-    fn kernel_release_comparison() {
-        assert!(release_at_least("6.18.44-fc-v669", 5, 8));
-        assert!(release_at_least("5.8.0", 5, 8));
-        assert!(!release_at_least("5.4.0-150-generic", 5, 8));
-        assert!(!release_at_least("4.19", 5, 8));
+    fn ring_buffer_since_5_8() {
+        assert!(has_ring_buffer(KernelVersion::new(6, 18, 44)));
+        assert!(has_ring_buffer(KernelVersion::new(5, 8, 0)));
+        assert!(has_ring_buffer(KernelVersion::new(5, 10, 0)));
+        assert!(!has_ring_buffer(KernelVersion::new(5, 7, 255)));
+        assert!(!has_ring_buffer(KernelVersion::new(5, 4, 0)));
+        assert!(!has_ring_buffer(KernelVersion::new(4, 19, 300)));
     }
 
     #[test]

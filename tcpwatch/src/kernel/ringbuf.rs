@@ -2,7 +2,8 @@
 //! has built up (see the eBPF side), so the reader also drains on a short
 //! timer; each drain empties the buffer and sends one owned batch on.
 //! Lost-event totals travel in the same channel, so they are reported in
-//! order with the events around them.
+//! order with the events around them. The program's own log records
+//! (`--kernel-log`) are said on the same timer.
 
 use std::time::Duration;
 
@@ -12,8 +13,10 @@ use tokio::sync::{mpsc, watch};
 
 use tcpwatch_common::Event;
 
-use crate::kernel::probe::{LostCounter, LostCounts};
+use crate::kernel::diagnostics::KernelLog;
+use crate::kernel::probe::LostCounter;
 use crate::model::decode::{decode_raw, DecodeError};
+use crate::model::lost::LostCounts;
 
 /// What the reader hands the stages after it.
 #[derive(Debug)]
@@ -145,6 +148,7 @@ async fn drain(
 pub async fn run_reader(
     ring: RingBuf<MapData>,
     lost: LostCounter,
+    mut kernel_log: Option<KernelLog>,
     tx: mpsc::Sender<Feed>,
     mut stop: watch::Receiver<bool>,
     opts: ReaderOptions,
@@ -170,6 +174,9 @@ pub async fn run_reader(
                 false
             }
             _ = poll.tick() => {
+                if let Some(log) = &mut kernel_log {
+                    log.flush();
+                }
                 if !drain(fd.get_mut(), &mut settled, true, &tx).await {
                     return Ok(());
                 }
@@ -186,6 +193,9 @@ pub async fn run_reader(
             }
         }
         if stopping {
+            if let Some(log) = &mut kernel_log {
+                log.flush();
+            }
             drain(fd.get_mut(), &mut settled, true, &tx).await;
             let counts = lost.counts();
             if counts.total() > lost_seen.total() {

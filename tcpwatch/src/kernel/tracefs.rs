@@ -13,12 +13,20 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
-    #[error("tracefs is not mounted and mounting it failed ({0}); run: mount -t tracefs nodev /sys/kernel/tracing")]
-    Mount(io::Error),
-    #[error("cannot read tracefs at {}: {source}; tcpwatch needs root, or CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON", path.display())]
-    Denied { path: PathBuf, source: io::Error },
-    #[error("cannot read tracepoint format {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("tracefs is not mounted and mounting it failed; run: mount -t tracefs nodev /sys/kernel/tracing")]
+    Mount(#[source] io::Error),
+    #[error("cannot read tracefs at {} (tcpwatch needs root, or CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON)", path.display())]
+    Denied {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read tracepoint format {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
     MissingField { tracepoint: String, field: String },
     #[error("tracepoint {tracepoint}: field `{field}` has offset {offset}, beyond what tcpwatch can address")]

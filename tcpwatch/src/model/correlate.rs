@@ -8,9 +8,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::host::procfs::SocketSnapshot;
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
+use crate::model::snapshot::SocketSnapshot;
 use crate::model::Owner;
 use crate::model::{Endpoint, Family, TcpState};
 use std::sync::Arc;
@@ -427,8 +427,8 @@ impl Correlator {
     }
 
     /// The table's figures for an exit summary.
-    pub fn tracking(&self) -> crate::views::Tracking {
-        crate::views::Tracking {
+    pub fn tracking(&self) -> crate::model::table::Tracking {
+        crate::model::table::Tracking {
             evicted: self.stats.evicted,
             peak: self.stats.peak_tracked,
             limit: self.opts.max_sockets,

@@ -14,8 +14,17 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// Text that is not an address or network.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("'{text}' is not an IP address or CIDR network")]
+    NotAnAddress { text: String },
+    #[error("'{text}': prefix length must be 0 to {max}")]
+    BadPrefix { text: String, max: u8 },
+}
+
 impl FromStr for Cidr {
-    type Err = String;
+    type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (addr_text, prefix_text) = match s.split_once('/') {
@@ -26,16 +35,18 @@ impl FromStr for Cidr {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse()
-            .map_err(|_| format!("'{s}' is not an IP address or CIDR network"))?;
+            .map_err(|_| CidrError::NotAnAddress { text: s.into() })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix_text {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("'{s}': prefix length must be 0 to {max}"))?,
-        };
+        let prefix =
+            match prefix_text {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                    CidrError::BadPrefix {
+                        text: s.into(),
+                        max,
+                    }
+                })?,
+            };
         Ok(Cidr { addr, prefix })
     }
 }

@@ -1,17 +1,23 @@
 //! The pure core of tcpwatch: no I/O, no clock of its own (time comes from
 //! the events), so every part can be driven by recorded or synthetic events.
 //!
+//! Nothing here imports `host`, `kernel` or `views`: what those read or
+//! print reaches the model as the plain data types defined here.
+//!
 //! This file holds the vocabulary every stage shares: TCP states, socket
 //! endpoints and the process that owns a socket. The submodules follow the
-//! data: `decode` (records into events), `filter`, `owner` (who owns each
-//! socket), `correlate` (events into timelines), `timewait` (the TIME_WAIT
-//! book), `sweep` (which entries outlived their socket), `table` (bounded
-//! maps).
+//! data: `decode` (records into events), `lost` (events the kernel could
+//! not deliver), `filter`, `snapshot` (sockets that predate the trace),
+//! `owner` (who owns each socket), `correlate` (events into timelines),
+//! `timewait` (the TIME_WAIT book), `sweep` (which entries outlived their
+//! socket), `table` (bounded maps and how full they got).
 
 pub mod correlate;
 pub mod decode;
 pub mod filter;
+pub mod lost;
 pub mod owner;
+pub mod snapshot;
 pub mod sweep;
 pub mod table;
 pub mod timewait;

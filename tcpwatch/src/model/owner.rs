@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::host::procfs::{SocketKey, SocketSnapshot};
 use crate::model::decode::Transition;
+use crate::model::snapshot::{SocketKey, SocketSnapshot};
 use crate::model::table::{BoundedMap, EvictedKeys};
 use crate::model::{Endpoint, Owner, TcpState};
 
@@ -133,8 +133,8 @@ impl OwnerTracker {
     }
 
     /// The table's figures for an exit summary.
-    pub fn tracking(&self) -> crate::views::Tracking {
-        crate::views::Tracking {
+    pub fn tracking(&self) -> crate::model::table::Tracking {
+        crate::model::table::Tracking {
             evicted: self.evicted(),
             peak: self.peak(),
             limit: self.sockets.capacity(),
@@ -416,9 +416,12 @@ mod tests {
 
     #[test]
     fn pre_existing_socket_is_found_in_the_snapshot() {
-        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1
-";
+        // 127.0.0.1:8080 <-> 127.0.0.1:54321, inode 4242.
+        let sockets = [(
+            crate::model::snapshot::tests::key("127.0.0.1:8080", "127.0.0.1:54321"),
+            Established,
+            4242,
+        )];
         let mut owners = HashMap::new();
         owners.insert(
             4242,
@@ -428,7 +431,7 @@ mod tests {
                 cgroup_id: 5,
             },
         );
-        let snap = SocketSnapshot::from_parts(tcp, "", owners).unwrap();
+        let snap = SocketSnapshot::from_sockets(sockets, &owners);
         let mut o = OwnerTracker::new(100, Some(snap), None);
         let t = with_ports(
             tr(50, Established, CloseWait, 1, "swapper/0"),

@@ -16,6 +16,10 @@
 //! only if the kernel has no socket at all from its local address to its
 //! peer. Sockets of other network namespaces (whose lists cannot be read
 //! from here) are left alone: eviction bounds them.
+//!
+//! Only the decisions live here: the [`Sweeper`] is handed the function
+//! that lists the kernel's sockets and the clock (`host::sweeper` gives it
+//! sock_diag and CLOCK_MONOTONIC), so it runs on synthetic lists in tests.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
@@ -43,12 +47,6 @@ pub struct KernelSockets {
 }
 
 impl KernelSockets {
-    /// Asks the kernel (sock_diag).
-    pub fn read() -> Result<KernelSockets, String> {
-        let sockets = crate::host::sockdiag::dump_full_sockets().map_err(|e| e.to_string())?;
-        Ok(Self::from_endpoints(sockets))
-    }
-
     pub fn from_endpoints(sockets: impl IntoIterator<Item = (Endpoint, Endpoint)>) -> Self {
         let mut keys = HashSet::new();
         for (l, r) in sockets {
@@ -63,6 +61,15 @@ impl KernelSockets {
         self.keys.contains(&key)
     }
 }
+
+/// Why the kernel's list of sockets could not be read: the lister's own
+/// error, kept whole as the source (the model does not name host errors).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list this namespace's sockets")]
+pub struct ListError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+/// Lists the kernel's full sockets in tcpwatch's network namespace.
+pub type ListSockets = fn() -> Result<KernelSockets, ListError>;
 
 /// A table whose entries can outlive their socket when events are lost.
 pub trait SweepTable {
@@ -100,21 +107,15 @@ pub struct Sweeper {
     pending: Option<Pending>,
     /// Entries dropped since the start.
     pub dropped: u64,
-    list: fn() -> Result<KernelSockets, String>,
+    list: ListSockets,
     now: fn() -> u64,
     warned: bool,
-}
-
-impl Default for Sweeper {
-    fn default() -> Self {
-        Sweeper::with(KernelSockets::read, crate::host::clock::monotonic_ns)
-    }
 }
 
 impl Sweeper {
     /// A sweeper that lists sockets with `list` and reads the time with
     /// `now` (CLOCK_MONOTONIC, the events' clock).
-    pub fn with(list: fn() -> Result<KernelSockets, String>, now: fn() -> u64) -> Sweeper {
+    pub fn with(list: ListSockets, now: fn() -> u64) -> Sweeper {
         Sweeper {
             lost_seen: 0,
             due_ns: None,
@@ -176,9 +177,12 @@ impl Sweeper {
                 }
                 Err(e) if !self.warned => {
                     self.warned = true;
+                    let causes: Vec<String> =
+                        anyhow::Chain::new(&*e.0).map(|c| c.to_string()).collect();
                     warn(&format!(
-                        "cannot list this namespace's sockets ({e}): sockets whose close \
-                         was lost stay tracked until evicted"
+                        "{e} ({}): sockets whose close \
+                         was lost stay tracked until evicted",
+                        causes.join(": ")
                     ));
                 }
                 Err(_) => {}
@@ -236,7 +240,7 @@ mod tests {
     }
 
     /// The kernel has only the socket 10.0.0.1:1000 ↔ 10.0.0.2:80.
-    fn kernel() -> Result<KernelSockets, String> {
+    fn kernel() -> Result<KernelSockets, ListError> {
         Ok(KernelSockets::from_endpoints([(
             ep("10.0.0.1:1000"),
             ep("10.0.0.2:80"),
@@ -332,7 +336,7 @@ mod tests {
         use crate::model::correlate::{Correlator, CorrelatorOptions};
         use crate::model::owner::OwnerTracker;
         use crate::model::TcpState::*;
-        fn kernel() -> Result<KernelSockets, String> {
+        fn kernel() -> Result<KernelSockets, ListError> {
             Ok(KernelSockets::from_endpoints([(
                 ep("127.0.0.1:1000"),
                 ep("127.0.0.2:8080"),
@@ -380,8 +384,8 @@ mod tests {
 
     #[test]
     fn an_unreadable_list_is_said_once() {
-        fn broken() -> Result<KernelSockets, String> {
-            Err("no /proc".into())
+        fn broken() -> Result<KernelSockets, ListError> {
+            Err(ListError("no /proc".into()))
         }
         let mut t = Table::default();
         let mut said = Vec::new();

@@ -1,9 +1,26 @@
 //! A map with a hard cap on its entries: when full, the entry inserted
 //! longest ago is evicted and counted. It keeps tcpwatch's memory bounded
-//! whatever a SYN flood or a million idle connections do.
+//! whatever a SYN flood or a million idle connections do. [`Tracking`]
+//! is how full such a table got, for the exit summaries.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+
+use serde::{Deserialize, Serialize};
+
+/// How full a socket table got, for the exit summaries: it shows that
+/// `--max-sockets` held, and that nothing was left behind in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    pub evicted: u64,
+    /// Dropped once the kernel no longer had them: their close was lost.
+    pub stale: u64,
+    /// Most sockets tracked at once.
+    pub peak: usize,
+    /// `--max-sockets`.
+    pub limit: usize,
+    pub at_exit: usize,
+}
 
 #[derive(Debug)]
 pub struct BoundedMap<K, V> {

@@ -4,8 +4,8 @@
 //! which stores exactly these.
 
 use crate::host::clock::{monotonic_ns, Clock};
-use crate::host::procfs::SocketSnapshot;
 use crate::model::correlate::CorrelatorOptions;
+use crate::model::snapshot::SocketSnapshot;
 use crate::stream::record::Header;
 
 /// Where the events come from.
@@ -38,10 +38,11 @@ impl Context {
     /// This host now. Called once the probe is live, so that no socket
     /// falls between the snapshot and the first event.
     pub fn live() -> Context {
-        let snapshot = match SocketSnapshot::capture() {
+        let snapshot = match crate::host::procfs::capture() {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!("owners of sockets older than this trace are unknown: {e}");
+                let e = anyhow::Error::from(e);
+                tracing::warn!("owners of sockets older than this trace are unknown: {e:#}");
                 None
             }
         };

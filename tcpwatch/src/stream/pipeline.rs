@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tcpwatch_common::Event;
 
-use crate::kernel::probe::LostCounts;
 use crate::model::decode::{interpret, Record, Rejects};
+use crate::model::lost::LostCounts;
 use crate::model::sweep::{SweepTable, Sweeper};
 use crate::stream::error::StreamError;
 use crate::views::summary::{ExitSummary, Lost, Stream, Tracking};
@@ -108,7 +108,7 @@ impl<C: Consumer> Pipeline<C> {
     /// For events from the kernel: losses are said (at most once per
     /// `lost_log_every`) and followed by a sweep of the consumer's table.
     pub fn live(consumer: C, lost_log_every: Duration) -> Self {
-        Self::sweeping(consumer, Sweeper::default(), lost_log_every)
+        Self::sweeping(consumer, crate::host::sweeper(), lost_log_every)
     }
 
     /// [`Pipeline::live`] with the given sweeper (tests give one that
@@ -392,7 +392,7 @@ pub(crate) mod tests {
     /// a loss, then batches settled past the check, drop the stale entry.
     #[test]
     fn after_losses_the_consumers_table_is_swept() {
-        fn kernel_without_it() -> Result<KernelSockets, String> {
+        fn kernel_without_it() -> Result<KernelSockets, crate::model::sweep::ListError> {
             Ok(KernelSockets::default())
         }
         let sweeper = Sweeper::with(kernel_without_it, || 0);

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use tcpwatch_common::Event;
 
-use crate::host::procfs::{SnapshotEntry, SocketKey, SocketSnapshot};
 use crate::model::decode::{decode_raw, encode, interpret, DecodeError, Record};
+use crate::model::snapshot::{SnapshotEntry, SocketKey, SocketSnapshot};
 use crate::model::{Endpoint, Owner, TcpState};
 
 pub const MAGIC: &[u8; 8] = b"TCPWATCH";
@@ -407,9 +407,12 @@ mod tests {
     use TcpState::*;
 
     fn sample_snapshot() -> SocketSnapshot {
-        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1 0000000000000000 20 4 30 10 -1
-";
+        // A listener on 127.0.0.1:8080, inode 11.
+        let sockets = [(
+            crate::model::snapshot::tests::key("127.0.0.1:8080", "0.0.0.0:0"),
+            Listen,
+            11,
+        )];
         let mut owners = HashMap::new();
         owners.insert(
             11,
@@ -419,7 +422,7 @@ mod tests {
                 cgroup_id: 77,
             },
         );
-        SocketSnapshot::from_parts(tcp, "", owners).unwrap()
+        SocketSnapshot::from_sockets(sockets, &owners)
     }
 
     fn recording(events: &[Event]) -> Vec<u8> {

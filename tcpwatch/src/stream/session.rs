@@ -98,9 +98,11 @@ pub async fn run<C: Consumer>(
 
     let (tx, mut rx) = mpsc::channel::<Feed>(channel_batches(opts.probe.ring_size));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let kernel_log = probe.take_kernel_log();
     let reader = tokio::spawn(run_reader(
         ring,
         lost,
+        kernel_log,
         tx,
         stop_rx,
         ReaderOptions::default(),

@@ -33,19 +33,7 @@ pub struct Stream {
     pub undecodable: u64,
 }
 
-/// How full a socket table got: it shows that `--max-sockets` held, and
-/// that nothing was left behind in it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tracking {
-    pub evicted: u64,
-    /// Dropped once the kernel no longer had them: their close was lost.
-    pub stale: u64,
-    /// Most sockets tracked at once.
-    pub peak: usize,
-    /// `--max-sockets`.
-    pub limit: usize,
-    pub at_exit: usize,
-}
+pub use crate::model::table::Tracking;
 
 /// How often one transition was seen (`trace`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
