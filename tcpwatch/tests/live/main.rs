@@ -15,6 +15,7 @@ mod conns;
 mod daemon;
 mod deploy;
 mod hardening;
+mod host;
 mod overload;
 mod prometheus;
 mod timewait;

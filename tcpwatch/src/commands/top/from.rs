@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::client::{ClientError, ConnsPage, Daemon};
 use crate::daemon::query::MAX_LIMIT;
 use crate::host::clock::{monotonic_ns, Clock};
-use crate::kernel::probe::LostCounts;
+use crate::model::lost::LostCounts;
 use crate::model::timewait::Snapshot;
 use crate::views::summary::TopFromSummary;
 use crate::views::top::{Screen, ViewState};

@@ -19,10 +19,10 @@ use std::io;
 
 use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
 use crate::host::clock::Clock;
-use crate::kernel::probe::LostCounts;
 use crate::model::correlate::Timeline;
 use crate::model::decode::Record;
 use crate::model::filter::Filter;
+use crate::model::lost::LostCounts;
 use crate::model::sweep::SweepTable;
 use crate::model::timewait::Snapshot;
 use crate::stream::context::Context;
