@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::{tcpwatch_bin, STOP_TIMEOUT};
+use tcpwatch::views::summary::ExitSummary;
 
 /// What `top` says on stderr once the view is about to go up.
 const READY: &str = "tcpwatch: tracing TCP connections for a live view; Ctrl-C to stop";
@@ -143,7 +144,7 @@ impl Tmux {
         self.line(&format!("stty -g > {}", self.file("stty.before").display()));
         let prefix = ns.map_or(String::new(), |ns| format!("ip netns exec {} ", ns.name));
         self.line(&format!(
-            "{prefix}{} top {args} 2>{}; echo TOP-EXIT=$?",
+            "{prefix}{} top --format json {args} 2>{}; echo TOP-EXIT=$?",
             tcpwatch_bin(),
             self.file("top.err").display()
         ));
@@ -228,6 +229,12 @@ impl Drop for Tmux {
 
 // ---------------------------------------------------------------------------
 // Reading the screen
+
+/// The exit summary `top --format json` printed last on stderr.
+fn exit_summary(stderr: &str) -> Option<ExitSummary> {
+    let lines: Vec<String> = stderr.lines().map(str::to_string).collect();
+    ExitSummary::from_stderr(&lines)
+}
 
 /// The words of the first line whose text starts with `prefix`.
 fn row(screen: &[String], prefix: &str) -> Option<Vec<String>> {
@@ -473,17 +480,16 @@ fn scenario_80x24() -> Result<(), String> {
     tmux.key("q");
     let err = tmux.assert_restored();
     assert!(err.contains(READY), "{err}");
-    let summary = err
-        .lines()
-        .find(|l| l.starts_with("tcpwatch: top: "))
-        .unwrap_or_else(|| panic!("no summary:\n{err}"));
-    let refreshes: u64 = summary["tcpwatch: top: ".len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{summary}"));
-    assert!(refreshes >= 2, "{summary}");
-    assert!(summary.contains(" lost events ("), "{summary}");
+    // The exit summary, read as the library's data.
+    let Some(ExitSummary::Top(summary)) = exit_summary(&err) else {
+        panic!("no top summary:\n{err}");
+    };
+    assert!(summary.refreshes >= 2, "{summary:?}");
+    assert!(summary.stream.events > 0, "{summary:?}");
+    assert!(
+        summary.stream.lost.total >= lost_total,
+        "the summary counts at least the losses the screen showed: {summary:?}"
+    );
     Ok(())
 }
 
@@ -557,7 +563,10 @@ fn a_larger_terminal_shows_more_and_sigterm_restores_it() {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
     let err = tmux.assert_restored();
     assert!(err.contains(READY), "{err}");
-    assert!(err.contains("tcpwatch: top: "), "{err}");
+    assert!(
+        matches!(exit_summary(&err), Some(ExitSummary::Top(s)) if s.refreshes > 0),
+        "{err}"
+    );
 }
 
 /// `--from`: the daemon's figures, on the same screen.
@@ -589,10 +598,11 @@ fn top_from_a_daemon_shows_its_figures() {
     assert!(counter(&screen, "closed").unwrap().1 >= 2 * conns, "{all}");
     tmux.key("q");
     let err = tmux.assert_restored();
-    assert!(
-        err.contains(&format!("refreshes from {}", daemon.url())),
-        "{err}"
-    );
+    let Some(ExitSummary::TopFrom(s)) = exit_summary(&err) else {
+        panic!("no top --from summary:\n{err}");
+    };
+    assert_eq!(s.daemon, daemon.url());
+    assert!(s.refreshes > 0, "{s:?}");
     daemon.stop();
 }
 
