@@ -134,18 +134,29 @@ impl Capture {
         let reader = std::thread::Builder::new()
             .name("tcpwatch-stderr".into())
             .spawn(move || {
-                let mut lines = Vec::new();
+                let mut lines = std::collections::VecDeque::new();
+                let mut dropped = 0u64;
                 for line in BufReader::new(std::fs::File::from(read)).lines() {
                     let Ok(line) = line else { break };
                     if let Ok(mut l) = seen.lock() {
                         *l = Some(line.clone());
                     }
                     if lines.len() == KEEP_LINES {
-                        lines.remove(0);
+                        lines.pop_front();
+                        dropped += 1;
                     }
-                    lines.push(line);
+                    lines.push_back(line);
                 }
-                lines
+                let mut held: Vec<String> = lines.into();
+                if dropped > 0 {
+                    held.insert(
+                        0,
+                        format!(
+                            "tcpwatch: {dropped} earlier messages written while the view was up are left out; the last {KEEP_LINES} follow"
+                        ),
+                    );
+                }
+                held
             })?;
         Ok(Capture {
             saved,
