@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::model::handoff::{HandoffStats, Handoffs, TimewaitLookup};
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::snapshot::SocketSnapshot;
 use crate::model::Owner;
@@ -62,7 +63,8 @@ pub enum CloseKind {
     /// data, and the kernel sent a RST.
     Aborted,
     /// We closed and the peer had not: the socket went to the FIN_WAIT2
-    /// timewait state and stays there until the peer's FIN or
+    /// timewait state, and the peer's FIN had not come by the last check
+    /// (see `handoff`): it stays there until the peer's FIN or
     /// `tcp_fin_timeout`.
     FinWait2,
     /// The socket sat in FIN_WAIT2 until the timer closed it.
@@ -130,6 +132,11 @@ pub struct Timeline {
     /// was not seen whole.
     pub teardown_segments: Option<u8>,
     pub timewait: Option<Timewait>,
+    /// Closed by its application, the socket was handed to a FIN_WAIT2
+    /// timewait socket on the peer's bare ACK: the rest of its teardown
+    /// (the peer's FIN, the last ACK) happened there, where no tracepoint
+    /// sees it. How it ended was learned afterwards (see `handoff`).
+    pub handed_off: bool,
     /// errno the kernel recorded on the socket when it closed.
     pub error: Option<i32>,
     /// Application bytes the peer acknowledged, and application bytes
@@ -189,6 +196,7 @@ impl Timeline {
                 substate: TimewaitSubstate::TimeWait,
                 hold_ns: 60_000_000_000,
             }),
+            handed_off: false,
             error: None,
             bytes_sent: None,
             bytes_received: None,
@@ -366,6 +374,8 @@ pub struct CorrelatorStats {
     pub orphan_events: u64,
     /// Most sockets followed at once (at most `max_sockets`).
     pub peak_tracked: usize,
+    /// Sockets handed to a FIN_WAIT2 timewait socket, by how each ended.
+    pub handoffs: HandoffStats,
 }
 
 pub struct Correlator {
@@ -387,6 +397,11 @@ pub struct Correlator {
     /// such a socket's life is skipped, as no timeline of it can be right
     /// (it would pass for a connection older than the trace).
     evicted: crate::model::table::EvictedKeys,
+    /// Timelines of sockets handed to a FIN_WAIT2 timewait socket, held
+    /// until their peer's FIN is known.
+    handoffs: Handoffs,
+    /// Live only: asks the kernel about timewait sockets.
+    lookup: Option<Box<dyn TimewaitLookup>>,
 }
 
 impl Correlator {
@@ -409,11 +424,28 @@ impl Correlator {
             owners: OwnerTracker::new(1, snapshot, own_netns),
             stats: CorrelatorStats::default(),
             evicted: crate::model::table::EvictedKeys::new(opts.max_sockets),
+            handoffs: Handoffs::new(opts.max_sockets, opts.time_wait_ns),
+            lookup: None,
         }
     }
 
+    /// Live tracing: the kernel's list tells what became of sockets handed
+    /// to a FIN_WAIT2 timewait socket in tcpwatch's own network namespace
+    /// (without it, only their peer's timeline can, or time).
+    pub fn set_timewait_lookup(&mut self, lookup: Box<dyn TimewaitLookup>) {
+        self.lookup = Some(lookup);
+    }
+
     pub fn stats(&self) -> CorrelatorStats {
-        self.stats
+        CorrelatorStats {
+            handoffs: self.handoffs.stats,
+            ..self.stats
+        }
+    }
+
+    /// Finished timelines held until their peer's FIN is known.
+    pub fn held(&self) -> usize {
+        self.handoffs.held()
     }
 
     /// The options it was made with (as adjusted by `new`).
@@ -527,11 +559,19 @@ impl Correlator {
             Record::State(t) => self.transition(t, out),
             Record::Socket(s) => self.socket_event(s),
         }
-        self.advance(r.ts_ns(), out);
+        self.finish_closed(r.ts_ns(), out);
     }
 
-    /// Finishes the timelines whose grace period ended before `now_ns`.
+    /// Finishes the timelines whose grace period ended before `now_ns`, and
+    /// the held ones that are settled by now (asking the kernel, live, about
+    /// those whose check is due: one batch per call).
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
+        self.finish_closed(now_ns, out);
+        self.handoffs
+            .advance(now_ns, self.lookup.as_deref_mut(), out);
+    }
+
+    fn finish_closed(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
         while let Some(c) = self.closing.front() {
             if now_ns < c.closed_ns.saturating_add(self.opts.grace_ns) {
                 break;
@@ -564,6 +604,7 @@ impl Correlator {
         while let Some(c) = self.closing.pop_front() {
             self.finish(c, out);
         }
+        self.handoffs.flush(self.lookup.as_deref_mut(), out);
     }
 
     fn finish(&mut self, c: PendingClose, out: &mut Vec<Timeline>) {
@@ -579,12 +620,22 @@ impl Correlator {
         if let Some(track) = self.remove_slot(c.slot) {
             if !track.listener {
                 self.stats.timelines += 1;
-                out.push(build_timeline(track, &c, &self.opts));
+                let t = build_timeline(track, &c, &self.opts);
+                if t.handed_off && t.close == CloseKind::FinWait2 {
+                    // Only the kernel of the socket's own namespace can be
+                    // asked about it.
+                    let own = self.owners.own_netns();
+                    let checkable = self.lookup.is_some() && own.is_some() && t.netns == own;
+                    self.handoffs.hold(t, checkable, out);
+                } else {
+                    out.push(t);
+                }
             }
         }
     }
 
     fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
+        self.note_handoff(t, out);
         let birth = crate::model::owner::is_birth(t.old, t.new);
         // One lookup serves the whole event.
         let mut existing = self.index.get(&t.skaddr).copied();
@@ -724,6 +775,36 @@ impl Correlator {
         }
     }
 
+    /// What the hand-off bookkeeping needs from a transition: a socket
+    /// whose peer's FIN did not come before it closed from FIN_WAIT2 (a
+    /// hand-off, if its timeline says so once finished), and a socket whose
+    /// own FIN was acknowledged (LAST_ACK → CLOSE without a reset), which
+    /// settles its peer's hand-off.
+    fn note_handoff(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
+        match (t.old, t.new) {
+            (TcpState::FinWait2, TcpState::Close) => {
+                let fin_received = self.track_mut(t.skaddr).map(|tr| {
+                    let m = &tr.marks;
+                    m.have & HAVE_FW2_RCV_NXT != 0 && t.sock.rcv_nxt.is_some_and(|r| r != m.b)
+                });
+                if fin_received == Some(false) {
+                    self.handoffs.handed_off(&t.local, &t.remote, t.ts_ns);
+                }
+            }
+            (TcpState::LastAck, TcpState::Close) => {
+                let reset = t.sock.sk_err == Some(ECONNRESET)
+                    || self
+                        .track_mut(t.skaddr)
+                        .is_some_and(|tr| tr.resets_received > 0);
+                if !reset {
+                    self.handoffs
+                        .peer_fin_acked(&t.local, &t.remote, t.ts_ns, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn socket_event(&mut self, s: &SocketEvent) {
         let Some(track) = self.track_mut(s.skaddr) else {
             self.stats.orphan_events += 1;
@@ -805,6 +886,7 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
 
     let mut teardown_segments = None;
     let mut timewait = None;
+    let mut handed_off = false;
     let (close, closed_by) = if established.is_none() && open != OpenKind::BeforeTrace {
         (CloseKind::NeverOpened, None)
     } else if simultaneous {
@@ -852,6 +934,7 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
                     // FIN. Otherwise it sat in FIN_WAIT2 until the timer.
                     timewait = Some(TimewaitSubstate::FinWait2);
                     if same_segment == Some(true) && waited < 1_000_000_000 {
+                        handed_off = true;
                         (CloseKind::FinWait2, Some(Closer::Local))
                     } else {
                         (CloseKind::FinWait2Timeout, Some(Closer::Local))
@@ -950,6 +1033,7 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
         closed_by,
         teardown_segments,
         timewait,
+        handed_off,
         error,
         bytes_sent,
         bytes_received,
@@ -1130,6 +1214,196 @@ mod tests {
         assert_eq!(t.close, CloseKind::FinWait2);
         assert_eq!(t.teardown_segments, None);
         assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::FinWait2);
+    }
+
+    /// A server socket (port 80) that closes first, orphaned, and gets the
+    /// client's bare ACK: handed to a FIN_WAIT2 timewait socket at 1.101 ms.
+    fn handed_off_server(sk: u64) -> Sock {
+        let mut s = Sock::new(sk, 20);
+        s.step(0, Listen, SynRecv);
+        s.step(50, SynRecv, Established);
+        s.step(1000, Established, FinWait1);
+        s.segs_in += 1; // the bare ACK
+        s.step(1100, FinWait1, FinWait2);
+        s.step(1101, FinWait2, Close).bytes_received = 300;
+        s.events.last_mut().unwrap().valid |= valid::BYTES_RECEIVED;
+        s
+    }
+
+    /// Its client, which reads EOF, closes at `close_us` and has its FIN
+    /// acknowledged by the timewait socket 10 µs later.
+    fn client_of(sk: u64, close_us: u64) -> Sock {
+        let mut c = Sock::new(sk, 30);
+        active_open(&mut c);
+        c.step(1050, Established, CloseWait);
+        c.step(close_us, CloseWait, LastAck);
+        c.step(close_us + 10, LastAck, Close);
+        for e in &mut c.events {
+            std::mem::swap(&mut e.sport, &mut e.dport);
+            std::mem::swap(&mut e.saddr, &mut e.daddr);
+        }
+        c
+    }
+
+    fn assert_time_wait_four(t: &Timeline) {
+        assert_eq!(
+            (t.close, t.closed_by, t.teardown_segments),
+            (CloseKind::Orderly, Some(Closer::Local), Some(4)),
+            "{t:?}"
+        );
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::TimeWait);
+        assert!(t.handed_off);
+        // The peer's FIN reached the timewait socket, not this one.
+        assert_eq!(t.bytes_received, Some(300));
+    }
+
+    #[test]
+    fn handed_off_socket_is_settled_by_its_peers_fin() {
+        // The client closes after the server's grace period (its timeline
+        // is held by then), and within it.
+        for close_us in [50_000, 1_105] {
+            let out = run_all(&[&handed_off_server(1), &client_of(2, close_us)]);
+            let server = out.iter().find(|t| t.skaddr == 1).unwrap();
+            assert_time_wait_four(server);
+        }
+    }
+
+    #[test]
+    fn peer_fin_seen_before_the_hand_off_still_counts() {
+        // The client's LAST_ACK → CLOSE reached the ring first (two CPUs).
+        let mut client = client_of(2, 1_090);
+        client.events.last_mut().unwrap().ts_ns = 1_100_500;
+        let out = run_all(&[&handed_off_server(1), &client]);
+        assert_time_wait_four(out.iter().find(|t| t.skaddr == 1).unwrap());
+    }
+
+    #[test]
+    fn peer_reset_is_not_a_fin() {
+        let mut client = client_of(2, 6_000);
+        client.events.last_mut().unwrap().sk_err = ECONNRESET;
+        let out = run_all(&[&handed_off_server(1), &client]);
+        let server = out.iter().find(|t| t.skaddr == 1).unwrap();
+        assert_eq!(server.close, CloseKind::FinWait2);
+        assert!(server.handed_off);
+    }
+
+    /// Answers lookups from a list (one answer per call, the last one
+    /// repeated) and counts the sockets asked about.
+    struct Kernel {
+        answers: Vec<Option<TimewaitSubstate>>,
+        asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl TimewaitLookup for Kernel {
+        fn lookup(
+            &mut self,
+            sockets: &[(Endpoint, Endpoint)],
+        ) -> Result<Vec<Option<TimewaitSubstate>>, String> {
+            let n = self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let a = self.answers[n.min(self.answers.len() - 1)];
+            Ok(vec![a; sockets.len()])
+        }
+    }
+
+    /// Feeds the handed-off server alone, with a kernel giving `answers`,
+    /// advancing time to each `at_ms`: what came out by then.
+    fn with_kernel(
+        answers: &[Option<TimewaitSubstate>],
+        at_ms: &[u64],
+    ) -> (Vec<Vec<Timeline>>, usize) {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, Some(5));
+        c.set_timewait_lookup(Box::new(Kernel {
+            answers: answers.to_vec(),
+            asked: asked.clone(),
+        }));
+        let mut out = Vec::new();
+        for e in &handed_off_server(1).events {
+            let mut e = *e;
+            e.valid |= valid::NETNS;
+            e.netns = 5;
+            c.push(&decode(&encode(&e)).unwrap(), &mut out);
+        }
+        let mut seen = Vec::new();
+        for ms in at_ms {
+            c.advance(1_101_000 + ms * 1_000_000, &mut out);
+            seen.push(std::mem::take(&mut out));
+        }
+        (seen, asked.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[test]
+    fn kernel_listing_time_wait_settles_a_hand_off() {
+        let (seen, asked) = with_kernel(&[Some(TimewaitSubstate::TimeWait)], &[10, 60]);
+        assert!(seen[0].is_empty(), "held until the first check");
+        assert_eq!(seen[1].len(), 1);
+        assert_time_wait_four(&seen[1][0]);
+        assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn socket_still_in_fin_wait2_at_the_last_check_is_fin_wait2() {
+        let fw2 = Some(TimewaitSubstate::FinWait2);
+        let (seen, asked) = with_kernel(&[fw2], &[60, 400, 900, 1_100]);
+        assert!(seen[..3].iter().all(|s| s.is_empty()), "{seen:?}");
+        let t = &seen[3][0];
+        assert_eq!((t.close, t.teardown_segments), (CloseKind::FinWait2, None));
+        assert_eq!(t.timewait.unwrap().substate, TimewaitSubstate::FinWait2);
+        assert_eq!(asked, 3);
+        // The peer's FIN came between two checks.
+        let (seen, _) = with_kernel(&[fw2, Some(TimewaitSubstate::TimeWait)], &[60, 400]);
+        assert_time_wait_four(&seen[1][0]);
+    }
+
+    #[test]
+    fn timewait_socket_gone_means_no_timewait() {
+        let (seen, _) = with_kernel(&[None], &[60]);
+        let t = &seen[0][0];
+        assert_eq!((t.close, t.timewait), (CloseKind::FinWait2, None));
+    }
+
+    #[test]
+    fn without_a_kernel_or_a_peer_the_hand_off_waits_out_the_checks() {
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        for e in &handed_off_server(1).events {
+            c.push(&decode(&encode(e)).unwrap(), &mut out);
+        }
+        c.advance(1_101_000 + 999_000_000, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(c.held(), 1);
+        c.advance(1_101_000 + 1_000_000_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].close, CloseKind::FinWait2);
+        assert_eq!(c.held(), 0);
+        assert_eq!(c.stats().handoffs.fin_wait2, 1);
+    }
+
+    #[test]
+    fn held_hand_offs_are_bounded() {
+        let mut c = Correlator::new(
+            CorrelatorOptions {
+                max_sockets: 4,
+                ..CorrelatorOptions::default()
+            },
+            None,
+            None,
+        );
+        let mut out = Vec::new();
+        for sk in 0..10u64 {
+            let mut s = handed_off_server(sk + 1);
+            for e in &mut s.events {
+                e.dport = 1000 + sk as u16;
+                e.ts_ns += sk * 1_000;
+            }
+            for e in &s.events {
+                c.push(&decode(&encode(e)).unwrap(), &mut out);
+            }
+            c.advance(s.events.last().unwrap().ts_ns + 30_000_000, &mut out);
+            assert!(c.held() <= 4);
+        }
+        c.flush(&mut out);
+        assert_eq!(out.len(), 10);
     }
 
     #[test]

@@ -9,12 +9,14 @@
 //! data: `decode` (records into events), `lost` (events the kernel could
 //! not deliver), `filter`, `snapshot` (sockets that predate the trace),
 //! `owner` (who owns each socket), `correlate` (events into timelines),
-//! `timewait` (the TIME_WAIT book), `sweep` (which entries outlived their
+//! `handoff` (what became of sockets handed to a FIN_WAIT2 timewait
+//! socket), `timewait` (the TIME_WAIT book), `sweep` (which entries outlived their
 //! socket), `table` (bounded maps and how full they got).
 
 pub mod correlate;
 pub mod decode;
 pub mod filter;
+pub mod handoff;
 pub mod lost;
 pub mod owner;
 pub mod snapshot;
