@@ -53,11 +53,7 @@ impl<W: Write> ConnsSink<W> {
     /// The sink for a stream described by `ctx`: its correlator knows the
     /// sockets from before tracing and the stream's `tcp_fin_timeout`.
     pub fn build(out: W, opts: ConnsOptions, ctx: &Context) -> Self {
-        let correlator = Correlator::new(
-            ctx.correlator_options(opts.max_sockets),
-            ctx.snapshot.clone(),
-            ctx.netns,
-        );
+        let correlator = ctx.correlator(opts.max_sockets);
         let mut sink = ConnsSink {
             out,
             view: opts.view,

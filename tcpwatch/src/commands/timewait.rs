@@ -103,11 +103,7 @@ impl TimewaitTracker {
         let mut tracker = TimewaitTracker {
             filter: opts.filter,
             clock: ctx.clock,
-            correlator: Correlator::new(
-                ctx.correlator_options(opts.max_sockets),
-                ctx.snapshot.clone(),
-                ctx.netns,
-            ),
+            correlator: ctx.correlator(opts.max_sockets),
             book: TimewaitBook::new(TimewaitOptions::default(), ctx.netns, now_ns),
             interval_ns: opts.interval_ns,
             top: opts.top,

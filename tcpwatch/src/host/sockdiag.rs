@@ -16,6 +16,10 @@
 //! raw message: `netlink-packet-sock-diag` 0.5 drops it for the timewait
 //! timer.
 //!
+//! [`ExactLookup`] asks about given 4-tuples instead, one request each (no
+//! dump), sent in batches: what became of a socket handed to a FIN_WAIT2
+//! timewait socket (see `model::handoff`).
+//!
 //! sock_diag reports the network namespace of the calling thread.
 //!
 //! Addresses are kept as the kernel gives them: a dual-stack IPv6 socket's
@@ -37,6 +41,8 @@ use netlink_packet_sock_diag::inet::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
+use crate::model::correlate::TimewaitSubstate;
+use crate::model::handoff::TimewaitLookup;
 use crate::model::{Endpoint, TcpState};
 
 /// The user-space receive buffer. The kernel fills each dump message to at
@@ -231,14 +237,45 @@ fn family_name(family: u8) -> &'static str {
 
 /// The `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in `states`.
 fn request(family: u8, seq: u32, states: StateFlags) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
     let socket_id = if family == AF_INET6 {
         SocketId::new_v6()
     } else {
         SocketId::new_v4()
     };
+    encode_request(family, seq, NLM_F_REQUEST | NLM_F_DUMP, states, socket_id)
+}
+
+/// The request for the one TCP socket with this 4-tuple (in any state:
+/// the kernel looks it up as an arriving segment would, timewait sockets
+/// included).
+fn exact_request(seq: u32, local: &Endpoint, remote: &Endpoint) -> Vec<u8> {
+    let family = if local.addr.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let socket_id = SocketId {
+        source_port: local.port,
+        destination_port: remote.port,
+        source_address: local.addr,
+        destination_address: remote.addr,
+        interface_id: 0,
+        // INET_DIAG_NOCOOKIE: any socket with the 4-tuple.
+        cookie: [0xff; 8],
+    };
+    encode_request(family, seq, NLM_F_REQUEST, StateFlags::all(), socket_id)
+}
+
+fn encode_request(
+    family: u8,
+    seq: u32,
+    flags: u16,
+    states: StateFlags,
+    socket_id: SocketId,
+) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
     let mut message = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -392,6 +429,183 @@ fn parse_reply<T>(
         data = data.get(step..).unwrap_or_default();
     }
     Ok(Reply::More)
+}
+
+/// Requests sent at once: their replies (a few hundred bytes each) must fit
+/// in the socket's receive buffer, or the kernel drops them.
+const EXACT_BATCH: usize = 64;
+
+/// Looks timewait sockets up by 4-tuple in the calling thread's network
+/// namespace, on one netlink socket kept open.
+pub struct ExactLookup {
+    socket: Socket,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl ExactLookup {
+    pub fn open() -> Result<ExactLookup, SockDiagError> {
+        Ok(ExactLookup {
+            socket: open()?,
+            buf: vec![0u8; RECV_BUF_LEN],
+            seq: 0,
+        })
+    }
+
+    /// The timewait socket with each (local, remote) 4-tuple, `None` where
+    /// the kernel has none (or has a full socket with it).
+    pub fn lookup(
+        &mut self,
+        sockets: &[(Endpoint, Endpoint)],
+    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+        let mut found = Vec::with_capacity(sockets.len());
+        for chunk in sockets.chunks(EXACT_BATCH) {
+            found.extend(self.lookup_batch(chunk)?);
+        }
+        Ok(found)
+    }
+
+    fn lookup_batch(
+        &mut self,
+        sockets: &[(Endpoint, Endpoint)],
+    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+        const FAMILY: &str = "an exact lookup";
+        // Sequence numbers base, base + 1, ...: each request gets exactly
+        // one answer, the socket or an error (ENOENT: none).
+        let base = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(sockets.len() as u32 + 1);
+        let mut requests = Vec::new();
+        for (i, (local, remote)) in sockets.iter().enumerate() {
+            requests.extend(exact_request(base.wrapping_add(i as u32), local, remote));
+        }
+        self.socket
+            .send(&requests, 0)
+            .map_err(|source| SockDiagError::Send {
+                family: FAMILY,
+                source,
+            })?;
+        let mut answers: Vec<Option<Option<TimewaitSocket>>> = vec![None; sockets.len()];
+        let mut missing = sockets.len();
+        while missing > 0 {
+            let len = recv(&self.socket, &mut self.buf, FAMILY)?;
+            let data = self.buf.get(..len).unwrap_or(&self.buf);
+            let replies = parse_exact_replies(data).map_err(|e| match e {
+                ReplyError::Kernel(errno) => SockDiagError::Kernel {
+                    family: FAMILY,
+                    source: io::Error::from_raw_os_error(errno),
+                },
+                ReplyError::Malformed(source) => SockDiagError::Malformed {
+                    family: FAMILY,
+                    source,
+                },
+            })?;
+            for (seq, answer) in replies {
+                let i = seq.wrapping_sub(base) as usize;
+                if let Some(slot @ None) = answers.get_mut(i) {
+                    *slot = Some(answer.map_err(|errno| SockDiagError::Kernel {
+                        family: FAMILY,
+                        source: io::Error::from_raw_os_error(errno),
+                    })?);
+                    missing -= 1;
+                }
+            }
+        }
+        Ok(answers.into_iter().map(Option::flatten).collect())
+    }
+}
+
+/// The answers in one datagram of replies to exact requests: (sequence
+/// number, the timewait socket or none, or an errno other than ENOENT).
+#[allow(clippy::type_complexity)]
+fn parse_exact_replies(
+    mut data: &[u8],
+) -> Result<Vec<(u32, Result<Option<TimewaitSocket>, i32>)>, ReplyError> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let msg = NetlinkBuffer::new_checked(data)
+            .map_err(|e| ReplyError::Malformed(Malformed::Header(e)))?;
+        let len = msg.length() as usize;
+        let seq = msg.sequence_number();
+        let payload = msg.payload();
+        match msg.message_type() {
+            SOCK_DIAG_BY_FAMILY => out.push((seq, Ok(parse_inet_diag_msg(payload)?))),
+            NLMSG_ERROR => {
+                let err = ErrorBuffer::new_checked(payload)
+                    .map_err(|e| ReplyError::Malformed(Malformed::ErrorMessage(e)))?;
+                match err.code().map(|c| c.get().saturating_abs()) {
+                    Some(libc::ENOENT) => out.push((seq, Ok(None))),
+                    Some(errno) => out.push((seq, Err(errno))),
+                    None => {}
+                }
+            }
+            NLMSG_OVERRUN => return Err(ReplyError::Malformed(Malformed::Overrun)),
+            _ => {}
+        }
+        let step = len.next_multiple_of(NLMSG_ALIGNTO);
+        data = data.get(step..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// The kernel's list as `model::handoff` asks it: the substate of the
+/// timewait socket with each 4-tuple in tcpwatch's own namespace. The
+/// netlink socket is opened on first use; a warning is logged once when
+/// the kernel cannot be asked.
+#[derive(Default)]
+pub struct HandoffLookup {
+    exact: Option<ExactLookup>,
+    warned: bool,
+}
+
+impl HandoffLookup {
+    pub fn new() -> HandoffLookup {
+        HandoffLookup::default()
+    }
+
+    fn ask(
+        &mut self,
+        sockets: &[(Endpoint, Endpoint)],
+    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+        let exact = match &mut self.exact {
+            Some(e) => e,
+            None => self.exact.insert(ExactLookup::open()?),
+        };
+        let found = exact.lookup(sockets);
+        if found.is_err() {
+            // Replies of a failed batch may still be on their way.
+            self.exact = None;
+        }
+        found
+    }
+}
+
+impl TimewaitLookup for HandoffLookup {
+    fn lookup(
+        &mut self,
+        sockets: &[(Endpoint, Endpoint)],
+    ) -> Result<Vec<Option<TimewaitSubstate>>, String> {
+        match self.ask(sockets) {
+            Ok(found) => Ok(found
+                .into_iter()
+                .map(|s| {
+                    s.map(|s| match s.substate {
+                        TcpState::FinWait2 => TimewaitSubstate::FinWait2,
+                        _ => TimewaitSubstate::TimeWait,
+                    })
+                })
+                .collect()),
+            Err(e) => {
+                if !self.warned {
+                    self.warned = true;
+                    tracing::warn!(
+                        "cannot look timewait sockets up ({e}): connections this host closed \
+                         first, whose peer is not on this host, show as fin_wait2"
+                    );
+                }
+                Err(e.to_string())
+            }
+        }
+    }
 }
 
 /// The header of one `struct inet_diag_msg`; `None` for an address family

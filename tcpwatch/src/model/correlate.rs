@@ -1269,6 +1269,22 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_server_is_settled_by_its_ipv4_peer() {
+        // The server's socket is IPv6 and sees its client's address as
+        // ::ffff:127.0.0.2; the client's own socket is IPv4.
+        let mut server = handed_off_server(1);
+        for e in &mut server.events {
+            e.family = tcpwatch_common::AF_INET6;
+            for a in [&mut e.saddr, &mut e.daddr] {
+                let v4 = [a[0], a[1], a[2], a[3]];
+                *a = std::net::Ipv4Addr::from(v4).to_ipv6_mapped().octets();
+            }
+        }
+        let out = run_all(&[&server, &client_of(2, 50_000)]);
+        assert_time_wait_four(out.iter().find(|t| t.skaddr == 1).unwrap());
+    }
+
+    #[test]
     fn peer_fin_seen_before_the_hand_off_still_counts() {
         // The client's LAST_ACK → CLOSE reached the ring first (two CPUs).
         let mut client = client_of(2, 1_090);

@@ -50,11 +50,15 @@ pub trait TimewaitLookup: Send {
 }
 
 /// The 4-tuple as a number, the same for both ends: the peer's (remote,
-/// local) is our (local, remote).
+/// local) is our (local, remote). An IPv4 address mapped into IPv6 (a
+/// dual-stack socket's IPv4 peer) counts as the IPv4 address its peer
+/// sees.
 fn key(local: &Endpoint, remote: &Endpoint) -> u64 {
     let mut h = DefaultHasher::new();
-    local.hash(&mut h);
-    remote.hash(&mut h);
+    for e in [local, remote] {
+        e.addr.to_canonical().hash(&mut h);
+        e.port.hash(&mut h);
+    }
     h.finish()
 }
 

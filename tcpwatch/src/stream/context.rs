@@ -4,7 +4,7 @@
 //! which stores exactly these.
 
 use crate::host::clock::{monotonic_ns, Clock};
-use crate::model::correlate::CorrelatorOptions;
+use crate::model::correlate::{Correlator, CorrelatorOptions};
 use crate::model::snapshot::SocketSnapshot;
 use crate::stream::record::Header;
 
@@ -80,6 +80,22 @@ impl Context {
     /// The correlator's options for at most `max_sockets` sockets.
     pub fn correlator_options(&self, max_sockets: usize) -> CorrelatorOptions {
         crate::host::correlator_options(max_sockets, self.fin_timeout_s)
+    }
+
+    /// The correlator for this stream, following at most `max_sockets`
+    /// sockets: it knows the sockets from before tracing, and live, the
+    /// kernel's list of timewait sockets, which tells
+    /// what became of a socket handed to a FIN_WAIT2 timewait socket.
+    pub fn correlator(&self, max_sockets: usize) -> Correlator {
+        let mut c = Correlator::new(
+            self.correlator_options(max_sockets),
+            self.snapshot.clone(),
+            self.netns,
+        );
+        if let Source::Live { .. } = self.source {
+            c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new()));
+        }
+        c
     }
 
     /// When live tracing began; `None` for a replay.

@@ -67,6 +67,9 @@ pub fn segments(t: &Timeline) -> Vec<Segment> {
             (Listen, SynRecv) => push(i, Dir::Received, "ACK"),
             (Established, FinWait1) => push(i, Dir::Sent, "FIN"),
             (FinWait1, FinWait2) => push(i, Dir::Received, if three { "FIN/ACK" } else { "ACK" }),
+            // Handed to a timewait socket: the peer's FIN and the last ACK
+            // came later, to it.
+            (FinWait2, Close) if t.handed_off => {}
             (FinWait2, Close) if t.close == CloseKind::Orderly => {
                 if !three {
                     push(i, Dir::Received, "FIN");
@@ -195,9 +198,13 @@ fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
     } else {
         format!("{first}; {how}")
     });
-    if closer.close == CloseKind::FinWait2 {
+    if closer.handed_off {
+        let rest = match closer.close {
+            CloseKind::Orderly => "the peer's FIN reached it later, and it moved to TIME_WAIT",
+            _ => "the peer's FIN had not reached it by the last check",
+        };
         lines.push(format!(
-            "{} was already closed by its application: on the bare ACK it became a FIN_WAIT2 timewait socket, which handled the rest of the teardown (no tracepoint sees it)",
+            "{} was already closed by its application: on the bare ACK it became a FIN_WAIT2 timewait socket, which handled the rest of the teardown (no tracepoint sees it); {rest}",
             name(closer)
         ));
     }
