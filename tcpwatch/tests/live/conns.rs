@@ -272,9 +272,12 @@ fn server_closes_first_orderly_with_time_wait() {
 
 /// The client close()s; the server reads EOF but closes only 200 ms later,
 /// so its delayed ACK goes out alone first. The orphaned client socket gets
-/// that bare ACK and is handed to a FIN_WAIT2 timewait mini-socket at once.
+/// that bare ACK and is handed to a FIN_WAIT2 timewait mini-socket at once;
+/// the server's FIN reaches the mini-socket 200 ms later, which moves to
+/// TIME_WAIT: an orderly close in four segments (the server is on this
+/// host, so its own timeline tells).
 #[test]
-fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
+fn orphaned_closer_with_bare_ack_is_handed_off_then_time_wait() {
     require_live!();
     let mut tw = Tw::conns();
     let mut server = Peer::spawn("twc-server", None);
@@ -301,23 +304,18 @@ fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
         check_opened(link, c, s, &client, &server, (netns, netns));
         check_no_retransmits(c, s);
         c.expect(
-            "client, orphaned, bare ACK",
+            "client, orphaned, bare ACK, the server's FIN 200 ms later",
             &[
-                ("close", "fin_wait2".into()),
+                ("close", "orderly".into()),
                 ("closed_by", "local".into()),
-                ("teardown_segments", Value::Null),
+                ("teardown_segments", 4.into()),
                 ("error", Value::Null),
                 ("bytes_sent", seq_bytes(100, true, true).into()),
                 // The server's FIN reached the mini-socket, not this one.
                 ("bytes_received", 0.into()),
             ],
         );
-        assert_eq!(
-            c.timewait_left(),
-            Some(("FIN_WAIT2", fin_timeout_s())),
-            "{}",
-            c.line
-        );
+        assert_eq!(c.timewait_left(), Some(("TIME_WAIT", 60.0)), "{}", c.line);
         c.expect_transitions("client", &steps(OPENED_BY_CONNECT, CLOSED_FIRST));
         s.expect(
             "server, closed 200 ms after EOF",
@@ -336,6 +334,57 @@ fn orphaned_closer_with_bare_ack_becomes_fin_wait2() {
         let gap = t[4].t_ms - t[3].t_ms;
         assert!(gap < 100.0, "FIN_WAIT2 lasted {gap} ms: {}", c.line);
     }
+}
+
+/// As above, but the server never closes while tcpwatch waits: the client's
+/// timewait socket really stays in FIN_WAIT2, and that is what is said.
+#[test]
+fn orphaned_closer_whose_peer_never_sends_fin_stays_fin_wait2() {
+    require_live!();
+    let mut tw = Tw::conns();
+    let mut server = Peer::spawn("twc-server", None);
+    let mut client = Peer::spawn("twc-client", None);
+    let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
+    let link = connect_pair(&mut server, &mut client, ip, ip);
+    client.run("write 100");
+    server.run("read 100");
+    let eof = server.send("eof");
+    client.run("close");
+    assert_eq!(server.wait(eof), ["0"]);
+    tw.wait_conns(&[link.client_key()]);
+    // Only now does the server close: its FIN comes after the record.
+    server.run("close");
+    tw.wait_conns(&[link.server_key()]);
+    let conns = tw.stop_conns();
+    let c = find(&conns, link.client_key());
+    show("client", c);
+    c.expect(
+        "client, orphaned, bare ACK, no FIN from the server",
+        &[
+            ("close", "fin_wait2".into()),
+            ("closed_by", "local".into()),
+            ("teardown_segments", Value::Null),
+            ("bytes_sent", seq_bytes(100, true, true).into()),
+            ("bytes_received", 0.into()),
+        ],
+    );
+    assert_eq!(
+        c.timewait_left(),
+        Some(("FIN_WAIT2", fin_timeout_s())),
+        "{}",
+        c.line
+    );
+    // Reported once the last check found it still waiting: a second or so
+    // after it closed, not at once and not after the server's FIN.
+    let s = find(&conns, link.server_key());
+    let closed = parse_ts(&c.ts);
+    let server_closed = parse_ts(&s.ts);
+    assert!(
+        server_closed > closed + 900_000_000,
+        "{}\n{}",
+        c.line,
+        s.line
+    );
 }
 
 /// The client half-closes (shutdown(SHUT_WR), so its socket stays a full

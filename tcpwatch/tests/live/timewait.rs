@@ -359,11 +359,12 @@ fn fin_wait2_expiry() -> FinWait2Run {
         Some(&N.to_string()),
         "connections held"
     );
-    // The bare ACKs are delayed ACKs: give them half a second.
+    // The bare ACKs are delayed ACKs: give them half a second, and tcpwatch
+    // the second it waits for the server's FIN after a hand-off.
     let held = loop {
         let s = tw.next();
         let k = ns.kernel_now();
-        if s.ts_ns() >= closed_ns + 500_000_000 {
+        if s.ts_ns() >= closed_ns + 1_600_000_000 {
             break (s, k);
         }
     };
