@@ -119,8 +119,9 @@ pub struct Timeline {
     pub owner: Option<Attribution>,
     pub role: Role,
     pub open: OpenKind,
-    /// The first event seen (the open, or for `BeforeTrace` the first
-    /// transition after the trace started).
+    /// The first event seen (the open), or for `BeforeTrace` when tracing
+    /// started: the connection is known to have existed since then, so the
+    /// lifetime counted from it is a lower bound.
     pub first_ns: u64,
     pub established_ns: Option<u64>,
     pub closed_ns: u64,
@@ -154,6 +155,8 @@ pub struct Timeline {
 }
 
 impl Timeline {
+    /// The lifetime; for a connection open before tracing, a lower bound
+    /// (from when tracing started).
     pub fn lifetime_ns(&self) -> u64 {
         self.closed_ns.saturating_sub(self.first_ns)
     }
@@ -296,6 +299,9 @@ struct Track {
     gen: u32,
     family: Family,
     owner_source: OwnerSource,
+    /// For a socket older than the trace: its role as the listener table
+    /// of the start tells it.
+    before_trace_role: Role,
     listener: bool,
     /// CLOSE was seen: the timeline waits a moment for the RST the kernel
     /// sends right after an abortive close.
@@ -402,6 +408,9 @@ pub struct Correlator {
     handoffs: Handoffs,
     /// Live only: asks the kernel about timewait sockets.
     lookup: Option<Box<dyn TimewaitLookup>>,
+    /// When tracing started (live), or the first event (replay): sockets
+    /// first seen in mid-life existed by then.
+    traced_since_ns: Option<u64>,
 }
 
 impl Correlator {
@@ -426,7 +435,15 @@ impl Correlator {
             evicted: crate::model::table::EvictedKeys::new(opts.max_sockets),
             handoffs: Handoffs::new(opts.max_sockets, opts.time_wait_ns),
             lookup: None,
+            traced_since_ns: None,
         }
+    }
+
+    /// Tracing started at `ts_ns` (CLOCK_MONOTONIC, the events' clock):
+    /// connections first seen in mid-life were open by then. Without it,
+    /// the first event's time stands in.
+    pub fn set_traced_since(&mut self, ts_ns: u64) {
+        self.traced_since_ns = Some(ts_ns);
     }
 
     /// Live tracing: the kernel's list tells what became of sockets handed
@@ -555,6 +572,7 @@ impl Correlator {
     /// Takes one event; finished timelines are appended to `out`.
     pub fn push(&mut self, r: &Record, out: &mut Vec<Timeline>) {
         self.stats.events += 1;
+        self.traced_since_ns.get_or_insert(r.ts_ns());
         match r {
             Record::State(t) => self.transition(t, out),
             Record::Socket(s) => self.socket_event(s),
@@ -620,7 +638,8 @@ impl Correlator {
         if let Some(track) = self.remove_slot(c.slot) {
             if !track.listener {
                 self.stats.timelines += 1;
-                let t = build_timeline(track, &c, &self.opts);
+                let since = self.traced_since_ns.unwrap_or(track.first_ns);
+                let t = build_timeline(track, &c, &self.opts, since);
                 if t.handed_off && t.close == CloseKind::FinWait2 {
                     // Only the kernel of the socket's own namespace can be
                     // asked about it.
@@ -681,6 +700,17 @@ impl Correlator {
         if forgotten {
             return;
         }
+        // First sight in mid-life: a socket older than the trace, whose
+        // role only the listener table of the start can tell.
+        let before_trace_role = if first_sight && !birth {
+            match self.owners.listened_before_trace(&t.local, t.sock.netns) {
+                Some(true) => Role::Server,
+                Some(false) => Role::Client,
+                None => Role::Unknown,
+            }
+        } else {
+            Role::Unknown
+        };
 
         let slot = match existing {
             // A birth on an address still tracked means the kernel freed and
@@ -701,6 +731,7 @@ impl Correlator {
                 gen: 0,
                 family: t.family,
                 owner_source: OwnerSource::Observed,
+                before_trace_role,
                 listener: false,
                 closed: false,
             }),
@@ -758,7 +789,8 @@ impl Correlator {
             }
             _ => {}
         }
-        if t.new == Listen {
+        // A listener from before the trace is first seen closing.
+        if t.new == Listen || (t.old, t.new) == (Listen, Close) {
             track.listener = true;
         }
         // A second CLOSE of one socket changes nothing: the first one's
@@ -828,7 +860,12 @@ fn has(steps: &[Step], old: TcpState, new: TcpState) -> bool {
     find(steps, old, new).is_some()
 }
 
-fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Timeline {
+fn build_timeline(
+    tr: Track,
+    c: &PendingClose,
+    opts: &CorrelatorOptions,
+    traced_since_ns: u64,
+) -> Timeline {
     use TcpState::*;
     let closed_ns = c.closed_ns;
     let last_fields = c.last;
@@ -861,7 +898,7 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
             Role::Client
         }
         OpenKind::Passive | OpenKind::PassiveFailed => Role::Server,
-        OpenKind::BeforeTrace => Role::Unknown,
+        OpenKind::BeforeTrace => tr.before_trace_role,
     };
     let handshake_ns = match (open, established) {
         (OpenKind::Active, Some(e)) => {
@@ -989,7 +1026,7 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
     // The kernel's byte counters count sequence space: an acknowledged SYN
     // (ours, when we connected) and FIN each take one, a received FIN one.
     // What the applications sent and read is the rest.
-    let syn_acked = u64::from(open == OpenKind::Active);
+    let syn_acked = u64::from(role == Role::Client);
     let our_fin_acked = u64::from(
         has(steps, FinWait1, FinWait2) || has(steps, Closing, Close) || has(steps, LastAck, Close),
     );
@@ -1025,7 +1062,11 @@ fn build_timeline(tr: Track, c: &PendingClose, opts: &CorrelatorOptions) -> Time
         }),
         role,
         open,
-        first_ns,
+        first_ns: if open == OpenKind::BeforeTrace {
+            first_ns.min(traced_since_ns)
+        } else {
+            first_ns
+        },
         established_ns: established,
         closed_ns,
         handshake_ns,
@@ -1089,6 +1130,7 @@ mod tests {
     use super::*;
     use crate::model::decode::tests::state_event;
     use crate::model::decode::{decode, encode};
+    use std::collections::HashMap;
     use tcpwatch_common::{kind, valid, Event, RCV_SHUTDOWN};
     use TcpState::*;
 
@@ -1541,6 +1583,10 @@ mod tests {
         l.step(0, Close, Listen);
         l.step(10, Listen, Close);
         assert!(l.run().is_empty());
+        // Nor one that listened before the trace, first seen closing.
+        let mut old = Sock::new(10, 1);
+        old.step(10, Listen, Close);
+        assert!(old.run().is_empty());
     }
 
     #[test]
@@ -1555,6 +1601,110 @@ mod tests {
         assert_eq!(t.close, CloseKind::Orderly);
         assert_eq!(t.closed_by, Some(Closer::Peer));
         assert_eq!(t.handshake_ns, None);
+    }
+
+    #[test]
+    fn connections_older_than_the_trace_take_their_role_from_the_listeners() {
+        // When tracing began, 127.0.0.1:8080 listened, and one connection
+        // to it was open (both ends on this host).
+        let listener = (
+            crate::model::snapshot::tests::key("127.0.0.1:8080", "0.0.0.0:0"),
+            TcpState::Listen,
+            100,
+        );
+        let snap = SocketSnapshot::from_sockets([listener], &HashMap::new());
+        let mut c = Correlator::new(CorrelatorOptions::default(), Some(snap), None);
+        c.set_traced_since(1_000);
+        let ep = |s: &str| -> (std::net::Ipv4Addr, u16) {
+            let a: std::net::SocketAddrV4 = s.parse().unwrap();
+            (*a.ip(), a.port())
+        };
+        let mut out = Vec::new();
+        let mut feed = |sk: u64,
+                        local: &str,
+                        remote: &str,
+                        steps: &[(TcpState, TcpState, u64)],
+                        acked: u64,
+                        received: u64| {
+            for (i, (old, new, ts)) in steps.iter().enumerate() {
+                let mut e = state_event(sk, *old, *new, *ts);
+                let ((la, lp), (ra, rp)) = (ep(local), ep(remote));
+                e.saddr[..4].copy_from_slice(&la.octets());
+                e.daddr[..4].copy_from_slice(&ra.octets());
+                (e.sport, e.dport) = (lp, rp);
+                // A segment, and for the first closer the peer's FIN,
+                // between each two transitions.
+                e.valid = valid::RCV_NXT | valid::SEGS_IN;
+                (e.rcv_nxt, e.segs_in) = (1000 + i as u32, 10 + i as u32);
+                if i == steps.len() - 1 {
+                    e.valid |= valid::BYTES_ACKED | valid::BYTES_RECEIVED;
+                    e.bytes_acked = acked;
+                    e.bytes_received = received;
+                }
+                c.push(&decode(&encode(&e)).unwrap(), &mut out);
+            }
+        };
+        // The client sent 1000 bytes and read 5, then closed first: its
+        // counters hold its SYN and FIN, and the server's FIN.
+        feed(
+            1,
+            "127.0.0.1:40000",
+            "127.0.0.1:8080",
+            &[
+                (Established, FinWait1, 5_000_000_000),
+                (FinWait1, FinWait2, 5_000_000_100),
+                (FinWait2, Close, 5_000_000_200),
+            ],
+            1000 + 2,
+            5 + 1,
+        );
+        // The server: its counters hold the client's FIN.
+        feed(
+            2,
+            "127.0.0.1:8080",
+            "127.0.0.1:40000",
+            &[
+                (Established, CloseWait, 5_000_000_050),
+                (CloseWait, LastAck, 5_000_000_150),
+                (LastAck, Close, 5_000_000_250),
+            ],
+            5 + 1,
+            1000 + 1,
+        );
+        // The listener closes: not a connection.
+        feed(
+            3,
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            &[(Listen, Close, 5_000_000_300)],
+            0,
+            0,
+        );
+        c.flush(&mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let client = out.iter().find(|t| t.skaddr == 1).unwrap();
+        let server = out.iter().find(|t| t.skaddr == 2).unwrap();
+        assert_eq!(
+            (client.role, client.open),
+            (Role::Client, OpenKind::BeforeTrace)
+        );
+        assert_eq!(
+            (client.bytes_sent, client.bytes_received),
+            (Some(1000), Some(5))
+        );
+        assert_eq!(
+            (server.role, server.open),
+            (Role::Server, OpenKind::BeforeTrace)
+        );
+        assert_eq!(
+            (server.bytes_sent, server.bytes_received),
+            (Some(5), Some(1000))
+        );
+        // Open since tracing began at least: a lower bound of 5 s, not the
+        // 200 µs between its first and last transition.
+        assert_eq!(client.first_ns, 1_000);
+        assert_eq!(client.lifetime_ns(), 5_000_000_200 - 1_000);
+        assert_eq!(client.steps[0].ts_ns, 5_000_000_000);
     }
 
     #[test]

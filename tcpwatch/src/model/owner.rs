@@ -177,6 +177,20 @@ impl OwnerTracker {
         })
     }
 
+    /// For a socket older than the trace: whether it was accepted (a
+    /// socket listened on its local endpoint when tracing began), from the
+    /// listener table of the snapshot. `None` where the snapshot cannot
+    /// tell (none taken, or the socket is of another network namespace).
+    pub fn listened_before_trace(&self, local: &Endpoint, netns: Option<u32>) -> Option<bool> {
+        let snap = self.snapshot.as_ref()?;
+        if let (Some(ours), Some(theirs)) = (self.own_netns, netns) {
+            if ours != theirs {
+                return None;
+            }
+        }
+        Some(snap.listens_on(local))
+    }
+
     fn task_owner(&mut self, t: &Transition) -> Arc<Owner> {
         let key = (t.task.pid, t.task.comm.0, t.task.cgroup_id);
         if let Some(o) = self.cache.get(&key) {

@@ -11,6 +11,7 @@
 //! as the tracepoint reports such sockets, so lookups by 4-tuple match.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{Endpoint, Owner, TcpState};
 
@@ -100,6 +101,29 @@ impl SocketSnapshot {
                 (TcpState::Listen, Some(owner)) => Some((&e.key.local, owner)),
                 _ => None,
             })
+    }
+
+    /// Whether a socket listened on `local`: on its address, or on the
+    /// wildcard address of its family (an IPv6 socket's, `[::]`, also
+    /// takes IPv4 peers, whose accepted sockets have IPv4-mapped local
+    /// addresses).
+    pub fn listens_on(&self, local: &Endpoint) -> bool {
+        let any = if local.addr.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let remote = Endpoint::new(any, 0);
+        [local.addr, any].into_iter().any(|addr| {
+            let key = SocketKey {
+                local: Endpoint::new(addr, local.port),
+                remote,
+            };
+            self.by_key
+                .get(&key)
+                .and_then(|&i| self.entries.get(i))
+                .is_some_and(|e| e.state == TcpState::Listen)
+        })
     }
 
     /// Every socket, in the order listed.

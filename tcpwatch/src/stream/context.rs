@@ -83,8 +83,8 @@ impl Context {
     }
 
     /// The correlator for this stream, following at most `max_sockets`
-    /// sockets: it knows the sockets from before tracing, and live, the
-    /// kernel's list of timewait sockets, which tells
+    /// sockets: it knows the sockets from before tracing, and live, when
+    /// tracing began and the kernel's list of timewait sockets, which tells
     /// what became of a socket handed to a FIN_WAIT2 timewait socket.
     pub fn correlator(&self, max_sockets: usize) -> Correlator {
         let mut c = Correlator::new(
@@ -92,7 +92,9 @@ impl Context {
             self.snapshot.clone(),
             self.netns,
         );
-        if let Source::Live { .. } = self.source {
+        if let Source::Live { started_ns } = self.source {
+            // Every socket first seen in mid-life existed by then.
+            c.set_traced_since(started_ns);
             c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new()));
         }
         c

@@ -277,7 +277,12 @@ pub fn record_text(r: &ConnRecord) -> String {
         r.remote(),
         open,
         r.handshake_ms.map_or_else(|| "-".to_string(), |h| format!("{h:.3}")),
-        format!("{:.3}", r.lifetime_ms),
+        // Open before tracing: at least this long.
+        if r.before_trace {
+            format!(">{:.3}", r.lifetime_ms)
+        } else {
+            format!("{:.3}", r.lifetime_ms)
+        },
         close,
         r.closed_by.as_deref().unwrap_or("-"),
         opt(r.teardown_segments),
@@ -377,5 +382,13 @@ mod tests {
         ] {
             assert!(line.contains(part), "{part} missing from {line}");
         }
+        // Open before tracing: the lifetime is a lower bound, and says so.
+        let mut old = timeline();
+        old.open = OpenKind::BeforeTrace;
+        old.first_ns = 123_456_789;
+        let line = conns_text(&old, &clock);
+        assert!(line.contains(" >5000.000 "), "{line}");
+        let r = ConnRecord::new(&old, &clock, true);
+        assert!(r.before_trace && r.lifetime_ms == 5000.0, "{r:?}");
     }
 }
