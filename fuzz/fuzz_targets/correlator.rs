@@ -212,10 +212,11 @@ fuzz_target!(|input: Input| {
             }
             Op::Socket { sock, kind, dt_us } => {
                 now = step(now, *dt_us);
-                let kind = match kind % 3 {
+                let kind = match kind % 4 {
                     0 => SocketEventKind::Retransmit,
                     1 => SocketEventKind::SendReset,
-                    _ => SocketEventKind::ReceiveReset,
+                    2 => SocketEventKind::ReceiveReset,
+                    _ => SocketEventKind::FirstUse,
                 };
                 let s = SocketEvent {
                     ts_ns: now,

@@ -17,6 +17,10 @@ pub mod kind {
     pub const SEND_RESET: u8 = 3;
     /// `tcp:tcp_receive_reset`: this socket received a RST.
     pub const RECEIVE_RESET: u8 = 4;
+    /// The first send or receive on an accepted socket
+    /// (`sock_send_length`/`sock_recv_length`, in process context): the
+    /// current task took it from the listener's queue and is its owner.
+    pub const FIRST_USE: u8 = 5;
 }
 
 /// Bits of [`Event::valid`]: which socket fields were actually read. A field

@@ -19,9 +19,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     },
-    macros::{map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
@@ -41,6 +41,12 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 
+/// Accepted sockets no process has used yet: their owner is whoever first
+/// sends or receives on them (a pre-fork server's worker, not the process
+/// that created the listener). Bounded: the oldest is dropped first.
+#[map]
+static AWAITING_OWNER: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
@@ -52,6 +58,41 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn bench_floor(_ctx: TracePointContext) -> u32 {
     0
+}
+
+/// `sock_recv_length` and `sock_send_length` fire in process context on
+/// every receive and send of every socket; only a socket in
+/// [`AWAITING_OWNER`] makes a record. BTF tracepoints: their recursion
+/// check is per program, so running on every send and receive never makes
+/// the kernel skip `inet_sock_set_state` in a softirq that lands meanwhile
+/// (classic tracepoint programs share one per-CPU guard).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    first_use(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    first_use(&ctx);
+    0
+}
+
+fn first_use(ctx: &BtfTracePointContext) {
+    // The tracepoint's first argument: the socket.
+    let sk: u64 = ctx.arg(0);
+    if unsafe { AWAITING_OWNER.get(&sk) }.is_none() {
+        return;
+    }
+    let _ = AWAITING_OWNER.remove(&sk);
+    let cfg = CONFIG.load();
+    let mut ev = Event::zeroed();
+    ev.kind = kind::FIRST_USE;
+    ev.skaddr = sk;
+    fill_task(&mut ev, true);
+    // Reads nothing from the socket, so no read can fail.
+    let _ = fill_socket(&mut ev, &cfg, 0);
+    emit(&ev, &cfg);
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
@@ -130,6 +171,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     let (old, new) = (ev.oldstate, ev.newstate);
+    match (old, new) {
+        // A new accepted socket: wait for the process that uses it.
+        (LISTEN, SYN_RECV) => {
+            let _ = AWAITING_OWNER.insert(&ev.skaddr, &1, 0);
+        }
+        // Gone before any process used it.
+        (_, CLOSE) => {
+            let _ = AWAITING_OWNER.remove(&ev.skaddr);
+        }
+        _ => {}
+    }
     fill_task(&mut ev, owner_transition(old, new));
     let failed = fill_socket(&mut ev, &cfg, reads_for(old, new));
     emit(&ev, &cfg);

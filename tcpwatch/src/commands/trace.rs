@@ -1,15 +1,23 @@
 //! `tcpwatch trace`: one line per transition, with the socket's real owner
 //! and the time since its previous transition.
+//!
+//! An accepted socket's handshake happens before any process has it: it
+//! waits in its listener's queue until one accepts it (with a pre-fork
+//! server, any of the workers sharing the listener). So its lines are held
+//! until its first send or receive names that process, and printed then,
+//! as its owner's; a socket no process has used within [`HOLD_NS`] is
+//! printed as its listener's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 
 use crate::host::clock::Clock;
-use crate::model::decode::Record;
+use crate::model::decode::{Record, SocketEventKind, Transition};
 use crate::model::filter::Filter;
-use crate::model::owner::OwnerTracker;
+use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
+use crate::model::TcpState;
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
@@ -25,6 +33,15 @@ pub struct TraceOptions {
     pub header: bool,
 }
 
+/// How long the lines of an accepted socket wait for a process to use it.
+pub const HOLD_NS: u64 = 1_000_000_000;
+
+/// The lines of an accepted socket no process has used yet.
+struct Held {
+    since_ns: u64,
+    lines: Vec<(Transition, Option<Attribution>, Option<u64>)>,
+}
+
 /// Turns records into trace lines written to `out`.
 pub struct TraceSink<W: Write> {
     out: W,
@@ -36,6 +53,10 @@ pub struct TraceSink<W: Write> {
     seen: u64,
     shown: u64,
     by_kind: BTreeMap<(&'static str, &'static str), u64>,
+    held: HashMap<u64, Held>,
+    /// (socket, since) in the order held, for the deadline and the cap.
+    held_order: VecDeque<(u64, u64)>,
+    max_held: usize,
 }
 
 impl<W: Write> TraceSink<W> {
@@ -52,6 +73,9 @@ impl<W: Write> TraceSink<W> {
             seen: 0,
             shown: 0,
             by_kind: BTreeMap::new(),
+            held: HashMap::new(),
+            held_order: VecDeque::new(),
+            max_held: opts.max_sockets.max(1),
         };
         if opts.header && sink.format == Format::Text {
             // A closed pipe shows at the first line written.
@@ -61,8 +85,13 @@ impl<W: Write> TraceSink<W> {
     }
 
     fn record(&mut self, r: &Record) -> io::Result<()> {
-        let Record::State(t) = r else {
-            return Ok(());
+        let t = match r {
+            Record::State(t) => t,
+            Record::Socket(s) if s.kind == SocketEventKind::FirstUse => {
+                let owner = self.owners.first_use(s);
+                return self.release(s.skaddr, Some(&owner));
+            }
+            Record::Socket(_) => return Ok(()),
         };
         self.seen += 1;
         *self
@@ -74,30 +103,103 @@ impl<W: Write> TraceSink<W> {
             .last_ts
             .get(&t.skaddr)
             .map(|prev| t.ts_ns.saturating_sub(*prev));
-        if t.new == crate::model::TcpState::Close {
+        let closed = t.new == TcpState::Close;
+        if closed {
             self.last_ts.remove(&t.skaddr);
         } else {
             self.last_ts.insert(t.skaddr, t.ts_ns);
         }
-        if !self.filter.matches(
-            t.family,
-            &t.local,
-            &t.remote,
-            owner.as_ref().map(|a| &*a.owner),
-        ) {
+        // Accepted and not used yet: named after its listener, or not at
+        // all when the listener's owner is unknown.
+        let from_listener = match &owner {
+            Some(a) => a.source == OwnerSource::Listener,
+            None => {
+                (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
+                    || self.held.contains_key(&t.skaddr)
+            }
+        };
+        if from_listener && !closed {
+            return self.hold(*t, owner, delta_ns);
+        }
+        // Whoever owns it now owned it since it was accepted.
+        self.release(t.skaddr, owner.as_ref().filter(|_| !from_listener))?;
+        self.print(t, owner.as_ref(), delta_ns)
+    }
+
+    fn print(
+        &mut self,
+        t: &Transition,
+        owner: Option<&Attribution>,
+        delta_ns: Option<u64>,
+    ) -> io::Result<()> {
+        if !self
+            .filter
+            .matches(t.family, &t.local, &t.remote, owner.map(|a| &*a.owner))
+        {
             return Ok(());
         }
         self.shown += 1;
-        let line = TraceLine {
-            t,
-            owner: owner.as_ref(),
-            delta_ns,
-        };
+        let line = TraceLine { t, owner, delta_ns };
         let text = match self.format {
             Format::Text => trace_text(&line, &self.clock),
             Format::Json => trace_json(&line, &self.clock),
         };
         writeln!(self.out, "{text}")
+    }
+
+    /// Holds a line of an accepted socket no process has used yet.
+    fn hold(
+        &mut self,
+        t: Transition,
+        owner: Option<Attribution>,
+        delta_ns: Option<u64>,
+    ) -> io::Result<()> {
+        if !self.held.contains_key(&t.skaddr) {
+            while self.held.len() >= self.max_held {
+                let Some((sk, _)) = self.held_order.pop_front() else {
+                    break;
+                };
+                self.release(sk, None)?;
+            }
+            self.held_order.push_back((t.skaddr, t.ts_ns));
+        }
+        self.held
+            .entry(t.skaddr)
+            .or_insert_with(|| Held {
+                since_ns: t.ts_ns,
+                lines: Vec::new(),
+            })
+            .lines
+            .push((t, owner, delta_ns));
+        Ok(())
+    }
+
+    /// Prints the held lines of a socket: as `owner`'s when its owner is
+    /// known now, else as they were (the listener's).
+    fn release(&mut self, skaddr: u64, owner: Option<&Attribution>) -> io::Result<()> {
+        let Some(held) = self.held.remove(&skaddr) else {
+            return Ok(());
+        };
+        for (t, listener, delta_ns) in &held.lines {
+            self.print(t, owner.or(listener.as_ref()), *delta_ns)?;
+        }
+        Ok(())
+    }
+
+    /// Prints, as their listener's, the lines of sockets no process used
+    /// within [`HOLD_NS`] of `now_ns` (all of them with `u64::MAX`).
+    fn release_unused(&mut self, now_ns: u64) -> io::Result<()> {
+        while let Some(&(sk, since)) = self.held_order.front() {
+            let current = self.held.get(&sk).is_some_and(|h| h.since_ns == since);
+            if current && now_ns < since.saturating_add(HOLD_NS) {
+                break;
+            }
+            self.held_order.pop_front();
+            if current {
+                self.release(sk, None)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn into_inner(self) -> W {
@@ -110,6 +212,7 @@ impl<W: Write> Consumer for TraceSink<W> {
         for r in batch.records {
             self.record(r)?;
         }
+        self.release_unused(batch.settled_ns)?;
         self.out.flush()
     }
 
@@ -118,6 +221,7 @@ impl<W: Write> Consumer for TraceSink<W> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
+        self.release_unused(u64::MAX)?;
         self.out.flush()
     }
 
@@ -311,6 +415,115 @@ mod tests {
         );
         assert!(r.contains("3 lost events (3 ring buffer full"), "{r}");
         assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
+    }
+
+    /// nginx's master (pid 1) listens on port 8080; a worker (pid 7)
+    /// takes the connection and reads from it; the client is pid 9.
+    fn accepted(worker_reads: bool) -> Vec<Record> {
+        let at = |mut e: tcpwatch_common::Event| {
+            e.sport = 8080;
+            e.dport = 5000;
+            e
+        };
+        let mut listen = at(ev(1, Close, Listen, 1_000, 1));
+        listen.comm = crate::model::decode::Comm::from_str_lossy("nginx").0;
+        let mut events = vec![
+            listen,
+            at(ev(2, Listen, SynRecv, 2_000, 9)),
+            at(ev(2, SynRecv, Established, 3_000, 9)),
+        ];
+        if worker_reads {
+            let mut first_use = tcpwatch_common::Event::zeroed();
+            first_use.kind = tcpwatch_common::kind::FIRST_USE;
+            first_use.skaddr = 2;
+            first_use.ts_ns = 4_000;
+            first_use.pid = 7;
+            first_use.comm = crate::model::decode::Comm::from_str_lossy("nginx").0;
+            events.push(first_use);
+        }
+        events.iter().map(|e| decode(&encode(e)).unwrap()).collect()
+    }
+
+    fn feed_at(s: &mut TraceSink<Vec<u8>>, records: &[Record], settled_ns: u64) {
+        s.records(&Batch {
+            events: &[],
+            records,
+            undecodable: 0,
+            settled_ns,
+        })
+        .unwrap();
+    }
+
+    fn json_lines(out: Vec<u8>) -> Vec<serde_json::Value> {
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn accepted_sockets_belong_to_the_process_that_takes_them() {
+        let f = Filter {
+            pids: vec![7],
+            ..Filter::default()
+        };
+        let mut s = sink(f, Format::Json);
+        let records = accepted(true);
+        feed_at(&mut s, &records[..3], 3_500);
+        assert_eq!(s.shown, 0, "held until a process takes it");
+        feed_at(&mut s, &records[3..], 4_500);
+        // Closed later by the worker, in softirq while pid 9 ran.
+        feed_at(
+            &mut s,
+            &[
+                rec(2, Established, FinWait1, 5_000, 7),
+                rec(2, FinWait1, FinWait2, 6_000, 9),
+                rec(2, FinWait2, Close, 7_000, 9),
+            ],
+            7_500,
+        );
+        s.finish().unwrap();
+        let lines = json_lines(s.into_inner());
+        let steps: Vec<(&str, &str, u64, &str)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["old"].as_str().unwrap(),
+                    l["new"].as_str().unwrap(),
+                    l["pid"].as_u64().unwrap(),
+                    l["owner_source"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("LISTEN", "SYN_RECV", 7, "observed"),
+                ("SYN_RECV", "ESTABLISHED", 7, "observed"),
+                ("ESTABLISHED", "FIN_WAIT1", 7, "observed"),
+                ("FIN_WAIT1", "FIN_WAIT2", 7, "observed"),
+                ("FIN_WAIT2", "CLOSE", 7, "observed"),
+            ]
+        );
+        assert_eq!(lines[1]["delta_ms"], 0.001);
+    }
+
+    #[test]
+    fn a_socket_nobody_takes_is_shown_as_its_listeners_after_a_while() {
+        let mut s = sink(Filter::default(), Format::Json);
+        feed_at(&mut s, &accepted(false), 3_500);
+        assert_eq!(s.shown, 1, "the listener's own line");
+        feed_at(&mut s, &[], 2_000 + HOLD_NS);
+        let lines = json_lines(s.into_inner());
+        assert_eq!(lines.len(), 3);
+        for l in &lines[1..] {
+            assert_eq!(
+                (l["pid"].as_u64(), l["owner_source"].as_str()),
+                (Some(1), Some("listener")),
+                "{l}"
+            );
+        }
     }
 
     /// A socket dropped by the sweep loses its owner and its time stamp.

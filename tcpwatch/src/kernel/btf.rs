@@ -690,7 +690,7 @@ fn at_start(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<(),
 }
 
 /// An error and its causes, for a line said to the user.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     let causes: Vec<String> = anyhow::Chain::new(e).map(|c| c.to_string()).collect();
     causes.join(": ")
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, TracePoint};
+use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use tcpwatch_common::{Config, LOST_SLOT};
@@ -44,6 +44,12 @@ pub enum ProbeError {
     UserNamespace { uid_map: String },
     #[error("loading the eBPF object failed")]
     Load(#[source] EbpfError),
+    #[error("kernel BTF at {path} does not give aya the tracepoints' types")]
+    TracepointBtf {
+        path: PathBuf,
+        #[source]
+        source: aya::BtfError,
+    },
     #[error("the eBPF object has no program `{program}`")]
     MissingProgram { program: &'static str },
     #[error("attaching to tracepoint {tracepoint} failed")]
@@ -262,6 +268,44 @@ const TRACING: &[&str] = &[
 /// The program that does nothing, for measuring the hook's own cost.
 const FLOOR: &[&str] = &["bench_floor"];
 
+/// BTF tracepoints `load` also attaches, by program name: the first send or
+/// receive on an accepted socket names its owner. They need the running
+/// kernel's BTF (the tracepoint is found by its BTF id); without them an
+/// accepted socket is its listener's until its process closes it.
+const FIRST_USE: [(&str, &str); 2] = [
+    ("sock_recv_length", "sock_recv_length"),
+    ("sock_send_length", "sock_send_length"),
+];
+
+/// What is missing when the first-use programs cannot be attached.
+const NO_FIRST_USE: &str = "accepted sockets: their owner is the listener's process until it \
+     closes them (the first-use programs could not be attached";
+
+/// Attaches the first-use programs, finding their tracepoints in the BTF
+/// at `btf_path`.
+fn attach_first_use(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), ProbeError> {
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|source| {
+        ProbeError::TracepointBtf {
+            path: btf_path.to_path_buf(),
+            source,
+        }
+    })?;
+    for (program, tracepoint) in FIRST_USE {
+        let attach_err = |source| ProbeError::Attach {
+            tracepoint: format!("btf:{tracepoint}"),
+            source,
+        };
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(program)
+            .ok_or(ProbeError::MissingProgram { program })?
+            .try_into()
+            .map_err(attach_err)?;
+        prog.load(tracepoint, &btf).map_err(attach_err)?;
+        prog.attach().map_err(attach_err)?;
+    }
+    Ok(())
+}
+
 impl Probe {
     /// Loads the object and attaches tcpwatch's programs.
     pub fn load(opts: &ProbeOptions) -> Result<Probe, ProbeError> {
@@ -304,6 +348,12 @@ impl Probe {
                 .map_err(attach_err)?;
             prog.load().map_err(attach_err)?;
             prog.attach(category, name).map_err(attach_err)?;
+        }
+        let mut degraded = degraded;
+        if programs == TRACING {
+            if let Err(e) = attach_first_use(&mut ebpf, &opts.btf_path) {
+                degraded.push(format!("{NO_FIRST_USE}: {})", btf::with_causes(&e)));
+            }
         }
         let kernel_log = match opts.kernel_log {
             true => Some(KernelLog::take(&mut ebpf).map_err(ProbeError::KernelLog)?),

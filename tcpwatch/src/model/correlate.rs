@@ -838,11 +838,21 @@ impl Correlator {
     }
 
     fn socket_event(&mut self, s: &SocketEvent) {
-        let Some(track) = self.track_mut(s.skaddr) else {
+        if self.track_mut(s.skaddr).is_none() {
             self.stats.orphan_events += 1;
+            return;
+        }
+        let first_use = (s.kind == SocketEventKind::FirstUse).then(|| self.owners.first_use(s));
+        let Some(track) = self.track_mut(s.skaddr) else {
             return;
         };
         match s.kind {
+            SocketEventKind::FirstUse => {
+                if let Some(a) = first_use {
+                    track.owner = Some(a.owner);
+                    track.owner_source = a.source;
+                }
+            }
             SocketEventKind::Retransmit => track.retransmits = track.retransmits.saturating_add(1),
             SocketEventKind::SendReset => track.resets_sent = track.resets_sent.saturating_add(1),
             SocketEventKind::ReceiveReset => {
@@ -1705,6 +1715,30 @@ mod tests {
         assert_eq!(client.first_ns, 1_000);
         assert_eq!(client.lifetime_ns(), 5_000_000_200 - 1_000);
         assert_eq!(client.steps[0].ts_ns, 5_000_000_000);
+    }
+
+    #[test]
+    fn accepted_socket_belongs_to_the_process_that_used_it_first() {
+        // The listener's process (1) made it; a worker (7) read from it;
+        // the client reset it, so no transition ran in the worker.
+        let mut l = Sock::new(1, 1);
+        l.step(0, Close, Listen);
+        let mut s = Sock::new(2, 9);
+        s.step(10, Listen, SynRecv);
+        s.step(20, SynRecv, Established);
+        let mut first_use = Event::zeroed();
+        (
+            first_use.kind,
+            first_use.skaddr,
+            first_use.ts_ns,
+            first_use.pid,
+        ) = (kind::FIRST_USE, 2, 30_000, 7);
+        s.events.push(first_use);
+        s.reset(40, kind::RECEIVE_RESET);
+        s.step(41, Established, Close).sk_err = ECONNRESET;
+        let out = run_all(&[&l, &s]);
+        let a = out[0].owner.as_ref().unwrap();
+        assert_eq!((a.owner.pid, a.source), (7, OwnerSource::Observed));
     }
 
     #[test]

@@ -168,6 +168,9 @@ pub enum SocketEventKind {
     Retransmit,
     SendReset,
     ReceiveReset,
+    /// The first send or receive on an accepted socket: the current task
+    /// is its owner.
+    FirstUse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,11 +251,12 @@ pub fn interpret(e: &Event) -> Result<Record, DecodeError> {
                 sock: SockFields::from_event(e),
             }))
         }
-        kind::RETRANSMIT | kind::SEND_RESET | kind::RECEIVE_RESET => {
+        kind::RETRANSMIT | kind::SEND_RESET | kind::RECEIVE_RESET | kind::FIRST_USE => {
             let kind = match e.kind {
                 kind::RETRANSMIT => SocketEventKind::Retransmit,
                 kind::SEND_RESET => SocketEventKind::SendReset,
-                _ => SocketEventKind::ReceiveReset,
+                kind::RECEIVE_RESET => SocketEventKind::ReceiveReset,
+                _ => SocketEventKind::FirstUse,
             };
             Ok(Record::Socket(SocketEvent {
                 ts_ns: e.ts_ns,

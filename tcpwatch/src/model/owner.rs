@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::decode::Transition;
+use crate::model::decode::{SocketEvent, Task, Transition};
 use crate::model::snapshot::{SocketKey, SocketSnapshot};
 use crate::model::table::{BoundedMap, EvictedKeys};
 use crate::model::{Endpoint, Owner, TcpState};
@@ -40,9 +40,12 @@ pub fn is_birth(old: TcpState, new: TcpState) -> bool {
 /// Where an owner came from, for anyone who wants to know how sure it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OwnerSource {
-    /// Seen in process context on this socket.
+    /// Seen in process context on this socket (for an accepted socket, its
+    /// first send or receive: the process that accepted it).
     Observed,
-    /// Inherited from the listening socket that accepted it.
+    /// An accepted socket no process has used yet: the process that made
+    /// its listener (several may share the listener, as a pre-fork
+    /// server's workers do; any of them may take it).
     Listener,
     /// Found through /proc at start (the socket predates the trace).
     Procfs,
@@ -191,8 +194,8 @@ impl OwnerTracker {
         Some(snap.listens_on(local))
     }
 
-    fn task_owner(&mut self, t: &Transition) -> Arc<Owner> {
-        let key = (t.task.pid, t.task.comm.0, t.task.cgroup_id);
+    fn task_owner(&mut self, task: &Task) -> Arc<Owner> {
+        let key = (task.pid, task.comm.0, task.cgroup_id);
         if let Some(o) = self.cache.get(&key) {
             return o.clone();
         }
@@ -200,12 +203,27 @@ impl OwnerTracker {
             self.cache.clear();
         }
         let owner = Arc::new(Owner {
-            pid: t.task.pid,
-            comm: t.task.comm.to_string(),
-            cgroup_id: t.task.cgroup_id,
+            pid: task.pid,
+            comm: task.comm.to_string(),
+            cgroup_id: task.cgroup_id,
         });
         self.cache.insert(key, owner.clone());
         owner
+    }
+
+    /// The first send or receive on an accepted socket: the task that made
+    /// it took the socket from its listener, and owns it from now on (a
+    /// pre-fork server's worker, not the process that listened). Updates
+    /// the socket's entry when this tracker keeps one.
+    pub fn first_use(&mut self, s: &SocketEvent) -> Attribution {
+        let attribution = Attribution {
+            owner: self.task_owner(&s.task),
+            source: OwnerSource::Observed,
+        };
+        if let Some(tracked) = self.sockets.get_mut(&s.skaddr) {
+            tracked.owner = Some(attribution.clone());
+        }
+        attribution
     }
 
     /// The owner as of this transition, for a caller that keeps per-socket
@@ -220,7 +238,7 @@ impl OwnerTracker {
     ) -> Option<Attribution> {
         let attribution = if is_process_context(t.old, t.new) {
             Some(Attribution {
-                owner: self.task_owner(t),
+                owner: self.task_owner(&t.task),
                 source: OwnerSource::Observed,
             })
         } else if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv) {

@@ -651,8 +651,8 @@ fn abortive_close_with_linger_zero() {
         check_opened(link, c, s, &client, &server, (netns, netns));
         check_no_retransmits(c, s);
         // No transition of an accepted socket that closes without a FIN
-        // runs in its owner's context: the owner is the listener's.
-        s.expect_owner("server", &server, "listener");
+        // runs in its owner's context: its first read names the owner.
+        s.expect_owner("server", &server, "observed");
         let (aborter, other) = if *client_aborts { (c, s) } else { (s, c) };
         aborter.expect(
             "aborting end",
