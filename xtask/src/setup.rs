@@ -51,6 +51,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     // tests/live/top.rs drives `tcpwatch top` in a terminal of a known size.
     ("tmux", "tmux"),
+    // tests/live/real_servers.rs starts real servers and clients in namespaces of
+    // its own and checks tcpwatch against them.
+    ("nginx", "nginx"),
+    ("ab", "apache2-utils"),
+    ("redis-server", "redis-server"),
+    ("redis-benchmark", "redis-tools"),
+    ("redis-cli", "redis-tools"),
+    ("curl", "curl"),
 ];
 
 /// PyPI's Kubernetes manifest validator (it bundles the schemas, so it works

@@ -18,6 +18,7 @@ mod hardening;
 mod host;
 mod overload;
 mod prometheus;
+mod real_servers;
 mod timewait;
 mod top;
 mod trace;
@@ -35,5 +36,6 @@ fn peer_entry() {
     assert!(st.exec("listen nowhere").is_err());
     assert!(st.exec("listen_bound").is_err(), "nothing bound");
     assert!(st.exec("hold").is_err(), "no connection to hold");
+    assert!(st.exec("send GET").is_err(), "no connection to send on");
     assert_eq!(st.exec("sleep 1").unwrap(), None);
 }

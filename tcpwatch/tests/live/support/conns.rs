@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tcpwatch::views::conns::ConnRecord;
 
+use super::netns::Netns;
 use super::peer::{Link, Peer};
 use super::summary::conns_summary;
 use super::{is_ready, parse_ts, read_json, tcpwatch_bin, Finished, Proc, Scratch};
@@ -52,11 +53,21 @@ pub struct Tw {
 impl Tw {
     /// Starts `tcpwatch ARGS` without waiting for it to attach.
     pub fn spawn(args: &[&str]) -> Tw {
+        Tw::spawn_in(None, args)
+    }
+
+    /// Like [`Tw::spawn`], inside network namespace `netns` when given
+    /// (`ip netns exec` execs in place: the pid is tcpwatch's).
+    pub fn spawn_in(netns: Option<&Netns>, args: &[&str]) -> Tw {
         let dir = Scratch::new("tw");
         let out = fs::File::create(dir.join("stdout")).unwrap();
         let err = fs::File::create(dir.join("stderr")).unwrap();
         let name = format!("tcpwatch {}", args.join(" "));
-        let child = Command::new(tcpwatch_bin())
+        let mut cmd = match netns {
+            Some(ns) => ns.command(tcpwatch_bin()),
+            None => Command::new(tcpwatch_bin()),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
@@ -422,7 +433,16 @@ impl Conn {
             assert!(t.t_ms >= prev, "transitions out of order: {line}");
             prev = t.t_ms;
         }
-        assert_eq!(tr[0].ts, self.start_ts, "first transition: {line}");
+        if self.before_trace {
+            // Open before tracing: start_ts is when tracing began, which
+            // the first transition seen can only follow.
+            assert!(
+                parse_ts(&tr[0].ts) >= start,
+                "first transition before start_ts: {line}"
+            );
+        } else {
+            assert_eq!(tr[0].ts, self.start_ts, "first transition: {line}");
+        }
         // tcpwatch keeps later transitions to the microsecond (from the
         // first), the close itself to the nanosecond.
         let last = &tr[tr.len() - 1];
@@ -591,8 +611,24 @@ fn port_of(endpoint: &str) -> Option<u16> {
 impl Capture {
     /// Starts tcpdump and returns once it is capturing.
     pub fn start(iface: &str, filter: &str) -> Capture {
-        let mut cmd = Command::new("tcpdump");
-        cmd.args(["-i", iface, "-nn", "-l", "--immediate-mode", filter]);
+        Capture::start_in(None, iface, filter)
+    }
+
+    /// Like [`Capture::start`], on an interface of network namespace
+    /// `netns` when given.
+    pub fn start_in(netns: Option<&Netns>, iface: &str, filter: &str) -> Capture {
+        let mut cmd = match netns {
+            Some(ns) => ns.command("tcpdump"),
+            None => Command::new("tcpdump"),
+        };
+        // Headers are all it needs: whole 64 KiB loopback segments would
+        // fill its buffer and be dropped.
+        cmd.args(["-i", iface, "-s", "128", "-B", "16384"]).args([
+            "-nn",
+            "-l",
+            "--immediate-mode",
+            filter,
+        ]);
         let proc = Proc::spawn("tcpdump", cmd, false);
         proc.wait_stderr(|l| l.contains("listening on"), 1, START_TIMEOUT);
         Capture { proc }
@@ -613,6 +649,13 @@ impl Capture {
             last = now;
         }
         let f = self.proc.interrupt(STOP_TIMEOUT);
+        // A capture that missed segments cannot be compared with.
+        let dropped = f
+            .stderr
+            .iter()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert_eq!(dropped, Some(0), "tcpdump: {}", f.stderr.join("\n"));
         f.stdout
             .iter()
             .filter_map(|l| {

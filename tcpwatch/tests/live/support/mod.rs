@@ -11,6 +11,8 @@
 //! - `summary`: the exit summaries and LOST lines, read in one place;
 //! - `trace`, `conns`, `timewait`, `daemon`: runners for each command and
 //!   the library's own record types their output is read into;
+//! - `real_servers`: nginx, redis and their clients from Debian, started
+//!   in the test's namespaces, and `ss` read inside them;
 //! - `hardening`, `overload`, `deploy`: helpers of those tests alone.
 
 pub mod conns;
@@ -21,6 +23,7 @@ pub mod netns;
 pub mod overload;
 pub mod peer;
 pub mod proc;
+pub mod real_servers;
 pub mod sockets;
 pub mod summary;
 pub mod timewait;

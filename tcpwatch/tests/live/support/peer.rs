@@ -99,8 +99,8 @@ impl PeerState {
 
     /// Runs one command; `Ok(Some(v))` when it has a value to report.
     pub fn exec(&mut self, cmd: &str) -> io::Result<Option<String>> {
-        let (verb, args) = cmd.split_once(' ').unwrap_or((cmd, ""));
-        let args: Vec<&str> = args.split_whitespace().collect();
+        let (verb, rest) = cmd.split_once(' ').unwrap_or((cmd, ""));
+        let args: Vec<&str> = rest.split_whitespace().collect();
         let addr = |i: usize| -> io::Result<SocketAddr> {
             let a = args.get(i).copied().unwrap_or("");
             a.parse()
@@ -194,6 +194,33 @@ impl PeerState {
                 let data = vec![b'x'; num(0)? as usize];
                 self.conn()?.write_all(&data)?;
                 Ok(None)
+            }
+            // Writes the rest of the command, with \r and \n written as
+            // such (a request to a real server); value: the bytes written.
+            "send" => {
+                let text = rest.trim().replace("\\r", "\r").replace("\\n", "\n");
+                self.conn()?.write_all(text.as_bytes())?;
+                Ok(Some(text.len().to_string()))
+            }
+            // Reads one HTTP response (headers, then Content-Length bytes);
+            // value: its length.
+            "read_http" => {
+                let conn = self.conn()?;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    conn.read_exact(&mut byte)?;
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let body: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|n| n.trim().parse().ok())
+                    .ok_or_else(|| bad(format!("no Content-Length in {text:?}")))?;
+                let mut data = vec![0u8; body];
+                conn.read_exact(&mut data)?;
+                Ok(Some((head.len() + body).to_string()))
             }
             "read" => {
                 let mut data = vec![0u8; num(0)? as usize];
