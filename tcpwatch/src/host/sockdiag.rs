@@ -33,7 +33,7 @@ use netlink_packet_core::{
     NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::constants::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, TCP_FIN_WAIT2, TCP_TIME_WAIT,
+    AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, TCP_FIN_WAIT2, TCP_LISTEN, TCP_TIME_WAIT,
 };
 use netlink_packet_sock_diag::inet::{
     ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags, Timer,
@@ -452,12 +452,11 @@ impl ExactLookup {
         })
     }
 
-    /// The timewait socket with each (local, remote) 4-tuple, `None` where
-    /// the kernel has none (or has a full socket with it).
+    /// What the kernel has at each (local, remote) 4-tuple.
     pub fn lookup(
         &mut self,
         sockets: &[(Endpoint, Endpoint)],
-    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+    ) -> Result<Vec<Found>, SockDiagError> {
         let mut found = Vec::with_capacity(sockets.len());
         for chunk in sockets.chunks(EXACT_BATCH) {
             found.extend(self.lookup_batch(chunk)?);
@@ -468,7 +467,7 @@ impl ExactLookup {
     fn lookup_batch(
         &mut self,
         sockets: &[(Endpoint, Endpoint)],
-    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+    ) -> Result<Vec<Found>, SockDiagError> {
         const FAMILY: &str = "an exact lookup";
         // Sequence numbers base, base + 1, ...: each request gets exactly
         // one answer, the socket or an error (ENOENT: none).
@@ -484,16 +483,17 @@ impl ExactLookup {
                 family: FAMILY,
                 source,
             })?;
-        let mut answers: Vec<Option<Option<TimewaitSocket>>> = vec![None; sockets.len()];
+        let mut answers: Vec<Option<Found>> = vec![None; sockets.len()];
         let mut missing = sockets.len();
+        let kernel = |errno: i32| SockDiagError::Kernel {
+            family: FAMILY,
+            source: io::Error::from_raw_os_error(errno),
+        };
         while missing > 0 {
             let len = recv(&self.socket, &mut self.buf, FAMILY)?;
             let data = self.buf.get(..len).unwrap_or(&self.buf);
             let replies = parse_exact_replies(data).map_err(|e| match e {
-                ReplyError::Kernel(errno) => SockDiagError::Kernel {
-                    family: FAMILY,
-                    source: io::Error::from_raw_os_error(errno),
-                },
+                ReplyError::Kernel(errno) => kernel(errno),
                 ReplyError::Malformed(source) => SockDiagError::Malformed {
                     family: FAMILY,
                     source,
@@ -501,25 +501,58 @@ impl ExactLookup {
             })?;
             for (seq, answer) in replies {
                 let i = seq.wrapping_sub(base) as usize;
-                if let Some(slot @ None) = answers.get_mut(i) {
-                    *slot = Some(answer.map_err(|errno| SockDiagError::Kernel {
-                        family: FAMILY,
-                        source: io::Error::from_raw_os_error(errno),
-                    })?);
-                    missing -= 1;
-                }
+                let (Some(slot @ None), Some(asked)) = (answers.get_mut(i), sockets.get(i)) else {
+                    continue;
+                };
+                *slot = Some(match answer.map_err(kernel)? {
+                    Some(ExactReply::Timewait(tw)) => Found::Timewait(tw),
+                    // The lookup falls back to a listener on the local
+                    // endpoint, as for an arriving SYN: that is not this
+                    // 4-tuple's socket.
+                    Some(ExactReply::Full {
+                        local,
+                        remote,
+                        state,
+                    }) if state != TCP_LISTEN && (local, remote) == *asked => Found::Connected,
+                    _ => Found::Nothing,
+                });
+                missing -= 1;
             }
         }
-        Ok(answers.into_iter().map(Option::flatten).collect())
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Found::Nothing))
+            .collect())
     }
 }
 
+/// What the kernel has at one 4-tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// A timewait socket.
+    Timewait(TimewaitSocket),
+    /// A full socket (not listening): a new connection took the 4-tuple.
+    Connected,
+    Nothing,
+}
+
+/// One reply to an exact request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExactReply {
+    Timewait(TimewaitSocket),
+    Full {
+        local: Endpoint,
+        remote: Endpoint,
+        state: u8,
+    },
+}
+
 /// The answers in one datagram of replies to exact requests: (sequence
-/// number, the timewait socket or none, or an errno other than ENOENT).
+/// number, the socket or none, or an errno other than ENOENT).
 #[allow(clippy::type_complexity)]
 fn parse_exact_replies(
     mut data: &[u8],
-) -> Result<Vec<(u32, Result<Option<TimewaitSocket>, i32>)>, ReplyError> {
+) -> Result<Vec<(u32, Result<Option<ExactReply>, i32>)>, ReplyError> {
     let mut out = Vec::new();
     while !data.is_empty() {
         let msg = NetlinkBuffer::new_checked(data)
@@ -528,7 +561,20 @@ fn parse_exact_replies(
         let seq = msg.sequence_number();
         let payload = msg.payload();
         match msg.message_type() {
-            SOCK_DIAG_BY_FAMILY => out.push((seq, Ok(parse_inet_diag_msg(payload)?))),
+            SOCK_DIAG_BY_FAMILY => {
+                let reply = match parse_inet_diag_msg(payload)? {
+                    Some(tw) => Some(ExactReply::Timewait(tw)),
+                    None => inet_header(payload)?.map(|h| ExactReply::Full {
+                        local: Endpoint::new(h.socket_id.source_address, h.socket_id.source_port),
+                        remote: Endpoint::new(
+                            h.socket_id.destination_address,
+                            h.socket_id.destination_port,
+                        ),
+                        state: h.state,
+                    }),
+                };
+                out.push((seq, Ok(reply)));
+            }
             NLMSG_ERROR => {
                 let err = ErrorBuffer::new_checked(payload)
                     .map_err(|e| ReplyError::Malformed(Malformed::ErrorMessage(e)))?;
@@ -562,10 +608,7 @@ impl HandoffLookup {
         HandoffLookup::default()
     }
 
-    fn ask(
-        &mut self,
-        sockets: &[(Endpoint, Endpoint)],
-    ) -> Result<Vec<Option<TimewaitSocket>>, SockDiagError> {
+    fn ask(&mut self, sockets: &[(Endpoint, Endpoint)]) -> Result<Vec<Found>, SockDiagError> {
         let exact = match &mut self.exact {
             Some(e) => e,
             None => self.exact.insert(ExactLookup::open()?),
@@ -587,11 +630,16 @@ impl TimewaitLookup for HandoffLookup {
         match self.ask(sockets) {
             Ok(found) => Ok(found
                 .into_iter()
-                .map(|s| {
-                    s.map(|s| match s.substate {
-                        TcpState::FinWait2 => TimewaitSubstate::FinWait2,
-                        _ => TimewaitSubstate::TimeWait,
-                    })
+                .map(|f| match f {
+                    Found::Timewait(tw) if tw.substate == TcpState::FinWait2 => {
+                        Some(TimewaitSubstate::FinWait2)
+                    }
+                    Found::Timewait(_) => Some(TimewaitSubstate::TimeWait),
+                    // Only a timewait socket in TIME_WAIT lets a new
+                    // connection take its 4-tuple (one in FIN_WAIT2 answers
+                    // a SYN with a RST): the peer's FIN had come.
+                    Found::Connected => Some(TimewaitSubstate::TimeWait),
+                    Found::Nothing => None,
                 })
                 .collect()),
             Err(e) => {

@@ -35,7 +35,7 @@ use crate::support::netns::{Netns, VethPair, VETH_A, VETH_B};
 use crate::support::peer::Peer;
 use crate::support::real_servers::*;
 use crate::support::trace::Line;
-use crate::support::{now_ns, parse_ts};
+use crate::support::{have, now_ns, parse_ts};
 
 const HTTP_PORT: u16 = 8080;
 const REQUESTS: usize = 300;
@@ -381,6 +381,81 @@ fn server_that_closes_first_is_orderly_with_time_wait_in_four_segments() {
     );
     daemon.stop();
     drop(nginx);
+}
+
+/// The host side of settling a hand-off: an exact, batched sock_diag
+/// lookup of 4-tuples, checked against sockets the test put in each state
+/// in a namespace of its own (as `ss` lists them).
+#[test]
+fn exact_lookup_tells_each_timewait_substate() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use tcpwatch::host::sockdiag::{ExactLookup, Found};
+    use tcpwatch::model::{Endpoint, TcpState};
+    require_live!();
+    if !have(&["ss"]) {
+        return;
+    }
+    let ns = Netns::new();
+    quickack_on(&ns, "lo");
+    let ep = |a: SocketAddr| Endpoint::new(a.ip(), a.port());
+    let (found, expected, ss_fw2, ss_tw) = ns.in_ns(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let pair_up = || {
+            let c = TcpStream::connect(server).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            (c, s)
+        };
+        // TIME_WAIT: the client closes first, the server at once after.
+        let (c, mut s) = pair_up();
+        let tw = c.local_addr().unwrap();
+        drop(c);
+        s.read_to_end(&mut Vec::new()).unwrap();
+        drop(s);
+        // FIN_WAIT2: the client closes first, the server never does (its
+        // quick ACK hands the client's socket to a timewait socket).
+        let (c, mut held) = pair_up();
+        let fw2 = c.local_addr().unwrap();
+        drop(c);
+        held.read_to_end(&mut Vec::new()).unwrap();
+        // A connection still open, and a 4-tuple nobody has.
+        let (mut open_c, _open_s) = pair_up();
+        open_c.write_all(b"x").unwrap();
+        let open = open_c.local_addr().unwrap();
+        let nobody: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let asked = [
+            (ep(tw), ep(server)),
+            (ep(fw2), ep(server)),
+            (ep(open), ep(server)),
+            (ep(nobody), ep(server)),
+            // The server's own port with a peer it never had: the kernel
+            // falls back to the listener, which is not this 4-tuple.
+            (ep(server), ep(nobody)),
+        ];
+        let found = ExactLookup::open().unwrap().lookup(&asked).unwrap();
+        let (ss_fw2, ss_tw) = (ss_lines(&ns, "fin-wait-2", ""), ss_lines(&ns, "time-wait", ""));
+        open_c.shutdown(Shutdown::Both).unwrap();
+        drop(held);
+        (found, [tw, fw2], ss_fw2, ss_tw)
+    });
+    println!("lookups: {found:?}");
+    let listed =
+        |lines: &[String], a: SocketAddr| lines.iter().any(|l| l.contains(&format!(" {a} ")));
+    assert!(
+        listed(&ss_tw, expected[0]) && listed(&ss_fw2, expected[1]),
+        "ss: {ss_tw:?} {ss_fw2:?}"
+    );
+    let substate = |f: &Found| match f {
+        Found::Timewait(t) => Some(t.substate),
+        _ => None,
+    };
+    assert_eq!(substate(&found[0]), Some(TcpState::TimeWait), "{found:?}");
+    assert_eq!(substate(&found[1]), Some(TcpState::FinWait2), "{found:?}");
+    assert_eq!(found[2], Found::Connected);
+    assert_eq!(found[3], Found::Nothing);
+    assert_eq!(found[4], Found::Nothing);
 }
 
 /// The same server, but its client reads the whole response and then

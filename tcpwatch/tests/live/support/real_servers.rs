@@ -363,3 +363,4 @@ pub fn ss_owners(ns: &Netns, port: u16) -> HashMap<u16, u32> {
     }
     out
 }
+
