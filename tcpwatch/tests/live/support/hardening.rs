@@ -18,12 +18,14 @@ use super::summary::conns_summary;
 use super::{tcpwatch_bin, Finished, Proc};
 
 /// The names of the programs in tcpwatch's eBPF object.
-pub const PROGRAM_NAMES: [&str; 5] = [
+pub const PROGRAM_NAMES: [&str; 7] = [
     "inet_sock_set_state",
     "bench_floor",
     "tcp_retransmit_skb",
     "tcp_send_reset",
     "tcp_receive_reset",
+    "sock_recv_length",
+    "sock_send_length",
 ];
 
 // ---------------------------------------------------------------------------
@@ -161,7 +163,7 @@ impl BpfIds {
         self.progs.is_empty() && self.links.is_empty() && self.maps.is_empty()
     }
 
-    /// "4 programs, 4 links, 3 maps".
+    /// "6 programs, 6 links, 4 maps".
     pub fn counts(&self) -> String {
         format!(
             "{} programs, {} links, {} maps",
