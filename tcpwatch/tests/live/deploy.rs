@@ -22,6 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -566,8 +567,9 @@ struct CapRun {
     /// The connection to the listener made after start: whether its client
     /// side's record arrived, and its owner pid.
     client: Option<Option<u32>>,
-    /// The same for the listener opened before the daemon started.
-    listener: Option<Option<u32>>,
+    /// The same for the server side of a connection opened before the
+    /// daemon started (a listener is not a connection: it has no record).
+    older: Option<Option<u32>>,
     /// Timewait sockets toward the listener, per /metrics.
     timewait: Option<f64>,
     /// Events the daemon lost, or records it dropped before the test read
@@ -577,7 +579,7 @@ struct CapRun {
 
 impl CapRun {
     fn complete(&self) -> bool {
-        self.client.is_some() && self.listener.is_some() && self.timewait.is_some()
+        self.client.is_some() && self.older.is_some() && self.timewait.is_some()
     }
 }
 
@@ -587,13 +589,20 @@ fn lost_events(daemon: &Daemon) -> u64 {
     h.lost_ring_full + h.lost_kernel_skipped
 }
 
-/// Starts the daemon under `wrapper`; with a listener of this process opened
-/// before it, one connection to it (the client closes first, leaving a
-/// TIME_WAIT socket), then the listener closed. `Err(output)` if the daemon
-/// did not start.
+/// Starts the daemon under `wrapper`; with a listener of this process and a
+/// connection to it opened before it, one more connection (the client
+/// closes first, leaving a TIME_WAIT socket), then the older connection
+/// reset and the listener closed. `Err(output)` if the daemon did not
+/// start.
 fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapRun, String> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let older_client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let older_port = older_client.local_addr().unwrap().port();
+    let (older_server, _) = listener.accept().unwrap();
+    // Left unread, so closing the server side sends a RST: no transition of
+    // it runs in its owner's context, and only /proc can name the owner.
+    (&older_client).write_all(b"unread").unwrap();
     // Other tests may churn connections meanwhile (thousands a second): a
     // large --keep keeps this run's records until the test reads them, a
     // large --top gives its one timewait socket a series of its own.
@@ -614,13 +623,15 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
     drop(client);
     std::io::copy(&mut server, &mut std::io::sink()).unwrap();
     drop(server);
+    drop(older_server);
+    drop(older_client);
     drop(listener);
 
     let destination = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut run = CapRun {
         client: None,
-        listener: None,
+        older: None,
         timewait: None,
         disturbed: false,
     };
@@ -633,8 +644,8 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
         for c in &p.conns {
             if c.dport == port && c.role.as_deref() == Some("client") {
                 run.client = Some(c.pid);
-            } else if c.sport == port && c.dport == 0 {
-                run.listener = Some(c.pid);
+            } else if c.sport == port && c.dport == older_port {
+                run.older = Some(c.pid);
             }
         }
         run.timewait = find_sample(
@@ -648,7 +659,7 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
     daemon.stop();
     // The test process owns both ends.
     let me = std::process::id();
-    for pid in [run.client, run.listener].into_iter().flatten().flatten() {
+    for pid in [run.client, run.older].into_iter().flatten().flatten() {
         assert_eq!(pid, me, "{name}: attributed to another process");
     }
     Ok(run)
@@ -689,8 +700,8 @@ fn unit_capabilities_are_enough_and_each_is_needed() {
         "client connection not attributed: {full:?}"
     );
     assert!(
-        matches!(full.listener, Some(Some(_))),
-        "listener opened before the start not attributed (/proc/PID/fd unreadable?): {full:?}"
+        matches!(full.older, Some(Some(_))),
+        "connection opened before the start not attributed (/proc/PID/fd unreadable?): {full:?}"
     );
     assert_eq!(full.timewait, Some(1.0), "TIME_WAIT socket not counted");
     println!(
@@ -701,7 +712,7 @@ fn unit_capabilities_are_enough_and_each_is_needed() {
     let k8s = run_with_caps("uid 0, unit caps", &setpriv(&setpriv_bin, 0, &caps), &bin)
         .unwrap_or_else(|out| panic!("the daemon did not start as uid 0 with {caps:?}:\n{out}"));
     assert!(
-        matches!((k8s.client, k8s.listener), (Some(Some(_)), Some(Some(_)))),
+        matches!((k8s.client, k8s.older), (Some(Some(_)), Some(Some(_)))),
         "{k8s:?}"
     );
     assert_eq!(k8s.timewait, Some(1.0));
@@ -725,8 +736,12 @@ fn unit_capabilities_are_enough_and_each_is_needed() {
             "CAP_SYS_PTRACE" => {
                 let r = result.unwrap_or_else(|out| panic!("{name}: did not start: {out}"));
                 assert!(matches!(r.client, Some(Some(_))), "{name}: {r:?}");
-                assert_eq!(r.listener, Some(None), "{name}: listener attributed anyway");
-                println!("{name}: starts, but the older listener has no owner");
+                assert_eq!(
+                    r.older,
+                    Some(None),
+                    "{name}: older connection attributed anyway"
+                );
+                println!("{name}: starts, but the older connection has no owner");
             }
             other => panic!("no check for {other}: say what it is for"),
         }
