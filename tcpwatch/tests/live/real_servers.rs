@@ -668,6 +668,8 @@ fn pre_fork_server_connections_belong_to_the_worker_that_took_them() {
         );
         conns.stop().stdout.iter().map(|l| Conn::parse(l)).collect()
     };
+    // Other tests may use the same addresses in namespaces of their own.
+    let (server_ns, client_ns) = (pair.a.inode(), pair.b.inode());
     let accepted = [
         ("LISTEN", "SYN_RECV"),
         ("SYN_RECV", "ESTABLISHED"),
@@ -680,7 +682,10 @@ fn pre_fork_server_connections_belong_to_the_worker_that_took_them() {
             let of_conn: Vec<&Line> = lines
                 .iter()
                 .filter(|l| {
-                    l.sport == HTTP_PORT && l.dport == *port && l.saddr == server.ip().to_string()
+                    l.sport == HTTP_PORT
+                        && l.dport == *port
+                        && l.saddr == server.ip().to_string()
+                        && l.netns == Some(server_ns)
                 })
                 .collect();
             if w != worker {
@@ -705,7 +710,7 @@ fn pre_fork_server_connections_belong_to_the_worker_that_took_them() {
         }
         let server_side: Vec<&Conn> = conn_records
             .iter()
-            .filter(|c| c.sport == HTTP_PORT && c.dport == *port)
+            .filter(|c| c.sport == HTTP_PORT && c.dport == *port && c.netns == Some(server_ns))
             .collect();
         assert_eq!(server_side.len(), 1, "port {port}");
         server_side[0].expect(
@@ -721,7 +726,7 @@ fn pre_fork_server_connections_belong_to_the_worker_that_took_them() {
     for (port, pid) in &curls {
         let client: Vec<&Conn> = conn_records
             .iter()
-            .filter(|c| c.sport == *port && c.dport == HTTP_PORT)
+            .filter(|c| c.sport == *port && c.dport == HTTP_PORT && c.netns == Some(client_ns))
             .collect();
         assert_eq!(client.len(), 1, "curl's port {port}");
         client[0].expect(
@@ -813,6 +818,8 @@ fn connection_open_before_tracing_is_counted_exactly() {
     let records: Vec<Conn> = json.stop().stdout.iter().map(|l| Conn::parse(l)).collect();
     let text_lines = text.stop().stdout;
 
+    // Other tests may use the same ports in namespaces of their own.
+    let netns = pair.a.inode();
     let find = |local: u16, remote: u16| -> &Conn {
         let hits: Vec<&Conn> = records
             .iter()
@@ -820,6 +827,7 @@ fn connection_open_before_tracing_is_counted_exactly() {
                 c.sport == local
                     && c.dport == remote
                     && c.saddr == IpAddr::V4(Ipv4Addr::LOCALHOST)
+                    && c.netns == Some(netns)
             })
             .collect();
         assert_eq!(hits.len(), 1, "{local} -> {remote}: {hits:#?}");
@@ -893,7 +901,7 @@ fn connection_open_before_tracing_is_counted_exactly() {
     // The listener closed while tracing: not a connection.
     let listener: Vec<&Conn> = records
         .iter()
-        .filter(|c| c.sport == 6379 && c.dport == 0)
+        .filter(|c| c.sport == 6379 && c.dport == 0 && c.netns == Some(netns))
         .collect();
     assert!(
         listener.is_empty(),
@@ -902,7 +910,11 @@ fn connection_open_before_tracing_is_counted_exactly() {
     // redis-benchmark's connections, made while tracing.
     let bench_clients: Vec<&Conn> = records
         .iter()
-        .filter(|c| c.dport == 6379 && c.comm.as_deref() == Some("redis-benchmark"))
+        .filter(|c| {
+            c.dport == 6379
+                && c.comm.as_deref() == Some("redis-benchmark")
+                && c.netns == Some(netns)
+        })
         .collect();
     assert!(
         bench_clients.len() >= 4,
