@@ -27,9 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::require_live;
-use crate::support::conns::{
-    fin_timeout_s, ladder_blocks, teardown_in_capture, Capture, Conn, Tw,
-};
+use crate::support::conns::{fin_timeout_s, ladder_blocks, teardown_in_capture, Capture, Conn, Tw};
 use crate::support::daemon::{metric, Daemon};
 use crate::support::netns::{Netns, VethPair, VETH_A, VETH_B};
 use crate::support::peer::Peer;
@@ -154,12 +152,7 @@ fn server_that_closes_first_is_orderly_with_time_wait_in_four_segments() {
 
     let mut cases = Vec::new();
     for (name, server, client_ns, iface) in [
-        (
-            "client on this host (loopback)",
-            local,
-            &pair.a,
-            "lo",
-        ),
+        ("client on this host (loopback)", local, &pair.a, "lo"),
         (
             "client behind a veth in another namespace",
             remote,
@@ -435,7 +428,10 @@ fn exact_lookup_tells_each_timewait_substate() {
             (ep(server), ep(nobody)),
         ];
         let found = ExactLookup::open().unwrap().lookup(&asked).unwrap();
-        let (ss_fw2, ss_tw) = (ss_lines(&ns, "fin-wait-2", ""), ss_lines(&ns, "time-wait", ""));
+        let (ss_fw2, ss_tw) = (
+            ss_lines(&ns, "fin-wait-2", ""),
+            ss_lines(&ns, "time-wait", ""),
+        );
         open_c.shutdown(Shutdown::Both).unwrap();
         drop(held);
         (found, [tw, fw2], ss_fw2, ss_tw)

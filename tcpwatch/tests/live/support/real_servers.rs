@@ -363,4 +363,3 @@ pub fn ss_owners(ns: &Netns, port: u16) -> HashMap<u16, u32> {
     }
     out
 }
-
