@@ -170,7 +170,7 @@ impl Entry {
 #[derive(Clone, Copy, Debug, Default)]
 struct DestRate {
     created_since_snapshot: u32,
-    /// Creations per second, smoothed over about a minute.
+    /// Creations per second over the last interval.
     rate: f64,
 }
 
@@ -626,25 +626,18 @@ impl TimewaitBook {
             0.0
         };
 
-        // Destination rates, smoothed over about a minute.
-        let alpha = if interval_s > 0.0 {
-            (interval_s / 60.0).min(1.0)
-        } else {
-            0.0
-        };
+        // Destination rates over the last interval: the current rate, so
+        // the forecast ends with the traffic (a decaying average kept
+        // warning for about a minute after it stopped).
         for d in self.dest_rates.values_mut() {
-            let r = if interval_s > 0.0 {
+            d.rate = if interval_s > 0.0 {
                 f64::from(d.created_since_snapshot) / interval_s
             } else {
                 0.0
             };
-            d.rate = if d.rate == 0.0 {
-                r
-            } else {
-                d.rate + alpha * (r - d.rate)
-            };
             d.created_since_snapshot = 0;
         }
+        self.dest_rates.retain(|_, d| d.rate > 0.0);
 
         let traced = self.entries.len() as u64;
         let total = traced + self.unattributed_now + self.just_closed_now;
@@ -1199,6 +1192,23 @@ mod tests {
                 .any(|f| f.contains("run out in about 27 s")),
             "{:?}",
             s.findings
+        );
+        // The traffic stops: the next snapshot forecasts nothing, though
+        // the ports are still held.
+        let s = b.snapshot(3_000_000_000, "t".into(), 5, kview());
+        let d = &s.destinations[0];
+        assert_eq!((d.ports_held, d.rate_per_s, d.exhaustion_s), (2000, 0.0, None));
+        assert!(
+            !s.findings
+                .iter()
+                .any(|f| f.contains("run out") || f.contains("opened and closed")),
+            "{:?}",
+            s.findings
+        );
+        assert!(
+            crate::views::timewait::timewait_text(&s).contains("not being used up now"),
+            "{}",
+            crate::views::timewait::timewait_text(&s)
         );
         // With tcp_tw_reuse=1 there is no exhaustion.
         let mut kv = kview();

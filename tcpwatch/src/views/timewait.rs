@@ -92,6 +92,7 @@ pub fn timewait_text(s: &Snapshot) -> String {
         let runs_out = match (d.exhaustion_s, d.tw_reuse_applies) {
             (Some(secs), _) => format!("{secs:.0} s"),
             (None, true) => "never (tcp_tw_reuse)".to_string(),
+            (None, false) if d.rate_per_s == 0.0 => "not being used up now".to_string(),
             (None, false) => "never at this rate".to_string(),
         };
         let _ = writeln!(
