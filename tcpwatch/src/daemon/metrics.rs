@@ -42,6 +42,14 @@ struct DestinationLabels {
     destination: String,
 }
 
+/// A client's ports toward a destination: per local address, as the
+/// kernel allocates them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortsLabels {
+    local: String,
+    destination: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
     process: String,
@@ -87,8 +95,10 @@ pub struct Metrics {
     timewait_created: Counter,
     by_destination: Family<DestinationLabels, Gauge>,
     by_process: Family<ProcessLabels, Gauge>,
-    ports_held: Family<DestinationLabels, Gauge>,
+    ports_held: Family<PortsLabels, Gauge>,
     port_range: Gauge,
+    tw_reuse: Gauge,
+    timestamps: Gauge,
     kernel_timewait: Gauge,
     max_tw_buckets: Gauge,
     overflows: Counter,
@@ -117,6 +127,8 @@ impl Metrics {
             by_process: Family::default(),
             ports_held: Family::default(),
             port_range: Gauge::default(),
+            tw_reuse: Gauge::default(),
+            timestamps: Gauge::default(),
             kernel_timewait: Gauge::default(),
             max_tw_buckets: Gauge::default(),
             overflows: Counter::default(),
@@ -178,8 +190,18 @@ impl Metrics {
         );
         r.register(
             "destination_ports_held",
-            "Local ephemeral ports held in timewait toward a destination (client side)",
+            "Ephemeral ports of a local address held in timewait toward a destination (client side); each local address has the whole port range toward each destination",
             m.ports_held.clone(),
+        );
+        r.register(
+            "kernel_tcp_tw_reuse",
+            "net.ipv4.tcp_tw_reuse: 1 lets connect() reuse ports in TIME_WAIT, 2 only for loopback (either end); both need tcp_timestamps",
+            m.tw_reuse.clone(),
+        );
+        r.register(
+            "kernel_tcp_timestamps",
+            "net.ipv4.tcp_timestamps (tcp_tw_reuse needs it on)",
+            m.timestamps.clone(),
         );
         r.register(
             "local_port_range_ports",
@@ -338,7 +360,8 @@ impl Metrics {
         self.ports_held.clear();
         for d in &s.destinations {
             self.ports_held
-                .get_or_create(&DestinationLabels {
+                .get_or_create(&PortsLabels {
+                    local: d.local.clone(),
                     destination: d.remote.clone(),
                 })
                 .set(d.ports_held as i64);
@@ -346,6 +369,12 @@ impl Metrics {
         let k = &s.kernel;
         if let Some(n) = k.port_range {
             self.port_range.set(i64::from(n));
+        }
+        if let Some(n) = k.tw_reuse {
+            self.tw_reuse.set(i64::from(n));
+        }
+        if let Some(n) = k.timestamps {
+            self.timestamps.set(i64::from(n));
         }
         if let Some(n) = k.sockstat_tw {
             self.kernel_timewait.set(n as i64);

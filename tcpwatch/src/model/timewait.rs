@@ -1,6 +1,8 @@
 //! TIME_WAIT accounting: which process, toward which peer, from which local
 //! endpoint, holds the host's timewait sockets, how fast they are made, and
-//! when a destination's ephemeral ports run out.
+//! when a destination's ephemeral ports run out. Ports are counted per
+//! (local address, remote address:port), as the kernel allocates them: each
+//! local address has the whole port range toward each destination.
 //!
 //! A timewait socket has no owner and no tracepoint; the connection that
 //! left it does. So every finished timeline with a timewait socket adds an
@@ -166,7 +168,8 @@ impl Entry {
     }
 }
 
-/// Per-destination counters for the rate and the port forecast.
+/// Per-destination counters for the rate and the port forecast, keyed by
+/// the interned (local address, remote endpoint) of the client side.
 #[derive(Clone, Copy, Debug, Default)]
 struct DestRate {
     created_since_snapshot: u32,
@@ -210,6 +213,8 @@ pub struct Group {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Destination {
+    /// The local address the ephemeral ports are taken from.
+    pub local: String,
     pub remote: String,
     /// Client-side timewait sockets toward it: ephemeral ports it holds.
     pub ports_held: u64,
@@ -219,6 +224,9 @@ pub struct Destination {
     /// they do not (the steady state fits the range, or reuse applies).
     pub exhaustion_s: Option<f64>,
     pub steady_state_ports: f64,
+    /// Whether connect() may reuse these ports while they are in TIME_WAIT
+    /// (tcp_tw_reuse 1, or 2 with a loopback address at either end, with
+    /// tcp_timestamps on), as the kernel decides in tcp_twsk_unique().
     pub tw_reuse_applies: bool,
 }
 
@@ -257,7 +265,7 @@ pub struct TimewaitBook {
     entries: HashMap<u64, Entry>,
     owners: Interner<Attribution>,
     endpoints: Interner<Endpoint>,
-    dest_rates: HashMap<u32, DestRate>,
+    dest_rates: HashMap<(u32, u32), DestRate>,
     own_netns: Option<u32>,
     epoch_ns: u64,
     created_since_snapshot: u64,
@@ -414,10 +422,11 @@ impl TimewaitBook {
         );
         self.created_since_snapshot += 1;
         if client {
-            let id = self.endpoints.ids.get(&t.remote).copied().unwrap_or(OTHER);
-            if id != OTHER {
+            let id = |ep: &Endpoint| self.endpoints.ids.get(ep).copied().unwrap_or(OTHER);
+            let pair = (id(&local_group), id(&t.remote));
+            if pair.0 != OTHER && pair.1 != OTHER {
                 self.dest_rates
-                    .entry(id)
+                    .entry(pair)
                     .or_default()
                     .created_since_snapshot += 1;
             }
@@ -644,7 +653,9 @@ impl TimewaitBook {
         let mut time_wait = 0;
         let mut fin_wait2 = 0;
         let mut other_netns = 0;
-        let mut client_by_dest: HashMap<u32, u64> = HashMap::new();
+        // Client-side sockets by (local address, destination): the ports
+        // each local address holds toward each destination.
+        let mut client_by_dest: HashMap<(u32, u32), u64> = HashMap::new();
         let before_id = self.owners.ids.get(&Attribution::BeforeTracing).copied();
         let mut before_tracing = 0;
         for e in self.entries.values() {
@@ -660,7 +671,7 @@ impl TimewaitBook {
                 before_tracing += 1;
             }
             if e.has(FLAG_CLIENT) {
-                *client_by_dest.entry(e.remote).or_default() += 1;
+                *client_by_dest.entry((e.local, e.remote)).or_default() += 1;
             }
         }
         // Sockets the kernel lists that tcpwatch has no entry for, in the
@@ -723,20 +734,27 @@ impl TimewaitBook {
             &self.unmatched_local,
         );
 
-        let mut dests: Vec<(u32, u64)> = client_by_dest.into_iter().collect();
+        let mut dests: Vec<((u32, u32), u64)> = client_by_dest.into_iter().collect();
         dests.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let reuse = kernel.tw_reuse.unwrap_or(0);
         let timestamps_on = kernel.timestamps.unwrap_or(1) != 0;
         let destinations: Vec<Destination> = dests
             .into_iter()
             .take(top)
-            .map(|(id, held)| {
-                let ep = endpoints.get(id).copied();
-                let rate = self.dest_rates.get(&id).map_or(0.0, |d| d.rate);
+            .map(|(pair, held)| {
+                let local = endpoints.get(pair.0).copied();
+                let ep = endpoints.get(pair.1).copied();
+                let rate = self.dest_rates.get(&pair).map_or(0.0, |d| d.rate);
+                // tcp_tw_reuse=2 is for loopback traffic: a loopback
+                // address at either end (tcp_twsk_unique()).
+                let loopback = [local, ep]
+                    .iter()
+                    .flatten()
+                    .any(|e| is_loopback(&e.addr));
                 let reuse_applies = timestamps_on
                     && match reuse {
                         1 => true,
-                        2 => ep.is_some_and(|e| is_loopback(&e.addr)),
+                        2 => loopback,
                         _ => false,
                     };
                 let steady = rate * 60.0;
@@ -752,6 +770,7 @@ impl TimewaitBook {
                     _ => None,
                 };
                 Destination {
+                    local: local.map_or("other".into(), |e| e.addr.to_string()),
                     remote: ep.map_or("other".into(), |e| e.to_string()),
                     ports_held: held,
                     port_range: kernel.port_range,
@@ -906,19 +925,19 @@ fn findings(s: &Snapshot, server_side: &[(String, u64)]) -> Vec<String> {
     }
     if let Some(d) = s.destinations.first().filter(|d| d.rate_per_s >= 1.0) {
         out.push(format!(
-            "connections to {} are opened and closed at {:.0}/s; keep-alive or pooling toward it would remove about {:.0} timewait sockets per second",
-            d.remote, d.rate_per_s, d.rate_per_s
+            "connections from {} to {} are opened and closed at {:.0}/s; keep-alive or pooling toward it would remove about {:.0} timewait sockets per second",
+            d.local, d.remote, d.rate_per_s, d.rate_per_s
         ));
     }
     for d in &s.destinations {
         match (d.exhaustion_s, d.port_range) {
             (Some(secs), Some(range)) => out.push(format!(
-                "ephemeral ports toward {} run out in about {:.0} s: {} of {} are held in TIME_WAIT and {:.0}/s more are made",
-                d.remote, secs, d.ports_held, range, d.rate_per_s
+                "ephemeral ports of {} toward {} run out in about {:.0} s: {} of {} are held in TIME_WAIT and {:.0}/s more are made",
+                d.local, d.remote, secs, d.ports_held, range, d.rate_per_s
             )),
             (None, Some(range)) if d.tw_reuse_applies && d.steady_state_ports >= f64::from(range) => out.push(format!(
-                "toward {} the TIME_WAIT ports would exceed the {} available, but tcp_tw_reuse lets new connections reuse them",
-                d.remote, range
+                "from {} toward {} the TIME_WAIT ports would exceed the {} available, but tcp_tw_reuse lets new connections reuse them",
+                d.local, d.remote, range
             )),
             _ => {}
         }
@@ -1226,6 +1245,87 @@ mod tests {
         let s = b.snapshot(4_000_000_000, "t".into(), 5, kv);
         assert!(s.destinations[0].tw_reuse_applies);
         assert_eq!(s.destinations[0].exhaustion_s, None);
+    }
+
+    #[test]
+    fn ports_are_counted_per_local_address() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let _ = b.snapshot(0, "t".into(), 10, kview());
+        // Four local addresses, 1500 connections each to one destination,
+        // in one second: each address has its own 28232 ports.
+        for a in 2..=5u16 {
+            for i in 0..1500u16 {
+                b.on_timeline(&timeline(
+                    &format!("10.0.0.{a}:{}", 30000 + i),
+                    "10.0.0.9:80",
+                    1,
+                    Role::Client,
+                    1,
+                ));
+            }
+        }
+        let s = b.snapshot(1_000_000_000, "t".into(), 10, kview());
+        let groups: Vec<(&str, &str, u64)> = s
+            .destinations
+            .iter()
+            .map(|d| (d.local.as_str(), d.remote.as_str(), d.ports_held))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ("10.0.0.2", "10.0.0.9:80", 1500),
+                ("10.0.0.3", "10.0.0.9:80", 1500),
+                ("10.0.0.4", "10.0.0.9:80", 1500),
+                ("10.0.0.5", "10.0.0.9:80", 1500)
+            ]
+        );
+        for d in &s.destinations {
+            assert!((d.rate_per_s - 1500.0).abs() < 1e-6, "{d:?}");
+            // 26732 free ports, 1500/s in and 25/s freed: about 18 s (the
+            // sum over the addresses, 6000, would say 3.8 s).
+            let secs = d.exhaustion_s.unwrap();
+            assert!((secs - 26732.0 / (1500.0 - 25.0)).abs() < 0.01, "{secs}");
+        }
+        let text = crate::views::timewait::timewait_text(&s);
+        assert!(
+            text.contains("10.0.0.3 -> 10.0.0.9:80") && text.contains("FROM -> TOWARD"),
+            "{text}"
+        );
+        assert!(
+            s.findings
+                .iter()
+                .any(|f| f.contains("ephemeral ports of 10.0.0.2 toward 10.0.0.9:80 run out in about 18 s: 1500 of 28232")),
+            "{:?}",
+            s.findings
+        );
+    }
+
+    #[test]
+    fn loopback_reuse_follows_either_end() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        for (local, remote) in [("127.0.0.2", "10.0.0.9:80"), ("10.0.0.1", "10.0.0.9:80")] {
+            b.on_timeline(&timeline(
+                &format!("{local}:40000"),
+                remote,
+                1,
+                Role::Client,
+                1,
+            ));
+        }
+        let mut kv = kview();
+        kv.tw_reuse = Some(2);
+        let s = b.snapshot(1_000_000, "t".into(), 5, kv);
+        let applies: Vec<(&str, bool)> = s
+            .destinations
+            .iter()
+            .map(|d| (d.local.as_str(), d.tw_reuse_applies))
+            .collect();
+        assert!(applies.contains(&("127.0.0.2", true)), "{applies:?}");
+        assert!(applies.contains(&("10.0.0.1", false)), "{applies:?}");
+        // Without timestamps tcp_tw_reuse does nothing.
+        kv.timestamps = Some(0);
+        let s = b.snapshot(2_000_000, "t".into(), 5, kv);
+        assert!(s.destinations.iter().all(|d| !d.tw_reuse_applies));
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn timewait_text(s: &Snapshot) -> String {
     let _ = writeln!(
         out,
         "{:<44} {:>8} {:>8} {:>9} {:>9}  RUNS OUT IN",
-        "CLIENT PORTS TOWARD", "HELD", "RANGE", "RATE/s", "STEADY"
+        "CLIENT PORTS FROM -> TOWARD", "HELD", "RANGE", "RATE/s", "STEADY"
     );
     if s.destinations.is_empty() {
         let _ = writeln!(out, "  -");
@@ -98,7 +98,7 @@ pub fn timewait_text(s: &Snapshot) -> String {
         let _ = writeln!(
             out,
             "  {:<42} {:>8} {:>8} {:>9.1} {:>9.0}  {}",
-            d.remote,
+            format!("{} -> {}", d.local, d.remote),
             d.ports_held,
             opt(d.port_range),
             d.rate_per_s,

@@ -175,7 +175,7 @@ fn daemon_reports_known_connections() {
     eprintln!(
         "metrics: timewait_by_destination {}, ports_held {}, opened active {}, passive {}, closed orderly {}, handshakes {}, events {}, lost ring_full {}, kernel_skipped {}",
         series(&format!("tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}")),
-        series(&format!("tcpwatch_destination_ports_held{{destination=\"{dest}\"}}")),
+        series(&format!("tcpwatch_destination_ports_held{{local=\"127.0.0.1\",destination=\"{dest}\"}}")),
         series("tcpwatch_connections_opened_total{direction=\"active\"}"),
         series("tcpwatch_connections_opened_total{direction=\"passive\"}"),
         series("tcpwatch_connections_closed_total{kind=\"orderly\"}"),
@@ -192,7 +192,7 @@ fn daemon_reports_known_connections() {
     );
     assert_eq!(
         series(&format!(
-            "tcpwatch_destination_ports_held{{destination=\"{dest}\"}}"
+            "tcpwatch_destination_ports_held{{local=\"127.0.0.1\",destination=\"{dest}\"}}"
         )),
         N as f64
     );

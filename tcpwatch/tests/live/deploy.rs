@@ -448,10 +448,30 @@ fn alert_rules_fire_only_when_they_should() {
             "tcpwatch_kernel_tw_max_buckets > 0.8\n        for: 1m",
         ),
         (
-            "tcpwatch_destination_ports_held{destination!=\"other\"}",
+            "tcpwatch_destination_ports_held{destination!=\"other\", local!=\"other\"}",
             "tcpwatch_destination_ports_held",
         ),
         ("> 0.5", "> 0.8"),
+        // Ports summed over the local addresses instead of per address.
+        (
+            "tcpwatch_destination_ports_held{destination!=\"other\", local!=\"other\"}\n",
+            "sum without (local) (tcpwatch_destination_ports_held{destination!=\"other\", local!=\"other\"})\n",
+        ),
+        // tcp_tw_reuse ignored (1, then 2 for loopback), or taken without
+        // the timestamps it needs.
+        (
+            "tcpwatch_kernel_tcp_tw_reuse == 1 and",
+            "tcpwatch_kernel_tcp_tw_reuse == 9 and",
+        ),
+        (
+            "tcpwatch_kernel_tcp_tw_reuse == 2 and",
+            "tcpwatch_kernel_tcp_tw_reuse == 9 and",
+        ),
+        ("destination=~\"127\\\\..*|", "destination=~\"127\\\\.9\\\\..*|"),
+        (
+            "(tcpwatch_kernel_tcp_tw_reuse == 1 and on (job, instance) tcpwatch_kernel_tcp_timestamps != 0)",
+            "(tcpwatch_kernel_tcp_tw_reuse == 1)",
+        ),
         ("sum by (job, instance, reason)", "sum by (job, instance)"),
         (
             "up{job=~\"tcpwatch|tcpwatch-kubernetes\"} == 0\n        for: 5m",
