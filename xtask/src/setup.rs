@@ -58,6 +58,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-benchmark", "redis-tools"),
     ("redis-cli", "redis-tools"),
+    // tests/live/truth.rs also runs a real curl, 150 times, against a local server.
     ("curl", "curl"),
 ];
 

@@ -185,7 +185,7 @@ impl Metrics {
         );
         r.register(
             "timewait_by_process",
-            "Timewait sockets by the process that closed first (top --top, the rest as other)",
+            "Timewait sockets by the command name of the process that closed first (top --top, the rest as other); no pid, so short-lived processes make no new series",
             m.by_process.clone(),
         );
         r.register(

@@ -201,15 +201,31 @@ pub struct KernelView {
     pub timestamps: Option<u8>,
 }
 
+/// A group of timewait sockets. Process groups are keyed by command name,
+/// not pid: a loop of short-lived processes (`curl` run 150 times) is one
+/// group, and the daemon's `process` label does not grow a series per
+/// process. The pids stay here for whoever needs them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Group {
     pub key: String,
+    /// The process, when the group is one process.
     pub pid: Option<u32>,
+    /// Pids of the group's processes, those with the most sockets first
+    /// (at most [`MAX_PIDS`]); empty for groups that are not processes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
+    /// How many processes the group holds (process groups only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
     pub comm: Option<String>,
+    /// The cgroup, when every process of the group is in the same one.
     pub cgroup: Option<u64>,
     pub count: u64,
     pub share: f64,
 }
+
+/// Most pids listed in a process group.
+pub const MAX_PIDS: usize = 32;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Destination {
@@ -590,16 +606,79 @@ impl TimewaitBook {
             }
         }
         if rest > 0 {
-            out.push(Group {
-                key: "other".into(),
-                pid: None,
-                comm: None,
-                cgroup: None,
-                count: rest,
-                share: share(rest, total),
-            });
+            let mut g = named_group("other");
+            g.count = rest;
+            g.share = share(rest, total);
+            out.push(g);
         }
         out
+    }
+
+    /// Groups the entries by the process that closed first, as
+    /// [`process_key`] names it, with the pids in each group.
+    fn process_groups(&self, total: u64, top: usize) -> Vec<Group> {
+        let mut per_owner: HashMap<u32, u64> = HashMap::new();
+        for e in self.entries.values() {
+            *per_owner.entry(e.owner).or_default() += 1;
+        }
+        struct Acc {
+            group: Group,
+            pids: HashMap<u32, u64>,
+            cgroups: Option<Option<u64>>,
+        }
+        let mut named: HashMap<String, Acc> = HashMap::new();
+        for (id, n) in per_owner {
+            let (key, owner) = match self.owners.get(id) {
+                Some(Attribution::Owner(o)) => (process_key(o), Some(o)),
+                Some(Attribution::BeforeTracing) => ("(before tracing)".to_string(), None),
+                Some(Attribution::Unknown) => ("(owner unknown)".to_string(), None),
+                None => ("other".to_string(), None),
+            };
+            let acc = named.entry(key.clone()).or_insert_with(|| Acc {
+                group: named_group(&key),
+                pids: HashMap::new(),
+                cgroups: None,
+            });
+            acc.group.count += n;
+            if let Some(o) = owner {
+                acc.group.comm = Some(o.comm.clone());
+                *acc.pids.entry(o.pid).or_default() += n;
+                let cgroup = Some(o.cgroup_id).filter(|c| *c != 0);
+                acc.cgroups = match acc.cgroups {
+                    None => Some(cgroup),
+                    Some(c) if c == cgroup => Some(c),
+                    Some(_) => Some(None),
+                };
+            }
+        }
+        let mut v: Vec<Group> = named
+            .into_values()
+            .map(|mut acc| {
+                if !acc.pids.is_empty() {
+                    let mut pids: Vec<(u32, u64)> = acc.pids.into_iter().collect();
+                    pids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                    let g = &mut acc.group;
+                    g.processes = Some(pids.len() as u64);
+                    g.pid = (pids.len() == 1).then(|| pids[0].0);
+                    g.pids = pids.into_iter().take(MAX_PIDS).map(|p| p.0).collect();
+                    g.cgroup = acc.cgroups.flatten();
+                }
+                acc.group
+            })
+            .collect();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+        let rest: u64 = v.iter().skip(top).map(|g| g.count).sum();
+        v.truncate(top);
+        for g in &mut v {
+            g.share = share(g.count, total);
+        }
+        if rest > 0 {
+            let mut g = named_group("other");
+            g.count = rest;
+            g.share = share(rest, total);
+            v.push(g);
+        }
+        v
     }
 
     /// The figures for one interval ending at `now_ns`.
@@ -680,26 +759,7 @@ impl TimewaitBook {
         fin_wait2 += self.unmatched_fin_wait2;
         time_wait += unmatched.saturating_sub(self.unmatched_fin_wait2);
 
-        let owners = &self.owners;
-        let no_extra = HashMap::new();
-        let mut by_process = self.groups(
-            |e| e.owner,
-            total,
-            top,
-            |id| match owners.get(id) {
-                Some(Attribution::Owner(o)) => Group {
-                    key: format!("{} {}", o.pid, o.comm),
-                    pid: Some(o.pid),
-                    comm: Some(o.comm.clone()),
-                    cgroup: Some(o.cgroup_id).filter(|c| *c != 0),
-                    count: 0,
-                    share: 0.0,
-                },
-                Some(Attribution::BeforeTracing) => named_group("(before tracing)"),
-                Some(Attribution::Unknown) | None => named_group("(owner unknown)"),
-            },
-            &no_extra,
-        );
+        let mut by_process = self.process_groups(total, top);
         for (name, n) in [
             (
                 "(closed in the last moment, not yet correlated)",
@@ -845,10 +905,18 @@ fn group_name(ep: &Endpoint) -> String {
     }
 }
 
+/// The process group a socket's owner falls in: its command name. (A
+/// container, once known, belongs in this key too.)
+fn process_key(o: &Owner) -> String {
+    o.comm.clone()
+}
+
 fn named_group(name: &str) -> Group {
     Group {
         key: name.to_string(),
         pid: None,
+        pids: Vec::new(),
+        processes: None,
         comm: None,
         cgroup: None,
         count: 0,
@@ -904,11 +972,15 @@ fn findings(s: &Snapshot, server_side: &[(String, u64)]) -> Vec<String> {
         out.push("no timewait sockets".to_string());
         return out;
     }
-    if let Some(top) = s.by_process.first().filter(|g| g.pid.is_some()) {
+    if let Some(top) = s.by_process.first().filter(|g| g.processes.is_some()) {
+        let from = match (top.pid, top.processes) {
+            (Some(pid), _) => format!("pid {pid}"),
+            (None, Some(n)) => format!("{n} processes"),
+            (None, None) => "unknown processes".to_string(),
+        };
         out.push(format!(
-            "{} (pid {}) closed first on {} of {} timewait sockets ({})",
-            top.comm.as_deref().unwrap_or("?"),
-            top.pid.unwrap_or(0),
+            "{} closed first on {} of {} timewait sockets ({}), from {from}",
+            top.key,
             top.count,
             s.total,
             pct(top.share)
@@ -1035,7 +1107,7 @@ mod tests {
         assert!(
             s.findings
                 .iter()
-                .any(|f| f.contains("p100 (pid 100) closed first on 30 of 40")),
+                .any(|f| f == "p100 closed first on 30 of 40 timewait sockets (75%), from pid 100"),
             "{:?}",
             s.findings
         );
@@ -1046,6 +1118,56 @@ mod tests {
             "{:?}",
             s.findings
         );
+    }
+
+    #[test]
+    fn processes_are_grouped_by_command_name() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        // 150 runs of one command, one connection each, and one other
+        // process with two.
+        let curl = |pid: u32, port: u16| {
+            let mut t = timeline(&format!("10.0.0.1:{port}"), "10.0.0.9:80", pid, Role::Client, 1);
+            let a = t.owner.as_mut().unwrap();
+            a.owner = Owner {
+                pid,
+                comm: "curl".into(),
+                cgroup_id: 44,
+            }
+            .into();
+            t
+        };
+        for i in 0..150u32 {
+            b.on_timeline(&curl(8000 + i, 40000 + i as u16));
+        }
+        for port in [50000, 50001] {
+            b.on_timeline(&timeline(&format!("10.0.0.1:{port}"), "10.0.0.9:80", 9, Role::Client, 1));
+        }
+        let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
+        let g = &s.by_process[0];
+        assert_eq!((g.key.as_str(), g.count, g.comm.as_deref()), ("curl", 150, Some("curl")));
+        assert_eq!((g.pid, g.processes, g.cgroup), (None, Some(150), Some(44)));
+        assert_eq!(g.pids.len(), MAX_PIDS);
+        assert!(g.pids.iter().all(|p| (8000..8150).contains(p)), "{g:?}");
+        let p9 = &s.by_process[1];
+        assert_eq!((p9.key.as_str(), p9.pid, p9.processes, p9.count), ("p9", Some(9), Some(1), 2));
+        assert_eq!(p9.pids, [9]);
+        assert_eq!(s.by_process.len(), 2);
+        assert!(
+            s.findings.iter().any(|f| f == "curl closed first on 150 of 152 timewait sockets (99%), from 150 processes"),
+            "{:?}",
+            s.findings
+        );
+        // The text view: one row each, the pid or the number of processes.
+        let text = crate::views::timewait::timewait_text(&s);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("  curl") || l.starts_with("  p9")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(rows[0].contains("150 processes") && rows[0].contains(" 44"), "{text}");
+        assert!(rows[1].ends_with("%  9"), "{text}");
+        // Endpoint groups carry no process fields in the JSON.
+        let json = crate::views::timewait::timewait_json(&s);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(v["by_remote"][0].get("pids").is_none(), "{json}");
+        assert_eq!(v["by_process"][0]["processes"], 150);
     }
 
     #[test]

@@ -9,21 +9,28 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "?".to_string(), |v| v.to_string())
 }
 
-fn groups(out: &mut String, title: &str, groups: &[Group], with_cgroup: bool) {
+fn groups(out: &mut String, title: &str, groups: &[Group], processes: bool) {
     let _ = writeln!(
         out,
         "{title:<44} {:>8} {:>6}{}",
         "COUNT",
         "SHARE",
-        if with_cgroup { "  CGROUP" } else { "" }
+        if processes { "  PIDS           CGROUP" } else { "" }
     );
     if groups.is_empty() {
         let _ = writeln!(out, "  -");
     }
     for g in groups {
-        let cgroup = match (with_cgroup, g.cgroup) {
-            (true, Some(c)) => format!("  {c}"),
-            _ => String::new(),
+        // The pid of a one-process group, or how many processes.
+        let pids = match (g.pid, g.processes) {
+            (Some(pid), _) => pid.to_string(),
+            (None, Some(n)) => format!("{n} processes"),
+            (None, None) => String::new(),
+        };
+        let extra = if processes {
+            format!("  {pids:<14} {}", g.cgroup.map(|c| c.to_string()).unwrap_or_default())
+        } else {
+            String::new()
         };
         let _ = writeln!(
             out,
@@ -31,7 +38,7 @@ fn groups(out: &mut String, title: &str, groups: &[Group], with_cgroup: bool) {
             g.key,
             g.count,
             g.share * 100.0,
-            cgroup
+            extra.trim_end()
         );
     }
 }

@@ -185,7 +185,7 @@ fn prometheus_sees_what_the_daemon_saw() {
         .collect();
     let lost_before = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0);
 
-    // N connections from a client process of known pid to a server of this
+    // N connections from a client process of a name of its own to a server of this
     // test's own; the client closes first and keeps a TIME_WAIT socket each.
     let mut server = Peer::spawn("twpromserver", None);
     let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
@@ -199,13 +199,15 @@ fn prometheus_sees_what_the_daemon_saw() {
     assert_eq!(made.len(), N as usize, "connections made");
     server.wait(served);
     server.run("close_listener");
-    let (client_pid, client_comm) = (client.pid, client.comm.clone());
+    let client_comm = client.comm.clone();
     client.finish();
     server.finish();
     settle(&[port], Duration::from_secs(10));
 
     let destination = target.to_string();
-    let process = format!("{client_pid} {client_comm}");
+    // The process label is the command name alone (no pid: no new series
+    // per process).
+    let process = client_comm.clone();
     // From the kernel's own list of timewait sockets (sock_diag): exact.
     for q in [
         selector(

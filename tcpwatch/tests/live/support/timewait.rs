@@ -383,12 +383,16 @@ impl Snap {
         }
         for g in &self.by_process {
             assert!(g.count > 0, "{}: empty group {g:?}", ctx());
-            assert_eq!(
-                g.pid.is_some(),
-                g.key.starts_with(&format!("{} ", g.pid.unwrap_or(0))),
-                "{}: group key {g:?}",
-                ctx()
-            );
+            // A process group is keyed by its command name, with its pids
+            // (the pid itself when it is one process).
+            if let Some(n) = g.processes {
+                assert_eq!(g.comm.as_deref(), Some(g.key.as_str()), "{}: {g:?}", ctx());
+                assert!(n >= 1 && !g.pids.is_empty(), "{}: {g:?}", ctx());
+                assert_eq!(g.pid.is_some(), n == 1, "{}: {g:?}", ctx());
+                assert!(g.pid.is_none_or(|p| g.pids == [p]), "{}: {g:?}", ctx());
+            } else {
+                assert!(g.pid.is_none() && g.pids.is_empty(), "{}: {g:?}", ctx());
+            }
         }
     }
 
