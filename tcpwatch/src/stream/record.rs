@@ -1,20 +1,27 @@
 //! Recordings: the raw event stream in a file, so that every view can be
 //! produced again offline, without root.
 //!
-//! Layout (little-endian):
+//! Layout (little-endian), format version 2:
 //! - header, 40 bytes: magic `TCPWATCH`, format version (u16), header
 //!   length (u16), event size (u32), CLOCK_REALTIME − CLOCK_MONOTONIC at
 //!   the start in ns (i64), the recorder's network namespace inode (u32, 0
 //!   unknown), the length of the snapshot section (u32), the host's
-//!   `tcp_fin_timeout` in seconds (u32) and a reserved u32;
+//!   `tcp_fin_timeout` in seconds (u32) and the CRC-32 of the header's
+//!   first 36 bytes and the snapshot section (u32);
 //! - snapshot section: the owners of sockets that existed when recording
 //!   began, one per line: `state\tlocal\tremote\tpid\tcgroup\tcomm`;
-//! - events: `Event` records back to back, exactly as the kernel wrote them.
+//! - records back to back: an `Event` exactly as the kernel wrote it, then
+//!   the CRC-32 of its bytes (u32).
+//!
+//! Version 1 is the same without the checksums (the header's last u32 was
+//! reserved, and a record was the event alone); it is still read.
 //!
 //! A reader processes the valid prefix of a damaged file and then reports
-//! the byte offset where it stopped making sense. A file that ends partway
-//! through a record (a recorder killed mid-write) is not damaged: every
-//! whole record is read, and the partial tail is a warning.
+//! the byte offset where it stopped making sense: with checksums, the start
+//! of the first record whose bytes changed, wherever in the record the
+//! damage is. A file that ends partway through a record (a recorder killed
+//! mid-write) is not damaged: every whole record is read, and the partial
+//! tail is a warning.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -29,8 +36,14 @@ use crate::model::snapshot::{SnapshotEntry, SocketKey, SocketSnapshot};
 use crate::model::{Endpoint, Owner, TcpState};
 
 pub const MAGIC: &[u8; 8] = b"TCPWATCH";
-pub const VERSION: u16 = 1;
+/// The format written; [`OLDEST_VERSION`] up to it are read.
+pub const VERSION: u16 = 2;
+pub const OLDEST_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 40;
+/// Bytes of a record's checksum (version 2 on).
+const CHECKSUM_LEN: usize = 4;
+/// Where the header keeps the checksum of itself and the snapshot.
+const HEADER_CHECKSUM_AT: usize = 36;
 /// Snapshot sections larger than this are refused as corrupt.
 const MAX_SNAPSHOT: u32 = 64 << 20;
 
@@ -189,6 +202,10 @@ impl<W: Write> Recorder<W> {
         h[24..28].copy_from_slice(&header.netns.to_le_bytes());
         h[28..32].copy_from_slice(&(snap.len() as u32).to_le_bytes());
         h[32..36].copy_from_slice(&header.fin_timeout_s.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[..HEADER_CHECKSUM_AT]);
+        crc.update(snap.as_bytes());
+        h[HEADER_CHECKSUM_AT..].copy_from_slice(&crc.finalize().to_le_bytes());
         out.write_all(&h).map_err(RecordError::Write)?;
         out.write_all(snap.as_bytes()).map_err(RecordError::Write)?;
         Ok(Recorder { out, events: 0 })
@@ -196,7 +213,11 @@ impl<W: Write> Recorder<W> {
 
     pub fn write(&mut self, events: &[Event]) -> Result<(), RecordError> {
         for e in events {
-            self.out.write_all(&encode(e)).map_err(RecordError::Write)?;
+            let bytes = encode(e);
+            self.out.write_all(&bytes).map_err(RecordError::Write)?;
+            self.out
+                .write_all(&crc32fast::hash(&bytes).to_le_bytes())
+                .map_err(RecordError::Write)?;
         }
         self.events += events.len() as u64;
         Ok(())
@@ -218,6 +239,8 @@ pub struct Replay<R: Read> {
     input: R,
     path: PathBuf,
     offset: u64,
+    /// The file's format version: whether records carry checksums.
+    version: u16,
     /// Bytes after the last whole record, once the end has been reached.
     partial_tail: usize,
     pub header: Header,
@@ -271,10 +294,12 @@ impl<R: Read> Replay<R> {
         let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let version = u16_at(8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(corrupt(
                 8,
-                &format!("format version {version}, this tcpwatch reads {VERSION}"),
+                &format!(
+                    "format version {version} is not supported (this tcpwatch reads versions {OLDEST_VERSION} to {VERSION})"
+                ),
             ));
         }
         if usize::from(u16_at(10)) != HEADER_LEN {
@@ -309,6 +334,20 @@ impl<R: Read> Replay<R> {
                 "snapshot section cut short",
             ));
         }
+        if version >= 2 {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&h[..HEADER_CHECKSUM_AT]);
+            crc.update(&snap);
+            if crc.finalize() != u32_at(HEADER_CHECKSUM_AT) {
+                return Err(corrupt(
+                    0,
+                    &format!(
+                        "damaged header or snapshot section (bytes 0 to {}, checksum mismatch)",
+                        HEADER_LEN + snap.len()
+                    ),
+                ));
+            }
+        }
         let text = std::str::from_utf8(&snap).map_err(|e| {
             corrupt(
                 HEADER_LEN as u64 + e.valid_up_to() as u64,
@@ -321,6 +360,7 @@ impl<R: Read> Replay<R> {
             input,
             path: path.to_path_buf(),
             offset: (HEADER_LEN + snap.len()) as u64,
+            version,
             partial_tail: 0,
             header,
             snapshot,
@@ -332,25 +372,45 @@ impl<R: Read> Replay<R> {
         self.offset
     }
 
+    /// The file's format version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Bytes per record: the event, and its checksum from version 2 on.
+    pub fn record_size(&self) -> usize {
+        Event::SIZE + if self.version >= 2 { CHECKSUM_LEN } else { 0 }
+    }
+
     /// The next raw event; `Ok(None)` at the end of the file, including an
     /// end partway through a record (see [`Replay::warning`]).
     pub fn next_event(&mut self) -> Result<Option<Event>, RecordError> {
         if self.partial_tail > 0 {
             return Ok(None);
         }
-        let mut buf = [0u8; Event::SIZE];
-        let got = read_full(&mut self.input, &mut buf).map_err(|source| RecordError::Read {
-            path: self.path.clone(),
-            offset: self.offset,
-            source,
-        })?;
-        if got < Event::SIZE {
+        let size = self.record_size();
+        let mut buf = [0u8; Event::SIZE + CHECKSUM_LEN];
+        let got =
+            read_full(&mut self.input, &mut buf[..size]).map_err(|source| RecordError::Read {
+                path: self.path.clone(),
+                offset: self.offset,
+                source,
+            })?;
+        if got < size {
             // A recorder killed mid-write leaves part of its last record.
             self.partial_tail = got;
             return Ok(None);
         }
-        let event = decode_raw(&buf).map_err(|e| self.bad_record(e))?;
-        self.offset += Event::SIZE as u64;
+        let (event, sum) = buf.split_at(Event::SIZE);
+        if size > Event::SIZE && crc32fast::hash(event).to_le_bytes() != sum[..CHECKSUM_LEN] {
+            return Err(RecordError::Corrupt {
+                path: self.path.clone(),
+                offset: self.offset,
+                what: format!("damaged record of {size} bytes (checksum mismatch)"),
+            });
+        }
+        let event = decode_raw(event).map_err(|e| self.bad_record(e))?;
+        self.offset += size as u64;
         Ok(Some(event))
     }
 
@@ -384,7 +444,7 @@ impl<R: Read> Replay<R> {
                  ignored: the recorder was probably killed while writing",
                 self.path.display(),
                 self.partial_tail,
-                Event::SIZE,
+                self.record_size(),
                 self.offset
             )
         })
@@ -515,10 +575,10 @@ mod tests {
     #[test]
     fn file_cut_mid_record_gives_every_whole_record_and_a_warning() {
         let bytes = recording(&events());
-        let start = bytes.len() - 3 * Event::SIZE;
+        let start = bytes.len() - 3 * REC;
         // Every cut inside the last record, from its first byte to its last.
-        for keep in 1..Event::SIZE {
-            let cut = &bytes[..start + 2 * Event::SIZE + keep];
+        for keep in 1..REC {
+            let cut = &bytes[..start + 2 * REC + keep];
             let mut r = Replay::new(cut, Path::new("t.rec")).unwrap();
             let mut got = Vec::new();
             while let Some((e, _)) = r.next_record().unwrap() {
@@ -530,9 +590,8 @@ mod tests {
             assert!(r.next_record().unwrap().is_none());
             let msg = r.warning().unwrap();
             let expected = format!(
-                "partial record ({keep} of {} bytes at byte offset {})",
-                Event::SIZE,
-                start + 2 * Event::SIZE
+                "partial record ({keep} of {REC} bytes at byte offset {})",
+                start + 2 * REC
             );
             assert!(msg.contains(&expected) && msg.contains("t.rec"), "{msg}");
         }
@@ -541,11 +600,11 @@ mod tests {
     #[test]
     fn file_cut_between_records_or_in_the_first_has_no_warning_or_no_records() {
         let bytes = recording(&events());
-        let start = bytes.len() - 3 * Event::SIZE;
-        let (got, err) = read_all(&bytes[..start + Event::SIZE]);
+        let start = bytes.len() - 3 * REC;
+        let (got, err) = read_all(&bytes[..start + REC]);
         assert!(err.is_none(), "{err:?}");
         assert_eq!(got, events()[..1]);
-        let mut r = Replay::new(&bytes[..start + Event::SIZE], Path::new("t.rec")).unwrap();
+        let mut r = Replay::new(&bytes[..start + REC], Path::new("t.rec")).unwrap();
         while r.next_record().unwrap().is_some() {}
         assert_eq!((r.partial_tail(), r.warning()), (0, None));
         // Killed during its first record: an empty recording with a warning.
@@ -555,16 +614,105 @@ mod tests {
         assert!(r.warning().is_some());
     }
 
+    /// A record with its checksum, in format version 2.
+    const REC: usize = Event::SIZE + CHECKSUM_LEN;
+
     #[test]
     fn corrupt_record_is_reported_at_its_offset() {
         let mut bytes = recording(&events());
-        let second = bytes.len() - 2 * Event::SIZE;
+        let second = bytes.len() - 2 * REC;
         // kind byte of the second record
         bytes[second + std::mem::offset_of!(Event, kind)] = 0xee;
         let (got, err) = read_all(&bytes);
         assert_eq!(got.len(), 1);
         let msg = err.unwrap().to_string();
         assert!(msg.contains(&format!("byte offset {second}")), "{msg}");
+    }
+
+    #[test]
+    fn damage_anywhere_in_a_record_names_its_start() {
+        let bytes = recording(&events());
+        let first = bytes.len() - 3 * REC;
+        // Bytes that still decode (an RTT, a counter, the checksum itself)
+        // are caught as surely as a bad kind byte: every byte of every
+        // record, and 16 bytes of 0xff across a record boundary.
+        for at in first..bytes.len() {
+            let mut b = bytes.clone();
+            b[at] ^= 0x01;
+            let (got, err) = read_all(&b);
+            let record = (at - first) / REC;
+            assert_eq!(got, events()[..record], "flip at {at}");
+            let msg = err.expect("damage found").to_string();
+            assert_eq!(
+                msg,
+                format!(
+                    "t.rec: damaged record of {REC} bytes (checksum mismatch) at byte offset {}",
+                    first + record * REC
+                )
+            );
+        }
+        let mut b = bytes.clone();
+        let at = first + REC - 8;
+        b[at..at + 16].fill(0xff);
+        let (got, err) = read_all(&b);
+        assert_eq!(got, events()[..0]);
+        assert!(err.unwrap().to_string().ends_with(&format!("byte offset {first}")));
+    }
+
+    #[test]
+    fn damage_in_the_header_or_snapshot_is_found() {
+        let bytes = recording(&events());
+        let first = bytes.len() - 3 * REC;
+        // Header fields not checked otherwise (clock, netns, fin timeout,
+        // the checksum) and the snapshot's text. (A damaged snapshot length
+        // is found as a section cut short or too large.)
+        for at in (16..28).chain(32..40).chain(HEADER_LEN..first) {
+            let mut b = bytes.clone();
+            b[at] ^= 0x20;
+            let msg = Replay::new(&b[..], Path::new("t.rec"))
+                .err()
+                .unwrap_or_else(|| panic!("flip at {at} not found"))
+                .to_string();
+            assert!(
+                msg.contains("damaged header or snapshot section") && msg.ends_with("byte offset 0"),
+                "{at}: {msg}"
+            );
+        }
+    }
+
+    /// A recording as tcpwatch wrote it in format version 1: no checksums.
+    fn version1(events: &[Event]) -> Vec<u8> {
+        let snap = "LISTEN\t127.0.0.1:8080\t0.0.0.0:0\t5\t77\tmy server\n";
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..10].copy_from_slice(&1u16.to_le_bytes());
+        h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        h[12..16].copy_from_slice(&(Event::SIZE as u32).to_le_bytes());
+        h[24..28].copy_from_slice(&7u32.to_le_bytes());
+        h[28..32].copy_from_slice(&(snap.len() as u32).to_le_bytes());
+        h[32..36].copy_from_slice(&60u32.to_le_bytes());
+        let mut v = h.to_vec();
+        v.extend_from_slice(snap.as_bytes());
+        for e in events {
+            v.extend_from_slice(&encode(e));
+        }
+        v
+    }
+
+    #[test]
+    fn version_1_recordings_are_still_read() {
+        let bytes = version1(&events());
+        let r = Replay::new(&bytes[..], Path::new("old.rec")).unwrap();
+        assert_eq!((r.version(), r.record_size()), (1, Event::SIZE));
+        assert_eq!((r.header.netns, r.header.fin_timeout_s), (7, 60));
+        let (got, err) = read_all(&bytes);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, events());
+        // Cut mid-record: the whole ones, and a warning sized for version 1.
+        let mut r = Replay::new(&bytes[..bytes.len() - 10], Path::new("old.rec")).unwrap();
+        while r.next_record().unwrap().is_some() {}
+        let w = r.warning().unwrap();
+        assert!(w.contains(&format!("of {} bytes", Event::SIZE)), "{w}");
     }
 
     #[test]
@@ -587,7 +735,10 @@ mod tests {
         let mut v = recording(&[]);
         v[8] = 9;
         let (_, err) = read_all(&v);
-        assert!(err.unwrap().to_string().contains("format version 9"));
+        assert_eq!(
+            err.unwrap().to_string(),
+            "t.rec: format version 9 is not supported (this tcpwatch reads versions 1 to 2) at byte offset 8"
+        );
         let mut v = recording(&[]);
         v[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
         let (_, err) = read_all(&v);
