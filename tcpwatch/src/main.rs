@@ -176,7 +176,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 // What a daemon finishes, shown as `conns` shows it.
                 let daemon = Daemon::parse(url)?;
                 let header = !a.no_header && a.format == Format::Text;
-                let s = client::follow_conns(
+                let (s, stopped) = client::follow_conns(
                     &daemon,
                     &mut stdout(),
                     a.format,
@@ -185,8 +185,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.duration,
                 )
                 .await?;
+                // The summary of what was shown, then why it stopped early.
                 ExitSummary::ConnsFrom(s).print(a.format);
-                return Ok(());
+                return stopped.map_or(Ok(()), |e| Err(e.into()));
             }
             let source = live(&a.probe, a.duration, "TCP connections");
             let opts = ConnsOptions {

@@ -229,7 +229,9 @@ fn exhaustion_forecast_ends_with_the_traffic() {
         assert!(
             seen.len() < 10,
             "no quiet snapshot after the burst: {:?}",
-            seen.iter().map(|s| s.created_last_interval).collect::<Vec<_>>()
+            seen.iter()
+                .map(|s| s.created_last_interval)
+                .collect::<Vec<_>>()
         );
     };
     let kernel = ss_ours(&ns);
@@ -265,7 +267,10 @@ fn exhaustion_forecast_ends_with_the_traffic() {
         quiet.findings
     );
     assert!(
-        !quiet.findings.iter().any(|f| f.contains("opened and closed at")),
+        !quiet
+            .findings
+            .iter()
+            .any(|f| f.contains("opened and closed at")),
         "{:?}",
         quiet.findings
     );
@@ -390,7 +395,9 @@ fn ports_held_are_per_local_address() {
         }
     }
     assert!(
-        !s.findings.iter().any(|f| f.contains(&format!(" {total} of "))),
+        !s.findings
+            .iter()
+            .any(|f| f.contains(&format!(" {total} of "))),
         "{:?}",
         s.findings
     );
@@ -526,7 +533,10 @@ fn curl_runs_are_one_group_by_command_name() {
         .iter()
         .find(|g| g["key"] == "curl")
         .unwrap_or_else(|| panic!("API has no row curl: {api}"));
-    assert!(!api_curl["pids"].as_array().unwrap().is_empty(), "{api_curl}");
+    assert!(
+        !api_curl["pids"].as_array().unwrap().is_empty(),
+        "{api_curl}"
+    );
     // The process label is the command name: no pid, so no new series per
     // process. (The daemon sees every namespace: others' curl runs add to
     // the count, never a series.)
@@ -636,7 +646,8 @@ fn damaged_recording_names_the_offset_and_fails() {
         .collect();
     assert_eq!(naming.len(), 1, "{stderr}");
     assert!(
-        naming[0].contains(&format!("byte offset {damaged_at}")) && naming[0].contains("damaged.rec"),
+        naming[0].contains(&format!("byte offset {damaged_at}"))
+            && naming[0].contains("damaged.rec"),
         "the record at {damaged_at} holds byte {AT}: {stderr}"
     );
     // What came before the damage is what the whole file gives there.
@@ -716,7 +727,11 @@ fn conns_from_in_time_order_says_when_behind_and_when_the_daemon_goes() {
         let mut cmd = Command::new(common::tcpwatch_bin());
         cmd.args(args).args(["--from", &daemon.url()]);
         let proc = Proc::spawn("conns --from", cmd, false);
-        proc.wait_stderr(|l| l.contains("reading TCP connections from"), 1, START_TIMEOUT);
+        proc.wait_stderr(
+            |l| l.contains("reading TCP connections from"),
+            1,
+            START_TIMEOUT,
+        );
         proc
     };
     let direct = {
@@ -780,7 +795,10 @@ fn conns_from_in_time_order_says_when_behind_and_when_the_daemon_goes() {
     daemon.stop();
     let f = from.finish(Duration::from_secs(20));
     let stderr = f.stderr.join("\n");
-    println!("after the daemon stopped: exit {:?}\n{stderr}", f.status.code());
+    println!(
+        "after the daemon stopped: exit {:?}\n{stderr}",
+        f.status.code()
+    );
     assert_eq!(f.status.code(), Some(1), "{stderr}");
     assert!(
         f.stderr.iter().any(|l| l.contains("connections finished")),

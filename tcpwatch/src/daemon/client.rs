@@ -71,6 +71,9 @@ pub enum ClientError {
     },
     #[error("cannot install signal handler")]
     Signal(#[source] io::Error),
+    /// The daemon answered, then stopped answering partway through.
+    #[error("the daemon went away")]
+    Gone(#[source] Box<ClientError>),
     #[error("writing output failed")]
     Output(#[source] io::Error),
 }
@@ -233,30 +236,40 @@ pub struct ConnsPage {
     pub conns: Vec<ConnRecord>,
 }
 
-/// How long `--from` runs, and what it does on Ctrl-C or SIGTERM.
-async fn until_stopped(duration: Option<Duration>) -> Result<(), ClientError> {
+/// How long `--from` runs, and what it does on Ctrl-C or SIGTERM. The
+/// handlers are installed when this is called, not when the future is first
+/// polled: a Ctrl-C during the first request still ends the command with its
+/// summary instead of killing it.
+fn until_stopped(
+    duration: Option<Duration>,
+) -> Result<impl std::future::Future<Output = ()>, ClientError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ClientError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ClientError::Signal)?;
-    let wait = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+    Ok(async move {
+        let wait = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = wait => {}
         }
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        _ = wait => {}
-    }
-    Ok(())
+    })
 }
 
 /// Time between polls of `/api/conns`.
 const CONNS_POLL: Duration = Duration::from_millis(500);
 
 /// `tcpwatch conns --from`: the connections the daemon finishes from now
-/// on, written as `conns` writes them, until stopped.
+/// on, written as `conns` writes them, until stopped. A poll that finds the
+/// daemon dropped connections this client had not asked for yet says so at
+/// once. `Err` when the daemon cannot be read at the start; once following,
+/// the summary comes back with why it stopped early, if it did (the daemon
+/// went away, or the output failed).
 pub async fn follow_conns<W: Write>(
     daemon: &Daemon,
     out: &mut W,
@@ -264,7 +277,9 @@ pub async fn follow_conns<W: Write>(
     filter: &Filter,
     header: bool,
     duration: Option<Duration>,
-) -> Result<FollowSummary, ClientError> {
+) -> Result<(FollowSummary, Option<ClientError>), ClientError> {
+    let stop = until_stopped(duration)?;
+    tokio::pin!(stop);
     // Where the daemon is now: only what finishes after this is shown.
     let first: ConnsPage = daemon.get_json("/api/conns?limit=1").await?;
     tracing::info!(
@@ -275,20 +290,34 @@ pub async fn follow_conns<W: Write>(
         daemon: daemon.url(),
         ..FollowSummary::default()
     };
+    // Output that fails (other than a closed pipe) stops following.
+    let ended =
+        |e: io::Error| (e.kind() != io::ErrorKind::BrokenPipe).then_some(ClientError::Output(e));
     if header && format == Format::Text {
         if let Err(e) = writeln!(out, "{CONNS_HEADER}").and_then(|()| out.flush()) {
-            return quiet_pipe(e, summary);
+            return Ok((summary, ended(e)));
         }
     }
     let mut since = first.next;
-    let stop = until_stopped(duration);
-    tokio::pin!(stop);
     loop {
-        let page: ConnsPage = daemon
+        let page: ConnsPage = match daemon
             .get_json(&format!("/api/conns?since={since}&limit={MAX_LIMIT}"))
-            .await?;
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = out.flush();
+                return Ok((summary, Some(ClientError::Gone(Box::new(e)))));
+            }
+        };
         since = page.next.max(since);
         summary.missed += page.missed;
+        if page.missed > 0 {
+            tracing::warn!(
+                "fell behind: {} finished connections were dropped by the daemon before this client asked for them (it keeps its last --keep)",
+                page.missed
+            );
+        }
         for r in page.conns {
             summary.received += 1;
             if !filter.matches(r.family(), &r.local(), &r.remote(), r.owner().as_ref()) {
@@ -300,18 +329,18 @@ pub async fn follow_conns<W: Write>(
                 Format::Json => record_json(&r),
             };
             if let Err(e) = writeln!(out, "{line}") {
-                return quiet_pipe(e, summary);
+                return Ok((summary, ended(e)));
             }
         }
         if let Err(e) = out.flush() {
-            return quiet_pipe(e, summary);
+            return Ok((summary, ended(e)));
         }
         tokio::select! {
-            r = &mut stop => { r?; break; }
+            _ = &mut stop => break,
             _ = tokio::time::sleep(CONNS_POLL) => {}
         }
     }
-    Ok(summary)
+    Ok((summary, None))
 }
 
 /// A closed pipe (`| head`) ends the command quietly.
@@ -337,7 +366,7 @@ pub async fn watch_timewait<W: Write>(
         snapshots: 0,
         daemon: daemon.url(),
     };
-    let stop = until_stopped(duration);
+    let stop = until_stopped(duration)?;
     tokio::pin!(stop);
     tracing::info!(
         "reading TIME_WAIT snapshots from {}; Ctrl-C to stop",
@@ -352,7 +381,7 @@ pub async fn watch_timewait<W: Write>(
             Err(e) => return quiet_pipe(e, summary),
         }
         tokio::select! {
-            r = &mut stop => { r?; break; }
+            _ = &mut stop => break,
             _ = tokio::time::sleep(interval) => {}
         }
     }

@@ -6,7 +6,8 @@
 //! from `advance`, which the caller drives (live: the monotonic clock after
 //! each drain; replay: the last event's time).
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::handoff::{HandoffStats, Handoffs, TimewaitLookup};
@@ -384,6 +385,38 @@ pub struct CorrelatorStats {
     pub handoffs: HandoffStats,
 }
 
+/// A finished timeline ordered by when its socket closed.
+struct ByClose {
+    seq: u64,
+    timeline: Timeline,
+}
+
+impl ByClose {
+    fn key(&self) -> (u64, u64) {
+        (self.timeline.closed_ns, self.seq)
+    }
+}
+
+impl PartialEq for ByClose {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for ByClose {}
+
+impl PartialOrd for ByClose {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByClose {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
 pub struct Correlator {
     opts: CorrelatorOptions,
     /// Tracks live in a slab, found by socket address through `index`: a
@@ -397,6 +430,16 @@ pub struct Correlator {
     next_gen: u32,
     /// Closed sockets waiting out the grace period, in close order.
     closing: VecDeque<PendingClose>,
+    /// Finished timelines handed out in close order: a socket whose address
+    /// is reused by a new one is finished at once (servers that close first
+    /// free their sockets at once), and a hand-off settles up to a second
+    /// after its close; the timelines that closed after them wait here.
+    /// Bounded by `max_sockets`.
+    in_order: BinaryHeap<Reverse<ByClose>>,
+    /// Scratch space for timelines on their way into `in_order`.
+    finished: Vec<Timeline>,
+    /// Ties in `in_order` go by arrival.
+    next_seq: u64,
     owners: OwnerTracker,
     stats: CorrelatorStats,
     /// Sockets evicted while open and not seen closed since: the rest of
@@ -430,6 +473,9 @@ impl Correlator {
             order: VecDeque::new(),
             next_gen: 0,
             closing: VecDeque::new(),
+            in_order: BinaryHeap::new(),
+            finished: Vec::new(),
+            next_seq: 0,
             owners: OwnerTracker::new(1, snapshot, own_netns),
             stats: CorrelatorStats::default(),
             evicted: crate::model::table::EvictedKeys::new(opts.max_sockets),
@@ -569,24 +615,67 @@ impl Correlator {
         false
     }
 
-    /// Takes one event; finished timelines are appended to `out`.
+    /// Takes one event; finished timelines are appended to `out`, in the
+    /// order their sockets closed.
     pub fn push(&mut self, r: &Record, out: &mut Vec<Timeline>) {
         self.stats.events += 1;
         self.traced_since_ns.get_or_insert(r.ts_ns());
+        let mut done = std::mem::take(&mut self.finished);
         match r {
-            Record::State(t) => self.transition(t, out),
+            Record::State(t) => self.transition(t, &mut done),
             Record::Socket(s) => self.socket_event(s),
         }
-        self.finish_closed(r.ts_ns(), out);
+        self.finish_closed(r.ts_ns(), &mut done);
+        self.release_in_order(r.ts_ns(), done, out);
     }
 
     /// Finishes the timelines whose grace period ended before `now_ns`, and
     /// the held ones that are settled by now (asking the kernel, live, about
-    /// those whose check is due: one batch per call).
+    /// those whose check is due: one batch per call), in close order.
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
-        self.finish_closed(now_ns, out);
+        let mut done = std::mem::take(&mut self.finished);
+        self.finish_closed(now_ns, &mut done);
         self.handoffs
-            .advance(now_ns, self.lookup.as_deref_mut(), out);
+            .advance(now_ns, self.lookup.as_deref_mut(), &mut done);
+        self.release_in_order(now_ns, done, out);
+    }
+
+    /// Moves finished timelines into `in_order`; past its bound the
+    /// earliest go out at once.
+    fn hold_in_order(&mut self, done: &mut Vec<Timeline>, out: &mut Vec<Timeline>) {
+        for timeline in done.drain(..) {
+            self.next_seq += 1;
+            self.in_order.push(Reverse(ByClose {
+                seq: self.next_seq,
+                timeline,
+            }));
+            if self.in_order.len() > self.opts.max_sockets {
+                if let Some(Reverse(t)) = self.in_order.pop() {
+                    out.push(t.timeline);
+                }
+            }
+        }
+    }
+
+    /// Hands out, in close order, the finished timelines that nothing still
+    /// to be finished closed before: their grace period is over, and no
+    /// held hand-off closed earlier.
+    fn release_in_order(&mut self, now_ns: u64, mut done: Vec<Timeline>, out: &mut Vec<Timeline>) {
+        self.hold_in_order(&mut done, out);
+        self.finished = done;
+        let mut due = now_ns.saturating_sub(self.opts.grace_ns);
+        if let Some(held) = self.handoffs.oldest_held_ns() {
+            due = due.min(held);
+        }
+        while self
+            .in_order
+            .peek()
+            .is_some_and(|Reverse(t)| t.timeline.closed_ns <= due)
+        {
+            if let Some(Reverse(t)) = self.in_order.pop() {
+                out.push(t.timeline);
+            }
+        }
     }
 
     fn finish_closed(&mut self, now_ns: u64, out: &mut Vec<Timeline>) {
@@ -617,12 +706,18 @@ impl Correlator {
         });
     }
 
-    /// Finishes every closed socket now (end of input).
+    /// Finishes every closed socket now (end of input), in close order.
     pub fn flush(&mut self, out: &mut Vec<Timeline>) {
+        let mut done = std::mem::take(&mut self.finished);
         while let Some(c) = self.closing.pop_front() {
-            self.finish(c, out);
+            self.finish(c, &mut done);
         }
-        self.handoffs.flush(self.lookup.as_deref_mut(), out);
+        self.handoffs.flush(self.lookup.as_deref_mut(), &mut done);
+        self.hold_in_order(&mut done, out);
+        self.finished = done;
+        while let Some(Reverse(t)) = self.in_order.pop() {
+            out.push(t.timeline);
+        }
     }
 
     fn finish(&mut self, c: PendingClose, out: &mut Vec<Timeline>) {
@@ -1398,6 +1493,111 @@ mod tests {
             seen.push(std::mem::take(&mut out));
         }
         (seen, asked.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[test]
+    fn timelines_come_out_in_close_order_when_an_address_is_reused() {
+        // `a` closes first; `b` closes later and its address is reused at
+        // once (a server that closes first frees its socket at once), which
+        // finishes `b` before `a`'s grace period is over.
+        let mut a = Sock::new(1, 1);
+        active_open(&mut a);
+        a.step(1000, Established, Close);
+        let mut b = Sock::new(2, 1);
+        active_open(&mut b);
+        b.step(2000, Established, Close);
+        let mut b2 = Sock::new(2, 1);
+        b2.step(3000, Close, SynSent);
+        let mut evs: Vec<Event> = [&a, &b, &b2]
+            .iter()
+            .flat_map(|s| s.events.clone())
+            .collect();
+        evs.sort_by_key(|e| e.ts_ns);
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        for e in &evs {
+            c.push(&decode(&encode(e)).unwrap(), &mut out);
+        }
+        assert!(out.is_empty(), "{} finished before their turn", out.len());
+        c.advance(100_000_000, &mut out);
+        let order: Vec<(u64, u64)> = out.iter().map(|t| (t.skaddr, t.closed_ns)).collect();
+        assert_eq!(order, [(1, 1_000_000), (2, 2_000_000)]);
+        // The same through flush.
+        let flushed = run_all(&[&a, &b, &b2]);
+        let order: Vec<u64> = flushed.iter().map(|t| t.closed_ns).collect();
+        assert_eq!(order, [1_000_000, 2_000_000]);
+    }
+
+    #[test]
+    fn timelines_held_for_order_stay_bounded() {
+        // Time stands still while addresses are reused: past max_sockets
+        // held, the earliest go out.
+        let max = 4;
+        let opts = CorrelatorOptions {
+            max_sockets: max,
+            ..CorrelatorOptions::default()
+        };
+        let mut c = Correlator::new(opts, None, None);
+        let mut out = Vec::new();
+        for i in 0..20u64 {
+            let mut s = Sock::new(100, 1);
+            active_open(&mut s);
+            s.step(1000, Established, Close);
+            let mut e = s.events.clone();
+            for ev in &mut e {
+                ev.ts_ns = 1000 + i;
+            }
+            for ev in &e {
+                c.push(&decode(&encode(ev)).unwrap(), &mut out);
+            }
+            assert!(c.in_order.len() <= max, "{}", c.in_order.len());
+        }
+        c.flush(&mut out);
+        assert_eq!(out.len(), 20);
+        assert!(out.windows(2).all(|w| w[0].closed_ns <= w[1].closed_ns));
+    }
+
+    #[test]
+    fn a_held_hand_off_keeps_its_place_in_close_order() {
+        // The hand-off closes at 1.101 ms and waits for its peer's FIN (no
+        // peer on this host, no kernel to ask: up to the last check); a
+        // client of another 4-tuple closes at 2.1 ms and waits behind it.
+        let mut other = Sock::new(3, 10);
+        active_open(&mut other);
+        other.step(2000, Established, FinWait1);
+        other.segs_in += 1;
+        other.step(2050, FinWait1, FinWait2);
+        other.segs_in += 1;
+        other.rcv_nxt += 1;
+        other.step(2100, FinWait2, Close);
+        for e in &mut other.events {
+            e.sport = 41000;
+        }
+        let mut evs: Vec<Event> = [&handed_off_server(1), &other]
+            .iter()
+            .flat_map(|s| s.events.clone())
+            .collect();
+        evs.sort_by_key(|e| e.ts_ns);
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        for e in &evs {
+            c.push(&decode(&encode(e)).unwrap(), &mut out);
+        }
+        c.advance(500_000_000, &mut out);
+        assert!(out.is_empty(), "came out before the hand-off: {out:?}");
+        assert_eq!(c.held(), 1);
+        c.advance(1_101_000 + 1_000_000_000, &mut out);
+        let order: Vec<(u64, CloseKind)> = out.iter().map(|t| (t.skaddr, t.close)).collect();
+        assert_eq!(
+            order,
+            [(1, CloseKind::FinWait2), (3, CloseKind::Orderly)],
+            "in close order once the hand-off is settled"
+        );
+        // Settled by its peer's FIN, the same order.
+        let out = run_all(&[&handed_off_server(1), &client_of(2, 50_000), &other]);
+        let order: Vec<u64> = out.iter().map(|t| t.skaddr).collect();
+        assert_eq!(order, [1, 3, 2], "{out:?}");
+        assert_time_wait_four(&out[0]);
     }
 
     #[test]

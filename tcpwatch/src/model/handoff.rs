@@ -22,8 +22,9 @@
 //!
 //! Pure: the lookup is the caller's, and time comes from the events.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::model::correlate::{CloseKind, Closer, Timeline, Timewait, TimewaitSubstate};
@@ -110,6 +111,10 @@ pub struct Handoffs {
     /// Held timelines by the check they wait for: (key, gen, due time).
     checks: [VecDeque<(u64, u64, u64)>; CHECKS_NS.len()],
     held: usize,
+    /// (close time, gen, key) of held timelines, earliest first, for
+    /// [`Handoffs::oldest_held_ns`]; entries of timelines no longer held
+    /// are dropped when they come to the top, or in a compaction.
+    by_close: BinaryHeap<Reverse<(u64, u64, u64)>>,
     next_gen: u64,
     time_wait_ns: u64,
     pub stats: HandoffStats,
@@ -125,6 +130,7 @@ impl Handoffs {
             early_order: VecDeque::new(),
             checks: Default::default(),
             held: 0,
+            by_close: BinaryHeap::new(),
             next_gen: 0,
             time_wait_ns,
             stats: HandoffStats::default(),
@@ -134,6 +140,18 @@ impl Handoffs {
     /// Timelines held now.
     pub fn held(&self) -> usize {
         self.held
+    }
+
+    /// When the socket of the earliest held timeline closed: the timelines
+    /// that closed after it wait for it, to come out in close order.
+    pub fn oldest_held_ns(&mut self) -> Option<u64> {
+        while let Some(&Reverse((closed_ns, gen, k))) = self.by_close.peek() {
+            if self.is_held(k, gen) {
+                return Some(closed_ns);
+            }
+            self.by_close.pop();
+        }
+        None
     }
 
     /// A socket was handed off at FIN_WAIT2 → CLOSE (its timeline follows
@@ -212,6 +230,13 @@ impl Handoffs {
         let gen = self.next_gen;
         self.next_gen += 1;
         let due = t.closed_ns.saturating_add(CHECKS_NS[0]);
+        self.by_close.push(Reverse((t.closed_ns, gen, k)));
+        if self.by_close.len() > 2 * self.cap {
+            let waiting = &self.waiting;
+            self.by_close.retain(|Reverse((_, gen, k))| {
+                matches!(waiting.get(k), Some(Waiting::Held { gen: g, .. }) if g == gen)
+            });
+        }
         let previous = self.waiting.insert(
             k,
             Waiting::Held {
@@ -299,6 +324,7 @@ impl Handoffs {
             self.settle(k, out, how);
         }
         self.waiting.clear();
+        self.by_close.clear();
         self.closing.clear();
         self.early.clear();
         self.early_order.clear();

@@ -807,10 +807,7 @@ impl TimewaitBook {
                 let rate = self.dest_rates.get(&pair).map_or(0.0, |d| d.rate);
                 // tcp_tw_reuse=2 is for loopback traffic: a loopback
                 // address at either end (tcp_twsk_unique()).
-                let loopback = [local, ep]
-                    .iter()
-                    .flatten()
-                    .any(|e| is_loopback(&e.addr));
+                let loopback = [local, ep].iter().flatten().any(|e| is_loopback(&e.addr));
                 let reuse_applies = timestamps_on
                     && match reuse {
                         1 => true,
@@ -1126,7 +1123,13 @@ mod tests {
         // 150 runs of one command, one connection each, and one other
         // process with two.
         let curl = |pid: u32, port: u16| {
-            let mut t = timeline(&format!("10.0.0.1:{port}"), "10.0.0.9:80", pid, Role::Client, 1);
+            let mut t = timeline(
+                &format!("10.0.0.1:{port}"),
+                "10.0.0.9:80",
+                pid,
+                Role::Client,
+                1,
+            );
             let a = t.owner.as_mut().unwrap();
             a.owner = Owner {
                 pid,
@@ -1140,28 +1143,47 @@ mod tests {
             b.on_timeline(&curl(8000 + i, 40000 + i as u16));
         }
         for port in [50000, 50001] {
-            b.on_timeline(&timeline(&format!("10.0.0.1:{port}"), "10.0.0.9:80", 9, Role::Client, 1));
+            b.on_timeline(&timeline(
+                &format!("10.0.0.1:{port}"),
+                "10.0.0.9:80",
+                9,
+                Role::Client,
+                1,
+            ));
         }
         let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
         let g = &s.by_process[0];
-        assert_eq!((g.key.as_str(), g.count, g.comm.as_deref()), ("curl", 150, Some("curl")));
+        assert_eq!(
+            (g.key.as_str(), g.count, g.comm.as_deref()),
+            ("curl", 150, Some("curl"))
+        );
         assert_eq!((g.pid, g.processes, g.cgroup), (None, Some(150), Some(44)));
         assert_eq!(g.pids.len(), MAX_PIDS);
         assert!(g.pids.iter().all(|p| (8000..8150).contains(p)), "{g:?}");
         let p9 = &s.by_process[1];
-        assert_eq!((p9.key.as_str(), p9.pid, p9.processes, p9.count), ("p9", Some(9), Some(1), 2));
+        assert_eq!(
+            (p9.key.as_str(), p9.pid, p9.processes, p9.count),
+            ("p9", Some(9), Some(1), 2)
+        );
         assert_eq!(p9.pids, [9]);
         assert_eq!(s.by_process.len(), 2);
         assert!(
-            s.findings.iter().any(|f| f == "curl closed first on 150 of 152 timewait sockets (99%), from 150 processes"),
+            s.findings.iter().any(|f| f
+                == "curl closed first on 150 of 152 timewait sockets (99%), from 150 processes"),
             "{:?}",
             s.findings
         );
         // The text view: one row each, the pid or the number of processes.
         let text = crate::views::timewait::timewait_text(&s);
-        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("  curl") || l.starts_with("  p9")).collect();
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  curl") || l.starts_with("  p9"))
+            .collect();
         assert_eq!(rows.len(), 2, "{text}");
-        assert!(rows[0].contains("150 processes") && rows[0].contains(" 44"), "{text}");
+        assert!(
+            rows[0].contains("150 processes") && rows[0].contains(" 44"),
+            "{text}"
+        );
         assert!(rows[1].ends_with("%  9"), "{text}");
         // Endpoint groups carry no process fields in the JSON.
         let json = crate::views::timewait::timewait_json(&s);
@@ -1338,7 +1360,10 @@ mod tests {
         // the ports are still held.
         let s = b.snapshot(3_000_000_000, "t".into(), 5, kview());
         let d = &s.destinations[0];
-        assert_eq!((d.ports_held, d.rate_per_s, d.exhaustion_s), (2000, 0.0, None));
+        assert_eq!(
+            (d.ports_held, d.rate_per_s, d.exhaustion_s),
+            (2000, 0.0, None)
+        );
         assert!(
             !s.findings
                 .iter()

@@ -656,7 +656,10 @@ mod tests {
         b[at..at + 16].fill(0xff);
         let (got, err) = read_all(&b);
         assert_eq!(got, events()[..0]);
-        assert!(err.unwrap().to_string().ends_with(&format!("byte offset {first}")));
+        assert!(err
+            .unwrap()
+            .to_string()
+            .ends_with(&format!("byte offset {first}")));
     }
 
     #[test]
@@ -674,7 +677,8 @@ mod tests {
                 .unwrap_or_else(|| panic!("flip at {at} not found"))
                 .to_string();
             assert!(
-                msg.contains("damaged header or snapshot section") && msg.ends_with("byte offset 0"),
+                msg.contains("damaged header or snapshot section")
+                    && msg.ends_with("byte offset 0"),
                 "{at}: {msg}"
             );
         }

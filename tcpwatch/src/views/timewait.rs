@@ -15,7 +15,11 @@ fn groups(out: &mut String, title: &str, groups: &[Group], processes: bool) {
         "{title:<44} {:>8} {:>6}{}",
         "COUNT",
         "SHARE",
-        if processes { "  PIDS           CGROUP" } else { "" }
+        if processes {
+            "  PIDS           CGROUP"
+        } else {
+            ""
+        }
     );
     if groups.is_empty() {
         let _ = writeln!(out, "  -");
@@ -28,7 +32,10 @@ fn groups(out: &mut String, title: &str, groups: &[Group], processes: bool) {
             (None, None) => String::new(),
         };
         let extra = if processes {
-            format!("  {pids:<14} {}", g.cgroup.map(|c| c.to_string()).unwrap_or_default())
+            format!(
+                "  {pids:<14} {}",
+                g.cgroup.map(|c| c.to_string()).unwrap_or_default()
+            )
         } else {
             String::new()
         };
