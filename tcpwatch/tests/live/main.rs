@@ -22,6 +22,7 @@ mod real_servers;
 mod timewait;
 mod top;
 mod trace;
+mod truth;
 
 /// Not a test of tcpwatch: the peer. When the test binary is re-executed
 /// with TCPWATCH_PEER set, this runs the peer's command loop (see

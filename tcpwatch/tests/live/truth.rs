@@ -11,10 +11,10 @@
 //! the kernel lists only the test's timewait sockets. Tests that cannot run
 //! (not root, no BTF, no eBPF object, no curl) say "skipped: <why>" (fail
 //! under CI). Run them one at a time:
-//! `TCPWATCH_BPF_OBJECT=<object> cargo test --release -p tcpwatch --test truth_live -- --test-threads=1`.
+//! `TCPWATCH_BPF_OBJECT=<object> cargo test --release -p tcpwatch --test live -- --test-threads=1 truth::`.
 
-mod common;
-mod timewait_support;
+use crate::support as common;
+use crate::support::timewait::*;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use common::daemon::{request, Response};
 use common::{Proc, START_TIMEOUT, STOP_TIMEOUT};
 use serde_json::Value;
-use timewait_support::*;
 
 fn ready() -> bool {
     if let Err(why) = common::live() {
