@@ -171,6 +171,14 @@ fn series(text: &str, name: &str) -> Vec<(HashMap<String, String>, f64)> {
         .collect()
 }
 
+/// Events the daemon says it lost (all reasons).
+fn daemon_lost(text: &str) -> f64 {
+    series(text, "tcpwatch_lost_events_total")
+        .iter()
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// The value of a series without labels (`name value`).
 fn scalar(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -326,10 +334,11 @@ fn ports_held_are_per_local_address() {
     let metrics = daemon.wait_metrics(Duration::from_secs(20), |m| {
         series(m, "tcpwatch_destination_ports_held")
             .iter()
-            .filter(|(l, _)| l.get("destination") == Some(&remote))
+            .filter(|(l, v)| l.get("destination") == Some(&remote) && *v == PER_ADDR as f64)
             .count()
             >= locals.len()
     });
+    let daemon_lossless = daemon_lost(&metrics) == 0.0;
     let api = daemon.timewait();
     let kernel = ss_ours(&ns);
     daemon.stop();
@@ -388,15 +397,17 @@ fn ports_held_are_per_local_address() {
             .iter()
             .find(|(l, _)| l.get("local") == Some(&ip.to_string()))
             .unwrap_or_else(|| panic!("metric lacks local={ip}: {metric:?}"));
-        if lossless {
+        if daemon_lossless {
             assert_eq!(a["ports_held"], PER_ADDR as u64, "{a}");
             assert_eq!(m.1, PER_ADDR as f64, "{m:?}");
+        } else {
+            assert!(m.1 <= PER_ADDR as f64, "{m:?}");
         }
     }
     assert!(
         !s.findings
             .iter()
-            .any(|f| f.contains(&format!(" {total} of "))),
+            .any(|f| f.contains("run out") && f.contains(&format!(" {total} of "))),
         "{:?}",
         s.findings
     );
@@ -552,7 +563,9 @@ fn curl_runs_are_one_group_by_command_name() {
         .iter()
         .find(|(l, _)| l["process"] == "curl")
         .unwrap_or_else(|| panic!("no series process=\"curl\": {labels:?}"));
-    assert!(curl_series.1 >= RUNS as f64, "{curl_series:?}");
+    if daemon_lost(&metrics) == 0.0 {
+        assert!(curl_series.1 >= RUNS as f64, "{curl_series:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------
