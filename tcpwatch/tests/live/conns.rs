@@ -1028,13 +1028,13 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
             && !raw.records[k..].iter().any(|r| of(&links[0], r)),
         "the first connection's records are not all before the second's"
     );
-    let offset = HEADER_LEN + raw.snapshot_len + k * EVENT_SIZE;
+    let offset = HEADER_LEN + raw.snapshot_len + k * RECORD_SIZE;
     assert_eq!(raw.records[k].0, offset);
 
     let full = dir.join("full.rec");
     readable_copy(&file, &full, None);
     let cut = dir.join("cut.rec");
-    readable_copy(&file, &cut, Some(offset + EVENT_SIZE / 2));
+    readable_copy(&file, &cut, Some(offset + RECORD_SIZE / 2));
     let whole = replay_as_nobody(&full, &["conns", "--format", "json"]);
     assert_eq!(whole.code, Some(0), "{:?}", whole.stderr);
     let whole = parse_replay(&whole);
@@ -1059,7 +1059,7 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
     assert_eq!(said, offset, "{}", errors[0]);
     println!(
         "cut at {} (record {k}, header 40 + snapshot {}): {}",
-        offset + EVENT_SIZE / 2,
+        offset + RECORD_SIZE / 2,
         raw.snapshot_len,
         errors[0]
     );

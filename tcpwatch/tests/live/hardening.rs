@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tcpwatch::model::timewait::Snapshot;
 
 use crate::require_live;
-use crate::support::conns::{Conn, RawRecording, EVENT_SIZE};
+use crate::support::conns::{Conn, RawRecording, RECORD_SIZE};
 use crate::support::hardening::*;
 use crate::support::netns::Netns;
 use crate::support::summary::{exit_summary, main_count};
@@ -85,7 +85,7 @@ fn check_recording(file: &Path, recorded: Option<u64>) -> String {
     if whole > 0 {
         let cut = file.with_extension("cut");
         let bytes = fs::read(file).unwrap();
-        let keep = bytes.len() - shape.partial - EVENT_SIZE / 2;
+        let keep = bytes.len() - shape.partial - RECORD_SIZE / 2;
         fs::write(&cut, &bytes[..keep]).unwrap();
         let (cut_events, cut_undecodable, cut_stderr) = replay_counts(&cut);
         let warning = cut_stderr

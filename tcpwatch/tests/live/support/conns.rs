@@ -740,9 +740,9 @@ pub fn replay_as_nobody(file: &Path, args: &[&str]) -> ReplayRun {
 
 /// A recording's layout, parsed here from its bytes and not with
 /// tcpwatch's reader, so that the offsets tcpwatch reports are checked
-/// independently: the header's snapshot length, then each whole 144-byte
-/// record's (byte offset, sport, dport), and the bytes of a last partial
-/// one.
+/// independently: the header's snapshot length, then each whole record's
+/// (byte offset, sport, dport), and the bytes of a last partial one. A
+/// record is the 144-byte event and its CRC-32 (format version 2).
 #[derive(Debug)]
 pub struct RawRecording {
     pub len: usize,
@@ -753,6 +753,8 @@ pub struct RawRecording {
 
 pub const HEADER_LEN: usize = 40;
 pub const EVENT_SIZE: usize = 144;
+/// The event and its checksum.
+pub const RECORD_SIZE: usize = EVENT_SIZE + 4;
 
 impl RawRecording {
     pub fn read(path: &Path) -> RawRecording {
@@ -765,12 +767,17 @@ impl RawRecording {
         );
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
         assert_eq!(u32_at(12) as usize, EVENT_SIZE, "event size in the header");
+        assert_eq!(
+            u16::from_le_bytes([bytes[8], bytes[9]]),
+            2,
+            "format version"
+        );
         let snapshot_len = u32_at(28) as usize;
         let start = HEADER_LEN + snapshot_len;
-        let partial = (bytes.len() - start) % EVENT_SIZE;
+        let partial = (bytes.len() - start) % RECORD_SIZE;
         // struct Event (tcpwatch-common): sport at 128, dport at 130.
         let records = (start..bytes.len() - partial)
-            .step_by(EVENT_SIZE)
+            .step_by(RECORD_SIZE)
             .map(|off| {
                 let u16_at = |i: usize| u16::from_le_bytes([bytes[off + i], bytes[off + i + 1]]);
                 (off, u16_at(128), u16_at(130))
