@@ -42,6 +42,8 @@ pub const OLDEST_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 40;
 /// Bytes of a record's checksum (version 2 on).
 const CHECKSUM_LEN: usize = 4;
+/// Bytes per record in the format written: the event and its checksum.
+pub const RECORD_SIZE: usize = Event::SIZE + CHECKSUM_LEN;
 /// Where the header keeps the checksum of itself and the snapshot.
 const HEADER_CHECKSUM_AT: usize = 36;
 /// Snapshot sections larger than this are refused as corrupt.
@@ -614,8 +616,7 @@ mod tests {
         assert!(r.warning().is_some());
     }
 
-    /// A record with its checksum, in format version 2.
-    const REC: usize = Event::SIZE + CHECKSUM_LEN;
+    const REC: usize = RECORD_SIZE;
 
     #[test]
     fn corrupt_record_is_reported_at_its_offset() {

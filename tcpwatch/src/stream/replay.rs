@@ -126,7 +126,7 @@ mod tests {
             state_event(1, SynSent, Established, 20),
         ];
         let mut bytes = recording(&events);
-        let second = bytes.len() - Event::SIZE;
+        let second = bytes.len() - crate::stream::record::RECORD_SIZE;
         bytes[second + std::mem::offset_of!(Event, kind)] = 0xee;
         let mut replay = Replay::new(&bytes[..], Path::new("bad.rec")).unwrap();
         let ended = run(&mut replay, |ctx| {

@@ -636,6 +636,8 @@ mod tests {
         Group {
             key: key.into(),
             pid: None,
+            pids: Vec::new(),
+            processes: None,
             comm: None,
             cgroup: None,
             count,
@@ -645,6 +647,7 @@ mod tests {
 
     fn dest(remote: &str, held: u64, rate: f64, exhaustion_s: Option<f64>) -> Destination {
         Destination {
+            local: "10.0.0.1".into(),
             remote: remote.into(),
             ports_held: held,
             port_range: Some(28_232),

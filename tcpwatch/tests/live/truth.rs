@@ -14,17 +14,21 @@
 //! `TCPWATCH_BPF_OBJECT=<object> cargo test --release -p tcpwatch --test live -- --test-threads=1 truth::`.
 
 use crate::support as common;
+use crate::support::daemon::{find_sample, parse_exposition, request, Response, Sample};
+use crate::support::netns::Netns;
+use crate::support::sockets::{connect_from, listen};
 use crate::support::timewait::*;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{request, Response};
 use common::{Proc, START_TIMEOUT, STOP_TIMEOUT};
 use serde_json::Value;
+use tcpwatch::model::timewait::{Destination, Snapshot};
+use tcpwatch::views::summary::{ExitSummary, FollowSummary};
 
 fn ready() -> bool {
     if let Err(why) = common::live() {
@@ -65,7 +69,7 @@ fn connect_burst(src: Ipv4Addr, dst: SocketAddrV4, n: usize, per_s: f64) {
         while i as f64 > per_s * started.elapsed().as_secs_f64() {
             std::thread::sleep(Duration::from_micros(200));
         }
-        let s = connect_from(SocketAddrV4::new(src, 0), dst, true)
+        let s = connect_from(SocketAddrV4::new(src, 0).into(), dst.into(), true)
             .unwrap_or_else(|e| panic!("connection {i} from {src} to {dst}: {e}"));
         drop(s);
     }
@@ -75,13 +79,7 @@ fn connect_burst(src: Ipv4Addr, dst: SocketAddrV4, n: usize, per_s: f64) {
 fn destination<'a>(s: &'a Snap, local: Ipv4Addr, remote: &str) -> Option<&'a Destination> {
     s.destinations
         .iter()
-        .find(|d| d.remote == remote && d.local.as_deref() == Some(&local.to_string()))
-}
-
-/// The namespace's inode (what tcpwatch prints as `netns`).
-fn ns_inode(ns: &Netns) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(ns.path()).unwrap().ino()
+        .find(|d| d.remote == remote && d.local == local.to_string())
 }
 
 /// Timewait sockets of this run's addresses, as the namespace's kernel
@@ -118,22 +116,24 @@ impl<'a> NsDaemon<'a> {
         let raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
         self.ns
             .in_ns(|| request(NS_DAEMON.parse::<SocketAddr>().unwrap(), &raw))
+            .unwrap_or_else(|e| panic!("GET {path} from the daemon in {}: {e}", self.ns.name))
     }
 
-    fn metrics(&self) -> String {
+    fn metrics(&self) -> Vec<Sample> {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "{}", r.body);
-        r.body
+        parse_exposition(&r.body).unwrap()
     }
 
-    fn timewait(&self) -> Value {
+    /// `/api/timewait`: the library's own snapshot.
+    fn timewait(&self) -> Snapshot {
         let r = self.get("/api/timewait");
         assert_eq!(r.status, 200, "{}", r.body);
         serde_json::from_str(&r.body).unwrap()
     }
 
     /// Polls /metrics until `done` accepts it, for up to `timeout`.
-    fn wait_metrics(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    fn wait_metrics(&self, timeout: Duration, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.metrics();
@@ -152,37 +152,22 @@ impl<'a> NsDaemon<'a> {
     }
 }
 
-/// The series of `name` in an exposition, each as its labels and value.
-fn series(text: &str, name: &str) -> Vec<(HashMap<String, String>, f64)> {
-    let prefix = format!("{name}{{");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let (labels, value) = rest.rsplit_once("} ")?;
-            let labels = labels
-                .split("\",")
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once("=\"")?;
-                    Some((k.to_string(), v.trim_end_matches('"').to_string()))
-                })
-                .collect();
-            Some((labels, value.parse().ok()?))
-        })
-        .collect()
+/// The samples of `name`.
+fn series<'a>(samples: &'a [Sample], name: &str) -> Vec<&'a Sample> {
+    samples.iter().filter(|s| s.name == name).collect()
+}
+
+/// Whether a sample has label `key` = `value`.
+fn labelled(s: &Sample, key: &str, value: &str) -> bool {
+    s.labels.get(key).map(String::as_str) == Some(value)
 }
 
 /// Events the daemon says it lost (all reasons).
-fn daemon_lost(text: &str) -> f64 {
-    series(text, "tcpwatch_lost_events_total")
+fn daemon_lost(samples: &[Sample]) -> f64 {
+    series(samples, "tcpwatch_lost_events_total")
         .iter()
-        .map(|(_, v)| v)
+        .map(|s| s.value)
         .sum()
-}
-
-/// The value of a series without labels (`name value`).
-fn scalar(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
 }
 
 /// "S snapshots, E events, L lost events (…)" of a stopped timewait run.
@@ -204,14 +189,14 @@ fn exhaustion_forecast_ends_with_the_traffic() {
         return;
     }
     const N: usize = 3000;
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let tw = Timewait::start(&ns, 1.0, &["--top", "20"]);
     let _ = tw.nth(0);
     let server = server_addr();
     let remote = server.to_string();
     let client = our_ip(2);
     let (started, ended) = ns.in_ns(|| {
-        let listener = listen(server, 4096).expect("listen");
+        let listener = listen(server.into(), 4096).expect("listen");
         let served = serve_client_first(listener, N);
         let started = common::now_ns();
         connect_burst(client, server, N, 5000.0);
@@ -304,18 +289,18 @@ fn ports_held_are_per_local_address() {
     }
     const PER_ADDR: usize = 1500;
     let locals: Vec<Ipv4Addr> = (2..=5).map(our_ip).collect();
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let tw = Timewait::start(&ns, 1.0, &["--top", "20"]);
     let daemon = NsDaemon::start(&ns, &["--top", "20"]);
     let server = server_addr();
     let remote = server.to_string();
     ns.in_ns(|| {
-        let listener = listen(server, 4096).expect("listen");
+        let listener = listen(server.into(), 4096).expect("listen");
         let served = serve_client_first(listener, PER_ADDR * locals.len());
         for ip in &locals {
             for i in 0..PER_ADDR {
                 // bind(ip, 0): the port comes from ip's own range.
-                let s = connect_from(SocketAddrV4::new(*ip, 0), server, false)
+                let s = connect_from(SocketAddrV4::new(*ip, 0).into(), server.into(), false)
                     .unwrap_or_else(|e| panic!("connection {i} from {ip}: {e}"));
                 drop(s);
             }
@@ -334,7 +319,7 @@ fn ports_held_are_per_local_address() {
     let metrics = daemon.wait_metrics(Duration::from_secs(20), |m| {
         series(m, "tcpwatch_destination_ports_held")
             .iter()
-            .filter(|(l, v)| l.get("destination") == Some(&remote) && *v == PER_ADDR as f64)
+            .filter(|s| labelled(s, "destination", &remote) && s.value == PER_ADDR as f64)
             .count()
             >= locals.len()
     });
@@ -349,23 +334,24 @@ fn ports_held_are_per_local_address() {
         .iter()
         .map(|d| {
             (
-                format!("{} -> {}", d.local.as_deref().unwrap_or("?"), d.remote),
+                format!("{} -> {}", d.local, d.remote),
                 d.ports_held,
                 d.exhaustion_s,
             )
         })
         .collect();
-    let metric: Vec<_> = series(&metrics, "tcpwatch_destination_ports_held")
+    let metric: Vec<&Sample> = series(&metrics, "tcpwatch_destination_ports_held")
         .into_iter()
-        .filter(|(l, _)| l.get("destination") == Some(&remote))
+        .filter(|s| labelled(s, "destination", &remote))
         .collect();
+    let tw_reuse = find_sample(&metrics, "tcpwatch_kernel_tcp_tw_reuse", &[]);
     println!(
         "{} local addresses x {PER_ADDR} connections to {remote}; kernel lists {} timewait \
          sockets; tcpwatch destinations {held:?}; daemon metric {metric:?}; tcp_tw_reuse metric \
          {:?}",
         locals.len(),
         kernel,
-        scalar(&metrics, "tcpwatch_kernel_tcp_tw_reuse")
+        tw_reuse
     );
     assert_eq!(kernel, total);
     assert_eq!(s.total, total, "{s:?}");
@@ -387,21 +373,20 @@ fn ports_held_are_per_local_address() {
             assert!((secs - want).abs() < 1e-6, "{d:?}");
         }
         // The daemon's API and metric group the same way.
-        let a = api["destinations"]
-            .as_array()
-            .unwrap()
+        let a = api
+            .destinations
             .iter()
-            .find(|a| a["local"] == ip.to_string().as_str() && a["remote"] == remote.as_str())
-            .unwrap_or_else(|| panic!("API lacks {ip} -> {remote}: {api}"));
+            .find(|a| a.local == ip.to_string() && a.remote == remote)
+            .unwrap_or_else(|| panic!("API lacks {ip} -> {remote}: {:?}", api.destinations));
         let m = metric
             .iter()
-            .find(|(l, _)| l.get("local") == Some(&ip.to_string()))
+            .find(|s| labelled(s, "local", &ip.to_string()))
             .unwrap_or_else(|| panic!("metric lacks local={ip}: {metric:?}"));
         if daemon_lossless {
-            assert_eq!(a["ports_held"], PER_ADDR as u64, "{a}");
-            assert_eq!(m.1, PER_ADDR as f64, "{m:?}");
+            assert_eq!(a.ports_held, PER_ADDR as u64, "{a:?}");
+            assert_eq!(m.value, PER_ADDR as f64, "{m:?}");
         } else {
-            assert!(m.1 <= PER_ADDR as f64, "{m:?}");
+            assert!(m.value <= PER_ADDR as f64, "{m:?}");
         }
     }
     assert!(
@@ -411,7 +396,7 @@ fn ports_held_are_per_local_address() {
         "{:?}",
         s.findings
     );
-    assert_eq!(scalar(&metrics, "tcpwatch_kernel_tcp_tw_reuse"), Some(0.0));
+    assert_eq!(tw_reuse, Some(0.0));
 }
 
 // ---------------------------------------------------------------------------
@@ -464,11 +449,11 @@ fn curl_runs_are_one_group_by_command_name() {
         return;
     }
     const RUNS: usize = 150;
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let tw = Timewait::start(&ns, 1.0, &["--top", "20"]);
     let daemon = NsDaemon::start(&ns, &["--top", "20"]);
     let server = server_addr();
-    let listener = ns.in_ns(|| listen(server, 1024).expect("listen"));
+    let listener = ns.in_ns(|| listen(server.into(), 1024).expect("listen"));
     let served = http_server(listener, RUNS);
     let url = format!("http://{server}/");
     let source = our_ip(2).to_string();
@@ -495,7 +480,7 @@ fn curl_runs_are_one_group_by_command_name() {
     let metrics = daemon.wait_metrics(Duration::from_secs(20), |m| {
         series(m, "tcpwatch_timewait_by_process")
             .iter()
-            .any(|(l, v)| l.get("process").map(String::as_str) == Some("curl") && *v >= RUNS as f64)
+            .any(|s| labelled(s, "process", "curl") && s.value >= RUNS as f64)
     });
     let api = daemon.timewait();
     let kernel = ss_ours(&ns);
@@ -507,7 +492,7 @@ fn curl_runs_are_one_group_by_command_name() {
         .iter()
         .map(|g| (g.key.clone(), g.count))
         .collect();
-    let labels: Vec<_> = series(&metrics, "tcpwatch_timewait_by_process");
+    let labels: Vec<&Sample> = series(&metrics, "tcpwatch_timewait_by_process");
     println!(
         "{RUNS} curl runs; kernel lists {} timewait sockets; tcpwatch rows {rows:?}; findings {:?}; \
          daemon series {labels:?}",
@@ -537,21 +522,21 @@ fn curl_runs_are_one_group_by_command_name() {
     } else {
         assert!(curl.count <= RUNS as u64, "{rows:?}");
     }
-    let api_curl = api["by_process"]
-        .as_array()
-        .unwrap()
+    let api_curl = api
+        .by_process
         .iter()
-        .find(|g| g["key"] == "curl")
-        .unwrap_or_else(|| panic!("API has no row curl: {api}"));
+        .find(|g| g.key == "curl")
+        .unwrap_or_else(|| panic!("API has no row curl: {:?}", api.by_process));
     assert!(
-        !api_curl["pids"].as_array().unwrap().is_empty(),
-        "{api_curl}"
+        !api_curl.pids.is_empty() && api_curl.processes >= Some(1),
+        "{api_curl:?}"
     );
     // The process label is the command name: no pid, so no new series per
     // process. (The daemon sees every namespace: others' curl runs add to
     // the count, never a series.)
-    for (l, _) in &labels {
-        let p = &l["process"];
+    for l in &labels {
+        let p = &l.labels["process"];
+        assert_eq!(l.labels.len(), 1, "{l:?}");
         assert!(
             !p.split_whitespace()
                 .next()
@@ -561,10 +546,10 @@ fn curl_runs_are_one_group_by_command_name() {
     }
     let curl_series = labels
         .iter()
-        .find(|(l, _)| l["process"] == "curl")
+        .find(|l| labelled(l, "process", "curl"))
         .unwrap_or_else(|| panic!("no series process=\"curl\": {labels:?}"));
     if daemon_lost(&metrics) == 0.0 {
-        assert!(curl_series.1 >= RUNS as f64, "{curl_series:?}");
+        assert!(curl_series.value >= RUNS as f64, "{curl_series:?}");
     }
 }
 
@@ -615,7 +600,7 @@ fn damaged_recording_names_the_offset_and_fails() {
     assert!(good.status.success(), "{good:?}");
     let good_lines: Vec<&str> = std::str::from_utf8(&good.stdout).unwrap().lines().collect();
     // Both ends of each connection.
-    let ours = format!("\"netns\":{},", ns_inode(&ns));
+    let ours = format!("\"netns\":{},", ns.inode());
     assert!(
         good_lines.iter().filter(|l| l.contains(&ours)).count() >= 2 * N as usize,
         "{good_lines:?}"
@@ -713,6 +698,17 @@ fn clients_of_server_first(port: u16, clients: usize, per_client: usize) {
     }
 }
 
+/// The exit summary of `conns --from --format json` among its stderr lines
+/// (an error line may follow it), and where it is.
+fn follow_summary(stderr: &[String]) -> Option<(usize, FollowSummary)> {
+    stderr.iter().enumerate().find_map(|(i, l)| {
+        match serde_json::from_str::<ExitSummary>(l).ok()? {
+            ExitSummary::ConnsFrom(s) => Some((i, s)),
+            _ => None,
+        }
+    })
+}
+
 /// `conns --from` for the connections a daemon finishes.
 fn conns_from(daemon: &common::daemon::Daemon, port: u16) -> Proc {
     let mut cmd = Command::new(common::tcpwatch_bin());
@@ -803,11 +799,7 @@ fn conns_from_in_time_order_and_when_the_daemon_goes() {
         f.status.code()
     );
     assert_eq!(f.status.code(), Some(1), "{stderr}");
-    let summary = f
-        .stderr
-        .iter()
-        .position(|l| l.contains("connections finished"))
-        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    let (summary, _) = follow_summary(&f.stderr).unwrap_or_else(|| panic!("no summary: {stderr}"));
     let gone = f
         .stderr
         .iter()
@@ -851,16 +843,8 @@ fn conns_from_says_when_it_fell_behind() {
     let f = from.finish(STOP_TIMEOUT);
     let stderr = f.stderr.join("\n");
     assert!(f.status.success(), "{stderr}");
-    let summary = f
-        .stderr
-        .iter()
-        .find(|l| l.contains("connections finished"))
-        .unwrap_or_else(|| panic!("no summary: {stderr}"));
-    // "R connections finished, S shown, M no longer held by the daemon ..."
-    let counted: u64 = summary
-        .split(", ")
-        .find_map(|p| p.split(" no longer held").next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count of missed in {summary}"));
-    assert!(counted >= missed, "{summary}");
+    let (_, summary) = follow_summary(&f.stderr).unwrap_or_else(|| panic!("no summary: {stderr}"));
+    let counted = summary.missed;
+    assert!(counted >= missed, "{summary:?}");
     daemon.stop();
 }
