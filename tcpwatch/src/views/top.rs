@@ -6,7 +6,10 @@
 //! second over the last refresh and in all since `top` started; top right,
 //! lost events (always shown, first) and the TIME_WAIT totals; below, the
 //! TIME_WAIT sockets by destination with the port forecast, and by the
-//! process that closed first. The TIME_WAIT figures are the
+//! command that closed first. Ports are held per (local address,
+//! destination), as the kernel allocates them: a destination that several
+//! local addresses connect to gets a row under it for each, with that
+//! address's own forecast. The TIME_WAIT figures are the
 //! [`Snapshot`] that `timewait` prints and the daemon serves, shown as they
 //! are: nothing is recomputed here. What does not fit says how much more
 //! there is.
@@ -214,7 +217,15 @@ fn panel_rows(s: &Screen) -> u16 {
 fn table_rows(s: &Screen, rows: u16) -> (u16, u16) {
     let need = |n: usize| (n + 1).min(usize::from(u16::MAX)) as u16;
     let (dest, procs) = match &s.timewait {
-        Some(t) => (need(t.by_remote.len()), need(t.by_process.len())),
+        Some(t) => (
+            need(
+                destination_rows(t, &ViewState::default())
+                    .iter()
+                    .map(dest_row_count)
+                    .sum(),
+            ),
+            need(t.by_process.len()),
+        ),
         None => (2, 0),
     };
     let half = rows / 2;
@@ -453,13 +464,41 @@ fn name_order(a: &str, b: &str) -> Ordering {
 }
 
 /// One destination: its timewait sockets (client and server side), and
-/// the port forecast when this host is the client.
+/// the port forecasts when this host is the client, one per local address
+/// the ports are taken from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DestRow<'a> {
     pub name: &'a str,
     pub timewait: u64,
     pub share: f64,
-    pub ports: Option<&'a Destination>,
+    /// The forecasts toward it, per local address: the one that runs out
+    /// first (then the one holding the most ports) first.
+    pub ports: Vec<&'a Destination>,
+}
+
+impl<'a> DestRow<'a> {
+    /// The forecast that matters most: the local address that runs out
+    /// first. The table is sorted by it.
+    pub fn first(&self) -> Option<&'a Destination> {
+        self.ports.first().copied()
+    }
+}
+
+/// Soonest exhaustion first, then the most ports held, then by address.
+fn forecast_order(a: &Destination, b: &Destination) -> Ordering {
+    soonest(a.exhaustion_s, b.exhaustion_s)
+        .then(b.ports_held.cmp(&a.ports_held))
+        .then(name_order(&a.local, &b.local))
+}
+
+/// Times to exhaustion, soonest first; none after any.
+fn soonest(a: Option<f64>, b: Option<f64>) -> Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
 }
 
 /// The snapshot's destinations in the order `v` asks for.
@@ -467,26 +506,29 @@ pub fn destination_rows<'a>(s: &'a Snapshot, v: &ViewState) -> Vec<DestRow<'a>> 
     let mut rows: Vec<DestRow<'a>> = s
         .by_remote
         .iter()
-        .map(|g| DestRow {
-            name: &g.key,
-            timewait: g.count,
-            share: g.share,
-            ports: s.destinations.iter().find(|d| d.remote == g.key),
+        .map(|g| {
+            let mut ports: Vec<&Destination> = s
+                .destinations
+                .iter()
+                .filter(|d| d.remote == g.key)
+                .collect();
+            ports.sort_by(|a, b| forecast_order(a, b));
+            DestRow {
+                name: &g.key,
+                timewait: g.count,
+                share: g.share,
+                ports,
+            }
         })
         .collect();
-    let rate = |r: &DestRow<'_>| r.ports.map_or(0.0, |d| d.rate_per_s);
-    let runs_out = |r: &DestRow<'_>| r.ports.and_then(|d| d.exhaustion_s);
+    let rate = |r: &DestRow<'_>| r.first().map_or(0.0, |d| d.rate_per_s);
+    let runs_out = |r: &DestRow<'_>| r.first().and_then(|d| d.exhaustion_s);
     rows.sort_by(|a, b| {
         let placed = is_rest(a.name).cmp(&is_rest(b.name));
         let by = match v.sort {
             SortKey::TimeWait => b.timewait.cmp(&a.timewait),
             SortKey::Rate => rate(b).total_cmp(&rate(a)),
-            SortKey::RunsOut => match (runs_out(a), runs_out(b)) {
-                (Some(x), Some(y)) => x.total_cmp(&y),
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (None, None) => Ordering::Equal,
-            },
+            SortKey::RunsOut => soonest(runs_out(a), runs_out(b)),
             SortKey::Name => name_order(a.name, b.name),
         };
         let by = if v.reverse { by.reverse() } else { by };
@@ -518,16 +560,28 @@ fn right(text: String) -> Cell<'static> {
     Cell::from(Line::from(text).alignment(Alignment::Right))
 }
 
-/// At most `room` rows; when some do not fit, the last one says how many.
-fn fit<'a>(mut rows: Vec<Row<'a>>, room: usize, what: &str) -> Vec<Row<'a>> {
-    if rows.len() > room && room > 0 {
-        let hidden = rows.len() - room + 1;
-        rows.truncate(room - 1);
-        rows.push(Row::new(vec![Cell::from(format!(
-            "  … {hidden} more {what}"
-        ))]));
+/// The table rows of `items`, each item one or more rows kept together,
+/// in at most `room` rows; when some items do not fit, the last row says
+/// how many.
+fn fit<'a>(items: Vec<Vec<Row<'a>>>, room: usize, what: &str) -> Vec<Row<'a>> {
+    let all: usize = items.iter().map(Vec::len).sum();
+    if all <= room || room == 0 {
+        return items.into_iter().flatten().collect();
     }
-    rows
+    let mut out = Vec::new();
+    let mut shown = 0;
+    for item in &items {
+        if out.len() + item.len() > room - 1 {
+            break;
+        }
+        out.extend(item.iter().cloned());
+        shown += 1;
+    }
+    out.push(Row::new(vec![Cell::from(format!(
+        "  … {} more {what}",
+        items.len() - shown
+    ))]));
+    out
 }
 
 fn runs_out(d: Option<&Destination>) -> (String, Style) {
@@ -539,6 +593,36 @@ fn runs_out(d: Option<&Destination>) -> (String, Style) {
             (None, false) => ("never".into(), Style::default()),
         },
     }
+}
+
+/// Table rows a destination takes: its own, and one per local address
+/// when several hold ports toward it.
+fn dest_row_count(r: &DestRow<'_>) -> usize {
+    match r.ports.len() {
+        0 | 1 => 1,
+        n => 1 + n,
+    }
+}
+
+/// The forecast cells of one (local address, destination): PORTS, RATE/s,
+/// the wide RANGE and STEADY, RUNS OUT.
+fn forecast_cells(d: Option<&Destination>, wide: bool) -> Vec<Cell<'static>> {
+    let (out, style) = runs_out(d);
+    let mut cells = vec![
+        right(d.map_or("-".into(), |d| d.ports_held.to_string())),
+        right(d.map_or("-".into(), |d| per_s(d.rate_per_s))),
+    ];
+    if wide {
+        cells.push(right(
+            d.and_then(|d| d.port_range)
+                .map_or("-".into(), |n| n.to_string()),
+        ));
+        cells.push(right(
+            d.map_or("-".into(), |d| format!("{:.0}", d.steady_state_ports)),
+        ));
+    }
+    cells.push(Cell::from(Line::styled(out, style)));
+    cells
 }
 
 fn draw_destinations(f: &mut Frame, area: Rect, s: &Snapshot, v: &ViewState) {
@@ -557,29 +641,31 @@ fn draw_destinations(f: &mut Frame, area: Rect, s: &Snapshot, v: &ViewState) {
     }
     head.push("RUNS OUT");
     widths.push(Constraint::Length(13));
-    let rows: Vec<Row> = destination_rows(s, v)
+    let rows: Vec<Vec<Row>> = destination_rows(s, v)
         .into_iter()
         .map(|r| {
-            let d = r.ports;
-            let (out, style) = runs_out(d);
             let mut cells = vec![
                 Cell::from(r.name.to_string()),
                 right(r.timewait.to_string()),
                 right(format!("{:.0}%", r.share * 100.0)),
-                right(d.map_or("-".into(), |d| d.ports_held.to_string())),
-                right(d.map_or("-".into(), |d| per_s(d.rate_per_s))),
             ];
-            if wide {
-                cells.push(right(
-                    d.and_then(|d| d.port_range)
-                        .map_or("-".into(), |n| n.to_string()),
-                ));
-                cells.push(right(
-                    d.map_or("-".into(), |d| format!("{:.0}", d.steady_state_ports)),
-                ));
+            if r.ports.len() <= 1 {
+                cells.extend(forecast_cells(r.first(), wide));
+                return vec![Row::new(cells)];
             }
-            cells.push(Cell::from(Line::styled(out, style)));
-            Row::new(cells)
+            // Each local address has its own ports toward it: a row each,
+            // never a sum.
+            let mut rows = vec![Row::new(cells)];
+            rows.extend(r.ports.iter().map(|d| {
+                let mut cells = vec![
+                    Cell::from(format!("  from {}", d.local)),
+                    Cell::from(""),
+                    Cell::from(""),
+                ];
+                cells.extend(forecast_cells(Some(d), wide));
+                Row::new(cells)
+            }));
+            rows
         })
         .collect();
     let room = usize::from(area.height).saturating_sub(1);
@@ -594,23 +680,41 @@ fn draw_destinations(f: &mut Frame, area: Rect, s: &Snapshot, v: &ViewState) {
     f.render_widget(table, area);
 }
 
+/// The pid of a one-process group, how many processes a larger one has
+/// (`5 procs`), `-` for groups that are not processes.
+fn pids(g: &Group) -> String {
+    match (g.pid, g.processes) {
+        (Some(pid), _) => pid.to_string(),
+        (None, Some(n)) => format!("{n} procs"),
+        (None, None) => "-".into(),
+    }
+}
+
 fn draw_processes(f: &mut Frame, area: Rect, s: &Snapshot, v: &ViewState) {
-    let head = vec!["PROCESS (closed first)", "CGROUP", "TIME_WAIT", "SHARE"];
+    let head = vec![
+        "PROCESS (closed first)",
+        "PIDS",
+        "CGROUP",
+        "TIME_WAIT",
+        "SHARE",
+    ];
     let widths = [
         Constraint::Min(16),
+        Constraint::Length(10),
         Constraint::Length(if area.width >= WIDE { 20 } else { 10 }),
         Constraint::Length(9),
         Constraint::Length(6),
     ];
-    let rows: Vec<Row> = process_rows(s, v)
+    let rows: Vec<Vec<Row>> = process_rows(s, v)
         .into_iter()
         .map(|g| {
-            Row::new(vec![
+            vec![Row::new(vec![
                 Cell::from(g.key.clone()),
+                right(pids(g)),
                 right(g.cgroup.map_or("-".into(), |c| c.to_string())),
                 right(g.count.to_string()),
                 right(format!("{:.0}%", g.share * 100.0)),
-            ])
+            ])]
         })
         .collect();
     let room = usize::from(area.height).saturating_sub(1);
@@ -642,6 +746,17 @@ mod tests {
             cgroup: None,
             count,
             share: count as f64 / total as f64,
+        }
+    }
+
+    /// A process group: its command, and its pid or how many processes.
+    fn process(comm: &str, pids: &[u32], count: u64, total: u64) -> Group {
+        Group {
+            pid: (pids.len() == 1).then(|| pids[0]),
+            pids: pids.to_vec(),
+            processes: Some(pids.len() as u64),
+            comm: Some(comm.into()),
+            ..group(comm, count, total)
         }
     }
 
@@ -684,9 +799,9 @@ mod tests {
             rate_last_interval: 12.0,
             rate_last_minute: 2.5,
             by_process: vec![
-                group("4242 client", 100, total),
+                process("client", &[4242], 100, total),
                 group("(before tracing)", 60, total),
-                group("77 aserver", 50, total),
+                process("aserver", &[77, 78, 79], 50, total),
                 group("other", 10, total),
             ],
             by_remote: vec![
@@ -801,7 +916,7 @@ mod tests {
         // Sockets from before tracing are counted like any group.
         assert_eq!(
             keys(&ViewState::default()),
-            ["4242 client", "(before tracing)", "77 aserver", "other"]
+            ["client", "(before tracing)", "aserver", "other"]
         );
         let by_name = ViewState {
             sort: SortKey::Name,
@@ -809,7 +924,7 @@ mod tests {
         };
         assert_eq!(
             keys(&by_name),
-            ["4242 client", "77 aserver", "(before tracing)", "other"]
+            ["aserver", "client", "(before tracing)", "other"]
         );
         let by_name_rev = ViewState {
             sort: SortKey::Name,
@@ -817,7 +932,7 @@ mod tests {
         };
         assert_eq!(
             keys(&by_name_rev),
-            ["(before tracing)", "77 aserver", "4242 client", "other"]
+            ["(before tracing)", "client", "aserver", "other"]
         );
     }
 
@@ -855,8 +970,11 @@ mod tests {
         assert_eq!(d[1..5], ["40", "25%", "40", "600.0"], "{all}");
         assert_eq!(d[5..], ["30", "s"]);
         assert!(!all.contains("STEADY"), "no wide columns at 80");
-        let p = row("4242 client");
-        assert_eq!(p[2..], ["-", "100", "62%"], "{all}");
+        // Processes by command: the pid of one, how many of several.
+        let p = row("client");
+        assert_eq!(p[1..], ["4242", "-", "100", "62%"], "{all}");
+        let p = row("aserver");
+        assert_eq!(p[1..], ["3", "procs", "-", "50", "31%"], "{all}");
         assert!(lines[23].contains("s sort: TIME_WAIT ▼"), "{all}");
         assert!(lines[23].contains("q quit"), "{all}");
     }
@@ -897,8 +1015,92 @@ mod tests {
         assert_eq!(more - header - 1 + hidden, 34, "{small}");
         // The processes keep their rows: all three fit.
         assert!(
-            small.contains("other") && small.contains("77 aserver"),
+            small.contains("other") && small.contains("aserver"),
             "{small}"
+        );
+    }
+
+    /// Two local addresses connect to one destination: each has its own
+    /// ports, so each gets its own row and forecast under it, never a sum;
+    /// the destination sorts by the address that runs out first.
+    #[test]
+    fn ports_of_each_local_address_get_their_own_row() {
+        let mut s = screen();
+        let snap = s.timewait.as_mut().unwrap();
+        let mut other = dest("10.0.0.9:80", 1500, 1500.0, Some(18.0));
+        other.local = "10.0.0.3".into();
+        snap.destinations.push(other);
+        let v = ViewState {
+            sort: SortKey::RunsOut,
+            reverse: false,
+        };
+        let rows = destination_rows(snap, &v);
+        assert_eq!(names(&rows)[0], "10.0.0.9:80", "runs out first, in 18 s");
+        let locals: Vec<&str> = rows[0].ports.iter().map(|d| d.local.as_str()).collect();
+        assert_eq!(locals, ["10.0.0.3", "10.0.0.1"], "soonest first");
+
+        let lines = render(&s, &v, 80, 24);
+        let all = lines.join("\n");
+        let at = |prefix: &str| {
+            lines
+                .iter()
+                .position(|l| l.trim_start().starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in\n{all}"))
+        };
+        let words = |i: usize| lines[i].split_whitespace().collect::<Vec<_>>();
+        let head = at("10.0.0.9:80");
+        // The destination's own row: its timewait sockets, no ports summed.
+        assert_eq!(words(head), ["10.0.0.9:80", "100", "62%"], "{all}");
+        assert_eq!(at("from 10.0.0.3"), head + 1, "{all}");
+        assert_eq!(
+            words(head + 1),
+            ["from", "10.0.0.3", "1500", "1500", "18", "s"],
+            "{all}"
+        );
+        assert_eq!(
+            words(head + 2),
+            ["from", "10.0.0.1", "100", "1.0", "never"],
+            "{all}"
+        );
+        // A destination with one local address keeps one row.
+        assert_eq!(words(at("10.0.0.2:5432"))[3..5], ["40", "600.0"], "{all}");
+        assert!(!all.contains("more destinations"), "{all}");
+
+        // When they do not all fit, a destination's rows stay together
+        // and the count of hidden destinations is true.
+        for i in 0..30u64 {
+            let snap = s.timewait.as_mut().unwrap();
+            let name = format!("10.1.0.{i}:80");
+            snap.by_remote.push(group(&name, 1, 400));
+            for local in ["10.0.0.1", "10.0.0.3"] {
+                let mut d = dest(&name, 1, 0.0, None);
+                d.local = local.into();
+                snap.destinations.push(d);
+            }
+        }
+        let v = ViewState::default();
+        let lines = render(&s, &v, 120, 40);
+        let all = lines.join("\n");
+        let hidden: usize = lines
+            .iter()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("… ")?
+                    .strip_suffix(" more destinations")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{all}"));
+        let shown = lines.iter().filter(|l| l.starts_with("10.")).count();
+        assert_eq!(shown + hidden, 34, "{all}");
+        let last = lines
+            .iter()
+            .rposition(|l| l.starts_with("10.1.0."))
+            .unwrap();
+        assert!(
+            lines[last + 1].trim_start().starts_with("from 10.0.0.1")
+                && lines[last + 2].trim_start().starts_with("from 10.0.0.3"),
+            "the last destination shown keeps both its rows:\n{all}"
         );
     }
 

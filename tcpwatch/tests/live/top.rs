@@ -432,10 +432,11 @@ fn scenario_80x24() -> Result<(), String> {
     assert_eq!((tw1, ports1), (u64::from(N1), u64::from(N1)), "{all}");
     assert_eq!((tw2, ports2), (u64::from(N2), u64::from(N2)), "{all}");
     assert!(all.contains(&format!("held      {conns} ")), "{all}");
-    // By process: this test's threads closed first, on all of them.
-    let p = row(&screen, &format!("{} {comm}", std::process::id()))
-        .or_else(|| row(&screen, &format!("{comm} ")))
+    // By process: this test's threads closed first, on all of them; the
+    // row is the command, its one pid beside it.
+    let p = row(&screen, &format!("{comm} "))
         .unwrap_or_else(|| panic!("no process row for {comm}:\n{all}"));
+    assert_eq!(p[1], std::process::id().to_string(), "{p:?}\n{all}");
     assert!(
         p.ends_with(&[conns.to_string(), "100%".to_string()]),
         "{p:?}\n{all}"
