@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::host::netns::NetnsSpec;
 use crate::kernel::probe;
 use crate::model::filter::{Cidr, CidrError, Filter};
 use crate::model::Family;
@@ -83,6 +84,8 @@ pub struct ConnsArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
+    pub netns: NetnsArg,
+    #[command(flatten)]
     pub probe: ProbeArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -103,6 +106,8 @@ pub struct LadderArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
+    pub netns: NetnsArg,
+    #[command(flatten)]
     pub probe: ProbeArgs,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
@@ -116,6 +121,11 @@ pub struct LadderArgs {
 pub struct TimewaitArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// The network namespace whose TIME_WAIT to show: NAME (in /run/netns),
+    /// pid:PID, its inode number, or /PATH to a namespace file. Default:
+    /// tcpwatch's own.
+    #[arg(long, value_name = "NS", value_parser = parse_one_netns)]
+    pub netns: Option<NetnsSpec>,
     #[command(flatten)]
     pub probe: ProbeArgs,
     /// Seconds between snapshots.
@@ -142,6 +152,10 @@ pub struct TopArgs {
     /// owner is known).
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// The network namespace to show: NAME (in /run/netns), pid:PID, its
+    /// inode number, or /PATH to a namespace file. Default: tcpwatch's own.
+    #[arg(long, value_name = "NS", value_parser = parse_one_netns)]
+    pub netns: Option<NetnsSpec>,
     #[command(flatten)]
     pub probe: ProbeArgs,
     /// Seconds between refreshes.
@@ -168,10 +182,15 @@ pub struct DaemonArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    /// A network namespace to report (repeatable): NAME (in /run/netns),
+    /// pid:PID, its inode number, /PATH to a namespace file, or all.
+    /// Default: every namespace.
+    #[arg(long = "netns", value_name = "NS", value_parser = parse_netns)]
+    pub netns: Vec<NetnsSpec>,
     /// Seconds between TIME_WAIT snapshots (checked against the kernel each time).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
     pub interval: Duration,
-    /// Processes and destinations given their own series; the rest are summed as `other`.
+    /// Namespaces, processes, containers and destinations given their own series; the rest are summed as `other`.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
     pub top: usize,
     /// Finished connections kept for /api/conns.
@@ -190,6 +209,8 @@ pub struct RecordArgs {
     /// File to write (created with mode 0600).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub netns: NetnsArg,
     #[command(flatten)]
     pub probe: ProbeArgs,
     /// Stop after this many seconds.
@@ -284,6 +305,27 @@ pub struct FilterArgs {
     /// Only IPv6 sockets.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
+    /// Only sockets owned by a process in this cgroup or below it
+    /// (repeatable): a cgroup v2 path such as /system.slice/docker-ID.scope,
+    /// or the same path under the cgroup2 mount (/sys/fs/cgroup/...).
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = parse_cgroup)]
+    pub cgroups: Vec<String>,
+}
+
+/// Which network namespace a command watches.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NetnsArg {
+    /// The network namespace to watch: NAME (in /run/netns), pid:PID, its
+    /// inode number, /PATH to a namespace file, or all. Default: tcpwatch's
+    /// own.
+    #[arg(long, value_name = "NS", value_parser = parse_netns)]
+    pub netns: Option<NetnsSpec>,
+}
+
+impl NetnsArg {
+    pub fn specs(&self) -> Vec<NetnsSpec> {
+        self.netns.iter().cloned().collect()
+    }
 }
 
 impl FilterArgs {
@@ -302,6 +344,11 @@ impl FilterArgs {
             } else {
                 None
             },
+            cgroups: self
+                .cgroups
+                .iter()
+                .map(|c| crate::host::cgroup::hierarchy_path(c))
+                .collect(),
         }
     }
 }
@@ -327,6 +374,8 @@ pub struct ProbeArgs {
 pub struct TraceArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
+    #[command(flatten)]
+    pub netns: NetnsArg,
     #[command(flatten)]
     pub probe: ProbeArgs,
     /// Output format.
@@ -357,6 +406,11 @@ pub enum ArgError {
     /// What the ring size check says is wrong.
     #[error(transparent)]
     RingSize(probe::SizeError),
+    /// What the namespace parser says is wrong.
+    #[error("{0}")]
+    Netns(String),
+    #[error("'{0}' is not a cgroup path: give it from the cgroup root, starting with /")]
+    NotCgroup(String),
 }
 
 fn parse_port(s: &str) -> Result<u16, ArgError> {
@@ -369,6 +423,28 @@ fn parse_port(s: &str) -> Result<u16, ArgError> {
 
 fn parse_cidr(s: &str) -> Result<Cidr, ArgError> {
     s.parse().map_err(ArgError::Cidr)
+}
+
+fn parse_netns(s: &str) -> Result<NetnsSpec, ArgError> {
+    s.parse().map_err(ArgError::Netns)
+}
+
+/// One namespace: `all` is refused (timewait's figures are one namespace's).
+fn parse_one_netns(s: &str) -> Result<NetnsSpec, ArgError> {
+    match parse_netns(s)? {
+        NetnsSpec::All => Err(ArgError::Netns(
+            "timewait and top show one namespace's figures: give one namespace, not all (the daemon reports every namespace)".into(),
+        )),
+        spec => Ok(spec),
+    }
+}
+
+fn parse_cgroup(s: &str) -> Result<String, ArgError> {
+    if s.starts_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err(ArgError::NotCgroup(s.to_string()))
+    }
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, ArgError> {
@@ -491,6 +567,10 @@ mod tests {
             &["trace", "-4", "-6"],
             &["trace", "--format", "xml"],
             &["timewait", "--top", "0"],
+            &["timewait", "--netns", "all"],
+            &["trace", "--netns", "pid:x"],
+            &["trace", "--netns", "a/b"],
+            &["conns", "--cgroup", "system.slice"],
             &["timewait", "--interval", "0"],
             &["timewait", "--interval", "-1"],
             &["timewait", "--interval", "soon"],

@@ -18,6 +18,7 @@ use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions
 use tcpwatch::commands::trace::{TraceOptions, TraceSink};
 use tcpwatch::commands::{self, Source};
 use tcpwatch::daemon::client::{self, Daemon};
+use tcpwatch::host::netns::{NetnsSpec, Selection};
 use tcpwatch::kernel::probe::Probe;
 use tcpwatch::stream::error::StreamError;
 use tcpwatch::stream::session::SessionOptions;
@@ -25,9 +26,32 @@ use tcpwatch::views::log;
 use tcpwatch::views::summary::ExitSummary;
 use tcpwatch::views::Format;
 
-/// Events from the kernel, `what` said once tracing began.
-fn live(probe: &ProbeArgs, duration: Option<Duration>, what: &str) -> Source {
-    Source::Live(SessionOptions::command(probe.options(), duration, what))
+/// Events from the kernel of the namespaces `--netns` selects (none:
+/// tcpwatch's own), `what` said once tracing began.
+fn live(
+    probe: &ProbeArgs,
+    duration: Option<Duration>,
+    what: &str,
+    netns: &[NetnsSpec],
+) -> anyhow::Result<Source> {
+    let netns = Selection::resolve(netns, false).context("--netns")?;
+    Ok(Source::Live(SessionOptions::command(
+        probe.options(),
+        duration,
+        what,
+        netns,
+    )))
+}
+
+/// How `--netns` names one of a daemon's namespaces for `--from`: its name
+/// or its inode, as the daemon labels it.
+fn daemon_netns(spec: Option<&NetnsSpec>) -> anyhow::Result<Option<String>> {
+    Ok(match spec {
+        None => None,
+        Some(NetnsSpec::Name(n)) => Some(n.clone()),
+        Some(NetnsSpec::Inode(i)) => Some(i.to_string()),
+        Some(_) => bail!("--from: name the daemon's namespace by its name or its inode"),
+    })
 }
 
 /// Standard output, buffered: the consumers flush after each batch.
@@ -57,8 +81,10 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
             bail!("--from shows the daemon's snapshot as it is: filters cannot be applied to it");
         }
         let daemon = Daemon::parse(url)?;
+        let netns = daemon_netns(args.netns.as_ref())?;
         let s = client::watch_timewait(
             &daemon,
+            netns.as_deref(),
             &mut stdout(),
             args.format,
             redraw,
@@ -79,7 +105,8 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
         &args.probe,
         args.duration,
         "TCP connections for TIME_WAIT accounting",
-    );
+        &args.netns.iter().cloned().collect::<Vec<_>>(),
+    )?;
     commands::run(source, args.format, |ctx| {
         let tracker = TimewaitTracker::start(opts, ctx);
         Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker))
@@ -104,7 +131,8 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
             );
         }
         let daemon = Daemon::parse(url)?;
-        let s = top::from::run(&daemon, args.interval, args.duration).await?;
+        let netns = daemon_netns(args.netns.as_ref())?;
+        let s = top::from::run(&daemon, netns.as_deref(), args.interval, args.duration).await?;
         ExitSummary::TopFrom(s).print(args.format);
         return Ok(());
     }
@@ -118,7 +146,8 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
         &args.probe,
         args.duration,
         "TCP connections for a live view",
-    );
+        &args.netns.iter().cloned().collect::<Vec<_>>(),
+    )?;
     commands::run(source, args.format, |ctx| Ok(TopSink::build(opts, ctx))).await?;
     Ok(())
 }
@@ -162,7 +191,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Trace(a) => {
-            let source = live(&a.probe, a.duration, "TCP state transitions");
+            let source = live(
+                &a.probe,
+                a.duration,
+                "TCP state transitions",
+                &a.netns.specs(),
+            )?;
             let opts = TraceOptions {
                 format: a.format,
                 filter: a.filter.to_filter(),
@@ -189,7 +223,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ExitSummary::ConnsFrom(s).print(a.format);
                 return stopped.map_or(Ok(()), |e| Err(e.into()));
             }
-            let source = live(&a.probe, a.duration, "TCP connections");
+            let source = live(&a.probe, a.duration, "TCP connections", &a.netns.specs())?;
             let opts = ConnsOptions {
                 view: View::Records(a.format),
                 filter: a.filter.to_filter(),
@@ -199,7 +233,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             conns(source, opts, a.format).await?;
         }
         Command::Ladder(a) => {
-            let source = live(&a.probe, a.duration, "TCP connections");
+            let source = live(&a.probe, a.duration, "TCP connections", &a.netns.specs())?;
             let opts = ConnsOptions {
                 view: View::Ladder,
                 filter: a.filter.to_filter(),
@@ -212,13 +246,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Top(a) => top(a).await?,
         Command::Daemon(a) => tcpwatch::daemon::run(a).await?,
         Command::Record(a) => {
-            let source = live(&a.probe, a.duration, "TCP events into a recording");
+            let source = live(
+                &a.probe,
+                a.duration,
+                "TCP events into a recording",
+                &a.netns.specs(),
+            )?;
             commands::run(source, a.format, |ctx| {
                 Ok(RecordSink::build(&a.output, ctx)?)
             })
             .await?;
         }
         Command::Replay(a) => {
+            let filter = match &a.view {
+                ReplayView::Trace(o) | ReplayView::Conns(o) => &o.filter,
+                ReplayView::Ladder(o) => &o.filter,
+            };
+            if !filter.cgroups.is_empty() {
+                bail!("--cgroup matches the paths of this host's cgroups now: it does not apply to a recording");
+            }
             let source = Source::Recording(a.file);
             match a.view {
                 ReplayView::Trace(o) => {

@@ -3,6 +3,7 @@
 
 use std::io::{self, Write};
 
+use crate::commands::Selector;
 use crate::host::clock::Clock;
 use crate::model::correlate::{Correlator, Role, Timeline};
 use crate::model::filter::Filter;
@@ -34,7 +35,7 @@ pub struct ConnsOptions {
 pub struct ConnsSink<W: Write> {
     out: W,
     view: View,
-    filter: Filter,
+    selector: Selector,
     clock: Clock,
     correlator: Correlator,
     /// Ladder: finished connections waiting for their other end (if it is a
@@ -57,7 +58,7 @@ impl<W: Write> ConnsSink<W> {
         let mut sink = ConnsSink {
             out,
             view: opts.view,
-            filter: opts.filter,
+            selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
             correlator,
             waiting: Vec::new(),
@@ -73,8 +74,8 @@ impl<W: Write> ConnsSink<W> {
         sink
     }
 
-    fn wanted(&self, t: &Timeline) -> bool {
-        self.filter.matches(
+    fn wanted(&mut self, t: &Timeline) -> bool {
+        self.selector.matches(
             t.family,
             &t.local,
             &t.remote,
@@ -94,7 +95,11 @@ impl<W: Write> ConnsSink<W> {
                     self.shown += 1;
                     let line = match format {
                         Format::Text => conns_text(&t, &self.clock),
-                        Format::Json => conns_json(&t, &self.clock),
+                        Format::Json => {
+                            let owner = t.owner.as_ref().map(|a| &*a.owner);
+                            let cgroup = self.selector.cgroup(owner);
+                            conns_json(&t, &self.clock, cgroup.as_deref())
+                        }
                     };
                     writeln!(self.out, "{line}")?;
                 }

@@ -3,24 +3,32 @@
 //! own list and figures, and a snapshot is written (redrawn in place on a
 //! terminal, appended when piped, one JSON object per interval).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
+use std::sync::Arc;
 
+use crate::commands::Selector;
 use crate::host::kernelstat::{KernelFigures, Sysctls};
+use crate::host::netns::{Namespace, NetnsError, Selection};
 use crate::host::sockdiag::{self, SockDiagError};
+use crate::model::cgroup::Cgroup;
 use crate::model::correlate::{Correlator, Timeline, TimewaitSubstate};
 use crate::model::decode::Record;
 use crate::model::filter::Filter;
 use crate::model::lost::LostCounts;
 use crate::model::sweep::SweepTable;
-use crate::model::timewait::{KernelTimewait, KernelView, Snapshot, TimewaitBook, TimewaitOptions};
-use crate::model::TcpState;
+use crate::model::timewait::{
+    named_group_of, rank, Group, KernelTimewait, KernelView, Snapshot, TimewaitBook,
+    TimewaitOptions, NO_CONTAINER,
+};
+use crate::model::{Owner, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TimewaitSummary, Tracking};
 use crate::views::timewait::{timewait_json, timewait_text};
 use crate::views::Format;
 
-/// The kernel's list of timewait sockets in tcpwatch's namespace.
+/// The kernel's list of timewait sockets in the calling thread's namespace.
 pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
     let list = sockdiag::dump_timewait()?;
     Ok(list
@@ -38,11 +46,34 @@ pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
         .collect())
 }
 
-/// Reads the kernel's figures; `overflow_base` is TCPTimeWaitOverflow at
-/// start, `overflow_prev` at the previous snapshot.
-fn kernel_view(overflow_base: Option<u64>, overflow_prev: &mut Option<u64>) -> KernelView {
-    let figures = KernelFigures::read();
-    let sysctls = Sysctls::read().ok();
+/// What one namespace's kernel says, read from inside it.
+#[derive(Default)]
+struct KernelRead {
+    /// The timewait sockets (`None`: not asked).
+    list: Option<Result<Vec<KernelTimewait>, SockDiagError>>,
+    figures: KernelFigures,
+    sysctls: Option<Sysctls>,
+}
+
+impl KernelRead {
+    /// Reads the calling thread's namespace.
+    fn here(with_list: bool) -> KernelRead {
+        KernelRead {
+            list: with_list.then(kernel_timewait),
+            figures: KernelFigures::read(),
+            sysctls: Sysctls::read().ok(),
+        }
+    }
+}
+
+/// The kernel's figures; `overflow_base` is TCPTimeWaitOverflow at start,
+/// `overflow_prev` at the previous snapshot.
+fn kernel_view(
+    figures: &KernelFigures,
+    sysctls: Option<&Sysctls>,
+    overflow_base: Option<u64>,
+    overflow_prev: &mut Option<u64>,
+) -> KernelView {
     let overflow_now = figures.tw_overflow;
     let last = match (overflow_now, *overflow_prev) {
         (Some(now), Some(prev)) => Some(now.saturating_sub(prev)),
@@ -51,38 +82,53 @@ fn kernel_view(overflow_base: Option<u64>, overflow_prev: &mut Option<u64>) -> K
     *overflow_prev = overflow_now;
     KernelView {
         sockstat_tw: figures.sockstat_tw,
-        max_tw_buckets: sysctls.as_ref().map(|s| s.max_tw_buckets),
+        max_tw_buckets: sysctls.map(|s| s.max_tw_buckets),
         overflow_since_start: match (overflow_now, overflow_base) {
             (Some(now), Some(base)) => Some(now.saturating_sub(base)),
             _ => None,
         },
         overflow_last_interval: last,
-        port_range: sysctls
-            .as_ref()
-            .map(|s| u32::from(s.port_range.1).saturating_sub(u32::from(s.port_range.0)) + 1),
-        tw_reuse: sysctls.as_ref().map(|s| s.tw_reuse),
-        fin_timeout_s: sysctls.as_ref().map(|s| s.fin_timeout_s),
-        timestamps: sysctls.as_ref().map(|s| s.timestamps),
+        port_range: sysctls.map(|s| s.port_range_size()),
+        tw_reuse: sysctls.map(|s| s.tw_reuse),
+        fin_timeout_s: sysctls.map(|s| s.fin_timeout_s),
+        timestamps: sysctls.map(|s| s.timestamps),
     }
 }
 
+/// One network namespace's TIME_WAIT book, checked against that
+/// namespace's own kernel.
+struct NsBook {
+    /// How to enter it to read its kernel; `None` when it could not be
+    /// found (its figures then come from events alone).
+    ns: Option<Namespace>,
+    book: TimewaitBook,
+    overflow_base: Option<u64>,
+    overflow_prev: Option<u64>,
+    /// Its list of timewait sockets could not be read: not asked again.
+    kernel_unreadable: bool,
+}
+
 /// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
-/// events through the correlator into the book, and every interval a
-/// snapshot checked against the kernel's own list and figures. Live only:
-/// it reads this host's kernel.
+/// events through the correlator into one book per network namespace, and
+/// every interval a snapshot of each, checked against that namespace's own
+/// list and figures (read from inside it). Live only: it reads this host's
+/// kernel.
 pub struct TimewaitTracker {
-    filter: Filter,
+    selector: Selector,
     clock: crate::host::clock::Clock,
     correlator: Correlator,
-    book: TimewaitBook,
+    books: BTreeMap<u32, NsBook>,
+    /// Every namespace seen gets a book (the daemon without `--netns`).
+    every: bool,
+    /// Namespaces seen that could not be found (since the last snapshot).
+    unfound: HashSet<u32>,
+    /// The book of events whose namespace is not known (a kernel whose BTF
+    /// lacks the field): the context's namespace.
+    primary: u32,
     interval_ns: u64,
     top: usize,
     next_snapshot_ns: u64,
-    overflow_base: Option<u64>,
-    overflow_prev: Option<u64>,
     finished: Vec<Timeline>,
-    /// The kernel's list could not be read: it is not asked again.
-    kernel_unreadable: bool,
 }
 
 pub struct TrackerOptions {
@@ -95,41 +141,76 @@ pub struct TrackerOptions {
 impl TimewaitTracker {
     /// Starts counting where `ctx` begins: owners of the sockets that
     /// already exist from its snapshot, the timewait sockets that already
-    /// exist from the kernel (counted as "before tracing"), and the first
-    /// interval from then.
+    /// exist in each namespace from its kernel (counted as "before
+    /// tracing"), and the first interval from then.
     pub fn start(opts: TrackerOptions, ctx: &Context) -> Self {
         let now_ns = ctx.live_since_ns().unwrap_or(0);
-        let overflow = KernelFigures::read().tw_overflow;
+        let scope = ctx.scope.clone().unwrap_or_else(Selection::own);
+        let primary = ctx.netns.unwrap_or(0);
         let mut tracker = TimewaitTracker {
-            filter: opts.filter,
+            selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
             correlator: ctx.correlator(opts.max_sockets),
-            book: TimewaitBook::new(TimewaitOptions::default(), ctx.netns, now_ns),
+            books: BTreeMap::new(),
+            every: scope == Selection::All,
+            unfound: HashSet::new(),
+            primary,
             interval_ns: opts.interval_ns,
             top: opts.top,
             next_snapshot_ns: now_ns + opts.interval_ns,
-            overflow_base: overflow,
-            overflow_prev: overflow,
             finished: Vec::new(),
-            kernel_unreadable: false,
         };
-        match tracker.kernel_list() {
+        let namespaces = match scope {
+            Selection::All => vec![scope.primary()],
+            Selection::Only(v) => v,
+        };
+        for ns in namespaces {
+            tracker.open_book(ns.inode, Some(ns), now_ns);
+        }
+        tracker
+    }
+
+    /// A book for the namespace `inode`, its timewait sockets that exist
+    /// now counted as from before tracing.
+    fn open_book(&mut self, inode: u32, ns: Option<Namespace>, now_ns: u64) {
+        let ns = ns.or_else(|| Namespace::find(inode).ok());
+        let read = ns.as_ref().and_then(|ns| {
+            ns.run_in(|| KernelRead::here(true))
+                .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
+                .ok()
+        });
+        let mut nb = NsBook {
+            book: TimewaitBook::new(
+                TimewaitOptions::default(),
+                Some(inode).filter(|i| *i != 0),
+                now_ns,
+            ),
+            overflow_base: read.as_ref().and_then(|r| r.figures.tw_overflow),
+            overflow_prev: read.as_ref().and_then(|r| r.figures.tw_overflow),
+            kernel_unreadable: read.is_none(),
+            ns,
+        };
+        match read.and_then(|r| r.list) {
             // Sockets from before tracing have no owner: a process filter
             // excludes them all.
-            Ok(list) if tracker.filter.has_owner_filters() => drop(list),
-            Ok(list) => tracker.book.seed_before_tracing(&list, now_ns),
-            Err(e) => {
+            Some(Ok(mut list)) if !self.selector.filter.has_owner_filters() => {
+                self.narrow(&mut list);
+                nb.book.seed_before_tracing(&list, now_ns);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 let e = anyhow::Error::from(e);
                 tracing::warn!(
                     "cannot list existing timewait sockets ({e:#}); counting only those made from now on"
                 );
-                tracker.kernel_unreadable = true;
+                nb.kernel_unreadable = true;
             }
+            None => {}
         }
-        let _ = tracker
+        let _ = nb
             .book
-            .snapshot(now_ns, String::new(), tracker.top, KernelView::default());
-        tracker
+            .snapshot(now_ns, String::new(), self.top, KernelView::default());
+        self.books.insert(inode, nb);
     }
 
     pub fn correlator(&self) -> &Correlator {
@@ -138,57 +219,165 @@ impl TimewaitTracker {
 
     /// The kernel's list, narrowed to what the user's filters can match
     /// without knowing an owner.
-    fn kernel_list(&self) -> Result<Vec<KernelTimewait>, SockDiagError> {
-        let mut list = kernel_timewait()?;
+    fn narrow(&self, list: &mut Vec<KernelTimewait>) {
         list.retain(|k| {
             let family = if k.local.addr.is_ipv4() {
                 crate::model::Family::V4
             } else {
                 crate::model::Family::V6
             };
-            self.filter.matches_endpoints(family, &k.local, &k.remote)
+            self.selector
+                .filter
+                .matches_endpoints(family, &k.local, &k.remote)
         });
-        Ok(list)
     }
 
-    /// The figures for the interval ending at `now_ns`.
-    pub fn snapshot(&mut self, now_ns: u64) -> Snapshot {
-        if !self.kernel_unreadable {
-            // Sockets closed since the events last processed are not in the
-            // book yet: allow for that lag, the correlator's grace, and a
-            // second.
-            let lag_ms = crate::host::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
-            let recent_ms = (lag_ms + 1_000).min(u64::from(u32::MAX)) as u32;
-            let count_unmatched = !self.filter.has_owner_filters();
-            match self.kernel_list() {
-                Ok(list) => self
-                    .book
-                    .reconcile(&list, now_ns, recent_ms, count_unmatched),
-                Err(e) => {
-                    let e = anyhow::Error::from(e);
-                    tracing::warn!("cannot list timewait sockets: {e:#}");
-                    self.kernel_unreadable = true;
+    /// The book of namespace `netns` (the primary's when unknown); `None`
+    /// when that namespace is not reported. A namespace seen for the
+    /// first time gets a book when every namespace is reported.
+    fn book_of(&mut self, netns: Option<u32>, now_ns: u64) -> Option<&mut NsBook> {
+        let inode = netns.unwrap_or(self.primary);
+        if self.every && !self.books.contains_key(&inode) && !self.unfound.contains(&inode) {
+            // A namespace that no process or name holds any more (its
+            // last events arriving) cannot be checked: not reported, and
+            // not looked for again before the next snapshot.
+            match Namespace::find(inode) {
+                Ok(ns) => self.open_book(inode, Some(ns), now_ns),
+                Err(_) => {
+                    self.unfound.insert(inode);
                 }
             }
         }
-        let view = kernel_view(self.overflow_base, &mut self.overflow_prev);
-        self.book
-            .snapshot(now_ns, self.clock.rfc3339(now_ns), self.top, view)
+        self.books.get_mut(&inode)
+    }
+
+    /// The figures of each namespace for the interval ending at `now_ns`.
+    pub fn snapshot(&mut self, now_ns: u64) -> Vec<Snapshot> {
+        // Sockets closed since the events last processed are not in the
+        // book yet: allow for that lag, the correlator's grace, and a
+        // second.
+        let lag_ms = crate::host::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
+        let recent_ms = (lag_ms + 1_000).min(u64::from(u32::MAX)) as u32;
+        let count_unmatched = !self.selector.filter.has_owner_filters();
+        self.unfound.clear();
+        let mut out = Vec::with_capacity(self.books.len());
+        let mut gone = Vec::new();
+        let inodes: Vec<u32> = self.books.keys().copied().collect();
+        for inode in inodes {
+            let Some(nb) = self.books.get_mut(&inode) else {
+                continue;
+            };
+            let with_list = !nb.kernel_unreadable;
+            let read = match nb.ns.as_mut() {
+                Some(ns) => match ns.run_in_refind(|| KernelRead::here(with_list)) {
+                    Ok(r) => Some(r),
+                    Err(NetnsError::NoInode { .. }) => {
+                        // No process and no name holds it any more: its
+                        // sockets went with it (a namespace that ends
+                        // purges its timewait sockets), and it cannot be
+                        // checked.
+                        tracing::info!(
+                            "network namespace {} is gone: no longer reported",
+                            ns.label()
+                        );
+                        gone.push(inode);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("network namespace {}: {e}", ns.label());
+                        None
+                    }
+                },
+                None => None,
+            };
+            let KernelRead {
+                list,
+                figures,
+                sysctls,
+            } = read.unwrap_or_default();
+            let list = list.map(|l| {
+                l.map(|mut l| {
+                    self.narrow(&mut l);
+                    l
+                })
+            });
+            let Some(nb) = self.books.get_mut(&inode) else {
+                continue;
+            };
+            match list {
+                Some(Ok(l)) => nb.book.reconcile(&l, now_ns, recent_ms, count_unmatched),
+                Some(Err(e)) => {
+                    let e = anyhow::Error::from(e);
+                    tracing::warn!("cannot list timewait sockets: {e:#}");
+                    nb.kernel_unreadable = true;
+                }
+                None => {}
+            }
+            let view = kernel_view(
+                &figures,
+                sysctls.as_ref(),
+                nb.overflow_base,
+                &mut nb.overflow_prev,
+            );
+            let mut s = nb
+                .book
+                .snapshot(now_ns, self.clock.rfc3339(now_ns), self.top, view);
+            s.netns = Some(inode).filter(|i| *i != 0);
+            s.netns_name = nb.ns.as_ref().and_then(|n| n.name.clone());
+            let by_cgroup = nb.book.by_cgroup();
+            s.by_container = self.containers(by_cgroup, s.total);
+            out.push(s);
+        }
+        for inode in gone {
+            self.books.remove(&inode);
+        }
+        out
+    }
+
+    /// Timewait sockets by the container of their owner's cgroup: the
+    /// top groups, the rest as other; sockets of no container (or no
+    /// known owner) as `(none)`.
+    fn containers(&mut self, by_cgroup: HashMap<u64, u64>, total: u64) -> Vec<Group> {
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut counted = 0;
+        for (id, n) in by_cgroup {
+            counted += n;
+            let key = self
+                .selector
+                .cgroup_of_id(id)
+                .and_then(|c| c.container.clone())
+                .unwrap_or_else(|| NO_CONTAINER.to_string());
+            *counts.entry(key).or_default() += n;
+        }
+        // Sockets only the kernel listed have no owner either.
+        *counts.entry(NO_CONTAINER.to_string()).or_default() += total.saturating_sub(counted);
+        counts.retain(|_, n| *n > 0);
+        rank(
+            counts
+                .into_iter()
+                .map(|(k, n)| named_group_of(&k, n))
+                .collect(),
+            total,
+            self.top,
+        )
     }
 
     /// Takes one batch of records settled up to `settled_ns`. Finished
-    /// connections the filter matches are appended to `out`; the snapshot
-    /// is returned when one falls due.
+    /// connections the filter matches are appended to `out`; the snapshots
+    /// are returned when they fall due.
     pub fn absorb(
         &mut self,
         records: &[Record],
         settled_ns: u64,
         out: &mut Vec<Timeline>,
-    ) -> Option<Snapshot> {
+    ) -> Option<Vec<Snapshot>> {
         for r in records {
             if let Record::State(t) = r {
-                if t.new == TcpState::Established {
-                    self.book.on_established(t.sock.netns, &t.local, &t.remote);
+                let established = t.new == TcpState::Established;
+                if let Some(nb) = self.book_of(t.sock.netns, t.ts_ns) {
+                    if established {
+                        nb.book.on_established(t.sock.netns, &t.local, &t.remote);
+                    }
                 }
             }
             self.correlator.push(r, &mut self.finished);
@@ -212,14 +401,13 @@ impl TimewaitTracker {
     }
 
     fn take_finished(&mut self, out: &mut Vec<Timeline>) {
-        for t in self.finished.drain(..) {
-            if self.filter.matches(
-                t.family,
-                &t.local,
-                &t.remote,
-                t.owner.as_ref().map(|a| &*a.owner),
-            ) {
-                self.book.on_timeline(&t);
+        let finished = std::mem::take(&mut self.finished);
+        for t in finished {
+            let owner = t.owner.as_ref().map(|a| &*a.owner);
+            if self.selector.matches(t.family, &t.local, &t.remote, owner) {
+                if let Some(nb) = self.book_of(t.netns, t.closed_ns) {
+                    nb.book.on_timeline(&t);
+                }
                 out.push(t);
             }
         }
@@ -233,6 +421,11 @@ impl TimewaitTracker {
     /// The correlator's figures for an exit summary.
     pub fn tracking(&self) -> Tracking {
         self.correlator.tracking()
+    }
+
+    /// The owner's cgroup, with its path (for the daemon's records).
+    pub fn cgroup(&mut self, owner: Option<&Owner>) -> Option<Arc<Cgroup>> {
+        self.selector.cgroup(owner)
     }
 }
 
@@ -312,7 +505,7 @@ impl<W: Write> Consumer for TimewaitSink<W> {
             .tracker
             .absorb(batch.records, batch.settled_ns, &mut self.finished);
         self.finished.clear();
-        if let Some(s) = due {
+        for s in due.unwrap_or_default() {
             self.write(&s)?;
         }
         Ok(())

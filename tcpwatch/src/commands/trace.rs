@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 
+use crate::commands::Selector;
 use crate::host::clock::Clock;
 use crate::model::decode::{Record, SocketEventKind, Transition};
 use crate::model::filter::Filter;
@@ -46,7 +47,7 @@ struct Held {
 pub struct TraceSink<W: Write> {
     out: W,
     format: Format,
-    filter: Filter,
+    selector: Selector,
     clock: Clock,
     owners: OwnerTracker,
     last_ts: BoundedMap<u64, u64>,
@@ -66,7 +67,7 @@ impl<W: Write> TraceSink<W> {
         let mut sink = TraceSink {
             out,
             format: opts.format,
-            filter: opts.filter,
+            selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
             owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
             last_ts: BoundedMap::new(opts.max_sockets),
@@ -132,14 +133,21 @@ impl<W: Write> TraceSink<W> {
         owner: Option<&Attribution>,
         delta_ns: Option<u64>,
     ) -> io::Result<()> {
-        if !self
-            .filter
-            .matches(t.family, &t.local, &t.remote, owner.map(|a| &*a.owner))
-        {
+        let o = owner.map(|a| &*a.owner);
+        if !self.selector.matches(t.family, &t.local, &t.remote, o) {
             return Ok(());
         }
         self.shown += 1;
-        let line = TraceLine { t, owner, delta_ns };
+        let cgroup = match self.format {
+            Format::Json => self.selector.cgroup(o),
+            Format::Text => None,
+        };
+        let line = TraceLine {
+            t,
+            owner,
+            cgroup: cgroup.as_deref(),
+            delta_ns,
+        };
         let text = match self.format {
             Format::Text => trace_text(&line, &self.clock),
             Format::Json => trace_json(&line, &self.clock),

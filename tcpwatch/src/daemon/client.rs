@@ -352,10 +352,20 @@ fn quiet_pipe<T>(e: io::Error, summary: T) -> Result<T, ClientError> {
     }
 }
 
+/// Where a daemon serves the TIME_WAIT snapshot of its namespace `netns`
+/// (a name or an inode; `None`: its own).
+pub fn timewait_path(netns: Option<&str>) -> String {
+    match netns {
+        Some(ns) => format!("/api/timewait?netns={ns}"),
+        None => "/api/timewait".to_string(),
+    }
+}
+
 /// `tcpwatch timewait --from`: the daemon's snapshot every `interval`,
 /// written as `timewait` writes its own.
 pub async fn watch_timewait<W: Write>(
     daemon: &Daemon,
+    netns: Option<&str>,
     out: &mut W,
     format: Format,
     redraw: bool,
@@ -366,6 +376,7 @@ pub async fn watch_timewait<W: Write>(
         snapshots: 0,
         daemon: daemon.url(),
     };
+    let path = timewait_path(netns);
     let stop = until_stopped(duration)?;
     tokio::pin!(stop);
     tracing::info!(
@@ -373,7 +384,7 @@ pub async fn watch_timewait<W: Write>(
         daemon.url()
     );
     loop {
-        let snapshot: Snapshot = daemon.get_json("/api/timewait").await?;
+        let snapshot: Snapshot = daemon.get_json(&path).await?;
         let health: Health = daemon.get_json("/healthz").await?;
         let lost = health.lost_ring_full + health.lost_kernel_skipped;
         match write_snapshot(out, &snapshot, format, redraw, summary.snapshots, lost) {

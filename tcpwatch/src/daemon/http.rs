@@ -123,8 +123,9 @@ pub fn respond(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>
             // readiness probe must not pass.
             (false, body) => reply(StatusCode::SERVICE_UNAVAILABLE, JSON, body),
         },
-        Ok(Route::Timewait) => match shared.timewait() {
-            Some(j) => reply(StatusCode::OK, JSON, j),
+        Ok(Route::Timewait(q)) => match shared.timewait(&q) {
+            Some(Ok(j)) => reply(StatusCode::OK, JSON, j),
+            Some(Err(why)) => error(StatusCode::NOT_FOUND, &why),
             None => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no timewait snapshot yet: the daemon is starting",

@@ -1,6 +1,8 @@
 //! What the daemon exports to Prometheus. Counters follow the event stream;
-//! the TIME_WAIT gauges are set from each snapshot, with the per-process and
-//! per-destination series capped at `--top` (the rest summed as `other`).
+//! the TIME_WAIT gauges are set from each namespace's snapshot and carry a
+//! `netns` label (the namespace's name in /run/netns, else its inode). The
+//! namespaces, and within each the processes, containers and destinations,
+//! are capped at `--top` series (the rest summed as `other`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -34,11 +36,13 @@ struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SubstateLabels {
+    netns: String,
     substate: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DestinationLabels {
+    netns: String,
     destination: String,
 }
 
@@ -46,13 +50,26 @@ struct DestinationLabels {
 /// kernel allocates them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PortsLabels {
+    netns: String,
     local: String,
     destination: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
+    netns: String,
     process: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainerLabels {
+    netns: String,
+    container: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetnsLabels {
+    netns: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,13 +112,14 @@ pub struct Metrics {
     timewait_created: Counter,
     by_destination: Family<DestinationLabels, Gauge>,
     by_process: Family<ProcessLabels, Gauge>,
+    by_container: Family<ContainerLabels, Gauge>,
     ports_held: Family<PortsLabels, Gauge>,
-    port_range: Gauge,
-    tw_reuse: Gauge,
-    timestamps: Gauge,
-    kernel_timewait: Gauge,
-    max_tw_buckets: Gauge,
-    overflows: Counter,
+    port_range: Family<NetnsLabels, Gauge>,
+    tw_reuse: Family<NetnsLabels, Gauge>,
+    timestamps: Family<NetnsLabels, Gauge>,
+    kernel_timewait: Family<NetnsLabels, Gauge>,
+    max_tw_buckets: Family<NetnsLabels, Gauge>,
+    overflows: Family<NetnsLabels, Counter>,
     lost: Family<ReasonLabels, Counter>,
     events: Counter,
     undecodable: Counter,
@@ -125,13 +143,14 @@ impl Metrics {
             timewait_created: Counter::default(),
             by_destination: Family::default(),
             by_process: Family::default(),
+            by_container: Family::default(),
             ports_held: Family::default(),
-            port_range: Gauge::default(),
-            tw_reuse: Gauge::default(),
-            timestamps: Gauge::default(),
-            kernel_timewait: Gauge::default(),
-            max_tw_buckets: Gauge::default(),
-            overflows: Counter::default(),
+            port_range: Family::default(),
+            tw_reuse: Family::default(),
+            timestamps: Family::default(),
+            kernel_timewait: Family::default(),
+            max_tw_buckets: Family::default(),
+            overflows: Family::default(),
             lost: Family::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
@@ -170,7 +189,7 @@ impl Metrics {
         );
         r.register(
             "timewait_sockets",
-            "Timewait sockets tcpwatch counts now in every network namespace, by substate (TIME_WAIT, or FIN_WAIT2 held by the kernel's timewait code); tcpwatch_kernel_timewait_sockets is the kernel's count for the daemon's own namespace",
+            "Timewait sockets tcpwatch counts now, by network namespace and substate (TIME_WAIT, or FIN_WAIT2 held by the kernel's timewait code); tcpwatch_kernel_timewait_sockets is the kernel's own count of each namespace",
             m.timewait.clone(),
         );
         r.register(
@@ -189,38 +208,43 @@ impl Metrics {
             m.by_process.clone(),
         );
         r.register(
+            "timewait_by_container",
+            "Timewait sockets by the container of the process that closed first, from its cgroup path; (none) for no container or no known owner (top --top, the rest as other)",
+            m.by_container.clone(),
+        );
+        r.register(
             "destination_ports_held",
             "Ephemeral ports of a local address held in timewait toward a destination (client side); each local address has the whole port range toward each destination",
             m.ports_held.clone(),
         );
         r.register(
             "kernel_tcp_tw_reuse",
-            "net.ipv4.tcp_tw_reuse: 1 lets connect() reuse ports in TIME_WAIT, 2 only for loopback (either end); both need tcp_timestamps",
+            "net.ipv4.tcp_tw_reuse of each network namespace: 1 lets connect() reuse ports in TIME_WAIT, 2 only for loopback (either end); both need tcp_timestamps",
             m.tw_reuse.clone(),
         );
         r.register(
             "kernel_tcp_timestamps",
-            "net.ipv4.tcp_timestamps (tcp_tw_reuse needs it on)",
+            "net.ipv4.tcp_timestamps of each network namespace (tcp_tw_reuse needs it on)",
             m.timestamps.clone(),
         );
         r.register(
             "local_port_range_ports",
-            "Size of net.ipv4.ip_local_port_range",
+            "Size of net.ipv4.ip_local_port_range of each network namespace",
             m.port_range.clone(),
         );
         r.register(
             "kernel_timewait_sockets",
-            "Timewait sockets the kernel counts in the daemon's network namespace (/proc/net/sockstat tw)",
+            "Timewait sockets the kernel counts in each network namespace (its /proc/net/sockstat tw)",
             m.kernel_timewait.clone(),
         );
         r.register(
             "kernel_tw_max_buckets",
-            "net.ipv4.tcp_max_tw_buckets",
+            "net.ipv4.tcp_max_tw_buckets of each network namespace",
             m.max_tw_buckets.clone(),
         );
         r.register(
             "kernel_timewait_overflows",
-            "Timewait sockets the kernel could not make (TCPTimeWaitOverflow) since the daemon started",
+            "Timewait sockets the kernel could not make (TCPTimeWaitOverflow) since the daemon started, by network namespace",
             m.overflows.clone(),
         );
         r.register(
@@ -334,56 +358,132 @@ impl Metrics {
         self.evicted_seen = self.evicted_seen.max(evicted);
     }
 
-    /// Sets the TIME_WAIT gauges from a snapshot.
-    pub fn snapshot(&self, s: &Snapshot) {
-        for (substate, n) in [("time_wait", s.time_wait), ("fin_wait2", s.fin_wait2)] {
+    /// Sets the TIME_WAIT gauges from the snapshots of the namespaces
+    /// reported: the `top` namespaces with the most timewait sockets by
+    /// their own label, the others summed as `netns="other"` (their
+    /// timewait and kernel counts only).
+    pub fn snapshots(&self, snapshots: &[Snapshot], top: usize) {
+        self.by_destination.clear();
+        self.ports_held.clear();
+        self.by_process.clear();
+        self.by_container.clear();
+        self.timewait.clear();
+        for family in [
+            &self.port_range,
+            &self.tw_reuse,
+            &self.timestamps,
+            &self.kernel_timewait,
+            &self.max_tw_buckets,
+        ] {
+            family.clear();
+        }
+        let mut ranked: Vec<&Snapshot> = snapshots.iter().collect();
+        ranked.sort_by(|a, b| b.total.cmp(&a.total).then(a.netns.cmp(&b.netns)));
+        let folded = ranked.len() > top;
+        let mut other = (0u64, 0u64, 0u64, 0u64);
+        for (i, s) in ranked.into_iter().enumerate() {
+            if i >= top {
+                other.0 += s.time_wait;
+                other.1 += s.fin_wait2;
+                other.2 += s.kernel.sockstat_tw.unwrap_or(0);
+                other.3 += s.kernel.overflow_last_interval.unwrap_or(0);
+                continue;
+            }
+            self.snapshot(&netns_label(s), s);
+        }
+        if folded {
+            let netns = "other".to_string();
+            self.substates(&netns, other.0, other.1);
+            self.kernel_timewait
+                .get_or_create(&NetnsLabels {
+                    netns: netns.clone(),
+                })
+                .set(other.2 as i64);
+            self.overflows
+                .get_or_create(&NetnsLabels { netns })
+                .inc_by(other.3);
+        }
+    }
+
+    fn substates(&self, netns: &str, time_wait: u64, fin_wait2: u64) {
+        for (substate, n) in [("time_wait", time_wait), ("fin_wait2", fin_wait2)] {
             self.timewait
-                .get_or_create(&SubstateLabels { substate })
+                .get_or_create(&SubstateLabels {
+                    netns: netns.to_string(),
+                    substate,
+                })
                 .set(n as i64);
         }
-        self.by_destination.clear();
+    }
+
+    /// One namespace's series, labelled `netns`.
+    fn snapshot(&self, netns: &str, s: &Snapshot) {
+        self.substates(netns, s.time_wait, s.fin_wait2);
+        let ns = || netns.to_string();
         for g in &s.by_remote {
             self.by_destination
                 .get_or_create(&DestinationLabels {
+                    netns: ns(),
                     destination: g.key.clone(),
                 })
                 .set(g.count as i64);
         }
-        self.by_process.clear();
         for g in &s.by_process {
             self.by_process
                 .get_or_create(&ProcessLabels {
+                    netns: ns(),
                     process: g.key.clone(),
                 })
                 .set(g.count as i64);
         }
-        self.ports_held.clear();
+        for g in &s.by_container {
+            self.by_container
+                .get_or_create(&ContainerLabels {
+                    netns: ns(),
+                    container: g.key.clone(),
+                })
+                .set(g.count as i64);
+        }
         for d in &s.destinations {
             self.ports_held
                 .get_or_create(&PortsLabels {
+                    netns: ns(),
                     local: d.local.clone(),
                     destination: d.remote.clone(),
                 })
                 .set(d.ports_held as i64);
         }
         let k = &s.kernel;
+        let labels = NetnsLabels { netns: ns() };
         if let Some(n) = k.port_range {
-            self.port_range.set(i64::from(n));
+            self.port_range.get_or_create(&labels).set(i64::from(n));
         }
         if let Some(n) = k.tw_reuse {
-            self.tw_reuse.set(i64::from(n));
+            self.tw_reuse.get_or_create(&labels).set(i64::from(n));
         }
         if let Some(n) = k.timestamps {
-            self.timestamps.set(i64::from(n));
+            self.timestamps.get_or_create(&labels).set(i64::from(n));
         }
         if let Some(n) = k.sockstat_tw {
-            self.kernel_timewait.set(n as i64);
+            self.kernel_timewait.get_or_create(&labels).set(n as i64);
         }
         if let Some(n) = k.max_tw_buckets {
-            self.max_tw_buckets.set(n as i64);
+            self.max_tw_buckets.get_or_create(&labels).set(n as i64);
         }
-        if let Some(n) = k.overflow_last_interval {
-            self.overflows.inc_by(n);
-        }
+        // Present from the namespace's first snapshot, so increase() sees
+        // its first overflow.
+        self.overflows
+            .get_or_create(&labels)
+            .inc_by(k.overflow_last_interval.unwrap_or(0));
+    }
+}
+
+/// How a namespace is named in the `netns` label: its name in /run/netns,
+/// else its inode (`unknown` where the kernel's BTF gave none).
+pub fn netns_label(s: &Snapshot) -> String {
+    match (&s.netns_name, s.netns) {
+        (Some(name), _) => name.clone(),
+        (None, Some(inode)) => inode.to_string(),
+        (None, None) => "unknown".to_string(),
     }
 }

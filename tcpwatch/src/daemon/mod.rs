@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::DaemonArgs;
 use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
 use crate::host::clock::{monotonic_ns, Clock};
+use crate::host::netns::{NetnsError, Selection};
 use crate::model::correlate::Timeline;
 use crate::model::filter::Filter;
 use crate::model::lost::LostCounts;
@@ -38,7 +39,7 @@ use crate::views::summary::{DaemonSummary, ExitSummary};
 use crate::views::timewait::timewait_json;
 
 use self::metrics::Metrics;
-use self::query::ConnsQuery;
+use self::query::{ConnsQuery, NetnsKey, TimewaitQuery};
 
 /// What the HTTP side serves: the registry, and the latest published
 /// connections and snapshot.
@@ -53,7 +54,9 @@ struct State {
     conns: VecDeque<(u64, String)>,
     last_seq: u64,
     keep: usize,
-    timewait: Option<String>,
+    /// The latest snapshot of each namespace reported, as JSON, the
+    /// daemon's own (or the first reported) first: (inode, name, JSON).
+    timewait: Vec<(Option<u32>, Option<String>, String)>,
     health: Health,
 }
 
@@ -102,7 +105,7 @@ impl Shared {
                 conns: VecDeque::new(),
                 last_seq: 0,
                 keep,
-                timewait: None,
+                timewait: Vec::new(),
                 health: Health::default(),
             }),
             started: Instant::now(),
@@ -125,8 +128,32 @@ impl Shared {
         out
     }
 
-    pub fn timewait(&self) -> Option<String> {
-        self.state().timewait.clone()
+    /// `/api/timewait`: the snapshot the query asks for; `None` before
+    /// the first, `Some(Err)` for a namespace not reported.
+    pub fn timewait(&self, q: &TimewaitQuery) -> Option<Result<String, String>> {
+        let st = self.state();
+        let (_, _, first) = st.timewait.first()?;
+        Some(match &q.netns {
+            None => Ok(first.clone()),
+            Some(NetnsKey::All) => {
+                let all: Vec<&str> = st.timewait.iter().map(|(_, _, j)| j.as_str()).collect();
+                Ok(format!("[{}]", all.join(",")))
+            }
+            Some(key) => st
+                .timewait
+                .iter()
+                .find(|(inode, name, _)| match key {
+                    NetnsKey::Inode(i) => *inode == Some(*i),
+                    NetnsKey::Name(n) => name.as_deref() == Some(n.as_str()),
+                    NetnsKey::All => false,
+                })
+                .map(|(_, _, j)| j.clone())
+                .ok_or_else(|| match key {
+                    NetnsKey::Inode(i) => format!("network namespace {i} is not reported"),
+                    NetnsKey::Name(n) => format!("network namespace {n} is not reported"),
+                    NetnsKey::All => String::new(),
+                }),
+        })
     }
 
     /// Whether the daemon is live, and `/healthz`'s body.
@@ -166,6 +193,10 @@ impl Shared {
 pub struct DaemonSink {
     tracker: TimewaitTracker,
     metrics: Metrics,
+    /// Series given their own labels; the rest summed as `other`.
+    top: usize,
+    /// The namespace whose snapshot `/api/timewait` serves by default.
+    own_netns: u32,
     shared: Arc<Shared>,
     clock: Clock,
     finished: Vec<Timeline>,
@@ -210,6 +241,8 @@ impl DaemonSink {
         let mut sink = DaemonSink {
             tracker,
             metrics,
+            top: opts.top,
+            own_netns: crate::host::own_netns().unwrap_or(0),
             shared,
             clock: ctx.clock,
             finished: Vec::new(),
@@ -224,28 +257,37 @@ impl DaemonSink {
         sink
     }
 
-    /// Hands what the last batch finished, and a snapshot when one was
-    /// taken, to the metrics and the HTTP side.
-    pub fn publish(&mut self, snapshot: Option<Snapshot>) {
-        self.publish_saying(snapshot, None);
+    /// Hands what the last batch finished, and the snapshots when they
+    /// were taken, to the metrics and the HTTP side.
+    pub fn publish(&mut self, snapshots: Option<Vec<Snapshot>>) {
+        self.publish_saying(snapshots, None);
     }
 
     /// [`DaemonSink::publish`], logging `line` while the HTTP side cannot
     /// read: what it answers next is what was published with the line.
-    fn publish_saying(&mut self, snapshot: Option<Snapshot>, line: Option<&str>) {
-        let json: Vec<String> = self
-            .finished
-            .drain(..)
+    fn publish_saying(&mut self, snapshots: Option<Vec<Snapshot>>, line: Option<&str>) {
+        let finished = std::mem::take(&mut self.finished);
+        let json: Vec<String> = finished
+            .iter()
             .map(|t| {
-                self.metrics.connection(&t);
-                conns_json(&t, &self.clock)
+                self.metrics.connection(t);
+                let cgroup = self.tracker.cgroup(t.owner.as_ref().map(|a| &*a.owner));
+                conns_json(t, &self.clock, cgroup.as_deref())
             })
             .collect();
         self.connections += json.len() as u64;
         let correlator = self.tracker.correlator();
         self.metrics
             .tracking(correlator.tracked(), correlator.stats().evicted);
-        let timewait = snapshot.as_ref().map(timewait_json);
+        let timewait = snapshots.as_ref().map(|v| {
+            let mut v: Vec<(Option<u32>, Option<String>, String)> = v
+                .iter()
+                .map(|s| (s.netns, s.netns_name.clone(), timewait_json(s)))
+                .collect();
+            // The daemon's own namespace first: /api/timewait's default.
+            v.sort_by_key(|(inode, _, _)| *inode != Some(self.own_netns));
+            v
+        });
         let mut st = self.shared.state();
         for j in json {
             st.last_seq += 1;
@@ -254,16 +296,16 @@ impl DaemonSink {
         }
         let excess = st.conns.len().saturating_sub(st.keep);
         st.conns.drain(..excess);
-        if let (Some(s), Some(j)) = (snapshot, timewait) {
+        if let (Some(s), Some(j)) = (snapshots, timewait) {
             self.snapshots += 1;
-            self.metrics.snapshot(&s);
-            st.timewait = Some(j);
+            self.metrics.snapshots(&s, self.top);
+            st.timewait = j;
         }
         if let Some(line) = line {
             tracing::info!("{line}");
         }
         st.health = Health {
-            status: if self.live && st.timewait.is_some() {
+            status: if self.live && !st.timewait.is_empty() {
                 Status::Ok
             } else {
                 Status::Starting
@@ -330,6 +372,8 @@ pub enum DaemonError {
     Listen(#[from] http::ListenError),
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error("--netns")]
+    Netns(#[from] NetnsError),
 }
 
 /// Binds, loads, serves, and runs until SIGTERM, SIGINT or `--duration`.
@@ -347,6 +391,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx));
 
+    let netns = Selection::resolve(&args.netns, true)?;
     let opts = DaemonOptions {
         interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         top: args.top,
@@ -357,6 +402,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         duration: args.duration,
         announce: format!("listening on http://{listen}; tracing TCP connections"),
         lost_log_every: LOST_LOG_EVERY,
+        netns,
     };
     let ended = session::run(session, |ctx| {
         Ok(DaemonSink::build(opts, metrics, shared, ctx))

@@ -3,12 +3,28 @@
 //! on its own; everything here is total (no input panics).
 
 /// The daemon's endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     Metrics,
-    Timewait,
+    Timewait(TimewaitQuery),
     Conns(ConnsQuery),
     Health,
+}
+
+/// `GET /api/timewait?netns=NS`: the snapshot of one network namespace
+/// (by its name in /run/netns or its inode; without `netns`, the daemon's
+/// own, or the first it reports), or of every one (`all`: a JSON array).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitQuery {
+    pub netns: Option<NetnsKey>,
+}
+
+/// Which namespace's snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsKey {
+    All,
+    Inode(u32),
+    Name(String),
 }
 
 /// `GET /api/conns?limit=N&since=SEQ`: at most `limit` of the most recent
@@ -61,7 +77,7 @@ pub fn route(target: &str) -> Result<Route, RouteError> {
     match path {
         "/metrics" => no_query(Route::Metrics),
         "/healthz" => no_query(Route::Health),
-        "/api/timewait" => no_query(Route::Timewait),
+        "/api/timewait" => parse_timewait_query(query.unwrap_or("")).map(Route::Timewait),
         "/api/conns" => parse_conns_query(query.unwrap_or("")).map(Route::Conns),
         _ => Err(RouteError::NotFound(format!(
             "no such path: {}",
@@ -110,6 +126,45 @@ pub fn parse_conns_query(query: &str) -> Result<ConnsQuery, RouteError> {
     Ok(q)
 }
 
+/// Parses `netns=NS` (or nothing).
+pub fn parse_timewait_query(query: &str) -> Result<TimewaitQuery, RouteError> {
+    let mut q = TimewaitQuery::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            RouteError::BadQuery(format!("parameter {} has no value", printable(pair)))
+        })?;
+        if key != "netns" {
+            return Err(RouteError::BadQuery(format!(
+                "unknown parameter {} (expected netns)",
+                printable(key)
+            )));
+        }
+        if q.netns.is_some() {
+            return Err(RouteError::BadQuery("netns given twice".into()));
+        }
+        let name_like = !value.is_empty()
+            && value.len() <= 255
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        q.netns = Some(match value {
+            "all" => NetnsKey::All,
+            v if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => NetnsKey::Inode(
+                u32::try_from(number(key, v)?)
+                    .map_err(|_| RouteError::BadQuery("netns is out of range".into()))?,
+            ),
+            v if name_like => NetnsKey::Name(v.to_string()),
+            v => {
+                return Err(RouteError::BadQuery(format!(
+                    "netns must be a name, an inode number or all, not {}",
+                    printable(v)
+                )))
+            }
+        });
+    }
+    Ok(q)
+}
+
 /// A decimal number of at most 19 digits (no sign, no spaces).
 fn number(key: &str, value: &str) -> Result<u64, RouteError> {
     if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
@@ -153,7 +208,20 @@ mod tests {
     fn routes() {
         assert_eq!(route("/metrics"), Ok(Route::Metrics));
         assert_eq!(route("/healthz"), Ok(Route::Health));
-        assert_eq!(route("/api/timewait"), Ok(Route::Timewait));
+        assert_eq!(
+            route("/api/timewait"),
+            Ok(Route::Timewait(TimewaitQuery::default()))
+        );
+        for (q, key) in [
+            ("all", NetnsKey::All),
+            ("4026531840", NetnsKey::Inode(4026531840)),
+            ("blue-1.a_b", NetnsKey::Name("blue-1.a_b".into())),
+        ] {
+            assert_eq!(
+                route(&format!("/api/timewait?netns={q}")),
+                Ok(Route::Timewait(TimewaitQuery { netns: Some(key) }))
+            );
+        }
         assert_eq!(
             route("/api/conns"),
             Ok(Route::Conns(ConnsQuery {
@@ -199,6 +267,17 @@ mod tests {
             assert_eq!(e.status(), 400, "{q}: {e:?}");
         }
         assert_eq!(route("/metrics?x=1").unwrap_err().status(), 400);
+        for q in [
+            "netns=",
+            "netns=a/b",
+            "netns=99999999999",
+            "netns=a&netns=b",
+            "ns=a",
+            "netns",
+        ] {
+            let e = parse_timewait_query(q).unwrap_err();
+            assert_eq!(e.status(), 400, "{q}: {e:?}");
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! lists), the kernel's TIME_WAIT figures and sysctls, and the clock.
 //! Each reader hands the pure `model` its plain data types.
 
+pub mod cgroup;
 pub mod clock;
 pub mod kernelstat;
+pub mod netns;
 pub mod procfs;
 pub mod sockdiag;
 
@@ -13,13 +15,11 @@ use crate::model::sweep::{KernelSockets, ListError, Sweeper};
 
 /// The inode of tcpwatch's own network namespace.
 pub fn own_netns() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net")
-        .ok()
-        .map(|m| m.ino() as u32)
+    netns::own_inode()
 }
 
-/// net.ipv4.tcp_fin_timeout (60 when unreadable, the kernel's default).
+/// net.ipv4.tcp_fin_timeout of the calling thread's network namespace (60
+/// when unreadable, the kernel's default).
 pub fn fin_timeout_s() -> u32 {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
         .ok()
@@ -44,8 +44,15 @@ pub fn kernel_sockets() -> Result<KernelSockets, ListError> {
     ))
 }
 
-/// A sweeper of this host: it lists sockets through sock_diag and reads
-/// CLOCK_MONOTONIC, the events' clock.
-pub fn sweeper() -> Sweeper {
-    Sweeper::with(kernel_sockets, clock::monotonic_ns)
+/// A sweeper of the network namespace `ns`: it lists the sockets there
+/// through sock_diag (from inside it) and reads CLOCK_MONOTONIC, the
+/// events' clock.
+pub fn sweeper(ns: netns::Namespace) -> Sweeper {
+    Sweeper::with(
+        move || {
+            ns.run_in(kernel_sockets)
+                .map_err(|e| ListError(Box::new(e)))?
+        },
+        clock::monotonic_ns,
+    )
 }

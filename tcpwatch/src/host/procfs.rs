@@ -192,7 +192,7 @@ fn path_below<'a>(rel: &'a [u8], root: &[u8]) -> Option<&'a [u8]> {
 /// system that is `/sys/fs/cgroup`, but on a hybrid v1/v2 system
 /// `/sys/fs/cgroup` is a tmpfs and v2 lives at e.g. `/sys/fs/cgroup/unified`,
 /// so `/proc/self/mountinfo` is consulted first.
-fn cgroup2_mount() -> Option<&'static (PathBuf, PathBuf)> {
+pub(crate) fn cgroup2_mount() -> Option<&'static (PathBuf, PathBuf)> {
     static MOUNT: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
     MOUNT
         .get_or_init(|| {

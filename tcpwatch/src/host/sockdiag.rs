@@ -41,6 +41,7 @@ use netlink_packet_sock_diag::inet::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
+use crate::host::netns::Namespace;
 use crate::model::correlate::TimewaitSubstate;
 use crate::model::handoff::TimewaitLookup;
 use crate::model::{Endpoint, TcpState};
@@ -112,6 +113,9 @@ pub enum SockDiagError {
         #[source]
         source: Malformed,
     },
+    /// The network namespace to ask could not be entered.
+    #[error(transparent)]
+    Netns(#[from] crate::host::netns::NetnsError),
 }
 
 /// What was wrong with a reply.
@@ -594,24 +598,29 @@ fn parse_exact_replies(
 }
 
 /// The kernel's list as `model::handoff` asks it: the substate of the
-/// timewait socket with each 4-tuple in tcpwatch's own namespace. The
-/// netlink socket is opened on first use; a warning is logged once when
-/// the kernel cannot be asked.
-#[derive(Default)]
+/// timewait socket with each 4-tuple in one network namespace. The netlink
+/// socket is opened inside it on first use (and keeps asking it); a warning
+/// is logged once when the kernel cannot be asked.
 pub struct HandoffLookup {
+    ns: Namespace,
     exact: Option<ExactLookup>,
     warned: bool,
 }
 
 impl HandoffLookup {
-    pub fn new() -> HandoffLookup {
-        HandoffLookup::default()
+    /// Lookups in `ns` (the namespace whose hand-offs are checkable).
+    pub fn new(ns: Namespace) -> HandoffLookup {
+        HandoffLookup {
+            ns,
+            exact: None,
+            warned: false,
+        }
     }
 
     fn ask(&mut self, sockets: &[(Endpoint, Endpoint)]) -> Result<Vec<Found>, SockDiagError> {
         let exact = match &mut self.exact {
             Some(e) => e,
-            None => self.exact.insert(ExactLookup::open()?),
+            None => self.exact.insert(self.ns.run_in(ExactLookup::open)??),
         };
         let found = exact.lookup(sockets);
         if found.is_err() {

@@ -1,6 +1,6 @@
-//! What the user asked to see: process, comm, ports, addresses, family.
-//! Process filters match the socket's attributed owner, never the task that
-//! happened to be current in softirq.
+//! What the user asked to see: process, comm, cgroup, ports, addresses,
+//! family. Process filters match the socket's attributed owner, never the
+//! task that happened to be current in softirq.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -86,6 +86,10 @@ pub struct Filter {
     pub laddrs: Vec<Cidr>,
     pub raddrs: Vec<Cidr>,
     pub family: Option<Family>,
+    /// cgroup path prefixes (`/system.slice/docker-…scope`): the owner's
+    /// cgroup must be one of them or below. Matched by the caller, who
+    /// knows the paths ([`Filter::matches_cgroup`]).
+    pub cgroups: Vec<String>,
 }
 
 impl Filter {
@@ -97,11 +101,23 @@ impl Filter {
             && self.laddrs.is_empty()
             && self.raddrs.is_empty()
             && self.family.is_none()
+            && self.cgroups.is_empty()
     }
 
-    /// Whether the user filters by process (`--pid`, `--comm`).
+    /// Whether the user filters by process (`--pid`, `--comm`, `--cgroup`).
     pub fn has_owner_filters(&self) -> bool {
-        !self.pids.is_empty() || !self.comms.is_empty()
+        !self.pids.is_empty() || !self.comms.is_empty() || !self.cgroups.is_empty()
+    }
+
+    /// Whether the cgroup filter accepts an owner whose cgroup has this
+    /// path (`None`: unknown, which no `--cgroup` matches).
+    pub fn matches_cgroup(&self, path: Option<&str>) -> bool {
+        self.cgroups.is_empty()
+            || path.is_some_and(|p| {
+                self.cgroups
+                    .iter()
+                    .any(|prefix| crate::model::cgroup::path_has_prefix(p, prefix))
+            })
     }
 
     /// Whether the endpoint filters (family, ports, addresses) accept a

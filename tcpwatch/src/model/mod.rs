@@ -13,6 +13,7 @@
 //! socket), `timewait` (the TIME_WAIT book), `sweep` (which entries outlived their
 //! socket), `table` (bounded maps and how full they got).
 
+pub mod cgroup;
 pub mod correlate;
 pub mod decode;
 pub mod filter;

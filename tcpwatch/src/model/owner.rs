@@ -69,6 +69,10 @@ struct Tracked {
 /// Most distinct owners kept for sharing before the cache starts over.
 const OWNER_CACHE: usize = 16_384;
 
+/// A listening socket: (bound address, owner, skaddr; 0 for one from the
+/// snapshot).
+type Listener = (IpAddr, Attribution, u64);
+
 /// Remembers owners of sockets and listeners.
 #[derive(Debug)]
 pub struct OwnerTracker {
@@ -78,8 +82,10 @@ pub struct OwnerTracker {
     /// looked up as a socket older than the trace, and not tracked again
     /// (which would evict another in turn).
     evicted: EvictedKeys,
-    /// Listening sockets by local port: (bound address, owner, skaddr).
-    listeners: HashMap<u16, Vec<(IpAddr, Attribution, u64)>>,
+    /// Listening sockets by network namespace and local port: (bound
+    /// address, owner, skaddr). Equal ports of different namespaces are
+    /// different listeners.
+    listeners: HashMap<(u32, u16), Vec<Listener>>,
     snapshot: Option<SocketSnapshot>,
     /// Our own network namespace: only sockets in it can be matched against
     /// the /proc snapshot (which shows only this namespace).
@@ -94,10 +100,12 @@ impl OwnerTracker {
         snapshot: Option<SocketSnapshot>,
         own_netns: Option<u32>,
     ) -> Self {
-        let mut listeners: HashMap<u16, Vec<(IpAddr, Attribution, u64)>> = HashMap::new();
+        let mut listeners: HashMap<(u32, u16), Vec<Listener>> = HashMap::new();
         if let Some(snap) = &snapshot {
+            // The snapshot lists the sockets of `own_netns`.
+            let ns = own_netns.unwrap_or(0);
             for (ep, owner) in snap.listeners() {
-                listeners.entry(ep.port).or_default().push((
+                listeners.entry((ns, ep.port)).or_default().push((
                     ep.addr,
                     Attribution {
                         owner: Arc::new(owner.clone()),
@@ -147,8 +155,13 @@ impl OwnerTracker {
         }
     }
 
-    fn listener_owner(&self, local: &Endpoint) -> Option<Attribution> {
-        let candidates = self.listeners.get(&local.port)?;
+    /// The namespace a transition's socket is in (ours when unknown).
+    fn netns_of(&self, t: &Transition) -> u32 {
+        t.sock.netns.or(self.own_netns).unwrap_or(0)
+    }
+
+    fn listener_owner(&self, netns: u32, local: &Endpoint) -> Option<Attribution> {
+        let candidates = self.listeners.get(&(netns, local.port))?;
         // An exact address beats a wildcard bind.
         let exact = candidates.iter().rev().find(|(a, _, _)| *a == local.addr);
         let wildcard = || {
@@ -242,7 +255,7 @@ impl OwnerTracker {
                 source: OwnerSource::Observed,
             })
         } else if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv) {
-            self.listener_owner(&t.local)
+            self.listener_owner(self.netns_of(t), &t.local)
         } else if let Some(k) = known {
             Some(k.clone())
         } else if first_sight && !is_birth(t.old, t.new) {
@@ -259,7 +272,8 @@ impl OwnerTracker {
         match (t.old, t.new) {
             (TcpState::Close, TcpState::Listen) => {
                 if let Some(attr) = attribution {
-                    let list = self.listeners.entry(t.local.port).or_default();
+                    let key = (self.netns_of(t), t.local.port);
+                    let list = self.listeners.entry(key).or_default();
                     // SO_REUSEPORT allows several listeners on one address;
                     // the newest wins lookups.
                     list.retain(|(_, _, sk)| *sk != t.skaddr);
@@ -267,10 +281,11 @@ impl OwnerTracker {
                 }
             }
             (TcpState::Listen, TcpState::Close) => {
-                if let Some(list) = self.listeners.get_mut(&t.local.port) {
+                let key = (self.netns_of(t), t.local.port);
+                if let Some(list) = self.listeners.get_mut(&key) {
                     list.retain(|(a, _, sk)| *sk != t.skaddr && !(*sk == 0 && *a == t.local.addr));
                     if list.is_empty() {
-                        self.listeners.remove(&t.local.port);
+                        self.listeners.remove(&key);
                     }
                 }
             }
@@ -417,6 +432,40 @@ mod tests {
             "127.0.0.1:5557",
         );
         assert!(o.observe(&late).is_none());
+    }
+
+    /// Equal ports of two namespaces are two listeners: a connection
+    /// accepted in one is never given the other's owner.
+    #[test]
+    fn listeners_of_other_namespaces_are_apart() {
+        let mut o = OwnerTracker::new(100, None, Some(1));
+        let in_ns = |mut t: Transition, ns: u32| {
+            t.sock.netns = Some(ns);
+            t
+        };
+        o.observe(&in_ns(
+            with_ports(
+                tr(10, Close, Listen, 200, "nginx"),
+                "0.0.0.0:80",
+                "0.0.0.0:0",
+            ),
+            2,
+        ));
+        let here = with_ports(
+            tr(11, Listen, SynRecv, 9, "x"),
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        );
+        assert!(
+            o.observe(&in_ns(here, 1)).is_none(),
+            "namespace 2's listener"
+        );
+        let there = with_ports(
+            tr(12, Listen, SynRecv, 9, "x"),
+            "127.0.0.1:80",
+            "127.0.0.1:5001",
+        );
+        assert_eq!(o.observe(&in_ns(there, 2)).unwrap().owner.pid, 200);
     }
 
     #[test]

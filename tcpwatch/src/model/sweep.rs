@@ -68,8 +68,8 @@ impl KernelSockets {
 #[error("cannot list this namespace's sockets")]
 pub struct ListError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 
-/// Lists the kernel's full sockets in tcpwatch's network namespace.
-pub type ListSockets = fn() -> Result<KernelSockets, ListError>;
+/// Lists the kernel's full sockets in one network namespace.
+pub type ListSockets = Box<dyn FnMut() -> Result<KernelSockets, ListError> + Send>;
 
 /// A table whose entries can outlive their socket when events are lost.
 pub trait SweepTable {
@@ -115,14 +115,17 @@ pub struct Sweeper {
 impl Sweeper {
     /// A sweeper that lists sockets with `list` and reads the time with
     /// `now` (CLOCK_MONOTONIC, the events' clock).
-    pub fn with(list: ListSockets, now: fn() -> u64) -> Sweeper {
+    pub fn with(
+        list: impl FnMut() -> Result<KernelSockets, ListError> + Send + 'static,
+        now: fn() -> u64,
+    ) -> Sweeper {
         Sweeper {
             lost_seen: 0,
             due_ns: None,
             next_ok_ns: None,
             pending: None,
             dropped: 0,
-            list,
+            list: Box::new(list),
             now,
             warned: false,
         }

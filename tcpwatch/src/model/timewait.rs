@@ -249,6 +249,13 @@ pub struct Destination {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
     pub ts: String,
+    /// The network namespace whose figures these are (its inode), and its
+    /// name in /run/netns when it has one: every figure here is of that
+    /// namespace alone.
+    #[serde(default)]
+    pub netns: Option<u32>,
+    #[serde(default)]
+    pub netns_name: Option<String>,
     pub interval_s: f64,
     /// Timewait sockets tcpwatch counts now.
     pub total: u64,
@@ -270,6 +277,10 @@ pub struct Snapshot {
     pub by_process: Vec<Group>,
     pub by_remote: Vec<Group>,
     pub by_local: Vec<Group>,
+    /// By the container of the process that closed first (from its
+    /// cgroup path), where the path shows one.
+    #[serde(default)]
+    pub by_container: Vec<Group>,
     pub destinations: Vec<Destination>,
     pub findings: Vec<String>,
     /// Entries not tracked one by one because `max_entries` was reached.
@@ -593,25 +604,7 @@ impl TimewaitBook {
                 .or_insert_with(|| named_group(key))
                 .count += n;
         }
-        let mut v: Vec<Group> = named.into_values().collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
-        let mut out: Vec<Group> = Vec::new();
-        let mut rest = 0u64;
-        for (i, mut g) in v.into_iter().enumerate() {
-            if i < top {
-                g.share = share(g.count, total);
-                out.push(g);
-            } else {
-                rest += g.count;
-            }
-        }
-        if rest > 0 {
-            let mut g = named_group("other");
-            g.count = rest;
-            g.share = share(rest, total);
-            out.push(g);
-        }
-        out
+        rank(named.into_values().collect(), total, top)
     }
 
     /// Groups the entries by the process that closed first, as
@@ -651,7 +644,7 @@ impl TimewaitBook {
                 };
             }
         }
-        let mut v: Vec<Group> = named
+        let v: Vec<Group> = named
             .into_values()
             .map(|mut acc| {
                 if !acc.pids.is_empty() {
@@ -666,19 +659,7 @@ impl TimewaitBook {
                 acc.group
             })
             .collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
-        let rest: u64 = v.iter().skip(top).map(|g| g.count).sum();
-        v.truncate(top);
-        for g in &mut v {
-            g.share = share(g.count, total);
-        }
-        if rest > 0 {
-            let mut g = named_group("other");
-            g.count = rest;
-            g.share = share(rest, total);
-            v.push(g);
-        }
-        v
+        rank(v, total, top)
     }
 
     /// The figures for one interval ending at `now_ns`.
@@ -841,6 +822,8 @@ impl TimewaitBook {
 
         let mut snap = Snapshot {
             ts: wall,
+            netns: self.own_netns,
+            netns_name: None,
             interval_s,
             total,
             time_wait,
@@ -857,6 +840,7 @@ impl TimewaitBook {
             by_process,
             by_remote,
             by_local,
+            by_container: Vec::new(),
             destinations,
             findings: Vec::new(),
             untracked: self.untracked,
@@ -886,6 +870,24 @@ impl TimewaitBook {
         v
     }
 
+    /// Timewait sockets by the cgroup id of the process that closed first
+    /// (0: owner unknown, or made before tracing).
+    pub fn by_cgroup(&self) -> HashMap<u64, u64> {
+        let mut by_owner: HashMap<u32, u64> = HashMap::new();
+        for e in self.entries.values() {
+            *by_owner.entry(e.owner).or_default() += 1;
+        }
+        let mut out: HashMap<u64, u64> = HashMap::new();
+        for (id, n) in by_owner {
+            let cgroup = match self.owners.get(id) {
+                Some(Attribution::Owner(o)) => o.cgroup_id,
+                _ => 0,
+            };
+            *out.entry(cgroup).or_default() += n;
+        }
+        out
+    }
+
     /// Interned groups, for the memory figure.
     pub fn groups_len(&self) -> (usize, usize) {
         (self.owners.len(), self.endpoints.len())
@@ -902,10 +904,46 @@ fn group_name(ep: &Endpoint) -> String {
     }
 }
 
-/// The process group a socket's owner falls in: its command name. (A
-/// container, once known, belongs in this key too.)
+/// The process group a socket's owner falls in: its command name (the
+/// container has a grouping of its own, [`NO_CONTAINER`] and
+/// `Snapshot::by_container`).
 fn process_key(o: &Owner) -> String {
     o.comm.clone()
+}
+
+/// The container group of sockets whose owner is in no container (or is
+/// unknown).
+pub const NO_CONTAINER: &str = "(none)";
+
+/// The `top` largest groups, largest first (ties by key), with their
+/// shares of `total`, and the rest summed as `other`.
+pub fn rank(mut v: Vec<Group>, total: u64, top: usize) -> Vec<Group> {
+    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+    let mut out: Vec<Group> = Vec::new();
+    let mut rest = 0u64;
+    for (i, mut g) in v.into_iter().enumerate() {
+        if i < top {
+            g.share = share(g.count, total);
+            out.push(g);
+        } else {
+            rest += g.count;
+        }
+    }
+    if rest > 0 {
+        let mut g = named_group("other");
+        g.count = rest;
+        g.share = share(rest, total);
+        out.push(g);
+    }
+    out
+}
+
+/// A group of `count` sockets with only a name.
+pub fn named_group_of(name: &str, count: u64) -> Group {
+    Group {
+        count,
+        ..named_group(name)
+    }
 }
 
 fn named_group(name: &str) -> Group {

@@ -4,6 +4,7 @@
 //! which stores exactly these.
 
 use crate::host::clock::{monotonic_ns, Clock};
+use crate::host::netns::{NetnsError, Selection};
 use crate::model::correlate::{Correlator, CorrelatorOptions};
 use crate::model::snapshot::SocketSnapshot;
 use crate::stream::record::Header;
@@ -23,8 +24,10 @@ pub enum Source {
 pub struct Context {
     /// Turns the events' CLOCK_MONOTONIC stamps into wall-clock time.
     pub clock: Clock,
-    /// The network namespace tcpwatch (or the recorder) ran in: the one
-    /// whose sockets the snapshot lists; `None` when unknown.
+    /// The network namespace the stream is about (`--netns`, by default
+    /// the one tcpwatch or the recorder ran in): the one whose sockets the
+    /// snapshot lists and whose `tcp_fin_timeout` applies; `None` when
+    /// unknown.
     pub netns: Option<u32>,
     /// `net.ipv4.tcp_fin_timeout` in seconds.
     pub fin_timeout_s: u32,
@@ -32,13 +35,20 @@ pub struct Context {
     /// /proc could be read.
     pub snapshot: Option<SocketSnapshot>,
     pub source: Source,
+    /// Live only: the namespaces the run covers, to read their kernels.
+    pub scope: Option<Selection>,
 }
 
 impl Context {
-    /// This host now. Called once the probe is live, so that no socket
-    /// falls between the snapshot and the first event.
-    pub fn live() -> Context {
-        let snapshot = match crate::host::procfs::capture() {
+    /// This host now, for the namespaces `scope` selects. Called once the
+    /// probe is live, so that no socket falls between the snapshot and the
+    /// first event. The snapshot and `tcp_fin_timeout` are the primary
+    /// namespace's, read from inside it.
+    pub fn live(scope: Selection) -> Result<Context, NetnsError> {
+        let ns = scope.primary();
+        let (snapshot, fin_timeout_s) =
+            ns.run_in(|| (crate::host::procfs::capture(), crate::host::fin_timeout_s()))?;
+        let snapshot = match snapshot {
             Ok(s) => Some(s),
             Err(e) => {
                 let e = anyhow::Error::from(e);
@@ -46,15 +56,16 @@ impl Context {
                 None
             }
         };
-        Context {
+        Ok(Context {
             clock: Clock::system(),
-            netns: crate::host::own_netns(),
-            fin_timeout_s: crate::host::fin_timeout_s(),
+            netns: Some(ns.inode).filter(|n| *n != 0),
+            fin_timeout_s,
             snapshot,
             source: Source::Live {
                 started_ns: monotonic_ns(),
             },
-        }
+            scope: Some(scope),
+        })
     }
 
     /// What a recording's header and snapshot section say.
@@ -65,6 +76,7 @@ impl Context {
             fin_timeout_s: header.fin_timeout_s,
             snapshot: Some(snapshot),
             source: Source::Replay,
+            scope: None,
         }
     }
 
@@ -95,7 +107,10 @@ impl Context {
         if let Source::Live { started_ns } = self.source {
             // Every socket first seen in mid-life existed by then.
             c.set_traced_since(started_ns);
-            c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new()));
+            let primary = self.scope.as_ref().map(Selection::primary);
+            c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new(
+                primary.unwrap_or_else(crate::host::netns::Namespace::own),
+            )));
         }
         c
     }

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::host::netns::NetnsError;
 use crate::kernel::probe::ProbeError;
 use crate::stream::record::RecordError;
 
@@ -20,6 +21,9 @@ pub enum StreamError {
     Signal(#[source] io::Error),
     #[error("writing output failed")]
     Output(#[source] io::Error),
+    /// The network namespace to trace could not be read.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// A recording could not be written or read.
     #[error(transparent)]
     Record(#[from] RecordError),

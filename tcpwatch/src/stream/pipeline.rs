@@ -102,13 +102,18 @@ pub struct Pipeline<C> {
     /// Least time between two lost-event warnings (zero: every growth).
     lost_log_every: Duration,
     lost_logged: Option<Instant>,
+    /// Inodes of the network namespaces whose events are kept (`None`:
+    /// every namespace's).
+    keep_netns: Option<Vec<u32>>,
 }
 
 impl<C: Consumer> Pipeline<C> {
-    /// For events from the kernel: losses are said (at most once per
-    /// `lost_log_every`) and followed by a sweep of the consumer's table.
+    /// For events from tcpwatch's own namespace: losses are said (at most
+    /// once per `lost_log_every`) and followed by a sweep of the consumer's
+    /// table.
     pub fn live(consumer: C, lost_log_every: Duration) -> Self {
-        Self::sweeping(consumer, crate::host::sweeper(), lost_log_every)
+        let own = crate::host::netns::Namespace::own();
+        Self::sweeping(consumer, crate::host::sweeper(own), lost_log_every)
     }
 
     /// [`Pipeline::live`] with the given sweeper (tests give one that
@@ -121,7 +126,16 @@ impl<C: Consumer> Pipeline<C> {
             totals: Totals::default(),
             lost_log_every,
             lost_logged: None,
+            keep_netns: None,
         }
+    }
+
+    /// Keeps only the events of these network namespaces (`None`: every
+    /// namespace's). An event whose namespace the kernel's BTF could not
+    /// give is kept.
+    pub fn keeping(mut self, netns: Option<Vec<u32>>) -> Self {
+        self.keep_netns = netns;
+        self
     }
 
     /// For a recording: nothing is lost, nothing can be checked against a
@@ -133,6 +147,7 @@ impl<C: Consumer> Pipeline<C> {
             totals: Totals::default(),
             lost_log_every: Duration::ZERO,
             lost_logged: None,
+            keep_netns: None,
         }
     }
 
@@ -150,6 +165,11 @@ impl<C: Consumer> Pipeline<C> {
         settled_ns: u64,
     ) -> io::Result<()> {
         let mut records = Vec::with_capacity(events.len());
+        if let Some(keep) = &self.keep_netns {
+            events.retain(|e| {
+                e.valid & tcpwatch_common::valid::NETNS == 0 || keep.contains(&e.netns)
+            });
+        }
         events.retain(|e| match interpret(e) {
             Ok(r) => {
                 records.push(r);

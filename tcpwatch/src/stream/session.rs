@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
+use crate::host::netns::Selection;
 use crate::kernel::probe::{Probe, ProbeOptions};
 use crate::kernel::ringbuf::{run_reader, Feed, ReaderOptions};
 use crate::model::decode::Rejects;
@@ -32,16 +33,25 @@ pub struct SessionOptions {
     pub announce: String,
     /// Least time between two lost-event warnings (zero: every growth).
     pub lost_log_every: Duration,
+    /// The network namespaces whose events are kept.
+    pub netns: Selection,
 }
 
 impl SessionOptions {
-    /// A command's session: `what` it traces, every loss said.
-    pub fn command(probe: ProbeOptions, duration: Option<Duration>, what: &str) -> Self {
+    /// A command's session: `what` it traces in the namespaces `netns`
+    /// selects, every loss said.
+    pub fn command(
+        probe: ProbeOptions,
+        duration: Option<Duration>,
+        what: &str,
+        netns: Selection,
+    ) -> Self {
         SessionOptions {
             probe,
             duration,
             announce: format!("tracing {what}; Ctrl-C to stop"),
             lost_log_every: Duration::ZERO,
+            netns,
         }
     }
 }
@@ -85,7 +95,9 @@ pub async fn run<C: Consumer>(
     let lost = probe.take_lost_counter()?;
     // The probe is live: the snapshot first, as once "tracing" is said,
     // sockets may close.
-    let ctx = Context::live();
+    let keep = opts.netns.inodes();
+    let sweeper = crate::host::sweeper(opts.netns.primary());
+    let ctx = Context::live(opts.netns)?;
     let consumer = build(&ctx)?;
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
@@ -93,7 +105,7 @@ pub async fn run<C: Consumer>(
     if probe.mounted_tracefs {
         tracing::info!("mounted tracefs at /sys/kernel/tracing");
     }
-    let mut pipeline = Pipeline::live(consumer, opts.lost_log_every);
+    let mut pipeline = Pipeline::sweeping(consumer, sweeper, opts.lost_log_every).keeping(keep);
     pipeline.consumer_mut().live(&opts.announce);
 
     let (tx, mut rx) = mpsc::channel::<Feed>(channel_batches(opts.probe.ring_size));

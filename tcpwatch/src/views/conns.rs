@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::host::clock::Clock;
+use crate::model::cgroup::Cgroup;
 use crate::model::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
 use crate::model::owner::OwnerSource;
 use crate::model::{Endpoint, Family, Owner};
@@ -114,7 +115,9 @@ pub struct ConnRecord {
     pub skaddr: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub cgroup: Option<u64>,
+    /// The owner's cgroup: its id, and its path with what the path shows
+    /// (container, systemd unit, pod) where it was looked up.
+    pub cgroup: Option<Cgroup>,
     pub owner_source: Option<String>,
     pub family: String,
     pub saddr: IpAddr,
@@ -160,8 +163,9 @@ pub struct StepRecord {
 }
 
 impl ConnRecord {
-    /// `steps`: include every transition (JSON) or not (text columns).
-    pub fn new(t: &Timeline, clock: &Clock, steps: bool) -> ConnRecord {
+    /// `steps`: include every transition (JSON) or not (text columns);
+    /// `cgroup`: the owner's cgroup as looked up (else its bare id).
+    pub fn new(t: &Timeline, clock: &Clock, steps: bool, cgroup: Option<&Cgroup>) -> ConnRecord {
         let owner = t.owner.as_ref().map(|a| &a.owner);
         ConnRecord {
             ts: clock.rfc3339(t.closed_ns),
@@ -169,7 +173,7 @@ impl ConnRecord {
             skaddr: format!("{:#x}", t.skaddr),
             pid: owner.map(|o| o.pid),
             comm: owner.map(|o| o.comm.clone()),
-            cgroup: owner.map(|o| o.cgroup_id).filter(|c| *c != 0),
+            cgroup: super::cgroup_of(owner.map(|o| &**o), cgroup).map(|c| c.into_owned()),
             owner_source: t.owner.as_ref().map(|a| source_name(a.source).into()),
             family: t.family.name().into(),
             saddr: t.local.addr,
@@ -236,13 +240,13 @@ impl ConnRecord {
         Some(Owner {
             pid: self.pid?,
             comm: self.comm.clone().unwrap_or_default(),
-            cgroup_id: self.cgroup.unwrap_or(0),
+            cgroup_id: self.cgroup.as_ref().map_or(0, |c| c.id),
         })
     }
 }
 
 pub fn conns_text(t: &Timeline, clock: &Clock) -> String {
-    record_text(&ConnRecord::new(t, clock, false))
+    record_text(&ConnRecord::new(t, clock, false, None))
 }
 
 /// The text columns of one record (see `CONNS_HEADER`).
@@ -295,8 +299,8 @@ pub fn record_text(r: &ConnRecord) -> String {
     out
 }
 
-pub fn conns_json(t: &Timeline, clock: &Clock) -> String {
-    record_json(&ConnRecord::new(t, clock, true))
+pub fn conns_json(t: &Timeline, clock: &Clock, cgroup: Option<&Cgroup>) -> String {
+    record_json(&ConnRecord::new(t, clock, true, cgroup))
 }
 
 pub fn record_json(r: &ConnRecord) -> String {
@@ -356,9 +360,13 @@ mod tests {
         failed.error = Some(111);
         failed.timewait = None;
         for t in [timeline(), failed] {
-            let json = conns_json(&t, &clock);
+            let id = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
+            let cgroup = Cgroup::new(99, Some(&format!("/system.slice/docker-{id}.scope")));
+            let json = conns_json(&t, &clock, Some(&cgroup));
             let back: ConnRecord = serde_json::from_str(&json).unwrap();
-            assert_eq!(back, ConnRecord::new(&t, &clock, true));
+            assert_eq!(back, ConnRecord::new(&t, &clock, true, Some(&cgroup)));
+            assert_eq!(back.cgroup.as_ref().unwrap().container.as_deref(), Some(id));
+            assert_eq!(back.owner().unwrap().cgroup_id, 99);
             assert_eq!(record_json(&back), json);
             assert_eq!(record_text(&back), conns_text(&t, &clock));
         }
@@ -388,7 +396,7 @@ mod tests {
         old.first_ns = 123_456_789;
         let line = conns_text(&old, &clock);
         assert!(line.contains(" >5000.000 "), "{line}");
-        let r = ConnRecord::new(&old, &clock, true);
+        let r = ConnRecord::new(&old, &clock, true, None);
         assert!(r.before_trace && r.lifetime_ms == 5000.0, "{r:?}");
     }
 }

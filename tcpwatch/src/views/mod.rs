@@ -11,11 +11,13 @@ pub mod summary;
 pub mod timewait;
 pub mod top;
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::host::clock::Clock;
+use crate::model::cgroup::Cgroup;
 use crate::model::decode::Transition;
 use crate::model::owner::{Attribution, OwnerSource};
 
@@ -32,6 +34,8 @@ pub enum Format {
 pub struct TraceLine<'a> {
     pub t: &'a Transition,
     pub owner: Option<&'a Attribution>,
+    /// The owner's cgroup with its path, when the caller looked it up.
+    pub cgroup: Option<&'a Cgroup>,
     pub delta_ns: Option<u64>,
 }
 
@@ -86,7 +90,7 @@ struct TraceJson<'a> {
     skaddr: String,
     pid: Option<u32>,
     comm: Option<&'a str>,
-    cgroup: Option<u64>,
+    cgroup: Option<Cow<'a, Cgroup>>,
     owner_source: Option<&'static str>,
     family: &'static str,
     saddr: String,
@@ -100,6 +104,21 @@ struct TraceJson<'a> {
     cpu: u32,
 }
 
+/// The owner's cgroup as the JSON shows it: what the caller looked up, or
+/// the bare id.
+pub fn cgroup_of<'a>(
+    owner: Option<&crate::model::Owner>,
+    looked_up: Option<&'a Cgroup>,
+) -> Option<Cow<'a, Cgroup>> {
+    match looked_up {
+        Some(c) => Some(Cow::Borrowed(c)),
+        None => owner
+            .map(|o| o.cgroup_id)
+            .filter(|c| *c != 0)
+            .map(|id| Cow::Owned(Cgroup::new(id, None))),
+    }
+}
+
 pub fn trace_json(line: &TraceLine<'_>, clock: &Clock) -> String {
     let t = line.t;
     let owner = line.owner.map(|a| &a.owner);
@@ -109,7 +128,7 @@ pub fn trace_json(line: &TraceLine<'_>, clock: &Clock) -> String {
         skaddr: format!("{:#x}", t.skaddr),
         pid: owner.map(|o| o.pid),
         comm: owner.map(|o| o.comm.as_str()),
-        cgroup: owner.map(|o| o.cgroup_id).filter(|c| *c != 0),
+        cgroup: cgroup_of(owner.map(|o| &**o), line.cgroup),
         owner_source: line.owner.map(|a| source_name(a.source)),
         family: t.family.name(),
         saddr: t.local.addr.to_string(),
@@ -165,6 +184,7 @@ mod tests {
             &TraceLine {
                 t: &t,
                 owner: Some(&owner),
+                cgroup: None,
                 delta_ns: Some(250_000),
             },
             &clock(),
@@ -185,6 +205,7 @@ mod tests {
         let line = TraceLine {
             t: &t,
             owner: None,
+            cgroup: None,
             delta_ns: None,
         };
         let text = trace_text(&line, &clock());
@@ -211,6 +232,7 @@ mod tests {
         let line = TraceLine {
             t: &t,
             owner: Some(&owner),
+            cgroup: None,
             delta_ns: Some(1_234_567),
         };
         let v: serde_json::Value = serde_json::from_str(&trace_json(&line, &clock())).unwrap();
@@ -218,7 +240,17 @@ mod tests {
         assert_eq!(v["skaddr"], "0xffff888100000040");
         assert_eq!(v["pid"], 7);
         assert_eq!(v["comm"], "srv");
-        assert_eq!(v["cgroup"], 99);
+        assert_eq!(v["cgroup"]["id"], 99);
+        assert!(v["cgroup"]["path"].is_null());
+        let c = Cgroup::new(99, Some("/system.slice/nginx.service"));
+        let with_path = TraceLine {
+            cgroup: Some(&c),
+            ..line
+        };
+        let v: serde_json::Value = serde_json::from_str(&trace_json(&with_path, &clock())).unwrap();
+        assert_eq!(v["cgroup"]["path"], "/system.slice/nginx.service");
+        assert_eq!(v["cgroup"]["unit"], "nginx.service");
+        assert!(v["cgroup"]["container"].is_null());
         assert_eq!(v["owner_source"], "listener");
         assert_eq!(v["family"], "ipv4");
         assert_eq!(v["saddr"], "127.0.0.1");

@@ -53,7 +53,12 @@ fn groups(out: &mut String, title: &str, groups: &[Group], processes: bool) {
 pub fn timewait_text(s: &Snapshot) -> String {
     let mut out = String::new();
     let k = &s.kernel;
-    let _ = writeln!(out, "tcpwatch timewait   {}", s.ts);
+    let netns = match (&s.netns_name, s.netns) {
+        (Some(name), Some(inode)) => format!("   netns {name} ({inode})"),
+        (None, Some(inode)) => format!("   netns {inode}"),
+        _ => String::new(),
+    };
+    let _ = writeln!(out, "tcpwatch timewait   {}{netns}", s.ts);
     let _ = writeln!(
         out,
         "timewait sockets: {}  (TIME_WAIT {}, FIN_WAIT2 {})",
@@ -70,8 +75,8 @@ pub fn timewait_text(s: &Snapshot) -> String {
     );
     let _ = writeln!(
         out,
-        "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} in other network namespaces, {} not tracked one by one",
-        s.before_tracing, s.just_closed, s.unattributed, s.other_netns, s.untracked
+        "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} not tracked one by one",
+        s.before_tracing, s.just_closed, s.unattributed, s.untracked
     );
     let _ = writeln!(
         out,
@@ -94,6 +99,18 @@ pub fn timewait_text(s: &Snapshot) -> String {
     out.push('\n');
     groups(&mut out, "BY LOCAL ENDPOINT", &s.by_local, false);
     out.push('\n');
+    if s.by_container
+        .iter()
+        .any(|g| g.key != crate::model::timewait::NO_CONTAINER)
+    {
+        groups(
+            &mut out,
+            "BY CONTAINER (closed first)",
+            &s.by_container,
+            false,
+        );
+        out.push('\n');
+    }
     let _ = writeln!(
         out,
         "{:<44} {:>8} {:>8} {:>9} {:>9}  RUNS OUT IN",

@@ -816,6 +816,9 @@ mod tests {
                 dest("10.0.0.10:443", 10, 5.0, Some(3000.0)),
             ],
             by_local: vec![],
+            by_container: vec![],
+            netns: None,
+            netns_name: None,
             findings: vec![],
             untracked: 0,
         }

@@ -513,7 +513,8 @@ fn simultaneous_close_between_namespaces() {
         return;
     }
     let net = VethPair::create();
-    let mut tw = Tw::conns();
+    // Both namespaces are the test's own, neither is tcpwatch's.
+    let mut tw = Tw::start(&["conns", "--format", "json", "--netns", "all"]);
     let mut server = Peer::spawn("twc-ns-server", Some(&net.b));
     let mut client = Peer::spawn("twc-ns-client", Some(&net.a));
     let link = connect_pair(
@@ -771,7 +772,8 @@ fn timed_out_connect() {
         "nud",
         "permanent",
     ]);
-    let mut tw = Tw::conns();
+    let ns_a = net.a.inode().to_string();
+    let mut tw = Tw::start(&["conns", "--format", "json", "--netns", &ns_a]);
     let mut client = Peer::spawn("twc-ns-client", Some(&net.a));
     let to = SocketAddr::new(net.addr_b.into(), 9);
     let started = Instant::now();

@@ -172,10 +172,13 @@ fn daemon_reports_known_connections() {
     let text = m.body;
     let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("/metrics: {e}"));
     let series = |s: &str| metric(&samples, s).unwrap_or_else(|| panic!("no series {s}"));
+    // TIME_WAIT series are per network namespace: the test's is the
+    // daemon's own (labelled by its inode).
+    let ns = own_netns();
     eprintln!(
         "metrics: timewait_by_destination {}, ports_held {}, opened active {}, passive {}, closed orderly {}, handshakes {}, events {}, lost ring_full {}, kernel_skipped {}",
-        series(&format!("tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}")),
-        series(&format!("tcpwatch_destination_ports_held{{local=\"127.0.0.1\",destination=\"{dest}\"}}")),
+        series(&format!("tcpwatch_timewait_by_destination{{netns=\"{ns}\",destination=\"{dest}\"}}")),
+        series(&format!("tcpwatch_destination_ports_held{{netns=\"{ns}\",local=\"127.0.0.1\",destination=\"{dest}\"}}")),
         series("tcpwatch_connections_opened_total{direction=\"active\"}"),
         series("tcpwatch_connections_opened_total{direction=\"passive\"}"),
         series("tcpwatch_connections_closed_total{kind=\"orderly\"}"),
@@ -186,13 +189,13 @@ fn daemon_reports_known_connections() {
     );
     assert_eq!(
         series(&format!(
-            "tcpwatch_timewait_by_destination{{destination=\"{dest}\"}}"
+            "tcpwatch_timewait_by_destination{{netns=\"{ns}\",destination=\"{dest}\"}}"
         )),
         N as f64
     );
     assert_eq!(
         series(&format!(
-            "tcpwatch_destination_ports_held{{local=\"127.0.0.1\",destination=\"{dest}\"}}"
+            "tcpwatch_destination_ports_held{{netns=\"{ns}\",local=\"127.0.0.1\",destination=\"{dest}\"}}"
         )),
         N as f64
     );
@@ -207,9 +210,17 @@ fn daemon_reports_known_connections() {
         assert!(series(s) >= N as f64, "{s} = {} < {N}", series(s));
     }
     assert!(series("tcpwatch_connections_closed_total{kind=\"orderly\"}") >= 2.0 * N as f64);
-    assert!(series("tcpwatch_timewait_sockets{substate=\"time_wait\"}") >= N as f64);
-    assert!(series("tcpwatch_kernel_tw_max_buckets") > 0.0);
-    assert!(series("tcpwatch_local_port_range_ports") > 0.0);
+    assert!(
+        series(&format!(
+            "tcpwatch_timewait_sockets{{netns=\"{ns}\",substate=\"time_wait\"}}"
+        )) >= N as f64
+    );
+    assert!(series(&format!("tcpwatch_kernel_tw_max_buckets{{netns=\"{ns}\"}}")) > 0.0);
+    assert!(
+        series(&format!(
+            "tcpwatch_local_port_range_ports{{netns=\"{ns}\"}}"
+        )) > 0.0
+    );
     assert!(metric(&samples, "tcpwatch_build_info{version=\"0.1.0\"}") == Some(1.0));
     assert!(text.trim_end().ends_with("# EOF"));
 

@@ -7,10 +7,10 @@
 //! that cannot run fails instead of skipping.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,115 +24,29 @@ use tcpwatch::model::snapshot::SocketKey;
 use tcpwatch::model::{Endpoint, TcpState};
 use tcpwatch_common::OFFSET_UNKNOWN;
 
+use crate::support::netns::Netns;
+use crate::support::sockets::connect_from;
+use crate::support::{have, is_root, run_ok, skip, tool};
+
 // ---------------------------------------------------------------------------
 // sock_diag, in network namespaces of their own
 
-/// Under CI (or when asked) a test that cannot run must fail.
-fn strict() -> bool {
-    std::env::var_os("CI").is_some()
-        || std::env::var("TCPWATCH_REQUIRE_ROOT_TESTS").is_ok_and(|v| v == "1")
+/// A namespace of the test's own (`support::netns`), or `None` after
+/// saying why the test does not run.
+fn namespace() -> Option<Netns> {
+    if !is_root() {
+        skip("not root: creating a network namespace needs CAP_SYS_ADMIN");
+        return None;
+    }
+    have(&["ip", "ss"]).then(Netns::new)
 }
 
-fn skip(why: &str) {
-    if strict() {
-        panic!("cannot run (CI or TCPWATCH_REQUIRE_ROOT_TESTS=1 forbids skipping): {why}");
-    }
-    println!("skipped: {why}");
-    eprintln!("skipped: {why}");
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// A fresh namespace with `lo` up, or `None` after saying why the
-    /// test is skipped.
-    fn create_or_skip(tag: &str) -> Option<Netns> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            skip("not root: creating a network namespace needs CAP_SYS_ADMIN");
-            return None;
-        }
-        for tool in ["ip", "ss"] {
-            if Command::new(tool).arg("-V").output().is_err() {
-                skip(&format!("`{tool}` (iproute2) is not on PATH"));
-                return None;
-            }
-        }
-        let name = format!("tcpwatch-sd-{}-{tag}", std::process::id());
-        if let Err(why) = run("ip", &["netns", "add", &name]) {
-            skip(&why);
-            return None;
-        }
-        let ns = Netns { name };
-        if let Err(why) = run(
-            "ip",
-            &["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"],
-        ) {
-            skip(&why);
-            return None;
-        }
-        Some(ns)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace: its sockets,
-    /// sock_diag dumps, `/proc/thread-self/net` and `/proc/sys/net` are
-    /// the namespace's.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        let joined = std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = File::open(&path).unwrap();
-                // SAFETY: a valid namespace fd; only this thread moves.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-        });
-        match joined {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-
-    /// Lines of `ss -tanH state STATE` run inside the namespace.
-    fn ss(&self, state: &str) -> Vec<String> {
-        run(
-            "ip",
-            &["netns", "exec", &self.name, "ss", "-tanH", "state", state],
-        )
-        .unwrap()
+/// Lines of `ss -tanH state STATE` run inside `ns`.
+fn ss(ns: &Netns, state: &str) -> Vec<String> {
+    run_ok(ns.command("ss").args(["-tanH", "state", state]))
         .lines()
         .map(str::to_string)
         .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 fn set_sysctl(name: &str, value: &str) {
@@ -147,41 +61,6 @@ fn ss_count(lines: &[String], peer: &str) -> usize {
         .iter()
         .filter(|l| l.split_whitespace().nth(3) == Some(peer))
         .count()
-}
-
-/// A TCP client bound to `src` (port chosen by the kernel) connected to
-/// `dst`.
-fn connect_from(src: Ipv4Addr, dst: std::net::SocketAddr) -> io::Result<TcpStream> {
-    let std::net::SocketAddr::V4(dst) = dst else {
-        panic!("IPv4 only");
-    };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on an fd we own, with sockaddr_in
-    // values of the length given.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sockaddr(src, 0);
-        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let remote = sockaddr(*dst.ip(), dst.port());
-        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
 }
 
 /// Makes `k` client sockets to `listener` go to TIME_WAIT: the client
@@ -202,7 +81,7 @@ fn make_timewait(
         let mut pairs = Vec::with_capacity(batch);
         for _ in 0..batch {
             let src = sources[tuples.len() / per_source];
-            let client = connect_from(src, server)
+            let client = connect_from(SocketAddr::new(src.into(), 0), server, false)
                 .unwrap_or_else(|e| panic!("connect from {src} (#{}): {e}", tuples.len()));
             let (accepted, peer) = listener.accept().unwrap();
             let local = client.local_addr().unwrap();
@@ -220,11 +99,11 @@ fn make_timewait(
     tuples
 }
 
-fn timewait_round_trip(tag: &str, k: usize) {
-    let Some(ns) = Netns::create_or_skip(tag) else {
+fn timewait_round_trip(k: usize) {
+    let Some(ns) = namespace() else {
         return;
     };
-    ns.run(|| {
+    ns.in_ns(|| {
         // No reuse of a TIME_WAIT 4-tuple while the test runs, and room
         // for all of them.
         set_sysctl("tcp_tw_reuse", "0");
@@ -288,7 +167,7 @@ fn timewait_round_trip(tag: &str, k: usize) {
             missing.is_empty(),
             "{} of {k} client sockets not in the dump (ss sees {} in TIME_WAIT), e.g. {:?}",
             missing.len(),
-            ns.ss("time-wait").len(),
+            ss(&ns, "time-wait").len(),
             &missing[..missing.len().min(5)]
         );
         for t in &tuples {
@@ -317,7 +196,7 @@ fn timewait_round_trip(tag: &str, k: usize) {
 
         // The independent tool agrees.
         let t = Instant::now();
-        let lines = ns.ss("time-wait");
+        let lines = ss(&ns, "time-wait");
         println!(
             "ss -tanH state time-wait: {} lines in {:?}",
             lines.len(),
@@ -334,20 +213,20 @@ fn timewait_round_trip(tag: &str, k: usize) {
 
 #[test]
 fn live_dump_finds_200_timewait_sockets() {
-    timewait_round_trip("200", 200);
+    timewait_round_trip(200);
 }
 
 #[test]
 fn live_dump_finds_30000_timewait_sockets() {
-    timewait_round_trip("30000", 30_000);
+    timewait_round_trip(30_000);
 }
 
 #[test]
 fn live_orphaned_fin_wait2_is_a_timewait_socket_until_fin_timeout() {
-    let Some(ns) = Netns::create_or_skip("finwait2") else {
+    let Some(ns) = namespace() else {
         return;
     };
-    ns.run(|| {
+    ns.in_ns(|| {
         // Per-namespace: this thread's namespace only.
         set_sysctl("tcp_fin_timeout", "3");
         assert_eq!(Sysctls::read().unwrap().fin_timeout_s, 3);
@@ -391,7 +270,7 @@ fn live_orphaned_fin_wait2_is_a_timewait_socket_until_fin_timeout() {
 
         // ss sees both in FIN-WAIT-2, so leaving `half` out was a
         // choice, not an accident.
-        let lines = ns.ss("fin-wait-2");
+        let lines = ss(&ns, "fin-wait-2");
         for ep in [half_local, local] {
             assert!(
                 lines
@@ -465,7 +344,7 @@ fn expected_cgroup_id() -> Option<u64> {
 /// pids that `ss -tanp` reports for sockets whose local address is
 /// `local`, or `None` when ss cannot be run.
 fn ss_pids(local: SocketAddr) -> Option<Vec<u32>> {
-    let out = Command::new("ss").args(["-Htanp"]).output().ok()?;
+    let out = Command::new(tool("ss")?).args(["-Htanp"]).output().unwrap();
     assert!(out.status.success(), "ss failed: {out:?}");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     // Newer ss brackets IPv6 addresses, older versions do not.
@@ -496,7 +375,7 @@ fn check_live(loopback: &str) {
     let listener = match TcpListener::bind(format!("{loopback}:0")) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("skipping {loopback}: {e}");
+            skip(&format!("cannot listen on {loopback}: {e}"));
             return;
         }
     };
@@ -579,7 +458,8 @@ fn check_live(loopback: &str) {
             assert!(pids.len() >= 2, "ss pids {pids:?}");
             assert!(pids.iter().all(|p| *p == me), "ss pids {pids:?} vs {me}");
         }
-        None => eprintln!("ss not available, skipping cross-check"),
+        // Said by `tool`.
+        None => {}
     }
     drop((client, server, listener));
 }
@@ -602,7 +482,7 @@ fn lookup_owner_finds_child_cgroup() {
         .into_iter()
         .find(|b| Path::new(b).join("cgroup.controllers").exists())
     else {
-        eprintln!("no cgroup v2 hierarchy, skipping");
+        skip("no cgroup v2 hierarchy");
         return;
     };
     let dir = PathBuf::from(format!(
@@ -610,7 +490,7 @@ fn lookup_owner_finds_child_cgroup() {
         std::process::id()
     ));
     if let Err(e) = fs::create_dir(&dir) {
-        eprintln!("cannot create {}: {e}, skipping", dir.display());
+        skip(&format!("cannot create {}: {e}", dir.display()));
         return;
     }
     let mut child = Command::new("sleep").arg("30").spawn().unwrap();
@@ -722,23 +602,13 @@ fn dump_offset(
     bits / 8
 }
 
-fn find_bpftool() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join("bpftool"))
-        .find(|p| p.is_file())
-}
-
 #[test]
 fn running_kernel_vmlinux() {
     let path = Path::new(VMLINUX_BTF);
     if !path.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{VMLINUX_BTF} does not exist: the kernel side cannot be tested"
-        );
-        eprintln!("skipped: {VMLINUX_BTF} does not exist (no CONFIG_DEBUG_INFO_BTF?)");
+        skip(&format!(
+            "{VMLINUX_BTF} does not exist (no CONFIG_DEBUG_INFO_BTF?): the kernel side cannot be tested"
+        ));
         return;
     }
     let btf = Btf::from_file(path).expect("parse the running kernel's BTF");
@@ -777,13 +647,8 @@ fn running_kernel_vmlinux() {
         .expect_err("skc_reuse is a bitfield");
     assert!(matches!(err, BtfError::Bitfield { .. }), "{err}");
 
-    let Some(bpftool) = find_bpftool() else {
-        // `cargo xtask test` installs bpftool: under CI, missing is a failure.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "bpftool is missing: cannot cross-check offsets"
-        );
-        eprintln!("skipped: bpftool is not on PATH, cannot cross-check offsets");
+    // `cargo xtask test` installs bpftool: under CI, missing is a failure.
+    let Some(bpftool) = tool("bpftool") else {
         return;
     };
     let out = std::process::Command::new(&bpftool)

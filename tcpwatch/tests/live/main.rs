@@ -16,6 +16,7 @@ mod daemon;
 mod deploy;
 mod hardening;
 mod host;
+mod netns;
 mod overload;
 mod prometheus;
 mod real_servers;

@@ -25,7 +25,7 @@ use crate::require_live;
 use crate::support::daemon::*;
 use crate::support::deploy::{deploy_file, read_deploy};
 use crate::support::peer::{repeat, Peer};
-use crate::support::{settle, tool};
+use crate::support::{own_netns, settle, tool};
 
 /// Connections the test makes (each leaves one TIME_WAIT socket).
 const N: u64 = 100;
@@ -208,15 +208,18 @@ fn prometheus_sees_what_the_daemon_saw() {
     // The process label is the command name alone (no pid: no new series
     // per process).
     let process = client_comm.clone();
+    // The TIME_WAIT series are per network namespace; the test's are in
+    // the daemon's own (not in /run/netns: labelled by its inode).
+    let ns = own_netns().to_string();
     // From the kernel's own list of timewait sockets (sock_diag): exact.
     for q in [
         selector(
             "tcpwatch_timewait_by_destination",
-            &[("destination", &destination)],
+            &[("netns", &ns), ("destination", &destination)],
         ),
         selector(
             "tcpwatch_destination_ports_held",
-            &[("destination", &destination)],
+            &[("netns", &ns), ("destination", &destination)],
         ),
     ] {
         let v = p.wait_scalar(&q, ARRIVAL, |v| v == N as f64);
@@ -225,7 +228,10 @@ fn prometheus_sees_what_the_daemon_saw() {
     }
     // The owner comes from the traced events: exact unless the daemon lost
     // some (other BPF programs on a shared host can make the kernel skip it).
-    let q = selector("tcpwatch_timewait_by_process", &[("process", &process)]);
+    let q = selector(
+        "tcpwatch_timewait_by_process",
+        &[("netns", &ns), ("process", &process)],
+    );
     let v = p.wait_scalar(&q, ARRIVAL, |v| v == N as f64);
     let lost = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0) - lost_before;
     println!("{q} = {v:?} ({lost} events lost meanwhile)");
@@ -260,12 +266,25 @@ fn prometheus_sees_what_the_daemon_saw() {
         ("tcpwatch_build_info", 1.0),
     ];
     for (name, want) in gauges {
-        assert_eq!(p.scalar(name), Some(want), "{name}");
+        let q = if name == "tcpwatch_build_info" {
+            name.to_string()
+        } else {
+            selector(name, &[("netns", &ns)])
+        };
+        assert_eq!(p.scalar(&q), Some(want), "{q}");
     }
-    let kernel_tw = p.scalar("tcpwatch_kernel_timewait_sockets").unwrap();
+    let kernel_tw = p
+        .scalar(&selector(
+            "tcpwatch_kernel_timewait_sockets",
+            &[("netns", &ns)],
+        ))
+        .unwrap();
     assert!(kernel_tw >= N as f64, "kernel timewait sockets {kernel_tw}");
     let tw = p
-        .scalar("tcpwatch_timewait_sockets{substate=\"time_wait\"}")
+        .scalar(&selector(
+            "tcpwatch_timewait_sockets",
+            &[("netns", &ns), ("substate", "time_wait")],
+        ))
         .unwrap();
     assert!(tw >= N as f64, "timewait sockets {tw}");
     for reason in ["ring_full", "kernel_skipped"] {

@@ -67,6 +67,8 @@ pub struct DaemonReader {
     since: u64,
     /// Finished connections the daemon no longer held when asked.
     pub missed: u64,
+    /// Where the daemon's TIME_WAIT snapshot of the namespace shown is.
+    timewait_path: String,
 }
 
 fn minus(now: BTreeMap<String, u64>, base: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -81,7 +83,9 @@ fn minus(now: BTreeMap<String, u64>, base: &BTreeMap<String, u64>) -> BTreeMap<S
 impl DaemonReader {
     /// Reads where the daemon is now: only what happens from here on is
     /// counted.
-    pub async fn start(d: &Daemon) -> Result<DaemonReader, TopError> {
+    /// The TIME_WAIT figures are those of the daemon's namespace `netns`
+    /// (its name or inode; `None`: the daemon's own).
+    pub async fn start(d: &Daemon, netns: Option<&str>) -> Result<DaemonReader, TopError> {
         let (opened, closed, _) = Self::counters(d).await?;
         let page: ConnsPage = d.get_json("/api/conns?limit=1").await?;
         Ok(DaemonReader {
@@ -90,6 +94,7 @@ impl DaemonReader {
             failed: BTreeMap::new(),
             since: page.next,
             missed: 0,
+            timewait_path: crate::daemon::client::timewait_path(netns),
         })
     }
 
@@ -131,7 +136,7 @@ impl DaemonReader {
         for (k, n) in failures.failed {
             *self.failed.entry(k).or_default() += n;
         }
-        let snapshot = d.get_json::<Snapshot>("/api/timewait").await;
+        let snapshot = d.get_json::<Snapshot>(&self.timewait_path).await;
         Ok(Reading {
             tally: Tally {
                 opened: minus(opened, &self.base_opened),
@@ -148,6 +153,7 @@ impl DaemonReader {
 /// or `duration`.
 pub async fn run(
     d: &Daemon,
+    netns: Option<&str>,
     interval: Duration,
     duration: Option<Duration>,
 ) -> Result<TopFromSummary, TopError> {
@@ -156,7 +162,7 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).map_err(TopError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(TopError::Signal)?;
     // An unreachable daemon is said before the screen changes.
-    let mut reader = DaemonReader::start(d).await?;
+    let mut reader = DaemonReader::start(d, netns).await?;
     tracing::info!("reading {} every {interval:?}; q to quit", d.url());
     let clock = Clock::system();
     let started = Instant::now();

@@ -291,7 +291,8 @@ impl Consumer for TopSink {
         for t in self.finished.drain(..) {
             self.tally.timeline(&t);
         }
-        if let Some(s) = due {
+        // One namespace is shown: the tracker keeps its book alone.
+        if let Some(s) = due.and_then(|v| v.into_iter().next()) {
             self.refresh(batch.settled_ns, s)?;
         }
         self.keys()
