@@ -361,7 +361,9 @@ impl Metrics {
     /// Sets the TIME_WAIT gauges from the snapshots of the namespaces
     /// reported: the `top` namespaces with the most timewait sockets by
     /// their own label, the others summed as `netns="other"` (their
-    /// timewait and kernel counts only).
+    /// timewait and kernel counts only). The overflow counter of each is
+    /// its total since tracing began: `other`'s drops (a counter reset to
+    /// `rate()`) when a namespace moves out of it.
     pub fn snapshots(&self, snapshots: &[Snapshot], top: usize) {
         self.by_destination.clear();
         self.ports_held.clear();
@@ -377,6 +379,10 @@ impl Metrics {
         ] {
             family.clear();
         }
+        // Rebuilt from each namespace's total since tracing began, so that
+        // a namespace gone or summed into `other` leaves no series behind:
+        // the labels stay bounded however many namespaces come and go.
+        self.overflows.clear();
         let mut ranked: Vec<&Snapshot> = snapshots.iter().collect();
         ranked.sort_by(|a, b| b.total.cmp(&a.total).then(a.netns.cmp(&b.netns)));
         let folded = ranked.len() > top;
@@ -386,7 +392,7 @@ impl Metrics {
                 other.0 += s.time_wait;
                 other.1 += s.fin_wait2;
                 other.2 += s.kernel.sockstat_tw.unwrap_or(0);
-                other.3 += s.kernel.overflow_last_interval.unwrap_or(0);
+                other.3 += s.kernel.overflow_since_start.unwrap_or(0);
                 continue;
             }
             self.snapshot(&netns_label(s), s);
@@ -474,7 +480,7 @@ impl Metrics {
         // its first overflow.
         self.overflows
             .get_or_create(&labels)
-            .inc_by(k.overflow_last_interval.unwrap_or(0));
+            .inc_by(k.overflow_since_start.unwrap_or(0));
     }
 }
 
