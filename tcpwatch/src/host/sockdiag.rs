@@ -25,8 +25,10 @@
 //! Addresses are kept as the kernel gives them: a dual-stack IPv6 socket's
 //! IPv4 peer stays an IPv4-mapped IPv6 address, as the tracepoint reports it.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 use netlink_packet_core::{
     DecodeError, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable, NLMSG_DONE,
@@ -41,7 +43,7 @@ use netlink_packet_sock_diag::inet::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
-use crate::host::netns::Namespace;
+use crate::host::netns::{Namespace, NetnsError, Selection};
 use crate::model::correlate::TimewaitSubstate;
 use crate::model::handoff::TimewaitLookup;
 use crate::model::{Endpoint, TcpState};
@@ -597,46 +599,101 @@ fn parse_exact_replies(
     Ok(out)
 }
 
-/// The kernel's list as `model::handoff` asks it: the substate of the
-/// timewait socket with each 4-tuple in one network namespace. The netlink
-/// socket is opened inside it on first use (and keeps asking it); a warning
-/// is logged once when the kernel cannot be asked.
+/// How long a namespace's lookup socket is kept after its last use. A
+/// netlink socket holds its namespace alive: one with no hand-offs for
+/// this long is closed.
+const IDLE_LOOKUP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The kernel's lists as `model::handoff` asks them: the substate of the
+/// timewait socket with each 4-tuple, in each network namespace `scope`
+/// covers. A namespace's netlink socket is opened inside it on first use
+/// (a socket keeps asking the namespace it was opened in) and closed when
+/// idle; a warning is logged once when a kernel cannot be asked.
 pub struct HandoffLookup {
-    ns: Namespace,
-    exact: Option<ExactLookup>,
+    scope: Selection,
+    asked: HashMap<u32, Asker>,
     warned: bool,
 }
 
+/// One namespace's lookup.
+struct Asker {
+    /// `None`: it could not be found.
+    ns: Option<Namespace>,
+    exact: Option<ExactLookup>,
+    used: Instant,
+}
+
 impl HandoffLookup {
-    /// Lookups in `ns` (the namespace whose hand-offs are checkable).
-    pub fn new(ns: Namespace) -> HandoffLookup {
+    /// Lookups in the namespaces `scope` selects (all of them: each one
+    /// an event comes from).
+    pub fn new(scope: Selection) -> HandoffLookup {
         HandoffLookup {
-            ns,
-            exact: None,
+            scope,
+            asked: HashMap::new(),
             warned: false,
         }
     }
 
-    fn ask(&mut self, sockets: &[(Endpoint, Endpoint)]) -> Result<Vec<Found>, SockDiagError> {
-        let exact = match &mut self.exact {
-            Some(e) => e,
-            None => self.exact.insert(self.ns.run_in(ExactLookup::open)??),
+    fn ask(
+        &mut self,
+        netns: u32,
+        sockets: &[(Endpoint, Endpoint)],
+    ) -> Result<Vec<Found>, SockDiagError> {
+        let now = Instant::now();
+        self.asked
+            .retain(|_, a| now.duration_since(a.used) < IDLE_LOOKUP);
+        let asker = match self.asked.entry(netns) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                // Looked for once: one not found is looked for again only
+                // when its entry has gone idle.
+                let ns = match &self.scope {
+                    Selection::Only(v) => v.iter().find(|n| n.inode == netns).cloned(),
+                    Selection::All => Namespace::find(netns).ok(),
+                };
+                e.insert(Asker {
+                    ns,
+                    exact: None,
+                    used: now,
+                })
+            }
         };
-        let found = exact.lookup(sockets);
+        let Asker {
+            ns: Some(ns),
+            exact,
+            used,
+        } = asker
+        else {
+            return Err(NetnsError::NoInode { inode: netns }.into());
+        };
+        *used = now;
+        let lookup = match exact {
+            Some(e) => e,
+            None => exact.insert(ns.run_in(ExactLookup::open)??),
+        };
+        let found = lookup.lookup(sockets);
         if found.is_err() {
             // Replies of a failed batch may still be on their way.
-            self.exact = None;
+            *exact = None;
         }
         found
     }
 }
 
 impl TimewaitLookup for HandoffLookup {
+    fn covers(&self, netns: u32) -> bool {
+        match &self.scope {
+            Selection::All => true,
+            Selection::Only(v) => v.iter().any(|n| n.inode == netns),
+        }
+    }
+
     fn lookup(
         &mut self,
+        netns: u32,
         sockets: &[(Endpoint, Endpoint)],
     ) -> Result<Vec<Option<TimewaitSubstate>>, String> {
-        match self.ask(sockets) {
+        match self.ask(netns, sockets) {
             Ok(found) => Ok(found
                 .into_iter()
                 .map(|f| match f {
@@ -652,14 +709,16 @@ impl TimewaitLookup for HandoffLookup {
                 })
                 .collect()),
             Err(e) => {
+                let e = anyhow::Error::from(e);
                 if !self.warned {
                     self.warned = true;
                     tracing::warn!(
-                        "cannot look timewait sockets up ({e}): connections this host closed \
-                         first, whose peer is not on this host, show as fin_wait2"
+                        "cannot look timewait sockets up in network namespace {netns} ({e:#}): \
+                         connections closed first there, whose peer is not on this host, show \
+                         as fin_wait2"
                     );
                 }
-                Err(e.to_string())
+                Err(format!("{e:#}"))
             }
         }
     }

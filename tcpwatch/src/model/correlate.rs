@@ -493,8 +493,8 @@ impl Correlator {
     }
 
     /// Live tracing: the kernel's list tells what became of sockets handed
-    /// to a FIN_WAIT2 timewait socket in tcpwatch's own network namespace
-    /// (without it, only their peer's timeline can, or time).
+    /// to a FIN_WAIT2 timewait socket in the network namespaces `lookup`
+    /// covers (elsewhere, only their peer's timeline can, or time).
     pub fn set_timewait_lookup(&mut self, lookup: Box<dyn TimewaitLookup>) {
         self.lookup = Some(lookup);
     }
@@ -737,9 +737,11 @@ impl Correlator {
                 let t = build_timeline(track, &c, &self.opts, since);
                 if t.handed_off && t.close == CloseKind::FinWait2 {
                     // Only the kernel of the socket's own namespace can be
-                    // asked about it.
-                    let own = self.owners.own_netns();
-                    let checkable = self.lookup.is_some() && own.is_some() && t.netns == own;
+                    // asked about it, where the lookup reaches that one.
+                    let checkable = match (&self.lookup, t.netns) {
+                        (Some(l), Some(n)) => l.covers(n),
+                        _ => false,
+                    };
                     self.handoffs.hold(t, checkable, out);
                 } else {
                     out.push(t);
@@ -1458,8 +1460,14 @@ mod tests {
     }
 
     impl TimewaitLookup for Kernel {
+        /// The namespace the test's events are in.
+        fn covers(&self, netns: u32) -> bool {
+            netns == 5
+        }
+
         fn lookup(
             &mut self,
+            _netns: u32,
             sockets: &[(Endpoint, Endpoint)],
         ) -> Result<Vec<Option<TimewaitSubstate>>, String> {
             let n = self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

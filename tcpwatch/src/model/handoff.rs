@@ -24,7 +24,7 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::model::correlate::{CloseKind, Closer, Timeline, Timewait, TimewaitSubstate};
@@ -41,11 +41,15 @@ const EARLY_FIN_NS: u64 = 100_000_000;
 
 /// What the kernel's list says about a timewait socket.
 pub trait TimewaitLookup: Send {
+    /// Whether the kernel of network namespace `netns` can be asked.
+    fn covers(&self, netns: u32) -> bool;
+
     /// The substate of the timewait socket with each (local, remote)
-    /// 4-tuple, in tcpwatch's own network namespace; `None` where the
-    /// kernel lists none. `Err` when the kernel could not be asked.
+    /// 4-tuple in network namespace `netns`; `None` where the kernel lists
+    /// none. `Err` when the kernel could not be asked.
     fn lookup(
         &mut self,
+        netns: u32,
         sockets: &[(Endpoint, Endpoint)],
     ) -> Result<Vec<Option<TimewaitSubstate>>, String>;
 }
@@ -75,8 +79,8 @@ enum Waiting {
     Held {
         timeline: Box<Timeline>,
         gen: u64,
-        /// Whether the kernel can be asked about it (it is in tcpwatch's
-        /// own network namespace).
+        /// Whether the kernel can be asked about it (the lookup covers its
+        /// network namespace).
         checkable: bool,
     },
 }
@@ -346,8 +350,8 @@ impl Handoffs {
         let Some(lookup) = lookup else {
             return answers;
         };
-        let mut asked = Vec::new();
-        let mut sockets = Vec::new();
+        // One batch per network namespace: each has its own kernel list.
+        let mut by_netns: BTreeMap<u32, (Vec<usize>, Vec<(Endpoint, Endpoint)>)> = BTreeMap::new();
         for (i, (k, _)) in due.iter().enumerate() {
             if let Some(Waiting::Held {
                 timeline,
@@ -355,24 +359,24 @@ impl Handoffs {
                 ..
             }) = self.waiting.get(k)
             {
+                let (asked, sockets) = by_netns.entry(timeline.netns.unwrap_or(0)).or_default();
                 asked.push(i);
                 sockets.push((timeline.local, timeline.remote));
             }
         }
-        if sockets.is_empty() {
-            return answers;
-        }
-        match lookup.lookup(&sockets) {
-            Ok(found) => {
-                for (i, substate) in asked.into_iter().zip(found) {
-                    answers[i] = match substate {
-                        Some(TimewaitSubstate::TimeWait) => Answer::TimeWait,
-                        Some(TimewaitSubstate::FinWait2) => Answer::Waiting,
-                        None => Answer::Gone,
-                    };
+        for (netns, (asked, sockets)) in by_netns {
+            match lookup.lookup(netns, &sockets) {
+                Ok(found) => {
+                    for (i, substate) in asked.into_iter().zip(found) {
+                        answers[i] = match substate {
+                            Some(TimewaitSubstate::TimeWait) => Answer::TimeWait,
+                            Some(TimewaitSubstate::FinWait2) => Answer::Waiting,
+                            None => Answer::Gone,
+                        };
+                    }
                 }
+                Err(_) => self.stats.lookup_errors += 1,
             }
-            Err(_) => self.stats.lookup_errors += 1,
         }
         answers
     }

@@ -107,10 +107,8 @@ impl Context {
         if let Source::Live { started_ns } = self.source {
             // Every socket first seen in mid-life existed by then.
             c.set_traced_since(started_ns);
-            let primary = self.scope.as_ref().map(Selection::primary);
-            c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new(
-                primary.unwrap_or_else(crate::host::netns::Namespace::own),
-            )));
+            let scope = self.scope.clone().unwrap_or_else(Selection::own);
+            c.set_timewait_lookup(Box::new(crate::host::sockdiag::HandoffLookup::new(scope)));
         }
         c
     }

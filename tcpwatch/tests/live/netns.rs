@@ -27,7 +27,7 @@ use tcpwatch::views::conns::ConnRecord;
 use crate::require_live;
 use crate::support::daemon::{metric, parse_exposition, Daemon, Sample};
 use crate::support::netns::Netns;
-use crate::support::timewait::{our_net, server_addr, Order, TwPeer};
+use crate::support::timewait::{our_net, server_addr, timewait_netns, Order, TwPeer};
 use crate::support::{
     now_ns, own_netns, parse_ts, run_ok, skip, tcpwatch_bin, Proc, START_TIMEOUT, STOP_TIMEOUT,
 };
@@ -99,7 +99,9 @@ struct Three {
 
 impl Three {
     fn new() -> Three {
-        let (a, b, c) = (Netns::new(), Netns::new(), Netns::new());
+        // Made for exact counts: no reuse of a TIME_WAIT 4-tuple, and no
+        // stray RST ending a timewait socket early (RFC 1337).
+        let (a, b, c) = (timewait_netns(), timewait_netns(), timewait_netns());
         a.sysctl(
             "net.ipv4.ip_local_port_range",
             &format!("{} {}", A_PORT_RANGE.0, A_PORT_RANGE.1),

@@ -141,8 +141,13 @@ fn server_that_closes_first_is_orderly_with_time_wait_in_four_segments() {
     // Other tests may churn meanwhile: a large --keep holds this test's
     // records until it reads them.
     let daemon = Daemon::start(&["--keep", "100000"]);
-    let mut conns = Tw::spawn_in(Some(&pair.a), &["conns", "--format", "json"]);
-    let mut ladder = Tw::spawn_in(Some(&pair.a), &["ladder"]);
+    // tcpwatch runs in the server's namespace and watches both: the
+    // clients are in the other one.
+    let mut conns = Tw::spawn_in(
+        Some(&pair.a),
+        &["conns", "--netns", "all", "--format", "json"],
+    );
+    let mut ladder = Tw::spawn_in(Some(&pair.a), &["ladder", "--netns", "all"]);
     conns.wait_ready();
     ladder.wait_ready();
     let before = daemon.metrics();
@@ -469,7 +474,10 @@ fn server_whose_client_never_sends_fin_stays_fin_wait2() {
     quickack_on(&pair.b, VETH_B);
     let server = SocketAddr::new(pair.addr_a.into(), HTTP_PORT);
     let _nginx = Nginx::start(&pair.a, &[server], 1, false);
-    let mut conns = Tw::spawn_in(Some(&pair.a), &["conns", "--format", "json"]);
+    let mut conns = Tw::spawn_in(
+        Some(&pair.a),
+        &["conns", "--netns", "all", "--format", "json"],
+    );
     conns.wait_ready();
     let capture = Capture::start_in(Some(&pair.a), VETH_A, &format!("tcp port {HTTP_PORT}"));
     let mut client = Peer::spawn("twc-http", Some(&pair.b));
@@ -557,11 +565,17 @@ fn pre_fork_server_connections_belong_to_the_worker_that_took_them() {
             let pid = w.to_string();
             (
                 *w,
-                Tw::spawn_in(Some(&pair.a), &["trace", "--format", "json", "--pid", &pid]),
+                Tw::spawn_in(
+                    Some(&pair.a),
+                    &["trace", "--netns", "all", "--format", "json", "--pid", &pid],
+                ),
             )
         })
         .collect();
-    let mut conns = Tw::spawn_in(Some(&pair.a), &["conns", "--format", "json"]);
+    let mut conns = Tw::spawn_in(
+        Some(&pair.a),
+        &["conns", "--netns", "all", "--format", "json"],
+    );
     for (_, t) in &mut traces {
         t.wait_ready();
     }
@@ -775,8 +789,11 @@ fn connection_open_before_tracing_is_counted_exactly() {
     client.run("read 5");
     std::thread::sleep(Duration::from_millis(1500));
 
-    let mut json = Tw::spawn_in(Some(&pair.a), &["conns", "--format", "json"]);
-    let mut text = Tw::spawn_in(Some(&pair.a), &["conns"]);
+    let mut json = Tw::spawn_in(
+        Some(&pair.a),
+        &["conns", "--netns", "all", "--format", "json"],
+    );
+    let mut text = Tw::spawn_in(Some(&pair.a), &["conns", "--netns", "all"]);
     json.wait_ready();
     text.wait_ready();
     let ready_at = now_ns();

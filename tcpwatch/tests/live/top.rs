@@ -581,7 +581,11 @@ fn top_from_a_daemon_shows_its_figures() {
     let daemon = Daemon::start(&["--interval", "1", "--top", "100000", "--keep", "100000"]);
     let ns = Netns::new();
     let tmux = Tmux::start(100, 30);
-    tmux.start_top(None, &format!("--from {}", daemon.url()));
+    // The test's namespace, by the name the daemon labels it with.
+    tmux.start_top(
+        None,
+        &format!("--from {} --netns {}", daemon.url(), ns.name),
+    );
     make_timewaits(&ns, P1, N1, 20_000);
     refuse(&ns, P_CLOSED, REFUSED, 40_000);
     let d1 = format!("{}:{P1}", server_ip());
