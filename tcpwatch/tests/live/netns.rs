@@ -545,7 +545,7 @@ fn cgroup_path_container_and_filter() {
     const IN_CG: usize = 5;
     const OUTSIDE: usize = 3;
     let cg = TestCgroup::new(&mount);
-    let ns = Netns::new();
+    let ns = timewait_netns();
     let server = TwPeer::server(&ns, IN_CG + OUTSIDE, Order::ClientFirst);
     let conns = tcpwatch(
         "conns --cgroup",
