@@ -469,8 +469,17 @@ fn alert_rules_fire_only_when_they_should() {
         ),
         ("destination=~\"127\\\\..*|", "destination=~\"127\\\\.9\\\\..*|"),
         (
-            "(tcpwatch_kernel_tcp_tw_reuse == 1 and on (job, instance) tcpwatch_kernel_tcp_timestamps != 0)",
+            "(tcpwatch_kernel_tcp_tw_reuse == 1 and on (job, instance, netns) tcpwatch_kernel_tcp_timestamps != 0)",
             "(tcpwatch_kernel_tcp_tw_reuse == 1)",
+        ),
+        // Another namespace's port range or tcp_tw_reuse applied.
+        (
+            "/ on (job, instance, netns) group_left",
+            "/ on (job, instance) group_left max without (netns)",
+        ),
+        (
+            "unless on (job, instance, netns)\n            (tcpwatch_kernel_tcp_tw_reuse == 1",
+            "unless on (job, instance)\n            (tcpwatch_kernel_tcp_tw_reuse == 1",
         ),
         ("sum by (job, instance, reason)", "sum by (job, instance)"),
         (

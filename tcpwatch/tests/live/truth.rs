@@ -536,7 +536,12 @@ fn curl_runs_are_one_group_by_command_name() {
     // the count, never a series.)
     for l in &labels {
         let p = &l.labels["process"];
-        assert_eq!(l.labels.len(), 1, "{l:?}");
+        // The process and its network namespace, nothing else.
+        assert_eq!(
+            l.labels.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["netns", "process"],
+            "{l:?}"
+        );
         assert!(
             !p.split_whitespace()
                 .next()
