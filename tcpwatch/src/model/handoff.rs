@@ -54,6 +54,10 @@ pub trait TimewaitLookup: Send {
     ) -> Result<Vec<Option<TimewaitSubstate>>, String>;
 }
 
+/// The sockets of one namespace asked about at once: their places in the
+/// due list, and their 4-tuples.
+type Batch = (Vec<usize>, Vec<(Endpoint, Endpoint)>);
+
 /// The 4-tuple as a number, the same for both ends: the peer's (remote,
 /// local) is our (local, remote). An IPv4 address mapped into IPv6 (a
 /// dual-stack socket's IPv4 peer) counts as the IPv4 address its peer
@@ -351,7 +355,7 @@ impl Handoffs {
             return answers;
         };
         // One batch per network namespace: each has its own kernel list.
-        let mut by_netns: BTreeMap<u32, (Vec<usize>, Vec<(Endpoint, Endpoint)>)> = BTreeMap::new();
+        let mut by_netns: BTreeMap<u32, Batch> = BTreeMap::new();
         for (i, (k, _)) in due.iter().enumerate() {
             if let Some(Waiting::Held {
                 timeline,
