@@ -648,6 +648,7 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
     let mut since = page(0).next;
 
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_port = client.local_addr().unwrap().port();
     let (mut server, _) = listener.accept().unwrap();
     drop(client);
     std::io::copy(&mut server, &mut std::io::sink()).unwrap();
@@ -670,8 +671,11 @@ fn run_with_caps_once(name: &str, wrapper: &[String], bin: &Path) -> Result<CapR
         let p = page(since);
         since = p.next;
         run.disturbed |= p.missed != 0;
+        // By the client's own port: the older connection's client side
+        // goes to the same listener port, and closes later (its record
+        // comes after this one's, records being in close order).
         for c in &p.conns {
-            if c.dport == port && c.role.as_deref() == Some("client") {
+            if c.sport == client_port && c.dport == port && c.role.as_deref() == Some("client") {
                 run.client = Some(c.pid);
             } else if c.sport == port && c.dport == older_port {
                 run.older = Some(c.pid);
