@@ -493,9 +493,8 @@ impl Bench {
                         get("stream.lost.ring_full").or_else(|| get("lost_ring_full"));
                     sample.skipped =
                         get("stream.lost.skipped").or_else(|| get("lost_kernel_skipped"));
-                    sample.lost = get("stream.lost.total").or_else(|| {
-                        Some(sample.buffer_full? + sample.skipped?)
-                    });
+                    sample.lost = get("stream.lost.total")
+                        .or_else(|| Some(sample.buffer_full? + sample.skipped?));
                 } else {
                     sample.notes.push(format!(
                         "no exit summary on stderr: {}",
@@ -1540,9 +1539,8 @@ impl Report {
                 .filter_map(|r| {
                     let p = self.row(r.variant, Phase::Paced);
                     let misses = r.misses_total? + p.and_then(|p| p.misses_total).unwrap_or(0);
-                    let runs = r.program_runs_total
-                        + p.map_or(0, |p| p.program_runs_total)
-                        + misses;
+                    let runs =
+                        r.program_runs_total + p.map_or(0, |p| p.program_runs_total) + misses;
                     (runs > 0).then(|| (r.variant, misses as f64 * 1e5 / runs as f64))
                 })
                 .collect();
@@ -2264,9 +2262,17 @@ mod tests {
 
     #[test]
     fn verdicts_at_least() {
-        let v = at_least("t", &[(Variant::Conns, 0.98), (Variant::Daemon, 0.95)], 0.97);
+        let v = at_least(
+            "t",
+            &[(Variant::Conns, 0.98), (Variant::Daemon, 0.95)],
+            0.97,
+        );
         assert_eq!(v.met, Some(false));
-        assert!(v.detail.contains("missed by 2.0 points (daemon"), "{}", v.detail);
+        assert!(
+            v.detail.contains("missed by 2.0 points (daemon"),
+            "{}",
+            v.detail
+        );
         let v = at_least("t", &[(Variant::Conns, 0.98)], 0.97);
         assert_eq!(v.met, Some(true));
         assert_eq!(at_least("t", &[], 0.97).met, None);
