@@ -138,11 +138,25 @@ fn find_life<'a>(lives: &'a [Vec<Line>], first: (&str, &str), what: &str) -> &'a
 #[test]
 fn lifecycles_owners_and_fields_match_the_kernel() {
     require_live!();
+    lifecycles(Tcpwatch::start);
+}
+
+/// The same through the classic tracepoints, which tcpwatch falls back to
+/// where BTF tracepoints cannot load: the same transitions and fields.
+#[test]
+fn classic_tracepoints_see_the_same() {
+    require_live!();
+    lifecycles(Tcpwatch::start_classic);
+}
+
+/// Servers and clients on each loopback, traced by tcpwatch started with
+/// `start`, checked against what they did and against bpftrace.
+fn lifecycles(start: fn(&str, &[&str]) -> Tcpwatch) {
     let fams = loopbacks();
 
     let (mut servers, ports) = bound_servers(&fams, "srv");
 
-    let tw = Tcpwatch::start("all", &["--ring-size", BIG_RING]);
+    let tw = start("all", &["--ring-size", BIG_RING]);
     let bt = if Path::new(BPFTRACE).exists() {
         Some(Bpftrace::start(&ports))
     } else {
