@@ -433,9 +433,12 @@ fn read_field<T>(sk: u64, offset: u32, failed: &mut FailedRead) -> Option<T> {
 #[inline(never)]
 fn report_failed_read<C: EbpfContext>(ctx: &C, sk: u64, failed: FailedRead) {
     if failed.offset != OFFSET_UNKNOWN {
+        // A BTF tracepoint's socket argument is a pointer to the verifier,
+        // which forbids formatting one: copied, it is a number.
+        let addr: u64 = unsafe { bpf_probe_read_kernel(&sk as *const u64) }.unwrap_or(0);
         warn!(
             ctx,
-            "socket {:x}: reading its field at offset {} failed", sk, failed.offset
+            "socket {:x}: reading its field at offset {} failed", addr, failed.offset
         );
     }
 }
