@@ -347,14 +347,21 @@ fn btf_tracepoints<'a>(
         return Err(format!("{CLASSIC_ENV} is set"));
     }
     if let Err(why) = endpoints {
-        return Err(format!("the socket's endpoints are not in the kernel's BTF: {why}"));
+        return Err(format!(
+            "the socket's endpoints are not in the kernel's BTF: {why}"
+        ));
     }
     types.as_ref().map_err(|e| btf::with_causes(e))
 }
 
 /// Loads and attaches `program` as the BTF tracepoint `name`; on failure
 /// it is left unloaded.
-fn attach_btf(ebpf: &mut Ebpf, program: &'static str, name: &str, btf: &aya::Btf) -> Result<(), String> {
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    name: &str,
+    btf: &aya::Btf,
+) -> Result<(), String> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("the eBPF object has no program `{program}`"))?
@@ -682,7 +689,10 @@ mod tests {
             ),
             "{lines:?}"
         );
-        assert!(lines[1].starts_with("tcp:tcp_send_reset attached"), "{lines:?}");
+        assert!(
+            lines[1].starts_with("tcp:tcp_send_reset attached"),
+            "{lines:?}"
+        );
         assert!(classic_lines(&[]).is_empty());
     }
 
