@@ -275,8 +275,8 @@ pub struct EndpointOffsets {
     /// kernel without IPv6.
     pub v6_daddr: u32,
     pub v6_rcv_saddr: u32,
-    /// 1 when the fields sit as in [`SockCommonHead`] and
-    /// [`InetSource`], so the program reads them with two copies.
+    /// 1 when `inet_saddr` and `inet_sport` sit as in [`InetSource`], so
+    /// the program copies them in one go.
     pub standard: u32,
     pub _pad: u32,
 }
@@ -309,31 +309,11 @@ impl EndpointOffsets {
         .all(|&o| o != OFFSET_UNKNOWN)
     }
 
-    /// Whether they sit as in [`SockCommonHead`] and [`InetSource`].
+    /// Whether `inet_saddr` and `inet_sport` sit as in [`InetSource`].
     pub fn is_standard(&self) -> bool {
-        (self.daddr, self.dport, self.family) == (0, 12, 16)
-            && self.saddr != OFFSET_UNKNOWN
-            && self.sport == self.saddr.wrapping_add(6)
+        self.saddr != OFFSET_UNKNOWN && self.sport == self.saddr.wrapping_add(6)
     }
 }
-
-/// The start of `struct sock_common` as Linux has laid it out since 2.6:
-/// addresses, hash, ports, family.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SockCommonHead {
-    pub daddr: [u8; 4],
-    pub rcv_saddr: [u8; 4],
-    pub hash: u32,
-    /// Network byte order.
-    pub dport: u16,
-    /// Host byte order.
-    pub num: u16,
-    pub family: u16,
-    pub _pad: u16,
-}
-
-const _: () = assert!(core::mem::size_of::<SockCommonHead>() == 20);
 
 /// `inet_saddr`, `uc_ttl` and `inet_sport` of `struct inet_sock`, as they
 /// have sat together since 2.6.

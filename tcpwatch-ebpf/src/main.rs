@@ -35,8 +35,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tcpwatch_common::{
-    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, SockCommonHead,
-    AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
+    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, AF_INET, AF_INET6,
+    IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -194,7 +194,7 @@ fn classic_socket_event(
 /// the usual one.
 fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Result<(), i32> {
     let off = &ENDPOINTS.load();
-    let protocol: u16 = read_sk(sk, off.protocol)?;
+    let protocol: u16 = load_sk(sk, off.protocol)?;
     // The tracepoint also fires for SCTP (and, before 6.16, DCCP) sockets.
     if protocol != IPPROTO_TCP {
         return Ok(());
@@ -204,37 +204,49 @@ fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Re
     ev.skaddr = sk;
     ev.oldstate = old as u8;
     ev.newstate = new as u8;
-    let (daddr, saddr) = if off.standard == 1 {
-        let head: SockCommonHead = read_sk(sk, 0)?;
+    // inet_sock's fields lie past struct sock, where the verifier allows
+    // no direct load: copied, in one go where they sit together.
+    let (sport, saddr) = if off.standard == 1 {
         let source: InetSource = read_sk(sk, off.saddr)?;
-        ev.sport = u16::from_be(source.sport);
-        ev.dport = u16::from_be(head.dport);
-        ev.family = head.family;
-        (head.daddr, source.saddr)
+        (source.sport, source.saddr)
     } else {
-        ev.sport = u16::from_be(read_sk(sk, off.sport)?);
-        ev.dport = u16::from_be(read_sk(sk, off.dport)?);
-        ev.family = read_sk(sk, off.family)?;
-        (read_sk(sk, off.daddr)?, read_sk(sk, off.saddr)?)
+        (read_sk(sk, off.sport)?, read_sk(sk, off.saddr)?)
     };
+    ev.sport = u16::from_be(sport);
+    ev.dport = u16::from_be(load_sk(sk, off.dport)?);
+    ev.family = load_sk(sk, off.family)?;
     if ev.family == AF_INET6 {
-        read_v6(sk, off, &mut ev);
+        if let (Ok(s), Ok(d)) = (
+            load_sk::<[u32; 4]>(sk, off.v6_rcv_saddr),
+            load_sk::<[u32; 4]>(sk, off.v6_daddr),
+        ) {
+            for i in 0..4 {
+                ev.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
+                ev.daddr[i * 4..i * 4 + 4].copy_from_slice(&d[i].to_ne_bytes());
+            }
+        }
     } else {
+        let daddr: u32 = load_sk(sk, off.daddr)?;
         ev.saddr[..4].copy_from_slice(&saddr);
-        ev.daddr[..4].copy_from_slice(&daddr);
+        ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
     }
     set_state_common(ctx, &mut ev);
     Ok(())
 }
 
-/// IPv6 addresses, left zero on a kernel without IPv6 (no such fields).
-fn read_v6(sk: u64, off: &EndpointOffsets, ev: &mut Event) {
-    if let Ok(a) = read_sk(sk, off.v6_rcv_saddr) {
-        ev.saddr = a;
+/// One field of the tracepoint's socket at a BTF offset, loaded directly:
+/// the socket argument of a BTF tracepoint is a pointer the verifier knows
+/// the type of, so it checks each load against `struct sock`'s BTF (the
+/// offset is a constant it reads from the frozen [`ENDPOINTS`]) and makes
+/// it a fault-tolerant load, with no helper call. An error when the offset
+/// is unknown.
+#[inline(always)]
+fn load_sk<T: Copy>(sk: u64, offset: u32) -> Result<T, i32> {
+    if offset == OFFSET_UNKNOWN {
+        return Err(-1);
     }
-    if let Ok(a) = read_sk(sk, off.v6_daddr) {
-        ev.daddr = a;
-    }
+    // SAFETY: see above; the kernel turns a faulting load into zeroes.
+    Ok(unsafe { core::ptr::read_volatile((sk + u64::from(offset)) as *const T) })
 }
 
 /// One socket field at a BTF offset; an error when the offset is unknown

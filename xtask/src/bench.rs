@@ -1331,6 +1331,16 @@ struct Verdict {
     detail: String,
 }
 
+impl Verdict {
+    fn unmeasured(target: &'static str) -> Verdict {
+        Verdict {
+            target,
+            met: None,
+            detail: "not measured".into(),
+        }
+    }
+}
+
 impl Report {
     fn row(&self, variant: Variant, phase: Phase) -> Option<&Row> {
         self.rows
@@ -1448,13 +1458,7 @@ impl Report {
 
         // CPU per connection all told at the paced rate.
         {
-            let parts = |always_on: bool| -> Vec<(Variant, f64)> {
-                paced
-                    .iter()
-                    .filter(|r| r.variant.is_always_on() == always_on)
-                    .filter_map(|r| Some((r.variant, r.total_us_per_connection?.median)))
-                    .collect()
-            };
+            let parts = |always_on| medians(&paced, always_on, |r| r.total_us_per_connection);
             v.push(threshold(
                 "daemon, timewait, conns: ≤ 1.5 µs of CPU per connection all told (kernel \
                  programs' run_time_ns + process utime+stime) at the paced rate",
@@ -1474,13 +1478,7 @@ impl Report {
 
         // Saturated throughput over the empty program's.
         {
-            let floor_ratio = |always_on: bool| -> Vec<(Variant, f64)> {
-                saturated
-                    .iter()
-                    .filter(|r| r.variant.is_always_on() == always_on)
-                    .filter_map(|r| Some((r.variant, r.ratio_to_floor?.median)))
-                    .collect()
-            };
+            let floor_ratio = |always_on| medians(&saturated, always_on, |r| r.ratio_to_floor);
             v.push(at_least(
                 "daemon, timewait, conns: saturated throughput ≥ 97% of the empty program's",
                 &floor_ratio(true),
@@ -2095,11 +2093,7 @@ fn threshold(
     decimals: usize,
 ) -> Verdict {
     if parts.is_empty() {
-        return Verdict {
-            target,
-            met: None,
-            detail: "not measured".into(),
-        };
+        return Verdict::unmeasured(target);
     }
     let worst = parts
         .iter()
@@ -2132,14 +2126,23 @@ fn threshold(
     }
 }
 
+/// The median of `figure` for each of `rows` that is (or is not) an
+/// always-on mode.
+fn medians(
+    rows: &[&Row],
+    always_on: bool,
+    figure: impl Fn(&Row) -> Option<Spread>,
+) -> Vec<(Variant, f64)> {
+    rows.iter()
+        .filter(|r| r.variant.is_always_on() == always_on)
+        .filter_map(|r| Some((r.variant, figure(r)?.median)))
+        .collect()
+}
+
 /// A "≥ limit" verdict over per-mode median ratios.
 fn at_least(target: &'static str, parts: &[(Variant, f64)], limit: f64) -> Verdict {
     let Some(worst) = parts.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)) else {
-        return Verdict {
-            target,
-            met: None,
-            detail: "not measured".into(),
-        };
+        return Verdict::unmeasured(target);
     };
     let list = parts
         .iter()

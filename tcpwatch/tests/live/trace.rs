@@ -138,7 +138,7 @@ fn find_life<'a>(lives: &'a [Vec<Line>], first: (&str, &str), what: &str) -> &'a
 #[test]
 fn lifecycles_owners_and_fields_match_the_kernel() {
     require_live!();
-    lifecycles(Tcpwatch::start);
+    lifecycles(false);
 }
 
 /// The same through the classic tracepoints, which tcpwatch falls back to
@@ -146,12 +146,18 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
 #[test]
 fn classic_tracepoints_see_the_same() {
     require_live!();
-    lifecycles(Tcpwatch::start_classic);
+    lifecycles(true);
 }
 
-/// Servers and clients on each loopback, traced by tcpwatch started with
-/// `start`, checked against what they did and against bpftrace.
-fn lifecycles(start: fn(&str, &[&str]) -> Tcpwatch) {
+/// Servers and clients on each loopback, traced by tcpwatch (through the
+/// classic tracepoints if `classic`, else the BTF ones, which this kernel
+/// has), checked against what they did and against bpftrace.
+fn lifecycles(classic: bool) {
+    let start = if classic {
+        Tcpwatch::start_classic
+    } else {
+        Tcpwatch::start
+    };
     let fams = loopbacks();
 
     let (mut servers, ports) = bound_servers(&fams, "srv");
@@ -192,6 +198,16 @@ fn lifecycles(start: fn(&str, &[&str]) -> Tcpwatch) {
     let run = tw.stop();
     let bt_events = bt.map(|b| b.stop(&ports));
 
+    if !classic {
+        let fallback = run
+            .stderr
+            .iter()
+            .find(|l| l.contains("classic tracepoints"));
+        assert!(
+            fallback.is_none(),
+            "the BTF tracepoints did not load on this kernel: {fallback:?}"
+        );
+    }
     run.assert_nothing_lost("trace");
     let ours = run.with_ports(&ports);
     let lives = lifetimes(&ours);
