@@ -250,6 +250,85 @@ impl SockOffsets {
     };
 }
 
+/// Byte offsets from a `struct sock *` of what the `sock:inet_sock_set_state`
+/// record holds, for the BTF tracepoint program: it gets the socket pointer
+/// itself, not a record the kernel built, and reads the same fields the
+/// record is built from (`inet_sport`, not `skc_num`, which the kernel
+/// clears at CLOSE before the tracepoint fires). From the running kernel's
+/// BTF; when any of the IPv4 ones is missing ([`OFFSET_UNKNOWN`]) the
+/// classic tracepoint is used instead. A global of its own, apart from [`Config`]: the programs copy
+/// a global onto their 512-byte stack to read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointOffsets {
+    /// `sock_common`: `skc_daddr` (__be32), `skc_dport` (__be16),
+    /// `skc_family` (u16).
+    pub daddr: u32,
+    pub dport: u32,
+    pub family: u32,
+    /// `inet_sock`: `inet_saddr` (__be32), `inet_sport` (__be16).
+    pub saddr: u32,
+    pub sport: u32,
+    /// `sock`: `sk_protocol` (u16).
+    pub protocol: u32,
+    /// `skc_v6_daddr`, `skc_v6_rcv_saddr` (16 bytes each); unknown on a
+    /// kernel without IPv6.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// 1 when `inet_saddr` and `inet_sport` sit as in [`InetSource`], so
+    /// the program copies them in one go.
+    pub standard: u32,
+    pub _pad: u32,
+}
+
+impl EndpointOffsets {
+    pub const UNKNOWN: EndpointOffsets = EndpointOffsets {
+        daddr: OFFSET_UNKNOWN,
+        dport: OFFSET_UNKNOWN,
+        family: OFFSET_UNKNOWN,
+        saddr: OFFSET_UNKNOWN,
+        sport: OFFSET_UNKNOWN,
+        protocol: OFFSET_UNKNOWN,
+        v6_daddr: OFFSET_UNKNOWN,
+        v6_rcv_saddr: OFFSET_UNKNOWN,
+        standard: 0,
+        _pad: 0,
+    };
+
+    /// Whether the BTF tracepoint program can read a socket's endpoints.
+    pub fn usable(&self) -> bool {
+        [
+            self.daddr,
+            self.dport,
+            self.family,
+            self.saddr,
+            self.sport,
+            self.protocol,
+        ]
+        .iter()
+        .all(|&o| o != OFFSET_UNKNOWN)
+    }
+
+    /// Whether `inet_saddr` and `inet_sport` sit as in [`InetSource`].
+    pub fn is_standard(&self) -> bool {
+        self.saddr != OFFSET_UNKNOWN && self.sport == self.saddr.wrapping_add(6)
+    }
+}
+
+/// `inet_saddr`, `uc_ttl` and `inet_sport` of `struct inet_sock`, as they
+/// have sat together since 2.6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InetSource {
+    pub saddr: [u8; 4],
+    pub uc_ttl: i16,
+    /// Network byte order.
+    pub sport: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<InetSource>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointOffsets>() == 40);
+
 /// Everything userspace tells the program before loading it, as one global.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,4 +383,5 @@ mod user {
     // bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::EndpointOffsets {}
 }

@@ -2,9 +2,18 @@
 //! transitions (and the retransmits and resets that explain them) into one
 //! ring buffer, counting every record the buffer had no room for.
 //!
+//! Each hook has two programs, of which userspace loads one: a BTF
+//! tracepoint (`tp_btf`), called with the tracepoint's arguments directly
+//! (no trace record is built first) and skipped by the kernel only when
+//! that same program is already running on the CPU; and the classic
+//! tracepoint, for kernels where the BTF one cannot load, which reads the
+//! record the kernel built and is skipped whenever any tracing program runs
+//! on the CPU. Both write the same [`Event`].
+//!
 //! Field offsets are not compiled in: userspace reads the tracepoint layouts
 //! from tracefs and the socket layouts from the kernel's BTF and hands them
-//! over in [`CONFIG`] before loading.
+//! over in [`CONFIG`] before loading. (Rust eBPF under aya has no CO-RE
+//! relocations yet; this layer can go when it does.)
 //!
 //! Diagnostics go through aya-log, only off the hot path (a socket field
 //! that could not be read), and only with `--kernel-log`: userspace leaves
@@ -26,8 +35,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tcpwatch_common::{
-    kind, valid, Config, Event, SetStateRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT,
-    NO_FIELD, OFFSET_UNKNOWN,
+    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, AF_INET, AF_INET6,
+    IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -46,6 +55,10 @@ static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 /// that created the listener). Bounded: the oldest is dropped first.
 #[map]
 static AWAITING_OWNER: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Where the BTF set-state program finds a socket's endpoints.
+#[unsafe(no_mangle)]
+static ENDPOINTS: Global<EndpointOffsets> = Global::new(EndpointOffsets::UNKNOWN);
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -95,6 +108,47 @@ fn first_use(ctx: &BtfTracePointContext) {
     emit(&ev, &cfg);
 }
 
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = try_set_state_btf(&ctx, sk, old, new);
+    0
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb
+/// [, int err])`: `err` where the classic record has it.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let cfg = CONFIG.load();
+    if cfg.retransmit_err != NO_FIELD {
+        let err: i32 = ctx.arg(2);
+        if err != 0 {
+            return 0;
+        }
+    }
+    let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::RETRANSMIT);
+    0
+}
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...)`.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
+    let cfg = CONFIG.load();
+    let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::SEND_RESET);
+    0
+}
+
+/// `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
+    let cfg = CONFIG.load();
+    let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::RECEIVE_RESET);
+    0
+}
+
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let cfg = CONFIG.load();
@@ -106,27 +160,107 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
             }
         }
     }
-    let _ = try_socket_event(&ctx, &cfg, cfg.retransmit_skaddr, kind::RETRANSMIT);
+    let _ = classic_socket_event(&ctx, &cfg, cfg.retransmit_skaddr, kind::RETRANSMIT);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let cfg = CONFIG.load();
-    let _ = try_socket_event(&ctx, &cfg, cfg.send_reset_skaddr, kind::SEND_RESET);
+    let _ = classic_socket_event(&ctx, &cfg, cfg.send_reset_skaddr, kind::SEND_RESET);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let cfg = CONFIG.load();
-    let _ = try_socket_event(&ctx, &cfg, cfg.receive_reset_skaddr, kind::RECEIVE_RESET);
+    let _ = classic_socket_event(&ctx, &cfg, cfg.receive_reset_skaddr, kind::RECEIVE_RESET);
     0
 }
 
+/// The classic tcp tracepoints give the socket as a field of their record.
+fn classic_socket_event(
+    ctx: &TracePointContext,
+    cfg: &Config,
+    skaddr_offset: u16,
+    event_kind: u8,
+) -> Result<(), i32> {
+    let skaddr = unsafe { ctx.read_at::<u64>(skaddr_offset.into())? };
+    try_socket_event(ctx, cfg, skaddr, event_kind)
+}
+
+/// The BTF program reads what the classic record holds from the socket:
+/// endpoints from `struct sock_common`, in one copy where its layout is
+/// the usual one.
+fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Result<(), i32> {
+    let off = &ENDPOINTS.load();
+    let protocol: u16 = load_sk(sk, off.protocol)?;
+    // The tracepoint also fires for SCTP (and, before 6.16, DCCP) sockets.
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = kind::STATE;
+    ev.skaddr = sk;
+    ev.oldstate = old as u8;
+    ev.newstate = new as u8;
+    // inet_sock's fields lie past struct sock, where the verifier allows
+    // no direct load: copied, in one go where they sit together.
+    let (sport, saddr) = if off.standard == 1 {
+        let source: InetSource = read_sk(sk, off.saddr)?;
+        (source.sport, source.saddr)
+    } else {
+        (read_sk(sk, off.sport)?, read_sk(sk, off.saddr)?)
+    };
+    ev.sport = u16::from_be(sport);
+    ev.dport = u16::from_be(load_sk(sk, off.dport)?);
+    ev.family = load_sk(sk, off.family)?;
+    if ev.family == AF_INET6 {
+        if let (Ok(s), Ok(d)) = (
+            load_sk::<[u32; 4]>(sk, off.v6_rcv_saddr),
+            load_sk::<[u32; 4]>(sk, off.v6_daddr),
+        ) {
+            for i in 0..4 {
+                ev.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
+                ev.daddr[i * 4..i * 4 + 4].copy_from_slice(&d[i].to_ne_bytes());
+            }
+        }
+    } else {
+        let daddr: u32 = load_sk(sk, off.daddr)?;
+        ev.saddr[..4].copy_from_slice(&saddr);
+        ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+    }
+    set_state_common(ctx, &mut ev);
+    Ok(())
+}
+
+/// One field of the tracepoint's socket at a BTF offset, loaded directly:
+/// the socket argument of a BTF tracepoint is a pointer the verifier knows
+/// the type of, so it checks each load against `struct sock`'s BTF (the
+/// offset is a constant it reads from the frozen [`ENDPOINTS`]) and makes
+/// it a fault-tolerant load, with no helper call. An error when the offset
+/// is unknown.
+#[inline(always)]
+fn load_sk<T: Copy>(sk: u64, offset: u32) -> Result<T, i32> {
+    if offset == OFFSET_UNKNOWN {
+        return Err(-1);
+    }
+    // SAFETY: see above; the kernel turns a faulting load into zeroes.
+    Ok(unsafe { core::ptr::read_volatile((sk + u64::from(offset)) as *const T) })
+}
+
+/// One socket field at a BTF offset; an error when the offset is unknown
+/// or the read fails.
+#[inline(always)]
+fn read_sk<T>(sk: u64, offset: u32) -> Result<T, i32> {
+    if offset == OFFSET_UNKNOWN {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T) }.map_err(|e| e as i32)
+}
+
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let cfg = CONFIG.load();
-    let tp = cfg.state_tp;
+    let tp = CONFIG.load().state_tp;
     let mut ev = Event::zeroed();
     ev.kind = kind::STATE;
     if tp.standard == 1 {
@@ -170,6 +304,16 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             ev.daddr = unsafe { ctx.read_at(tp.daddr_v6.into())? };
         }
     }
+    set_state_common(ctx, &mut ev);
+    Ok(())
+}
+
+/// What both set-state programs do once the record's fields are in `ev`.
+/// (The configuration is loaded only here: a copy of it on the stack
+/// next to the tracepoint's record would not fit in 512 bytes.)
+#[inline(always)]
+fn set_state_common<C: EbpfContext>(ctx: &C, ev: &mut Event) {
+    let cfg = CONFIG.load();
     let (old, new) = (ev.oldstate, ev.newstate);
     match (old, new) {
         // A new accepted socket: wait for the process that uses it.
@@ -182,11 +326,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         _ => {}
     }
-    fill_task(&mut ev, owner_transition(old, new));
-    let failed = fill_socket(&mut ev, &cfg, reads_for(old, new));
-    emit(&ev, &cfg);
+    fill_task(ev, owner_transition(old, new));
+    let failed = fill_socket(ev, &cfg, reads_for(old, new));
+    emit(ev, &cfg);
     report_failed_read(ctx, ev.skaddr, failed);
-    Ok(())
 }
 
 // Kernel TCP state numbers.
@@ -234,13 +377,12 @@ fn reads_for(old: u8, new: u8) -> u16 {
 
 /// Retransmits and resets: only the socket matters, userspace already knows
 /// its endpoints from its state transitions.
-fn try_socket_event(
-    ctx: &TracePointContext,
+fn try_socket_event<C: EbpfContext>(
+    ctx: &C,
     cfg: &Config,
-    skaddr_offset: u16,
+    skaddr: u64,
     event_kind: u8,
 ) -> Result<(), i32> {
-    let skaddr = unsafe { ctx.read_at::<u64>(skaddr_offset.into())? };
     if skaddr == 0 {
         // A reset sent on behalf of no socket (e.g. for a closed port).
         return Ok(());
@@ -303,9 +445,12 @@ fn read_field<T>(sk: u64, offset: u32, failed: &mut FailedRead) -> Option<T> {
 #[inline(never)]
 fn report_failed_read<C: EbpfContext>(ctx: &C, sk: u64, failed: FailedRead) {
     if failed.offset != OFFSET_UNKNOWN {
+        // A BTF tracepoint's socket argument is a pointer to the verifier,
+        // which forbids formatting one: copied, it is a number.
+        let addr: u64 = unsafe { bpf_probe_read_kernel(&sk as *const u64) }.unwrap_or(0);
         warn!(
             ctx,
-            "socket {:x}: reading its field at offset {} failed", sk, failed.offset
+            "socket {:x}: reading its field at offset {} failed", addr, failed.offset
         );
     }
 }

@@ -1,6 +1,7 @@
 //! The connection-churn generator `cargo xtask bench` measures with: client
 //! threads that each, in a loop, open a socket, bind it to a loopback
-//! address `127.0.X.Y` (port 0), connect to the server, and close it; and a
+//! address `127.0.X.Y` (port 0), connect to the server, write 16 bytes and
+//! close it, as fast as they can or paced to a fixed rate; and a
 //! server in the same process whose accept threads read each accepted
 //! connection to EOF and close it. The client closes first, so its side
 //! goes through TIME_WAIT (or overflows `tcp_max_tw_buckets`, which is
@@ -8,7 +9,7 @@
 //! means the ephemeral ports never run out.
 
 use std::{
-    io::{self, Read},
+    io::{self, Read, Write},
     mem,
     net::{Ipv4Addr, TcpListener},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -29,6 +30,12 @@ const SOURCE_ADDRESSES: u32 = 256 * 254;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accept queue length; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 4096;
+/// What each client writes before closing: a request's worth, so the
+/// connection carries data both ways of the socket API (send, receive).
+const PAYLOAD: &[u8; 16] = b"tcpwatch churn\r\n";
+/// A paced client that falls further behind than this gives up on the
+/// missed slots instead of bursting to catch up.
+const MAX_LAG: Duration = Duration::from_millis(50);
 
 /// What one churn run achieved.
 #[derive(Clone, Debug, Default)]
@@ -90,21 +97,30 @@ impl Server {
     }
 
     /// Runs `clients` client threads against this server for `duration`,
-    /// or until `interrupted` is set.
+    /// or until `interrupted` is set: as fast as they can, or together at
+    /// `rate` connections per second.
     pub fn churn(
         &self,
         clients: u32,
         duration: Duration,
+        rate: Option<u32>,
         interrupted: &'static AtomicBool,
     ) -> Result<ChurnResult> {
         let start = Instant::now();
         let deadline = start + duration;
         let port = self.port;
         let mut handles = Vec::new();
+        // Each client makes its share of the rate, one connection per slot.
+        let slot = rate.map(|r| Duration::from_secs_f64(f64::from(clients) / f64::from(r.max(1))));
         for i in 0..clients {
+            let pace = Pace {
+                start,
+                slot,
+                deadline,
+            };
             let handle = thread::Builder::new()
                 .name(format!("churn-client-{i}"))
-                .spawn(move || client_loop(i, clients, port, deadline, interrupted))
+                .spawn(move || client_loop(i, clients, port, pace, interrupted))
                 .context("cannot start a client thread")?;
             handles.push(handle);
         }
@@ -192,11 +208,37 @@ pub fn source_address(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, (n / 254) as u8, (n % 254 + 1) as u8)
 }
 
+/// When one client thread runs: until `deadline`, one connection every
+/// `slot` from `start` (or back to back when `slot` is `None`).
+#[derive(Clone, Copy)]
+struct Pace {
+    start: Instant,
+    slot: Option<Duration>,
+    deadline: Instant,
+}
+
+impl Pace {
+    /// Waits for the next slot; `false` once the deadline has passed.
+    fn wait(&self, next: &mut Instant) -> bool {
+        let Some(slot) = self.slot else {
+            return Instant::now() < self.deadline;
+        };
+        let now = Instant::now();
+        if *next > now {
+            thread::sleep(*next - now);
+        } else if now - *next > MAX_LAG {
+            *next = now;
+        }
+        *next += slot;
+        Instant::now() < self.deadline
+    }
+}
+
 fn client_loop(
     index: u32,
     clients: u32,
     port: u16,
-    deadline: Instant,
+    pace: Pace,
     interrupted: &AtomicBool,
 ) -> ClientResult {
     let mut r = ClientResult {
@@ -204,9 +246,14 @@ fn client_loop(
         errors: 0,
         first_error: None,
     };
-    // Each thread walks its own interleaved share of the addresses.
+    // Each thread walks its own interleaved share of the addresses, and
+    // paced threads start their slots staggered over one slot.
     let mut n = index;
-    while Instant::now() < deadline && !interrupted.load(Ordering::Relaxed) {
+    let mut next = pace.start
+        + pace
+            .slot
+            .map_or(Duration::ZERO, |s| s * index / clients.max(1));
+    while pace.wait(&mut next) && !interrupted.load(Ordering::Relaxed) {
         let source = source_address(n);
         n = n.wrapping_add(clients) % SOURCE_ADDRESSES;
         match connect_once(source, port) {
@@ -225,8 +272,9 @@ fn client_loop(
     r
 }
 
-/// socket, SO_REUSEADDR, bind to `source`:0, connect to 127.0.0.1:`port`;
-/// the socket closes when dropped, before the server's side.
+/// socket, SO_REUSEADDR, bind to `source`:0, connect to 127.0.0.1:`port`,
+/// write [`PAYLOAD`]; the socket closes when dropped, before the server's
+/// side.
 fn connect_once(source: Ipv4Addr, port: u16) -> Result<(), (&'static str, io::Error)> {
     let fd = socket().map_err(|e| ("socket", e))?;
     set_reuseaddr(fd.as_raw_fd()).map_err(|e| ("setsockopt", e))?;
@@ -242,7 +290,8 @@ fn connect_once(source: Ipv4Addr, port: u16) -> Result<(), (&'static str, io::Er
             )
         };
         if rc == 0 {
-            return Ok(());
+            let mut stream = std::net::TcpStream::from(fd);
+            return stream.write_all(PAYLOAD).map_err(|e| ("write", e));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -326,10 +375,25 @@ mod tests {
     fn churn_completes_connections() {
         static NEVER: AtomicBool = AtomicBool::new(false);
         let server = Server::start(1).unwrap();
-        let r = server.churn(1, Duration::from_millis(200), &NEVER).unwrap();
+        let r = server
+            .churn(1, Duration::from_millis(200), None, &NEVER)
+            .unwrap();
         assert!(r.connections > 10, "{r:?}");
         assert_eq!(r.errors, 0, "{r:?}");
         assert!(r.per_second() > 0.0);
+        drop(server);
+    }
+
+    #[test]
+    fn paced_churn_keeps_its_rate() {
+        static NEVER: AtomicBool = AtomicBool::new(false);
+        let server = Server::start(1).unwrap();
+        let r = server
+            .churn(2, Duration::from_millis(500), Some(1000), &NEVER)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        // 1000/s for 0.5 s: 500 slots, a few lost to sleep overshoot.
+        assert!((400..=502).contains(&r.connections), "{r:?}");
         drop(server);
     }
 }

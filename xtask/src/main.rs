@@ -117,6 +117,11 @@ enum Cmd {
         /// Leave out the bpftrace comparison.
         #[arg(long)]
         no_bpftrace: bool,
+        /// Connections per second of the paced phase, which measures CPU
+        /// per connection below saturation (100-1000000).
+        #[arg(long, value_name = "N", default_value_t = 8000,
+              value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
+        rate: u32,
     },
     /// Run tcpwatch timewait through minutes of connection churn at full
     /// rate (as root) and check that its memory stays flat, that no event
@@ -181,6 +186,7 @@ fn execute(command: Cmd) -> Result<u8> {
         threads,
         server_threads,
         no_bpftrace,
+        rate,
     } = command
     {
         let options = bench::Options {
@@ -189,6 +195,7 @@ fn execute(command: Cmd) -> Result<u8> {
             threads,
             server_threads,
             bpftrace: !no_bpftrace,
+            rate,
         };
         let ws = Workspace::locate()?;
         bench::run(&ws, &options)?;
@@ -280,8 +287,9 @@ mod tests {
                 threads,
                 server_threads,
                 no_bpftrace,
+                rate,
             } => {
-                assert_eq!((rounds, seconds, threads), (5, 5, 2));
+                assert_eq!((rounds, seconds, threads, rate), (5, 5, 2, 8000));
                 assert_eq!(server_threads, None);
                 assert!(!no_bpftrace);
             }
@@ -310,6 +318,7 @@ mod tests {
             (&["xtask", "bench", "--seconds", "3601"], "--seconds"),
             (&["xtask", "bench", "--rounds", "0"], "--rounds"),
             (&["xtask", "bench", "--rounds", "101"], "--rounds"),
+            (&["xtask", "bench", "--rate", "99"], "--rate"),
             (
                 &["xtask", "bench", "--server-threads", "0"],
                 "--server-threads",

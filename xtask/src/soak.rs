@@ -225,7 +225,7 @@ fn soak(ns: &Netns, pid: u32, snapshots: &Path, options: &Options) -> Result<Run
                     break;
                 }
                 let chunk = left.min(CHUNK).max(Duration::from_millis(100));
-                chunks.push(server.churn(threads, chunk, &INTERRUPTED)?);
+                chunks.push(server.churn(threads, chunk, None, &INTERRUPTED)?);
             }
             Ok(chunks)
         })

@@ -121,6 +121,8 @@ pub(crate) enum Ready {
     /// bpftrace's BEGIN line "READY" on stdout (BEGIN runs once every
     /// probe is attached).
     BpftraceBegin,
+    /// The daemon's log line "listening on ...; tracing TCP connections".
+    Daemon,
 }
 
 pub(crate) struct Stopped {
@@ -205,6 +207,10 @@ impl Tracer {
                     .stderr_lines()
                     .iter()
                     .any(|l| l.starts_with("tcpwatch: tracing ")),
+                Ready::Daemon => self
+                    .stderr_lines()
+                    .iter()
+                    .any(|l| l.contains("tracing TCP connections")),
             };
             if ready {
                 return Ok(());
@@ -340,8 +346,9 @@ pub(crate) fn lost_in(lines: &[String]) -> u64 {
 }
 
 /// tcpwatch's exit summary (`--format json`: one JSON object, the last
-/// line on stderr) and its numbers by path: `{"stream":{"lost":{"total":2}}}`
-/// gives ("stream.lost.total", 2).
+/// line on stderr; the daemon's with `--log-format json`: its last log
+/// line, "stopped: ...", whose fields are the counts) and its numbers by
+/// path: `{"stream":{"lost":{"total":2}}}` gives ("stream.lost.total", 2).
 pub(crate) fn exit_summary(stderr: &[String]) -> Option<(String, Vec<(String, u64)>)> {
     fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, u64)>) {
         match v {
@@ -360,7 +367,13 @@ pub(crate) fn exit_summary(stderr: &[String]) -> Option<(String, Vec<(String, u6
     }
     let line = stderr.iter().rev().find(|l| !l.trim().is_empty())?;
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    v.get("summary")?;
+    let daemon_stopped = v
+        .get("message")
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| m.starts_with("stopped"));
+    if v.get("summary").is_none() && !daemon_stopped {
+        return None;
+    }
     let mut counts = Vec::new();
     flatten("", &v, &mut counts);
     Some((line.clone(), counts))
@@ -453,6 +466,12 @@ mod tests {
             None
         );
         assert_eq!(get(&["tcpwatch: 3 snapshots"], "snapshots"), None);
+        // The daemon's last JSON log line.
+        let daemon = r#"{"timestamp":"2026-12-06T01:23:09.679488Z","level":"INFO","message":"stopped: programs detached","events":812,"connections":80,"lost_ring_full":0,"lost_kernel_skipped":3,"evicted":0,"stale":0}"#;
+        assert_eq!(get(&[daemon], "events"), Some(812));
+        assert_eq!(get(&[daemon], "lost_kernel_skipped"), Some(3));
+        let other = r#"{"timestamp":"x","level":"INFO","message":"listening","events":1}"#;
+        assert_eq!(get(&[other], "events"), None);
     }
 
     #[test]

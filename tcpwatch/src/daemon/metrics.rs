@@ -13,7 +13,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::correlate::{Role, Timeline};
-use crate::model::decode::Record;
+use crate::model::decode::{Record, Transition};
+use crate::model::TcpState;
+
+/// How many TCP states [`TcpState`] names.
+const STATES: usize = TcpState::BoundInactive as usize + 1;
 use crate::model::lost::LostCounts;
 use crate::model::timewait::Snapshot;
 use crate::views::conns::close_name;
@@ -295,20 +299,33 @@ impl Metrics {
     pub fn records(&self, records: &[Record], undecodable: u64) {
         self.events.inc_by(records.len() as u64);
         self.undecodable.inc_by(undecodable);
+        // Counted here first, then one series update per kind of
+        // transition in the batch: looking a series up hashes its labels.
+        let mut counts = [[0u64; STATES]; STATES];
+        let mut first: [[Option<&Transition>; STATES]; STATES] = [[None; STATES]; STATES];
         for r in records {
             let Record::State(t) = r else { continue };
-            self.transitions
-                .get_or_create(&TransitionLabels {
-                    from: t.old.name(),
-                    to: t.new.name(),
-                })
-                .inc();
-            let Some(direction) = t.opened() else {
-                continue;
-            };
-            self.opened
-                .get_or_create(&DirectionLabels { direction })
-                .inc();
+            let (o, n) = (t.old as usize, t.new as usize);
+            counts[o][n] += 1;
+            first[o][n].get_or_insert(t);
+        }
+        for (o, row) in counts.iter().enumerate() {
+            for (n, &count) in row.iter().enumerate() {
+                let Some(t) = first[o][n].filter(|_| count > 0) else {
+                    continue;
+                };
+                self.transitions
+                    .get_or_create(&TransitionLabels {
+                        from: t.old.name(),
+                        to: t.new.name(),
+                    })
+                    .inc_by(count);
+                if let Some(direction) = t.opened() {
+                    self.opened
+                        .get_or_create(&DirectionLabels { direction })
+                        .inc_by(count);
+                }
+            }
         }
     }
 
@@ -491,5 +508,51 @@ pub fn netns_label(s: &Snapshot) -> String {
         (Some(name), _) => name.clone(),
         (None, Some(inode)) => inode.to_string(),
         (None, None) => "unknown".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::decode::interpret;
+    use tcpwatch_common::{kind, Event, AF_INET};
+
+    fn state(old: u8, new: u8) -> Record {
+        let mut e = Event::zeroed();
+        e.kind = kind::STATE;
+        e.family = AF_INET;
+        e.skaddr = 1;
+        e.oldstate = old;
+        e.newstate = new;
+        interpret(&e).expect("a valid transition")
+    }
+
+    #[test]
+    fn transitions_are_counted_per_kind_across_batches() {
+        let mut registry = Registry::with_prefix("tcpwatch");
+        let metrics = Metrics::new(&mut registry);
+        // SYN_SENT→ESTABLISHED three times, SYN_RECV→ESTABLISHED once,
+        // ESTABLISHED→FIN_WAIT1 once; then one more active open.
+        let batch = [
+            state(2, 1),
+            state(3, 1),
+            state(2, 1),
+            state(1, 4),
+            state(2, 1),
+        ];
+        metrics.records(&batch, 0);
+        metrics.records(&[state(2, 1)], 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"tcpwatch_transitions_total{from="SYN_SENT",to="ESTABLISHED"} 4"#,
+            r#"tcpwatch_transitions_total{from="SYN_RECV",to="ESTABLISHED"} 1"#,
+            r#"tcpwatch_transitions_total{from="ESTABLISHED",to="FIN_WAIT1"} 1"#,
+            r#"tcpwatch_connections_opened_total{direction="active"} 4"#,
+            r#"tcpwatch_connections_opened_total{direction="passive"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert!(!text.contains(r#"to="CLOSE""#), "{text}");
     }
 }

@@ -25,6 +25,7 @@ use crate::cli::DaemonArgs;
 use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::host::netns::{NetnsError, Selection};
+use crate::model::cgroup::Cgroup;
 use crate::model::correlate::Timeline;
 use crate::model::filter::Filter;
 use crate::model::lost::LostCounts;
@@ -34,7 +35,7 @@ use crate::stream::context::Context;
 use crate::stream::error::StreamError;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::stream::session::{self, SessionOptions};
-use crate::views::conns::conns_json;
+use crate::views::conns::ConnRecord;
 use crate::views::summary::{DaemonSummary, ExitSummary};
 use crate::views::timewait::timewait_json;
 
@@ -50,8 +51,9 @@ pub struct Shared {
 }
 
 struct State {
-    /// Finished connections as JSON, numbered from 1, oldest first.
-    conns: VecDeque<(u64, String)>,
+    /// Finished connections, numbered from 1, oldest first. They are
+    /// turned into JSON only when asked for: most are dropped unread.
+    conns: VecDeque<Kept>,
     last_seq: u64,
     keep: usize,
     /// The latest snapshot of each namespace reported, as JSON, the
@@ -85,16 +87,25 @@ pub struct Health {
     pub snapshots: u64,
 }
 
+/// A finished connection kept for `/api/conns`, with its number, the
+/// clock that gives its wall-clock times and its owner's cgroup.
+struct Kept {
+    seq: u64,
+    timeline: Timeline,
+    clock: Clock,
+    cgroup: Option<Arc<Cgroup>>,
+}
+
 /// `GET /api/conns`.
 #[derive(Debug, Serialize)]
-struct ConnsPage<'a> {
+struct ConnsPage {
     /// Number of the newest connection returned (or known, when none is):
     /// pass it back as `since` to get only newer ones.
     next: u64,
     /// Connections after `since` that are no longer kept, or were left out
     /// by `limit`.
     missed: u64,
-    conns: Vec<&'a serde_json::value::RawValue>,
+    conns: Vec<ConnRecord>,
 }
 
 impl Shared {
@@ -169,15 +180,15 @@ impl Shared {
     pub fn conns(&self, q: ConnsQuery) -> String {
         let st = self.state();
         let since = q.since.unwrap_or(0);
-        let newer = st.conns.iter().filter(|(seq, _)| *seq > since);
+        let newer = st.conns.iter().filter(|k| k.seq > since);
         let available = newer.clone().count();
-        let first_kept = st.conns.front().map_or(st.last_seq + 1, |(seq, _)| *seq);
+        let first_kept = st.conns.front().map_or(st.last_seq + 1, |k| k.seq);
         // Numbered after `since` but already dropped from the buffer.
         let dropped = first_kept.saturating_sub(since.saturating_add(1));
         let skip = available.saturating_sub(q.limit);
         let conns: Vec<_> = newer
             .skip(skip)
-            .filter_map(|(_, json)| serde_json::from_str(json).ok())
+            .map(|k| ConnRecord::new(&k.timeline, &k.clock, true, k.cgroup.as_deref()))
             .collect();
         let page = ConnsPage {
             next: st.last_seq,
@@ -266,16 +277,25 @@ impl DaemonSink {
     /// [`DaemonSink::publish`], logging `line` while the HTTP side cannot
     /// read: what it answers next is what was published with the line.
     fn publish_saying(&mut self, snapshots: Option<Vec<Snapshot>>, line: Option<&str>) {
-        let finished = std::mem::take(&mut self.finished);
-        let json: Vec<String> = finished
-            .iter()
-            .map(|t| {
-                self.metrics.connection(t);
-                let cgroup = self.tracker.cgroup(t.owner.as_ref().map(|a| &*a.owner));
-                conns_json(t, &self.clock, cgroup.as_deref())
+        for t in &self.finished {
+            self.metrics.connection(t);
+        }
+        self.connections += self.finished.len() as u64;
+        // Only the newest `keep` can stay: the rest are only numbered.
+        let keep = self.shared.state().keep;
+        let beyond = self.finished.len().saturating_sub(keep);
+        let kept: Vec<Kept> = std::mem::take(&mut self.finished)
+            .into_iter()
+            .skip(beyond)
+            .map(|timeline| Kept {
+                seq: 0,
+                cgroup: self
+                    .tracker
+                    .cgroup(timeline.owner.as_ref().map(|a| &*a.owner)),
+                timeline,
+                clock: self.clock,
             })
             .collect();
-        self.connections += json.len() as u64;
         let correlator = self.tracker.correlator();
         self.metrics
             .tracking(correlator.tracked(), correlator.stats().evicted);
@@ -289,10 +309,11 @@ impl DaemonSink {
             v
         });
         let mut st = self.shared.state();
-        for j in json {
+        st.last_seq += beyond as u64;
+        for mut k in kept {
             st.last_seq += 1;
-            let seq = st.last_seq;
-            st.conns.push_back((seq, j));
+            k.seq = st.last_seq;
+            st.conns.push_back(k);
         }
         let excess = st.conns.len().saturating_sub(st.keep);
         st.conns.drain(..excess);
@@ -434,13 +455,26 @@ mod tests {
     use crate::model::Endpoint;
     use crate::views::Format;
 
+    /// Connection `i` is the one from local port `i`.
     fn shared_with(n: u64, keep: usize) -> Shared {
         let shared = Shared::new(Registry::default(), keep);
         {
             let mut st = shared.state();
             for i in 1..=n {
                 st.last_seq = i;
-                st.conns.push_back((i, format!("{{\"n\":{i}}}")));
+                let timeline = Timeline::sample(
+                    Endpoint::new([127, 0, 0, 1].into(), i as u16),
+                    Endpoint::new([127, 0, 0, 1].into(), 80),
+                    None,
+                    Role::Client,
+                    1_000_000 * i,
+                );
+                st.conns.push_back(Kept {
+                    seq: i,
+                    timeline,
+                    clock: Clock::with_offset_ns(0),
+                    cgroup: None,
+                });
             }
             let excess = st.conns.len().saturating_sub(keep);
             st.conns.drain(..excess);
@@ -457,7 +491,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| c["n"].as_u64().unwrap())
+            .map(|c| c["sport"].as_u64().unwrap())
             .collect()
     }
 

@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
-use tcpwatch_common::SockOffsets;
+use tcpwatch_common::{EndpointOffsets, SockOffsets};
 
 /// Where the running kernel exposes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -736,6 +736,41 @@ pub fn sock_offsets(btf: &Btf) -> (SockOffsets, Vec<String>) {
     (offsets, missing)
 }
 
+/// Where the BTF set-state program reads a socket's endpoints (what the
+/// classic tracepoint's record holds), or why it cannot: then the classic
+/// tracepoint is used. IPv6 addresses are optional (a kernel built without
+/// IPv6 has no such fields, and no IPv6 sockets).
+pub fn endpoint_offsets(btf: &Btf) -> Result<EndpointOffsets, String> {
+    at_start(btf, "inet_sock", "sk").map_err(|e| with_causes(&e))?;
+    let member = |strukt: &str, path: &[&str], size: u32| -> Result<u32, String> {
+        let label = format!("{strukt}.{}", path.join("."));
+        match btf.member(strukt, path) {
+            Ok(m) if m.size == size => Ok(m.offset),
+            Ok(m) => Err(format!(
+                "{label}: {} bytes in the kernel's BTF, expected {size}",
+                m.size
+            )),
+            Err(e) => Err(format!("{label}: {}", with_causes(&e))),
+        }
+    };
+    let field = |path: &[&str], size: u32| member("sock", path, size);
+    let mut off = EndpointOffsets {
+        daddr: field(&["__sk_common", "skc_daddr"], 4)?,
+        dport: field(&["__sk_common", "skc_dport"], 2)?,
+        family: field(&["__sk_common", "skc_family"], 2)?,
+        saddr: member("inet_sock", &["inet_saddr"], 4)?,
+        sport: member("inet_sock", &["inet_sport"], 2)?,
+        protocol: field(&["sk_protocol"], 2)?,
+        v6_daddr: field(&["__sk_common", "skc_v6_daddr"], 16)
+            .unwrap_or(tcpwatch_common::OFFSET_UNKNOWN),
+        v6_rcv_saddr: field(&["__sk_common", "skc_v6_rcv_saddr"], 16)
+            .unwrap_or(tcpwatch_common::OFFSET_UNKNOWN),
+        ..EndpointOffsets::UNKNOWN
+    };
+    off.standard = u32::from(off.is_standard());
+    Ok(off)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1209,6 +1244,29 @@ mod tests {
         assert_eq!(o.icsk_ack_pending, 80);
         assert_eq!(o.skc_net, 16);
         assert_eq!(o.net_ns_inum, 16);
+    }
+
+    #[test]
+    fn endpoint_offsets_need_every_ipv4_field() {
+        // The synthetic kernel has no addresses in its sock_common.
+        let btf = Btf::parse(&kernel_like()).expect("parse");
+        let why = endpoint_offsets(&btf).expect_err("no skc_daddr");
+        assert!(why.starts_with("sock.__sk_common.skc_daddr: "), "{why}");
+    }
+
+    #[test]
+    fn endpoint_offsets_of_the_running_kernel() {
+        let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF)) else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let o = endpoint_offsets(&btf).expect("a kernel with BTF has sock_common");
+        // sock_common has started with addresses, hash, ports and family
+        // since 2.6.
+        assert!(o.is_standard(), "{o:?}");
+        assert_eq!(o.standard, 1);
+        assert!(o.usable());
+        assert_ne!(o.protocol, tcpwatch_common::OFFSET_UNKNOWN);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Loading and attaching the kernel program: checks the host can run it,
 //! fills in the offsets it needs (tracefs layouts, BTF socket fields),
-//! sizes the ring buffer, and attaches every tracepoint.
+//! sizes the ring buffer, and attaches every tracepoint: as a BTF
+//! tracepoint where the kernel allows it, else as the classic one (said
+//! once at start).
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use tcpwatch_common::{Config, LOST_SLOT};
+use tcpwatch_common::{Config, EndpointOffsets, LOST_SLOT};
 
 use crate::kernel::btf::{self, Btf, BtfError};
 use crate::kernel::diagnostics::{self, KernelLog};
@@ -134,6 +136,9 @@ pub struct Probe {
     /// One line per thing the kernel did not let tcpwatch see (missing BTF
     /// fields): said once at start.
     pub degraded: Vec<String>,
+    /// One line per hook attached as a classic tracepoint because its BTF
+    /// tracepoint could not be: said once at start.
+    pub classic: Vec<String>,
     pub mounted_tracefs: bool,
     kernel_log: Option<KernelLog>,
 }
@@ -248,14 +253,128 @@ pub fn build_config(
     Ok((config, missing))
 }
 
-/// The tracepoints the object's programs attach to, by program name.
-const TRACEPOINTS: [(&str, &str, &str); 5] = [
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("bench_floor", "sock", "inet_sock_set_state"),
-    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
-    ("tcp_send_reset", "tcp", "tcp_send_reset"),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+/// One tracepoint and the programs that can attach to it.
+struct Hook {
+    /// The classic tracepoint program.
+    classic: &'static str,
+    /// The BTF tracepoint program for the same hook, if there is one.
+    btf: Option<&'static str>,
+    category: &'static str,
+    name: &'static str,
+}
+
+/// The tracepoints the object's programs attach to.
+const TRACEPOINTS: [Hook; 5] = [
+    Hook {
+        classic: "inet_sock_set_state",
+        btf: Some("inet_sock_set_state_btf"),
+        category: "sock",
+        name: "inet_sock_set_state",
+    },
+    Hook {
+        classic: "bench_floor",
+        btf: None,
+        category: "sock",
+        name: "inet_sock_set_state",
+    },
+    Hook {
+        classic: "tcp_retransmit_skb",
+        btf: Some("tcp_retransmit_skb_btf"),
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+    },
+    Hook {
+        classic: "tcp_send_reset",
+        btf: Some("tcp_send_reset_btf"),
+        category: "tcp",
+        name: "tcp_send_reset",
+    },
+    Hook {
+        classic: "tcp_receive_reset",
+        btf: Some("tcp_receive_reset_btf"),
+        category: "tcp",
+        name: "tcp_receive_reset",
+    },
 ];
+
+/// Set (to anything) to attach the classic tracepoints even where the BTF
+/// ones would load: how the fallback is tested on kernels that have both.
+pub const CLASSIC_ENV: &str = "TCPWATCH_CLASSIC_TRACEPOINTS";
+
+/// One line per reason hooks were attached as classic tracepoints, naming
+/// them: `(hook, why)` in attach order.
+fn classic_lines(fallbacks: &[(String, String)]) -> Vec<String> {
+    let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (hook, why) in fallbacks {
+        match reasons.iter_mut().find(|(w, _)| w == why) {
+            Some((_, hooks)) => hooks.push(hook),
+            None => reasons.push((why, vec![hook])),
+        }
+    }
+    reasons
+        .into_iter()
+        .map(|(why, hooks)| {
+            format!(
+                "{} attached as classic tracepoints, not BTF ones ({why}): they see the same, \
+                 but the kernel builds a record before each call and skips them whenever \
+                 another tracing program runs on the CPU",
+                hooks.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// The kernel's BTF as aya reads it, to find BTF tracepoints by their id.
+fn tracepoint_types(btf_path: &Path) -> Result<aya::Btf, ProbeError> {
+    aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|source| {
+        ProbeError::TracepointBtf {
+            path: btf_path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// The types to load the BTF set-state and tcp programs with, or what keeps
+/// them from being used.
+fn btf_tracepoints<'a>(
+    types: Option<&'a Result<aya::Btf, ProbeError>>,
+    endpoints: &Result<EndpointOffsets, String>,
+) -> Result<&'a aya::Btf, String> {
+    let Some(types) = types else {
+        return Err("no BTF tracepoint program was asked for".into());
+    };
+    if std::env::var_os(CLASSIC_ENV).is_some() {
+        return Err(format!("{CLASSIC_ENV} is set"));
+    }
+    if let Err(why) = endpoints {
+        return Err(format!(
+            "the socket's endpoints are not in the kernel's BTF: {why}"
+        ));
+    }
+    types.as_ref().map_err(|e| btf::with_causes(e))
+}
+
+/// Loads and attaches `program` as the BTF tracepoint `name`; on failure
+/// it is left unloaded.
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    name: &str,
+    btf: &aya::Btf,
+) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("the eBPF object has no program `{program}`"))?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    prog.load(name, btf)
+        .map_err(|e| format!("loading it failed: {}", btf::with_causes(&e)))?;
+    if let Err(e) = prog.attach() {
+        let _ = prog.unload();
+        return Err(format!("attaching it failed: {}", btf::with_causes(&e)));
+    }
+    Ok(())
+}
 
 /// Programs that `load` attaches: everything tcpwatch reads.
 const TRACING: &[&str] = &[
@@ -281,15 +400,8 @@ const FIRST_USE: [(&str, &str); 2] = [
 const NO_FIRST_USE: &str = "accepted sockets: their owner is the listener's process until it \
      closes them (the first-use programs could not be attached";
 
-/// Attaches the first-use programs, finding their tracepoints in the BTF
-/// at `btf_path`.
-fn attach_first_use(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), ProbeError> {
-    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|source| {
-        ProbeError::TracepointBtf {
-            path: btf_path.to_path_buf(),
-            source,
-        }
-    })?;
+/// Attaches the first-use programs, finding their tracepoints in `btf`.
+fn attach_first_use(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), ProbeError> {
     for (program, tracepoint) in FIRST_USE {
         let attach_err = |source| ProbeError::Attach {
             tracepoint: format!("btf:{tracepoint}"),
@@ -300,7 +412,7 @@ fn attach_first_use(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), ProbeError> 
             .ok_or(ProbeError::MissingProgram { program })?
             .try_into()
             .map_err(attach_err)?;
-        prog.load(tracepoint, &btf).map_err(attach_err)?;
+        prog.load(tracepoint, btf).map_err(attach_err)?;
         prog.attach().map_err(attach_err)?;
     }
     Ok(())
@@ -326,17 +438,43 @@ impl Probe {
             source,
         })?;
         let (config, degraded) = build_config(&tracefs_root, &btf, opts.wakeup_bytes)?;
+        let endpoints = btf::endpoint_offsets(&btf);
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .override_global(
+                "ENDPOINTS",
+                endpoints.as_ref().unwrap_or(&EndpointOffsets::UNKNOWN),
+                true,
+            )
             .override_global(aya_log::LEVEL, &diagnostics::level(opts.kernel_log), true)
             .map_max_entries("EVENTS", opts.ring_size)
             .load(BPF_OBJECT)
             .map_err(ProbeError::Load)?;
-        for (program, category, name) in TRACEPOINTS {
-            if !programs.contains(&program) {
+        // Parsed once for every BTF tracepoint (it takes a while), and
+        // only if one is wanted.
+        let wants_btf = programs == TRACING
+            || TRACEPOINTS
+                .iter()
+                .any(|h| h.btf.is_some() && programs.contains(&h.classic));
+        let types = wants_btf.then(|| tracepoint_types(&opts.btf_path));
+        let btf_types = btf_tracepoints(types.as_ref(), &endpoints);
+        let mut fallbacks = Vec::new();
+        for hook in &TRACEPOINTS {
+            if !programs.contains(&hook.classic) {
                 continue;
             }
+            if let Some(program) = hook.btf {
+                let attached = match &btf_types {
+                    Ok(types) => attach_btf(&mut ebpf, program, hook.name, types),
+                    Err(why) => Err(why.clone()),
+                };
+                match attached {
+                    Ok(()) => continue,
+                    Err(why) => fallbacks.push((format!("{}:{}", hook.category, hook.name), why)),
+                }
+            }
+            let (category, name, program) = (hook.category, hook.name, hook.classic);
             let attach_err = |source| ProbeError::Attach {
                 tracepoint: format!("{category}:{name}"),
                 source,
@@ -350,9 +488,13 @@ impl Probe {
             prog.attach(category, name).map_err(attach_err)?;
         }
         let mut degraded = degraded;
-        if programs == TRACING {
-            if let Err(e) = attach_first_use(&mut ebpf, &opts.btf_path) {
-                degraded.push(format!("{NO_FIRST_USE}: {})", btf::with_causes(&e)));
+        if let Some(types) = types.as_ref().filter(|_| programs == TRACING) {
+            if let Err(e) = types
+                .as_ref()
+                .map_err(|e| btf::with_causes(e))
+                .and_then(|t| attach_first_use(&mut ebpf, t).map_err(|e| btf::with_causes(&e)))
+            {
+                degraded.push(format!("{NO_FIRST_USE}: {e})"));
             }
         }
         let kernel_log = match opts.kernel_log {
@@ -362,6 +504,7 @@ impl Probe {
         Ok(Probe {
             ebpf,
             degraded,
+            classic: classic_lines(&fallbacks),
             mounted_tracefs,
             kernel_log,
         })
@@ -528,6 +671,29 @@ mod tests {
         assert!(check_ring_size(12288).is_err());
         assert!(check_ring_size(2048).is_err());
         assert!(check_ring_size(1 << 31).is_err());
+    }
+
+    #[test]
+    fn fallbacks_are_one_line_per_reason() {
+        let f = |hook: &str, why: &str| (hook.to_string(), why.to_string());
+        let lines = classic_lines(&[
+            f("sock:inet_sock_set_state", "no endpoints"),
+            f("tcp:tcp_send_reset", "loading it failed: EINVAL"),
+            f("tcp:tcp_receive_reset", "no endpoints"),
+        ]);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "sock:inet_sock_set_state, tcp:tcp_receive_reset attached as classic \
+                 tracepoints, not BTF ones (no endpoints)"
+            ),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with("tcp:tcp_send_reset attached"),
+            "{lines:?}"
+        );
+        assert!(classic_lines(&[]).is_empty());
     }
 
     #[test]

@@ -88,8 +88,21 @@ impl Batch {
 pub const MAX_BATCH: usize = 1024;
 
 /// Takes up to [`MAX_BATCH`] records; whether that emptied the ring.
-fn take(ring: &mut RingBuf<MapData>) -> (Batch, bool) {
-    let mut batch = Batch::default();
+/// `expect` is how many the last batch held: room for as many is made at
+/// once, so a steady stream does not grow each batch from empty.
+fn take(ring: &mut RingBuf<MapData>, expect: &mut usize) -> (Batch, bool) {
+    let batch = Batch {
+        events: Vec::with_capacity((*expect).clamp(16, MAX_BATCH)),
+        ..Batch::default()
+    };
+    let (batch, emptied) = fill(ring, batch);
+    *expect = batch.events.len();
+    (batch, emptied)
+}
+
+/// Adds records to `batch` up to [`MAX_BATCH`]; whether that emptied the
+/// ring.
+fn fill(ring: &mut RingBuf<MapData>, mut batch: Batch) -> (Batch, bool) {
     while batch.events.len() + (batch.undecodable as usize) < MAX_BATCH {
         match ring.next() {
             Some(item) => batch.add(&item),
@@ -113,13 +126,14 @@ const SKEW_NS: u64 = 10_000_000;
 /// time. Returns false once the receiver is gone.
 async fn drain(
     ring: &mut RingBuf<MapData>,
+    expect: &mut usize,
     settled: &mut u64,
     always: bool,
     tx: &mpsc::Sender<Feed>,
 ) -> bool {
     let began = crate::host::clock::monotonic_ns();
     loop {
-        let (batch, emptied) = take(ring);
+        let (batch, emptied) = take(ring, expect);
         if emptied {
             *settled = (*settled).max(began);
             if batch.is_empty() && !always {
@@ -162,11 +176,12 @@ pub async fn run_reader(
     lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_seen = LostCounts::default();
     let mut settled = 0;
+    let mut expect = 0;
     loop {
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let open = drain(guard.get_inner_mut(), &mut settled, false, &tx).await;
+                let open = drain(guard.get_inner_mut(), &mut expect, &mut settled, false, &tx).await;
                 guard.clear_ready();
                 if !open {
                     return Ok(());
@@ -177,7 +192,7 @@ pub async fn run_reader(
                 if let Some(log) = &mut kernel_log {
                     log.flush();
                 }
-                if !drain(fd.get_mut(), &mut settled, true, &tx).await {
+                if !drain(fd.get_mut(), &mut expect, &mut settled, true, &tx).await {
                     return Ok(());
                 }
                 false
@@ -196,7 +211,7 @@ pub async fn run_reader(
             if let Some(log) = &mut kernel_log {
                 log.flush();
             }
-            drain(fd.get_mut(), &mut settled, true, &tx).await;
+            drain(fd.get_mut(), &mut expect, &mut settled, true, &tx).await;
             let counts = lost.counts();
             if counts.total() > lost_seen.total() {
                 let _ = tx.send(Feed::Lost(counts)).await;

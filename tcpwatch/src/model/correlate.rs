@@ -7,12 +7,13 @@
 //! each drain; replay: the last event's time).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::handoff::{HandoffStats, Handoffs, TimewaitLookup};
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::snapshot::SocketSnapshot;
+use crate::model::FastMap;
 use crate::model::Owner;
 use crate::model::{Endpoint, Family, TcpState};
 use std::sync::Arc;
@@ -423,7 +424,7 @@ pub struct Correlator {
     /// hash table of small entries grows cheaply, the tracks do not move.
     slots: Vec<Option<Track>>,
     free: Vec<u32>,
-    index: HashMap<u64, u32>,
+    index: FastMap<u64, u32>,
     /// (slot, generation) in insertion order, for oldest-first eviction;
     /// stale pairs are skipped and compacted away.
     order: VecDeque<(u32, u32)>,
@@ -469,7 +470,7 @@ impl Correlator {
             },
             slots: Vec::new(),
             free: Vec::new(),
-            index: HashMap::new(),
+            index: FastMap::default(),
             order: VecDeque::new(),
             next_gen: 0,
             closing: VecDeque::new(),

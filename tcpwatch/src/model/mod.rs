@@ -28,6 +28,15 @@ pub mod timewait;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+/// A hash map for the keys the kernel hands out (socket addresses, group
+/// ids), looked up once or more per event: foldhash instead of std's
+/// SipHash, which guards against keys an attacker picks, and these keys
+/// no one picks.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// A TCP state as the kernel numbers it (include/net/tcp_states.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TcpState {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::model::decode::{SocketEvent, Task, Transition};
 use crate::model::snapshot::{SocketKey, SocketSnapshot};
 use crate::model::table::{BoundedMap, EvictedKeys};
+use crate::model::FastMap;
 use crate::model::{Endpoint, Owner, TcpState};
 
 /// Whether the current task at this transition is the socket's user.
@@ -91,7 +92,7 @@ pub struct OwnerTracker {
     /// the /proc snapshot (which shows only this namespace).
     own_netns: Option<u32>,
     /// Owners seen, shared between their sockets (no allocation per socket).
-    cache: HashMap<(u32, [u8; 16], u64), Arc<Owner>>,
+    cache: FastMap<(u32, [u8; 16], u64), Arc<Owner>>,
 }
 
 impl OwnerTracker {
@@ -121,7 +122,7 @@ impl OwnerTracker {
             listeners,
             snapshot,
             own_netns,
-            cache: HashMap::new(),
+            cache: FastMap::default(),
         }
     }
 

@@ -22,10 +22,9 @@
 //! sock_diag and CLOCK_MONOTONIC), so it runs on synthetic lists in tests.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 
-use crate::model::Endpoint;
+use crate::model::{Endpoint, FastSet};
 
 /// A 4-tuple as a number, to look up in [`KernelSockets`]; 0 for one that
 /// cannot be checked (neither local address nor port known yet). With
@@ -43,12 +42,12 @@ pub fn endpoints_key(local: &Endpoint, remote: &Endpoint) -> u64 {
 /// The full sockets the kernel has in tcpwatch's network namespace.
 #[derive(Debug, Default)]
 pub struct KernelSockets {
-    keys: HashSet<u64>,
+    keys: FastSet<u64>,
 }
 
 impl KernelSockets {
     pub fn from_endpoints(sockets: impl IntoIterator<Item = (Endpoint, Endpoint)>) -> Self {
-        let mut keys = HashSet::new();
+        let mut keys = FastSet::default();
         for (l, r) in sockets {
             keys.insert(endpoints_key(&l, &r));
             keys.insert(endpoints_key(&Endpoint::new(l.addr, 0), &r));

@@ -3,10 +3,12 @@
 //! whatever a SYN flood or a million idle connections do. [`Tracking`]
 //! is how full such a table got, for the exit summaries.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
+
+use crate::model::FastMap;
 
 /// How full a socket table got, for the exit summaries: it shows that
 /// `--max-sockets` held, and that nothing was left behind in it.
@@ -25,7 +27,7 @@ pub struct Tracking {
 #[derive(Debug)]
 pub struct BoundedMap<K, V> {
     cap: usize,
-    entries: HashMap<K, (V, u64)>,
+    entries: FastMap<K, (V, u64)>,
     /// Keys in insertion order with the generation they were inserted with;
     /// a key removed or re-inserted since leaves a stale pair here, skipped
     /// on eviction and dropped on compaction.
@@ -41,7 +43,7 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
     pub fn new(cap: usize) -> Self {
         BoundedMap {
             cap: cap.max(1),
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             order: VecDeque::new(),
             next_gen: 0,
             evicted: 0,

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::model::correlate::{Role, Timeline, TimewaitSubstate};
-use crate::model::{Endpoint, Owner};
+use crate::model::{Endpoint, FastMap, Owner};
 
 /// A timewait socket as the kernel lists it (sock_diag).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl Default for TimewaitOptions {
 /// last socket.
 #[derive(Debug)]
 struct Interner<T: Eq + Hash + Clone> {
-    ids: HashMap<T, u32>,
+    ids: FastMap<T, u32>,
     slots: Vec<Option<(T, u32)>>,
     free: Vec<u32>,
     cap: usize,
@@ -70,7 +70,7 @@ const OTHER: u32 = u32::MAX;
 impl<T: Eq + Hash + Clone> Interner<T> {
     fn new(cap: usize) -> Self {
         Interner {
-            ids: HashMap::new(),
+            ids: FastMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
             cap,
@@ -289,10 +289,10 @@ pub struct Snapshot {
 
 pub struct TimewaitBook {
     opts: TimewaitOptions,
-    entries: HashMap<u64, Entry>,
+    entries: FastMap<u64, Entry>,
     owners: Interner<Attribution>,
     endpoints: Interner<Endpoint>,
-    dest_rates: HashMap<(u32, u32), DestRate>,
+    dest_rates: FastMap<(u32, u32), DestRate>,
     own_netns: Option<u32>,
     epoch_ns: u64,
     created_since_snapshot: u64,
@@ -317,10 +317,10 @@ impl TimewaitBook {
     pub fn new(opts: TimewaitOptions, own_netns: Option<u32>, epoch_ns: u64) -> Self {
         TimewaitBook {
             opts,
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             owners: Interner::new(opts.max_groups),
             endpoints: Interner::new(opts.max_groups),
-            dest_rates: HashMap::new(),
+            dest_rates: FastMap::default(),
             own_netns,
             epoch_ns,
             created_since_snapshot: 0,
@@ -504,7 +504,8 @@ impl TimewaitBook {
         count_unmatched: bool,
     ) {
         let netns = self.own_netns.unwrap_or(0);
-        let mut listed: HashMap<u64, &KernelTimewait> = HashMap::with_capacity(kernel.len());
+        let mut listed: FastMap<u64, &KernelTimewait> =
+            FastMap::with_capacity_and_hasher(kernel.len(), Default::default());
         for k in kernel {
             listed.insert(key(netns, &k.local, &k.remote), k);
         }

@@ -105,6 +105,9 @@ pub struct Pipeline<C> {
     /// Inodes of the network namespaces whose events are kept (`None`:
     /// every namespace's).
     keep_netns: Option<Vec<u32>>,
+    /// The decoded records of the batch at hand, kept between batches so
+    /// that decoding allocates nothing once it has grown.
+    decoded: Vec<Record>,
 }
 
 impl<C: Consumer> Pipeline<C> {
@@ -127,6 +130,7 @@ impl<C: Consumer> Pipeline<C> {
             lost_log_every,
             lost_logged: None,
             keep_netns: None,
+            decoded: Vec::new(),
         }
     }
 
@@ -148,6 +152,7 @@ impl<C: Consumer> Pipeline<C> {
             lost_log_every: Duration::ZERO,
             lost_logged: None,
             keep_netns: None,
+            decoded: Vec::new(),
         }
     }
 
@@ -164,7 +169,8 @@ impl<C: Consumer> Pipeline<C> {
         mut rejects: Rejects,
         settled_ns: u64,
     ) -> io::Result<()> {
-        let mut records = Vec::with_capacity(events.len());
+        let mut records = std::mem::take(&mut self.decoded);
+        records.clear();
         if let Some(keep) = &self.keep_netns {
             events.retain(|e| {
                 e.valid & tcpwatch_common::valid::NETNS == 0 || keep.contains(&e.netns)
@@ -180,7 +186,9 @@ impl<C: Consumer> Pipeline<C> {
                 false
             }
         });
-        self.decoded(&events, &records, rejects, settled_ns)
+        let result = self.decoded(&events, &records, rejects, settled_ns);
+        self.decoded = records;
+        result
     }
 
     /// A batch already decoded (`events[i]` is `records[i]` as written).

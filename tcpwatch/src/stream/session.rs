@@ -102,6 +102,9 @@ pub async fn run<C: Consumer>(
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
     }
+    for line in &probe.classic {
+        tracing::warn!("{line}");
+    }
     if probe.mounted_tracefs {
         tracing::info!("mounted tracefs at /sys/kernel/tracing");
     }

@@ -138,11 +138,31 @@ fn find_life<'a>(lives: &'a [Vec<Line>], first: (&str, &str), what: &str) -> &'a
 #[test]
 fn lifecycles_owners_and_fields_match_the_kernel() {
     require_live!();
+    lifecycles(false);
+}
+
+/// The same through the classic tracepoints, which tcpwatch falls back to
+/// where BTF tracepoints cannot load: the same transitions and fields.
+#[test]
+fn classic_tracepoints_see_the_same() {
+    require_live!();
+    lifecycles(true);
+}
+
+/// Servers and clients on each loopback, traced by tcpwatch (through the
+/// classic tracepoints if `classic`, else the BTF ones, which this kernel
+/// has), checked against what they did and against bpftrace.
+fn lifecycles(classic: bool) {
+    let start = if classic {
+        Tcpwatch::start_classic
+    } else {
+        Tcpwatch::start
+    };
     let fams = loopbacks();
 
     let (mut servers, ports) = bound_servers(&fams, "srv");
 
-    let tw = Tcpwatch::start("all", &["--ring-size", BIG_RING]);
+    let tw = start("all", &["--ring-size", BIG_RING]);
     let bt = if Path::new(BPFTRACE).exists() {
         Some(Bpftrace::start(&ports))
     } else {
@@ -178,6 +198,16 @@ fn lifecycles_owners_and_fields_match_the_kernel() {
     let run = tw.stop();
     let bt_events = bt.map(|b| b.stop(&ports));
 
+    if !classic {
+        let fallback = run
+            .stderr
+            .iter()
+            .find(|l| l.contains("classic tracepoints"));
+        assert!(
+            fallback.is_none(),
+            "the BTF tracepoints did not load on this kernel: {fallback:?}"
+        );
+    }
     run.assert_nothing_lost("trace");
     let ours = run.with_ports(&ports);
     let lives = lifetimes(&ours);

@@ -138,6 +138,30 @@ impl Tcpwatch {
         tw
     }
 
+    /// Like [`Tcpwatch::start`], with the classic tracepoints forced (as on
+    /// a kernel whose BTF tracepoints cannot load); waits for tcpwatch to
+    /// say so.
+    pub fn start_classic(name: &str, extra: &[&str]) -> Tcpwatch {
+        let mut cmd = Command::new(tcpwatch_bin());
+        cmd.args(["trace", "--format", "json"])
+            .args(extra)
+            .env("TCPWATCH_CLASSIC_TRACEPOINTS", "1");
+        let tw = Tcpwatch {
+            proc: Proc::spawn(&format!("tcpwatch {name} (classic) {extra:?}"), cmd, false),
+        };
+        tw.proc.wait_stderr(
+            |l| {
+                l.contains("sock:inet_sock_set_state")
+                    && l.contains("attached as classic tracepoints")
+                    && l.contains("TCPWATCH_CLASSIC_TRACEPOINTS is set")
+            },
+            1,
+            START_TIMEOUT,
+        );
+        tw.wait_ready();
+        tw
+    }
+
     /// Starts tcpwatch without waiting (to start several in parallel).
     pub fn spawn(name: &str, extra: &[&str]) -> Tcpwatch {
         Tcpwatch::spawn_wrapped(name, &[], extra)
