@@ -196,6 +196,10 @@ pub struct DaemonArgs {
     /// Finished connections kept for /api/conns.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive_usize)]
     pub keep: usize,
+    /// Turn on the kernel's BPF run-time statistics while the daemon runs, so
+    /// tcpwatch_bpf_program_run_seconds_total counts (two clock reads per program run).
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

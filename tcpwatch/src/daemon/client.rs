@@ -233,6 +233,9 @@ impl Daemon {
 pub struct ConnsPage {
     pub next: u64,
     pub missed: u64,
+    /// Kept connections after this page (0 from a daemon that predates it).
+    #[serde(default)]
+    pub remaining: u64,
     pub conns: Vec<ConnRecord>,
 }
 
@@ -335,9 +338,15 @@ pub async fn follow_conns<W: Write>(
         if let Err(e) = out.flush() {
             return Ok((summary, ended(e)));
         }
+        // Pages follow at once until caught up; a stop still ends it.
+        let pause = match page.remaining {
+            0 => CONNS_POLL,
+            _ => Duration::ZERO,
+        };
         tokio::select! {
+            biased;
             _ = &mut stop => break,
-            _ = tokio::time::sleep(CONNS_POLL) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
     Ok((summary, None))

@@ -8,6 +8,7 @@
 //! only from the moment the probe is live and the first snapshot is served.
 
 pub mod client;
+pub mod cost;
 pub mod http;
 pub mod metrics;
 pub mod query;
@@ -26,6 +27,7 @@ use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::host::netns::{NetnsError, Selection};
 use crate::model::cgroup::Cgroup;
+use crate::kernel::probe::enable_bpf_stats;
 use crate::model::correlate::Timeline;
 use crate::model::filter::Filter;
 use crate::model::lost::LostCounts;
@@ -39,6 +41,7 @@ use crate::views::conns::ConnRecord;
 use crate::views::summary::{DaemonSummary, ExitSummary};
 use crate::views::timewait::timewait_json;
 
+use self::cost::OwnCost;
 use self::metrics::Metrics;
 use self::query::{ConnsQuery, NetnsKey, TimewaitQuery};
 
@@ -99,12 +102,15 @@ struct Kept {
 /// `GET /api/conns`.
 #[derive(Debug, Serialize)]
 struct ConnsPage {
-    /// Number of the newest connection returned (or known, when none is):
-    /// pass it back as `since` to get only newer ones.
+    /// Number of the last connection returned (or of the newest known, when
+    /// none is): pass it back as `since` for the next page.
     next: u64,
-    /// Connections after `since` that are no longer kept, or were left out
-    /// by `limit`.
+    /// Connections after `since` that are no longer kept (without `since`:
+    /// the older ones not returned).
     missed: u64,
+    /// Connections after this page that are kept and not returned yet:
+    /// ask again with `since=next` at once while it is not 0.
+    remaining: u64,
     conns: Vec<ConnRecord>,
 }
 
@@ -177,23 +183,33 @@ impl Shared {
         )
     }
 
+    /// Without `since`: the newest `limit` connections. With it: the next
+    /// `limit` after `since`, oldest first, so a client can follow.
     pub fn conns(&self, q: ConnsQuery) -> String {
         let st = self.state();
-        let since = q.since.unwrap_or(0);
-        let newer = st.conns.iter().filter(|k| k.seq > since);
+        let after = q.since.unwrap_or(0);
+        let newer = st.conns.iter().filter(|k| k.seq > after);
         let available = newer.clone().count();
         let first_kept = st.conns.front().map_or(st.last_seq + 1, |k| k.seq);
         // Numbered after `since` but already dropped from the buffer.
-        let dropped = first_kept.saturating_sub(since.saturating_add(1));
-        let skip = available.saturating_sub(q.limit);
-        let conns: Vec<_> = newer
-            .skip(skip)
-            .map(|k| ConnRecord::new(&k.timeline, &k.clock, true, k.cgroup.as_deref()))
-            .collect();
+        let dropped = first_kept.saturating_sub(after.saturating_add(1));
+        let (skip, missed) = match q.since {
+            Some(_) => (0, dropped),
+            None => {
+                let skip = available.saturating_sub(q.limit);
+                (skip, dropped + skip as u64)
+            }
+        };
+        let page: Vec<_> = newer.skip(skip).take(q.limit).collect();
+        let next = page.last().map_or(st.last_seq, |k| k.seq);
         let page = ConnsPage {
-            next: st.last_seq,
-            missed: dropped + skip as u64,
-            conns,
+            next,
+            missed,
+            remaining: (available - skip - page.len()) as u64,
+            conns: page
+                .iter()
+                .map(|k| ConnRecord::new(&k.timeline, &k.clock, true, k.cgroup.as_deref()))
+                .collect(),
         };
         serde_json::to_string(&page).unwrap_or_default()
     }
@@ -395,6 +411,8 @@ pub enum DaemonError {
     Stream(#[from] StreamError),
     #[error("--netns")]
     Netns(#[from] NetnsError),
+    #[error("cannot turn on the kernel's BPF statistics (--bpf-stats)")]
+    BpfStats(#[source] aya::sys::SyscallError),
 }
 
 /// Binds, loads, serves, and runs until SIGTERM, SIGINT or `--duration`.
@@ -406,8 +424,15 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         source,
     })?;
 
+    // Held for the daemon's life: the kernel counts BPF run time meanwhile.
+    let _bpf_stats = match args.bpf_stats {
+        true => Some(enable_bpf_stats().map_err(DaemonError::BpfStats)?),
+        false => None,
+    };
     let mut registry = Registry::with_prefix("tcpwatch");
     let metrics = Metrics::new(&mut registry);
+    let cost = OwnCost::new(args.bpf_stats);
+    registry.register_collector(Box::new(cost.clone()));
     let shared = Arc::new(Shared::new(registry, args.keep));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stop_rx));
@@ -426,6 +451,9 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         netns,
     };
     let ended = session::run(session, |ctx| {
+        if let Some(programs) = &ctx.programs {
+            cost.set_programs(programs.clone());
+        }
         Ok(DaemonSink::build(opts, metrics, shared, ctx))
     })
     .await;
@@ -496,29 +524,61 @@ mod tests {
     }
 
     #[test]
-    fn conns_pages_are_the_newest_after_since() {
+    fn without_since_a_page_is_the_newest() {
         let s = shared_with(10, 6);
         // Kept: 5..=10.
         let all = page(&s, 100, None);
         assert_eq!(numbers(&all), vec![5, 6, 7, 8, 9, 10]);
         assert_eq!(all["next"], 10);
         assert_eq!(all["missed"], 4);
+        assert_eq!(all["remaining"], 0);
         let newest = page(&s, 2, None);
         assert_eq!(numbers(&newest), vec![9, 10]);
         assert_eq!(newest["missed"], 8);
-        let after = page(&s, 100, Some(8));
-        assert_eq!(numbers(&after), vec![9, 10]);
-        assert_eq!(after["missed"], 0);
+        assert_eq!(newest["next"], 10);
+        let empty = shared_with(0, 6);
+        assert_eq!(page(&empty, 5, None)["next"], 0);
+        assert!(numbers(&page(&empty, 5, None)).is_empty());
+    }
+
+    #[test]
+    fn since_pages_forward() {
+        let s = shared_with(10, 6);
+        // Kept: 5..=10. The next two after 6, then on from where it ended.
+        let first = page(&s, 2, Some(6));
+        assert_eq!(numbers(&first), vec![7, 8]);
+        assert_eq!(first["next"], 8);
+        assert_eq!(first["missed"], 0);
+        assert_eq!(first["remaining"], 2);
+        let second = page(&s, 2, Some(8));
+        assert_eq!(numbers(&second), vec![9, 10]);
+        assert_eq!(second["next"], 10);
+        assert_eq!(second["remaining"], 0);
         let none = page(&s, 100, Some(10));
         assert!(numbers(&none).is_empty());
         assert_eq!(none["next"], 10);
         assert_eq!(none["missed"], 0);
-        // A client far behind learns how many it missed.
-        let behind = page(&s, 100, Some(2));
-        assert_eq!(numbers(&behind), vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(none["remaining"], 0);
+        // A client far behind learns how many it missed, and goes on from
+        // the oldest kept.
+        let behind = page(&s, 3, Some(2));
+        assert_eq!(numbers(&behind), vec![5, 6, 7]);
         assert_eq!(behind["missed"], 2);
-        let empty = shared_with(0, 6);
-        assert_eq!(page(&empty, 5, None)["next"], 0);
+        assert_eq!(behind["next"], 7);
+        assert_eq!(behind["remaining"], 3);
+        // Following page by page gives every kept connection once, in order.
+        let mut since = 0;
+        let mut seen = Vec::new();
+        loop {
+            let p = page(&s, 4, Some(since));
+            seen.extend(numbers(&p));
+            since = p["next"].as_u64().unwrap();
+            if p["remaining"] == 0 {
+                break;
+            }
+        }
+        assert_eq!(seen, vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(since, 10);
     }
 
     /// `timewait --from` renders the snapshot it gets back from JSON: the

@@ -27,8 +27,9 @@ pub enum NetnsKey {
     Name(String),
 }
 
-/// `GET /api/conns?limit=N&since=SEQ`: at most `limit` of the most recent
-/// finished connections, only those numbered above `since`.
+/// `GET /api/conns?limit=N&since=SEQ`: the next `limit` finished
+/// connections numbered above `since`, oldest first; without `since`, the
+/// `limit` most recent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnsQuery {
     pub limit: usize,

@@ -4,8 +4,9 @@
 //! tracepoint where the kernel allows it, else as the classic one (said
 //! once at start).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
@@ -538,39 +539,85 @@ impl Probe {
         // The kernel skips a tracepoint program that fires while another
         // BPF program runs on the same CPU (a softirq landing inside one)
         // and counts it per program: those events are lost too.
-        let mut programs = Vec::new();
-        for (_, prog) in self.ebpf.programs() {
+        Ok(LostCounter {
+            array,
+            programs: self.programs(),
+        })
+    }
+
+    /// Handles on the loaded programs, for reading their kernel figures
+    /// while the probe is live.
+    pub fn programs(&self) -> Programs {
+        let mut list = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
             if let Ok(fd) = prog.fd() {
                 if let Ok(owned) = fd.as_fd().try_clone_to_owned() {
-                    programs.push(owned);
+                    list.push((name.to_string(), owned));
                 }
             }
         }
-        Ok(LostCounter { array, programs })
-    }
-
-    /// Kernel run time and run count of each program (non-zero only while
-    /// BPF statistics are enabled).
-    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
-        let mut out = Vec::new();
-        for (name, prog) in self.ebpf.programs() {
-            if let Ok(info) = prog.info() {
-                out.push((name.to_string(), info.run_time(), info.run_count()));
-            }
-        }
-        out
+        Programs(Arc::new(list))
     }
 }
 
 pub struct LostCounter {
     array: PerCpuArray<MapData, u64>,
-    programs: Vec<std::os::fd::OwnedFd>,
+    programs: Programs,
 }
 
-/// `bpf_prog_info.recursion_misses` of one program (0 when the kernel does
-/// not say).
-fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
-    use std::os::fd::AsRawFd;
+/// The loaded programs, by name (shared: cloning shares the handles).
+#[derive(Clone, Debug, Default)]
+pub struct Programs(Arc<Vec<(String, OwnedFd)>>);
+
+/// What the kernel counts for one program (`bpf_prog_info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    /// Time spent running it, in ns: counted only while BPF statistics are
+    /// on (`kernel.bpf_stats_enabled`).
+    pub run_time_ns: u64,
+    /// Times it ran: counted only while BPF statistics are on.
+    pub run_count: u64,
+    /// Times the kernel skipped it because another BPF program was running
+    /// on that CPU: always counted.
+    pub recursion_misses: u64,
+}
+
+impl Programs {
+    /// Each program's figures now (those the kernel would not describe are
+    /// left out).
+    pub fn stats(&self) -> Vec<ProgramStats> {
+        self.0
+            .iter()
+            .filter_map(|(name, fd)| {
+                let info = prog_info(fd.as_fd())?;
+                Some(ProgramStats {
+                    name: name.clone(),
+                    run_time_ns: info.run_time_ns,
+                    run_count: info.run_cnt,
+                    recursion_misses: info.recursion_misses,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `kernel.bpf_stats_enabled`: whether the sysctl turns on the counting of
+/// BPF programs' run time and runs. It does not show `BPF_ENABLE_STATS`
+/// handles, which turn it on too. `None` when it cannot be read.
+pub fn bpf_stats_enabled() -> Option<bool> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+    Some(text.trim() != "0")
+}
+
+/// Turns the kernel's BPF run-time statistics on for as long as the
+/// returned handle is held (other holders and the sysctl are left alone).
+pub fn enable_bpf_stats() -> Result<OwnedFd, aya::sys::SyscallError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+}
+
+/// `bpf_prog_info` of one program, or `None` when the kernel does not say.
+fn prog_info(fd: BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     #[repr(C)]
     struct InfoByFd {
         bpf_fd: u32,
@@ -594,11 +641,7 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
             std::mem::size_of::<InfoByFd>(),
         )
     };
-    if rc == 0 {
-        info.recursion_misses
-    } else {
-        0
-    }
+    (rc == 0).then_some(info)
 }
 
 impl LostCounter {
@@ -611,8 +654,9 @@ impl LostCounter {
             .unwrap_or(0);
         let skipped = self
             .programs
+            .stats()
             .iter()
-            .map(|fd| recursion_misses(fd.as_fd()))
+            .map(|p| p.recursion_misses)
             .sum();
         LostCounts { ring_full, skipped }
     }

@@ -5,6 +5,7 @@
 
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::host::netns::{NetnsError, Selection};
+use crate::kernel::probe::Programs;
 use crate::model::correlate::{Correlator, CorrelatorOptions};
 use crate::model::snapshot::SocketSnapshot;
 use crate::stream::record::Header;
@@ -37,6 +38,9 @@ pub struct Context {
     pub source: Source,
     /// Live only: the namespaces the run covers, to read their kernels.
     pub scope: Option<Selection>,
+    /// The live probe's programs, for their kernel figures; `None` for a
+    /// replay.
+    pub programs: Option<Programs>,
 }
 
 impl Context {
@@ -44,7 +48,7 @@ impl Context {
     /// probe is live, so that no socket falls between the snapshot and the
     /// first event. The snapshot and `tcp_fin_timeout` are the primary
     /// namespace's, read from inside it.
-    pub fn live(scope: Selection) -> Result<Context, NetnsError> {
+    pub fn live(scope: Selection, programs: Programs) -> Result<Context, NetnsError> {
         let ns = scope.primary();
         let (snapshot, fin_timeout_s) =
             ns.run_in(|| (crate::host::procfs::capture(), crate::host::fin_timeout_s()))?;
@@ -65,6 +69,7 @@ impl Context {
                 started_ns: monotonic_ns(),
             },
             scope: Some(scope),
+            programs: Some(programs),
         })
     }
 
@@ -77,6 +82,7 @@ impl Context {
             snapshot: Some(snapshot),
             source: Source::Replay,
             scope: None,
+            programs: None,
         }
     }
 

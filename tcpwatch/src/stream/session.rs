@@ -97,7 +97,7 @@ pub async fn run<C: Consumer>(
     // sockets may close.
     let keep = opts.netns.inodes();
     let sweeper = crate::host::sweeper(opts.netns.primary());
-    let ctx = Context::live(opts.netns)?;
+    let ctx = Context::live(opts.netns, probe.programs())?;
     let consumer = build(&ctx)?;
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");

@@ -754,3 +754,210 @@ fn healthz_never_ok_for_a_daemon_that_fails_to_load() {
     assert!(log.contains("BTF"), "{log}");
     assert!(answers.iter().all(|c| *c == 503), "{answers:?}");
 }
+
+/// The sum over every series of `name` (e.g. one per BPF program).
+fn sum_of(samples: &[crate::support::daemon::Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum()
+}
+
+/// The `# HELP` text of `name` in an exposition.
+fn help_of<'a>(text: &'a str, name: &str) -> &'a str {
+    let prefix = format!("# HELP {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no HELP for {name} in\n{text}"))
+}
+
+/// Resident memory of `pid` as the kernel says in /proc/PID/status.
+fn vm_rss_bytes(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kb * 1024.0
+}
+
+/// What the daemon costs is served as series: its CPU time and resident
+/// memory, and (with --bpf-stats) its BPF programs' runs and run time,
+/// which must grow by at least the transitions of the connections the test
+/// makes. Without BPF statistics on, the HELP says the program series do
+/// not count.
+#[test]
+fn daemon_serves_its_own_cost() {
+    require_live!();
+    const N: usize = 200;
+    // Each connection is about ten transitions, five at each end.
+    const TRANSITIONS_EACH: f64 = 10.0;
+    let daemon = Daemon::start(&["--interval", "1", "--bpf-stats"]);
+    let pid = daemon.proc.pid();
+    let before_text = daemon.get("/metrics").body;
+    let before = parse_exposition(&before_text).unwrap();
+    let series = |s: &[crate::support::daemon::Sample], name: &str| {
+        metric(s, name).unwrap_or_else(|| panic!("no series {name}"))
+    };
+    assert_eq!(series(&before, "tcpwatch_bpf_stats_enabled"), 1.0);
+    assert!(
+        help_of(&before_text, "tcpwatch_bpf_program_runs").contains("as they are now"),
+        "{before_text}"
+    );
+    let programs: Vec<&str> = before
+        .iter()
+        .filter(|s| s.name == "tcpwatch_bpf_program_runs_total")
+        .filter_map(|s| s.labels.get("program").map(String::as_str))
+        .collect();
+    assert!(!programs.is_empty(), "no program series:\n{before_text}");
+    let started = Instant::now();
+
+    let (port, server_thread, _l) = low_port_server();
+    connect_n(port, N);
+    stop_server(port, server_thread);
+    // Until the daemon has taken the events in.
+    let events_before = series(&before, "tcpwatch_events_total");
+    let grew = |s: &Vec<crate::support::daemon::Sample>| {
+        series(s, "tcpwatch_events_total") - events_before >= TRANSITIONS_EACH * N as f64
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut after = daemon.metrics();
+    while !grew(&after) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        after = daemon.metrics();
+    }
+    let rss_now = vm_rss_bytes(pid);
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let d = |name: &str| sum_of(&after, name) - sum_of(&before, name);
+    let lost = d("tcpwatch_lost_events_total");
+    let (runs, run_s, cpu_s) = (
+        d("tcpwatch_bpf_program_runs_total"),
+        d("tcpwatch_bpf_program_run_seconds_total"),
+        d("tcpwatch_process_cpu_seconds_total"),
+    );
+    let rss = series(&after, "tcpwatch_process_resident_memory_bytes");
+    eprintln!(
+        "{N} connections: programs {programs:?} ran {runs} times for {:.3} ms ({:.0} ns each), \
+         events +{}, lost +{lost}; daemon CPU +{:.3} s over {elapsed:.2} s, \
+         RSS {:.1} MiB (VmRSS {:.1} MiB)",
+        run_s * 1e3,
+        run_s * 1e9 / runs.max(1.0),
+        d("tcpwatch_events_total"),
+        cpu_s,
+        rss / 1048576.0,
+        rss_now / 1048576.0
+    );
+    // The programs run once per transition, here and anywhere on the host.
+    let want = TRANSITIONS_EACH * N as f64 - lost;
+    assert!(
+        runs >= want,
+        "programs ran {runs} times, expected at least {want}"
+    );
+    // Each run takes some time, and well under a millisecond.
+    assert!(run_s > 0.0, "run time did not grow");
+    assert!(run_s / runs < 1e-3, "{run_s} s over {runs} runs");
+    // The daemon worked on those events: its CPU time grew, by no more than
+    // two cores over the time it had.
+    assert!(cpu_s > 0.0, "CPU time did not grow");
+    assert!(cpu_s <= 2.0 * elapsed + 0.1, "CPU {cpu_s} s in {elapsed} s");
+    // The same memory as the kernel says, give or take what moved between.
+    assert!(
+        rss > 0.5 * rss_now && rss < 2.0 * rss_now,
+        "RSS {rss} vs VmRSS {rss_now}"
+    );
+    daemon.stop();
+
+    // Without --bpf-stats, what the HELP says agrees with the sysctl.
+    let plain = Daemon::start(&["--interval", "1"]);
+    let text = plain.get("/metrics").body;
+    let samples = parse_exposition(&text).unwrap();
+    let on = series(&samples, "tcpwatch_bpf_stats_enabled");
+    let help = help_of(&text, "tcpwatch_bpf_program_run_seconds");
+    eprintln!("without --bpf-stats: enabled {on}, HELP: {help}");
+    if on == 0.0 {
+        assert!(
+            help.contains("it is 0 now, so this does not grow"),
+            "{help}"
+        );
+    } else {
+        assert!(help.contains("as they are now"), "{help}");
+    }
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+    assert_eq!(on == 1.0, sysctl.trim() != "0", "sysctl {sysctl}");
+    plain.stop();
+}
+
+/// `/api/conns?since=SEQ` pages forward: following it page by page from a
+/// point before the test's connections gives every one of them exactly
+/// once, each page the next `limit` after the last.
+#[test]
+fn conns_since_pages_forward() {
+    require_live!();
+    const N: usize = 30;
+    const LIMIT: usize = 7;
+    let daemon = Daemon::start(&["--interval", "1", "--keep", "200000"]);
+    let start: ConnsPage = daemon.get_as("/api/conns?limit=1");
+    let (port, server_thread, _l) = low_port_server();
+    let clients = connect_n(port, N);
+    // Until the daemon has finished both ends of each.
+    let ends = |p: &ConnsPage| {
+        p.conns
+            .iter()
+            .filter(|r| ours(r) && (r.dport == port || r.sport == port))
+            .count()
+    };
+    daemon.wait_for(
+        &format!("/api/conns?since={}&limit=100000", start.next),
+        Duration::from_secs(15),
+        |p: &ConnsPage| ends(p) >= 2 * N,
+    );
+
+    let mut since = start.next;
+    let mut pages = 0;
+    let mut seen: Vec<ConnRecord> = Vec::new();
+    loop {
+        let page: ConnsPage = daemon.get_as(&format!("/api/conns?since={since}&limit={LIMIT}"));
+        pages += 1;
+        assert_eq!(page.missed, 0, "nothing was dropped: {page:?}");
+        assert!(page.conns.len() <= LIMIT, "{page:?}");
+        if page.remaining > 0 {
+            // Not the last page: full, and it moved on by that many.
+            assert_eq!(page.conns.len(), LIMIT, "{page:?}");
+            assert_eq!(page.next, since + LIMIT as u64, "{page:?}");
+        }
+        since = page.next;
+        seen.extend(page.conns);
+        if page.remaining == 0 {
+            break;
+        }
+        assert!(pages < 100_000, "paging does not end");
+    }
+    let mut client_ports: Vec<u16> = seen
+        .iter()
+        .filter(|r| ours(r) && r.dport == port)
+        .map(|r| r.sport)
+        .collect();
+    let server_ends = seen.iter().filter(|r| ours(r) && r.sport == port).count();
+    eprintln!(
+        "{pages} pages of {LIMIT} from {} to {since}: {} records, {} client ends, {server_ends} server ends toward port {port}",
+        start.next,
+        seen.len(),
+        client_ports.len()
+    );
+    client_ports.sort_unstable();
+    let mut want = clients.clone();
+    want.sort_unstable();
+    assert_eq!(client_ports, want, "client ends, each once");
+    assert_eq!(server_ends, N, "server ends, each once");
+    // Nothing newer after the last page.
+    let after: ConnsPage = daemon.get_as(&format!("/api/conns?since={since}"));
+    assert!(after
+        .conns
+        .iter()
+        .all(|r| r.dport != port && r.sport != port));
+    stop_server(port, server_thread);
+    daemon.stop();
+}

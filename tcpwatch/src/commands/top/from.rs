@@ -121,17 +121,23 @@ impl DaemonReader {
 
     async fn read(&mut self, d: &Daemon) -> Result<Reading, TopError> {
         let (opened, closed, lost) = Self::counters(d).await?;
-        let page: ConnsPage = d
-            .get_json(&format!(
-                "/api/conns?since={}&limit={MAX_LIMIT}",
-                self.since
-            ))
-            .await?;
-        self.since = page.next.max(self.since);
-        self.missed += page.missed;
         let mut failures = Tally::default();
-        for r in page.conns.iter().filter(|r| r.close == "never_opened") {
-            failures.finished(&r.open, &r.close, r.error.as_deref());
+        // Every page up to the newest: the daemon pages forward.
+        loop {
+            let page: ConnsPage = d
+                .get_json(&format!(
+                    "/api/conns?since={}&limit={MAX_LIMIT}",
+                    self.since
+                ))
+                .await?;
+            self.since = page.next.max(self.since);
+            self.missed += page.missed;
+            for r in page.conns.iter().filter(|r| r.close == "never_opened") {
+                failures.finished(&r.open, &r.close, r.error.as_deref());
+            }
+            if page.remaining == 0 || page.conns.is_empty() {
+                break;
+            }
         }
         for (k, n) in failures.failed {
             *self.failed.entry(k).or_default() += n;
