@@ -60,6 +60,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("redis-cli", "redis-tools"),
     // tests/live/truth.rs also runs a real curl, 150 times, against a local server.
     ("curl", "curl"),
+    // deploy.rs type-checks the Grafana dashboard (npm's typescript and @grafana/schema).
+    ("node", "nodejs"),
+    ("npm", "npm"),
 ];
 
 /// PyPI's Kubernetes manifest validator (it bundles the schemas, so it works
@@ -67,6 +70,12 @@ const TEST_TOOLS: &[(&str, &str)] = &[
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The virtualenv holding it, relative to the workspace root.
 const KUBERNETES_VALIDATE_VENV: &str = "target/test-tools/kubernetes-validate";
+
+/// Grafana's own published dashboard types and the TypeScript compiler
+/// that checks deploy/grafana against them (tcpwatch/tests/live/deploy.rs).
+const GRAFANA_SCHEMA: &[&str] = &["typescript@5.9.3", "@grafana/schema@13.2.3"];
+/// The npm prefix holding them, relative to the workspace root.
+const GRAFANA_SCHEMA_DIR: &str = "target/test-tools/grafana-schema";
 
 /// What to check besides the build toolchain.
 #[derive(Clone, Copy, Debug, Default)]
@@ -308,7 +317,53 @@ impl Setup<'_> {
             })?;
             ok(format_args!("{tool} ({})", path.display()));
         }
-        self.kubernetes_validate()
+        self.kubernetes_validate()?;
+        self.grafana_schema()
+    }
+
+    /// 8. typescript and @grafana/schema from npm, under target/.
+    fn grafana_schema(&self) -> Result<()> {
+        let dir = self.ws.root().join(GRAFANA_SCHEMA_DIR);
+        let tsc = dir.join("node_modules/.bin/tsc");
+        let schema = dir.join("node_modules/@grafana/schema/package.json");
+        let want = GRAFANA_SCHEMA[1].rsplit('@').next().unwrap_or_default();
+        let installed = || {
+            let version = process::probe(Command::new(&tsc).arg("--version"))?;
+            let package = std::fs::read_to_string(&schema).ok()?;
+            package
+                .contains(&format!("\"version\": \"{want}\""))
+                .then_some(version)
+        };
+        let fix = format!(
+            "npm install --prefix {} {}",
+            dir.display(),
+            GRAFANA_SCHEMA.join(" ")
+        );
+        if installed().is_none() {
+            installing(format_args!(
+                "{} (npm, in {})",
+                GRAFANA_SCHEMA.join(" "),
+                dir.display()
+            ));
+            let npm = process::find_program("npm", &[])
+                .ok_or_else(|| missing("npm (for the Grafana dashboard check)", &fix))?;
+            std::fs::create_dir_all(&dir)?;
+            process::run(
+                Command::new(npm)
+                    .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+                    .arg(&dir)
+                    .args(GRAFANA_SCHEMA),
+            )
+            .map_err(|e| missing(format_args!("@grafana/schema ({e:#})"), &fix))?;
+        }
+        let version =
+            installed().ok_or_else(|| missing("a working tsc and @grafana/schema", &fix))?;
+        ok(format_args!(
+            "{} and @grafana/schema {want} ({})",
+            version.trim(),
+            dir.display()
+        ));
+        Ok(())
     }
 
     /// 7. kubernetes-validate from PyPI, in a virtualenv under target/.

@@ -9,7 +9,11 @@
 //!   port the daemon listens on, ...);
 //! - the Prometheus config and alerts: `promtool check config`, `check
 //!   rules`, and `test rules` with series that must and must not fire;
-//! - the daemon's arguments in both: `tcpwatch daemon` accepts them.
+//! - the daemon's arguments in both: `tcpwatch daemon` accepts them;
+//! - the Grafana dashboard: type-checked by `tsc` against Grafana's own
+//!   published dashboard types (npm's @grafana/schema, under target/test-tools),
+//!   plus a layout that fits the grid and one query or more in every panel
+//!   (prometheus.rs runs every query against a real Prometheus).
 //!
 //! As root, two more run the daemon the way the unit does: as uid 65534 with
 //! exactly the unit's ambient capabilities (loads, serves, attributes
@@ -903,4 +907,117 @@ fn unit_syscall_filter_allows_every_call_the_daemon_makes() {
     let mut without_bpf = filter.clone();
     without_bpf.remove("bpf");
     assert!(!used.is_subset(&allowed_syscalls(&analyze, &without_bpf)));
+}
+
+// ---------------------------------------------------------------------------
+// Grafana
+
+/// `tsc --strict` on `dashboard` as an object literal that must satisfy
+/// @grafana/schema's `Dashboard`: unknown fields, wrong types and unknown
+/// enum values are errors.
+fn grafana_check(dir: &Path, dashboard: &str) -> Ran {
+    // Inside the npm prefix, so that the import resolves to its node_modules.
+    let scratch = dir.join(format!("check-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    let file = scratch.join(format!("dashboard-{}.ts", free_port()));
+    let source = format!(
+        "import type {{ Dashboard }} from \"@grafana/schema\";\n\
+         export const dashboard = ({}) satisfies Dashboard;\n",
+        dashboard.trim_end()
+    );
+    fs::write(&file, source).unwrap();
+    let r = output_of(
+        Command::new(dir.join("node_modules/.bin/tsc"))
+            .args(["--noEmit", "--strict", "--skipLibCheck"])
+            .args(["--module", "nodenext", "--moduleResolution", "nodenext"])
+            .arg(&file),
+    );
+    let _ = fs::remove_file(&file);
+    let _ = fs::remove_dir(&scratch);
+    r
+}
+
+#[test]
+fn grafana_dashboard_matches_grafana_schema() {
+    let text = read_deploy(DASHBOARD);
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    // What a schema cannot say: ids unique, panels inside the 24-column grid
+    // and not on top of each other, each with a description and a query on
+    // the dashboard's Prometheus variable.
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap();
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "id of {title} twice");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24 && w > 0 && h > 0, "{title}: {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at {cx},{cy}"
+                );
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(
+            p["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{title}"
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "{title} has no query"
+        );
+    }
+    let queries = dashboard_queries(&dashboard);
+    for q in &queries {
+        assert!(q.expr.contains("tcpwatch_"), "{q:?}");
+        assert!(
+            q.expr.contains("instance=~\"$instance\""),
+            "not per host: {q:?}"
+        );
+    }
+    println!("{} panels, {} queries", panels.len(), queries.len());
+
+    let dir = grafana_schema_dir();
+    if !dir.join("node_modules/.bin/tsc").is_file() {
+        skip(&format!(
+            "{} has no tsc (`cargo xtask setup --test-tools` or `cargo xtask test` installs \
+             typescript and @grafana/schema from npm there)",
+            dir.display()
+        ));
+        return;
+    }
+    let r = grafana_check(&dir, &text);
+    assert!(r.ok, "tsc against @grafana/schema:\n{}", r.output);
+    // The check rejects what Grafana's schema rejects.
+    for (from, to, says) in [
+        // unknown field (a typo)
+        ("\"gridPos\"", "\"gridPosition\"", "does not exist in type"),
+        // wrong type
+        (
+            "\"w\": 12",
+            "\"w\": \"12\"",
+            "not assignable to type 'number'",
+        ),
+        // not one of the enum's values
+        (
+            "\"graphTooltip\": 1",
+            "\"graphTooltip\": 7",
+            "DashboardCursorSync",
+        ),
+    ] {
+        let bad = grafana_check(&dir, &mutate(&text, from, to));
+        assert!(!bad.ok && bad.output.contains(says), "{to}: {}", bad.output);
+    }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::require_live;
 use crate::support::daemon::*;
-use crate::support::deploy::{deploy_file, read_deploy};
+use crate::support::deploy::{dashboard_queries, deploy_file, read_deploy, DASHBOARD};
 use crate::support::peer::{repeat, Peer};
 use crate::support::{own_netns, settle, tool};
 
@@ -98,6 +98,37 @@ fn read_sysctl(name: &str) -> Vec<u64> {
         .split_whitespace()
         .map(|v| v.parse().unwrap())
         .collect()
+}
+
+/// What [`known_traffic`] did.
+struct Traffic {
+    target: SocketAddr,
+    client_comm: String,
+}
+
+/// N connections from a client process of a name of its own to a server of this
+/// test's own; the client closes first and keeps a TIME_WAIT socket each.
+fn known_traffic() -> Traffic {
+    let mut server = Peer::spawn("twpromserver", None);
+    let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
+    let served = server.send(&repeat("accept; eof; close", N as usize));
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut client = Peer::spawn("twpromclient", None);
+    let made = client.run(&repeat(
+        &format!("connect {target}; write 32; close"),
+        N as usize,
+    ));
+    assert_eq!(made.len(), N as usize, "connections made");
+    server.wait(served);
+    server.run("close_listener");
+    let client_comm = client.comm.clone();
+    client.finish();
+    server.finish();
+    settle(&[port], Duration::from_secs(10));
+    Traffic {
+        target,
+        client_comm,
+    }
 }
 
 /// A series: metric name and labels.
@@ -185,25 +216,10 @@ fn prometheus_sees_what_the_daemon_saw() {
         .collect();
     let lost_before = p.scalar("sum(tcpwatch_lost_events_total)").unwrap_or(0.0);
 
-    // N connections from a client process of a name of its own to a server of this
-    // test's own; the client closes first and keeps a TIME_WAIT socket each.
-    let mut server = Peer::spawn("twpromserver", None);
-    let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
-    let served = server.send(&repeat("accept; eof; close", N as usize));
-    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut client = Peer::spawn("twpromclient", None);
-    let made = client.run(&repeat(
-        &format!("connect {target}; write 32; close"),
-        N as usize,
-    ));
-    assert_eq!(made.len(), N as usize, "connections made");
-    server.wait(served);
-    server.run("close_listener");
-    let client_comm = client.comm.clone();
-    client.finish();
-    server.finish();
-    settle(&[port], Duration::from_secs(10));
-
+    let Traffic {
+        target,
+        client_comm,
+    } = known_traffic();
     let destination = target.to_string();
     // The process label is the command name alone (no pid: no new series
     // per process).
@@ -329,6 +345,117 @@ fn prometheus_sees_what_the_daemon_saw() {
     let firing = p.query("ALERTS{alertstate=\"firing\",alertname=\"TcpwatchDown\"}");
     assert!(firing.is_empty(), "{firing:?}");
 
+    p.stop();
+    daemon.stop();
+}
+
+/// Every query of the Grafana dashboard in deploy/grafana, with its
+/// variables set to this daemon and a one-minute rate window, returns data
+/// from a real Prometheus after known traffic; the TIME_WAIT panels show
+/// the test's own destination with the figures the test made.
+#[test]
+fn grafana_dashboard_queries_return_data() {
+    require_live!();
+    let Some(prometheus) = prometheus_bin() else {
+        return;
+    };
+    // BPF statistics on, so the cost panels have run times to show.
+    let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--bpf-stats"]);
+    let p = Prometheus::start(&prometheus, &daemon.addr.to_string(), &[]);
+    let up = p.wait_scalar("up{job=\"tcpwatch\"}", ARRIVAL, |v| v == 1.0);
+    assert_eq!(up, Some(1.0), "Prometheus could not scrape the daemon");
+    let Traffic { target, .. } = known_traffic();
+    let destination = target.to_string();
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read_deploy(DASHBOARD)).expect("dashboard JSON");
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    let instance = daemon.addr.to_string();
+    let exported: BTreeSet<String> = daemon.metrics().into_iter().map(|s| s.name).collect();
+    let mut results = Vec::new();
+    for q in &queries {
+        // Every series named is one the daemon exports (histograms by their
+        // _bucket series).
+        for word in q
+            .expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        {
+            if word.starts_with("tcpwatch_") {
+                assert!(
+                    exported.contains(word),
+                    "{}: {word} is not exported",
+                    q.panel
+                );
+            }
+        }
+        let expr = q
+            .expr
+            .replace("$instance", &instance)
+            .replace("$__rate_interval", "1m");
+        let deadline = std::time::Instant::now() + ARRIVAL;
+        let got = loop {
+            let r = p.query(&expr);
+            if r.iter().any(|s| s.value.is_finite()) || std::time::Instant::now() > deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let shown: Vec<String> = got
+            .iter()
+            .take(3)
+            .map(|s| format!("{:?}={:.6}", s.labels.values().collect::<Vec<_>>(), s.value))
+            .collect();
+        println!(
+            "{} [{}]: {} series {}",
+            q.panel,
+            q.ref_id,
+            got.len(),
+            shown.join(" ")
+        );
+        assert!(
+            got.iter().any(|s| s.value.is_finite()),
+            "{} [{}] returned no data: {expr}\n{got:?}",
+            q.panel,
+            q.ref_id
+        );
+        results.push((q, expr, got));
+    }
+
+    // The panels that name destinations show the test's own.
+    let panel = |title: &str| -> &Vec<crate::support::daemon::Sample> {
+        &results
+            .iter()
+            .find(|(q, _, _)| q.panel == title)
+            .unwrap_or_else(|| panic!("no panel {title}"))
+            .2
+    };
+    let of = |title: &str| {
+        panel(title)
+            .iter()
+            .find(|s| s.labels.get("destination") == Some(&destination))
+            .map(|s| s.value)
+    };
+    let range = read_sysctl("ip_local_port_range");
+    let ports = (range[1] - range[0] + 1) as f64;
+    // Those are top 10: the test's destination is there unless ten others
+    // (of other tests on this host) hold at least as many.
+    for (title, want) in [
+        ("TIME_WAIT by destination", N as f64),
+        ("Ports running out, by destination", N as f64 / ports),
+    ] {
+        match of(title) {
+            Some(v) => assert!((v - want).abs() < 1e-9, "{title}: {v}, expected {want}"),
+            None => {
+                let others = panel(title);
+                assert!(
+                    others.len() == 10 && others.iter().all(|s| s.value >= want),
+                    "{title}: {destination} missing from {others:?}"
+                );
+                println!("{title}: {destination} outranked by ten others");
+            }
+        }
+    }
     p.stop();
     daemon.stop();
 }

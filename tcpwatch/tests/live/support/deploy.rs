@@ -48,3 +48,40 @@ pub fn output_of(cmd: &mut Command) -> Ran {
         ),
     }
 }
+
+/// Where `cargo xtask setup --test-tools` puts npm's typescript and
+/// @grafana/schema.
+pub fn grafana_schema_dir() -> PathBuf {
+    repo_root().join("target/test-tools/grafana-schema")
+}
+
+/// The Grafana dashboard shipped in deploy/.
+pub const DASHBOARD: &str = "grafana/tcpwatch.json";
+
+/// One query of a dashboard panel.
+#[derive(Clone, Debug)]
+pub struct PanelQuery {
+    pub panel: String,
+    pub ref_id: String,
+    pub expr: String,
+}
+
+/// Every panel query of the dashboard, rows left out.
+pub fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<PanelQuery> {
+    let panels = dashboard["panels"].as_array().expect("panels");
+    panels
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| PanelQuery {
+                    panel: title.clone(),
+                    ref_id: t["refId"].as_str().unwrap_or("").to_string(),
+                    expr: t["expr"].as_str().unwrap_or("").to_string(),
+                })
+        })
+        .collect()
+}
