@@ -177,8 +177,8 @@ pub struct TopArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct DaemonArgs {
-    /// Address to serve HTTP on. Loopback unless you ask otherwise.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977")]
+    /// Address to serve HTTP on (an IP address or a host name such as localhost). Loopback unless you ask otherwise.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977", value_parser = parse_listen)]
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub probe: ProbeArgs,
@@ -288,8 +288,8 @@ pub struct FilterArgs {
     /// Only sockets owned by this process id (repeatable).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
-    /// Only sockets owned by a process with this command name (repeatable).
-    #[arg(long = "comm", value_name = "NAME")]
+    /// Only sockets owned by a process with this command name (repeatable; the kernel keeps 15 characters).
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
     pub comms: Vec<String>,
     /// Only sockets with this local port (repeatable).
     #[arg(long = "lport", value_name = "PORT", value_parser = parse_port)]
@@ -297,6 +297,9 @@ pub struct FilterArgs {
     /// Only sockets with this remote port (repeatable).
     #[arg(long = "rport", value_name = "PORT", value_parser = parse_port)]
     pub rports: Vec<u16>,
+    /// Only sockets with this port on either side, local or remote (repeatable).
+    #[arg(long = "port", value_name = "PORT", value_parser = parse_port)]
+    pub ports: Vec<u16>,
     /// Only sockets whose local address is in this address or CIDR network (repeatable).
     #[arg(long = "laddr", value_name = "ADDR[/LEN]", value_parser = parse_cidr)]
     pub laddrs: Vec<Cidr>,
@@ -339,6 +342,7 @@ impl FilterArgs {
             comms: self.comms.clone(),
             lports: self.lports.clone(),
             rports: self.rports.clone(),
+            ports: self.ports.clone(),
             laddrs: self.laddrs.clone(),
             raddrs: self.raddrs.clone(),
             family: if self.ipv4 {
@@ -404,6 +408,10 @@ pub enum ArgError {
     NotPositive(String),
     #[error("'{0}' must be a number of seconds greater than 0")]
     NotSeconds(String),
+    #[error("a process name cannot be empty")]
+    EmptyComm,
+    #[error("'{0}' is not ADDR:PORT or HOST:PORT with a host name that resolves")]
+    NotListen(String),
     /// What the address parser says is wrong.
     #[error(transparent)]
     Cidr(CidrError),
@@ -423,6 +431,53 @@ fn parse_port(s: &str) -> Result<u16, ArgError> {
         Ok(p) => Err(ArgError::PortRange(p)),
         Err(_) => Err(ArgError::NotAPort(s.to_string())),
     }
+}
+
+/// `ADDR:PORT` or `HOST:PORT`: a host name is resolved, and its first
+/// address taken (IPv4 before IPv6, so `localhost` is 127.0.0.1).
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, ArgError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if s.rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(ArgError::NotListen(s.to_string()));
+    }
+    let addrs: Vec<std::net::SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|_| ArgError::NotListen(s.to_string()))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| ArgError::NotListen(s.to_string()))
+}
+
+/// Characters the kernel keeps of a process name (TASK_COMM_LEN less the NUL).
+const COMM_LEN: usize = 15;
+
+/// A process name as the kernel has it: a longer one is cut to its first
+/// 15 bytes, which is all a process's name can match, and said so.
+fn parse_comm(s: &str) -> Result<String, ArgError> {
+    if s.is_empty() {
+        return Err(ArgError::EmptyComm);
+    }
+    if s.len() <= COMM_LEN {
+        return Ok(s.to_string());
+    }
+    let mut end = COMM_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = &s[..end];
+    tracing::warn!(
+        "--comm {s:?} is longer than the {COMM_LEN} characters the kernel keeps of a process name: matching {cut:?}"
+    );
+    Ok(cut.to_string())
 }
 
 fn parse_cidr(s: &str) -> Result<Cidr, ArgError> {
@@ -493,7 +548,7 @@ where
                 | ErrorKind::DisplayVersion
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
                 _ => {
-                    tracing::error!("{}", one_line(&e.to_string()));
+                    tracing::error!("{}", one_line(&e));
                     std::process::exit(2);
                 }
             }
@@ -501,10 +556,42 @@ where
     }
 }
 
-/// clap's message without its "error: " prefix and usage/tip lines.
-pub fn one_line(message: &str) -> String {
-    let first = message.lines().next().unwrap_or("invalid arguments");
-    first.trim_start_matches("error: ").trim().to_string()
+/// clap's message on one line, without its "error: " prefix and usage
+/// lines: naming the arguments that are missing, and listing the values
+/// that would have been valid.
+pub fn one_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let message = e.render().to_string();
+    let mut lines = message.lines();
+    let mut line = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .trim()
+        .to_string();
+    // "the following required arguments were not provided:" and the
+    // arguments on the lines below it.
+    if line.ends_with(':') {
+        let named: Vec<&str> = lines
+            .take_while(|l| l.starts_with("  "))
+            .map(str::trim)
+            .collect();
+        line = format!("{} {}", line, named.join(", "));
+    }
+    let words = |kind| match e.get(kind) {
+        Some(ContextValue::Strings(v)) => v.clone(),
+        Some(ContextValue::String(v)) => vec![v.clone()],
+        _ => Vec::new(),
+    };
+    let valid = words(ContextKind::ValidValue);
+    if !valid.is_empty() {
+        line = format!("{line} (valid: {})", valid.join(", "));
+    }
+    let similar = words(ContextKind::SuggestedArg);
+    if !similar.is_empty() {
+        line = format!("{line} (did you mean {}?)", similar.join(" or "));
+    }
+    line
 }
 
 #[cfg(test)]
@@ -585,9 +672,65 @@ mod tests {
         ] {
             let err = try_parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}");
-            let line = one_line(&err.to_string());
+            let line = one_line(&err);
             assert!(!line.is_empty() && !line.contains('\n'), "{args:?}: {line}");
         }
+    }
+
+    /// The line names what is missing and lists what would be valid.
+    #[test]
+    fn bad_input_line_says_what_to_give() {
+        let line = |args: &[&str]| one_line(&try_parse(args).expect_err("should fail"));
+        assert_eq!(
+            line(&["record"]),
+            "the following required arguments were not provided: --output <FILE>"
+        );
+        assert_eq!(
+            line(&["conns", "--format", "yaml"]),
+            "invalid value 'yaml' for '--format <FORMAT>' (valid: text, json)"
+        );
+        let unknown = line(&["conns", "--formt", "json"]);
+        assert!(
+            unknown.starts_with("unexpected argument '--formt' found")
+                && unknown.contains("--format"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        let at = |s: &str| parse_listen(s).map(|a| a.to_string());
+        assert_eq!(at("127.0.0.1:9977").unwrap(), "127.0.0.1:9977");
+        assert_eq!(at("[::1]:9977").unwrap(), "[::1]:9977");
+        assert_eq!(at("localhost:9977").unwrap(), "127.0.0.1:9977");
+        for bad in [
+            "localhost",
+            "localhost:http",
+            "localhost:70000",
+            "no-such-host.invalid:1",
+            "",
+        ] {
+            let e = at(bad).unwrap_err().to_string();
+            assert!(e.contains("ADDR:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_long_comm_is_cut_to_what_the_kernel_keeps() {
+        assert_eq!(parse_comm("nginx").unwrap(), "nginx");
+        assert_eq!(parse_comm("exactly15chars!").unwrap(), "exactly15chars!");
+        assert_eq!(
+            parse_comm("twpeer-a-client-and-more").unwrap(),
+            "twpeer-a-client"
+        );
+        // Not inside a character: 14 bytes, then a 2-byte one.
+        assert_eq!(parse_comm("abcdefghijklmné-x").unwrap(), "abcdefghijklmn");
+        assert!(parse_comm("").is_err());
+        let cli = try_parse(&["trace", "--comm", "a-very-long-process-name"]).unwrap();
+        let Command::Trace(t) = cli.command else {
+            panic!("trace")
+        };
+        assert_eq!(t.filter.to_filter().comms, vec!["a-very-long-pro"]);
     }
 
     #[test]

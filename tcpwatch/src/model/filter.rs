@@ -83,6 +83,8 @@ pub struct Filter {
     pub comms: Vec<String>,
     pub lports: Vec<u16>,
     pub rports: Vec<u16>,
+    /// Either side's port.
+    pub ports: Vec<u16>,
     pub laddrs: Vec<Cidr>,
     pub raddrs: Vec<Cidr>,
     pub family: Option<Family>,
@@ -98,6 +100,7 @@ impl Filter {
             && self.comms.is_empty()
             && self.lports.is_empty()
             && self.rports.is_empty()
+            && self.ports.is_empty()
             && self.laddrs.is_empty()
             && self.raddrs.is_empty()
             && self.family.is_none()
@@ -130,6 +133,12 @@ impl Filter {
             return false;
         }
         if !self.rports.is_empty() && !self.rports.contains(&remote.port) {
+            return false;
+        }
+        if !self.ports.is_empty()
+            && !self.ports.contains(&local.port)
+            && !self.ports.contains(&remote.port)
+        {
             return false;
         }
         if !self.laddrs.is_empty() && !self.laddrs.iter().any(|c| c.contains(&local.addr)) {
@@ -195,6 +204,50 @@ mod tests {
         assert!(f.matches(Family::V4, &ep("10.0.0.1:443"), &ep("10.0.0.2:5000"), None));
         assert!(!f.matches(Family::V4, &ep("10.0.0.1:8080"), &ep("10.0.0.2:5000"), None));
         assert!(!f.matches(Family::V4, &ep("10.0.0.1:80"), &ep("10.0.0.2:5001"), None));
+    }
+
+    #[test]
+    fn port_matches_either_side() {
+        let f = Filter {
+            ports: vec![5432],
+            ..Filter::default()
+        };
+        assert!(!f.is_empty());
+        assert!(f.matches(
+            Family::V4,
+            &ep("10.0.0.1:40000"),
+            &ep("10.0.0.2:5432"),
+            None
+        ));
+        assert!(f.matches(
+            Family::V4,
+            &ep("10.0.0.2:5432"),
+            &ep("10.0.0.1:40000"),
+            None
+        ));
+        assert!(!f.matches(
+            Family::V4,
+            &ep("10.0.0.1:40000"),
+            &ep("10.0.0.2:5433"),
+            None
+        ));
+        // With --lport too, both must hold.
+        let both = Filter {
+            lports: vec![40000],
+            ..f
+        };
+        assert!(both.matches(
+            Family::V4,
+            &ep("10.0.0.1:40000"),
+            &ep("10.0.0.2:5432"),
+            None
+        ));
+        assert!(!both.matches(
+            Family::V4,
+            &ep("10.0.0.2:5432"),
+            &ep("10.0.0.1:40000"),
+            None
+        ));
     }
 
     #[test]

@@ -198,7 +198,9 @@ impl ConnRecord {
             errno: t.error,
             bytes_sent: t.bytes_sent,
             bytes_received: t.bytes_received,
-            srtt_us: t.srtt_us,
+            // The kernel's estimate of a connection that never opened is
+            // its initial value, not a measurement.
+            srtt_us: t.srtt_us.filter(|_| t.close != CloseKind::NeverOpened),
             retransmits: t.retransmits,
             total_retrans: t.total_retrans,
             resets_sent: t.resets_sent,
@@ -347,6 +349,26 @@ mod tests {
             new: TcpState::Established,
         }];
         t
+    }
+
+    /// A connection that never opened has no round-trip time to show.
+    #[test]
+    fn never_opened_has_no_rtt() {
+        let clock = Clock::with_offset_ns(0);
+        let mut refused = timeline();
+        refused.open = OpenKind::Failed;
+        refused.close = CloseKind::NeverOpened;
+        refused.error = Some(111);
+        refused.timewait = None;
+        let r = ConnRecord::new(&refused, &clock, false);
+        assert_eq!(r.srtt_us, None);
+        let text = record_text(&r);
+        let cols: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(cols[cols.len() - 2], "-", "{cols:?}");
+        assert_eq!(
+            ConnRecord::new(&timeline(), &clock, false).srtt_us,
+            Some(31)
+        );
     }
 
     /// `conns --from` prints what it gets back from the daemon's JSON:

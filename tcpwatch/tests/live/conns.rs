@@ -733,6 +733,8 @@ fn refused_connect() {
                 ("role", "client".into()),
                 ("open", "refused".into()),
                 ("close", "never_opened".into()),
+                // No round trip was ever measured: null, `-` in text.
+                ("srtt_us", Value::Null),
                 ("closed_by", Value::Null),
                 ("error", "ECONNREFUSED".into()),
                 ("errno", libc::ECONNREFUSED.into()),
@@ -798,6 +800,7 @@ fn timed_out_connect() {
             ("role", "client".into()),
             ("open", "timed_out".into()),
             ("close", "never_opened".into()),
+            ("srtt_us", Value::Null),
             ("closed_by", Value::Null),
             ("error", "ETIMEDOUT".into()),
             ("errno", libc::ETIMEDOUT.into()),

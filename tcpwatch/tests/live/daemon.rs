@@ -961,3 +961,28 @@ fn conns_since_pages_forward() {
     stop_server(port, server_thread);
     daemon.stop();
 }
+
+/// `--listen localhost:PORT` serves on the loopback address the name
+/// resolves to, and says which.
+#[test]
+fn listen_takes_a_host_name() {
+    require_live!();
+    let port = free_port();
+    let p = spawn_ready(
+        "daemon on localhost",
+        &["daemon", "--listen", &format!("localhost:{port}")],
+        "tracing TCP connections",
+    );
+    let said = p.stderr_now().join("\n");
+    let addr = format!("127.0.0.1:{port}");
+    assert!(
+        said.contains(&format!("listening on http://{addr}")),
+        "{said}"
+    );
+    let (status, body) = healthz(&addr).expect("answers on 127.0.0.1");
+    eprintln!("--listen localhost:{port}: GET http://{addr}/healthz {status} {body}");
+    assert_eq!(status, 200, "{body}");
+    p.signal(libc::SIGTERM);
+    let f = p.finish(STOP_TIMEOUT);
+    assert!(f.status.success(), "{}", f.stderr.join("\n"));
+}

@@ -481,10 +481,11 @@ fn filters_show_exactly_the_matching_subset() {
         .zip(&ports)
         .map(|((_, a), p)| sock(a, *p))
         .collect();
-    // Client A gets its own name so --comm selects it alone.
-    let mut a = Peer::spawn("twpeer-a", None);
+    // Client A gets its own name so --comm selects it alone: 15 characters,
+    // all the kernel keeps, so a longer --comm is cut to it (with a warning).
+    let mut a = Peer::spawn("twpeer-a-client", None);
     let mut b = Peer::spawn("twpeer-b", None);
-    assert_eq!(a.comm, "twpeer-a");
+    assert_eq!(a.comm, "twpeer-a-client");
     assert_ne!(b.comm, a.comm);
 
     let (p1, pid_a) = (ports[0].to_string(), a.pid.to_string());
@@ -492,7 +493,9 @@ fn filters_show_exactly_the_matching_subset() {
         ("pid", vec!["--pid", &pid_a]),
         ("lport", vec!["--lport", &p1]),
         ("rport", vec!["--rport", &p1]),
-        ("comm", vec!["--comm", "twpeer-a"]),
+        ("comm", vec!["--comm", "twpeer-a-client"]),
+        ("port", vec!["--port", &p1]),
+        ("longcomm", vec!["--comm", "twpeer-a-client-and-more"]),
     ];
     if fams.len() == 2 {
         filters.push(("ipv6", vec!["-6"]));
@@ -565,7 +568,8 @@ fn filters_show_exactly_the_matching_subset() {
                 "pid" => l.pid == Some(a_pid),
                 "lport" => l.sport == ports[0],
                 "rport" => l.dport == ports[0],
-                "comm" => l.comm.as_deref() == Some("twpeer-a"),
+                "comm" | "longcomm" => l.comm.as_deref() == Some("twpeer-a-client"),
+                "port" => l.sport == ports[0] || l.dport == ports[0],
                 "ipv6" => l.family == "ipv6",
                 _ => unreachable!(),
             })
@@ -575,14 +579,28 @@ fn filters_show_exactly_the_matching_subset() {
         assert_eq!(keys(&got), keys(&want), "--{name}: not the matching subset");
         // And the subset is the one the traffic implies.
         let expected_len = match *name {
-            "pid" | "comm" => 5 * n,
+            "pid" | "comm" | "longcomm" => 5 * n,
             "lport" => 12,
             "rport" => 10,
+            // Both ends: the server's 12 and the clients' 10.
+            "port" => 22,
             "ipv6" => 22,
             _ => unreachable!(),
         };
         assert_eq!(got.len(), expected_len, "--{name}: {got:#?}");
-        if *name == "pid" || *name == "comm" {
+        if *name == "longcomm" {
+            let warned = run.stderr.iter().any(|l| {
+                l.contains("twpeer-a-client-and-more")
+                    && l.contains("15")
+                    && l.contains("\"twpeer-a-client\"")
+            });
+            assert!(
+                warned,
+                "--comm longer than 15: no warning in {:?}",
+                run.stderr
+            );
+        }
+        if *name == "pid" || *name == "comm" || *name == "longcomm" {
             for life in lifetimes(&got) {
                 assert_eq!(transitions(&life), CLIENT_SEQ, "--{name}: {life:#?}");
                 assert!(
