@@ -99,6 +99,9 @@ pub struct ConnsArgs {
     /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
     #[arg(long, value_name = "URL")]
     pub from: Option<String>,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -112,9 +115,12 @@ pub struct LadderArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Format of the exit summary on stderr (the pictures are text).
+    /// Pictures (text), or one JSON object per connection; the exit summary follows.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -143,6 +149,9 @@ pub struct TimewaitArgs {
     /// Read a running `tcpwatch daemon` (http://HOST:PORT) instead of loading programs here.
     #[arg(long, value_name = "URL")]
     pub from: Option<String>,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -240,7 +249,7 @@ pub enum ReplayView {
     Trace(ReplayOutputArgs),
     /// Finished connections, as `tcpwatch conns` prints them.
     Conns(ReplayOutputArgs),
-    /// Ladder pictures, as `tcpwatch ladder` draws them.
+    /// Ladder pictures (or their JSON), as `tcpwatch ladder` draws them.
     Ladder(ReplayLadderArgs),
 }
 
@@ -257,6 +266,9 @@ pub struct ReplayOutputArgs {
     /// Most sockets tracked at once.
     #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
     pub max_sockets: usize,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 impl ProbeArgs {
@@ -274,12 +286,15 @@ impl ProbeArgs {
 pub struct ReplayLadderArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Format of the exit summary on stderr (the pictures are text).
+    /// Pictures (text), or one JSON object per connection; the exit summary follows.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Most sockets tracked at once.
     #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
     pub max_sockets: usize,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 /// Which sockets to show.
@@ -395,6 +410,9 @@ pub struct TraceArgs {
     /// Do not print the column header (text format).
     #[arg(long)]
     pub no_header: bool,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 /// A value on the command line that does not read.

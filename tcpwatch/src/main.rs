@@ -18,6 +18,7 @@ use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions
 use tcpwatch::commands::trace::{TraceOptions, TraceSink};
 use tcpwatch::commands::{self, Source};
 use tcpwatch::daemon::client::{self, Daemon};
+use tcpwatch::host::clock::Zone;
 use tcpwatch::host::netns::{NetnsSpec, Selection};
 use tcpwatch::kernel::probe::Probe;
 use tcpwatch::stream::error::StreamError;
@@ -87,6 +88,7 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
             netns.as_deref(),
             &mut stdout(),
             args.format,
+            Zone::from_flag(args.local_time),
             redraw,
             args.interval,
             args.duration,
@@ -109,7 +111,8 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
     )?;
     commands::run(source, args.format, |ctx| {
         let tracker = TimewaitTracker::start(opts, ctx);
-        Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker))
+        Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker)
+            .with_zone(Zone::from_flag(args.local_time)))
     })
     .await?;
     Ok(())
@@ -202,6 +205,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 filter: a.filter.to_filter(),
                 max_sockets: a.probe.max_sockets,
                 header: !a.no_header,
+                zone: Zone::from_flag(a.local_time),
             };
             trace(source, opts).await?;
         }
@@ -215,6 +219,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &mut stdout(),
                     a.format,
                     &a.filter.to_filter(),
+                    Zone::from_flag(a.local_time),
                     header,
                     a.duration,
                 )
@@ -229,16 +234,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 filter: a.filter.to_filter(),
                 max_sockets: a.probe.max_sockets,
                 header: !a.no_header,
+                zone: Zone::from_flag(a.local_time),
             };
             conns(source, opts, a.format).await?;
         }
         Command::Ladder(a) => {
             let source = live(&a.probe, a.duration, "TCP connections", &a.netns.specs())?;
             let opts = ConnsOptions {
-                view: View::Ladder,
+                view: View::Ladder(a.format),
                 filter: a.filter.to_filter(),
                 max_sockets: a.probe.max_sockets,
                 header: false,
+                zone: Zone::from_flag(a.local_time),
             };
             conns(source, opts, a.format).await?;
         }
@@ -273,6 +280,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         filter: o.filter.to_filter(),
                         max_sockets: o.max_sockets,
                         header: !o.no_header,
+                        zone: Zone::from_flag(o.local_time),
                     };
                     trace(source, opts).await?;
                 }
@@ -282,15 +290,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         filter: o.filter.to_filter(),
                         max_sockets: o.max_sockets,
                         header: !o.no_header,
+                        zone: Zone::from_flag(o.local_time),
                     };
                     conns(source, opts, o.format).await?;
                 }
                 ReplayView::Ladder(o) => {
                     let opts = ConnsOptions {
-                        view: View::Ladder,
+                        view: View::Ladder(o.format),
                         filter: o.filter.to_filter(),
                         max_sockets: o.max_sockets,
                         header: false,
+                        zone: Zone::from_flag(o.local_time),
                     };
                     conns(source, opts, o.format).await?;
                 }

@@ -5,13 +5,14 @@ use std::io::{self, Write};
 
 use crate::commands::Selector;
 use crate::host::clock::Clock;
+use crate::host::clock::Zone;
 use crate::model::correlate::{Correlator, Role, Timeline};
 use crate::model::filter::Filter;
 use crate::model::sweep::SweepTable;
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
-use crate::views::conns::{conns_json, conns_text, CONNS_HEADER};
-use crate::views::ladder::{are_peers, ladder};
+use crate::views::conns::{conns_header, conns_json, conns_text};
+use crate::views::ladder::{are_peers, ladder, ladder_json, ladder_text, LadderRecord};
 use crate::views::summary::{ConnsSummary, ExitSummary};
 use crate::views::Format;
 
@@ -19,7 +20,7 @@ use crate::views::Format;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum View {
     Records(Format),
-    Ladder,
+    Ladder(Format),
 }
 
 /// What the user asked `conns` or `ladder` for.
@@ -30,6 +31,8 @@ pub struct ConnsOptions {
     pub max_sockets: usize,
     /// Print the column header first (text records).
     pub header: bool,
+    /// The clock face of text output.
+    pub zone: Zone,
 }
 
 pub struct ConnsSink<W: Write> {
@@ -37,6 +40,7 @@ pub struct ConnsSink<W: Write> {
     view: View,
     selector: Selector,
     clock: Clock,
+    zone: Zone,
     correlator: Correlator,
     /// Ladder: finished connections waiting for their other end (if it is a
     /// socket on this host it closes soon after), with a deadline.
@@ -60,6 +64,7 @@ impl<W: Write> ConnsSink<W> {
             view: opts.view,
             selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
+            zone: opts.zone,
             correlator,
             waiting: Vec::new(),
             pair_wait_ns: 2_000_000_000,
@@ -69,7 +74,8 @@ impl<W: Write> ConnsSink<W> {
         };
         if opts.header && sink.view == View::Records(Format::Text) {
             // A closed pipe shows at the first line written.
-            let _ = writeln!(sink.out, "{CONNS_HEADER}").and_then(|()| sink.out.flush());
+            let _ =
+                writeln!(sink.out, "{}", conns_header(opts.zone)).and_then(|()| sink.out.flush());
         }
         sink
     }
@@ -94,7 +100,7 @@ impl<W: Write> ConnsSink<W> {
                     }
                     self.shown += 1;
                     let line = match format {
-                        Format::Text => conns_text(&t, &self.clock),
+                        Format::Text => conns_text(&t, &self.clock, self.zone),
                         Format::Json => {
                             let owner = t.owner.as_ref().map(|a| &*a.owner);
                             let cgroup = self.selector.cgroup(owner);
@@ -103,7 +109,7 @@ impl<W: Write> ConnsSink<W> {
                     };
                     writeln!(self.out, "{line}")?;
                 }
-                View::Ladder => {
+                View::Ladder(_) => {
                     if let Some(i) = self.waiting.iter().position(|(w, _)| are_peers(w, &t)) {
                         let (peer, _) = self.waiting.swap_remove(i);
                         self.draw_pair(t, peer)?;
@@ -118,7 +124,7 @@ impl<W: Write> ConnsSink<W> {
                 }
             }
         }
-        if self.view == View::Ladder {
+        if matches!(self.view, View::Ladder(_)) {
             let now = settled_ns.unwrap_or(u64::MAX);
             let mut i = 0;
             while i < self.waiting.len() {
@@ -144,7 +150,8 @@ impl<W: Write> ConnsSink<W> {
         } else {
             (a, b)
         };
-        writeln!(self.out, "{}", ladder(&left, Some(&right), &self.clock))
+        let picture = ladder(&left, Some(&right), &self.clock);
+        self.write_ladder(&picture)
     }
 
     fn draw_single(&mut self, t: Timeline) -> io::Result<()> {
@@ -152,7 +159,16 @@ impl<W: Write> ConnsSink<W> {
             return Ok(());
         }
         self.shown += 1;
-        writeln!(self.out, "{}", ladder(&t, None, &self.clock))
+        let picture = ladder(&t, None, &self.clock);
+        self.write_ladder(&picture)
+    }
+
+    fn write_ladder(&mut self, picture: &LadderRecord) -> io::Result<()> {
+        match self.view {
+            View::Ladder(Format::Json) => writeln!(self.out, "{}", ladder_json(picture)),
+            // A blank line between pictures.
+            _ => writeln!(self.out, "{}", ladder_text(picture, self.zone)),
+        }
     }
 
     pub fn into_inner(self) -> W {

@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use crate::commands::Selector;
+use crate::host::clock::Zone;
 use crate::host::kernelstat::{KernelFigures, Sysctls};
 use crate::host::netns::{Namespace, NetnsError, Selection};
 use crate::host::sockdiag::{self, SockDiagError};
@@ -439,9 +440,16 @@ pub struct TimewaitSink<W: Write> {
     finished: Vec<Timeline>,
     snapshots: u64,
     lost: LostCounts,
+    zone: Zone,
 }
 
 impl<W: Write> TimewaitSink<W> {
+    /// Text output's time in `zone` rather than UTC.
+    pub fn with_zone(mut self, zone: Zone) -> Self {
+        self.zone = zone;
+        self
+    }
+
     pub fn new(out: W, format: Format, redraw: bool, tracker: TimewaitTracker) -> Self {
         TimewaitSink {
             out,
@@ -451,6 +459,7 @@ impl<W: Write> TimewaitSink<W> {
             finished: Vec::new(),
             snapshots: 0,
             lost: LostCounts::default(),
+            zone: Zone::Utc,
         }
     }
 
@@ -459,6 +468,7 @@ impl<W: Write> TimewaitSink<W> {
             &mut self.out,
             s,
             self.format,
+            self.zone,
             self.redraw,
             self.snapshots,
             self.lost.total(),
@@ -474,6 +484,7 @@ pub fn write_snapshot<W: Write>(
     out: &mut W,
     s: &Snapshot,
     format: Format,
+    zone: Zone,
     redraw: bool,
     written: u64,
     lost: u64,
@@ -487,7 +498,7 @@ pub fn write_snapshot<W: Write>(
             } else if written > 0 {
                 writeln!(out)?;
             }
-            write!(out, "{}", timewait_text(s))?;
+            write!(out, "{}", timewait_text(s, zone))?;
             if lost > 0 {
                 writeln!(
                     out,

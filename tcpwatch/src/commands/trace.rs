@@ -13,6 +13,7 @@ use std::io::{self, Write};
 
 use crate::commands::Selector;
 use crate::host::clock::Clock;
+use crate::host::clock::Zone;
 use crate::model::decode::{Record, SocketEventKind, Transition};
 use crate::model::filter::Filter;
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
@@ -22,7 +23,7 @@ use crate::model::TcpState;
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
-use crate::views::{trace_json, trace_text, Format, TraceLine, TRACE_HEADER};
+use crate::views::{trace_header, trace_json, trace_text, Format, TraceLine};
 
 /// What the user asked `trace` for.
 #[derive(Clone, Debug)]
@@ -32,6 +33,8 @@ pub struct TraceOptions {
     pub max_sockets: usize,
     /// Print the column header first (text format).
     pub header: bool,
+    /// The clock face of text output.
+    pub zone: Zone,
 }
 
 /// How long the lines of an accepted socket wait for a process to use it.
@@ -49,6 +52,7 @@ pub struct TraceSink<W: Write> {
     format: Format,
     selector: Selector,
     clock: Clock,
+    zone: Zone,
     owners: OwnerTracker,
     last_ts: BoundedMap<u64, u64>,
     seen: u64,
@@ -69,6 +73,7 @@ impl<W: Write> TraceSink<W> {
             format: opts.format,
             selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
+            zone: opts.zone,
             owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
             last_ts: BoundedMap::new(opts.max_sockets),
             seen: 0,
@@ -80,7 +85,8 @@ impl<W: Write> TraceSink<W> {
         };
         if opts.header && sink.format == Format::Text {
             // A closed pipe shows at the first line written.
-            let _ = writeln!(sink.out, "{TRACE_HEADER}").and_then(|()| sink.out.flush());
+            let _ =
+                writeln!(sink.out, "{}", trace_header(opts.zone)).and_then(|()| sink.out.flush());
         }
         sink
     }
@@ -149,7 +155,7 @@ impl<W: Write> TraceSink<W> {
             delta_ns,
         };
         let text = match self.format {
-            Format::Text => trace_text(&line, &self.clock),
+            Format::Text => trace_text(&line, &self.clock, self.zone),
             Format::Json => trace_json(&line, &self.clock),
         };
         writeln!(self.out, "{text}")
@@ -322,6 +328,7 @@ mod tests {
             filter,
             max_sockets: 100,
             header: false,
+            zone: Zone::Utc,
         };
         TraceSink::build(Vec::new(), opts, &context())
     }
@@ -546,6 +553,7 @@ mod tests {
             filter: Filter::default(),
             max_sockets: 100,
             header: false,
+            zone: Zone::Utc,
         };
         let mut s = TraceSink::build(Vec::new(), opts, &ctx);
         let ours = |old, new, ts| {

@@ -14,9 +14,10 @@ use serde::Deserialize;
 use super::query::MAX_LIMIT;
 use super::Health;
 use crate::commands::timewait::write_snapshot;
+use crate::host::clock::Zone;
 use crate::model::filter::Filter;
 use crate::model::timewait::Snapshot;
-use crate::views::conns::{record_json, record_text, ConnRecord, CONNS_HEADER};
+use crate::views::conns::{conns_header, record_json, record_text, ConnRecord};
 use crate::views::summary::{FollowSummary, WatchSummary};
 use crate::views::Format;
 
@@ -278,6 +279,7 @@ pub async fn follow_conns<W: Write>(
     out: &mut W,
     format: Format,
     filter: &Filter,
+    zone: Zone,
     header: bool,
     duration: Option<Duration>,
 ) -> Result<(FollowSummary, Option<ClientError>), ClientError> {
@@ -297,7 +299,7 @@ pub async fn follow_conns<W: Write>(
     let ended =
         |e: io::Error| (e.kind() != io::ErrorKind::BrokenPipe).then_some(ClientError::Output(e));
     if header && format == Format::Text {
-        if let Err(e) = writeln!(out, "{CONNS_HEADER}").and_then(|()| out.flush()) {
+        if let Err(e) = writeln!(out, "{}", conns_header(zone)).and_then(|()| out.flush()) {
             return Ok((summary, ended(e)));
         }
     }
@@ -328,7 +330,7 @@ pub async fn follow_conns<W: Write>(
             }
             summary.shown += 1;
             let line = match format {
-                Format::Text => record_text(&r),
+                Format::Text => record_text(&r, zone),
                 Format::Json => record_json(&r),
             };
             if let Err(e) = writeln!(out, "{line}") {
@@ -377,6 +379,7 @@ pub async fn watch_timewait<W: Write>(
     netns: Option<&str>,
     out: &mut W,
     format: Format,
+    zone: Zone,
     redraw: bool,
     interval: Duration,
     duration: Option<Duration>,
@@ -396,7 +399,15 @@ pub async fn watch_timewait<W: Write>(
         let snapshot: Snapshot = daemon.get_json(&path).await?;
         let health: Health = daemon.get_json("/healthz").await?;
         let lost = health.lost_ring_full + health.lost_kernel_skipped;
-        match write_snapshot(out, &snapshot, format, redraw, summary.snapshots, lost) {
+        match write_snapshot(
+            out,
+            &snapshot,
+            format,
+            zone,
+            redraw,
+            summary.snapshots,
+            lost,
+        ) {
             Ok(()) => summary.snapshots += 1,
             Err(e) => return quiet_pipe(e, summary),
         }

@@ -478,6 +478,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
 mod tests {
     use super::*;
     use crate::commands::timewait::write_snapshot;
+    use crate::host::clock::Zone;
     use crate::model::correlate::Role;
     use crate::model::timewait::{KernelView, TimewaitBook, TimewaitOptions};
     use crate::model::Endpoint;
@@ -611,8 +612,8 @@ mod tests {
         assert_eq!(back, s);
         for format in [Format::Text, Format::Json] {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            write_snapshot(&mut a, &s, format, false, 1, 3).unwrap();
-            write_snapshot(&mut b, &back, format, false, 1, 3).unwrap();
+            write_snapshot(&mut a, &s, format, Zone::Utc, false, 1, 3).unwrap();
+            write_snapshot(&mut b, &back, format, Zone::Utc, false, 1, 3).unwrap();
             assert_eq!(a, b);
         }
     }

@@ -1,13 +1,12 @@
 //! Writing finished connections: aligned text columns or one JSON object per
 //! connection.
 
-use std::fmt::Write as _;
-
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::clock::Clock;
+use super::{table_header, table_line, Column, ENDPOINT_WIDTH};
+use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
 use crate::model::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
 use crate::model::owner::OwnerSource;
@@ -96,10 +95,31 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-pub const CONNS_HEADER: &str = concat!(
-    "CLOSED(UTC)     PID     COMM             ROLE   LOCAL                        REMOTE                       ",
-    "OPEN         HS_MS    LIFE_MS CLOSE              BY    SEGS TIMEWAIT         TX         RX  RTT_US RETX"
-);
+/// `conns`'s columns, each as wide as the widest value it can hold (an
+/// IPv6 endpoint, `never_opened:EADDRNOTAVAIL`) so that lines stay aligned.
+pub const CONNS_COLUMNS: [Column; 17] = [
+    Column::left("CLOSED", STAMP_WIDTH),
+    Column::left("PID", 7),
+    Column::left("COMM", 15),
+    Column::left("ROLE", 6),
+    Column::left("LOCAL", ENDPOINT_WIDTH),
+    Column::left("REMOTE", ENDPOINT_WIDTH),
+    Column::left("OPEN", 20),
+    Column::right("HS_MS", 10),
+    Column::right("LIFE_MS", 14),
+    Column::left("CLOSE", 26),
+    Column::left("BY", 5),
+    Column::right("SEGS", 4),
+    Column::left("TIMEWAIT", 13),
+    Column::right("TX", 12),
+    Column::right("RX", 12),
+    Column::right("RTT_US", 7),
+    Column::right("RETX", 4),
+];
+
+pub fn conns_header(zone: Zone) -> String {
+    table_header(&CONNS_COLUMNS, zone, "CLOSED")
+}
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
@@ -247,12 +267,12 @@ impl ConnRecord {
     }
 }
 
-pub fn conns_text(t: &Timeline, clock: &Clock) -> String {
-    record_text(&ConnRecord::new(t, clock, false, None))
+pub fn conns_text(t: &Timeline, clock: &Clock, zone: Zone) -> String {
+    record_text(&ConnRecord::new(t, clock, false, None), zone)
 }
 
-/// The text columns of one record (see `CONNS_HEADER`).
-pub fn record_text(r: &ConnRecord) -> String {
+/// The text columns of one record (see `CONNS_COLUMNS`).
+pub fn record_text(r: &ConnRecord, zone: Zone) -> String {
     let failed = |kind: &str| match &r.error {
         Some(e) => format!("{kind}:{e}"),
         None => kind.to_string(),
@@ -269,36 +289,34 @@ pub fn record_text(r: &ConnRecord) -> String {
         || "-".to_string(),
         |tw| format!("{} {}s", tw.state, tw.hold_s.floor() as u64),
     );
-    // 2026-11-23T23:41:07.123456789Z → 23:41:07.123456
-    let time_of_day = r.ts.get(11..26).unwrap_or(&r.ts);
-    let mut out = String::with_capacity(220);
-    let _ = write!(
-        out,
-        "{} {:<7} {:<16} {:<6} {:<28} {:<28} {:<12} {:>6} {:>10} {:<18} {:<5} {:>4} {:<13} {:>10} {:>10} {:>7} {:>4}",
-        time_of_day,
-        opt(r.pid),
-        r.comm.as_deref().unwrap_or("-"),
-        r.role.as_deref().unwrap_or("-"),
-        r.local(),
-        r.remote(),
-        open,
-        r.handshake_ms.map_or_else(|| "-".to_string(), |h| format!("{h:.3}")),
-        // Open before tracing: at least this long.
-        if r.before_trace {
-            format!(">{:.3}", r.lifetime_ms)
-        } else {
-            format!("{:.3}", r.lifetime_ms)
-        },
-        close,
-        r.closed_by.as_deref().unwrap_or("-"),
-        opt(r.teardown_segments),
-        timewait,
-        opt(r.bytes_sent),
-        opt(r.bytes_received),
-        opt(r.srtt_us),
-        r.retransmits,
-    );
-    out
+    table_line(
+        &CONNS_COLUMNS,
+        &[
+            zone.restamp(&r.ts),
+            opt(r.pid),
+            r.comm.clone().unwrap_or_else(|| "-".into()),
+            r.role.clone().unwrap_or_else(|| "-".into()),
+            r.local().to_string(),
+            r.remote().to_string(),
+            open,
+            r.handshake_ms
+                .map_or_else(|| "-".to_string(), |h| format!("{h:.3}")),
+            // Open before tracing: at least this long.
+            if r.before_trace {
+                format!(">{:.3}", r.lifetime_ms)
+            } else {
+                format!("{:.3}", r.lifetime_ms)
+            },
+            close,
+            r.closed_by.clone().unwrap_or_else(|| "-".into()),
+            opt(r.teardown_segments),
+            timewait,
+            opt(r.bytes_sent),
+            opt(r.bytes_received),
+            opt(r.srtt_us),
+            r.retransmits.to_string(),
+        ],
+    )
 }
 
 pub fn conns_json(t: &Timeline, clock: &Clock, cgroup: Option<&Cgroup>) -> String {
@@ -360,13 +378,13 @@ mod tests {
         refused.close = CloseKind::NeverOpened;
         refused.error = Some(111);
         refused.timewait = None;
-        let r = ConnRecord::new(&refused, &clock, false);
+        let r = ConnRecord::new(&refused, &clock, false, None);
         assert_eq!(r.srtt_us, None);
-        let text = record_text(&r);
+        let text = record_text(&r, Zone::Utc);
         let cols: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(cols[cols.len() - 2], "-", "{cols:?}");
         assert_eq!(
-            ConnRecord::new(&timeline(), &clock, false).srtt_us,
+            ConnRecord::new(&timeline(), &clock, false, None).srtt_us,
             Some(31)
         );
     }
@@ -390,16 +408,19 @@ mod tests {
             assert_eq!(back.cgroup.as_ref().unwrap().container.as_deref(), Some(id));
             assert_eq!(back.owner().unwrap().cgroup_id, 99);
             assert_eq!(record_json(&back), json);
-            assert_eq!(record_text(&back), conns_text(&t, &clock));
+            assert_eq!(
+                record_text(&back, Zone::Utc),
+                conns_text(&t, &clock, Zone::Utc)
+            );
         }
     }
 
     #[test]
     fn text_columns() {
         let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
-        let line = conns_text(&timeline(), &clock);
+        let line = conns_text(&timeline(), &clock, Zone::Utc);
         for part in [
-            "00:00:05.123456",
+            "2026-11-23 00:00:05.123456",
             "4242",
             "curl",
             "client",
@@ -416,9 +437,110 @@ mod tests {
         let mut old = timeline();
         old.open = OpenKind::BeforeTrace;
         old.first_ns = 123_456_789;
-        let line = conns_text(&old, &clock);
+        let line = conns_text(&old, &clock, Zone::Utc);
         assert!(line.contains(" >5000.000 "), "{line}");
         let r = ConnRecord::new(&old, &clock, true, None);
         assert!(r.before_trace && r.lifetime_ms == 5000.0, "{r:?}");
+    }
+
+    /// The widest values each column can hold still start where their
+    /// heading does: full IPv6 endpoints, the longest close and open kinds.
+    #[test]
+    fn columns_stay_under_their_headings() {
+        let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
+        let wide: std::net::SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
+        let narrow: std::net::SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let header = conns_header(Zone::Utc);
+        let starts = |line: &str| -> Vec<usize> {
+            // Where each run of non-blanks starts, in a line with no blank
+            // inside a cell (the sample values below have none).
+            let b = line.as_bytes();
+            (0..b.len())
+                .filter(|&i| b[i] != b' ' && (i == 0 || b[i - 1] == b' '))
+                .collect()
+        };
+        let mut lines = Vec::new();
+        for (errno, close) in [(99, CloseKind::NeverOpened), (111, CloseKind::Error)] {
+            let mut t = timeline();
+            t.local = wide.into();
+            t.remote = wide.into();
+            t.close = close;
+            t.error = Some(errno);
+            t.timewait = None;
+            // A SYN retried for 127 s; a connection up for ten days.
+            t.handshake_ns = Some(127_000_000_000);
+            t.open = OpenKind::BeforeTrace;
+            t.first_ns = 0;
+            t.closed_ns = 864_000_000_000_000;
+            t.bytes_sent = Some(999_999_999_999);
+            t.bytes_received = Some(999_999_999_999);
+            lines.push(conns_text(&t, &clock, Zone::Utc));
+            let mut short = timeline();
+            short.local = narrow.into();
+            short.remote = narrow.into();
+            short.timewait = None;
+            lines.push(conns_text(&short, &clock, Zone::Utc));
+        }
+        assert!(
+            lines[0].contains("never_opened:EADDRNOTAVAIL"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains(">864000000.000"), "{}", lines[0]);
+        let mut failed = timeline();
+        failed.local = wide.into();
+        failed.open = OpenKind::Failed;
+        failed.close = CloseKind::NeverOpened;
+        failed.error = Some(99);
+        failed.timewait = None;
+        lines.push(conns_text(&failed, &clock, Zone::Utc));
+        assert!(lines[4].contains("failed:EADDRNOTAVAIL"), "{}", lines[4]);
+        assert!(lines[0].contains(&wide.to_string()), "{}", lines[0]);
+        // The date and the time are one column with a blank inside.
+        let columns = |line: &str| {
+            let mut s = starts(line);
+            s.remove(1);
+            s
+        };
+        let want: Vec<usize> = {
+            // Headings have no blanks; right-aligned columns end with theirs.
+            let mut at = 0;
+            CONNS_COLUMNS
+                .iter()
+                .map(|c| {
+                    let start = at;
+                    at += c.width + 1;
+                    start
+                })
+                .collect()
+        };
+        assert_eq!(starts(&header).first(), Some(&0));
+        for line in &lines {
+            let got = columns(line);
+            assert_eq!(got.len(), CONNS_COLUMNS.len(), "{line}");
+            for ((c, &start), &g) in CONNS_COLUMNS.iter().zip(&want).zip(&got) {
+                if c.right {
+                    // Right-aligned: the value ends where the column does.
+                    let end = line[g..].find(' ').map_or(line.len(), |e| g + e);
+                    assert_eq!(end, start + c.width, "{} in {line}", c.heading);
+                } else {
+                    assert_eq!(g, start, "{} in {line}", c.heading);
+                }
+            }
+        }
+        for (c, &start) in CONNS_COLUMNS.iter().zip(&want) {
+            let at = if c.right {
+                start + c.width - c.heading.len()
+            } else {
+                start
+            };
+            assert!(
+                header[at..].starts_with(c.heading),
+                "{}: {header}",
+                c.heading
+            );
+        }
     }
 }

@@ -11,7 +11,9 @@
 
 use std::fmt::Write as _;
 
-use crate::host::clock::Clock;
+use serde::{Deserialize, Serialize};
+
+use crate::host::clock::{Clock, Zone};
 use crate::model::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
 use crate::model::TcpState;
 
@@ -115,41 +117,109 @@ fn step_text(s: &Step) -> String {
     format!("{} -> {}", s.old, s.new)
 }
 
-fn who(t: &Timeline) -> String {
-    let role = match t.role {
-        Role::Client => "client",
-        Role::Server => "server",
-        Role::Unknown => "socket",
-    };
-    match &t.owner {
-        Some(a) => format!("{role} {} (pid {} {})", t.local, a.owner.pid, a.owner.comm),
-        None => format!("{role} {} (owner unknown)", t.local),
+/// One end of a ladder: a socket on this host, or the peer inferred from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LadderEnd {
+    /// `client`, `server`, `socket` (role not known) or `peer` (inferred).
+    pub role: String,
+    pub endpoint: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Not a socket on this host: its segments are inferred from ours.
+    pub inferred: bool,
+}
+
+impl LadderEnd {
+    fn of(t: &Timeline) -> LadderEnd {
+        let role = match t.role {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Unknown => "socket",
+        };
+        LadderEnd {
+            role: role.into(),
+            endpoint: t.local.to_string(),
+            pid: t.owner.as_ref().map(|a| a.owner.pid),
+            comm: t.owner.as_ref().map(|a| a.owner.comm.clone()),
+            inferred: false,
+        }
     }
+
+    fn inferred_peer(t: &Timeline) -> LadderEnd {
+        LadderEnd {
+            role: "peer".into(),
+            endpoint: t.remote.to_string(),
+            pid: None,
+            comm: None,
+            inferred: true,
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.inferred {
+            return format!("{} {} (inferred)", self.role, self.endpoint);
+        }
+        match (self.pid, &self.comm) {
+            (Some(pid), Some(comm)) => {
+                format!("{} {} (pid {pid} {comm})", self.role, self.endpoint)
+            }
+            _ => format!("{} {} (owner unknown)", self.role, self.endpoint),
+        }
+    }
+}
+
+/// One line of the picture: a state change on either side and a segment
+/// between them, at a time since the first transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LadderRow {
+    pub t_ms: f64,
+    /// The left end's state change (`SYN_SENT -> ESTABLISHED`).
+    pub left: Option<String>,
+    /// The segment (`SYN`, `FIN/ACK`, `RST` ...).
+    pub segment: Option<String>,
+    /// Which end the segment travels to: `right` or `left`.
+    pub towards: Option<String>,
+    /// The right end's state change.
+    pub right: Option<String>,
+}
+
+/// One connection's ladder: what `ladder` draws, and what `ladder --format
+/// json` prints (one object per connection).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LadderRecord {
+    /// The first transition of either end, RFC 3339 UTC.
+    pub ts: String,
+    /// Both ends are sockets on this host, each side's segments its own.
+    pub exact: bool,
+    pub left: LadderEnd,
+    pub right: LadderEnd,
+    pub rows: Vec<LadderRow>,
+    /// What happened, in words (the lines under the picture).
+    pub notes: Vec<String>,
 }
 
 struct Row {
     ts_ns: u64,
     left: String,
-    middle: String,
+    /// A segment's label and whether it travels rightwards.
+    segment: Option<(&'static str, bool)>,
     right: String,
 }
 
-fn render_rows(out: &mut String, rows: &mut [Row], origin: u64) {
+fn into_rows(mut rows: Vec<Row>, origin: u64) -> Vec<LadderRow> {
     rows.sort_by_key(|r| r.ts_ns);
-    let mut prev: Option<u64> = None;
-    for r in rows.iter() {
-        let time = if prev == Some(r.ts_ns) {
-            String::new()
-        } else {
-            format!("{:.3}", r.ts_ns.saturating_sub(origin) as f64 / 1e6)
-        };
-        prev = Some(r.ts_ns);
-        let line = format!(
-            "{:>10}  {:<STATE_W$} {:<ARROW_W$} {}",
-            time, r.left, r.middle, r.right
-        );
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
+    let some = |s: String| Some(s).filter(|s| !s.is_empty());
+    rows.into_iter()
+        .map(|r| LadderRow {
+            t_ms: r.ts_ns.saturating_sub(origin) as f64 / 1e6,
+            left: some(r.left),
+            towards: r
+                .segment
+                .map(|(_, right)| if right { "right" } else { "left" }.to_string()),
+            segment: r.segment.map(|(label, _)| label.to_string()),
+            right: some(r.right),
+        })
+        .collect()
 }
 
 fn name(t: &Timeline) -> String {
@@ -221,28 +291,13 @@ fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
     lines
 }
 
-/// Draws one connection; `peer` is the other end's timeline when it is a
+/// One connection's ladder; `peer` is the other end's timeline when it is a
 /// socket on this host.
-pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
-    let mut out = String::new();
+pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> LadderRecord {
     let origin = peer.map_or(t.first_ns, |p| p.first_ns.min(t.first_ns));
-    match peer {
+    let mut notes = Vec::new();
+    let (right, rows) = match peer {
         Some(p) => {
-            let _ = writeln!(
-                out,
-                "{} <-> {}   {}   [both ends on this host: exact]",
-                t.local,
-                t.remote,
-                clock.rfc3339(origin)
-            );
-            let _ = writeln!(
-                out,
-                "{:>10}  {:<STATE_W$} {:<ARROW_W$} {}",
-                "ms",
-                who(t),
-                "",
-                who(p)
-            );
             let mut rows = Vec::new();
             // Each segment is drawn where it arrived: at the receiver's
             // transition. Sends are drawn where the receiver shows no
@@ -271,7 +326,7 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                         rows.push(Row {
                             ts_ns: s.ts_ns,
                             left,
-                            middle: String::new(),
+                            segment: None,
                             right,
                         });
                     } else {
@@ -287,34 +342,17 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                             rows.push(Row {
                                 ts_ns: s.ts_ns,
                                 left: l,
-                                middle: arrow(g.label, rightwards),
+                                segment: Some((g.label, rightwards)),
                                 right: r,
                             });
                         }
                     }
                 }
             }
-            render_rows(&mut out, &mut rows, origin);
-            for line in close_story(t, Some(p)) {
-                let _ = writeln!(out, "  {line}");
-            }
+            notes.extend(close_story(t, Some(p)));
+            (LadderEnd::of(p), rows)
         }
         None => {
-            let _ = writeln!(
-                out,
-                "{} <-> {}   {}   [peer not on this host: its segments inferred]",
-                t.local,
-                t.remote,
-                clock.rfc3339(origin)
-            );
-            let _ = writeln!(
-                out,
-                "{:>10}  {:<STATE_W$} {:<ARROW_W$} peer {} (inferred)",
-                "ms",
-                who(t),
-                "",
-                t.remote
-            );
             let segs = segments(t);
             let mut rows = Vec::new();
             for (i, s) in t.steps.iter().enumerate() {
@@ -323,7 +361,7 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                     rows.push(Row {
                         ts_ns: s.ts_ns,
                         left: step_text(s),
-                        middle: String::new(),
+                        segment: None,
                         right: String::new(),
                     });
                 }
@@ -331,30 +369,83 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> String {
                     rows.push(Row {
                         ts_ns: s.ts_ns,
                         left: if k == 0 { step_text(s) } else { String::new() },
-                        middle: arrow(g.label, g.dir == Dir::Sent),
+                        segment: Some((g.label, g.dir == Dir::Sent)),
                         right: String::new(),
                     });
                 }
             }
-            render_rows(&mut out, &mut rows, origin);
             if t.open == OpenKind::BeforeTrace {
-                let _ = writeln!(
-                    out,
-                    "  opened before tracing started: the handshake was not seen"
-                );
+                notes.push("opened before tracing started: the handshake was not seen".into());
             }
             if t.open == OpenKind::Passive {
-                let _ = writeln!(
-                    out,
-                    "  the SYN and SYN/ACK came before: a request socket answers them, and it has no state transitions to time"
-                );
+                notes.push("the SYN and SYN/ACK came before: a request socket answers them, and it has no state transitions to time".into());
             }
-            for line in close_story(t, None) {
-                let _ = writeln!(out, "  {line}");
-            }
+            notes.extend(close_story(t, None));
+            (LadderEnd::inferred_peer(t), rows)
         }
+    };
+    LadderRecord {
+        ts: clock.rfc3339(origin),
+        exact: peer.is_some(),
+        left: LadderEnd::of(t),
+        right,
+        rows: into_rows(rows, origin),
+        notes,
+    }
+}
+
+/// The picture, with its time in `zone`.
+pub fn ladder_text(r: &LadderRecord, zone: Zone) -> String {
+    let mut out = String::new();
+    let time =
+        humantime::parse_rfc3339(&r.ts).map_or_else(|_| r.ts.clone(), |t| zone.stamp_with_zone(t));
+    let how = if r.exact {
+        "both ends on this host: exact"
+    } else {
+        "peer not on this host: its segments inferred"
+    };
+    let _ = writeln!(
+        out,
+        "{} <-> {}   {time}   [{how}]",
+        r.left.endpoint, r.right.endpoint
+    );
+    let _ = writeln!(
+        out,
+        "{:>10}  {:<STATE_W$} {:<ARROW_W$} {}",
+        "ms",
+        r.left.text(),
+        "",
+        r.right.text()
+    );
+    let mut prev: Option<f64> = None;
+    for row in &r.rows {
+        let time = if prev == Some(row.t_ms) {
+            String::new()
+        } else {
+            format!("{:.3}", row.t_ms)
+        };
+        prev = Some(row.t_ms);
+        let middle = match &row.segment {
+            Some(label) => arrow(label, row.towards.as_deref() == Some("right")),
+            None => String::new(),
+        };
+        let line = format!(
+            "{:>10}  {:<STATE_W$} {:<ARROW_W$} {}",
+            time,
+            row.left.as_deref().unwrap_or(""),
+            middle,
+            row.right.as_deref().unwrap_or("")
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    for line in &r.notes {
+        let _ = writeln!(out, "  {line}");
     }
     out
+}
+
+pub fn ladder_json(r: &LadderRecord) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 fn peer_role(t: &Timeline) -> String {
@@ -368,4 +459,102 @@ fn peer_role(t: &Timeline) -> String {
 /// Whether two timelines are the two ends of one connection.
 pub fn are_peers(a: &Timeline, b: &Timeline) -> bool {
     a.local == b.remote && a.remote == b.local && a.skaddr != b.skaddr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::correlate::Closer;
+    use TcpState::*;
+
+    fn side(
+        local: &str,
+        remote: &str,
+        role: Role,
+        steps: &[(u64, TcpState, TcpState)],
+    ) -> Timeline {
+        let ep = |s: &str| s.parse::<std::net::SocketAddr>().unwrap().into();
+        let last = steps.last().map_or(0, |s| s.0);
+        let mut t = Timeline::sample(ep(local), ep(remote), None, role, last);
+        t.first_ns = steps.first().map_or(0, |s| s.0);
+        t.teardown_segments = Some(3);
+        t.steps = steps
+            .iter()
+            .map(|&(ts_ns, old, new)| Step { ts_ns, old, new })
+            .collect();
+        t
+    }
+
+    /// `ladder --format json` carries the picture: drawn back from its JSON,
+    /// it is the same text, and its segments are the ones drawn.
+    #[test]
+    fn json_draws_the_same_picture() {
+        let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
+        let client = side(
+            "127.0.0.1:40000",
+            "127.0.0.1:80",
+            Role::Client,
+            &[
+                (1_000_000, Close, SynSent),
+                (1_050_000, SynSent, Established),
+                (2_000_000, Established, FinWait1),
+                (2_100_000, FinWait1, FinWait2),
+                (2_100_000, FinWait2, Close),
+            ],
+        );
+        let mut server = side(
+            "127.0.0.1:80",
+            "127.0.0.1:40000",
+            Role::Server,
+            &[
+                (1_050_000, Listen, SynRecv),
+                (1_050_000, SynRecv, Established),
+                (2_000_000, Established, CloseWait),
+                (2_050_000, CloseWait, LastAck),
+                (2_100_000, LastAck, Close),
+            ],
+        );
+        server.skaddr = 2;
+        server.closed_by = Some(Closer::Peer);
+        server.timewait = None;
+        for (picture, exact) in [
+            (ladder(&client, Some(&server), &clock), true),
+            (ladder(&client, None, &clock), false),
+        ] {
+            let json = ladder_json(&picture);
+            let back: LadderRecord = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, picture);
+            let text = ladder_text(&back, Zone::Utc);
+            assert_eq!(text, ladder_text(&picture, Zone::Utc));
+            assert_eq!(picture.exact, exact);
+            assert_eq!(picture.ts, "2026-11-23T00:00:00.001000000Z");
+            assert!(
+                text.starts_with(
+                    "127.0.0.1:40000 <-> 127.0.0.1:80   2026-11-23 00:00:00.001000 UTC   ["
+                ),
+                "{text}"
+            );
+            let labels: Vec<&str> = picture
+                .rows
+                .iter()
+                .filter_map(|r| r.segment.as_deref())
+                .collect();
+            assert_eq!(labels.first(), Some(&"SYN"), "{labels:?}");
+            assert!(labels.contains(&"FIN/ACK"), "{labels:?}");
+            // Every segment in the JSON is an arrow in the text, pointing
+            // the way the JSON says.
+            for r in picture.rows.iter().filter(|r| r.segment.is_some()) {
+                let label = r.segment.as_deref().unwrap();
+                let arrow = arrow(label, r.towards.as_deref() == Some("right"));
+                assert!(text.contains(&arrow), "{arrow} not in\n{text}");
+            }
+            assert_eq!(
+                text.lines().filter(|l| l.contains("--")).count(),
+                labels.len(),
+                "{text}"
+            );
+            assert_eq!(picture.left.role, "client");
+            assert_eq!(picture.right.inferred, !exact);
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::host::clock::Clock;
+use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
 use crate::model::decode::Transition;
 use crate::model::owner::{Attribution, OwnerSource};
@@ -39,40 +39,101 @@ pub struct TraceLine<'a> {
     pub delta_ns: Option<u64>,
 }
 
-pub const TRACE_HEADER: &str = concat!(
-    "TIME(UTC)       PID     COMM             LOCAL                                  ",
-    "REMOTE                                 TRANSITION                    MS"
-);
+/// One column of a text table: its heading, how wide it is, and which
+/// side its values keep to. Headers and rows are both drawn from one list
+/// of these, so they cannot drift apart.
+pub struct Column {
+    pub heading: &'static str,
+    pub width: usize,
+    pub right: bool,
+}
+
+impl Column {
+    pub const fn left(heading: &'static str, width: usize) -> Column {
+        Column {
+            heading,
+            width,
+            right: false,
+        }
+    }
+
+    pub const fn right(heading: &'static str, width: usize) -> Column {
+        Column {
+            heading,
+            width,
+            right: true,
+        }
+    }
+}
+
+/// One line of a table: each cell padded to its column, one space between.
+pub fn table_line<S: AsRef<str>>(columns: &[Column], cells: &[S]) -> String {
+    let mut out = String::with_capacity(columns.iter().map(|c| c.width + 1).sum());
+    for (i, (c, cell)) in columns.iter().zip(cells).enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let cell = cell.as_ref();
+        let _ = if c.right {
+            write!(out, "{cell:>w$}", w = c.width)
+        } else {
+            write!(out, "{cell:<w$}", w = c.width)
+        };
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// A table's header: the headings, the first (the time) naming the zone.
+pub fn table_header(columns: &[Column], zone: Zone, time_heading: &str) -> String {
+    let mut cells: Vec<String> = columns.iter().map(|c| c.heading.to_string()).collect();
+    if let Some(first) = cells.first_mut() {
+        *first = zone.heading().replacen("TIME", time_heading, 1);
+    }
+    table_line(columns, &cells)
+}
+
+/// The widest an endpoint is written: `[` 39 characters of IPv6 `]:65535`.
+pub const ENDPOINT_WIDTH: usize = 47;
+
+/// `trace`'s columns.
+pub const TRACE_COLUMNS: [Column; 7] = [
+    Column::left("TIME", STAMP_WIDTH),
+    Column::left("PID", 7),
+    Column::left("COMM", 15),
+    Column::left("LOCAL", ENDPOINT_WIDTH),
+    Column::left("REMOTE", ENDPOINT_WIDTH),
+    Column::left("TRANSITION", 27),
+    Column::left("MS", 9),
+];
+
+pub fn trace_header(zone: Zone) -> String {
+    table_header(&TRACE_COLUMNS, zone, "TIME")
+}
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-pub fn trace_text(line: &TraceLine<'_>, clock: &Clock) -> String {
+pub fn trace_text(line: &TraceLine<'_>, clock: &Clock, zone: Zone) -> String {
     let t = line.t;
     let (pid, comm) = match line.owner {
         Some(a) => (a.owner.pid.to_string(), a.owner.comm.as_str()),
         None => ("-".to_string(), "-"),
     };
-    let transition = format!("{} -> {}", t.old, t.new);
-    let mut out = String::with_capacity(160);
-    let _ = write!(
-        out,
-        "{} {:<7} {:<16} {:<38} {:<38} {:<29} ",
-        clock.time_of_day(t.ts_ns),
-        pid,
-        comm,
-        t.local,
-        t.remote,
-        transition
-    );
-    match line.delta_ns {
-        Some(d) => {
-            let _ = write!(out, "{:.3}", ms(d));
-        }
-        None => out.push('-'),
-    }
-    out
+    table_line(
+        &TRACE_COLUMNS,
+        &[
+            clock.text(t.ts_ns, zone),
+            pid,
+            comm.to_string(),
+            t.local.to_string(),
+            t.remote.to_string(),
+            format!("{} -> {}", t.old, t.new),
+            line.delta_ns
+                .map_or_else(|| "-".to_string(), |d| format!("{:.3}", ms(d))),
+        ],
+    )
 }
 
 fn source_name(s: OwnerSource) -> &'static str {
@@ -188,15 +249,39 @@ mod tests {
                 delta_ns: Some(250_000),
             },
             &clock(),
+            Zone::Utc,
         );
-        assert!(line.starts_with("00:00:01.500000 4321    curl "), "{line}");
+        assert!(
+            line.starts_with("2026-11-23 00:00:01.500000 4321    curl "),
+            "{line}"
+        );
         assert!(line.contains("127.0.0.1:40000"), "{line}");
         assert!(line.contains("127.0.0.2:8080"), "{line}");
         assert!(line.contains("SYN_SENT -> ESTABLISHED"), "{line}");
         assert!(line.ends_with(" 0.250"), "{line}");
         // Columns line up with the header.
-        assert_eq!(line.find("127.0.0.1"), TRACE_HEADER.find("LOCAL"));
-        assert_eq!(line.find("SYN_SENT"), TRACE_HEADER.find("TRANSITION"));
+        let header = trace_header(Zone::Utc);
+        assert!(header.starts_with("TIME(UTC) "), "{header}");
+        assert_eq!(line.find("127.0.0.1"), header.find("LOCAL"));
+        assert_eq!(line.find("SYN_SENT"), header.find("TRANSITION"));
+        // And with the widest endpoints there are.
+        let mut wide = t;
+        wide.local = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into();
+        wide.remote = wide.local;
+        let line = trace_text(
+            &TraceLine {
+                t: &wide,
+                owner: Some(&owner),
+                delta_ns: None,
+            },
+            &clock(),
+            Zone::Utc,
+        );
+        assert_eq!(line.rfind("[ffff:"), header.find("REMOTE"), "{line}");
+        assert_eq!(line.find("SYN_SENT"), header.find("TRANSITION"), "{line}");
     }
 
     #[test]
@@ -208,8 +293,11 @@ mod tests {
             cgroup: None,
             delta_ns: None,
         };
-        let text = trace_text(&line, &clock());
-        assert!(text.starts_with("00:00:01.500000 -       -  "), "{text}");
+        let text = trace_text(&line, &clock(), Zone::Utc);
+        assert!(
+            text.starts_with("2026-11-23 00:00:01.500000 -       -  "),
+            "{text}"
+        );
         assert!(text.ends_with(" -"), "{text}");
         let v: serde_json::Value = serde_json::from_str(&trace_json(&line, &clock())).unwrap();
         assert!(v["pid"].is_null());

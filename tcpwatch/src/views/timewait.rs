@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::host::clock::Zone;
 use crate::model::timewait::{Group, Snapshot};
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -50,7 +51,7 @@ fn groups(out: &mut String, title: &str, groups: &[Group], processes: bool) {
     }
 }
 
-pub fn timewait_text(s: &Snapshot) -> String {
+pub fn timewait_text(s: &Snapshot, zone: Zone) -> String {
     let mut out = String::new();
     let k = &s.kernel;
     let netns = match (&s.netns_name, s.netns) {
@@ -58,7 +59,9 @@ pub fn timewait_text(s: &Snapshot) -> String {
         (None, Some(inode)) => format!("   netns {inode}"),
         _ => String::new(),
     };
-    let _ = writeln!(out, "tcpwatch timewait   {}{netns}", s.ts);
+    let ts =
+        humantime::parse_rfc3339(&s.ts).map_or_else(|_| s.ts.clone(), |t| zone.stamp_with_zone(t));
+    let _ = writeln!(out, "tcpwatch timewait   {ts}{netns}");
     let _ = writeln!(
         out,
         "timewait sockets: {}  (TIME_WAIT {}, FIN_WAIT2 {})",

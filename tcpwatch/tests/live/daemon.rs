@@ -474,15 +474,21 @@ fn from_mode_matches_direct_mode() {
     assert!(text[0].starts_with("CLOSED(UTC)"), "{text:?}");
     let mut lines = 0;
     for l in &text[1..] {
+        // The date and the time of day come first.
         let cols: Vec<&str> = l.split_whitespace().collect();
-        let sport: u16 = cols[4].rsplit(':').next().unwrap().parse().unwrap();
+        let sport: u16 = cols[5].rsplit(':').next().unwrap().parse().unwrap();
         let Some(dv) = d.get(&sport) else { continue };
-        if cols[5] != format!("127.0.0.1:{port}") {
+        if cols[6] != format!("127.0.0.1:{port}") {
             continue;
         }
         lines += 1;
-        assert_eq!(cols[1], dv.pid.expect("pid").to_string(), "{l}");
-        assert_eq!(cols[3], "client", "{l}");
+        assert_eq!(
+            format!("{}T{}", cols[0], cols[1]),
+            f[&sport].ts[..26],
+            "the daemon's closing time, to the microsecond: {l}"
+        );
+        assert_eq!(cols[2], dv.pid.expect("pid").to_string(), "{l}");
+        assert_eq!(cols[4], "client", "{l}");
         assert!(l.contains("orderly") && l.contains("TIME_WAIT 60s"), "{l}");
     }
     assert_eq!(lines, N, "{text:?}");

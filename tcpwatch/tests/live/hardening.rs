@@ -576,7 +576,8 @@ fn record_of(lines: &[String], sport: u16, dport: u16) -> Conn {
 }
 
 /// The text row whose LOCAL ends in `:port` and REMOTE in `:peer`, split
-/// into columns (the comm is the test's thread name, without spaces).
+/// into columns (the comm is the test's thread name, without spaces; the
+/// date and the time of day are two).
 fn text_row(lines: &[String], port: u16, peer: u16) -> Vec<String> {
     let (l, r) = (format!(":{port}"), format!(":{peer}"));
     lines
@@ -586,7 +587,7 @@ fn text_row(lines: &[String], port: u16, peer: u16) -> Vec<String> {
                 .map(String::from)
                 .collect::<Vec<_>>()
         })
-        .find(|cols| cols.len() > 6 && cols[4].ends_with(&l) && cols[5].ends_with(&r))
+        .find(|cols| cols.len() > 7 && cols[5].ends_with(&l) && cols[6].ends_with(&r))
         .unwrap_or_else(|| panic!("no row {port}->{peer} in {lines:#?}"))
 }
 
@@ -702,7 +703,7 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
         assert_eq!(row[n - 3], received.to_string(), "RX: {row:?}");
         assert_eq!(row[n - 2], "-", "RTT_US: {row:?}");
         if role == "server" {
-            assert_eq!(row[7], "-", "server HS_MS: {row:?}");
+            assert_eq!(row[8], "-", "server HS_MS: {row:?}");
         }
         eprintln!(
             "{role}: real BTF TX {} RTT_US {} HS_MS {}; degraded TX {} RTT_US {} HS_MS {}, RX {} both; text row: {}",
