@@ -222,6 +222,11 @@ pub struct RecordArgs {
     /// File to write (created with mode 0600).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
+    /// Which sockets to keep (by address, port and family; `--pid` and
+    /// `--comm` belong to `replay`, as a socket's owner is often known only
+    /// after its first transitions).
+    #[command(flatten)]
+    pub filter: FilterArgs,
     #[command(flatten)]
     pub netns: NetnsArg,
     #[command(flatten)]

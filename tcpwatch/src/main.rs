@@ -253,6 +253,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Top(a) => top(a).await?,
         Command::Daemon(a) => tcpwatch::daemon::run(a).await?,
         Command::Record(a) => {
+            let filter = a.filter.to_filter();
+            if filter.has_owner_filters() {
+                bail!("record keeps sockets by address, port and family: a socket's owner is often known only after its first transitions, so give --pid, --comm and --cgroup to replay");
+            }
             let source = live(
                 &a.probe,
                 a.duration,
@@ -260,7 +264,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &a.netns.specs(),
             )?;
             commands::run(source, a.format, |ctx| {
-                Ok(RecordSink::build(&a.output, ctx)?)
+                Ok(RecordSink::build(
+                    &a.output,
+                    filter,
+                    a.probe.max_sockets,
+                    ctx,
+                )?)
             })
             .await?;
         }

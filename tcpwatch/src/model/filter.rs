@@ -77,6 +77,15 @@ impl Cidr {
 
 /// A conjunction of the user's filters; within one kind (`--pid 1 --pid 2`)
 /// any value matches.
+/// What [`Filter::socket_verdict`] says of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Drop,
+    /// Its local side is not set yet; a later transition decides.
+    Undecided,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub pids: Vec<u32>,
@@ -105,6 +114,33 @@ impl Filter {
             && self.raddrs.is_empty()
             && self.family.is_none()
             && self.cgroups.is_empty()
+    }
+
+    /// The filter as the flags that give it: `--lport 80 --raddr 10.0.0.0/8`.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        parts.extend(self.pids.iter().map(|p| format!("--pid {p}")));
+        parts.extend(self.comms.iter().map(|c| format!("--comm {c}")));
+        parts.extend(self.cgroups.iter().map(|c| format!("--cgroup {c}")));
+        parts.extend(self.lports.iter().map(|p| format!("--lport {p}")));
+        parts.extend(self.rports.iter().map(|p| format!("--rport {p}")));
+        parts.extend(self.ports.iter().map(|p| format!("--port {p}")));
+        parts.extend(
+            self.laddrs
+                .iter()
+                .map(|c| format!("--laddr {}/{}", c.addr, c.prefix)),
+        );
+        parts.extend(
+            self.raddrs
+                .iter()
+                .map(|c| format!("--raddr {}/{}", c.addr, c.prefix)),
+        );
+        match self.family {
+            Some(Family::V4) => parts.push("--ipv4".into()),
+            Some(Family::V6) => parts.push("--ipv6".into()),
+            None => {}
+        }
+        parts.join(" ")
     }
 
     /// Whether the user filters by process (`--pid`, `--comm`, `--cgroup`).
@@ -151,6 +187,32 @@ impl Filter {
     }
 
     /// Whether a socket with these endpoints and owner is wanted.
+    /// Whether a socket's events belong in a filtered recording, from one
+    /// of its transitions (owners are not considered).
+    pub fn socket_verdict(&self, family: Family, local: &Endpoint, remote: &Endpoint) -> Verdict {
+        if self.matches_endpoints(family, local, remote) {
+            return Verdict::Keep;
+        }
+        // A connecting socket's first transition (CLOSE -> SYN_SENT) comes
+        // before its local port, and perhaps its address, are chosen: the
+        // local side can still turn out to match.
+        let local_unset = local.port == 0 || local.addr.is_unspecified();
+        if !local_unset {
+            return Verdict::Drop;
+        }
+        let remote_only = Filter {
+            lports: Vec::new(),
+            laddrs: Vec::new(),
+            ports: Vec::new(),
+            ..self.clone()
+        };
+        if remote_only.matches_endpoints(family, local, remote) {
+            Verdict::Undecided
+        } else {
+            Verdict::Drop
+        }
+    }
+
     pub fn matches(
         &self,
         family: Family,
@@ -174,6 +236,53 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recording filtered by local port keeps a client's first
+    /// transition (no port yet) until a later one shows the port.
+    #[test]
+    fn socket_verdicts() {
+        let ep = |s: &str| Endpoint::from(s.parse::<std::net::SocketAddr>().unwrap());
+        let by_lport = Filter {
+            lports: vec![80],
+            ..Filter::default()
+        };
+        let v = |f: &Filter, l: &str, r: &str| f.socket_verdict(Family::V4, &ep(l), &ep(r));
+        assert_eq!(
+            v(&by_lport, "127.0.0.1:80", "127.0.0.1:5000"),
+            Verdict::Keep
+        );
+        assert_eq!(
+            v(&by_lport, "127.0.0.1:81", "127.0.0.1:5000"),
+            Verdict::Drop
+        );
+        assert_eq!(
+            v(&by_lport, "127.0.0.1:0", "127.0.0.1:5000"),
+            Verdict::Undecided
+        );
+        let both = Filter {
+            lports: vec![80],
+            rports: vec![443],
+            ..Filter::default()
+        };
+        // The remote side already fails: no local port can help.
+        assert_eq!(v(&both, "0.0.0.0:0", "127.0.0.1:5000"), Verdict::Drop);
+        assert_eq!(v(&both, "0.0.0.0:0", "127.0.0.1:443"), Verdict::Undecided);
+        let either = Filter {
+            ports: vec![443],
+            ..Filter::default()
+        };
+        assert_eq!(v(&either, "0.0.0.0:0", "127.0.0.1:443"), Verdict::Keep);
+        assert_eq!(v(&either, "0.0.0.0:0", "127.0.0.1:80"), Verdict::Undecided);
+        assert_eq!(
+            Filter {
+                raddrs: vec!["10.0.0.0/8".parse().unwrap()],
+                family: Some(Family::V4),
+                ..both
+            }
+            .describe(),
+            "--lport 80 --rport 443 --raddr 10.0.0.0/8 --ipv4"
+        );
+    }
 
     fn ep(s: &str) -> Endpoint {
         Endpoint::from(s.parse::<std::net::SocketAddr>().unwrap())

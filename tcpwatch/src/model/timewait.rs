@@ -1213,7 +1213,7 @@ mod tests {
             s.findings
         );
         // The text view: one row each, the pid or the number of processes.
-        let text = crate::views::timewait::timewait_text(&s);
+        let text = crate::views::timewait::timewait_text(&s, crate::host::clock::Zone::Utc);
         let rows: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("  curl") || l.starts_with("  p9"))
@@ -1411,9 +1411,10 @@ mod tests {
             s.findings
         );
         assert!(
-            crate::views::timewait::timewait_text(&s).contains("not being used up now"),
+            crate::views::timewait::timewait_text(&s, crate::host::clock::Zone::Utc)
+                .contains("not being used up now"),
             "{}",
-            crate::views::timewait::timewait_text(&s)
+            crate::views::timewait::timewait_text(&s, crate::host::clock::Zone::Utc)
         );
         // With tcp_tw_reuse=1 there is no exhaustion.
         let mut kv = kview();
@@ -1472,7 +1473,7 @@ mod tests {
             let secs = d.exhaustion_s.unwrap();
             assert!((secs - 26732.0 / (1500.0 - 25.0)).abs() < 0.01, "{secs}");
         }
-        let text = crate::views::timewait::timewait_text(&s);
+        let text = crate::views::timewait::timewait_text(&s, crate::host::clock::Zone::Utc);
         assert!(
             text.contains("10.0.0.3 -> 10.0.0.9:80") && text.contains("FROM -> TOWARD"),
             "{text}"

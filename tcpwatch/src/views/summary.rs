@@ -78,6 +78,12 @@ pub struct RecordSummary {
     /// Records written to the file.
     pub recorded: u64,
     pub file: PathBuf,
+    /// The filter the recording was made with, as its flags (none: every
+    /// event decoded is in the file).
+    pub filter: Option<String>,
+    /// Events decoded but not written: their socket did not match the
+    /// filter. `recorded + left_out` is `stream.events`.
+    pub left_out: u64,
     pub stream: Stream,
 }
 
@@ -222,9 +228,16 @@ impl ExitSummary {
                 tracking_line(&mut out, &s.tracking);
             }
             ExitSummary::Record(s) => {
+                let filtered = match &s.filter {
+                    Some(f) => format!(
+                        " (filtered by {f}: {} events of other sockets left out)",
+                        s.left_out
+                    ),
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "tcpwatch: recorded {} events to {}, {} lost events",
+                    "tcpwatch: recorded {} events to {}{filtered}, {} lost events",
                     s.recorded,
                     s.file.display(),
                     s.stream.lost.total
@@ -330,6 +343,28 @@ mod tests {
         assert!(r.contains("2 at peak (limit 262144), 0 at exit"), "{r}");
         assert!(r.contains("2  SYN_SENT -> ESTABLISHED"), "{r}");
         assert!(r.lines().all(|l| l.len() <= 100), "{r}");
+    }
+
+    /// A filtered recording says so, and what it left out.
+    #[test]
+    fn record_says_its_filter() {
+        let mut s = RecordSummary {
+            recorded: 19,
+            file: "x.rec".into(),
+            left_out: 49,
+            ..RecordSummary::default()
+        };
+        let plain = ExitSummary::Record(s.clone()).text();
+        assert_eq!(
+            plain,
+            "tcpwatch: recorded 19 events to x.rec, 0 lost events\n"
+        );
+        s.filter = Some("--lport 80".into());
+        let filtered = ExitSummary::Record(s).text();
+        assert!(
+            filtered.starts_with("tcpwatch: recorded 19 events to x.rec (filtered by --lport 80: 49 events of other sockets left out), 0 lost events"),
+            "{filtered}"
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ use crate::support::conns::*;
 use crate::support::netns::{VethPair, MAC_A, MAC_B, VETH_A, VETH_B};
 use crate::support::peer::{accept_one, connect_pair, Link, Peer};
 use crate::support::summary::record_summary;
-use crate::support::{family, have, loopbacks, mode, own_netns, parse_ts, set_mode, Scratch};
+use crate::support::{
+    family, have, loopbacks, mode, own_netns, parse_ts, run_ok, set_mode, tcpwatch_bin, Scratch,
+};
 
 type Steps = &'static [(&'static str, &'static str)];
 
@@ -1093,6 +1095,197 @@ fn replay_of_a_truncated_recording_prints_the_valid_prefix() {
         assert!(
             !part.iter().any(|c| (c.sport, c.dport) == key),
             "a connection after the cut was printed"
+        );
+    }
+}
+
+/// `tcpwatch replay FILE ARGS` as root with `TZ` set: its stdout lines.
+fn replay_in_zone(file: &Path, tz: &str, args: &[&str]) -> Vec<String> {
+    let out = run_ok(
+        std::process::Command::new(tcpwatch_bin())
+            .arg("replay")
+            .arg(file)
+            .args(args)
+            .env("TZ", tz),
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+/// `2026-12-06T02:13:07.123456789Z` shifted by `offset_s` and written as
+/// text output writes it: `2026-12-06 07:43:07.123456`.
+fn shifted(rfc3339: &str, offset_s: u64) -> String {
+    let t = humantime::parse_rfc3339(rfc3339).unwrap() + Duration::from_secs(offset_s);
+    humantime::format_rfc3339_micros(t).to_string()[..26].replacen('T', " ", 1)
+}
+
+/// `record --lport P` next to an unfiltered `record`: the filtered file
+/// holds the server side of the connections to P and nothing else (the
+/// clients' own sockets, whose first transition has no local port yet, and
+/// a second server's connections are left out and counted), its summary
+/// says it was filtered and adds up, and its replay gives the same records
+/// as the unfiltered file's for those sockets. The text views of the
+/// replay, in a zone 5 h 30 min east of UTC with `--local-time`, show the
+/// date and the time the JSON says, shifted, and `ladder --format json`
+/// draws the same connections.
+#[test]
+fn filtered_recording_keeps_only_matching_sockets() {
+    require_live!();
+    let dir = Scratch::new("record-filter");
+    let (all_file, some_file) = (dir.join("all.rec"), dir.join("some.rec"));
+    let mut server = Peer::spawn("twc-server", None);
+    let mut other = Peer::spawn("twc-other", None);
+    let mut client = Peer::spawn("twc-client", None);
+    let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
+    let listen = |p: &mut Peer| -> SocketAddr {
+        let port: u16 = p.run1("listen 127.0.0.1:0").parse().unwrap();
+        SocketAddr::new(ip, port)
+    };
+    let (to, elsewhere) = (listen(&mut server), listen(&mut other));
+    let lport = to.port().to_string();
+    let mut all = Tw::spawn(&[
+        "record",
+        "--format",
+        "json",
+        "-o",
+        all_file.to_str().unwrap(),
+    ]);
+    let mut some = Tw::spawn(&[
+        "record",
+        "--format",
+        "json",
+        "--lport",
+        &lport,
+        "-o",
+        some_file.to_str().unwrap(),
+    ]);
+    all.wait_ready();
+    some.wait_ready();
+    const N: usize = 3;
+    let mut links = Vec::new();
+    for _ in 0..N {
+        for (srv, at) in [(&mut server, to), (&mut other, elsewhere)] {
+            let link = accept_one(srv, &mut client, at, ip);
+            client.run("write 10; close");
+            srv.run("read 10; eof; close");
+            links.push(link);
+        }
+    }
+    server.run("close_listener");
+    other.run("close_listener");
+    // Both recorders have seen every close once they are stopped a moment on.
+    std::thread::sleep(Duration::from_millis(300));
+    let s = record_summary(&some.stop().stderr);
+    let a = record_summary(&all.stop().stderr);
+    println!("filtered: {s:?}\nall: {a:?}");
+    assert_eq!(
+        s.filter.as_deref(),
+        Some(format!("--lport {lport}").as_str())
+    );
+    assert_eq!(a.filter, None);
+    assert_eq!(a.left_out, 0);
+    // Every decoded event is either in the file or counted as left out.
+    assert_eq!(s.recorded + s.left_out, s.stream.events, "{s:?}");
+
+    let json = |file: &Path| -> Vec<Conn> {
+        replay_in_zone(file, "UTC", &["conns", "--format", "json"])
+            .iter()
+            .map(|l| Conn::parse(l))
+            .collect()
+    };
+    let (kept, everything) = (json(&some_file), json(&all_file));
+    let ours = |c: &&Conn| links.iter().any(|l| l.keys().contains(&(c.sport, c.dport)));
+    let kept_ours: Vec<&Conn> = kept.iter().filter(ours).collect();
+    // Nothing in the filtered file but sockets with local port P (the
+    // listener closes too, but a listener is not a connection).
+    for c in &kept {
+        assert_eq!(c.sport, to.port(), "not on --lport {lport}: {}", c.line);
+    }
+    let want: Vec<(u16, u16)> = links
+        .iter()
+        .filter(|l| l.server == to)
+        .map(|l| l.server_key())
+        .collect();
+    assert_eq!(kept_ours.len(), want.len(), "{kept:#?}");
+    for key in &want {
+        // The two recorders' probes stamp each event with their own clock
+        // read: the same record but for times within a millisecond.
+        same_connection(find(&everything, *key), find(&kept, *key));
+    }
+    // The left-out events are at least the clients' and the other
+    // server's: five transitions a socket, 3 sockets per link but one.
+    assert!(s.left_out >= (5 * (3 * N)) as u64, "{s:?}");
+
+    // Text in local time, 5 h 30 min east of UTC.
+    const TZ: &str = "IST-5:30";
+    const EAST: u64 = 5 * 3600 + 30 * 60;
+    let text = replay_in_zone(&some_file, TZ, &["conns", "--local-time"]);
+    assert!(text[0].starts_with("CLOSED(LOCAL) "), "{}", text[0]);
+    let utc = replay_in_zone(&some_file, TZ, &["conns", "--no-header"]);
+    for key in &want {
+        let c = find(&kept, *key);
+        let line = text
+            .iter()
+            .find(|l| l.contains(&format!(":{} ", key.1)))
+            .unwrap_or_else(|| panic!("no text line for {key:?}: {text:#?}"));
+        assert!(line.starts_with(&shifted(&c.ts, EAST)), "{}\n{line}", c.ts);
+        assert!(
+            utc.iter().any(|l| l.starts_with(&shifted(&c.ts, 0))),
+            "UTC unless asked: {utc:#?}"
+        );
+    }
+    let trace = replay_in_zone(&some_file, TZ, &["trace", "--local-time"]);
+    let trace_json = replay_in_zone(&some_file, TZ, &["trace", "--format", "json"]);
+    assert!(trace[0].starts_with("TIME(LOCAL) "), "{}", trace[0]);
+    assert_eq!(trace.len(), trace_json.len() + 1);
+    for (t, j) in trace[1..].iter().zip(&trace_json) {
+        let v: Value = serde_json::from_str(j).unwrap();
+        assert!(
+            t.starts_with(&shifted(v["ts"].as_str().unwrap(), EAST)),
+            "{t}\n{j}"
+        );
+    }
+
+    // Ladders: the client sockets are not in the file, so each server end
+    // is drawn alone, its peer inferred.
+    let ladders = replay_in_zone(&some_file, TZ, &["ladder", "--format", "json"]);
+    let text = replay_in_zone(&some_file, TZ, &["ladder", "--local-time"]);
+    let blocks = ladder_blocks(&text);
+    assert_eq!(ladders.len(), blocks.len(), "{ladders:#?}\n{text:#?}");
+    for key in &want {
+        let client = format!("127.0.0.1:{}", key.1);
+        let l: Value = ladders
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["right"]["endpoint"] == client.as_str())
+            .unwrap_or_else(|| panic!("no ladder toward {client}: {ladders:#?}"));
+        assert_eq!(l["exact"], false, "{l}");
+        assert_eq!(l["left"]["endpoint"], to.to_string());
+        assert_eq!(l["left"]["role"], "server");
+        let segments: Vec<&str> = l["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["segment"].as_str())
+            .collect();
+        // Passive open (the handshake's last ACK), then the client's FIN
+        // and the server's own; the client closed first.
+        assert_eq!(segments.first(), Some(&"ACK"), "{l}");
+        assert!(segments.contains(&"FIN"), "{l}");
+        let block = blocks
+            .iter()
+            .find(|b| b.header.starts_with(&format!("{to} <-> {client}   ")))
+            .unwrap_or_else(|| panic!("no picture for {client}: {text:#?}"));
+        let when = format!("   {} +05:30   ", shifted(l["ts"].as_str().unwrap(), EAST));
+        assert!(
+            block.header.contains(&when),
+            "{when} not in {}",
+            block.header
+        );
+        assert_eq!(
+            block.body.iter().filter(|b| b.contains("--")).count(),
+            segments.len(),
+            "{}",
+            block.text()
         );
     }
 }
