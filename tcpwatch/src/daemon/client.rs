@@ -373,13 +373,12 @@ pub fn timewait_path(netns: Option<&str>) -> String {
 }
 
 /// `tcpwatch timewait --from`: the daemon's snapshot every `interval`,
-/// written as `timewait` writes its own.
+/// written as `timewait` writes its own, in `format` (text in `zone`).
 pub async fn watch_timewait<W: Write>(
     daemon: &Daemon,
     netns: Option<&str>,
     out: &mut W,
-    format: Format,
-    zone: Zone,
+    (format, zone): (Format, Zone),
     redraw: bool,
     interval: Duration,
     duration: Option<Duration>,

@@ -276,6 +276,7 @@ mod tests {
                 t: &wide,
                 owner: Some(&owner),
                 delta_ns: None,
+                cgroup: None,
             },
             &clock(),
             Zone::Utc,
