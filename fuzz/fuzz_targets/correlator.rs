@@ -9,14 +9,14 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use tcpwatch::host::clock::Clock;
+use tcpwatch::host::clock::{Clock, Zone};
 use tcpwatch::model::correlate::{
     CloseKind, Correlator, CorrelatorOptions, OpenKind, Role, Timeline, TimewaitSubstate,
 };
 use tcpwatch::model::decode::{Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition};
 use tcpwatch::model::{Endpoint, Family, TcpState};
 use tcpwatch::views::conns::{conns_json, conns_text};
-use tcpwatch::views::ladder::ladder;
+use tcpwatch::views::ladder::{ladder, ladder_json, ladder_text};
 
 /// Distinct socket addresses the input can name: few, so they are reused.
 const SOCKETS: u64 = 12;
@@ -261,8 +261,10 @@ fuzz_target!(|input: Input| {
     let stats = c.stats();
     assert_eq!(stats.timelines, out.len() as u64);
     for (i, t) in out.iter().enumerate() {
-        assert!(!conns_text(t, &clock).contains('\n'));
-        let _ = conns_json(t, &clock);
-        let _ = ladder(t, out.get(i + 1), &clock);
+        assert!(!conns_text(t, &clock, Zone::Utc).contains('\n'));
+        let _ = conns_json(t, &clock, None);
+        let picture = ladder(t, out.get(i + 1), &clock);
+        let _ = ladder_text(&picture, Zone::Utc);
+        assert!(!ladder_json(&picture).contains('\n'));
     }
 });

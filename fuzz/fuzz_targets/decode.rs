@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcpwatch::host::clock::Clock;
+use tcpwatch::host::clock::{Clock, Zone};
 use tcpwatch::model::decode::{decode, decode_raw, encode, interpret_all, Record, Rejects};
 use tcpwatch::views::{trace_json, trace_text, TraceLine};
 use tcpwatch::model::owner::OwnerTracker;
@@ -71,9 +71,10 @@ fuzz_target!(|data: &[u8]| {
             t,
             owner: owner.as_ref(),
             delta_ns: previous.map(|p: u64| t.ts_ns.saturating_sub(p)),
+            cgroup: None,
         };
         previous = Some(t.ts_ns);
-        let text = trace_text(&line, &clock);
+        let text = trace_text(&line, &clock, Zone::Utc);
         assert!(!text.contains(char::is_control), "{text:?}");
         let json = trace_json(&line, &clock);
         assert!(json.starts_with('{') && !json.contains('\n'), "{json}");

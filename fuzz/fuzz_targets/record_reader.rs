@@ -11,6 +11,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use tcpwatch::commands::conns::{ConnsOptions, ConnsSink, View};
+use tcpwatch::host::clock::Zone;
 use tcpwatch::model::filter::Filter;
 use tcpwatch::stream::record::{Replay, HEADER_LEN};
 use tcpwatch::stream::replay;
@@ -23,10 +24,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let start = replay.offset();
     assert!(start >= HEADER_LEN as u64 && start <= data.len() as u64);
-    // The first byte picks the view, so both get exercised.
-    let view = match data.get(HEADER_LEN).copied().unwrap_or(0) % 3 {
-        0 => View::Ladder,
-        1 => View::Records(Format::Text),
+    // The first byte picks the view, so each gets exercised.
+    let view = match data.get(HEADER_LEN).copied().unwrap_or(0) % 4 {
+        0 => View::Ladder(Format::Text),
+        1 => View::Ladder(Format::Json),
+        2 => View::Records(Format::Text),
         _ => View::Records(Format::Json),
     };
     let opts = ConnsOptions {
@@ -34,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         filter: Filter::default(),
         max_sockets: 8,
         header: true,
+        zone: Zone::Utc,
     };
     let ended = replay::run(&mut replay, |ctx| {
         Ok(ConnsSink::build(io::sink(), opts, ctx))

@@ -438,7 +438,10 @@ fn daemon_labels_series_by_namespace() {
         );
     }
 
-    // Without --netns: every namespace seen, A and B among them.
+    // Without --netns: every namespace seen, A and B among them, once its
+    // own snapshot after the last close is served (its snapshots run on a
+    // clock of their own, not the other daemon's).
+    let _: Value = every.wait_for("/api/timewait?netns=all", Duration::from_secs(20), late);
     let (_, samples) = metrics(&every);
     for (ns, k) in [(&t.a, &ka), (&t.b, &kb)] {
         assert_eq!(
