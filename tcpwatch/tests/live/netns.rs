@@ -294,6 +294,11 @@ fn metrics(daemon: &Daemon) -> (String, Vec<Sample>) {
     (text, samples)
 }
 
+/// How long after the last close a snapshot is sure to count every socket
+/// as correlated: the grace period, and up to a second that a record waits
+/// behind a held FIN_WAIT2 hand-off (records leave in close order).
+const SETTLED_NS: i128 = 1_500_000_000;
+
 /// The daemon labels each namespace's series with its name, each with
 /// that namespace's own kernel count; equal addresses of A and B stay
 /// apart; with `--top 2` the third namespace is summed as `other`; without
@@ -321,11 +326,13 @@ fn daemon_labels_series_by_namespace() {
     let settled = now_ns();
     let b_inode = t.b.inode();
 
-    // Once a snapshot after the last close is served.
+    // Once a snapshot after the last close is served, late enough that
+    // every record is out of the correlator: a record can wait up to a
+    // second behind a held FIN_WAIT2 hand-off that closed before it.
     let late = |v: &Value| {
         v.as_array().is_some_and(|all| {
             all.iter()
-                .all(|s| parse_ts(s["ts"].as_str().unwrap_or("")) >= settled + 200_000_000)
+                .all(|s| parse_ts(s["ts"].as_str().unwrap_or("")) >= settled + SETTLED_NS)
         })
     };
     let all: Value = chosen.wait_for("/api/timewait?netns=all", Duration::from_secs(20), late);
@@ -617,7 +624,7 @@ fn cgroup_path_container_and_filter() {
     let settled = now_ns();
     let snap = snapshot_after(&tw, settled);
     let _: Snapshot = daemon.wait_for("/api/timewait", Duration::from_secs(20), |s: &Snapshot| {
-        parse_ts(&s.ts) >= settled + 200_000_000
+        parse_ts(&s.ts) >= settled + SETTLED_NS
     });
     let (_, samples) = metrics(&daemon);
 
