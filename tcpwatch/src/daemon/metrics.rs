@@ -13,14 +13,14 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::correlate::{Role, Timeline};
-use crate::model::decode::{Record, Transition};
+use crate::model::decode::{Record, SocketEventKind, Transition};
 use crate::model::TcpState;
 
 /// How many TCP states [`TcpState`] names.
 const STATES: usize = TcpState::BoundInactive as usize + 1;
 use crate::model::lost::LostCounts;
 use crate::model::timewait::Snapshot;
-use crate::views::conns::close_name;
+use crate::views::conns::{close_name, connect_failure_name};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
@@ -82,6 +82,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailedConnectLabels {
+    reason: String,
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
 }
@@ -125,6 +131,12 @@ pub struct Metrics {
     max_tw_buckets: Family<NetnsLabels, Gauge>,
     overflows: Family<NetnsLabels, Counter>,
     lost: Family<ReasonLabels, Counter>,
+    failed_connects: Family<FailedConnectLabels, Counter>,
+    /// Destinations with a failed-connect series of their own: the first
+    /// `--top` seen (a counter cannot move to `other` later), the rest
+    /// summed as `other`.
+    failed_destinations: std::collections::HashSet<String>,
+    retransmits: Counter,
     events: Counter,
     undecodable: Counter,
     tracked: Gauge,
@@ -156,6 +168,9 @@ impl Metrics {
             max_tw_buckets: Family::default(),
             overflows: Family::default(),
             lost: Family::default(),
+            failed_connects: Family::default(),
+            failed_destinations: Default::default(),
+            retransmits: Counter::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
             tracked: Gauge::default(),
@@ -257,6 +272,16 @@ impl Metrics {
             m.lost.clone(),
         );
         r.register(
+            "failed_connects",
+            "connect() calls that never reached ESTABLISHED, by reason (refused, timed_out, host_unreachable, net_unreachable, given_up by the application, address_not_available, failed:ERRNO) and destination (the first --top destinations, the rest as other)",
+            m.failed_connects.clone(),
+        );
+        r.register(
+            "retransmitted_segments",
+            "Segments the kernel retransmitted (tcp:tcp_retransmit_skb), SYNs included",
+            m.retransmits.clone(),
+        );
+        r.register(
             "events",
             "Kernel events taken from the ring buffer",
             m.events.clone(),
@@ -284,6 +309,7 @@ impl Metrics {
             }),
         );
         // Present from the first scrape, so rate() and alerts see zero.
+        m.retransmits.inc_by(0);
         for reason in ["ring_full", "kernel_skipped"] {
             m.lost.get_or_create(&ReasonLabels { reason }).inc_by(0);
         }
@@ -303,12 +329,20 @@ impl Metrics {
         // transition in the batch: looking a series up hashes its labels.
         let mut counts = [[0u64; STATES]; STATES];
         let mut first: [[Option<&Transition>; STATES]; STATES] = [[None; STATES]; STATES];
+        let mut retransmits = 0;
         for r in records {
-            let Record::State(t) = r else { continue };
+            let t = match r {
+                Record::State(t) => t,
+                Record::Socket(s) => {
+                    retransmits += u64::from(s.kind == SocketEventKind::Retransmit);
+                    continue;
+                }
+            };
             let (o, n) = (t.old as usize, t.new as usize);
             counts[o][n] += 1;
             first[o][n].get_or_insert(t);
         }
+        self.retransmits.inc_by(retransmits);
         for (o, row) in counts.iter().enumerate() {
             for (n, &count) in row.iter().enumerate() {
                 let Some(t) = first[o][n].filter(|_| count > 0) else {
@@ -329,8 +363,25 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished connection.
-    pub fn connection(&self, t: &Timeline) {
+    /// Counts a finished connection; a failed connect by its reason and
+    /// destination, `top` destinations at most.
+    pub fn connection(&mut self, t: &Timeline, top: usize) {
+        if let Some(f) = t.connect_failure {
+            let mut destination = t.remote.to_string();
+            if !self.failed_destinations.contains(&destination) {
+                if self.failed_destinations.len() < top {
+                    self.failed_destinations.insert(destination.clone());
+                } else {
+                    destination = "other".into();
+                }
+            }
+            self.failed_connects
+                .get_or_create(&FailedConnectLabels {
+                    reason: connect_failure_name(f),
+                    destination,
+                })
+                .inc();
+        }
         self.closed
             .get_or_create(&KindLabels {
                 kind: close_name(t.close),
@@ -554,5 +605,48 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }
         assert!(!text.contains(r#"to="CLOSE""#), "{text}");
+    }
+
+    #[test]
+    fn failed_connects_by_reason_and_at_most_top_destinations() {
+        use crate::model::correlate::ConnectFailure;
+        let mut registry = Registry::with_prefix("tcpwatch");
+        let mut metrics = Metrics::new(&mut registry);
+        let fail = |port: u16, f: ConnectFailure| {
+            let mut t = Timeline::sample(
+                "10.0.0.1:40000".parse::<std::net::SocketAddr>().unwrap().into(),
+                std::net::SocketAddr::from(([10, 0, 0, 5], port)).into(),
+                None,
+                Role::Client,
+                1_000_000,
+            );
+            t.connect_failure = Some(f);
+            t
+        };
+        metrics.connection(&fail(80, ConnectFailure::Refused), 2);
+        metrics.connection(&fail(80, ConnectFailure::Refused), 2);
+        metrics.connection(&fail(81, ConnectFailure::Unreachable(113)), 2);
+        // A third destination is past --top 2.
+        metrics.connection(&fail(82, ConnectFailure::GivenUp), 2);
+        metrics.connection(&fail(83, ConnectFailure::GivenUp), 2);
+        // An opened connection is no failure.
+        metrics.connection(&fail(84, ConnectFailure::Refused), 2);
+        let mut retransmit = Event::zeroed();
+        retransmit.kind = kind::RETRANSMIT;
+        retransmit.skaddr = 1;
+        let retransmit = interpret(&retransmit).expect("a retransmit");
+        metrics.records(&[retransmit, state(2, 1), retransmit], 0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"tcpwatch_failed_connects_total{reason="refused",destination="10.0.0.5:80"} 2"#,
+            r#"tcpwatch_failed_connects_total{reason="host_unreachable",destination="10.0.0.5:81"} 1"#,
+            r#"tcpwatch_failed_connects_total{reason="given_up",destination="other"} 2"#,
+            r#"tcpwatch_failed_connects_total{reason="refused",destination="other"} 1"#,
+            "tcpwatch_retransmitted_segments_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert!(!text.contains("10.0.0.5:82"), "{text}");
     }
 }

@@ -294,7 +294,7 @@ impl DaemonSink {
     /// read: what it answers next is what was published with the line.
     fn publish_saying(&mut self, snapshots: Option<Vec<Snapshot>>, line: Option<&str>) {
         for t in &self.finished {
-            self.metrics.connection(t);
+            self.metrics.connection(t, self.top);
         }
         self.connections += self.finished.len() as u64;
         // Only the newest `keep` can stay: the rest are only numbered.

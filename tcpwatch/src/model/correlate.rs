@@ -21,6 +21,74 @@ use std::sync::Arc;
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
 const ECONNRESET: i32 = 104;
+const EHOSTUNREACH: i32 = 113;
+const ENETUNREACH: i32 = 101;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// Why a connect() never reached ESTABLISHED, as the kernel shows it at
+/// SYN_SENT → CLOSE (checked on Linux 6.18 with bpftrace):
+/// - refused: a RST answered the SYN, `sk_err` ECONNREFUSED;
+/// - timed out: every SYN went unanswered, `sk_err` ETIMEDOUT after the
+///   last retransmission's timeout;
+/// - unreachable: an ICMP destination unreachable answered the SYNs.
+///   Host and network unreachable are soft errors in SYN_SENT (since
+///   6.5): the SYNs go on (the ICMP reverts the backoff) until the kernel
+///   gives up, and `sk_err` is the ICMP's errno instead of ETIMEDOUT;
+/// - given up by the application: it closed the socket in SYN_SENT (its
+///   own connect timeout); the kernel sets no errno, and the SYN was sent;
+/// - address not available: `tcp_v4_connect` sets SYN_SENT before it
+///   picks a local port; when none is free (`inet_hash_connect` fails) it
+///   sets CLOSE at once, before any SYN: `segs_out` is 0, the local port
+///   0, `sk_err` 0, and connect() returns EADDRNOTAVAIL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectFailure {
+    Refused,
+    TimedOut,
+    /// EHOSTUNREACH or ENETUNREACH.
+    Unreachable(i32),
+    /// Closed by its application while in SYN_SENT.
+    GivenUp,
+    AddressNotAvailable,
+    /// Any other errno (e.g. EACCES from an ICMP "administratively
+    /// prohibited").
+    Other(i32),
+}
+
+impl ConnectFailure {
+    /// The errno the application's connect() saw; `None` for one given up
+    /// by the application (it saw none: it stopped waiting).
+    pub fn errno(self) -> Option<i32> {
+        match self {
+            ConnectFailure::Refused => Some(ECONNREFUSED),
+            ConnectFailure::TimedOut => Some(ETIMEDOUT),
+            ConnectFailure::Unreachable(e) | ConnectFailure::Other(e) => Some(e),
+            ConnectFailure::GivenUp => None,
+            ConnectFailure::AddressNotAvailable => Some(EADDRNOTAVAIL),
+        }
+    }
+
+    /// Classifies an active open that never reached ESTABLISHED from what
+    /// the kernel left on the socket at CLOSE.
+    fn classify(
+        error: Option<i32>,
+        resets_received: u16,
+        segs_out: Option<u32>,
+        local_port: u16,
+    ) -> ConnectFailure {
+        match error {
+            _ if resets_received > 0 => ConnectFailure::Refused,
+            Some(ECONNREFUSED) => ConnectFailure::Refused,
+            Some(ETIMEDOUT) => ConnectFailure::TimedOut,
+            Some(e @ (EHOSTUNREACH | ENETUNREACH)) => ConnectFailure::Unreachable(e),
+            Some(e) => ConnectFailure::Other(e),
+            // No SYN left: the kernel found no local port.
+            None if segs_out == Some(0) || (segs_out.is_none() && local_port == 0) => {
+                ConnectFailure::AddressNotAvailable
+            }
+            None => ConnectFailure::GivenUp,
+        }
+    }
+}
 
 /// Which end this socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,6 +210,11 @@ pub struct Timeline {
     pub handed_off: bool,
     /// errno the kernel recorded on the socket when it closed.
     pub error: Option<i32>,
+    /// For a connect() that never reached ESTABLISHED: why.
+    pub connect_failure: Option<ConnectFailure>,
+    /// When each SYN was retransmitted (`tcp:tcp_retransmit_skb` while in
+    /// SYN_SENT), CLOCK_MONOTONIC ns.
+    pub syn_retransmits_ns: Vec<u64>,
     /// Application bytes the peer acknowledged, and application bytes
     /// received (the kernel's counters less the SYN and FINs they count).
     pub bytes_sent: Option<u64>,
@@ -203,6 +276,8 @@ impl Timeline {
             }),
             handed_off: false,
             error: None,
+            connect_failure: None,
+            syn_retransmits_ns: Vec::new(),
             bytes_sent: None,
             bytes_received: None,
             srtt_us: None,
@@ -252,6 +327,12 @@ impl StepList {
 
     fn len(&self) -> usize {
         usize::from(self.inline_len) + self.spill.len()
+    }
+
+    fn last(&self) -> Option<&PackedStep> {
+        self.spill
+            .last()
+            .or_else(|| self.inline[..usize::from(self.inline_len)].last())
     }
 }
 
@@ -320,10 +401,29 @@ impl Track {
         });
     }
 
+    /// A SYN retransmitted in SYN_SENT, kept among the steps as a
+    /// SYN_SENT → SYN_SENT mark (no real transition has old == new), so
+    /// that the track grows by nothing.
+    fn push_syn_retransmit(&mut self, ts_ns: u64) {
+        let syn_sent = TcpState::SynSent.kernel_number();
+        if self.steps.last().is_some_and(|p| p.new == syn_sent) {
+            self.push_step(ts_ns, TcpState::SynSent, TcpState::SynSent);
+        }
+    }
+
+    fn syn_retransmits_ns(&self) -> Vec<u64> {
+        self.steps
+            .iter()
+            .filter(|p| p.old == p.new)
+            .map(|p| self.first_ns + u64::from(p.dt_us) * 1000)
+            .collect()
+    }
+
     fn steps(&self) -> Vec<Step> {
         self.steps
             .iter()
             .enumerate()
+            .filter(|(_, p)| p.old != p.new)
             .map(|(i, p)| Step {
                 // The first step's time is exact; later ones to the µs.
                 ts_ns: if i == 0 {
@@ -951,7 +1051,10 @@ impl Correlator {
                     track.owner_source = a.source;
                 }
             }
-            SocketEventKind::Retransmit => track.retransmits = track.retransmits.saturating_add(1),
+            SocketEventKind::Retransmit => {
+                track.retransmits = track.retransmits.saturating_add(1);
+                track.push_syn_retransmit(s.ts_ns);
+            }
             SocketEventKind::SendReset => track.resets_sent = track.resets_sent.saturating_add(1),
             SocketEventKind::ReceiveReset => {
                 track.resets_received = track.resets_received.saturating_add(1)
@@ -1008,6 +1111,15 @@ fn build_timeline(
         OpenKind::Passive | OpenKind::PassiveFailed => Role::Server,
         OpenKind::BeforeTrace => tr.before_trace_role,
     };
+    let syn_retransmits_ns = tr.syn_retransmits_ns();
+    let connect_failure = (active && established.is_none()).then(|| {
+        ConnectFailure::classify(
+            error,
+            tr.resets_received,
+            last_fields.segs_out,
+            tr.local.port,
+        )
+    });
     let handshake_ns = match (open, established) {
         (OpenKind::Active, Some(e)) => {
             find(steps, Close, SynSent).map(|s| e.saturating_sub(s.ts_ns))
@@ -1184,6 +1296,8 @@ fn build_timeline(
         timewait,
         handed_off,
         error,
+        connect_failure,
+        syn_retransmits_ns,
         bytes_sent,
         bytes_received,
         srtt_us: last_fields.srtt_us,
@@ -1775,6 +1889,82 @@ mod tests {
         );
         assert_eq!((to.open, to.error), (OpenKind::TimedOut, Some(ETIMEDOUT)));
         assert_eq!(to.handshake_ns, None);
+    }
+
+    /// Each failure as the kernel shows it (see `ConnectFailure`).
+    #[test]
+    fn connect_failures_by_reason() {
+        let mut socks = Vec::new();
+        let mut sock = |sk: u64, f: &dyn Fn(&mut Sock)| {
+            let mut s = Sock::new(sk, 1);
+            s.step(0, Close, SynSent);
+            f(&mut s);
+            socks.push(s);
+        };
+        sock(1, &|s| {
+            s.segs_out = 1;
+            s.reset(10, kind::RECEIVE_RESET);
+            s.step(11, SynSent, Close).sk_err = ECONNREFUSED;
+        });
+        sock(2, &|s| {
+            s.segs_out = 3;
+            s.reset(1_000_000, kind::RETRANSMIT);
+            s.reset(3_000_000, kind::RETRANSMIT);
+            s.step(7_000_000, SynSent, Close).sk_err = ETIMEDOUT;
+        });
+        sock(3, &|s| {
+            s.segs_out = 2;
+            s.reset(1_000_000, kind::RETRANSMIT);
+            s.step(2_000_000, SynSent, Close).sk_err = EHOSTUNREACH;
+        });
+        sock(4, &|s| {
+            s.segs_out = 1;
+            s.step(300_000, SynSent, Close);
+        });
+        // No local port free: CLOSE at once, nothing sent.
+        sock(5, &|s| {
+            s.step(2, SynSent, Close);
+        });
+        sock(6, &|s| {
+            s.segs_out = 1;
+            s.step(500, SynSent, Close).sk_err = 13;
+        });
+        let out = run_all(&socks.iter().collect::<Vec<_>>());
+        let get = |sk: u64| out.iter().find(|t| t.skaddr == sk).unwrap();
+        let want = [
+            (1, ConnectFailure::Refused, vec![]),
+            (2, ConnectFailure::TimedOut, vec![1_000_000_000, 3_000_000_000]),
+            (3, ConnectFailure::Unreachable(EHOSTUNREACH), vec![1_000_000_000]),
+            (4, ConnectFailure::GivenUp, vec![]),
+            (5, ConnectFailure::AddressNotAvailable, vec![]),
+            (6, ConnectFailure::Other(13), vec![]),
+        ];
+        for (sk, failure, retx) in want {
+            let t = get(sk);
+            assert_eq!(t.connect_failure, Some(failure), "{t:?}");
+            assert_eq!(t.syn_retransmits_ns, retx, "{t:?}");
+            assert_eq!(t.close, CloseKind::NeverOpened);
+            // The retransmissions are no steps.
+            assert_eq!(t.steps.len(), 2, "{t:?}");
+        }
+        assert_eq!(ConnectFailure::GivenUp.errno(), None);
+        assert_eq!(ConnectFailure::AddressNotAvailable.errno(), Some(EADDRNOTAVAIL));
+    }
+
+    /// A retransmission once the connection is open is no SYN's.
+    #[test]
+    fn retransmits_after_the_handshake_are_not_syn_retransmits() {
+        let mut s = Sock::new(9, 1);
+        s.step(0, Close, SynSent);
+        s.reset(1_000_000, kind::RETRANSMIT);
+        s.step(1_000_100, SynSent, Established);
+        s.reset(2_000_000, kind::RETRANSMIT);
+        s.step(3_000_000, Established, Close).sk_err = ETIMEDOUT;
+        let out = s.run();
+        assert_eq!(out[0].syn_retransmits_ns, vec![1_000_000_000]);
+        assert_eq!(out[0].retransmits, 2);
+        assert_eq!(out[0].connect_failure, None);
+        assert_eq!(out[0].steps.len(), 3);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::{table_header, table_line, Column, ENDPOINT_WIDTH};
 use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
-use crate::model::correlate::{CloseKind, Closer, OpenKind, Role, Timeline, TimewaitSubstate};
+use crate::model::correlate::{
+    CloseKind, Closer, ConnectFailure, OpenKind, Role, Timeline, TimewaitSubstate,
+};
 use crate::model::owner::OwnerSource;
 use crate::model::{Endpoint, Family, Owner};
 
@@ -60,6 +62,61 @@ pub fn close_name(c: CloseKind) -> &'static str {
     }
 }
 
+/// Why a connect() failed, as `conns`, `top` and the daemon's counter name
+/// it.
+pub fn connect_failure_name(f: ConnectFailure) -> String {
+    match f {
+        ConnectFailure::Refused => "refused".into(),
+        ConnectFailure::TimedOut => "timed_out".into(),
+        ConnectFailure::Unreachable(113) => "host_unreachable".into(),
+        ConnectFailure::Unreachable(101) => "net_unreachable".into(),
+        ConnectFailure::Unreachable(e) => format!("unreachable:{}", errno_name(e)),
+        ConnectFailure::GivenUp => "given_up".into(),
+        ConnectFailure::AddressNotAvailable => "address_not_available".into(),
+        ConnectFailure::Other(e) => format!("failed:{}", errno_name(e)),
+    }
+}
+
+fn ms_list(times: &[f64]) -> String {
+    let v: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+    format!("{} ms", v.join(", "))
+}
+
+/// Why a connect() failed, in words: the reason (`connect_failure_name`),
+/// the errno its connect() saw, when each SYN was retransmitted and how
+/// long it had waited when it failed (ms from the first SYN).
+pub fn connect_failure_words(
+    reason: &str,
+    errno: Option<&str>,
+    syn_retransmits_ms: &[f64],
+    waited_ms: f64,
+) -> String {
+    let syns = syn_retransmits_ms.len() + 1;
+    let retransmitted = if syn_retransmits_ms.is_empty() {
+        String::new()
+    } else {
+        format!("; SYN retransmitted at {}", ms_list(syn_retransmits_ms))
+    };
+    let errno = errno.unwrap_or("no errno");
+    match reason {
+        "refused" => format!("refused: a RST answered the SYN ({errno} after {waited_ms:.0} ms){retransmitted}"),
+        "timed_out" => format!(
+            "timed out: {syns} SYNs unanswered{retransmitted}; {errno} at {waited_ms:.0} ms"
+        ),
+        "host_unreachable" | "net_unreachable" => format!(
+            "{}: ICMP destination unreachable answered the SYNs{retransmitted}; {errno} at {waited_ms:.0} ms",
+            reason.replace('_', " ")
+        ),
+        "given_up" => format!(
+            "given up by the application after {waited_ms:.0} ms: it closed the socket in SYN_SENT (its own connect timeout), the kernel set no errno{retransmitted}"
+        ),
+        "address_not_available" => {
+            format!("address not available: no free local port, no SYN sent ({errno})")
+        }
+        other => format!("{other} at {waited_ms:.0} ms{retransmitted}"),
+    }
+}
+
 pub fn closer_name(c: Closer) -> &'static str {
     match c {
         Closer::Local => "local",
@@ -96,8 +153,9 @@ fn ms(ns: u64) -> f64 {
 }
 
 /// `conns`'s columns, each as wide as the widest value it can hold (an
-/// IPv6 endpoint, `never_opened:EADDRNOTAVAIL`) so that lines stay aligned.
-pub const CONNS_COLUMNS: [Column; 17] = [
+/// IPv6 endpoint, `never_opened:EADDRNOTAVAIL`) so that lines stay aligned;
+/// the last, why a connect failed in words, as long as it needs.
+pub const CONNS_COLUMNS: [Column; 18] = [
     Column::left("CLOSED", STAMP_WIDTH),
     Column::left("PID", 7),
     Column::left("COMM", 15),
@@ -115,6 +173,7 @@ pub const CONNS_COLUMNS: [Column; 17] = [
     Column::right("RX", 12),
     Column::right("RTT_US", 7),
     Column::right("RETX", 4),
+    Column::left("WHY", 3),
 ];
 
 pub fn conns_header(zone: Zone) -> String {
@@ -156,6 +215,17 @@ pub struct ConnRecord {
     pub timewait: Option<TimewaitRecord>,
     pub error: Option<String>,
     pub errno: Option<i32>,
+    /// For a connect() that never reached ESTABLISHED: why
+    /// (`refused`, `timed_out`, `host_unreachable`, `net_unreachable`,
+    /// `given_up`, `address_not_available`, `failed:ERRNO`).
+    #[serde(default)]
+    pub connect_failure: Option<String>,
+    /// The errno that connect() saw (none when the application gave up).
+    #[serde(default)]
+    pub connect_errno: Option<String>,
+    /// When each SYN was retransmitted, ms after the first SYN.
+    #[serde(default)]
+    pub syn_retransmits_ms: Vec<f64>,
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
     pub srtt_us: Option<u32>,
@@ -216,6 +286,13 @@ impl ConnRecord {
             }),
             error: t.error.map(errno_name),
             errno: t.error,
+            connect_failure: t.connect_failure.map(connect_failure_name),
+            connect_errno: t.connect_failure.and_then(|f| f.errno()).map(errno_name),
+            syn_retransmits_ms: t
+                .syn_retransmits_ns
+                .iter()
+                .map(|ns| ms(ns.saturating_sub(t.first_ns)))
+                .collect(),
             bytes_sent: t.bytes_sent,
             bytes_received: t.bytes_received,
             // The kernel's estimate of a connection that never opened is
@@ -277,8 +354,14 @@ pub fn record_text(r: &ConnRecord, zone: Zone) -> String {
         Some(e) => format!("{kind}:{e}"),
         None => kind.to_string(),
     };
+    // A connect that failed: the errno its connect() saw, else the reason.
+    let never_opened = || match (&r.connect_errno, &r.connect_failure) {
+        (Some(e), _) | (None, Some(e)) => format!("{}:{e}", r.close),
+        (None, None) => failed(&r.close),
+    };
     let close = match r.close.as_str() {
-        "error" | "never_opened" => failed(&r.close),
+        "never_opened" => never_opened(),
+        "error" => failed(&r.close),
         other => other.to_string(),
     };
     let open = match r.open.as_str() {
@@ -315,6 +398,17 @@ pub fn record_text(r: &ConnRecord, zone: Zone) -> String {
             opt(r.bytes_received),
             opt(r.srtt_us),
             r.retransmits.to_string(),
+            r.connect_failure.as_deref().map_or_else(
+                || "-".to_string(),
+                |reason| {
+                    connect_failure_words(
+                        reason,
+                        r.connect_errno.as_deref(),
+                        &r.syn_retransmits_ms,
+                        r.lifetime_ms,
+                    )
+                },
+            ),
         ],
     )
 }
@@ -382,11 +476,61 @@ mod tests {
         assert_eq!(r.srtt_us, None);
         let text = record_text(&r, Zone::Utc);
         let cols: Vec<&str> = text.split_whitespace().collect();
-        assert_eq!(cols[cols.len() - 2], "-", "{cols:?}");
+        // RTT_US, then RETX and WHY.
+        assert_eq!(cols[cols.len() - 3], "-", "{cols:?}");
         assert_eq!(
             ConnRecord::new(&timeline(), &clock, false, None).srtt_us,
             Some(31)
         );
+    }
+
+    /// A failed connect: its reason, the errno its connect() saw, when each
+    /// SYN was retransmitted, and the words the text ends with.
+    #[test]
+    fn failed_connects_say_why() {
+        let clock = Clock::with_offset_ns(0);
+        let failed = |f: ConnectFailure, retx: &[u64], life_ms: u64| {
+            let mut t = timeline();
+            t.open = OpenKind::Failed;
+            t.close = CloseKind::NeverOpened;
+            t.error = f.errno().filter(|&e| e != 99);
+            t.connect_failure = Some(f);
+            t.timewait = None;
+            t.closed_ns = t.first_ns + life_ms * 1_000_000;
+            t.syn_retransmits_ns = retx.iter().map(|ms| t.first_ns + ms * 1_000_000).collect();
+            let r = ConnRecord::new(&t, &clock, true, None);
+            let text = record_text(&r, Zone::Utc);
+            (r, text)
+        };
+        let (r, text) = failed(ConnectFailure::TimedOut, &[1000, 3000], 7000);
+        assert_eq!(r.connect_failure.as_deref(), Some("timed_out"));
+        assert_eq!(r.connect_errno.as_deref(), Some("ETIMEDOUT"));
+        assert_eq!(r.syn_retransmits_ms, [1000.0, 3000.0]);
+        assert!(text.contains("never_opened:ETIMEDOUT"), "{text}");
+        assert!(
+            text.ends_with(
+                "timed out: 3 SYNs unanswered; SYN retransmitted at 1000, 3000 ms; ETIMEDOUT at 7000 ms"
+            ),
+            "{text}"
+        );
+        let (r, text) = failed(ConnectFailure::GivenUp, &[], 300);
+        assert_eq!(r.connect_errno, None);
+        assert!(text.contains("never_opened:given_up"), "{text}");
+        assert!(
+            text.contains("given up by the application after 300 ms"),
+            "{text}"
+        );
+        let (r, text) = failed(ConnectFailure::AddressNotAvailable, &[], 0);
+        assert_eq!(r.errno, None);
+        assert_eq!(r.connect_failure.as_deref(), Some("address_not_available"));
+        assert!(text.contains("never_opened:EADDRNOTAVAIL"), "{text}");
+        assert!(text.contains("no SYN sent"), "{text}");
+        let (r, text) = failed(ConnectFailure::Unreachable(113), &[1000], 3000);
+        assert_eq!(r.connect_failure.as_deref(), Some("host_unreachable"));
+        assert!(text.contains("EHOSTUNREACH at 3000 ms"), "{text}");
+        // Read back from JSON (the daemon's answer) it says the same.
+        let back: ConnRecord = serde_json::from_str(&record_json(&r)).unwrap();
+        assert_eq!(record_text(&back, Zone::Utc), text);
     }
 
     /// `conns --from` prints what it gets back from the daemon's JSON:

@@ -17,7 +17,9 @@ use crate::host::clock::{Clock, Zone};
 use crate::model::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
 use crate::model::TcpState;
 
-use super::conns::{close_name, substate_name};
+use super::conns::{
+    close_name, connect_failure_name, connect_failure_words, errno_name, substate_name,
+};
 
 /// Direction of a segment relative to the socket whose step implies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,6 +224,41 @@ fn into_rows(mut rows: Vec<Row>, origin: u64) -> Vec<LadderRow> {
         .collect()
 }
 
+/// A row for each SYN the side retransmitted, drawn at its time towards
+/// the other end (`rightwards` when the side is on the left).
+fn syn_retransmit_rows(side: &Timeline, rightwards: bool) -> Vec<Row> {
+    side.syn_retransmits_ns
+        .iter()
+        .map(|&ts_ns| Row {
+            ts_ns,
+            left: String::new(),
+            segment: Some(("SYN retransmitted", rightwards)),
+            right: String::new(),
+        })
+        .collect()
+}
+
+/// Why a connect failed, in words, as `conns` says it.
+fn connect_failure_story(t: &Timeline) -> Option<String> {
+    let f = t.connect_failure?;
+    let first = t.first_ns;
+    let retx: Vec<f64> = t
+        .syn_retransmits_ns
+        .iter()
+        .map(|ns| ns.saturating_sub(first) as f64 / 1e6)
+        .collect();
+    Some(format!(
+        "{} {}",
+        name(t),
+        connect_failure_words(
+            &connect_failure_name(f),
+            f.errno().map(errno_name).as_deref(),
+            &retx,
+            t.lifetime_ns() as f64 / 1e6,
+        )
+    ))
+}
+
 fn name(t: &Timeline) -> String {
     format!("{} {}", peer_role(t), t.local)
 }
@@ -239,6 +276,10 @@ fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
         .teardown_segments
         .or(passive.and_then(|p| p.teardown_segments));
     let mut lines = Vec::new();
+    if let Some(story) = connect_failure_story(t) {
+        lines.push(format!("connect failed: {story}"));
+        return lines;
+    }
     let first = match closer.closed_by {
         Some(Closer::Both) => "both ends closed at once (simultaneous close)".to_string(),
         Some(Closer::Local) => format!("{} closed first", name(closer)),
@@ -349,6 +390,8 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> LadderRec
                     }
                 }
             }
+            rows.extend(syn_retransmit_rows(t, true));
+            rows.extend(syn_retransmit_rows(p, false));
             notes.extend(close_story(t, Some(p)));
             (LadderEnd::of(p), rows)
         }
@@ -374,6 +417,7 @@ pub fn ladder(t: &Timeline, peer: Option<&Timeline>, clock: &Clock) -> LadderRec
                     });
                 }
             }
+            rows.extend(syn_retransmit_rows(t, true));
             if t.open == OpenKind::BeforeTrace {
                 notes.push("opened before tracing started: the handshake was not seen".into());
             }
@@ -483,6 +527,46 @@ mod tests {
             .map(|&(ts_ns, old, new)| Step { ts_ns, old, new })
             .collect();
         t
+    }
+
+    /// A connect that timed out: each retransmitted SYN drawn at its time,
+    /// and why it failed in the closing words.
+    #[test]
+    fn failed_connect_draws_each_syn_and_says_why() {
+        let ms = 1_000_000;
+        let mut t = side(
+            "10.0.0.1:40000",
+            "10.0.0.2:80",
+            Role::Client,
+            &[(0, Close, SynSent), (7000 * ms, SynSent, Close)],
+        );
+        t.open = OpenKind::TimedOut;
+        t.close = CloseKind::NeverOpened;
+        t.closed_by = None;
+        t.timewait = None;
+        t.teardown_segments = None;
+        t.connect_failure = Some(crate::model::correlate::ConnectFailure::TimedOut);
+        t.syn_retransmits_ns = vec![1000 * ms, 3000 * ms];
+        let r = ladder(&t, None, &Clock::with_offset_ns(0));
+        let syns: Vec<(f64, &str)> = r
+            .rows
+            .iter()
+            .filter_map(|row| Some((row.t_ms, row.segment.as_deref()?)))
+            .collect();
+        assert_eq!(
+            syns,
+            [
+                (0.0, "SYN"),
+                (1000.0, "SYN retransmitted"),
+                (3000.0, "SYN retransmitted")
+            ]
+        );
+        assert_eq!(
+            r.notes,
+            ["connect failed: client 10.0.0.1:40000 timed out: 3 SYNs unanswered; SYN retransmitted at 1000, 3000 ms; ETIMEDOUT at 7000 ms"]
+        );
+        let text = ladder_text(&r, Zone::Utc);
+        assert!(text.contains("1000.000"), "{text}");
     }
 
     /// `ladder --format json` carries the picture: drawn back from its JSON,

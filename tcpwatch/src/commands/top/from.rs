@@ -133,7 +133,12 @@ impl DaemonReader {
             self.since = page.next.max(self.since);
             self.missed += page.missed;
             for r in page.conns.iter().filter(|r| r.close == "never_opened") {
-                failures.finished(&r.open, &r.close, r.error.as_deref());
+                failures.finished(
+                    &r.open,
+                    &r.close,
+                    r.connect_failure.as_deref(),
+                    r.error.as_deref(),
+                );
             }
             if page.remaining == 0 || page.conns.is_empty() {
                 break;

@@ -27,7 +27,7 @@ use crate::model::sweep::SweepTable;
 use crate::model::timewait::Snapshot;
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
-use crate::views::conns::{close_name, errno_name, open_name};
+use crate::views::conns::{close_name, connect_failure_name, errno_name, open_name};
 use crate::views::log::one_line;
 use crate::views::summary::{ExitSummary, TopSummary};
 use crate::views::top::{Activity, LostView, Rate, Screen, ViewState};
@@ -60,13 +60,16 @@ pub struct Tally {
     pub failed: BTreeMap<String, u64>,
 }
 
-/// Why a connection that never opened failed: how it tried to open
-/// (`refused`, `timed_out`, `passive_failed`), with the errno where the
-/// kernel gave one and the kind alone does not say it.
-pub fn failure_reason(open: &str, error: Option<&str>) -> String {
-    match (open, error) {
-        ("failed", Some(e)) => format!("failed:{e}"),
-        (open, _) => open.to_string(),
+/// Why a connection that never opened failed: a connect's reason
+/// (`refused`, `timed_out`, `host_unreachable`, `given_up`,
+/// `address_not_available` ...: `connect_failure_name`), else how it tried
+/// to open (`passive_failed`), with the errno where the kernel gave one
+/// and the kind alone does not say it.
+pub fn failure_reason(open: &str, connect_failure: Option<&str>, error: Option<&str>) -> String {
+    match (connect_failure, open, error) {
+        (Some(reason), _, _) => reason.to_string(),
+        (None, "failed", Some(e)) => format!("failed:{e}"),
+        (None, open, _) => open.to_string(),
     }
 }
 
@@ -78,9 +81,15 @@ impl Tally {
 
     /// A finished connection, as the correlator (or a daemon's record)
     /// names how it opened and closed: one that never opened is a failure.
-    pub fn finished(&mut self, open: &str, close: &str, error: Option<&str>) {
+    pub fn finished(
+        &mut self,
+        open: &str,
+        close: &str,
+        connect_failure: Option<&str>,
+        error: Option<&str>,
+    ) {
         let (map, key) = if close == "never_opened" {
-            (&mut self.failed, failure_reason(open, error))
+            (&mut self.failed, failure_reason(open, connect_failure, error))
         } else {
             (&mut self.closed, close.to_string())
         };
@@ -89,7 +98,13 @@ impl Tally {
 
     pub fn timeline(&mut self, t: &Timeline) {
         let error = t.error.map(errno_name);
-        self.finished(open_name(t.open), close_name(t.close), error.as_deref());
+        let failure = t.connect_failure.map(connect_failure_name);
+        self.finished(
+            open_name(t.open),
+            close_name(t.close),
+            failure.as_deref(),
+            error.as_deref(),
+        );
     }
 
     /// What happened since `before`, `secs` ago, per second, and in all.
@@ -343,12 +358,19 @@ mod tests {
     #[test]
     fn finished_connections_are_closed_by_kind_or_failed_by_reason() {
         let mut t = Tally::default();
-        t.finished("active", "orderly", None);
-        t.finished("passive", "orderly", None);
-        t.finished("active", "reset_received", Some("ECONNRESET"));
-        t.finished("refused", "never_opened", Some("ECONNREFUSED"));
-        t.finished("failed", "never_opened", Some("EHOSTUNREACH"));
-        t.finished("failed", "never_opened", None);
+        t.finished("active", "orderly", None, None);
+        t.finished("passive", "orderly", None, None);
+        t.finished("active", "reset_received", None, Some("ECONNRESET"));
+        t.finished("refused", "never_opened", None, Some("ECONNREFUSED"));
+        t.finished("failed", "never_opened", None, Some("EHOSTUNREACH"));
+        t.finished("failed", "never_opened", None, None);
+        t.finished(
+            "failed",
+            "never_opened",
+            Some("host_unreachable"),
+            Some("EHOSTUNREACH"),
+        );
+        t.finished("failed", "never_opened", Some("given_up"), None);
         t.opened("active");
         let count = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
         assert_eq!(count(&t.closed, "orderly"), 2);
@@ -357,19 +379,21 @@ mod tests {
         assert_eq!(count(&t.failed, "refused"), 1);
         assert_eq!(count(&t.failed, "failed:EHOSTUNREACH"), 1);
         assert_eq!(count(&t.failed, "failed"), 1);
+        assert_eq!(count(&t.failed, "host_unreachable"), 1);
+        assert_eq!(count(&t.failed, "given_up"), 1);
         assert_eq!(count(&t.opened, "active"), 1);
     }
 
     #[test]
     fn rates_are_the_growth_over_the_interval() {
         let mut before = Tally::default();
-        before.finished("active", "orderly", None);
+        before.finished("active", "orderly", None, None);
         let mut now = before.clone();
         for _ in 0..5 {
-            now.finished("active", "orderly", None);
+            now.finished("active", "orderly", None, None);
         }
         for _ in 0..3 {
-            now.finished("active", "aborted", None);
+            now.finished("active", "aborted", None, None);
         }
         let a = now.rates(&before, 2.0);
         let got: Vec<(&str, f64, u64)> = a

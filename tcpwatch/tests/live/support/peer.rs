@@ -190,6 +190,35 @@ impl PeerState {
                 Ok(s) => Err(bad(format!("connected from {:?}", s.local_addr()))),
                 Err((e, port)) => Ok(Some(format!("{} {port}", e.raw_os_error().unwrap_or(0)))),
             },
+            // A nonblocking connect given up after MS milliseconds (the
+            // application's own connect timeout): the socket is closed in
+            // SYN_SENT. value: the local port.
+            "connect_give_up" => {
+                let to = addr(0)?;
+                let fd = sockets::socket(to, libc::SOCK_NONBLOCK)?;
+                sockets::bind(&fd, sockets::any_of(to))?;
+                let port = sockets::local_port(&fd)?;
+                if sockets::connect_fd(&fd, to)? {
+                    return Err(bad(format!("connected to {to} at once")));
+                }
+                std::thread::sleep(Duration::from_millis(num(1)?));
+                drop(fd);
+                Ok(Some(port.to_string()))
+            }
+            // connect() with the port chosen at connect time (no bind to a
+            // port first), held open when it succeeds; value: "0 LOCALPORT"
+            // or "ERRNO 0".
+            "connect_port_at_connect" => {
+                let to = addr(0)?;
+                match sockets::connect_from(sockets::any_of(to), to, true) {
+                    Ok(s) => {
+                        let port = s.local_addr()?.port();
+                        self.held.push(s);
+                        Ok(Some(format!("0 {port}")))
+                    }
+                    Err(e) => Ok(Some(format!("{} 0", e.raw_os_error().unwrap_or(0)))),
+                }
+            }
             "write" => {
                 let data = vec![b'x'; num(0)? as usize];
                 self.conn()?.write_all(&data)?;
