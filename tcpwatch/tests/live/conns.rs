@@ -747,6 +747,9 @@ fn refused_connect() {
                 ("resets_sent", 0.into()),
                 ("bytes_sent", 0.into()),
                 ("bytes_received", 0.into()),
+                ("connect_failure", "refused".into()),
+                ("connect_errno", "ECONNREFUSED".into()),
+                ("syn_retransmits_ms", Value::Array(Vec::new())),
             ],
         );
         c.expect_transitions("refused client", NEVER_OPENED);
@@ -809,9 +812,17 @@ fn timed_out_connect() {
             ("handshake_ms", Value::Null),
             ("timewait", Value::Null),
             ("resets_received", 0.into()),
+            ("connect_failure", "timed_out".into()),
+            ("connect_errno", "ETIMEDOUT".into()),
         ],
     );
     c.expect_transitions("timed-out client", NEVER_OPENED);
+    assert_eq!(
+        c.syn_retransmits_ms.len() as u32,
+        c.retransmits,
+        "every retransmission was a SYN's: {}",
+        c.line
+    );
     // The kernel counted at least one SYN retransmission, and tcpwatch saw
     // exactly those (failed attempts, err≠0 at the tracepoint, put nothing
     // on the wire and are counted by neither).

@@ -11,6 +11,7 @@
 
 mod support;
 
+mod connfail;
 mod conns;
 mod daemon;
 mod deploy;

@@ -29,6 +29,8 @@ use crate::support::{own_netns, settle, tool};
 
 /// Connections the test makes (each leaves one TIME_WAIT socket).
 const N: u64 = 100;
+/// Connects refused by a port bound but not listening.
+const REFUSED: u64 = 5;
 const ARRIVAL: Duration = Duration::from_secs(30);
 
 fn prometheus_bin() -> Option<PathBuf> {
@@ -104,10 +106,13 @@ fn read_sysctl(name: &str) -> Vec<u64> {
 struct Traffic {
     target: SocketAddr,
     client_comm: String,
+    /// Where the refused connects went.
+    refused: SocketAddr,
 }
 
 /// N connections from a client process of a name of its own to a server of this
 /// test's own; the client closes first and keeps a TIME_WAIT socket each.
+/// Then REFUSED connects to a port of the server's bound but not listening.
 fn known_traffic() -> Traffic {
     let mut server = Peer::spawn("twpromserver", None);
     let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
@@ -121,6 +126,12 @@ fn known_traffic() -> Traffic {
     assert_eq!(made.len(), N as usize, "connections made");
     server.wait(served);
     server.run("close_listener");
+    let bound = server.run1("bind 127.0.0.1:0");
+    let refused: SocketAddr = format!("127.0.0.1:{bound}").parse().unwrap();
+    for v in client.run(&repeat(&format!("connect_fail {refused}"), REFUSED as usize)) {
+        let errno = v.split_once(' ').map(|(e, _)| e.to_string());
+        assert_eq!(errno, Some(libc::ECONNREFUSED.to_string()), "connect: {v}");
+    }
     let client_comm = client.comm.clone();
     client.finish();
     server.finish();
@@ -128,6 +139,7 @@ fn known_traffic() -> Traffic {
     Traffic {
         target,
         client_comm,
+        refused,
     }
 }
 
@@ -219,6 +231,7 @@ fn prometheus_sees_what_the_daemon_saw() {
     let Traffic {
         target,
         client_comm,
+        refused,
     } = known_traffic();
     let destination = target.to_string();
     // The process label is the command name alone (no pid: no new series
@@ -255,6 +268,20 @@ fn prometheus_sees_what_the_daemon_saw() {
         assert_eq!(v, Some(N as f64), "{q}");
     } else {
         assert!(v.unwrap_or(0.0) <= N as f64, "{q} = {v:?}");
+    }
+
+    // The refused connects, by reason and destination: the destination is
+    // new, so it has a series of its own (within --top).
+    let q = selector(
+        "tcpwatch_failed_connects_total",
+        &[("reason", "refused"), ("destination", &refused.to_string())],
+    );
+    let v = p.wait_scalar(&q, ARRIVAL, |v| v == REFUSED as f64);
+    println!("{q} = {v:?}");
+    if lost == 0.0 {
+        assert_eq!(v, Some(REFUSED as f64), "{q}");
+    } else {
+        assert!(v.unwrap_or(0.0) <= REFUSED as f64, "{q} = {v:?}");
     }
 
     // Host-wide counters grew by at least what the test did (less what the
@@ -364,7 +391,9 @@ fn grafana_dashboard_queries_return_data() {
     let p = Prometheus::start(&prometheus, &daemon.addr.to_string(), &[]);
     let up = p.wait_scalar("up{job=\"tcpwatch\"}", ARRIVAL, |v| v == 1.0);
     assert_eq!(up, Some(1.0), "Prometheus could not scrape the daemon");
-    let Traffic { target, .. } = known_traffic();
+    let Traffic {
+        target, refused, ..
+    } = known_traffic();
     let destination = target.to_string();
 
     let dashboard: serde_json::Value =
@@ -426,30 +455,36 @@ fn grafana_dashboard_queries_return_data() {
     // daemon's next snapshot has been scraped).
     let range = read_sysctl("ip_local_port_range");
     let ports = (range[1] - range[0] + 1) as f64;
-    for (title, want) in [
-        ("TIME_WAIT by destination", N as f64),
-        ("Ports running out, by destination", N as f64 / ports),
+    let refused = refused.to_string();
+    for (title, destination, want) in [
+        ("TIME_WAIT by destination", &destination, N as f64),
+        (
+            "Ports running out, by destination",
+            &destination,
+            N as f64 / ports,
+        ),
+        ("Failed connects, by destination", &refused, REFUSED as f64),
     ] {
         let (_, expr, _) = results
             .iter()
             .find(|(q, _, _)| q.panel == title)
             .unwrap_or_else(|| panic!("no panel {title}"));
         let deadline = std::time::Instant::now() + ARRIVAL;
+        let matches = |v: f64| (v - want).abs() < 1e-9;
         let (ours, got) = loop {
             let got = p.query(expr);
             let ours = got
                 .iter()
-                .find(|s| s.labels.get("destination") == Some(&destination))
+                .find(|s| s.labels.get("destination") == Some(destination))
                 .map(|s| s.value);
-            if ours.is_some_and(|v| (v - want).abs() < 1e-9) || std::time::Instant::now() > deadline
-            {
+            if ours.is_some_and(matches) || std::time::Instant::now() > deadline {
                 break (ours, got);
             }
             std::thread::sleep(Duration::from_millis(500));
         };
         println!("{title}: {destination} = {ours:?}, expected {want}");
         match ours {
-            Some(v) => assert!((v - want).abs() < 1e-9, "{title}: {v}, expected {want}"),
+            Some(v) => assert!(matches(v), "{title}: {v}, expected {want}"),
             // Those are top 10: the test's destination is left out only if
             // ten others (of other tests on this host) hold at least as many.
             None => assert!(

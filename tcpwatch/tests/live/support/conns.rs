@@ -298,7 +298,7 @@ pub fn check_summary(stderr: &[String], printed: usize) -> u64 {
 // conns records
 
 /// Every field of a `conns --format json` record.
-pub const CONN_FIELDS: [&str; 32] = [
+pub const CONN_FIELDS: [&str; 35] = [
     "ts",
     "start_ts",
     "skaddr",
@@ -323,6 +323,9 @@ pub const CONN_FIELDS: [&str; 32] = [
     "timewait",
     "error",
     "errno",
+    "connect_failure",
+    "connect_errno",
+    "syn_retransmits_ms",
     "bytes_sent",
     "bytes_received",
     "srtt_us",
