@@ -614,7 +614,10 @@ mod tests {
         let mut metrics = Metrics::new(&mut registry);
         let fail = |port: u16, f: ConnectFailure| {
             let mut t = Timeline::sample(
-                "10.0.0.1:40000".parse::<std::net::SocketAddr>().unwrap().into(),
+                "10.0.0.1:40000"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
                 std::net::SocketAddr::from(([10, 0, 0, 5], port)).into(),
                 None,
                 Role::Client,

@@ -1933,8 +1933,16 @@ mod tests {
         let get = |sk: u64| out.iter().find(|t| t.skaddr == sk).unwrap();
         let want = [
             (1, ConnectFailure::Refused, vec![]),
-            (2, ConnectFailure::TimedOut, vec![1_000_000_000, 3_000_000_000]),
-            (3, ConnectFailure::Unreachable(EHOSTUNREACH), vec![1_000_000_000]),
+            (
+                2,
+                ConnectFailure::TimedOut,
+                vec![1_000_000_000, 3_000_000_000],
+            ),
+            (
+                3,
+                ConnectFailure::Unreachable(EHOSTUNREACH),
+                vec![1_000_000_000],
+            ),
             (4, ConnectFailure::GivenUp, vec![]),
             (5, ConnectFailure::AddressNotAvailable, vec![]),
             (6, ConnectFailure::Other(13), vec![]),
@@ -1948,7 +1956,10 @@ mod tests {
             assert_eq!(t.steps.len(), 2, "{t:?}");
         }
         assert_eq!(ConnectFailure::GivenUp.errno(), None);
-        assert_eq!(ConnectFailure::AddressNotAvailable.errno(), Some(EADDRNOTAVAIL));
+        assert_eq!(
+            ConnectFailure::AddressNotAvailable.errno(),
+            Some(EADDRNOTAVAIL)
+        );
     }
 
     /// A retransmission once the connection is open is no SYN's.

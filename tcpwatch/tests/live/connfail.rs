@@ -26,9 +26,9 @@ use tcpwatch::views::ladder::LadderRecord;
 
 use crate::require_live;
 use crate::support::conns::{find, Capture, Conn, Tw};
+use crate::support::have;
 use crate::support::netns::{Netns, VethPair, MAC_B, VETH_A};
 use crate::support::peer::Peer;
-use crate::support::have;
 
 /// How far apart tcpwatch's time of a SYN retransmission and tcpdump's may
 /// be (the tracepoint fires as the segment is built, tcpdump sees it leave).
@@ -298,7 +298,10 @@ fn given_up_by_the_application() {
     let syns = syns_sent(capture, port);
     check_failed(&c, me, to, "given_up", None);
     // The kernel set no errno: the application stopped waiting.
-    c.expect("given_up", &[("error", Value::Null), ("errno", Value::Null)]);
+    c.expect(
+        "given_up",
+        &[("error", Value::Null), ("errno", Value::Null)],
+    );
     c.expect_owner("given_up", &client, "observed");
     // One SYN, not answered, before the application closed the socket.
     assert_eq!(syns.len(), 1, "SYNs: {syns:?}");
@@ -311,10 +314,7 @@ fn given_up_by_the_application() {
     check_words(
         &c,
         &ladder,
-        &format!(
-            "given up by the application after {:.0} ms",
-            c.lifetime_ms
-        ),
+        &format!("given up by the application after {:.0} ms", c.lifetime_ms),
     );
 }
 
@@ -370,7 +370,11 @@ fn no_local_port_left() {
     );
     assert!(c.syn_retransmits_ms.is_empty(), "{}", c.line);
     assert!(c.lifetime_ms < 10.0, "{}", c.line);
-    check_words(&c, &ladder, "no free local port, no SYN sent (EADDRNOTAVAIL)");
+    check_words(
+        &c,
+        &ladder,
+        "no free local port, no SYN sent (EADDRNOTAVAIL)",
+    );
     client.run("release");
     drop(server);
 }

@@ -112,13 +112,24 @@ struct Traffic {
 
 /// N connections from a client process of a name of its own to a server of this
 /// test's own; the client closes first and keeps a TIME_WAIT socket each.
-/// Then REFUSED connects to a port of the server's bound but not listening.
+/// Before them, REFUSED connects to a port of the server's bound but not
+/// listening.
 fn known_traffic() -> Traffic {
     let mut server = Peer::spawn("twpromserver", None);
     let port: u16 = server.run1("listen 127.0.0.1:0").parse().unwrap();
+    let bound = server.run1("bind 127.0.0.1:0");
     let served = server.send(&repeat("accept; eof; close", N as usize));
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut client = Peer::spawn("twpromclient", None);
+    // First, so that their series are out before the rest is done.
+    let refused: SocketAddr = format!("127.0.0.1:{bound}").parse().unwrap();
+    for v in client.run(&repeat(
+        &format!("connect_fail {refused}"),
+        REFUSED as usize,
+    )) {
+        let errno = v.split_once(' ').map(|(e, _)| e.to_string());
+        assert_eq!(errno, Some(libc::ECONNREFUSED.to_string()), "connect: {v}");
+    }
     let made = client.run(&repeat(
         &format!("connect {target}; write 32; close"),
         N as usize,
@@ -126,12 +137,7 @@ fn known_traffic() -> Traffic {
     assert_eq!(made.len(), N as usize, "connections made");
     server.wait(served);
     server.run("close_listener");
-    let bound = server.run1("bind 127.0.0.1:0");
-    let refused: SocketAddr = format!("127.0.0.1:{bound}").parse().unwrap();
-    for v in client.run(&repeat(&format!("connect_fail {refused}"), REFUSED as usize)) {
-        let errno = v.split_once(' ').map(|(e, _)| e.to_string());
-        assert_eq!(errno, Some(libc::ECONNREFUSED.to_string()), "connect: {v}");
-    }
+
     let client_comm = client.comm.clone();
     client.finish();
     server.finish();

@@ -89,7 +89,10 @@ impl Tally {
         error: Option<&str>,
     ) {
         let (map, key) = if close == "never_opened" {
-            (&mut self.failed, failure_reason(open, connect_failure, error))
+            (
+                &mut self.failed,
+                failure_reason(open, connect_failure, error),
+            )
         } else {
             (&mut self.closed, close.to_string())
         };
