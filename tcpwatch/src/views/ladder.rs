@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::host::clock::{Clock, Zone};
-use crate::model::correlate::{CloseKind, OpenKind, Role, Step, Timeline};
+use crate::model::correlate::{CloseKind, ConnectFailure, OpenKind, Role, Step, Timeline};
 use crate::model::TcpState;
 
 use super::conns::{
@@ -60,6 +60,8 @@ pub fn segments(t: &Timeline) -> Vec<Segment> {
             continue;
         }
         match (s.old, s.new) {
+            // No local port was free: CLOSE came before any SYN.
+            (Close, SynSent) if t.connect_failure == Some(ConnectFailure::AddressNotAvailable) => {}
             (Close, SynSent) => push(i, Dir::Sent, "SYN"),
             (SynSent, Established) => {
                 push(i, Dir::Received, "SYN/ACK");
@@ -545,7 +547,7 @@ mod tests {
         t.closed_by = None;
         t.timewait = None;
         t.teardown_segments = None;
-        t.connect_failure = Some(crate::model::correlate::ConnectFailure::TimedOut);
+        t.connect_failure = Some(ConnectFailure::TimedOut);
         t.syn_retransmits_ns = vec![1000 * ms, 3000 * ms];
         let r = ladder(&t, None, &Clock::with_offset_ns(0));
         let syns: Vec<(f64, &str)> = r
@@ -567,6 +569,16 @@ mod tests {
         );
         let text = ladder_text(&r, Zone::Utc);
         assert!(text.contains("1000.000"), "{text}");
+        // No local port: the kernel sent nothing.
+        t.connect_failure = Some(ConnectFailure::AddressNotAvailable);
+        t.syn_retransmits_ns.clear();
+        let r = ladder(&t, None, &Clock::with_offset_ns(0));
+        assert!(
+            r.rows.iter().all(|row| row.segment.is_none()),
+            "{:?}",
+            r.rows
+        );
+        assert!(r.notes[0].contains("no SYN sent"), "{:?}", r.notes);
     }
 
     /// `ladder --format json` carries the picture: drawn back from its JSON,
