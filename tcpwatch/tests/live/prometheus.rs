@@ -407,7 +407,16 @@ fn grafana_dashboard_queries_return_data() {
     let queries = dashboard_queries(&dashboard);
     assert!(queries.len() >= 20, "{} queries", queries.len());
     let instance = daemon.addr.to_string();
-    let exported: BTreeSet<String> = daemon.metrics().into_iter().map(|s| s.name).collect();
+    // A failed connect's series appears once the daemon has finished it.
+    let deadline = std::time::Instant::now() + ARRIVAL;
+    let exported: BTreeSet<String> = loop {
+        let names: BTreeSet<String> = daemon.metrics().into_iter().map(|s| s.name).collect();
+        if names.contains("tcpwatch_failed_connects_total") || std::time::Instant::now() > deadline
+        {
+            break names;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let mut results = Vec::new();
     for q in &queries {
         // Every series named is one the daemon exports (histograms by their
