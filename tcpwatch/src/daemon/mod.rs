@@ -326,13 +326,18 @@ impl DaemonSink {
         });
         let mut st = self.shared.state();
         st.last_seq += beyond as u64;
+        // Room is made before the new ones go in, so the queue never holds
+        // (nor grows its buffer for) more than `keep`.
+        let held = st.conns.len();
+        let excess = (held + kept.len()).saturating_sub(st.keep);
+        st.conns.drain(..excess.min(held));
+        reserve_capped(&mut st.conns, kept.len(), keep);
         for mut k in kept {
             st.last_seq += 1;
             k.seq = st.last_seq;
             st.conns.push_back(k);
         }
-        let excess = st.conns.len().saturating_sub(st.keep);
-        st.conns.drain(..excess);
+        let snapshot_taken = snapshots.is_some();
         if let (Some(s), Some(j)) = (snapshots, timewait) {
             self.snapshots += 1;
             self.metrics.snapshots(&s, self.top);
@@ -355,6 +360,24 @@ impl DaemonSink {
             lost_kernel_skipped: self.lost.skipped,
             snapshots: self.snapshots,
         };
+        drop(st);
+        if snapshot_taken {
+            // A snapshot's scratch (sock_diag dumps, the old tables) was
+            // just freed: hand its pages back rather than keep them
+            // resident between snapshots.
+            crate::host::release_freed_memory();
+        }
+    }
+}
+
+/// Makes room in `queue` for `more` items, doubling as a `VecDeque` does
+/// but never past `cap` items: the kept connections' buffer is at most
+/// `--keep` long, not the next power of two.
+fn reserve_capped<T>(queue: &mut VecDeque<T>, more: usize, cap: usize) {
+    let want = (queue.len() + more).min(cap);
+    if queue.capacity() < want {
+        let grown = want.max(queue.capacity().saturating_mul(2)).min(cap);
+        queue.reserve_exact(grown - queue.len());
     }
 }
 

@@ -229,6 +229,22 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
+/// The program's configuration and the socket's endpoint offsets, from
+/// tracefs and the kernel's BTF. The parsed BTF (tens of MB for a kernel's
+/// ~140k types) is dropped before this returns, so it is never held
+/// together with aya's own parse of the same file.
+fn offsets(
+    opts: &ProbeOptions,
+    tracefs_root: &Path,
+) -> Result<(Config, Vec<String>, Result<EndpointOffsets, String>), ProbeError> {
+    let btf = Btf::from_file(&opts.btf_path).map_err(|source| ProbeError::BadBtf {
+        path: opts.btf_path.clone(),
+        source,
+    })?;
+    let (config, degraded) = build_config(tracefs_root, &btf, opts.wakeup_bytes)?;
+    Ok((config, degraded, btf::endpoint_offsets(&btf)))
+}
+
 /// Builds the program's configuration from tracefs and BTF.
 pub fn build_config(
     tracefs_root: &Path,
@@ -434,12 +450,7 @@ impl Probe {
     fn load_programs(opts: &ProbeOptions, programs: &[&str]) -> Result<Probe, ProbeError> {
         preflight(opts)?;
         let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
-        let btf = Btf::from_file(&opts.btf_path).map_err(|source| ProbeError::BadBtf {
-            path: opts.btf_path.clone(),
-            source,
-        })?;
-        let (config, degraded) = build_config(&tracefs_root, &btf, opts.wakeup_bytes)?;
-        let endpoints = btf::endpoint_offsets(&btf);
+        let (config, degraded, endpoints) = offsets(opts, &tracefs_root)?;
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -502,6 +513,9 @@ impl Probe {
             true => Some(KernelLog::take(&mut ebpf).map_err(ProbeError::KernelLog)?),
             false => None,
         };
+        // The BTF tables parsed above are gone: give their pages back.
+        drop(types);
+        crate::host::release_freed_memory();
         Ok(Probe {
             ebpf,
             degraded,

@@ -686,7 +686,11 @@ impl Correlator {
         self.index.insert(skaddr, slot);
         self.stats.peak_tracked = self.stats.peak_tracked.max(self.index.len());
         self.order.push_back((slot, gen));
-        if self.order.len() > 2 * self.opts.max_sockets + 1024 {
+        // Stale pairs are compacted away once they outnumber the live
+        // sockets (amortized O(1) a push), so the queue follows what is
+        // tracked, not `max_sockets`: under churn almost every pair goes
+        // stale within milliseconds.
+        if self.order.len() > 2 * self.index.len() + 1024 {
             let slots = &self.slots;
             self.order.retain(|(s, g)| {
                 slots
@@ -694,6 +698,9 @@ impl Correlator {
                     .and_then(|t| t.as_ref())
                     .is_some_and(|t| t.gen == *g)
             });
+            if self.order.capacity() > 4 * self.order.len() + 4096 {
+                self.order.shrink_to(2 * self.order.len() + 1024);
+            }
         }
         slot
     }
