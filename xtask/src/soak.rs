@@ -34,6 +34,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod daemon;
+
 use crate::{
     churn::{self, ChurnResult},
     process,
@@ -318,17 +320,7 @@ fn compare(ns: &Netns, snapshots: &Path, pid: u32) -> Result<Comparison> {
         thread::sleep(Duration::from_millis(20));
     };
     let sockstat_after = ns.in_ns(sockstat_tw)?;
-    let ss_time_wait = ns.in_ns(|| {
-        let out = Command::new("ss")
-            .args(["-tanH", "state", "time-wait"])
-            .output()
-            .context("cannot run ss")?;
-        Ok(out
-            .stdout
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .count() as u64)
-    })?;
+    let ss_time_wait = ns.in_ns(ss_time_wait)?;
     let snapshot: Value =
         serde_json::from_str(&line).with_context(|| format!("not a JSON snapshot: {line}"))?;
     let me = u64::from(std::process::id());
@@ -350,6 +342,19 @@ fn compare(ns: &Netns, snapshots: &Path, pid: u32) -> Result<Comparison> {
         churn_attributed,
         rss_kib: vm_rss_kib(pid).unwrap_or(0),
     })
+}
+
+/// `ss -tanH state time-wait` lines in this thread's namespace.
+fn ss_time_wait() -> Result<u64> {
+    let out = Command::new("ss")
+        .args(["-tanH", "state", "time-wait"])
+        .output()
+        .context("cannot run ss")?;
+    Ok(out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count() as u64)
 }
 
 impl Comparison {

@@ -440,6 +440,8 @@ pub enum DaemonError {
 
 /// Binds, loads, serves, and runs until SIGTERM, SIGINT or `--duration`.
 pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
+    // Runs for good: its resident memory should follow what it holds.
+    crate::host::return_large_blocks_when_freed();
     // Bound first: a port in use fails before anything is loaded.
     let listener = http::bind(args.listen)?;
     let listen: SocketAddr = listener.local_addr().map_err(|source| http::ListenError {

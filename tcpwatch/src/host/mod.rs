@@ -32,6 +32,21 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Makes glibc's malloc give large blocks (256 KiB and more: a sock_diag
+/// dump of every timewait socket, a snapshot's tables) their own mapping,
+/// returned to the kernel when freed. By default malloc raises that
+/// threshold to the largest block freed so far (up to 32 MiB), after which
+/// such blocks come from the heap and their pages stay resident: the
+/// daemon's RSS would then follow its largest snapshot, not what it holds.
+pub fn return_large_blocks_when_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets the allocator's tunables.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+    }
+}
+
 /// net.ipv4.tcp_fin_timeout of the calling thread's network namespace (60
 /// when unreadable, the kernel's default).
 pub fn fin_timeout_s() -> u32 {
