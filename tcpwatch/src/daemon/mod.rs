@@ -501,6 +501,27 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn kept_queue_grows_by_doubling_but_never_past_keep() {
+        let mut q: VecDeque<u32> = VecDeque::new();
+        reserve_capped(&mut q, 3, 10_000);
+        assert!(q.capacity() >= 3);
+        q.extend(0..3);
+        let mut caps = Vec::new();
+        while q.len() < 10_000 {
+            reserve_capped(&mut q, 1000, 10_000);
+            let room = (10_000 - q.len()).min(1000) as u32;
+            q.extend(0..room);
+            caps.push(q.capacity());
+        }
+        // The last reservation stops at keep rather than the next power of two.
+        assert_eq!(*caps.last().unwrap(), 10_000);
+        // Amortized: far fewer reallocations than batches.
+        caps.dedup();
+        assert!(caps.len() <= 6, "{caps:?}");
+    }
+
     use super::*;
     use crate::commands::timewait::write_snapshot;
     use crate::host::clock::Zone;

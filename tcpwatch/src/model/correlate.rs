@@ -1659,6 +1659,35 @@ mod tests {
     }
 
     #[test]
+    fn eviction_queue_follows_the_live_sockets_not_the_limit() {
+        // Short-lived sockets one after another under the default limit
+        // (262,144): the queue of insertion order must not keep a pair per
+        // socket ever seen until that limit.
+        let mut c = Correlator::new(CorrelatorOptions::default(), None, None);
+        let mut out = Vec::new();
+        let mut peak = 0;
+        for i in 0..20_000u64 {
+            let mut s = Sock::new(0x1000 + i, 1);
+            active_open(&mut s);
+            s.step(1000, Established, Close);
+            // One a millisecond: about 20 are live (the grace period).
+            for ev in &mut s.events {
+                ev.ts_ns += i * 1_000_000;
+                c.push(&decode(&encode(ev)).unwrap(), &mut out);
+            }
+            peak = peak.max(c.index.len());
+            assert!(
+                c.order.len() <= 4 * peak + 1024,
+                "{} pairs for at most {peak} live sockets",
+                c.order.len()
+            );
+        }
+        assert!(peak < 100, "{peak}");
+        assert!(c.order.capacity() <= 8 * 1024, "{}", c.order.capacity());
+        assert!(out.len() > 19_000, "{}", out.len());
+    }
+
+    #[test]
     fn timelines_held_for_order_stay_bounded() {
         // Time stands still while addresses are reused: past max_sockets
         // held, the earliest go out.
