@@ -229,14 +229,15 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
+/// The program's configuration, what it lacks, and the socket's endpoint
+/// offsets (or why they are unknown).
+type Offsets = (Config, Vec<String>, Result<EndpointOffsets, String>);
+
 /// The program's configuration and the socket's endpoint offsets, from
 /// tracefs and the kernel's BTF. The parsed BTF (tens of MB for a kernel's
 /// ~140k types) is dropped before this returns, so it is never held
 /// together with aya's own parse of the same file.
-fn offsets(
-    opts: &ProbeOptions,
-    tracefs_root: &Path,
-) -> Result<(Config, Vec<String>, Result<EndpointOffsets, String>), ProbeError> {
+fn offsets(opts: &ProbeOptions, tracefs_root: &Path) -> Result<Offsets, ProbeError> {
     let btf = Btf::from_file(&opts.btf_path).map_err(|source| ProbeError::BadBtf {
         path: opts.btf_path.clone(),
         source,

@@ -121,6 +121,10 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
         "json",
         "--listen",
         LISTEN,
+        // Only the soak's namespace: the host's other traffic (other
+        // namespaces' timewait sockets) would change what is measured.
+        "--netns",
+        &ns.name,
     ]);
     if let Some(size) = &options.ring_size {
         cmd.args(["--ring-size", size]);
@@ -644,7 +648,7 @@ impl Report {
         );
         let _ = writeln!(
             d,
-            "- Run: `tcpwatch daemon` (ring {}); {} min of churn paced at {}/s ({} client and \
+            "- Run: `tcpwatch daemon --netns NS` (ring {}); {} min of churn paced at {}/s ({} client and \
              {} accept threads) in a namespace with tcp_max_tw_buckets {}: {} connections, {}/s \
              on average, {} failed calls; sockstat tw at most {}.",
             o.ring_size.as_deref().unwrap_or("16M, the default"),
