@@ -82,6 +82,22 @@ static PER_SOCKET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static ENDPOINTS: Global<EndpointOffsets> = Global::new(EndpointOffsets::UNKNOWN);
 
+/// One of [`ENDPOINTS`]' offsets, read in place where it is used: the
+/// verifier sees the constant it is (in a copy spilled to the stack and
+/// read back in a called function it sees an unknown number, and refuses
+/// a direct load at that offset).
+macro_rules! endpoint_offset {
+    ($f:ident) => {
+        // SAFETY: Global is a transparent wrapper of its value; a volatile
+        // read so the compiler does not take the initial value for it.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*core::ptr::from_ref(&ENDPOINTS).cast::<EndpointOffsets>()).$f
+            ))
+        }
+    };
+}
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
@@ -234,10 +250,11 @@ fn classic_socket_event(
 
 /// The BTF program reads what the classic record holds from the socket:
 /// endpoints from `struct sock_common`, in one copy where its layout is
-/// the usual one.
+/// the usual one. A call of its own, as is the per-socket path: each
+/// keeps its own frame within the 512-byte stack.
+#[inline(never)]
 fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Result<(), i32> {
-    let off = &ENDPOINTS.load();
-    let protocol: u16 = load_sk(sk, off.protocol)?;
+    let protocol: u16 = load_sk(sk, endpoint_offset!(protocol))?;
     // The tracepoint also fires for SCTP (and, before 6.16, DCCP) sockets.
     if protocol != IPPROTO_TCP {
         return Ok(());
@@ -247,7 +264,7 @@ fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Re
     ev.skaddr = sk;
     ev.oldstate = old as u8;
     ev.newstate = new as u8;
-    let ends = read_endpoints(sk, off)?;
+    let ends = read_endpoints(sk)?;
     ev.saddr = ends.saddr;
     ev.daddr = ends.daddr;
     ev.sport = ends.sport;
@@ -268,7 +285,7 @@ struct Endpoints {
 }
 
 #[inline(always)]
-fn read_endpoints(sk: u64, off: &EndpointOffsets) -> Result<Endpoints, i32> {
+fn read_endpoints(sk: u64) -> Result<Endpoints, i32> {
     let mut ends = Endpoints {
         saddr: [0; 16],
         daddr: [0; 16],
@@ -278,19 +295,22 @@ fn read_endpoints(sk: u64, off: &EndpointOffsets) -> Result<Endpoints, i32> {
     };
     // inet_sock's fields lie past struct sock, where the verifier allows
     // no direct load: copied, in one go where they sit together.
-    let (sport, saddr) = if off.standard == 1 {
-        let source: InetSource = read_sk(sk, off.saddr)?;
+    let (sport, saddr) = if endpoint_offset!(standard) == 1 {
+        let source: InetSource = read_sk(sk, endpoint_offset!(saddr))?;
         (source.sport, source.saddr)
     } else {
-        (read_sk(sk, off.sport)?, read_sk(sk, off.saddr)?)
+        (
+            read_sk(sk, endpoint_offset!(sport))?,
+            read_sk(sk, endpoint_offset!(saddr))?,
+        )
     };
     ends.sport = u16::from_be(sport);
-    ends.dport = u16::from_be(load_sk(sk, off.dport)?);
-    ends.family = load_sk(sk, off.family)?;
+    ends.dport = u16::from_be(load_sk(sk, endpoint_offset!(dport))?);
+    ends.family = load_sk(sk, endpoint_offset!(family))?;
     if ends.family == AF_INET6 {
         if let (Ok(s), Ok(d)) = (
-            load_sk::<[u32; 4]>(sk, off.v6_rcv_saddr),
-            load_sk::<[u32; 4]>(sk, off.v6_daddr),
+            load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_rcv_saddr)),
+            load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_daddr)),
         ) {
             for i in 0..4 {
                 ends.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
@@ -298,7 +318,7 @@ fn read_endpoints(sk: u64, off: &EndpointOffsets) -> Result<Endpoints, i32> {
             }
         }
     } else {
-        let daddr: u32 = load_sk(sk, off.daddr)?;
+        let daddr: u32 = load_sk(sk, endpoint_offset!(daddr))?;
         ends.saddr[..4].copy_from_slice(&saddr);
         ends.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
     }
@@ -335,9 +355,9 @@ fn socket_record(sk: u64, create: bool) -> Option<&'static mut SockRecord> {
 /// steps are full, or the task of a second process-context step would
 /// overwrite the first's). Offsets are read from the globals field by
 /// field: this path has no room for a copy of [`Config`] on its stack.
+#[inline(never)]
 fn try_set_state_record<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> Result<(), i32> {
-    let off = &ENDPOINTS.load();
-    let protocol: u16 = load_sk(sk, off.protocol)?;
+    let protocol: u16 = load_sk(sk, endpoint_offset!(protocol))?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
@@ -351,7 +371,7 @@ fn try_set_state_record<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> R
     }
     let owner = owner_transition(old, new);
     if usize::from(r.steps) >= RECORD_STEPS || (owner && r.owner_step != NO_OWNER_STEP) {
-        send_record(sk, r, off);
+        send_record(sk, r);
     }
     let i = usize::from(r.steps);
     let sock = config_sock();
@@ -393,7 +413,7 @@ fn try_set_state_record<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> R
     step.valid = fields.valid;
     r.steps = i as u8 + 1;
     if matches!(new, ESTABLISHED | LISTEN | CLOSE) {
-        send_record(sk, r, off);
+        send_record(sk, r);
     }
     report_failed_read(ctx, sk, failed);
     Ok(())
@@ -432,7 +452,7 @@ fn send_pending(sk: u64) {
     }
     if let Some(r) = socket_record(sk, false) {
         if r.steps != 0 {
-            send_record(sk, r, &ENDPOINTS.load());
+            send_record(sk, r);
         }
     }
 }
@@ -442,13 +462,13 @@ fn send_pending(sk: u64) {
 /// SYN_SENT), and empties it. A record the ring had no room for counts
 /// each of its transitions as lost.
 #[inline(never)]
-fn send_record(sk: u64, r: &mut SockRecord, off: &EndpointOffsets) {
+fn send_record(sk: u64, r: &mut SockRecord) {
     let n = usize::from(r.steps);
     if n == 0 || n > RECORD_STEPS {
         r.steps = 0;
         return;
     }
-    if let Ok(ends) = read_endpoints(sk, off) {
+    if let Ok(ends) = read_endpoints(sk) {
         r.saddr = ends.saddr;
         r.daddr = ends.daddr;
         r.sport = ends.sport;
@@ -709,48 +729,35 @@ trait Fields {
     fn put(&mut self, bit: u16, v: u64);
 }
 
-impl Fields for Event {
-    #[inline(always)]
-    fn put(&mut self, bit: u16, v: u64) {
-        match bit {
-            valid::SHUTDOWN => self.sk_shutdown = v as u8,
-            valid::SK_ERR => self.sk_err = v as i32,
-            valid::BYTES_ACKED => self.bytes_acked = v,
-            valid::BYTES_RECEIVED => self.bytes_received = v,
-            valid::TOTAL_RETRANS => self.total_retrans = v as u32,
-            valid::SRTT => self.srtt_us = v as u32,
-            valid::SEGS_IN => self.segs_in = v as u32,
-            valid::SEGS_OUT => self.segs_out = v as u32,
-            valid::RCV_NXT => self.rcv_nxt = v as u32,
-            valid::ACK_PENDING => self.ack_pending = v as u8,
-            valid::NETNS => self.netns = v as u32,
-            _ => return,
+/// [`Fields`] for a struct with the [`Event`] field names: an [`Event`],
+/// and a [`SockRecord`], whose header holds its CLOSE step's fields.
+macro_rules! fields_by_name {
+    ($t:ty) => {
+        impl Fields for $t {
+            #[inline(always)]
+            fn put(&mut self, bit: u16, v: u64) {
+                match bit {
+                    valid::SHUTDOWN => self.sk_shutdown = v as u8,
+                    valid::SK_ERR => self.sk_err = v as i32,
+                    valid::BYTES_ACKED => self.bytes_acked = v,
+                    valid::BYTES_RECEIVED => self.bytes_received = v,
+                    valid::TOTAL_RETRANS => self.total_retrans = v as u32,
+                    valid::SRTT => self.srtt_us = v as u32,
+                    valid::SEGS_IN => self.segs_in = v as u32,
+                    valid::SEGS_OUT => self.segs_out = v as u32,
+                    valid::RCV_NXT => self.rcv_nxt = v as u32,
+                    valid::ACK_PENDING => self.ack_pending = v as u8,
+                    valid::NETNS => self.netns = v as u32,
+                    _ => return,
+                }
+                self.valid |= bit;
+            }
         }
-        self.valid |= bit;
-    }
+    };
 }
 
-/// The fields of a CLOSE step, in its record's header.
-impl Fields for SockRecord {
-    #[inline(always)]
-    fn put(&mut self, bit: u16, v: u64) {
-        match bit {
-            valid::SHUTDOWN => self.sk_shutdown = v as u8,
-            valid::SK_ERR => self.sk_err = v as i32,
-            valid::BYTES_ACKED => self.bytes_acked = v,
-            valid::BYTES_RECEIVED => self.bytes_received = v,
-            valid::TOTAL_RETRANS => self.total_retrans = v as u32,
-            valid::SRTT => self.srtt_us = v as u32,
-            valid::SEGS_IN => self.segs_in = v as u32,
-            valid::SEGS_OUT => self.segs_out = v as u32,
-            valid::RCV_NXT => self.rcv_nxt = v as u32,
-            valid::ACK_PENDING => self.ack_pending = v as u8,
-            valid::NETNS => self.netns = v as u32,
-            _ => return,
-        }
-        self.valid |= bit;
-    }
-}
+fields_by_name!(Event);
+fields_by_name!(SockRecord);
 
 /// The fields of any other step: `a` and `b` as [`tcpwatch_common::Step`]
 /// says.
