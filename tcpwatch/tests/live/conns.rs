@@ -1053,7 +1053,10 @@ fn per_socket_records_match_per_transition_events() {
         records.1
     );
     assert!(
-        says(&events.1, &format!("{fallback} (TCPWATCH_PER_TRANSITION is set)")),
+        says(
+            &events.1,
+            &format!("{fallback} (TCPWATCH_PER_TRANSITION is set)")
+        ),
         "{:?}",
         events.1
     );
