@@ -231,7 +231,7 @@ pub struct SockRecord {
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 128 + 32 * RECORD_STEPS);
 const _: () = assert!(core::mem::align_of::<SockRecord>() == 8);
 // A record of any length can never be taken for an Event.
-const _: () = assert!((Event::SIZE - SockRecord::HEADER) % 32 != 0);
+const _: () = assert!(!(Event::SIZE - SockRecord::HEADER).is_multiple_of(32));
 
 impl SockRecord {
     /// Bytes before the steps.

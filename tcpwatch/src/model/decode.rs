@@ -55,7 +55,7 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeError
     let steps = bytes
         .len()
         .checked_sub(SockRecord::HEADER)
-        .filter(|rest| rest % std::mem::size_of::<Step>() == 0)
+        .filter(|rest| rest.is_multiple_of(std::mem::size_of::<Step>()))
         .map(|rest| rest / std::mem::size_of::<Step>())
         .filter(|n| (1..=RECORD_STEPS).contains(n))
         .ok_or(DecodeError::Length {
