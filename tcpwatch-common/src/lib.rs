@@ -21,6 +21,9 @@ pub mod kind {
     /// (`sock_send_length`/`sock_recv_length`, in process context): the
     /// current task took it from the listener's queue and is its owner.
     pub const FIRST_USE: u8 = 5;
+    /// A [`super::SockRecord`]: several transitions of one socket in one
+    /// record. Only ever in a `SockRecord`'s `kind`, never in an `Event`'s.
+    pub const SOCKET_RECORD: u8 = 0x10;
 }
 
 /// Bits of [`Event::valid`]: which socket fields were actually read. A field
@@ -145,6 +148,99 @@ impl Event {
             ack_pending: 0,
             _pad: [0; 3],
         }
+    }
+}
+
+/// Transitions one [`SockRecord`] holds.
+pub const RECORD_STEPS: usize = 6;
+
+/// [`SockRecord::owner_step`] when no step of the record was made in
+/// process context.
+pub const NO_OWNER_STEP: u8 = u8::MAX;
+
+/// One state transition in a [`SockRecord`]. `a` and `b` hold the socket
+/// fields this transition read, by their [`valid`] bit: `a` is `segs_in`,
+/// `segs_out` or `srtt_us` (a transition reads at most one of them), `b` is
+/// `rcv_nxt` or `ack_pending`. A CLOSE step's fields are in the record's
+/// header instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub ts_ns: u64,
+    /// tgid and tid of the task current at the transition, and its CPU.
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    pub a: u32,
+    pub b: u32,
+    pub valid: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Step>() == 32);
+
+/// Per-socket record: what the set-state program keeps for one socket in
+/// socket storage (`BPF_MAP_TYPE_SK_STORAGE`) and sends through the ring
+/// buffer as one record, of [`SockRecord::HEADER`] bytes plus the used
+/// steps, when the socket reaches ESTABLISHED, LISTEN or CLOSE (or its
+/// steps are full, or a retransmit, reset or first use is about to be
+/// sent for it). Userspace expands it into one [`Event`] per step.
+/// Endpoints and namespace are read when it is sent; the counters an
+/// [`Event`] carries at CLOSE are in the header (`valid` says which).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRecord {
+    pub skaddr: u64,
+    /// cgroup of the task of the step made in process context.
+    pub cgroup_id: u64,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `comm` of the task of the step made in process context.
+    pub comm: [u8; 16],
+    pub netns: u32,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub sk_err: i32,
+    pub rcv_nxt: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// [`valid`] bits of the CLOSE step's fields, and [`valid::NETNS`].
+    pub valid: u16,
+    /// [`kind::SOCKET_RECORD`].
+    pub kind: u8,
+    /// Steps used.
+    pub steps: u8,
+    /// Which step was made in process context (its task is the socket's
+    /// user), or [`NO_OWNER_STEP`].
+    pub owner_step: u8,
+    pub sk_shutdown: u8,
+    pub ack_pending: u8,
+    /// Kernel-side state, not for userspace: 1 while an accepted socket
+    /// waits for its first send or receive (its owner).
+    pub awaiting_owner: u8,
+    pub _pad: [u8; 6],
+    pub step: [Step; RECORD_STEPS],
+}
+
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 128 + 32 * RECORD_STEPS);
+const _: () = assert!(core::mem::align_of::<SockRecord>() == 8);
+// A record of any length can never be taken for an Event.
+const _: () = assert!(!(Event::SIZE - SockRecord::HEADER).is_multiple_of(32));
+
+impl SockRecord {
+    /// Bytes before the steps.
+    pub const HEADER: usize = core::mem::size_of::<SockRecord>() - 32 * RECORD_STEPS;
+    pub const SIZE: usize = core::mem::size_of::<SockRecord>();
+
+    /// The length of a record holding `steps` steps.
+    pub const fn bytes_for(steps: usize) -> usize {
+        Self::HEADER + 32 * steps
     }
 }
 
@@ -384,4 +480,5 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::EndpointOffsets {}
+    unsafe impl aya::Pod for super::SockRecord {}
 }

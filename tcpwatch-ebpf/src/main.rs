@@ -23,20 +23,27 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+    },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+            bpf_sk_storage_get,
+        },
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
 use tcpwatch_common::{
-    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, AF_INET, AF_INET6,
-    IPPROTO_TCP, LOST_SLOT, NO_FIELD, OFFSET_UNKNOWN,
+    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, SockOffsets,
+    SockRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, NO_OWNER_STEP, OFFSET_UNKNOWN,
+    RECORD_STEPS,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -56,9 +63,40 @@ static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 #[map]
 static AWAITING_OWNER: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// Each socket's [`SockRecord`], in the socket's own storage: freed with
+/// the socket, so nothing here needs evicting. Used only by the BTF
+/// programs, and only when userspace set [`PER_SOCKET`].
+#[btf_map]
+static SOCKETS: SkStorage<SockRecord> = SkStorage::new();
+
+/// 1: the BTF set-state program keeps each socket's transitions in
+/// [`SOCKETS`] and sends them as one [`SockRecord`] at ESTABLISHED, LISTEN
+/// and CLOSE (what every mode but `trace` wants); 0: one [`Event`] per
+/// transition. A constant the verifier sees, so the path not taken is
+/// pruned at load (a kernel whose tracing programs may not use socket
+/// storage never meets the helper when it is 0).
+#[unsafe(no_mangle)]
+static PER_SOCKET: Global<u32> = Global::new(0);
+
 /// Where the BTF set-state program finds a socket's endpoints.
 #[unsafe(no_mangle)]
 static ENDPOINTS: Global<EndpointOffsets> = Global::new(EndpointOffsets::UNKNOWN);
+
+/// One of [`ENDPOINTS`]' offsets, read in place where it is used: the
+/// verifier sees the constant it is (in a copy spilled to the stack and
+/// read back in a called function it sees an unknown number, and refuses
+/// a direct load at that offset).
+macro_rules! endpoint_offset {
+    ($f:ident) => {
+        // SAFETY: Global is a transparent wrapper of its value; a volatile
+        // read so the compiler does not take the initial value for it.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*core::ptr::from_ref(&ENDPOINTS).cast::<EndpointOffsets>()).$f
+            ))
+        }
+    };
+}
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -94,17 +132,26 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 fn first_use(ctx: &BtfTracePointContext) {
     // The tracepoint's first argument: the socket.
     let sk: u64 = ctx.arg(0);
-    if unsafe { AWAITING_OWNER.get(&sk) }.is_none() {
-        return;
+    if PER_SOCKET.load() != 0 {
+        // Any socket without a record (not TCP, or not traced), or whose
+        // owner is known, costs one look at its storage list.
+        match socket_record(sk, false) {
+            Some(r) if r.awaiting_owner != 0 => r.awaiting_owner = 0,
+            _ => return,
+        }
+    } else {
+        if unsafe { AWAITING_OWNER.get(&sk) }.is_none() {
+            return;
+        }
+        let _ = AWAITING_OWNER.remove(&sk);
     }
-    let _ = AWAITING_OWNER.remove(&sk);
     let cfg = CONFIG.load();
     let mut ev = Event::zeroed();
     ev.kind = kind::FIRST_USE;
     ev.skaddr = sk;
     fill_task(&mut ev, true);
-    // Reads nothing from the socket, so no read can fail.
-    let _ = fill_socket(&mut ev, &cfg, 0);
+    // Reads nothing but the namespace, which has no failure to say.
+    let _ = fill_socket(&mut ev, &cfg, read::NETNS);
     emit(&ev, &cfg);
 }
 
@@ -114,9 +161,18 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let _ = try_set_state_btf(&ctx, sk, old, new);
+    // Without storage for the socket, this transition goes on its own
+    // (none of its steps wait: its storage would have been found).
+    if PER_SOCKET.load() == 0
+        || try_set_state_record(&ctx, sk, old as u8, new as u8) == Err(NO_STORAGE)
+    {
+        let _ = try_set_state_btf(&ctx, sk, old, new);
+    }
     0
 }
+
+/// [`try_set_state_record`] could not have the socket's storage.
+const NO_STORAGE: i32 = -2;
 
 /// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb
 /// [, int err])`: `err` where the classic record has it.
@@ -129,6 +185,7 @@ pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
             return 0;
         }
     }
+    send_pending(ctx.arg(0));
     let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::RETRANSMIT);
     0
 }
@@ -137,6 +194,7 @@ pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
     let cfg = CONFIG.load();
+    send_pending(ctx.arg(0));
     let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::SEND_RESET);
     0
 }
@@ -145,6 +203,7 @@ pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
     let cfg = CONFIG.load();
+    send_pending(ctx.arg(0));
     let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::RECEIVE_RESET);
     0
 }
@@ -191,10 +250,11 @@ fn classic_socket_event(
 
 /// The BTF program reads what the classic record holds from the socket:
 /// endpoints from `struct sock_common`, in one copy where its layout is
-/// the usual one.
+/// the usual one. A call of its own, as is the per-socket path: each
+/// keeps its own frame within the 512-byte stack.
+#[inline(never)]
 fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Result<(), i32> {
-    let off = &ENDPOINTS.load();
-    let protocol: u16 = load_sk(sk, off.protocol)?;
+    let protocol: u16 = load_sk(sk, endpoint_offset!(protocol))?;
     // The tracepoint also fires for SCTP (and, before 6.16, DCCP) sockets.
     if protocol != IPPROTO_TCP {
         return Ok(());
@@ -204,34 +264,234 @@ fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Re
     ev.skaddr = sk;
     ev.oldstate = old as u8;
     ev.newstate = new as u8;
+    let ends = read_endpoints(sk)?;
+    ev.saddr = ends.saddr;
+    ev.daddr = ends.daddr;
+    ev.sport = ends.sport;
+    ev.dport = ends.dport;
+    ev.family = ends.family;
+    set_state_common(ctx, &mut ev);
+    Ok(())
+}
+
+/// A socket's endpoints as the set-state record shows them (ports in host
+/// byte order).
+struct Endpoints {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    family: u16,
+}
+
+#[inline(always)]
+fn read_endpoints(sk: u64) -> Result<Endpoints, i32> {
+    let mut ends = Endpoints {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        family: 0,
+    };
     // inet_sock's fields lie past struct sock, where the verifier allows
     // no direct load: copied, in one go where they sit together.
-    let (sport, saddr) = if off.standard == 1 {
-        let source: InetSource = read_sk(sk, off.saddr)?;
+    let (sport, saddr) = if endpoint_offset!(standard) == 1 {
+        let source: InetSource = read_sk(sk, endpoint_offset!(saddr))?;
         (source.sport, source.saddr)
     } else {
-        (read_sk(sk, off.sport)?, read_sk(sk, off.saddr)?)
+        (
+            read_sk(sk, endpoint_offset!(sport))?,
+            read_sk(sk, endpoint_offset!(saddr))?,
+        )
     };
-    ev.sport = u16::from_be(sport);
-    ev.dport = u16::from_be(load_sk(sk, off.dport)?);
-    ev.family = load_sk(sk, off.family)?;
-    if ev.family == AF_INET6 {
+    ends.sport = u16::from_be(sport);
+    ends.dport = u16::from_be(load_sk(sk, endpoint_offset!(dport))?);
+    ends.family = load_sk(sk, endpoint_offset!(family))?;
+    if ends.family == AF_INET6 {
         if let (Ok(s), Ok(d)) = (
-            load_sk::<[u32; 4]>(sk, off.v6_rcv_saddr),
-            load_sk::<[u32; 4]>(sk, off.v6_daddr),
+            load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_rcv_saddr)),
+            load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_daddr)),
         ) {
             for i in 0..4 {
-                ev.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
-                ev.daddr[i * 4..i * 4 + 4].copy_from_slice(&d[i].to_ne_bytes());
+                ends.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
+                ends.daddr[i * 4..i * 4 + 4].copy_from_slice(&d[i].to_ne_bytes());
             }
         }
     } else {
-        let daddr: u32 = load_sk(sk, off.daddr)?;
-        ev.saddr[..4].copy_from_slice(&saddr);
-        ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+        let daddr: u32 = load_sk(sk, endpoint_offset!(daddr))?;
+        ends.saddr[..4].copy_from_slice(&saddr);
+        ends.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
     }
-    set_state_common(ctx, &mut ev);
+    Ok(ends)
+}
+
+/// The socket's [`SockRecord`]; with `create`, made (zeroed) if it has
+/// none. `None` for a socket that is not a full one, when storage cannot
+/// be had, or (without `create`) when it has none.
+#[inline(always)]
+fn socket_record(sk: u64, create: bool) -> Option<&'static mut SockRecord> {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: the helper checks the socket and the map; it returns a
+    // pointer to this socket's value, or null.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCKETS).cast_mut().cast(),
+            sk as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            flags,
+        )
+    }
+    .cast::<SockRecord>();
+    // SAFETY: null or a valid value of the map, alive while the program runs.
+    unsafe { p.as_mut() }
+}
+
+/// The per-socket set-state path: the transition becomes a step of the
+/// socket's record, sent when the socket opens, listens or closes (or the
+/// steps are full, or the task of a second process-context step would
+/// overwrite the first's). Offsets are read from the globals field by
+/// field: this path has no room for a copy of [`Config`] on its stack.
+#[inline(never)]
+fn try_set_state_record<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> Result<(), i32> {
+    let protocol: u16 = load_sk(sk, endpoint_offset!(protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(r) = socket_record(sk, true) else {
+        return Err(NO_STORAGE);
+    };
+    if r.kind != kind::SOCKET_RECORD {
+        r.kind = kind::SOCKET_RECORD;
+        r.skaddr = sk;
+        r.owner_step = NO_OWNER_STEP;
+    }
+    let owner = owner_transition(old, new);
+    if usize::from(r.steps) >= RECORD_STEPS || (owner && r.owner_step != NO_OWNER_STEP) {
+        send_record(sk, r);
+    }
+    let i = usize::from(r.steps);
+    let sock = config_sock();
+    let reads = reads_for(old, new);
+    let mut fields = StepFields {
+        a: 0,
+        b: 0,
+        valid: 0,
+    };
+    let failed = if new == CLOSE {
+        r.valid = 0;
+        r.awaiting_owner = 0;
+        read_socket(sk, &sock, reads, r)
+    } else {
+        if (old, new) == (LISTEN, SYN_RECV) {
+            r.awaiting_owner = 1;
+        }
+        read_socket(sk, &sock, reads, &mut fields)
+    };
+    if owner {
+        r.owner_step = i as u8;
+        r.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if let Ok(comm) = bpf_get_current_comm() {
+            r.comm = comm;
+        }
+    }
+    let Some(step) = r.step.get_mut(i) else {
+        return Ok(());
+    };
+    step.ts_ns = unsafe { bpf_ktime_get_ns() };
+    step.cpu = unsafe { bpf_get_smp_processor_id() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    step.pid = (pid_tgid >> 32) as u32;
+    step.tid = pid_tgid as u32;
+    step.oldstate = old;
+    step.newstate = new;
+    step.a = fields.a;
+    step.b = fields.b;
+    step.valid = fields.valid;
+    r.steps = i as u8 + 1;
+    if matches!(new, ESTABLISHED | LISTEN | CLOSE) {
+        send_record(sk, r);
+    }
+    report_failed_read(ctx, sk, failed);
     Ok(())
+}
+
+/// The socket offsets of [`CONFIG`], without copying the rest of it.
+#[inline(always)]
+fn config_sock() -> SockOffsets {
+    // SAFETY: Global is a transparent wrapper of its value; a volatile read
+    // so the compiler does not take the initial value for the loaded one.
+    unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!(
+            (*core::ptr::from_ref(&CONFIG).cast::<Config>()).sock
+        ))
+    }
+}
+
+/// [`Config::wakeup_bytes`], read in place.
+#[inline(always)]
+fn config_wakeup_bytes() -> u64 {
+    // SAFETY: as in config_sock.
+    unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!(
+            (*core::ptr::from_ref(&CONFIG).cast::<Config>()).wakeup_bytes
+        ))
+    }
+}
+
+/// Sends the socket's waiting steps, if it has a record with any: before
+/// a retransmit, reset or first use is sent for it, so that userspace
+/// meets the socket's transitions first.
+#[inline(always)]
+fn send_pending(sk: u64) {
+    if PER_SOCKET.load() == 0 || sk == 0 {
+        return;
+    }
+    if let Some(r) = socket_record(sk, false) {
+        if r.steps != 0 {
+            send_record(sk, r);
+        }
+    }
+}
+
+/// Sends the record's steps as one ring-buffer record (endpoints and
+/// namespace read now: a connecting socket's port is chosen only after
+/// SYN_SENT), and empties it. A record the ring had no room for counts
+/// each of its transitions as lost.
+#[inline(never)]
+fn send_record(sk: u64, r: &mut SockRecord) {
+    let n = usize::from(r.steps);
+    if n == 0 || n > RECORD_STEPS {
+        r.steps = 0;
+        return;
+    }
+    if let Ok(ends) = read_endpoints(sk) {
+        r.saddr = ends.saddr;
+        r.daddr = ends.daddr;
+        r.sport = ends.sport;
+        r.dport = ends.dport;
+        r.family = ends.family;
+    }
+    let _ = read_socket(sk, &config_sock(), read::NETNS, r);
+    let len = SockRecord::bytes_for(n);
+    // SAFETY: SockRecord is plain integers, SIZE bytes long.
+    let bytes = unsafe { &*(core::ptr::from_ref(r).cast::<[u8; SockRecord::SIZE]>()) };
+    if let Some(bytes) = bytes.get(..len) {
+        if EVENTS
+            .output::<[u8]>(bytes, wake_flags(config_wakeup_bytes(), len))
+            .is_err()
+        {
+            if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
+                unsafe { *lost += n as u64 };
+            }
+        }
+    }
+    r.steps = 0;
+    r.owner_step = NO_OWNER_STEP;
+    r.valid = 0;
 }
 
 /// One field of the tracepoint's socket at a BTF offset, loaded directly:
@@ -327,7 +587,7 @@ fn set_state_common<C: EbpfContext>(ctx: &C, ev: &mut Event) {
         _ => {}
     }
     fill_task(ev, owner_transition(old, new));
-    let failed = fill_socket(ev, &cfg, reads_for(old, new));
+    let failed = fill_socket(ev, &cfg, reads_for(old, new) | read::NETNS);
     emit(ev, &cfg);
     report_failed_read(ctx, ev.skaddr, failed);
 }
@@ -361,7 +621,10 @@ mod read {
     pub const RCV_NXT: u16 = 8;
     pub const ACK_PENDING: u16 = 16;
     pub const SRTT: u16 = 32;
-    pub const ALL: u16 = 0xffff;
+    pub const NETNS: u16 = 64;
+    /// Every field but the namespace (which a per-socket record reads once,
+    /// when it is sent).
+    pub const ALL: u16 = 0xffff & !NETNS;
 }
 
 fn reads_for(old: u8, new: u8) -> u16 {
@@ -391,7 +654,7 @@ fn try_socket_event<C: EbpfContext>(
     ev.kind = event_kind;
     ev.skaddr = skaddr;
     fill_task(&mut ev, false);
-    let failed = fill_socket(&mut ev, cfg, 0);
+    let failed = fill_socket(&mut ev, cfg, read::NETNS);
     emit(&ev, cfg);
     report_failed_read(ctx, skaddr, failed);
     Ok(())
@@ -456,92 +719,159 @@ fn report_failed_read<C: EbpfContext>(ctx: &C, sk: u64, failed: FailedRead) {
 }
 
 fn fill_socket(ev: &mut Event, cfg: &Config, reads: u16) -> FailedRead {
-    let sk = ev.skaddr;
+    read_socket(ev.skaddr, &cfg.sock, reads, ev)
+}
+
+/// Where the socket fields read at a transition go: an [`Event`], or a
+/// socket's record (see [`StepFields`]).
+trait Fields {
+    /// Sets the field of [`valid`] bit `bit` to `v` and marks it valid.
+    fn put(&mut self, bit: u16, v: u64);
+}
+
+/// [`Fields`] for a struct with the [`Event`] field names: an [`Event`],
+/// and a [`SockRecord`], whose header holds its CLOSE step's fields.
+macro_rules! fields_by_name {
+    ($t:ty) => {
+        impl Fields for $t {
+            #[inline(always)]
+            fn put(&mut self, bit: u16, v: u64) {
+                match bit {
+                    valid::SHUTDOWN => self.sk_shutdown = v as u8,
+                    valid::SK_ERR => self.sk_err = v as i32,
+                    valid::BYTES_ACKED => self.bytes_acked = v,
+                    valid::BYTES_RECEIVED => self.bytes_received = v,
+                    valid::TOTAL_RETRANS => self.total_retrans = v as u32,
+                    valid::SRTT => self.srtt_us = v as u32,
+                    valid::SEGS_IN => self.segs_in = v as u32,
+                    valid::SEGS_OUT => self.segs_out = v as u32,
+                    valid::RCV_NXT => self.rcv_nxt = v as u32,
+                    valid::ACK_PENDING => self.ack_pending = v as u8,
+                    valid::NETNS => self.netns = v as u32,
+                    _ => return,
+                }
+                self.valid |= bit;
+            }
+        }
+    };
+}
+
+fields_by_name!(Event);
+fields_by_name!(SockRecord);
+
+/// The fields of any other step: `a` and `b` as [`tcpwatch_common::Step`]
+/// says.
+struct StepFields {
+    a: u32,
+    b: u32,
+    valid: u16,
+}
+
+impl Fields for StepFields {
+    #[inline(always)]
+    fn put(&mut self, bit: u16, v: u64) {
+        match bit {
+            valid::SEGS_IN | valid::SEGS_OUT | valid::SRTT => self.a = v as u32,
+            valid::RCV_NXT | valid::ACK_PENDING => self.b = v as u32,
+            _ => return,
+        }
+        self.valid |= bit;
+    }
+}
+
+/// Reads the socket fields `reads` names into `out`.
+#[inline(always)]
+fn read_socket<F: Fields>(sk: u64, off: &SockOffsets, reads: u16, out: &mut F) -> FailedRead {
     let mut failed = FailedRead {
         offset: OFFSET_UNKNOWN,
     };
-    let off = &cfg.sock;
     if reads & read::FINAL != 0 {
         if let Some(v) = read_field::<u8>(sk, off.sk_shutdown, &mut failed) {
-            ev.sk_shutdown = v;
-            ev.valid |= valid::SHUTDOWN;
+            out.put(valid::SHUTDOWN, v.into());
         }
         if let Some(v) = read_field::<i32>(sk, off.sk_err, &mut failed) {
-            ev.sk_err = v;
-            ev.valid |= valid::SK_ERR;
+            out.put(valid::SK_ERR, u64::from(v as u32));
         }
         if let Some(v) = read_field::<u64>(sk, off.bytes_acked, &mut failed) {
-            ev.bytes_acked = v;
-            ev.valid |= valid::BYTES_ACKED;
+            out.put(valid::BYTES_ACKED, v);
         }
         if let Some(v) = read_field::<u64>(sk, off.bytes_received, &mut failed) {
-            ev.bytes_received = v;
-            ev.valid |= valid::BYTES_RECEIVED;
+            out.put(valid::BYTES_RECEIVED, v);
         }
         if let Some(v) = read_field::<u32>(sk, off.total_retrans, &mut failed) {
-            ev.total_retrans = v;
-            ev.valid |= valid::TOTAL_RETRANS;
+            out.put(valid::TOTAL_RETRANS, v.into());
         }
     }
     if reads & (read::FINAL | read::SRTT) != 0 {
         if let Some(v) = read_field::<u32>(sk, off.srtt_us, &mut failed) {
-            ev.srtt_us = v >> 3;
-            ev.valid |= valid::SRTT;
+            out.put(valid::SRTT, (v >> 3).into());
         }
     }
     if reads & read::SEGS_IN != 0 {
         if let Some(v) = read_field::<u32>(sk, off.segs_in, &mut failed) {
-            ev.segs_in = v;
-            ev.valid |= valid::SEGS_IN;
+            out.put(valid::SEGS_IN, v.into());
         }
     }
     if reads & read::SEGS_OUT != 0 {
         if let Some(v) = read_field::<u32>(sk, off.segs_out, &mut failed) {
-            ev.segs_out = v;
-            ev.valid |= valid::SEGS_OUT;
+            out.put(valid::SEGS_OUT, v.into());
         }
     }
     if reads & read::RCV_NXT != 0 {
         if let Some(v) = read_field::<u32>(sk, off.rcv_nxt, &mut failed) {
-            ev.rcv_nxt = v;
-            ev.valid |= valid::RCV_NXT;
+            out.put(valid::RCV_NXT, v.into());
         }
     }
     if reads & read::ACK_PENDING != 0 {
         if let Some(v) = read_field::<u8>(sk, off.icsk_ack_pending, &mut failed) {
-            ev.ack_pending = v;
-            ev.valid |= valid::ACK_PENDING;
+            out.put(valid::ACK_PENDING, v.into());
         }
     }
     // The namespace on every event: it tells sockets of different
     // namespaces apart, and matches sockets older than the trace.
-    if off.net_ns_inum != OFFSET_UNKNOWN {
-        if let Some(net) = read_field::<u64>(sk, off.skc_net, &mut failed) {
-            if net != 0 {
-                if let Some(inum) = read_field::<u32>(net, off.net_ns_inum, &mut failed) {
-                    ev.netns = inum;
-                    ev.valid |= valid::NETNS;
-                }
-            }
+    if reads & read::NETNS != 0 {
+        if let Some(inum) = read_netns(sk, off, &mut failed) {
+            out.put(valid::NETNS, inum.into());
         }
     }
     failed
 }
 
+/// The inode of the socket's network namespace.
+#[inline(always)]
+fn read_netns(sk: u64, off: &SockOffsets, failed: &mut FailedRead) -> Option<u32> {
+    if off.net_ns_inum == OFFSET_UNKNOWN {
+        return None;
+    }
+    let net = read_field::<u64>(sk, off.skc_net, failed)?;
+    if net == 0 {
+        return None;
+    }
+    read_field::<u32>(net, off.net_ns_inum, failed)
+}
+
 /// Writes the record, waking the reader only once a batch has built up:
 /// wakeups, not the hook, are what a busy host would pay for.
 fn emit(ev: &Event, cfg: &Config) {
-    let flags = if cfg.wakeup_bytes == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA.into()) + (Event::SIZE as u64) >= cfg.wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP.into()
-    } else {
-        BPF_RB_NO_WAKEUP.into()
-    };
-    if EVENTS.output::<Event>(ev, flags).is_err() {
+    if EVENTS
+        .output::<Event>(ev, wake_flags(cfg.wakeup_bytes, Event::SIZE))
+        .is_err()
+    {
         if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
             unsafe { *lost += 1 };
         }
+    }
+}
+
+/// Whether writing `len` more bytes should wake the reader.
+#[inline(always)]
+fn wake_flags(wakeup_bytes: u64, len: usize) -> u64 {
+    if wakeup_bytes == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA.into()) + (len as u64) >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
     }
 }
 

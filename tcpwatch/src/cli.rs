@@ -283,6 +283,7 @@ impl ProbeArgs {
             wakeup_bytes: u64::from(self.ring_size / 8),
             btf_path: self.btf.clone(),
             kernel_log: self.kernel_log,
+            per_socket: true,
         }
     }
 }

@@ -193,12 +193,17 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Trace(a) => {
-            let source = live(
+            let mut source = live(
                 &a.probe,
                 a.duration,
                 "TCP state transitions",
                 &a.netns.specs(),
             )?;
+            // One record per transition: trace's point is a line as each
+            // happens, not once its socket opens or closes.
+            if let Source::Live(session) = &mut source {
+                session.probe.per_socket = false;
+            }
             let opts = TraceOptions {
                 format: a.format,
                 filter: a.filter.to_filter(),

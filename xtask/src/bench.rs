@@ -111,17 +111,21 @@ pub(crate) enum Variant {
     Conns,
     Timewait,
     Daemon,
+    /// The daemon with one record per transition (`TCPWATCH_PER_TRANSITION`),
+    /// to compare with the per-socket records it uses by default.
+    DaemonPerTransition,
     Bpftrace,
 }
 
 impl Variant {
-    const ALL: [Variant; 7] = [
+    const ALL: [Variant; 8] = [
         Variant::Baseline,
         Variant::Floor,
         Variant::Trace,
         Variant::Conns,
         Variant::Timewait,
         Variant::Daemon,
+        Variant::DaemonPerTransition,
         Variant::Bpftrace,
     ];
 
@@ -133,6 +137,7 @@ impl Variant {
             Variant::Conns => "conns",
             Variant::Timewait => "timewait",
             Variant::Daemon => "daemon",
+            Variant::DaemonPerTransition => "daemon_per_transition",
             Variant::Bpftrace => "bpftrace",
         }
     }
@@ -145,6 +150,9 @@ impl Variant {
             Variant::Conns => "`tcpwatch conns`",
             Variant::Timewait => "`tcpwatch timewait`",
             Variant::Daemon => "`tcpwatch daemon`",
+            Variant::DaemonPerTransition => {
+                "`tcpwatch daemon`, one record per transition (`TCPWATCH_PER_TRANSITION=1`)"
+            }
             Variant::Bpftrace => "bpftrace, tcpstates-like printf",
         }
     }
@@ -171,7 +179,9 @@ impl Variant {
             Variant::Trace => Some(&["trace", "--format", "json"]),
             Variant::Conns => Some(&["conns", "--format", "json"]),
             Variant::Timewait => Some(&["timewait", "--format", "json"]),
-            Variant::Daemon => Some(&["daemon", "--log-format", "json"]),
+            Variant::Daemon | Variant::DaemonPerTransition => {
+                Some(&["daemon", "--log-format", "json"])
+            }
             Variant::Baseline | Variant::Bpftrace => None,
         }
     }
@@ -388,8 +398,11 @@ impl Bench {
         if let Some(args) = variant.tcpwatch_args() {
             let mut cmd = Command::new(&self.binary);
             cmd.args(args);
-            if variant == Variant::Daemon {
+            if matches!(variant, Variant::Daemon | Variant::DaemonPerTransition) {
                 cmd.args(["--listen", &free_loopback_address()?]);
+            }
+            if variant == Variant::DaemonPerTransition {
+                cmd.env("TCPWATCH_PER_TRANSITION", "1");
             }
             return Ok(Some((cmd, Output::Discard)));
         }
@@ -413,7 +426,7 @@ impl Bench {
                 let mut t = Tracer::spawn(cmd, output)?;
                 t.wait_ready(match variant {
                     Variant::Bpftrace => Ready::BpftraceBegin,
-                    Variant::Daemon => Ready::Daemon,
+                    Variant::Daemon | Variant::DaemonPerTransition => Ready::Daemon,
                     _ => Ready::Tcpwatch,
                 })?;
                 Some(t)

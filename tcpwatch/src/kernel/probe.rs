@@ -92,6 +92,11 @@ pub struct ProbeOptions {
     pub btf_path: PathBuf,
     /// Say the program's own diagnostics (aya-log); off by default.
     pub kernel_log: bool,
+    /// Keep each socket's transitions in the kernel and send them as one
+    /// record when it opens, listens or closes, where the kernel allows it
+    /// (every command but `trace`, which wants each transition as it
+    /// happens).
+    pub per_socket: bool,
 }
 
 impl Default for ProbeOptions {
@@ -101,6 +106,7 @@ impl Default for ProbeOptions {
             wakeup_bytes: u64::from(DEFAULT_RING_SIZE / 8),
             btf_path: PathBuf::from(DEFAULT_BTF),
             kernel_log: false,
+            per_socket: true,
         }
     }
 }
@@ -140,6 +146,9 @@ pub struct Probe {
     /// One line per hook attached as a classic tracepoint because its BTF
     /// tracepoint could not be: said once at start.
     pub classic: Vec<String>,
+    /// Why transitions are sent one record each when per-socket records
+    /// were asked for: said once at start.
+    pub per_transition: Option<String>,
     pub mounted_tracefs: bool,
     kernel_log: Option<KernelLog>,
 }
@@ -281,11 +290,15 @@ struct Hook {
     name: &'static str,
 }
 
-/// The tracepoints the object's programs attach to.
+/// The BTF set-state program, which keeps per-socket records when asked.
+const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
+
+/// The tracepoints the object's programs attach to (the set-state hook
+/// first).
 const TRACEPOINTS: [Hook; 5] = [
     Hook {
         classic: "inet_sock_set_state",
-        btf: Some("inet_sock_set_state_btf"),
+        btf: Some(SET_STATE_BTF),
         category: "sock",
         name: "inet_sock_set_state",
     },
@@ -318,6 +331,18 @@ const TRACEPOINTS: [Hook; 5] = [
 /// Set (to anything) to attach the classic tracepoints even where the BTF
 /// ones would load: how the fallback is tested on kernels that have both.
 pub const CLASSIC_ENV: &str = "TCPWATCH_CLASSIC_TRACEPOINTS";
+
+/// Set (to anything) to send one record per transition even where
+/// per-socket records would work: how both paths are compared.
+pub const PER_TRANSITION_ENV: &str = "TCPWATCH_PER_TRANSITION";
+
+/// The line said when per-socket records were asked for but not used.
+fn per_transition_line(why: &str) -> String {
+    format!(
+        "one record per transition, not per socket ({why}): the same transitions reach \
+         userspace, at a higher cost in the kernel"
+    )
+}
 
 /// One line per reason hooks were attached as classic tracepoints, naming
 /// them: `(hook, why)` in attach order.
@@ -453,17 +478,20 @@ impl Probe {
         let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
         let (config, degraded, endpoints) = offsets(opts, &tracefs_root)?;
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CONFIG", &config, true)
-            .override_global(
-                "ENDPOINTS",
-                endpoints.as_ref().unwrap_or(&EndpointOffsets::UNKNOWN),
-                true,
-            )
-            .override_global(aya_log::LEVEL, &diagnostics::level(opts.kernel_log), true)
-            .map_max_entries("EVENTS", opts.ring_size)
-            .load(BPF_OBJECT)
-            .map_err(ProbeError::Load)?;
+        let load = |per_socket: bool| {
+            EbpfLoader::new()
+                .override_global("CONFIG", &config, true)
+                .override_global(
+                    "ENDPOINTS",
+                    endpoints.as_ref().unwrap_or(&EndpointOffsets::UNKNOWN),
+                    true,
+                )
+                .override_global("PER_SOCKET", &u32::from(per_socket), true)
+                .override_global(aya_log::LEVEL, &diagnostics::level(opts.kernel_log), true)
+                .map_max_entries("EVENTS", opts.ring_size)
+                .load(BPF_OBJECT)
+                .map_err(ProbeError::Load)
+        };
         // Parsed once for every BTF tracepoint (it takes a while), and
         // only if one is wanted.
         let wants_btf = programs == TRACING
@@ -472,9 +500,42 @@ impl Probe {
                 .any(|h| h.btf.is_some() && programs.contains(&h.classic));
         let types = wants_btf.then(|| tracepoint_types(&opts.btf_path));
         let btf_types = btf_tracepoints(types.as_ref(), &endpoints);
+        // Per-socket records need the BTF set-state program and a kernel
+        // that lets it use socket storage (5.11): tried first, and where
+        // it does not load, the object is loaded again without them.
+        let mut per_transition = None;
+        let mut state_attached = None;
+        let mut ebpf = match (&btf_types, opts.per_socket && programs == TRACING) {
+            (_, false) => load(false)?,
+            (Err(why), true) => {
+                per_transition = Some(per_transition_line(&format!("no BTF tracepoints: {why}")));
+                load(false)?
+            }
+            (Ok(_), true) if std::env::var_os(PER_TRANSITION_ENV).is_some() => {
+                per_transition = Some(per_transition_line(&format!("{PER_TRANSITION_ENV} is set")));
+                load(false)?
+            }
+            (Ok(types), true) => {
+                let mut ebpf = load(true)?;
+                let hook = &TRACEPOINTS[0];
+                match attach_btf(&mut ebpf, SET_STATE_BTF, hook.name, types) {
+                    Ok(()) => {
+                        state_attached = Some(hook.classic);
+                        ebpf
+                    }
+                    Err(why) => {
+                        per_transition = Some(per_transition_line(&format!(
+                            "the set-state program with socket storage did not load: {why}"
+                        )));
+                        drop(ebpf);
+                        load(false)?
+                    }
+                }
+            }
+        };
         let mut fallbacks = Vec::new();
         for hook in &TRACEPOINTS {
-            if !programs.contains(&hook.classic) {
+            if !programs.contains(&hook.classic) || state_attached == Some(hook.classic) {
                 continue;
             }
             if let Some(program) = hook.btf {
@@ -521,6 +582,7 @@ impl Probe {
             ebpf,
             degraded,
             classic: classic_lines(&fallbacks),
+            per_transition,
             mounted_tracefs,
             kernel_log,
         })

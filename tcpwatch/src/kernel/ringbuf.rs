@@ -15,7 +15,7 @@ use tcpwatch_common::Event;
 
 use crate::kernel::diagnostics::KernelLog;
 use crate::kernel::probe::LostCounter;
-use crate::model::decode::{decode_raw, DecodeError};
+use crate::model::decode::{decode_into, DecodeError};
 use crate::model::lost::LostCounts;
 
 /// What the reader hands the stages after it.
@@ -63,10 +63,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Takes one record as the ring buffer gave it.
+    /// Takes one record as the ring buffer gave it (a socket's record
+    /// becomes one event per transition).
     pub fn add(&mut self, record: &[u8]) {
-        match decode_raw(record) {
-            Ok(e) => self.events.push(e),
+        match decode_into(record, &mut self.events) {
+            Ok(()) => {}
             Err(e) => {
                 self.undecodable += 1;
                 self.first_error.get_or_insert(e);

@@ -1,11 +1,16 @@
 //! Turning ring-buffer records into typed events: the length is checked and
-//! the bytes are copied out unaligned, never reinterpreted in place.
+//! the bytes are copied out unaligned, never reinterpreted in place. A
+//! socket's record of several transitions ([`SockRecord`]) is expanded
+//! here into the per-transition events the rest of tcpwatch takes.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use tcpwatch_common::{kind, valid, Event, AF_INET, AF_INET6, RCV_SHUTDOWN, SEND_SHUTDOWN};
+use tcpwatch_common::{
+    kind, valid, Event, SockRecord, Step, AF_INET, AF_INET6, RCV_SHUTDOWN, RECORD_STEPS,
+    SEND_SHUTDOWN,
+};
 
 use crate::model::{Endpoint, Family, TcpState};
 
@@ -19,6 +24,11 @@ pub enum DecodeError {
     Family(u16),
     #[error("unknown TCP state number {0}")]
     State(u8),
+    #[error(
+        "socket record of {got} bytes claims {steps} transitions (a record holds 1 to {max})",
+        max = RECORD_STEPS
+    )]
+    Steps { got: usize, steps: u8 },
 }
 
 /// Copies a record out of the ring buffer.
@@ -32,6 +42,104 @@ pub fn decode_raw(bytes: &[u8]) -> Result<Event, DecodeError> {
     // SAFETY: the length was checked above; Event is plain integers, so any
     // bit pattern is a valid value, and read_unaligned needs no alignment.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// Takes one ring-buffer record: an [`Event`], or a socket's
+/// [`SockRecord`] expanded into one [`Event`] per transition, in order.
+/// Nothing is added for a record that is neither.
+pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeError> {
+    if bytes.len() == Event::SIZE {
+        out.push(decode_raw(bytes)?);
+        return Ok(());
+    }
+    let steps = bytes
+        .len()
+        .checked_sub(SockRecord::HEADER)
+        .filter(|rest| rest.is_multiple_of(std::mem::size_of::<Step>()))
+        .map(|rest| rest / std::mem::size_of::<Step>())
+        .filter(|n| (1..=RECORD_STEPS).contains(n))
+        .ok_or(DecodeError::Length {
+            got: bytes.len(),
+            expected: Event::SIZE,
+        })?;
+    let mut full = [0u8; SockRecord::SIZE];
+    full[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: `full` is SockRecord::SIZE bytes; SockRecord is plain
+    // integers, so any bit pattern is a valid value.
+    let r = unsafe { std::ptr::read_unaligned(full.as_ptr().cast::<SockRecord>()) };
+    if r.kind != kind::SOCKET_RECORD {
+        return Err(DecodeError::Kind(r.kind));
+    }
+    if usize::from(r.steps) != steps {
+        return Err(DecodeError::Steps {
+            got: bytes.len(),
+            steps: r.steps,
+        });
+    }
+    expand(&r, out);
+    Ok(())
+}
+
+/// The events of a socket record's steps, each as the per-transition
+/// program would have written it.
+fn expand(r: &SockRecord, out: &mut Vec<Event>) {
+    let steps = &r.step[..usize::from(r.steps).min(RECORD_STEPS)];
+    for (i, s) in steps.iter().enumerate() {
+        let mut e = Event::zeroed();
+        e.kind = kind::STATE;
+        e.ts_ns = s.ts_ns;
+        e.skaddr = r.skaddr;
+        e.saddr = r.saddr;
+        e.daddr = r.daddr;
+        e.sport = r.sport;
+        e.dport = r.dport;
+        e.family = r.family;
+        e.pid = s.pid;
+        e.tid = s.tid;
+        e.cpu = s.cpu;
+        e.oldstate = s.oldstate;
+        e.newstate = s.newstate;
+        if i == usize::from(r.owner_step) {
+            e.cgroup_id = r.cgroup_id;
+            e.comm = r.comm;
+        }
+        e.valid = r.valid & valid::NETNS;
+        if e.valid != 0 {
+            e.netns = r.netns;
+        }
+        if s.newstate == TcpState::Close.kernel_number() {
+            e.valid |= r.valid & !valid::NETNS;
+            e.bytes_acked = r.bytes_acked;
+            e.bytes_received = r.bytes_received;
+            e.srtt_us = r.srtt_us;
+            e.total_retrans = r.total_retrans;
+            e.segs_in = r.segs_in;
+            e.segs_out = r.segs_out;
+            e.sk_err = r.sk_err;
+            e.rcv_nxt = r.rcv_nxt;
+            e.sk_shutdown = r.sk_shutdown;
+            e.ack_pending = r.ack_pending;
+        } else {
+            e.valid |= s.valid;
+            let has = |bit: u16| s.valid & bit != 0;
+            if has(valid::SEGS_IN) {
+                e.segs_in = s.a;
+            }
+            if has(valid::SEGS_OUT) {
+                e.segs_out = s.a;
+            }
+            if has(valid::SRTT) {
+                e.srtt_us = s.a;
+            }
+            if has(valid::RCV_NXT) {
+                e.rcv_nxt = s.b;
+            }
+            if has(valid::ACK_PENDING) {
+                e.ack_pending = s.b as u8;
+            }
+        }
+        out.push(e);
+    }
 }
 
 /// A task's `comm`, kept as the kernel's 16 bytes (no allocation per event).
@@ -343,6 +451,144 @@ pub(crate) mod tests {
         e.tid = 43;
         e.comm = Comm::from_str_lossy("client").0;
         e
+    }
+
+    fn step(ts_ns: u64, old: TcpState, new: TcpState) -> Step {
+        Step {
+            ts_ns,
+            pid: 7,
+            tid: 8,
+            cpu: 1,
+            a: 0,
+            b: 0,
+            valid: 0,
+            oldstate: old.kernel_number(),
+            newstate: new.kernel_number(),
+        }
+    }
+
+    /// The bytes of a record holding its first `r.steps` steps.
+    fn record_bytes(r: &SockRecord) -> Vec<u8> {
+        let mut full = [0u8; SockRecord::SIZE];
+        // SAFETY: SockRecord is Copy plain data of exactly SIZE bytes.
+        unsafe { std::ptr::write_unaligned(full.as_mut_ptr().cast::<SockRecord>(), *r) };
+        full[..SockRecord::bytes_for(usize::from(r.steps))].to_vec()
+    }
+
+    /// A client's close as the per-socket program keeps it.
+    fn client_close() -> SockRecord {
+        use TcpState::*;
+        let mut r: SockRecord = unsafe { std::mem::zeroed() };
+        r.kind = kind::SOCKET_RECORD;
+        r.skaddr = 0xffff_8880_1234_5678;
+        r.family = AF_INET;
+        r.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        r.sport = 40000;
+        r.dport = 8080;
+        r.netns = 4026531840;
+        r.comm = Comm::from_str_lossy("client").0;
+        r.cgroup_id = 99;
+        r.owner_step = 0;
+        r.step[0] = step(10, Established, FinWait1);
+        r.step[1] = Step {
+            a: 5,
+            b: 1000,
+            valid: valid::SEGS_IN | valid::RCV_NXT,
+            ..step(20, FinWait1, FinWait2)
+        };
+        r.step[2] = step(30, FinWait2, Close);
+        r.steps = 3;
+        r.valid = valid::NETNS | valid::BYTES_ACKED | valid::RCV_NXT | valid::SHUTDOWN;
+        r.bytes_acked = 17;
+        r.rcv_nxt = 1001;
+        r.sk_shutdown = RCV_SHUTDOWN | SEND_SHUTDOWN;
+        r.segs_out = 12; // not marked valid: must not show
+        r
+    }
+
+    #[test]
+    fn a_socket_record_expands_into_its_transitions() {
+        use TcpState::*;
+        let r = client_close();
+        let mut events = Vec::new();
+        decode_into(&record_bytes(&r), &mut events).unwrap();
+        let records: Vec<Record> = events.iter().map(|e| interpret(e).unwrap()).collect();
+        let transitions: Vec<&Transition> = records
+            .iter()
+            .map(|r| match r {
+                Record::State(t) => t,
+                other => panic!("not a transition: {other:?}"),
+            })
+            .collect();
+        let steps: Vec<_> = transitions
+            .iter()
+            .map(|t| (t.ts_ns, t.old, t.new))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (10, Established, FinWait1),
+                (20, FinWait1, FinWait2),
+                (30, FinWait2, Close)
+            ]
+        );
+        for t in &transitions {
+            assert_eq!(t.skaddr, r.skaddr);
+            assert_eq!(t.local.to_string(), "127.0.0.1:40000");
+            assert_eq!(t.remote.to_string(), "127.0.0.2:8080");
+            assert_eq!(t.sock.netns, Some(4026531840));
+            assert_eq!((t.task.pid, t.task.tid, t.cpu), (7, 8, 1));
+        }
+        // Only the process-context step carries its task's name and cgroup.
+        assert_eq!(transitions[0].task.comm.to_string(), "client");
+        assert_eq!(transitions[0].task.cgroup_id, 99);
+        assert_eq!(transitions[1].task.comm.to_string(), "");
+        assert_eq!(transitions[2].task.cgroup_id, 0);
+        // Each step's own fields, and the final ones at CLOSE only.
+        assert_eq!(transitions[1].sock.segs_in, Some(5));
+        assert_eq!(transitions[1].sock.rcv_nxt, Some(1000));
+        assert_eq!(transitions[1].sock.bytes_acked, None);
+        assert_eq!(transitions[2].sock.rcv_nxt, Some(1001));
+        assert_eq!(transitions[2].sock.bytes_acked, Some(17));
+        assert_eq!(transitions[2].sock.rcv_shutdown, Some(true));
+        assert_eq!(transitions[2].sock.segs_out, None);
+        assert_eq!(transitions[2].sock.segs_in, None);
+        assert_eq!(transitions[0].sock.rcv_shutdown, None);
+    }
+
+    #[test]
+    fn damaged_socket_records_are_errors_not_events() {
+        let r = client_close();
+        let bytes = record_bytes(&r);
+        let mut events = Vec::new();
+        for len in [SockRecord::HEADER, bytes.len() - 1, bytes.len() + 1] {
+            let mut b = bytes.clone();
+            b.resize(len, 0);
+            assert!(matches!(
+                decode_into(&b, &mut events),
+                Err(DecodeError::Length { got, .. }) if got == len
+            ));
+        }
+        let mut wrong_kind = r;
+        wrong_kind.kind = kind::STATE;
+        assert_eq!(
+            decode_into(&record_bytes(&wrong_kind), &mut events),
+            Err(DecodeError::Kind(kind::STATE))
+        );
+        // A header that claims more steps than were sent.
+        let mut b = bytes.clone();
+        b.truncate(SockRecord::bytes_for(2));
+        let err = decode_into(&b, &mut events).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Steps {
+                got: SockRecord::bytes_for(2),
+                steps: 3
+            }
+        );
+        assert!(err.to_string().contains("claims 3 transitions"), "{err}");
+        assert!(events.is_empty(), "{events:?}");
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub async fn run<C: Consumer>(
     for line in &probe.classic {
         tracing::warn!("{line}");
     }
+    if let Some(line) = &probe.per_transition {
+        tracing::warn!("{line}");
+    }
     if probe.mounted_tracefs {
         tracing::info!("mounted tracefs at /sys/kernel/tracing");
     }

@@ -942,6 +942,13 @@ fn same_connection(live: &Conn, replayed: &Conn) -> i128 {
         live.line,
         replayed.line
     );
+    clock_gap(live, replayed)
+}
+
+/// The largest difference between two records of one connection's times,
+/// checked to be under a millisecond (two probes each read the clock at
+/// the same tracepoint hit).
+fn clock_gap(live: &Conn, replayed: &Conn) -> i128 {
     let mut gaps = vec![
         ts_gap(&live.ts, &replayed.ts),
         ts_gap(&live.start_ts, &replayed.start_ts),
@@ -1008,6 +1015,74 @@ fn replay_of_a_recording_matches_live_conns() {
     }
     println!(
         "{} records identical live and replayed; times within {worst} ns",
+        keys.len()
+    );
+}
+
+/// The same traffic watched three ways at once: per-socket records (the
+/// default where the kernel allows them), one record per transition
+/// (`TCPWATCH_PER_TRANSITION`) and the classic tracepoints
+/// (`TCPWATCH_CLASSIC_TRACEPOINTS`): each says which path it took, and
+/// every record is the same but for the programs' own clock reads.
+#[test]
+fn per_socket_records_match_per_transition_events() {
+    require_live!();
+    let args = ["conns", "--format", "json"];
+    let per_transition = ("TCPWATCH_PER_TRANSITION", "1");
+    let classic = ("TCPWATCH_CLASSIC_TRACEPOINTS", "1");
+    let mut runs = [
+        Tw::spawn(&args),
+        Tw::spawn_env(&args, &[per_transition]),
+        Tw::spawn_env(&args, &[classic]),
+    ];
+    for run in &mut runs {
+        run.wait_ready();
+    }
+    let mut server = Peer::spawn("tws-server", None);
+    let mut client = Peer::spawn("tws-client", None);
+    let keys = mixed_traffic(&mut server, &mut client);
+    for run in &mut runs {
+        run.wait_conns(&keys);
+    }
+    let [records, events, classic_events] = runs.map(|r| r.stop_conns_and_stderr());
+    let says = |stderr: &[String], what: &str| stderr.iter().any(|l| l.contains(what));
+    let fallback = "one record per transition, not per socket";
+    assert!(
+        !says(&records.1, fallback) && !says(&records.1, "classic tracepoints"),
+        "per-socket records did not load on this kernel: {:?}",
+        records.1
+    );
+    assert!(
+        says(
+            &events.1,
+            &format!("{fallback} (TCPWATCH_PER_TRANSITION is set)")
+        ),
+        "{:?}",
+        events.1
+    );
+    assert!(
+        says(&classic_events.1, fallback) && says(&classic_events.1, "classic tracepoints"),
+        "{:?}",
+        classic_events.1
+    );
+    let mut worst = 0;
+    for key in &keys {
+        let r = find(&records.0, *key);
+        r.check_shape();
+        for other in [find(&events.0, *key), find(&classic_events.0, *key)] {
+            assert_eq!(
+                timeless(r),
+                timeless(other),
+                "records differ:\nper socket:     {}\nper transition: {}",
+                r.line,
+                other.line
+            );
+            worst = worst.max(clock_gap(r, other));
+        }
+    }
+    println!(
+        "{} records identical from per-socket records, per-transition events and classic \
+         tracepoints; times within {worst} ns",
         keys.len()
     );
 }

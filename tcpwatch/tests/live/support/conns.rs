@@ -59,6 +59,15 @@ impl Tw {
     /// Like [`Tw::spawn`], inside network namespace `netns` when given
     /// (`ip netns exec` execs in place: the pid is tcpwatch's).
     pub fn spawn_in(netns: Option<&Netns>, args: &[&str]) -> Tw {
+        Tw::spawn_with(netns, args, &[])
+    }
+
+    /// Like [`Tw::spawn`], with these environment variables set.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Tw {
+        Tw::spawn_with(None, args, env)
+    }
+
+    fn spawn_with(netns: Option<&Netns>, args: &[&str], env: &[(&str, &str)]) -> Tw {
         let dir = Scratch::new("tw");
         let out = fs::File::create(dir.join("stdout")).unwrap();
         let err = fs::File::create(dir.join("stderr")).unwrap();
@@ -69,6 +78,7 @@ impl Tw {
         };
         let child = cmd
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -258,10 +268,15 @@ impl Tw {
     /// Stops a `conns --format json` run: every line must be a complete
     /// record, and the summary must count them, with nothing lost.
     pub fn stop_conns(self) -> Vec<Conn> {
+        self.stop_conns_and_stderr().0
+    }
+
+    /// Like [`Tw::stop_conns`], with what it said on stderr.
+    pub fn stop_conns_and_stderr(self) -> (Vec<Conn>, Vec<String>) {
         let f = self.stop();
         let conns: Vec<Conn> = f.stdout.iter().map(|l| Conn::parse(l)).collect();
         check_summary(&f.stderr, conns.len());
-        conns
+        (conns, f.stderr)
     }
 }
 
