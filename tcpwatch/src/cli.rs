@@ -38,7 +38,7 @@ pub enum Command {
     Top(TopArgs),
     /// Write the raw event stream to a file, for `replay`.
     Record(RecordArgs),
-    /// Produce `trace`, `conns` or `ladder` output from a recording, offline.
+    /// Produce `trace`, `conns`, `ladder` or `timewait` output from a recording, offline.
     Replay(ReplayArgs),
     /// Run for good: serve metrics to Prometheus and connections and TIME_WAIT to `--from`.
     Daemon(DaemonArgs),
@@ -140,6 +140,8 @@ pub struct TimewaitArgs {
     /// How many groups to show in each table.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
     pub top: usize,
+    #[command(flatten)]
+    pub churn: ChurnArgs,
     /// Output format: a table (redrawn in place on a terminal) or one JSON object per interval.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -202,6 +204,8 @@ pub struct DaemonArgs {
     /// Namespaces, processes, containers and destinations given their own series; the rest are summed as `other`.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
     pub top: usize,
+    #[command(flatten)]
+    pub churn: ChurnArgs,
     /// Finished connections kept for /api/conns.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive_usize)]
     pub keep: usize,
@@ -256,6 +260,62 @@ pub enum ReplayView {
     Conns(ReplayOutputArgs),
     /// Ladder pictures (or their JSON), as `tcpwatch ladder` draws them.
     Ladder(ReplayLadderArgs),
+    /// TIME_WAIT snapshots in the events' time, as `tcpwatch timewait`
+    /// shows them, as far as the events tell (no kernel is asked).
+    Timewait(ReplayTimewaitArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ReplayTimewaitArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Seconds of the recording between snapshots.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// How many groups to show in each table.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
+    pub top: usize,
+    #[command(flatten)]
+    pub churn: ChurnArgs,
+    /// A table per snapshot, or one JSON object per snapshot.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Most sockets tracked at once.
+    #[arg(long, value_name = "N", default_value_t = 262_144, value_parser = parse_positive_usize)]
+    pub max_sockets: usize,
+    /// Text output in the host's local time (follows TZ) instead of UTC.
+    #[arg(long)]
+    pub local_time: bool,
+}
+
+/// When a process's connections are reported as churn that should have
+/// been a pool.
+#[derive(Debug, Args, Clone)]
+pub struct ChurnArgs {
+    /// Pool churn: fewest new connections per second to one destination.
+    #[arg(long, value_name = "PER_S", default_value = "20", value_parser = parse_positive_f64)]
+    pub churn_rate: f64,
+    /// Pool churn: longest median lifetime of those connections, in ms.
+    #[arg(long, value_name = "MS", default_value = "1000", value_parser = parse_positive_f64)]
+    pub churn_life: f64,
+    /// Pool churn: smallest share of them closed first by the client (each leaving TIME_WAIT on its side), in percent.
+    #[arg(long, value_name = "PERCENT", default_value = "80", value_parser = parse_percent)]
+    pub churn_share: f64,
+    /// Pool churn: seconds over which the rate, median and share are counted.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    pub churn_window: Duration,
+}
+
+impl ChurnArgs {
+    pub fn options(&self) -> crate::model::churn::ChurnOptions {
+        crate::model::churn::ChurnOptions {
+            window_ns: self.churn_window.as_nanos().min(u128::from(u64::MAX)) as u64,
+            min_rate: self.churn_rate,
+            max_median_life_ns: (self.churn_life * 1e6) as u64,
+            min_timewait_share: self.churn_share / 100.0,
+            ..crate::model::churn::ChurnOptions::default()
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -432,6 +492,10 @@ pub enum ArgError {
     NotPositive(String),
     #[error("'{0}' must be a number of seconds greater than 0")]
     NotSeconds(String),
+    #[error("'{0}' must be a number greater than 0")]
+    NotPositiveNumber(String),
+    #[error("'{0}' must be a percentage from 0 to 100")]
+    NotPercent(String),
     #[error("a process name cannot be empty")]
     EmptyComm,
     #[error("'{0}' is not ADDR:PORT or HOST:PORT with a host name that resolves")]
@@ -540,6 +604,22 @@ pub fn parse_positive_usize(s: &str) -> Result<usize, ArgError> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(ArgError::NotPositive(s.to_string())),
+    }
+}
+
+/// A number greater than zero (not infinite).
+pub fn parse_positive_f64(s: &str) -> Result<f64, ArgError> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(ArgError::NotPositiveNumber(s.to_string())),
+    }
+}
+
+/// A percentage, 0 to 100.
+pub fn parse_percent(s: &str) -> Result<f64, ArgError> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(ArgError::NotPercent(s.to_string())),
     }
 }
 

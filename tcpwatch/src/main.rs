@@ -101,6 +101,7 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
         interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        churn: args.churn.options(),
     };
     let source = live(
         &args.probe,
@@ -108,10 +109,21 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
         "TCP connections for TIME_WAIT accounting",
         &args.netns.iter().cloned().collect::<Vec<_>>(),
     )?;
-    commands::run(source, args.format, |ctx| {
+    timewait_from(source, opts, args.format, redraw, args.local_time).await
+}
+
+/// The TIME_WAIT snapshots of `source`, written to standard output.
+async fn timewait_from(
+    source: Source,
+    opts: TrackerOptions,
+    format: Format,
+    redraw: bool,
+    local_time: bool,
+) -> anyhow::Result<()> {
+    commands::run(source, format, |ctx| {
         let tracker = TimewaitTracker::start(opts, ctx);
-        Ok(TimewaitSink::new(stdout(), args.format, redraw, tracker)
-            .with_zone(Zone::from_flag(args.local_time)))
+        Ok(TimewaitSink::new(stdout(), format, redraw, tracker)
+            .with_zone(Zone::from_flag(local_time)))
     })
     .await?;
     Ok(())
@@ -143,6 +155,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
         interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        churn: tcpwatch::model::churn::ChurnOptions::default(),
     };
     let source = live(
         &args.probe,
@@ -281,6 +294,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let filter = match &a.view {
                 ReplayView::Trace(o) | ReplayView::Conns(o) => &o.filter,
                 ReplayView::Ladder(o) => &o.filter,
+                ReplayView::Timewait(o) => &o.filter,
             };
             if !filter.cgroups.is_empty() {
                 bail!("--cgroup matches the paths of this host's cgroups now: it does not apply to a recording");
@@ -316,6 +330,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         zone: Zone::from_flag(o.local_time),
                     };
                     conns(source, opts, o.format).await?;
+                }
+                ReplayView::Timewait(o) => {
+                    let opts = TrackerOptions {
+                        filter: o.filter.to_filter(),
+                        interval_ns: o.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+                        top: o.top,
+                        max_sockets: o.max_sockets,
+                        churn: o.churn.options(),
+                    };
+                    // Appended, never redrawn: a replay is read back.
+                    timewait_from(source, opts, o.format, false, o.local_time).await?;
                 }
             }
         }

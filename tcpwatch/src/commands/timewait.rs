@@ -1,7 +1,14 @@
 //! `tcpwatch timewait`: the correlator's finished connections feed the
-//! TIME_WAIT book; every interval the book is checked against the kernel's
+//! TIME_WAIT book and the churn book (clients that should pool their
+//! connections); every interval the book is checked against the kernel's
 //! own list and figures, and a snapshot is written (redrawn in place on a
 //! terminal, appended when piped, one JSON object per interval).
+//!
+//! From a recording (`replay FILE timewait`) no kernel is asked: the
+//! snapshots follow the events' clock, timewait sockets are taken to last
+//! their full time, and what only the kernel knows (sockets from before
+//! the recording, its list and counts, its sysctls but `tcp_fin_timeout`)
+//! is left unknown and said so.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
@@ -13,6 +20,7 @@ use crate::host::kernelstat::{KernelFigures, Sysctls};
 use crate::host::netns::{Namespace, NetnsError, Selection};
 use crate::host::sockdiag::{self, SockDiagError};
 use crate::model::cgroup::Cgroup;
+use crate::model::churn::{Churn, ChurnBook, ChurnOptions};
 use crate::model::correlate::{Correlator, Timeline, TimewaitSubstate};
 use crate::model::decode::Record;
 use crate::model::filter::Filter;
@@ -103,6 +111,7 @@ struct NsBook {
     /// found (its figures then come from events alone).
     ns: Option<Namespace>,
     book: TimewaitBook,
+    churn: ChurnBook,
     overflow_base: Option<u64>,
     overflow_prev: Option<u64>,
     /// Its list of timewait sockets could not be read: not asked again.
@@ -130,6 +139,15 @@ pub struct TimewaitTracker {
     top: usize,
     next_snapshot_ns: u64,
     finished: Vec<Timeline>,
+    churn: ChurnOptions,
+    /// Live: the host's kernel is there to ask. From a recording it is
+    /// not, and only `fin_timeout_s` of its settings is known.
+    live: bool,
+    fin_timeout_s: u32,
+    /// The newest settled time seen, and when the last snapshot was
+    /// taken (a replay ends with a snapshot at its last event).
+    settled_ns: u64,
+    last_snapshot_ns: u64,
 }
 
 pub struct TrackerOptions {
@@ -137,15 +155,19 @@ pub struct TrackerOptions {
     pub interval_ns: u64,
     pub top: usize,
     pub max_sockets: usize,
+    pub churn: ChurnOptions,
 }
 
 impl TimewaitTracker {
     /// Starts counting where `ctx` begins: owners of the sockets that
     /// already exist from its snapshot, the timewait sockets that already
     /// exist in each namespace from its kernel (counted as "before
-    /// tracing"), and the first interval from then.
+    /// tracing"), and the first interval from then. From a recording,
+    /// each namespace's book opens at its first event, and the first
+    /// interval starts at the recording's first event.
     pub fn start(opts: TrackerOptions, ctx: &Context) -> Self {
-        let now_ns = ctx.live_since_ns().unwrap_or(0);
+        let live_since = ctx.live_since_ns();
+        let now_ns = live_since.unwrap_or(0);
         let scope = ctx.scope.clone().unwrap_or_else(Selection::own);
         let primary = ctx.netns.unwrap_or(0);
         let mut tracker = TimewaitTracker {
@@ -153,14 +175,22 @@ impl TimewaitTracker {
             clock: ctx.clock,
             correlator: ctx.correlator(opts.max_sockets),
             books: BTreeMap::new(),
-            every: scope == Selection::All,
+            every: live_since.is_none() || scope == Selection::All,
             unfound: HashSet::new(),
             primary,
             interval_ns: opts.interval_ns,
             top: opts.top,
-            next_snapshot_ns: now_ns + opts.interval_ns,
+            next_snapshot_ns: live_since.map_or(0, |n| n + opts.interval_ns),
             finished: Vec::new(),
+            churn: opts.churn,
+            live: live_since.is_some(),
+            fin_timeout_s: ctx.fin_timeout_s,
+            settled_ns: now_ns,
+            last_snapshot_ns: now_ns,
         };
+        if !tracker.live {
+            return tracker;
+        }
         let namespaces = match scope {
             Selection::All => vec![scope.primary()],
             Selection::Only(v) => v,
@@ -174,7 +204,7 @@ impl TimewaitTracker {
     /// A book for the namespace `inode`, its timewait sockets that exist
     /// now counted as from before tracing.
     fn open_book(&mut self, inode: u32, ns: Option<Namespace>, now_ns: u64) {
-        let ns = ns.or_else(|| Namespace::find(inode).ok());
+        let ns = ns.or_else(|| Namespace::find(inode).ok().filter(|_| self.live));
         let read = ns.as_ref().and_then(|ns| {
             ns.run_in(|| KernelRead::here(true))
                 .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
@@ -186,9 +216,10 @@ impl TimewaitTracker {
                 Some(inode).filter(|i| *i != 0),
                 now_ns,
             ),
+            churn: ChurnBook::new(self.churn, now_ns),
             overflow_base: read.as_ref().and_then(|r| r.figures.tw_overflow),
             overflow_prev: read.as_ref().and_then(|r| r.figures.tw_overflow),
-            kernel_unreadable: read.is_none(),
+            kernel_unreadable: read.is_none() || !self.live,
             ns,
         };
         match read.and_then(|r| r.list) {
@@ -238,6 +269,11 @@ impl TimewaitTracker {
     /// first time gets a book when every namespace is reported.
     fn book_of(&mut self, netns: Option<u32>, now_ns: u64) -> Option<&mut NsBook> {
         let inode = netns.unwrap_or(self.primary);
+        if !self.live && !self.books.contains_key(&inode) {
+            // A recording's namespaces cannot be looked for: each gets a
+            // book at its first event.
+            self.open_book(inode, None, now_ns);
+        }
         if self.every && !self.books.contains_key(&inode) && !self.unfound.contains(&inode) {
             // A namespace that no process or name holds any more (its
             // last events arriving) cannot be checked: not reported, and
@@ -254,10 +290,15 @@ impl TimewaitTracker {
 
     /// The figures of each namespace for the interval ending at `now_ns`.
     pub fn snapshot(&mut self, now_ns: u64) -> Vec<Snapshot> {
+        self.last_snapshot_ns = now_ns;
         // Sockets closed since the events last processed are not in the
         // book yet: allow for that lag, the correlator's grace, and a
         // second.
-        let lag_ms = crate::host::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000;
+        let lag_ms = if self.live {
+            crate::host::clock::monotonic_ns().saturating_sub(now_ns) / 1_000_000
+        } else {
+            0
+        };
         let recent_ms = (lag_ms + 1_000).min(u64::from(u32::MAX)) as u32;
         let count_unmatched = !self.selector.filter.has_owner_filters();
         self.unfound.clear();
@@ -314,17 +355,24 @@ impl TimewaitTracker {
                 }
                 None => {}
             }
-            let view = kernel_view(
+            let mut view = kernel_view(
                 &figures,
                 sysctls.as_ref(),
                 nb.overflow_base,
                 &mut nb.overflow_prev,
             );
+            if !self.live {
+                // The one setting a recording keeps.
+                view.fin_timeout_s = Some(self.fin_timeout_s);
+            }
             let mut s = nb
                 .book
                 .snapshot(now_ns, self.clock.rfc3339(now_ns), self.top, view);
             s.netns = Some(inode).filter(|i| *i != 0);
             s.netns_name = nb.ns.as_ref().and_then(|n| n.name.clone());
+            s.from_recording = !self.live;
+            s.churn = nb.churn.evaluate(now_ns, self.top);
+            s.findings.extend(s.churn.iter().map(Churn::finding));
             let by_cgroup = nb.book.by_cgroup();
             s.by_container = self.containers(by_cgroup, s.total);
             out.push(s);
@@ -372,6 +420,14 @@ impl TimewaitTracker {
         settled_ns: u64,
         out: &mut Vec<Timeline>,
     ) -> Option<Vec<Snapshot>> {
+        if self.next_snapshot_ns == 0 {
+            // A recording: the first interval starts at its first event.
+            if let Some(ts) = records.iter().map(Record::ts_ns).min() {
+                self.next_snapshot_ns = ts + self.interval_ns;
+                self.last_snapshot_ns = ts;
+            }
+        }
+        self.settled_ns = self.settled_ns.max(settled_ns);
         for r in records {
             if let Record::State(t) = r {
                 let established = t.new == TcpState::Established;
@@ -401,6 +457,13 @@ impl TimewaitTracker {
         self.take_finished(out);
     }
 
+    /// A recording ended: the snapshots at its last event, unless one was
+    /// just taken there. `None` live (the host's kernel goes on).
+    pub fn last_snapshot(&mut self) -> Option<Vec<Snapshot>> {
+        (!self.live && self.settled_ns > self.last_snapshot_ns && !self.books.is_empty())
+            .then(|| self.snapshot(self.settled_ns))
+    }
+
     fn take_finished(&mut self, out: &mut Vec<Timeline>) {
         let finished = std::mem::take(&mut self.finished);
         for t in finished {
@@ -408,6 +471,7 @@ impl TimewaitTracker {
             if self.selector.matches(t.family, &t.local, &t.remote, owner) {
                 if let Some(nb) = self.book_of(t.netns, t.closed_ns) {
                     nb.book.on_timeline(&t);
+                    nb.churn.on_timeline(&t);
                 }
                 out.push(t);
             }
@@ -533,6 +597,9 @@ impl<W: Write> Consumer for TimewaitSink<W> {
     fn finish(&mut self) -> io::Result<()> {
         self.tracker.flush(&mut self.finished);
         self.finished.clear();
+        for s in self.tracker.last_snapshot().unwrap_or_default() {
+            self.write(&s)?;
+        }
         self.out.flush()
     }
 

@@ -2,7 +2,9 @@
 //! the TIME_WAIT gauges are set from each namespace's snapshot and carry a
 //! `netns` label (the namespace's name in /run/netns, else its inode). The
 //! namespaces, and within each the processes, containers and destinations,
-//! are capped at `--top` series (the rest summed as `other`).
+//! are capped at `--top` series (the rest summed as `other`). The pool
+//! churn series name only the groups that churn now, the `--top` fastest
+//! of each namespace reported.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -66,6 +68,15 @@ struct ProcessLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChurnLabels {
+    netns: String,
+    process: String,
+    destination: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ContainerLabels {
     netns: String,
     container: String,
@@ -124,6 +135,8 @@ pub struct Metrics {
     by_process: Family<ProcessLabels, Gauge>,
     by_container: Family<ContainerLabels, Gauge>,
     ports_held: Family<PortsLabels, Gauge>,
+    churn_rate: Family<ChurnLabels, FloatGauge>,
+    churn_life: Family<ChurnLabels, FloatGauge>,
     port_range: Family<NetnsLabels, Gauge>,
     tw_reuse: Family<NetnsLabels, Gauge>,
     timestamps: Family<NetnsLabels, Gauge>,
@@ -161,6 +174,8 @@ impl Metrics {
             by_process: Family::default(),
             by_container: Family::default(),
             ports_held: Family::default(),
+            churn_rate: Family::default(),
+            churn_life: Family::default(),
             port_range: Family::default(),
             tw_reuse: Family::default(),
             timestamps: Family::default(),
@@ -235,6 +250,17 @@ impl Metrics {
             "destination_ports_held",
             "Ephemeral ports of a local address held in timewait toward a destination (client side); each local address has the whole port range toward each destination",
             m.ports_held.clone(),
+        );
+        r.register(
+            "pool_churn_connections_per_second",
+            "Connections a second that a process (command name) opens to one destination and closes first after a short life, each leaving TIME_WAIT: connections that a pool or keep-alive would reuse. Only groups over the thresholds (--churn-rate, --churn-life, --churn-share over --churn-window), the --top fastest per namespace",
+            m.churn_rate.clone(),
+        );
+        r.register_with_unit(
+            "pool_churn_median_lifetime",
+            "Median lifetime of the connections of each group tcpwatch_pool_churn_connections_per_second names",
+            Unit::Seconds,
+            m.churn_life.clone(),
         );
         r.register(
             "kernel_tcp_tw_reuse",
@@ -437,6 +463,8 @@ impl Metrics {
         self.ports_held.clear();
         self.by_process.clear();
         self.by_container.clear();
+        self.churn_rate.clear();
+        self.churn_life.clear();
         self.timewait.clear();
         for family in [
             &self.port_range,
@@ -526,6 +554,17 @@ impl Metrics {
                     destination: d.remote.clone(),
                 })
                 .set(d.ports_held as i64);
+        }
+        for c in &s.churn {
+            let labels = ChurnLabels {
+                netns: ns(),
+                process: c.process.clone(),
+                destination: c.destination.clone(),
+            };
+            self.churn_rate.get_or_create(&labels).set(c.rate_per_s);
+            self.churn_life
+                .get_or_create(&labels)
+                .set(c.median_life_ms / 1e3);
         }
         let k = &s.kernel;
         let labels = NetnsLabels { netns: ns() };

@@ -244,6 +244,7 @@ pub struct DaemonOptions {
     pub interval_ns: u64,
     pub top: usize,
     pub max_sockets: usize,
+    pub churn: crate::model::churn::ChurnOptions,
 }
 
 impl DaemonSink {
@@ -262,6 +263,7 @@ impl DaemonSink {
                 interval_ns: opts.interval_ns,
                 top: opts.top,
                 max_sockets: opts.max_sockets,
+                churn: opts.churn,
             },
             ctx,
         );
@@ -467,6 +469,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        churn: args.churn.options(),
     };
     let session = SessionOptions {
         probe: args.probe.options(),

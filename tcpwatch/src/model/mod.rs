@@ -10,10 +10,12 @@
 //! not deliver), `filter`, `snapshot` (sockets that predate the trace),
 //! `owner` (who owns each socket), `correlate` (events into timelines),
 //! `handoff` (what became of sockets handed to a FIN_WAIT2 timewait
-//! socket), `timewait` (the TIME_WAIT book), `sweep` (which entries outlived their
+//! socket), `timewait` (the TIME_WAIT book), `churn` (clients that
+//! should have pooled their connections), `sweep` (which entries outlived their
 //! socket), `table` (bounded maps and how full they got).
 
 pub mod cgroup;
+pub mod churn;
 pub mod correlate;
 pub mod decode;
 pub mod filter;

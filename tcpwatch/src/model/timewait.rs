@@ -282,7 +282,13 @@ pub struct Snapshot {
     #[serde(default)]
     pub by_container: Vec<Group>,
     pub destinations: Vec<Destination>,
+    /// Processes that open connections they should reuse (see `churn`).
+    #[serde(default)]
+    pub churn: Vec<crate::model::churn::Churn>,
     pub findings: Vec<String>,
+    /// Made from a recording: no kernel was asked (see `replay`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_recording: bool,
     /// Entries not tracked one by one because `max_entries` was reached.
     pub untracked: u64,
 }
@@ -843,7 +849,9 @@ impl TimewaitBook {
             by_local,
             by_container: Vec::new(),
             destinations,
+            churn: Vec::new(),
             findings: Vec::new(),
+            from_recording: false,
             untracked: self.untracked,
         };
         snap.findings = findings(&snap, &self.server_side_share());

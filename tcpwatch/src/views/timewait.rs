@@ -76,11 +76,18 @@ pub fn timewait_text(s: &Snapshot, zone: Zone) -> String {
         opt(k.overflow_since_start),
         opt(k.overflow_last_interval)
     );
-    let _ = writeln!(
-        out,
-        "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} not tracked one by one",
-        s.before_tracing, s.just_closed, s.unattributed, s.untracked
-    );
+    if s.from_recording {
+        let _ = writeln!(
+            out,
+            "  from a recording: only sockets made while it ran are counted (none from before it began), each for its full time (no kernel list to check against); the kernel's counts and sysctls other than tcp_fin_timeout are unknown (?)"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} not tracked one by one",
+            s.before_tracing, s.just_closed, s.unattributed, s.untracked
+        );
+    }
     let _ = writeln!(
         out,
         "created: {:.1}/s over the last interval, {:.1}/s over the last minute",

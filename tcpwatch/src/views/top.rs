@@ -819,7 +819,9 @@ mod tests {
             by_container: vec![],
             netns: None,
             netns_name: None,
+            churn: vec![],
             findings: vec![],
+            from_recording: false,
             untracked: 0,
         }
     }
