@@ -420,28 +420,15 @@ impl TimewaitTracker {
         settled_ns: u64,
         out: &mut Vec<Timeline>,
     ) -> Option<Vec<Snapshot>> {
-        if self.next_snapshot_ns == 0 {
-            // A recording: the first interval starts at its first event.
-            if let Some(ts) = records.iter().map(Record::ts_ns).min() {
-                self.next_snapshot_ns = ts + self.interval_ns;
-                self.last_snapshot_ns = ts;
-            }
+        if !self.live {
+            return self.absorb_recorded(records, settled_ns, out);
         }
-        self.settled_ns = self.settled_ns.max(settled_ns);
         for r in records {
-            if let Record::State(t) = r {
-                let established = t.new == TcpState::Established;
-                if let Some(nb) = self.book_of(t.sock.netns, t.ts_ns) {
-                    if established {
-                        nb.book.on_established(t.sock.netns, &t.local, &t.remote);
-                    }
-                }
-            }
-            self.correlator.push(r, &mut self.finished);
+            self.observe(r);
         }
         self.correlator.advance(settled_ns, &mut self.finished);
         self.take_finished(out);
-        if self.next_snapshot_ns != 0 && settled_ns >= self.next_snapshot_ns {
+        if settled_ns >= self.next_snapshot_ns {
             let s = self.snapshot(settled_ns);
             // Keep to the schedule, but never bunch up after a stall.
             self.next_snapshot_ns =
@@ -449,6 +436,51 @@ impl TimewaitTracker {
             return Some(s);
         }
         None
+    }
+
+    /// [`TimewaitTracker::absorb`] for a recording: the first interval
+    /// starts at its first event, and each snapshot is taken at its time
+    /// on the events' clock, however the records were batched.
+    fn absorb_recorded(
+        &mut self,
+        records: &[Record],
+        settled_ns: u64,
+        out: &mut Vec<Timeline>,
+    ) -> Option<Vec<Snapshot>> {
+        let mut due = Vec::new();
+        for r in records {
+            let ts = r.ts_ns();
+            if self.next_snapshot_ns == 0 {
+                self.next_snapshot_ns = ts + self.interval_ns;
+                self.last_snapshot_ns = ts;
+            }
+            while ts >= self.next_snapshot_ns {
+                let at = self.next_snapshot_ns;
+                self.correlator.advance(at, &mut self.finished);
+                self.take_finished(out);
+                due.extend(self.snapshot(at));
+                self.next_snapshot_ns += self.interval_ns;
+            }
+            self.observe(r);
+        }
+        self.settled_ns = self.settled_ns.max(settled_ns);
+        self.correlator.advance(settled_ns, &mut self.finished);
+        self.take_finished(out);
+        (!due.is_empty()).then_some(due)
+    }
+
+    /// One record into the books (a new connection ends the timewait
+    /// socket of its 4-tuple) and the correlator.
+    fn observe(&mut self, r: &Record) {
+        if let Record::State(t) = r {
+            let established = t.new == TcpState::Established;
+            if let Some(nb) = self.book_of(t.sock.netns, t.ts_ns) {
+                if established {
+                    nb.book.on_established(t.sock.netns, &t.local, &t.remote);
+                }
+            }
+        }
+        self.correlator.push(r, &mut self.finished);
     }
 
     /// The stream ended: every connection still held is finished.
@@ -609,5 +641,119 @@ impl<W: Write> Consumer for TimewaitSink<W> {
             stream: totals.stream(),
             tracking: totals.tracking(self.tracker.tracking()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::decode::tests::state_event;
+    use crate::model::TcpState::*;
+    use crate::stream::record::{Header, Recorder, Replay};
+    use tcpwatch_common::{valid, Event, RCV_SHUTDOWN, SEND_SHUTDOWN};
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000_000_000;
+
+    /// `n` connections of "client" from its own port each, one every
+    /// `gap_ns` from `t0`, each living `life_ns` and closed first by the
+    /// client (the peer's FIN arrives after its ACK: TIME_WAIT).
+    fn client_loop(n: u64, t0: u64, gap_ns: u64, life_ns: u64) -> Vec<Event> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let at = t0 + i * gap_ns;
+            let steps = [
+                (0, Close, SynSent, 0),
+                (100_000, SynSent, Established, 0),
+                (life_ns - 200_000, Established, FinWait1, 0),
+                (life_ns - 100_000, FinWait1, FinWait2, 0),
+                (life_ns, FinWait2, Close, 1),
+            ];
+            for (dt, old, new, fin) in steps {
+                let mut e = state_event(0x1000 + i, old, new, at + dt);
+                e.sport = 20_000 + i as u16;
+                e.valid = valid::SHUTDOWN | valid::RCV_NXT;
+                e.sk_shutdown = RCV_SHUTDOWN | SEND_SHUTDOWN;
+                e.rcv_nxt = 1000 + fin;
+                out.push(e);
+            }
+        }
+        out.sort_by_key(|e| e.ts_ns);
+        out
+    }
+
+    #[test]
+    fn a_recording_gives_snapshots_in_its_own_time_with_the_churn_finding() {
+        let t0 = 5_000 * S;
+        // 100 connections a second for 12 s, each living 3 ms.
+        let events = client_loop(1200, t0, 10 * MS, 3 * MS);
+        let header = Header {
+            clock_offset_ns: 0,
+            netns: 0,
+            fin_timeout_s: 60,
+        };
+        let mut w = Recorder::new(Vec::new(), header, None).unwrap();
+        w.write(&events).unwrap();
+        let bytes = w.into_inner();
+        let mut replay = Replay::new(&bytes[..], std::path::Path::new("loop.rec")).unwrap();
+        let ended = crate::stream::replay::run(&mut replay, |ctx| {
+            let opts = TrackerOptions {
+                filter: Filter::default(),
+                interval_ns: 5 * S,
+                top: 10,
+                max_sockets: 1024,
+                churn: ChurnOptions::default(),
+            };
+            Ok(TimewaitSink::new(
+                Vec::new(),
+                Format::Json,
+                false,
+                TimewaitTracker::start(opts, ctx),
+            ))
+        })
+        .unwrap();
+        assert!(ended.error.is_none());
+        let text = String::from_utf8(ended.consumer.out).unwrap();
+        let snaps: Vec<Snapshot> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // At 5 s and 10 s from the first event, then at the last event.
+        let ts: Vec<u64> = snaps
+            .iter()
+            .map(|s| {
+                let t = humantime::parse_rfc3339(&s.ts).unwrap();
+                t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+            })
+            .collect();
+        let last = events.last().unwrap().ts_ns;
+        assert_eq!(ts, [t0 + 5 * S, t0 + 10 * S, last], "{text}");
+        let created: Vec<u64> = snaps.iter().map(|s| s.created_last_interval).collect();
+        // Closed by 5 s: those opened before 4.997 s (500), less the two
+        // closed within the correlator's 20 ms grace (finished in the
+        // next interval, as live); the same at 10 s; the rest at the end.
+        assert_eq!(created, [498, 500, 202]);
+        assert!(snaps
+            .iter()
+            .all(|s| s.from_recording && s.kernel_listed.is_none()));
+        let end = &snaps[2];
+        assert_eq!((end.total, end.before_tracing), (1200, 0));
+        assert_eq!(end.kernel.fin_timeout_s, Some(60));
+        assert_eq!(end.kernel.port_range, None);
+        let c = &end.churn[..];
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(
+            (c[0].process.as_str(), c[0].destination.as_str()),
+            ("client", "127.0.0.2:8080")
+        );
+        assert!((c[0].rate_per_s - 100.0).abs() < 2.0, "{c:?}");
+        assert!((c[0].median_life_ms - 3.0).abs() < 0.3, "{c:?}");
+        assert_eq!(c[0].timewait_share, 1.0);
+        assert!(end.findings.contains(&c[0].finding()), "{:?}", end.findings);
+        let text = timewait_text(end, Zone::Utc);
+        assert!(
+            text.contains("from a recording: only sockets made while it ran"),
+            "{text}"
+        );
     }
 }

@@ -240,8 +240,10 @@ impl ChurnBook {
     pub fn evaluate(&mut self, now_ns: u64, top: usize) -> Vec<Churn> {
         let now_sec = now_ns / 1_000_000_000;
         // Whole seconds back to the window's start: the span counted is
-        // the window, up to a second more.
-        let first_sec = now_ns.saturating_sub(self.opts.window_ns) / 1_000_000_000;
+        // the window, up to a second less.
+        let first_sec = now_ns
+            .saturating_sub(self.opts.window_ns)
+            .div_ceil(1_000_000_000);
         let start_ns = (first_sec * 1_000_000_000).max(self.epoch_ns);
         let span_s = now_ns.saturating_sub(start_ns) as f64 / 1e9;
         let mut out = Vec::new();
