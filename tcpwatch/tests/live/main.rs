@@ -11,6 +11,7 @@
 
 mod support;
 
+mod churn;
 mod connfail;
 mod conns;
 mod daemon;

@@ -237,7 +237,7 @@ impl Deref for Snap {
     }
 }
 
-pub const SNAPSHOT_FIELDS: [&str; 20] = [
+pub const SNAPSHOT_FIELDS: [&str; 21] = [
     "ts",
     "interval_s",
     "total",
@@ -256,6 +256,7 @@ pub const SNAPSHOT_FIELDS: [&str; 20] = [
     "by_remote",
     "by_local",
     "destinations",
+    "churn",
     "findings",
     "untracked",
 ];
