@@ -691,4 +691,46 @@ mod tests {
         }
         assert!(!text.contains("10.0.0.5:82"), "{text}");
     }
+
+    #[test]
+    fn pool_churn_series_follow_each_snapshot() {
+        use crate::model::churn::Churn;
+        use crate::model::timewait::{KernelView, TimewaitBook, TimewaitOptions};
+        let mut registry = Registry::with_prefix("tcpwatch");
+        let metrics = Metrics::new(&mut registry);
+        let mut book = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let mut s = book.snapshot(1_000_000_000, String::new(), 10, KernelView::default());
+        s.churn = vec![Churn {
+            process: "python3".into(),
+            destination: "10.0.0.5:5432".into(),
+            connections: 4120,
+            window_s: 10.0,
+            rate_per_s: 412.0,
+            median_life_ms: 3.0,
+            timewait_share: 1.0,
+        }];
+        let text = |m: &Metrics, s: &Snapshot| {
+            m.snapshots(std::slice::from_ref(s), 10);
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text
+        };
+        let labels = r#"{netns="7",process="python3",destination="10.0.0.5:5432"}"#;
+        let got = text(&metrics, &s);
+        for (name, value) in [
+            ("tcpwatch_pool_churn_connections_per_second", 412.0),
+            ("tcpwatch_pool_churn_median_lifetime_seconds", 0.003),
+        ] {
+            let line = got
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{labels} ")))
+                .unwrap_or_else(|| panic!("no {name}{labels} in:\n{got}"));
+            let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!((v - value).abs() < 1e-9, "{line}");
+        }
+        // The churn stopped: its series go with it.
+        s.churn.clear();
+        let got = text(&metrics, &s);
+        assert!(!got.contains("pool_churn_connections_per_second{"), "{got}");
+    }
 }

@@ -360,7 +360,7 @@ fn real_clients_without_a_pool_are_found_and_with_one_or_server_closed_are_not()
     };
     // Keep-alive first: one connection (and the few of its own setup).
     let started = Instant::now();
-    let _ = benchmark("1", 20_000);
+    let _ = benchmark("1", 50_000);
     let keepalive_for = started.elapsed();
     let _ = tw.nth(tw.count() + 1);
     let kept = tw.stop().snaps;
@@ -368,15 +368,13 @@ fn real_clients_without_a_pool_are_found_and_with_one_or_server_closed_are_not()
     println!("redis-benchmark -k 1: {keepalive_for:?}, not reported");
 
     let tw = Timewait::start(&ns, 1.0, &["--churn-window", &window]);
-    // Reconnecting: long enough to fill a window and a snapshot.
+    // Reconnecting: a first run gives its rate, a second runs long
+    // enough to fill a window and a snapshot after it.
     let mut did = benchmark("0", 2_000);
-    let mut runs = 1;
-    while (did.end_ns - did.start_ns) < ((WINDOW_S + 2.0) * 1e9) as i128 && runs < 4 {
-        let more = benchmark("0", 4_000);
-        did.connections += more.connections;
-        did.end_ns = more.end_ns;
-        runs += 1;
-    }
+    let more = (did.rate() * (WINDOW_S + 3.0)).ceil() as u64;
+    let second = benchmark("0", more.clamp(2_000, 100_000));
+    did.connections += second.connections;
+    did.end_ns = second.end_ns;
     let _ = tw.nth(tw.count() + 1);
     let snaps = tw.stop().snaps;
     // redis-benchmark opens a connection of its own first (a CONFIG

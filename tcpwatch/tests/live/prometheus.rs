@@ -392,13 +392,28 @@ fn grafana_dashboard_queries_return_data() {
     let Some(prometheus) = prometheus_bin() else {
         return;
     };
-    // BPF statistics on, so the cost panels have run times to show.
-    let daemon = Daemon::start(&["--interval", "1", "--top", "50", "--bpf-stats"]);
+    // BPF statistics on, so the cost panels have run times to show; the
+    // churn window a minute and its rate low, so that the known traffic's
+    // N connections in a moment are still pool churn when the panels are
+    // queried, tens of seconds later.
+    let daemon = Daemon::start(&[
+        "--interval",
+        "1",
+        "--top",
+        "50",
+        "--bpf-stats",
+        "--churn-window",
+        "60",
+        "--churn-rate",
+        "0.5",
+    ]);
     let p = Prometheus::start(&prometheus, &daemon.addr.to_string(), &[]);
     let up = p.wait_scalar("up{job=\"tcpwatch\"}", ARRIVAL, |v| v == 1.0);
     assert_eq!(up, Some(1.0), "Prometheus could not scrape the daemon");
     let Traffic {
-        target, refused, ..
+        target,
+        refused,
+        client_comm,
     } = known_traffic();
     let destination = target.to_string();
 
@@ -508,6 +523,25 @@ fn grafana_dashboard_queries_return_data() {
             ),
         }
     }
+    // The churn panel names the test's client and destination, at a rate
+    // of its N connections over at most the window.
+    let (_, expr, _) = results
+        .iter()
+        .find(|(q, _, _)| q.panel == "Connection churn that should be a pool")
+        .expect("no churn panel");
+    let got = p.query(expr);
+    let ours = got.iter().find(|s| {
+        s.labels.get("destination") == Some(&destination)
+            && s.labels.get("process") == Some(&client_comm)
+    });
+    println!("churn: {client_comm} -> {destination} = {ours:?}");
+    let rate = ours
+        .unwrap_or_else(|| panic!("churn: no {client_comm} -> {destination} in {got:?}"))
+        .value;
+    assert!(
+        rate >= N as f64 / 60.0 && rate <= N as f64,
+        "churn: {rate}/s for {N} connections in a 60 s window"
+    );
     p.stop();
     daemon.stop();
 }
