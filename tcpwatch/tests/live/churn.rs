@@ -19,7 +19,9 @@ use crate::support::conns::Tw;
 use crate::support::netns::Netns;
 use crate::support::peer::{repeat, Peer};
 use crate::support::real_servers::{have_servers, ns_ok, Nginx, Redis, PAGE};
-use crate::support::timewait::{our_net, server_addr, timewait_netns, Snap, Timewait};
+use crate::support::timewait::{
+    client_ip, our_net, server_addr, server_ip, timewait_netns, Snap, Timewait,
+};
 use crate::support::{assert_one_line, now_ns, parse_ts, run_tcpwatch, Scratch};
 
 /// The churn window these tests ask for (seconds): short, so that a few
@@ -89,7 +91,13 @@ fn churn_of<'a>(snaps: &'a [Snap], comm: &str) -> Vec<(i128, &'a Churn)> {
 /// were (at least one).
 fn check_found(what: &str, snaps: &[Snap], did: &Did, to: SocketAddr, min_life_ms: f64) -> usize {
     let found = churn_of(snaps, &did.comm);
-    assert!(!found.is_empty(), "{what}: {} not found", did.comm);
+    assert!(
+        !found.is_empty(),
+        "{what}: {} not found; processes: {:?}; churn: {:?}",
+        did.comm,
+        snaps.iter().map(|s| &s.by_process).collect::<Vec<_>>(),
+        snaps.iter().map(|s| &s.churn).collect::<Vec<_>>()
+    );
     let rate = did.rate();
     let per_conn_ms = 1e3 / rate;
     let inside: Vec<&Churn> = found
@@ -174,6 +182,9 @@ fn a_pool_less_client_loop_is_found_and_pooled_slow_and_server_closed_ones_are_n
     recorder.wait_ready();
 
     let to = SocketAddr::from(server_addr());
+    // From this run's own client address: the source loopback would
+    // choose (127.0.0.1) is outside the `--laddr` tcpwatch watches.
+    let from = format!("{}:0", client_ip());
     let mut server = Peer::spawn("churnsrv", Some(&ns));
     server.run(&format!("listen {to}"));
     let accept_eof = "accept; eof; close";
@@ -187,7 +198,7 @@ fn a_pool_less_client_loop_is_found_and_pooled_slow_and_server_closed_ones_are_n
         "poolless",
         n,
         &repeat(
-            &format!("connect {to}; write 32; sleep 4; close"),
+            &format!("connect_from {from} {to}; write 32; sleep 4; close"),
             n as usize,
         ),
         &repeat(accept_eof, n as usize),
@@ -199,7 +210,7 @@ fn a_pool_less_client_loop_is_found_and_pooled_slow_and_server_closed_ones_are_n
         "pooled",
         1,
         &format!(
-            "connect {to}; {}; close",
+            "connect_from {from} {to}; {}; close",
             repeat("write 32; sleep 4", n as usize)
         ),
         accept_eof,
@@ -211,7 +222,7 @@ fn a_pool_less_client_loop_is_found_and_pooled_slow_and_server_closed_ones_are_n
         "slowloop",
         25,
         &repeat(
-            &format!("connect {to}; write 32; sleep 4; close; sleep 150"),
+            &format!("connect_from {from} {to}; write 32; sleep 4; close; sleep 150"),
             25,
         ),
         &repeat(accept_eof, 25),
@@ -222,7 +233,7 @@ fn a_pool_less_client_loop_is_found_and_pooled_slow_and_server_closed_ones_are_n
         &mut server,
         "srvcloses",
         n,
-        &repeat(&format!("connect {to}; eof; close"), n as usize),
+        &repeat(&format!("connect_from {from} {to}; eof; close"), n as usize),
         &repeat("accept; close", n as usize),
     );
     println!(
@@ -325,8 +336,11 @@ fn real_clients_without_a_pool_are_found_and_with_one_or_server_closed_are_not()
     }
     let ns = Netns::new();
     let window = WINDOW_S.to_string();
-    let tw = Timewait::start(&ns, 1.0, &["--churn-window", &window]);
-    let redis_at = SocketAddr::from((crate::support::timewait::server_ip(), 6379));
+    // The clients connect from the source loopback chooses, 127.0.0.1:
+    // watched too (the namespace is this test's own).
+    let args = ["--churn-window", &window, "--laddr", "127.0.0.1"];
+    let tw = Timewait::start(&ns, 1.0, &args);
+    let redis_at = SocketAddr::from((server_ip(), 6379));
     let mut redis = Redis::start(&ns, redis_at);
     let benchmark = |keepalive: &str, requests: u64| -> Did {
         let start_ns = now_ns();
@@ -367,7 +381,7 @@ fn real_clients_without_a_pool_are_found_and_with_one_or_server_closed_are_not()
     check_not_found("redis-benchmark -k 1", &kept, "redis-benchmark");
     println!("redis-benchmark -k 1: {keepalive_for:?}, not reported");
 
-    let tw = Timewait::start(&ns, 1.0, &["--churn-window", &window]);
+    let tw = Timewait::start(&ns, 1.0, &args);
     // Reconnecting: a first run gives its rate, a second runs long
     // enough to fill a window and a snapshot after it.
     let mut did = benchmark("0", 2_000);
@@ -384,9 +398,9 @@ fn real_clients_without_a_pool_are_found_and_with_one_or_server_closed_are_not()
     redis.stop();
 
     // ab against nginx, with and without keep-alive.
-    let http = SocketAddr::from((crate::support::timewait::server_ip(), 8080));
+    let http = SocketAddr::from((server_ip(), 8080));
     let nginx = Nginx::start(&ns, &[http], 1, true);
-    let tw = Timewait::start(&ns, 1.0, &["--churn-window", &window]);
+    let tw = Timewait::start(&ns, 1.0, &args);
     let url = format!("http://{http}{PAGE}");
     let ab = |args: &[&str]| {
         let mut all = args.to_vec();
