@@ -132,6 +132,8 @@ pub fn timewait_text(s: &Snapshot, zone: Zone) -> String {
     for d in &s.destinations {
         let runs_out = match (d.exhaustion_s, d.tw_reuse_applies) {
             (Some(secs), _) => format!("{secs:.0} s"),
+            // A recording does not say the port range.
+            (None, _) if d.port_range.is_none() => "? (port range unknown)".to_string(),
             (None, true) => "never (tcp_tw_reuse)".to_string(),
             (None, false) if d.rate_per_s == 0.0 => "not being used up now".to_string(),
             (None, false) => "never at this rate".to_string(),
