@@ -422,12 +422,21 @@ fn grafana_dashboard_queries_return_data() {
     let queries = dashboard_queries(&dashboard);
     assert!(queries.len() >= 20, "{} queries", queries.len());
     let instance = daemon.addr.to_string();
-    // A failed connect's series appears once the daemon has finished it.
+    // A failed connect's series appears once the daemon has finished it,
+    // the TIME_WAIT and churn series at its next snapshot: wait until
+    // every series the queries name is there (or the time is up).
+    let named: BTreeSet<&str> = queries
+        .iter()
+        .flat_map(|q| {
+            q.expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        })
+        .filter(|w| w.starts_with("tcpwatch_"))
+        .collect();
     let deadline = std::time::Instant::now() + ARRIVAL;
     let exported: BTreeSet<String> = loop {
         let names: BTreeSet<String> = daemon.metrics().into_iter().map(|s| s.name).collect();
-        if names.contains("tcpwatch_failed_connects_total") || std::time::Instant::now() > deadline
-        {
+        if named.iter().all(|n| names.contains(*n)) || std::time::Instant::now() > deadline {
             break names;
         }
         std::thread::sleep(Duration::from_millis(200));
