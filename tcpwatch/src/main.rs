@@ -14,7 +14,7 @@ use tcpwatch::cli::{
 };
 use tcpwatch::commands::conns::{ConnsOptions, ConnsSink, View};
 use tcpwatch::commands::record::RecordSink;
-use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions};
+use tcpwatch::commands::timewait::{CheckOptions, TimewaitSink, TimewaitTracker, TrackerOptions};
 use tcpwatch::commands::trace::{TraceOptions, TraceSink};
 use tcpwatch::commands::{self, Source};
 use tcpwatch::daemon::client::{self, Daemon};
@@ -98,9 +98,10 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
     }
     let opts = TrackerOptions {
         filter: args.filter.to_filter(),
-        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        interval_ns: nanos(args.interval),
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        check: CheckOptions::every(nanos(args.check_interval)),
     };
     let source = live(
         &args.probe,
@@ -140,9 +141,10 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
     }
     let opts = TrackerOptions {
         filter,
-        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        interval_ns: nanos(args.interval),
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        check: CheckOptions::default(),
     };
     let source = live(
         &args.probe,
@@ -353,6 +355,11 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes on one line: `what failed: why: why`.
+/// A duration in nanoseconds, saturating.
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
 fn one_line(e: &anyhow::Error) -> String {
     log::one_line(e.as_ref())
 }

@@ -1,7 +1,11 @@
 //! `tcpwatch timewait`: the correlator's finished connections feed the
-//! TIME_WAIT book; every interval the book is checked against the kernel's
-//! own list and figures, and a snapshot is written (redrawn in place on a
-//! terminal, appended when piped, one JSON object per interval).
+//! TIME_WAIT book, which keeps its counts as they come and expire; every
+//! interval a snapshot is taken from those counts with the kernel's own
+//! figures (sockstat, sysctls) and written (redrawn in place on a terminal,
+//! appended when piped, one JSON object per interval). The kernel's list of
+//! timewait sockets (a sock_diag dump, whose cost grows with the list) is
+//! read to check the book at start, after lost events, every check
+//! interval, and at every snapshot while the list is short.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
@@ -47,21 +51,57 @@ pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
         .collect())
 }
 
+/// When the book is checked against the kernel's list of timewait
+/// sockets.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckOptions {
+    /// Longest time between two checks.
+    pub interval_ns: u64,
+    /// The list is read at every snapshot while the kernel holds at most
+    /// this many timewait sockets (sockstat `tw`): reading it costs little.
+    pub list_below: u64,
+}
+
+impl CheckOptions {
+    /// Checks every `interval_ns`, and at every snapshot while the list is
+    /// short.
+    pub fn every(interval_ns: u64) -> Self {
+        CheckOptions {
+            interval_ns,
+            ..CheckOptions::default()
+        }
+    }
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            interval_ns: 30_000_000_000,
+            list_below: SHORT_LIST,
+        }
+    }
+}
+
+/// The longest list of timewait sockets read at every snapshot.
+pub const SHORT_LIST: u64 = 10_000;
+
 /// What one namespace's kernel says, read from inside it.
 #[derive(Default)]
 struct KernelRead {
-    /// The timewait sockets (`None`: not asked).
+    /// The timewait sockets (`None`: not read).
     list: Option<Result<Vec<KernelTimewait>, SockDiagError>>,
     figures: KernelFigures,
     sysctls: Option<Sysctls>,
 }
 
 impl KernelRead {
-    /// Reads the calling thread's namespace.
-    fn here(with_list: bool) -> KernelRead {
+    /// Reads the calling thread's namespace: its figures, and its list of
+    /// timewait sockets when `list` says so from them.
+    fn here(list: impl FnOnce(&KernelFigures) -> bool) -> KernelRead {
+        let figures = KernelFigures::read();
         KernelRead {
-            list: with_list.then(kernel_timewait),
-            figures: KernelFigures::read(),
+            list: list(&figures).then(kernel_timewait),
+            figures,
             sysctls: Sysctls::read().ok(),
         }
     }
@@ -107,6 +147,10 @@ struct NsBook {
     overflow_prev: Option<u64>,
     /// Its list of timewait sockets could not be read: not asked again.
     kernel_unreadable: bool,
+    /// When its list is next read whatever its length.
+    next_check_ns: u64,
+    /// Lost events counted when its list was last read.
+    lost_at_check: u64,
 }
 
 /// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
@@ -130,6 +174,9 @@ pub struct TimewaitTracker {
     top: usize,
     next_snapshot_ns: u64,
     finished: Vec<Timeline>,
+    check: CheckOptions,
+    /// Kernel events lost so far.
+    lost: u64,
 }
 
 pub struct TrackerOptions {
@@ -137,6 +184,7 @@ pub struct TrackerOptions {
     pub interval_ns: u64,
     pub top: usize,
     pub max_sockets: usize,
+    pub check: CheckOptions,
 }
 
 impl TimewaitTracker {
@@ -160,6 +208,8 @@ impl TimewaitTracker {
             top: opts.top,
             next_snapshot_ns: now_ns + opts.interval_ns,
             finished: Vec::new(),
+            check: opts.check,
+            lost: 0,
         };
         let namespaces = match scope {
             Selection::All => vec![scope.primary()],
@@ -176,7 +226,7 @@ impl TimewaitTracker {
     fn open_book(&mut self, inode: u32, ns: Option<Namespace>, now_ns: u64) {
         let ns = ns.or_else(|| Namespace::find(inode).ok());
         let read = ns.as_ref().and_then(|ns| {
-            ns.run_in(|| KernelRead::here(true))
+            ns.run_in(|| KernelRead::here(|_| true))
                 .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
                 .ok()
         });
@@ -189,6 +239,8 @@ impl TimewaitTracker {
             overflow_base: read.as_ref().and_then(|r| r.figures.tw_overflow),
             overflow_prev: read.as_ref().and_then(|r| r.figures.tw_overflow),
             kernel_unreadable: read.is_none(),
+            next_check_ns: now_ns.saturating_add(self.check.interval_ns),
+            lost_at_check: self.lost,
             ns,
         };
         match read.and_then(|r| r.list) {
@@ -268,7 +320,13 @@ impl TimewaitTracker {
             let Some(nb) = self.books.get_mut(&inode) else {
                 continue;
             };
-            let with_list = !nb.kernel_unreadable;
+            // The list at start (read when the book opened), after lost
+            // events, every check interval, and while it is short.
+            let due = now_ns >= nb.next_check_ns || self.lost > nb.lost_at_check;
+            let short = self.check.list_below;
+            let with_list = |f: &KernelFigures| {
+                !nb.kernel_unreadable && (due || f.sockstat_tw.is_none_or(|n| n <= short))
+            };
             let read = match nb.ns.as_mut() {
                 Some(ns) => match ns.run_in_refind(|| KernelRead::here(with_list)) {
                     Ok(r) => Some(r),
@@ -305,6 +363,10 @@ impl TimewaitTracker {
             let Some(nb) = self.books.get_mut(&inode) else {
                 continue;
             };
+            if list.is_some() {
+                nb.next_check_ns = now_ns.saturating_add(self.check.interval_ns);
+                nb.lost_at_check = self.lost;
+            }
             match list {
                 Some(Ok(l)) => nb.book.reconcile(&l, now_ns, recent_ms, count_unmatched),
                 Some(Err(e)) => {
@@ -412,6 +474,12 @@ impl TimewaitTracker {
                 out.push(t);
             }
         }
+    }
+
+    /// Kernel events lost so far: every book is checked against its
+    /// kernel's list at the next snapshot.
+    pub fn lost(&mut self, total: u64) {
+        self.lost = total;
     }
 
     /// The table the session sweeps after lost events.
@@ -527,6 +595,7 @@ impl<W: Write> Consumer for TimewaitSink<W> {
     }
 
     fn lost(&mut self, lost: LostCounts) {
+        self.tracker.lost(lost.total());
         self.lost = lost;
     }
 

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::DaemonArgs;
-use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
+use crate::commands::timewait::{CheckOptions, TimewaitTracker, TrackerOptions};
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::host::netns::{NetnsError, Selection};
 use crate::kernel::probe::enable_bpf_stats;
@@ -244,6 +244,7 @@ pub struct DaemonOptions {
     pub interval_ns: u64,
     pub top: usize,
     pub max_sockets: usize,
+    pub check: CheckOptions,
 }
 
 impl DaemonSink {
@@ -262,6 +263,7 @@ impl DaemonSink {
                 interval_ns: opts.interval_ns,
                 top: opts.top,
                 max_sockets: opts.max_sockets,
+                check: opts.check,
             },
             ctx,
         );
@@ -398,6 +400,7 @@ impl Consumer for DaemonSink {
 
     fn lost(&mut self, lost: LostCounts) {
         self.metrics.lost(lost);
+        self.tracker.lost(lost.total());
         self.lost = lost;
     }
 
@@ -467,6 +470,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
         top: args.top,
         max_sockets: args.probe.max_sockets,
+        check: CheckOptions::every(args.check_interval.as_nanos().min(u128::from(u64::MAX)) as u64),
     };
     let session = SessionOptions {
         probe: args.probe.options(),
