@@ -1443,6 +1443,146 @@ mod tests {
             .any(|g| g.key == "(before tracing)" && g.count == 1));
     }
 
+    /// The kept counts, recounted from the entries.
+    fn recount(b: &TimewaitBook) -> Tally {
+        let mut t = Tally::default();
+        for e in b.entries.values() {
+            t.add(e);
+        }
+        t
+    }
+
+    fn assert_tally_is_recount(b: &TimewaitBook) {
+        let (kept, fresh) = (&b.tally, recount(b));
+        assert_eq!(kept.by_owner, fresh.by_owner);
+        assert_eq!(kept.by_local, fresh.by_local);
+        assert_eq!(kept.by_remote, fresh.by_remote);
+        assert_eq!(kept.client_pairs, fresh.client_pairs);
+        assert_eq!(kept.server_local, fresh.server_local);
+        assert_eq!(
+            (kept.fin_wait2, kept.other_netns),
+            (fresh.fin_wait2, fresh.other_netns)
+        );
+    }
+
+    #[test]
+    fn kept_counts_follow_every_change_and_expiry_comes_from_the_queue() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        // Closes spread over 3 s, clients and servers, some FIN_WAIT2.
+        let mut made = Vec::new();
+        for i in 0..3000u64 {
+            let closed = i * 1_000_000;
+            let t = if i % 3 == 0 {
+                timeline(
+                    "10.0.0.1:8080",
+                    &format!("10.0.0.{}:{}", 2 + i % 5, 30000 + i),
+                    (i % 4) as u32,
+                    Role::Server,
+                    closed,
+                )
+            } else {
+                timeline(
+                    &format!("10.0.0.{}:{}", 1 + i % 2, 20000 + i),
+                    &format!("10.0.0.9:{}", 80 + i % 3),
+                    (i % 7) as u32,
+                    Role::Client,
+                    closed,
+                )
+            };
+            b.on_timeline(&t);
+            made.push(t);
+            if i % 10 == 5 {
+                // Reuse of an earlier 4-tuple.
+                let r = &made[(i / 2) as usize];
+                b.on_established(Some(7), &r.local, &r.remote);
+            }
+        }
+        assert_tally_is_recount(&b);
+        let n = b.len();
+        // The kernel lists all but the first 100 kept, re-timed, some in
+        // FIN_WAIT2, and 50 tcpwatch never saw (20 of them just made).
+        let mut kernel: Vec<KernelTimewait> = made
+            .iter()
+            .skip(100)
+            .filter(|t| b.entries.contains_key(&key(7, &t.local, &t.remote)))
+            .enumerate()
+            .map(|(i, t)| KernelTimewait {
+                local: t.local,
+                remote: t.remote,
+                substate: if i % 11 == 0 {
+                    TimewaitSubstate::FinWait2
+                } else {
+                    TimewaitSubstate::TimeWait
+                },
+                expires_ms: 50_000 + i as u32,
+            })
+            .collect();
+        let listed_known = kernel.len();
+        let dropped = n - listed_known;
+        for i in 0..50u16 {
+            kernel.push(KernelTimewait {
+                local: ep(&format!("10.0.0.3:{}", 50000 + i)),
+                remote: ep("10.0.0.9:443"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: if i < 20 { 59_900 } else { 40_000 },
+            });
+        }
+        b.reconcile(&kernel, 4_000_000_000, 1000, true);
+        assert_tally_is_recount(&b);
+        let s = b.snapshot(4_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, kernel.len() as u64);
+        assert_eq!(s.kernel_listed, Some(kernel.len() as u64));
+        assert_eq!((s.just_closed, s.unattributed), (20, 30));
+        let c = s.check.unwrap();
+        assert_eq!(
+            (c.dropped, c.not_seen, c.in_flight, c.checks),
+            (dropped as u64, 30, 20, 1)
+        );
+        // Unmatched sockets hold no destination's ports.
+        assert!(s.destinations.iter().all(|d| d.remote != "10.0.0.9:443"));
+        // The next snapshot, without a check: not listed, the check aged.
+        let s = b.snapshot(5_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.kernel_listed, None);
+        assert_eq!(s.check.map(|c| c.age_s), Some(1.0));
+        // One of the just-made ones is correlated: it is attributed now.
+        let late = timeline(
+            "10.0.0.3:50000",
+            "10.0.0.9:443",
+            99,
+            Role::Client,
+            3_990_000_000,
+        );
+        b.on_timeline(&late);
+        let s = b.snapshot(6_000_000_000, "t".into(), 20, kview());
+        assert_eq!((s.just_closed, s.total), (19, kernel.len() as u64));
+        assert!(
+            s.by_process
+                .iter()
+                .any(|g| g.pid == Some(99) && g.count == 1),
+            "{:?}",
+            s.by_process
+        );
+        // Each expires at its own time, from the queue: the ones the
+        // kernel gave 40 s first, then the re-timed ones from 54 s on.
+        let s = b.snapshot(44_000_000_001, "t".into(), 5, kview());
+        assert_eq!(s.total, kernel.len() as u64 - 30);
+        let s = b.snapshot(54_000_000_000 + 100_000_000, "t".into(), 5, kview());
+        assert!(s.total < listed_known as u64, "{}", s.total);
+        assert_tally_is_recount(&b);
+        let s = b.snapshot(70_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
+        assert_eq!(b.groups_len(), (0, 0));
+        assert!(b.tally.by_owner.is_empty() && b.tally.client_pairs.is_empty());
+        // A later check finds the kernel agrees: nothing corrected.
+        b.reconcile(&[], 70_000_000_000, 1000, true);
+        let c = b
+            .snapshot(70_000_000_000, "t".into(), 5, kview())
+            .check
+            .unwrap();
+        assert_eq!((c.dropped, c.not_seen, c.checks), (0, 0, 2));
+        assert_eq!(c.dropped_since_start, dropped as u64);
+    }
+
     #[test]
     fn reuse_of_a_four_tuple_ends_its_timewait() {
         let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
