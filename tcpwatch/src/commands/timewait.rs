@@ -322,7 +322,11 @@ impl TimewaitTracker {
             };
             // The list at start (read when the book opened), after lost
             // events, every check interval, and while it is short.
-            let due = now_ns >= nb.next_check_ns || self.lost > nb.lost_at_check;
+            // (Due within half an interval: snapshots come a little early
+            // or late, and a check interval equal to the snapshots' own
+            // must check every one.)
+            let due = now_ns.saturating_add(self.interval_ns / 2) >= nb.next_check_ns
+                || self.lost > nb.lost_at_check;
             let short = self.check.list_below;
             let with_list = |f: &KernelFigures| {
                 !nb.kernel_unreadable && (due || f.sockstat_tw.is_none_or(|n| n <= short))
