@@ -96,12 +96,19 @@ struct KernelRead {
 
 impl KernelRead {
     /// Reads the calling thread's namespace: its figures, and its list of
-    /// timewait sockets when `list` says so from them.
+    /// timewait sockets when `list` says so from them. With a list, the
+    /// figures are read again after it: while sockets are made, the
+    /// kernel's count read after the list is at least the list's length.
     fn here(list: impl FnOnce(&KernelFigures) -> bool) -> KernelRead {
         let figures = KernelFigures::read();
+        let list = list(&figures).then(kernel_timewait);
         KernelRead {
-            list: list(&figures).then(kernel_timewait),
-            figures,
+            figures: if list.is_some() {
+                KernelFigures::read()
+            } else {
+                figures
+            },
+            list,
             sysctls: Sysctls::read().ok(),
         }
     }
