@@ -140,7 +140,8 @@ pub struct TimewaitArgs {
     /// Seconds between checks of the TIME_WAIT counts against the kernel's
     /// list of timewait sockets (sock_diag), which are kept up to date from
     /// events in between. The list is also read at start, after lost
-    /// events, and at every snapshot while the kernel holds at most 10,000.
+    /// events, after tcp_max_tw_buckets overflowed, and at every snapshot
+    /// while the kernel holds at most 10,000.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_duration)]
     pub check_interval: Duration,
     /// How many groups to show in each table.
@@ -208,7 +209,8 @@ pub struct DaemonArgs {
     /// Seconds between checks of the TIME_WAIT counts against the kernel's
     /// list of timewait sockets (sock_diag), which are kept up to date from
     /// events in between. The list is also read at start, after lost
-    /// events, and at every snapshot while the kernel holds at most 10,000.
+    /// events, after tcp_max_tw_buckets overflowed, and at every snapshot
+    /// while the kernel holds at most 10,000.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_duration)]
     pub check_interval: Duration,
     /// Namespaces, processes, containers and destinations given their own series; the rest are summed as `other`.

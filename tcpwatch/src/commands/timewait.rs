@@ -5,7 +5,8 @@
 //! appended when piped, one JSON object per interval). The kernel's list of
 //! timewait sockets (a sock_diag dump, whose cost grows with the list) is
 //! read to check the book at start, after lost events, every check
-//! interval, and at every snapshot while the list is short.
+//! interval, after tcp_max_tw_buckets overflowed, and at every snapshot
+//! while the list is short.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
@@ -158,6 +159,8 @@ struct NsBook {
     next_check_ns: u64,
     /// Lost events counted when its list was last read.
     lost_at_check: u64,
+    /// TCPTimeWaitOverflow when its list was last read.
+    overflow_at_check: Option<u64>,
 }
 
 /// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
@@ -248,6 +251,7 @@ impl TimewaitTracker {
             kernel_unreadable: read.is_none(),
             next_check_ns: now_ns.saturating_add(self.check.interval_ns),
             lost_at_check: self.lost,
+            overflow_at_check: read.as_ref().and_then(|r| r.figures.tw_overflow),
             ns,
         };
         match read.and_then(|r| r.list) {
@@ -335,8 +339,15 @@ impl TimewaitTracker {
             let due = now_ns.saturating_add(self.interval_ns / 2) >= nb.next_check_ns
                 || self.lost > nb.lost_at_check;
             let short = self.check.list_below;
+            // And after tcp_max_tw_buckets overflowed: a close then made no
+            // timewait socket, which its events do not show, so only the
+            // list tells which entries were never made.
+            let overflowed = nb.overflow_at_check;
             let with_list = |f: &KernelFigures| {
-                !nb.kernel_unreadable && (due || f.sockstat_tw.is_none_or(|n| n <= short))
+                !nb.kernel_unreadable
+                    && (due
+                        || f.sockstat_tw.is_none_or(|n| n <= short)
+                        || f.tw_overflow.is_some_and(|o| Some(o) != overflowed))
             };
             let read = match nb.ns.as_mut() {
                 Some(ns) => match ns.run_in_refind(|| KernelRead::here(with_list)) {
@@ -377,6 +388,7 @@ impl TimewaitTracker {
             if list.is_some() {
                 nb.next_check_ns = now_ns.saturating_add(self.check.interval_ns);
                 nb.lost_at_check = self.lost;
+                nb.overflow_at_check = figures.tw_overflow;
             }
             match list {
                 Some(Ok(l)) => nb.book.reconcile(&l, now_ns, recent_ms, count_unmatched),
