@@ -137,6 +137,13 @@ pub struct TimewaitArgs {
     /// Seconds between snapshots.
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Seconds between checks of the TIME_WAIT counts against the kernel's
+    /// list of timewait sockets (sock_diag), which are kept up to date from
+    /// events in between. The list is also read at start, after lost
+    /// events, after tcp_max_tw_buckets overflowed, and at every snapshot
+    /// while the kernel holds at most 10,000.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_duration)]
+    pub check_interval: Duration,
     /// How many groups to show in each table.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
     pub top: usize,
@@ -198,9 +205,16 @@ pub struct DaemonArgs {
     /// Default: every namespace.
     #[arg(long = "netns", value_name = "NS", value_parser = parse_netns)]
     pub netns: Vec<NetnsSpec>,
-    /// Seconds between TIME_WAIT snapshots (checked against the kernel each time).
+    /// Seconds between TIME_WAIT snapshots.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Seconds between checks of the TIME_WAIT counts against the kernel's
+    /// list of timewait sockets (sock_diag), which are kept up to date from
+    /// events in between. The list is also read at start, after lost
+    /// events, after tcp_max_tw_buckets overflowed, and at every snapshot
+    /// while the kernel holds at most 10,000.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_duration)]
+    pub check_interval: Duration,
     /// Namespaces, processes, containers and destinations given their own series; the rest are summed as `other`.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive_usize)]
     pub top: usize,

@@ -14,7 +14,7 @@ use tcpwatch::cli::{
 };
 use tcpwatch::commands::conns::{ConnsOptions, ConnsSink, View};
 use tcpwatch::commands::record::RecordSink;
-use tcpwatch::commands::timewait::{TimewaitSink, TimewaitTracker, TrackerOptions};
+use tcpwatch::commands::timewait::{CheckOptions, TimewaitSink, TimewaitTracker, TrackerOptions};
 use tcpwatch::commands::trace::{TraceOptions, TraceSink};
 use tcpwatch::commands::{self, Source};
 use tcpwatch::daemon::client::{self, Daemon};
@@ -98,10 +98,11 @@ async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
     }
     let opts = TrackerOptions {
         filter: args.filter.to_filter(),
-        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        interval_ns: nanos(args.interval),
         top: args.top,
         max_sockets: args.probe.max_sockets,
         churn: args.churn.options(),
+        check: CheckOptions::every(nanos(args.check_interval)),
     };
     let source = live(
         &args.probe,
@@ -152,10 +153,11 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
     }
     let opts = TrackerOptions {
         filter,
-        interval_ns: args.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        interval_ns: nanos(args.interval),
         top: args.top,
         max_sockets: args.probe.max_sockets,
         churn: tcpwatch::model::churn::ChurnOptions::default(),
+        check: CheckOptions::default(),
     };
     let source = live(
         &args.probe,
@@ -334,10 +336,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ReplayView::Timewait(o) => {
                     let opts = TrackerOptions {
                         filter: o.filter.to_filter(),
-                        interval_ns: o.interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+                        interval_ns: nanos(o.interval),
                         top: o.top,
                         max_sockets: o.max_sockets,
                         churn: o.churn.options(),
+                        // No kernel to check against in a replay.
+                        check: CheckOptions::default(),
                     };
                     // Appended, never redrawn: a replay is read back.
                     timewait_from(source, opts, o.format, false, o.local_time).await?;
@@ -378,6 +382,11 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes on one line: `what failed: why: why`.
+/// A duration in nanoseconds, saturating.
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
 fn one_line(e: &anyhow::Error) -> String {
     log::one_line(e.as_ref())
 }

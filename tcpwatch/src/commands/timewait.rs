@@ -1,8 +1,13 @@
 //! `tcpwatch timewait`: the correlator's finished connections feed the
-//! TIME_WAIT book and the churn book (clients that should pool their
-//! connections); every interval the book is checked against the kernel's
-//! own list and figures, and a snapshot is written (redrawn in place on a
-//! terminal, appended when piped, one JSON object per interval).
+//! TIME_WAIT book, which keeps its counts as they come and expire, and the
+//! churn book (clients that should pool their connections); every
+//! interval a snapshot is taken from those counts with the kernel's own
+//! figures (sockstat, sysctls) and written (redrawn in place on a terminal,
+//! appended when piped, one JSON object per interval). The kernel's list of
+//! timewait sockets (a sock_diag dump, whose cost grows with the list) is
+//! read to check the book at start, after lost events, every check
+//! interval, after tcp_max_tw_buckets overflowed, and at every snapshot
+//! while the list is short.
 //!
 //! From a recording (`replay FILE timewait`) no kernel is asked: the
 //! snapshots follow the events' clock, timewait sockets are taken to last
@@ -55,21 +60,64 @@ pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
         .collect())
 }
 
+/// When the book is checked against the kernel's list of timewait
+/// sockets.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckOptions {
+    /// Longest time between two checks.
+    pub interval_ns: u64,
+    /// The list is read at every snapshot while the kernel holds at most
+    /// this many timewait sockets (sockstat `tw`): reading it costs little.
+    pub list_below: u64,
+}
+
+impl CheckOptions {
+    /// Checks every `interval_ns`, and at every snapshot while the list is
+    /// short.
+    pub fn every(interval_ns: u64) -> Self {
+        CheckOptions {
+            interval_ns,
+            ..CheckOptions::default()
+        }
+    }
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            interval_ns: 30_000_000_000,
+            list_below: SHORT_LIST,
+        }
+    }
+}
+
+/// The longest list of timewait sockets read at every snapshot.
+pub const SHORT_LIST: u64 = 10_000;
+
 /// What one namespace's kernel says, read from inside it.
 #[derive(Default)]
 struct KernelRead {
-    /// The timewait sockets (`None`: not asked).
+    /// The timewait sockets (`None`: not read).
     list: Option<Result<Vec<KernelTimewait>, SockDiagError>>,
     figures: KernelFigures,
     sysctls: Option<Sysctls>,
 }
 
 impl KernelRead {
-    /// Reads the calling thread's namespace.
-    fn here(with_list: bool) -> KernelRead {
+    /// Reads the calling thread's namespace: its figures, and its list of
+    /// timewait sockets when `list` says so from them. With a list, the
+    /// figures are read again after it: while sockets are made, the
+    /// kernel's count read after the list is at least the list's length.
+    fn here(list: impl FnOnce(&KernelFigures) -> bool) -> KernelRead {
+        let figures = KernelFigures::read();
+        let list = list(&figures).then(kernel_timewait);
         KernelRead {
-            list: with_list.then(kernel_timewait),
-            figures: KernelFigures::read(),
+            figures: if list.is_some() {
+                KernelFigures::read()
+            } else {
+                figures
+            },
+            list,
             sysctls: Sysctls::read().ok(),
         }
     }
@@ -116,6 +164,12 @@ struct NsBook {
     overflow_prev: Option<u64>,
     /// Its list of timewait sockets could not be read: not asked again.
     kernel_unreadable: bool,
+    /// When its list is next read whatever its length.
+    next_check_ns: u64,
+    /// Lost events counted when its list was last read.
+    lost_at_check: u64,
+    /// TCPTimeWaitOverflow when its list was last read.
+    overflow_at_check: Option<u64>,
 }
 
 /// The TIME_WAIT accounting that `timewait` prints and the daemon serves:
@@ -148,6 +202,9 @@ pub struct TimewaitTracker {
     /// taken (a replay ends with a snapshot at its last event).
     settled_ns: u64,
     last_snapshot_ns: u64,
+    check: CheckOptions,
+    /// Kernel events lost so far.
+    lost: u64,
 }
 
 pub struct TrackerOptions {
@@ -156,6 +213,7 @@ pub struct TrackerOptions {
     pub top: usize,
     pub max_sockets: usize,
     pub churn: ChurnOptions,
+    pub check: CheckOptions,
 }
 
 impl TimewaitTracker {
@@ -187,6 +245,8 @@ impl TimewaitTracker {
             fin_timeout_s: ctx.fin_timeout_s,
             settled_ns: now_ns,
             last_snapshot_ns: now_ns,
+            check: opts.check,
+            lost: 0,
         };
         if !tracker.live {
             return tracker;
@@ -206,7 +266,7 @@ impl TimewaitTracker {
     fn open_book(&mut self, inode: u32, ns: Option<Namespace>, now_ns: u64) {
         let ns = ns.or_else(|| Namespace::find(inode).ok().filter(|_| self.live));
         let read = ns.as_ref().and_then(|ns| {
-            ns.run_in(|| KernelRead::here(true))
+            ns.run_in(|| KernelRead::here(|_| true))
                 .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
                 .ok()
         });
@@ -220,6 +280,9 @@ impl TimewaitTracker {
             overflow_base: read.as_ref().and_then(|r| r.figures.tw_overflow),
             overflow_prev: read.as_ref().and_then(|r| r.figures.tw_overflow),
             kernel_unreadable: read.is_none() || !self.live,
+            next_check_ns: now_ns.saturating_add(self.check.interval_ns),
+            lost_at_check: self.lost,
+            overflow_at_check: read.as_ref().and_then(|r| r.figures.tw_overflow),
             ns,
         };
         match read.and_then(|r| r.list) {
@@ -309,7 +372,24 @@ impl TimewaitTracker {
             let Some(nb) = self.books.get_mut(&inode) else {
                 continue;
             };
-            let with_list = !nb.kernel_unreadable;
+            // The list at start (read when the book opened), after lost
+            // events, every check interval, and while it is short.
+            // (Due within half an interval: snapshots come a little early
+            // or late, and a check interval equal to the snapshots' own
+            // must check every one.)
+            let due = now_ns.saturating_add(self.interval_ns / 2) >= nb.next_check_ns
+                || self.lost > nb.lost_at_check;
+            let short = self.check.list_below;
+            // And after tcp_max_tw_buckets overflowed: a close then made no
+            // timewait socket, which its events do not show, so only the
+            // list tells which entries were never made.
+            let overflowed = nb.overflow_at_check;
+            let with_list = |f: &KernelFigures| {
+                !nb.kernel_unreadable
+                    && (due
+                        || f.sockstat_tw.is_none_or(|n| n <= short)
+                        || f.tw_overflow.is_some_and(|o| Some(o) != overflowed))
+            };
             let read = match nb.ns.as_mut() {
                 Some(ns) => match ns.run_in_refind(|| KernelRead::here(with_list)) {
                     Ok(r) => Some(r),
@@ -346,6 +426,11 @@ impl TimewaitTracker {
             let Some(nb) = self.books.get_mut(&inode) else {
                 continue;
             };
+            if list.is_some() {
+                nb.next_check_ns = now_ns.saturating_add(self.check.interval_ns);
+                nb.lost_at_check = self.lost;
+                nb.overflow_at_check = figures.tw_overflow;
+            }
             match list {
                 Some(Ok(l)) => nb.book.reconcile(&l, now_ns, recent_ms, count_unmatched),
                 Some(Err(e)) => {
@@ -510,6 +595,12 @@ impl TimewaitTracker {
         }
     }
 
+    /// Kernel events lost so far: every book is checked against its
+    /// kernel's list at the next snapshot.
+    pub fn lost(&mut self, total: u64) {
+        self.lost = total;
+    }
+
     /// The table the session sweeps after lost events.
     pub fn sweep_table(&mut self) -> &mut dyn SweepTable {
         &mut self.correlator
@@ -623,6 +714,7 @@ impl<W: Write> Consumer for TimewaitSink<W> {
     }
 
     fn lost(&mut self, lost: LostCounts) {
+        self.tracker.lost(lost.total());
         self.lost = lost;
     }
 

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::DaemonArgs;
-use crate::commands::timewait::{TimewaitTracker, TrackerOptions};
+use crate::commands::timewait::{CheckOptions, TimewaitTracker, TrackerOptions};
 use crate::host::clock::{monotonic_ns, Clock};
 use crate::host::netns::{NetnsError, Selection};
 use crate::kernel::probe::enable_bpf_stats;
@@ -245,6 +245,7 @@ pub struct DaemonOptions {
     pub top: usize,
     pub max_sockets: usize,
     pub churn: crate::model::churn::ChurnOptions,
+    pub check: CheckOptions,
 }
 
 impl DaemonSink {
@@ -264,6 +265,7 @@ impl DaemonSink {
                 top: opts.top,
                 max_sockets: opts.max_sockets,
                 churn: opts.churn,
+                check: opts.check,
             },
             ctx,
         );
@@ -400,6 +402,7 @@ impl Consumer for DaemonSink {
 
     fn lost(&mut self, lost: LostCounts) {
         self.metrics.lost(lost);
+        self.tracker.lost(lost.total());
         self.lost = lost;
     }
 
@@ -470,6 +473,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         top: args.top,
         max_sockets: args.probe.max_sockets,
         churn: args.churn.options(),
+        check: CheckOptions::every(args.check_interval.as_nanos().min(u128::from(u64::MAX)) as u64),
     };
     let session = SessionOptions {
         probe: args.probe.options(),

@@ -9,16 +9,24 @@
 //! entry, attributed to the process that closed first. The kernel stays the
 //! authority on which timewait sockets exist: `reconcile` drops entries the
 //! kernel no longer lists (expired, reused, or never made because
-//! `tcp_max_tw_buckets` overflowed) and counts the ones it lists that
-//! tcpwatch did not see made. Pure: time comes from the caller.
+//! `tcp_max_tw_buckets` overflowed), gives the ones it lists that tcpwatch
+//! did not see made an entry of their own, and counts both
+//! ([`KernelCheck`]). Pure: time comes from the caller.
+//!
+//! Incremental: the counts a snapshot shows (by process, endpoint,
+//! destination, substate) are kept as entries come and go, and entries
+//! leave at their own expiry through a queue ordered by it, so neither a
+//! snapshot nor an expiry walks the table. Only `reconcile`, which the
+//! caller runs now and then, reads every entry.
 //!
 //! Memory is bounded per socket: an entry is a 64-bit key (a hash of the
-//! namespace and 4-tuple) and 16 bytes of interned ids, under 64 bytes per
-//! socket with the hash table's slack.
+//! namespace and 4-tuple) and 16 bytes of interned ids, plus a 16-byte item
+//! in the expiry queue: under 80 bytes per socket with the hash table's
+//! slack.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -140,17 +148,25 @@ enum Attribution {
     Unknown,
     /// The socket existed when tracing started.
     BeforeTracing,
+    /// Known only from the kernel's list, made in the moment its events
+    /// take to arrive: they are on their way.
+    JustClosed,
+    /// Known only from the kernel's list, older: not seen made (lost
+    /// events).
+    NotSeen,
 }
 
 const FLAG_FIN_WAIT2: u32 = 1 << 31;
 const FLAG_CLIENT: u32 = 1 << 30;
 const FLAG_OTHER_NETNS: u32 = 1 << 29;
-const EXPIRES_MASK: u32 = (1 << 29) - 1;
+/// Known only from the kernel's list (no connection seen).
+const FLAG_UNMATCHED: u32 = 1 << 28;
+const EXPIRES_MASK: u32 = (1 << 28) - 1;
 /// TCP_TIMEWAIT_LEN: how long a TIME_WAIT socket lives, in ms.
 const TIME_WAIT_MS: u32 = 60_000;
 
 /// 16 bytes: interned ids, and the expiry in ms since the book's epoch with
-/// flags in its top bits (2^29 ms is six days, far beyond any timewait).
+/// flags in its top bits (2^28 ms is three days, far beyond any timewait).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     owner: u32,
@@ -177,12 +193,10 @@ struct DestRate {
     rate: f64,
 }
 
+/// The entry key: a 64-bit hash of the namespace and 4-tuple, with a fixed
+/// seed (foldhash's quality variant: fast, and well mixed in all 64 bits).
 fn key(netns: u32, local: &Endpoint, remote: &Endpoint) -> u64 {
-    let mut h = DefaultHasher::new();
-    netns.hash(&mut h);
-    local.hash(&mut h);
-    remote.hash(&mut h);
-    h.finish()
+    foldhash::quality::FixedState::with_seed(0x7463_7077_6174_6368).hash_one((netns, local, remote))
 }
 
 /// What the kernel and its settings say, passed in with each snapshot.
@@ -268,8 +282,13 @@ pub struct Snapshot {
     pub unattributed: u64,
     pub just_closed: u64,
     pub other_netns: u64,
-    /// The kernel's own list (sock_diag) for tcpwatch's namespace, when read.
+    /// The kernel's own list (sock_diag) for tcpwatch's namespace, when read
+    /// for this snapshot (at start, after lost events, while the kernel
+    /// holds few timewait sockets, and every check interval).
     pub kernel_listed: Option<u64>,
+    /// The last check against that list, and what it corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<KernelCheck>,
     pub kernel: KernelView,
     pub created_last_interval: u64,
     pub rate_last_interval: f64,
@@ -293,9 +312,96 @@ pub struct Snapshot {
     pub untracked: u64,
 }
 
+/// The figures a snapshot shows, kept up to date as entries come and go:
+/// a snapshot reads these (one count per group), never the entries.
+#[derive(Debug, Default)]
+struct Tally {
+    by_owner: FastMap<u32, u64>,
+    by_local: FastMap<u32, u64>,
+    by_remote: FastMap<u32, u64>,
+    /// Client-side sockets tcpwatch saw made (or found from before
+    /// tracing) by (local address, destination): the ports each local
+    /// address holds toward each destination.
+    client_pairs: FastMap<(u32, u32), u64>,
+    /// Server-side sockets by local endpoint.
+    server_local: FastMap<u32, u64>,
+    fin_wait2: u64,
+    other_netns: u64,
+}
+
+fn count_up<K: Eq + Hash>(m: &mut FastMap<K, u64>, k: K) {
+    *m.entry(k).or_default() += 1;
+}
+
+fn count_down<K: Eq + Hash>(m: &mut FastMap<K, u64>, k: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut o) = m.entry(k) {
+        *o.get_mut() = o.get().saturating_sub(1);
+        if *o.get() == 0 {
+            o.remove();
+        }
+    }
+}
+
+impl Tally {
+    fn add(&mut self, e: &Entry) {
+        count_up(&mut self.by_owner, e.owner);
+        count_up(&mut self.by_local, e.local);
+        count_up(&mut self.by_remote, e.remote);
+        if e.has(FLAG_UNMATCHED) {
+            // Known only from the kernel's list: which side it is on is a
+            // guess, so it holds no destination's ports and no server's.
+        } else if e.has(FLAG_CLIENT) {
+            count_up(&mut self.client_pairs, (e.local, e.remote));
+        } else {
+            count_up(&mut self.server_local, e.local);
+        }
+        self.fin_wait2 += u64::from(e.has(FLAG_FIN_WAIT2));
+        self.other_netns += u64::from(e.has(FLAG_OTHER_NETNS));
+    }
+
+    fn remove(&mut self, e: &Entry) {
+        count_down(&mut self.by_owner, e.owner);
+        count_down(&mut self.by_local, e.local);
+        count_down(&mut self.by_remote, e.remote);
+        if e.has(FLAG_UNMATCHED) {
+        } else if e.has(FLAG_CLIENT) {
+            count_down(&mut self.client_pairs, (e.local, e.remote));
+        } else {
+            count_down(&mut self.server_local, e.local);
+        }
+        self.fin_wait2 -= u64::from(e.has(FLAG_FIN_WAIT2)).min(self.fin_wait2);
+        self.other_netns -= u64::from(e.has(FLAG_OTHER_NETNS)).min(self.other_netns);
+    }
+}
+
+/// What the last check against the kernel's list (sock_diag) corrected.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct KernelCheck {
+    /// Seconds from the check to the snapshot.
+    pub age_s: f64,
+    /// Entries the kernel did not list: expired early, reused, a close
+    /// whose events were lost, or never made (tcp_max_tw_buckets full).
+    pub dropped: u64,
+    /// Listed sockets tcpwatch had no entry for, older than the moment
+    /// events take to arrive: not seen made (lost events).
+    pub not_seen: u64,
+    /// Listed sockets tcpwatch had no entry for yet, made in that moment
+    /// (their events on their way): not a correction.
+    pub in_flight: u64,
+    /// Checks so far, and what they corrected in all.
+    pub checks: u64,
+    pub dropped_since_start: u64,
+    pub not_seen_since_start: u64,
+}
+
 pub struct TimewaitBook {
     opts: TimewaitOptions,
     entries: FastMap<u64, Entry>,
+    /// Expiry times, soonest first, as (ms since the epoch, key). An entry
+    /// removed or given another expiry leaves its item behind: an item
+    /// counts only while its time is its entry's.
+    queue: BinaryHeap<Reverse<(u32, u64)>>,
+    tally: Tally,
     owners: Interner<Attribution>,
     endpoints: Interner<Endpoint>,
     dest_rates: FastMap<(u32, u32), DestRate>,
@@ -305,17 +411,9 @@ pub struct TimewaitBook {
     /// Creations per past interval, newest last, about a minute's worth.
     history: std::collections::VecDeque<(u64, f64)>,
     untracked: u64,
-    /// Sockets the kernel listed that tcpwatch did not see made.
-    unattributed_now: u64,
-    /// Sockets the kernel listed, made in the last second, whose
-    /// connections tcpwatch has not finished correlating yet.
-    just_closed_now: u64,
-    /// Of the unmatched sockets: how many the kernel has in FIN_WAIT2, and
-    /// their endpoint groups.
-    unmatched_fin_wait2: u64,
-    unmatched_remote: HashMap<String, u64>,
-    unmatched_local: HashMap<String, u64>,
+    /// The kernel's list at the last check, until a snapshot shows it.
     kernel_listed: Option<u64>,
+    check: Option<(u64, KernelCheck)>,
     last_snapshot_ns: Option<u64>,
 }
 
@@ -324,6 +422,8 @@ impl TimewaitBook {
         TimewaitBook {
             opts,
             entries: FastMap::default(),
+            queue: BinaryHeap::new(),
+            tally: Tally::default(),
             owners: Interner::new(opts.max_groups),
             endpoints: Interner::new(opts.max_groups),
             dest_rates: FastMap::default(),
@@ -332,12 +432,8 @@ impl TimewaitBook {
             created_since_snapshot: 0,
             history: std::collections::VecDeque::new(),
             untracked: 0,
-            unattributed_now: 0,
-            just_closed_now: 0,
-            unmatched_fin_wait2: 0,
-            unmatched_remote: HashMap::new(),
-            unmatched_local: HashMap::new(),
             kernel_listed: None,
+            check: None,
             last_snapshot_ns: None,
         }
     }
@@ -360,12 +456,10 @@ impl TimewaitBook {
         attribution: &Attribution,
         local_group: Endpoint,
         remote: Endpoint,
-        expires_ns: u64,
+        expires_ms: u32,
         flags: u32,
     ) {
-        if let Some(old) = self.entries.remove(&k) {
-            self.release(&old);
-        }
+        self.remove(k);
         if self.entries.len() >= self.opts.max_entries {
             self.untracked += 1;
             return;
@@ -377,12 +471,17 @@ impl TimewaitBook {
             owner,
             remote,
             local,
-            expires_and_flags: self.rel_ms(expires_ns) | flags,
+            expires_and_flags: expires_ms.min(EXPIRES_MASK) | flags,
         };
+        self.tally.add(&entry);
+        self.enqueue(k, entry.expires_ms());
         self.entries.insert(k, entry);
     }
 
-    fn release(&mut self, e: &Entry) {
+    /// Drops the entry under `k`, if any, from the counts and the groups.
+    fn remove(&mut self, k: u64) -> Option<Entry> {
+        let e = self.entries.remove(&k)?;
+        self.tally.remove(&e);
         if e.owner != OTHER {
             self.owners.release(e.owner);
         }
@@ -390,6 +489,31 @@ impl TimewaitBook {
             if id != OTHER {
                 self.endpoints.release(id);
             }
+        }
+        Some(e)
+    }
+
+    /// Puts `e` in the place of the entry under `k` (same endpoints).
+    fn replace(&mut self, k: u64, old: Entry, new: Entry) {
+        self.tally.remove(&old);
+        self.tally.add(&new);
+        if new.expires_ms() != old.expires_ms() {
+            self.enqueue(k, new.expires_ms());
+        }
+        self.entries.insert(k, new);
+    }
+
+    fn enqueue(&mut self, k: u64, expires_ms: u32) {
+        self.queue.push(Reverse((expires_ms, k)));
+        // Items of removed or re-timed entries wait for their time; when
+        // they outnumber the entries, the queue is rebuilt from them.
+        if self.queue.len() > 2 * self.entries.len() + 4096 {
+            self.queue = self
+                .entries
+                .iter()
+                .map(|(k, e)| Reverse((e.expires_ms(), *k)))
+                .collect();
+            self.queue.push(Reverse((expires_ms, k)));
         }
     }
 
@@ -417,7 +541,7 @@ impl TimewaitBook {
         for s in sockets {
             let client = is_ephemeral_side(s);
             let flags = substate_flag(s.substate) | if client { FLAG_CLIENT } else { 0 };
-            let expires = now_ns + u64::from(s.expires_ms) * 1_000_000;
+            let expires = self.rel_ms(now_ns + u64::from(s.expires_ms) * 1_000_000);
             self.insert(
                 key(netns, &s.local, &s.remote),
                 &Attribution::BeforeTracing,
@@ -441,16 +565,16 @@ impl TimewaitBook {
         }
         let attribution = match &t.owner {
             Some(a) => Attribution::Owner(a.owner.clone()),
-            None if t.pre_existing() => Attribution::Unknown,
             None => Attribution::Unknown,
         };
         let local_group = Self::local_group(&t.local, client);
+        let expires = self.rel_ms(t.closed_ns.saturating_add(tw.hold_ns));
         self.insert(
             key(netns, &t.local, &t.remote),
             &attribution,
             local_group,
             Self::remote_group(&t.remote, client),
-            t.closed_ns.saturating_add(tw.hold_ns),
+            expires,
             flags,
         );
         self.created_since_snapshot += 1;
@@ -470,24 +594,21 @@ impl TimewaitBook {
     /// (tcp_tw_reuse on the client, or a SYN accepted on a TIME_WAIT server).
     pub fn on_established(&mut self, netns: Option<u32>, local: &Endpoint, remote: &Endpoint) {
         let netns = netns.or(self.own_netns).unwrap_or(0);
-        if let Some(e) = self.entries.remove(&key(netns, local, remote)) {
-            self.release(&e);
-        }
+        self.remove(key(netns, local, remote));
     }
 
-    /// Drops entries whose time is up.
+    /// Drops the entries whose time is up, soonest first, from the queue:
+    /// no pass over the others.
     pub fn expire(&mut self, now_ns: u64) {
         let now = self.rel_ms(now_ns);
-        let mut gone = Vec::new();
-        self.entries.retain(|_, e| {
-            let keep = e.expires_ms() > now;
-            if !keep {
-                gone.push(*e);
+        while let Some(&Reverse((at, k))) = self.queue.peek() {
+            if at > now {
+                break;
             }
-            keep
-        });
-        for e in gone {
-            self.release(&e);
+            self.queue.pop();
+            if self.entries.get(&k).is_some_and(|e| e.expires_ms() == at) {
+                self.remove(k);
+            }
         }
     }
 
@@ -495,13 +616,15 @@ impl TimewaitBook {
     /// kernel's list: entries it no longer lists go, substates and expiry
     /// times follow the kernel's (a FIN_WAIT2 timewait socket that gets the
     /// peer's FIN becomes TIME_WAIT and starts over), and the sockets it
-    /// lists that tcpwatch has no entry for are counted.
+    /// lists that tcpwatch has no entry for get one, as "just closed" or
+    /// "not seen made", until their connection's events (if any) arrive
+    /// or they expire. What it changed is counted ([`KernelCheck`]).
     ///
     /// `recent_ms`: how old an unmatched socket may be and still count as
     /// "just closed" (its events not processed yet: a second plus however
     /// far the event stream lags). With `count_unmatched` false (the user
     /// filters by process, which unmatched sockets have none of) unmatched
-    /// sockets are left out of the counts.
+    /// sockets are left out.
     pub fn reconcile(
         &mut self,
         kernel: &[KernelTimewait],
@@ -515,123 +638,122 @@ impl TimewaitBook {
         for k in kernel {
             listed.insert(key(netns, &k.local, &k.remote), k);
         }
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| !e.has(FLAG_OTHER_NETNS) && !listed.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &gone {
+            self.remove(*k);
+        }
         let now_ms = self.rel_ms(now_ns);
-        let mut gone = Vec::new();
-        let mut matched = 0u64;
-        self.entries.retain(|k, e| {
-            if e.has(FLAG_OTHER_NETNS) {
-                return true;
-            }
-            match listed.get(k) {
-                Some(kt) => {
-                    matched += 1;
-                    let flags = (e.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2))
-                        | substate_flag(kt.substate);
-                    // A socket past its expiry that the kernel has not
-                    // reaped yet (many expiring at once) says 0 ms: it
-                    // still exists, and counts until a list lacks it.
-                    let expires = now_ms
-                        .saturating_add(kt.expires_ms.max(1))
-                        .min(EXPIRES_MASK);
-                    e.expires_and_flags = flags | expires;
-                    true
-                }
-                None => {
-                    gone.push(*e);
-                    false
-                }
-            }
-        });
-        for e in gone {
-            self.release(&e);
-        }
-        // Unmatched sockets the kernel made within the last second are
-        // connections whose events are still on their way (the correlator
-        // holds a closed socket a moment for a late RST); older ones were
-        // not seen made.
-        let mut just_closed = 0u64;
-        let mut unseen = 0u64;
-        self.unmatched_fin_wait2 = 0;
-        self.unmatched_remote.clear();
-        self.unmatched_local.clear();
+        let just_closed = self.owners.ids.get(&Attribution::JustClosed).copied();
+        let (mut in_flight, mut not_seen) = (0u64, 0u64);
         for (k, kt) in &listed {
-            if !count_unmatched || self.entries.contains_key(k) {
-                continue;
-            }
-            let age_ms = match kt.substate {
-                TimewaitSubstate::TimeWait => TIME_WAIT_MS.saturating_sub(kt.expires_ms),
-                TimewaitSubstate::FinWait2 => u32::MAX,
+            // A socket past its expiry that the kernel has not reaped yet
+            // (many expiring at once) says 0 ms: it still exists, and
+            // counts until a list lacks it.
+            let expires = now_ms
+                .saturating_add(kt.expires_ms.max(1))
+                .min(EXPIRES_MASK);
+            let flags = substate_flag(kt.substate);
+            // Unmatched sockets the kernel made within `recent_ms` are
+            // connections whose events are still on their way (the
+            // correlator holds a closed socket a moment for a late RST);
+            // older ones were not seen made.
+            let recent = match kt.substate {
+                TimewaitSubstate::TimeWait => {
+                    TIME_WAIT_MS.saturating_sub(kt.expires_ms) < recent_ms
+                }
+                TimewaitSubstate::FinWait2 => false,
             };
-            if age_ms < recent_ms {
-                just_closed += 1;
-            } else {
-                unseen += 1;
+            if let Some(old) = self.entries.get(k).copied() {
+                let mut new = old;
+                new.expires_and_flags =
+                    (old.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2)) | flags | expires;
+                if just_closed.is_some_and(|id| id == old.owner) && !recent {
+                    // Its events never came: not seen made after all.
+                    self.owners.release(old.owner);
+                    new.owner = self.owners.acquire(&Attribution::NotSeen);
+                    not_seen += 1;
+                }
+                self.replace(*k, old, new);
+            } else if count_unmatched {
+                let (attribution, n) = if recent {
+                    (Attribution::JustClosed, &mut in_flight)
+                } else {
+                    (Attribution::NotSeen, &mut not_seen)
+                };
+                *n += 1;
+                let client = is_ephemeral_side(kt);
+                self.insert(
+                    *k,
+                    &attribution,
+                    Self::local_group(&kt.local, client),
+                    Self::remote_group(&kt.remote, client),
+                    expires,
+                    flags | FLAG_UNMATCHED,
+                );
             }
-            if kt.substate == TimewaitSubstate::FinWait2 {
-                self.unmatched_fin_wait2 += 1;
-            }
-            let client = is_ephemeral_side(kt);
-            *self
-                .unmatched_local
-                .entry(group_name(&Self::local_group(&kt.local, client)))
-                .or_default() += 1;
-            *self
-                .unmatched_remote
-                .entry(group_name(&Self::remote_group(&kt.remote, client)))
-                .or_default() += 1;
         }
-        debug_assert!(matched + just_closed + unseen <= listed.len() as u64);
-        self.unattributed_now = unseen;
-        self.just_closed_now = just_closed;
+        let prev = self.check.map(|c| c.1).unwrap_or_default();
+        self.check = Some((
+            now_ns,
+            KernelCheck {
+                age_s: 0.0,
+                dropped: gone.len() as u64,
+                not_seen,
+                in_flight,
+                checks: prev.checks + 1,
+                dropped_since_start: prev.dropped_since_start + gone.len() as u64,
+                not_seen_since_start: prev.not_seen_since_start + not_seen,
+            },
+        ));
         self.kernel_listed = Some(kernel.len() as u64);
     }
 
-    /// Groups the entries by `id_of`, adds `extra` (sockets only the
-    /// kernel listed, already named), and keeps the top `top`.
-    fn groups<F: Fn(&Entry) -> u32>(
-        &self,
-        id_of: F,
+    /// How many entries have the attribution `a`.
+    fn count_of(&self, a: &Attribution) -> u64 {
+        self.owners
+            .ids
+            .get(a)
+            .and_then(|id| self.tally.by_owner.get(id))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Groups the counts of `counts` by name, and keeps the top `top`.
+    fn groups(
+        counts: &FastMap<u32, u64>,
         total: u64,
         top: usize,
         name: impl Fn(u32) -> Group,
-        extra: &HashMap<String, u64>,
     ) -> Vec<Group> {
-        let mut counts: HashMap<u32, u64> = HashMap::new();
-        for e in self.entries.values() {
-            *counts.entry(id_of(e)).or_default() += 1;
-        }
         let mut named: HashMap<String, Group> = HashMap::new();
-        for (id, n) in counts {
+        for (&id, &n) in counts {
             let g = name(id);
             named.entry(g.key.clone()).or_insert(g).count += n;
-        }
-        for (key, n) in extra {
-            named
-                .entry(key.clone())
-                .or_insert_with(|| named_group(key))
-                .count += n;
         }
         rank(named.into_values().collect(), total, top)
     }
 
     /// Groups the entries by the process that closed first, as
-    /// [`process_key`] names it, with the pids in each group.
+    /// [`process_key`] names it, with the pids in each group; those the
+    /// kernel listed without tcpwatch seeing them made come last.
     fn process_groups(&self, total: u64, top: usize) -> Vec<Group> {
-        let mut per_owner: HashMap<u32, u64> = HashMap::new();
-        for e in self.entries.values() {
-            *per_owner.entry(e.owner).or_default() += 1;
-        }
         struct Acc {
             group: Group,
             pids: HashMap<u32, u64>,
             cgroups: Option<Option<u64>>,
         }
         let mut named: HashMap<String, Acc> = HashMap::new();
-        for (id, n) in per_owner {
+        for (&id, &n) in &self.tally.by_owner {
             let (key, owner) = match self.owners.get(id) {
                 Some(Attribution::Owner(o)) => (process_key(o), Some(o)),
                 Some(Attribution::BeforeTracing) => ("(before tracing)".to_string(), None),
                 Some(Attribution::Unknown) => ("(owner unknown)".to_string(), None),
+                Some(Attribution::JustClosed | Attribution::NotSeen) => continue,
                 None => ("other".to_string(), None),
             };
             let acc = named.entry(key.clone()).or_insert_with(|| Acc {
@@ -666,10 +788,28 @@ impl TimewaitBook {
                 acc.group
             })
             .collect();
-        rank(v, total, top)
+        let mut out = rank(v, total, top);
+        for (name, n) in [
+            (
+                "(closed in the last moment, not yet correlated)",
+                self.count_of(&Attribution::JustClosed),
+            ),
+            (
+                "(not seen made: lost events)",
+                self.count_of(&Attribution::NotSeen),
+            ),
+        ] {
+            if n > 0 {
+                let mut g = named_group_of(name, n);
+                g.share = share(n, total);
+                out.push(g);
+            }
+        }
+        out
     }
 
-    /// The figures for one interval ending at `now_ns`.
+    /// The figures for one interval ending at `now_ns`, from the counts
+    /// kept as entries came and went.
     pub fn snapshot(
         &mut self,
         now_ns: u64,
@@ -715,74 +855,25 @@ impl TimewaitBook {
         }
         self.dest_rates.retain(|_, d| d.rate > 0.0);
 
-        let traced = self.entries.len() as u64;
-        let total = traced + self.unattributed_now + self.just_closed_now;
-        let mut time_wait = 0;
-        let mut fin_wait2 = 0;
-        let mut other_netns = 0;
-        // Client-side sockets by (local address, destination): the ports
-        // each local address holds toward each destination.
-        let mut client_by_dest: HashMap<(u32, u32), u64> = HashMap::new();
-        let before_id = self.owners.ids.get(&Attribution::BeforeTracing).copied();
-        let mut before_tracing = 0;
-        for e in self.entries.values() {
-            if e.has(FLAG_FIN_WAIT2) {
-                fin_wait2 += 1;
-            } else {
-                time_wait += 1;
-            }
-            if e.has(FLAG_OTHER_NETNS) {
-                other_netns += 1;
-            }
-            if Some(e.owner) == before_id {
-                before_tracing += 1;
-            }
-            if e.has(FLAG_CLIENT) {
-                *client_by_dest.entry((e.local, e.remote)).or_default() += 1;
-            }
-        }
-        // Sockets the kernel lists that tcpwatch has no entry for, in the
-        // substate the kernel gives.
-        let unmatched = self.unattributed_now + self.just_closed_now;
-        fin_wait2 += self.unmatched_fin_wait2;
-        time_wait += unmatched.saturating_sub(self.unmatched_fin_wait2);
+        let total = self.entries.len() as u64;
+        let fin_wait2 = self.tally.fin_wait2;
+        let time_wait = total.saturating_sub(fin_wait2);
 
-        let mut by_process = self.process_groups(total, top);
-        for (name, n) in [
-            (
-                "(closed in the last moment, not yet correlated)",
-                self.just_closed_now,
-            ),
-            ("(not seen made: lost events)", self.unattributed_now),
-        ] {
-            if n > 0 {
-                let mut g = named_group(name);
-                g.count = n;
-                g.share = share(n, total);
-                by_process.push(g);
-            }
-        }
+        let by_process = self.process_groups(total, top);
         let endpoints = &self.endpoints;
         let endpoint_name = |id: u32| match endpoints.get(id) {
             Some(ep) => named_group(&group_name(ep)),
             None => named_group("other"),
         };
-        let by_remote = self.groups(
-            |e| e.remote,
-            total,
-            top,
-            endpoint_name,
-            &self.unmatched_remote,
-        );
-        let by_local = self.groups(
-            |e| e.local,
-            total,
-            top,
-            endpoint_name,
-            &self.unmatched_local,
-        );
+        let by_remote = Self::groups(&self.tally.by_remote, total, top, endpoint_name);
+        let by_local = Self::groups(&self.tally.by_local, total, top, endpoint_name);
 
-        let mut dests: Vec<((u32, u32), u64)> = client_by_dest.into_iter().collect();
+        let mut dests: Vec<((u32, u32), u64)> = self
+            .tally
+            .client_pairs
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         dests.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let reuse = kernel.tw_reuse.unwrap_or(0);
         let timestamps_on = kernel.timestamps.unwrap_or(1) != 0;
@@ -835,11 +926,15 @@ impl TimewaitBook {
             total,
             time_wait,
             fin_wait2,
-            before_tracing,
-            unattributed: self.unattributed_now,
-            just_closed: self.just_closed_now,
-            other_netns,
-            kernel_listed: self.kernel_listed,
+            before_tracing: self.count_of(&Attribution::BeforeTracing),
+            unattributed: self.count_of(&Attribution::NotSeen),
+            just_closed: self.count_of(&Attribution::JustClosed),
+            other_netns: self.tally.other_netns,
+            kernel_listed: self.kernel_listed.take(),
+            check: self.check.map(|(at, c)| KernelCheck {
+                age_s: now_ns.saturating_sub(at) as f64 / 1e9,
+                ..c
+            }),
             kernel,
             created_last_interval: created,
             rate_last_interval,
@@ -860,13 +955,11 @@ impl TimewaitBook {
 
     /// Timewait sockets held on the server side, by local endpoint.
     fn server_side_share(&self) -> Vec<(String, u64)> {
-        let mut counts: HashMap<u32, u64> = HashMap::new();
-        for e in self.entries.values().filter(|e| !e.has(FLAG_CLIENT)) {
-            *counts.entry(e.local).or_default() += 1;
-        }
-        let mut v: Vec<(String, u64)> = counts
-            .into_iter()
-            .map(|(id, n)| {
+        let mut v: Vec<(String, u64)> = self
+            .tally
+            .server_local
+            .iter()
+            .map(|(&id, &n)| {
                 (
                     self.endpoints
                         .get(id)
@@ -875,19 +968,16 @@ impl TimewaitBook {
                 )
             })
             .collect();
-        v.sort_by_key(|b| std::cmp::Reverse(b.1));
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
     }
 
     /// Timewait sockets by the cgroup id of the process that closed first
-    /// (0: owner unknown, or made before tracing).
+    /// (0: owner unknown, made before tracing, or known only from the
+    /// kernel's list).
     pub fn by_cgroup(&self) -> HashMap<u64, u64> {
-        let mut by_owner: HashMap<u32, u64> = HashMap::new();
-        for e in self.entries.values() {
-            *by_owner.entry(e.owner).or_default() += 1;
-        }
         let mut out: HashMap<u64, u64> = HashMap::new();
-        for (id, n) in by_owner {
+        for (&id, &n) in &self.tally.by_owner {
             let cgroup = match self.owners.get(id) {
                 Some(Attribution::Owner(o)) => o.cgroup_id,
                 _ => 0,
@@ -1359,6 +1449,146 @@ mod tests {
             .by_process
             .iter()
             .any(|g| g.key == "(before tracing)" && g.count == 1));
+    }
+
+    /// The kept counts, recounted from the entries.
+    fn recount(b: &TimewaitBook) -> Tally {
+        let mut t = Tally::default();
+        for e in b.entries.values() {
+            t.add(e);
+        }
+        t
+    }
+
+    fn assert_tally_is_recount(b: &TimewaitBook) {
+        let (kept, fresh) = (&b.tally, recount(b));
+        assert_eq!(kept.by_owner, fresh.by_owner);
+        assert_eq!(kept.by_local, fresh.by_local);
+        assert_eq!(kept.by_remote, fresh.by_remote);
+        assert_eq!(kept.client_pairs, fresh.client_pairs);
+        assert_eq!(kept.server_local, fresh.server_local);
+        assert_eq!(
+            (kept.fin_wait2, kept.other_netns),
+            (fresh.fin_wait2, fresh.other_netns)
+        );
+    }
+
+    #[test]
+    fn kept_counts_follow_every_change_and_expiry_comes_from_the_queue() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        // Closes spread over 3 s, clients and servers, some FIN_WAIT2.
+        let mut made = Vec::new();
+        for i in 0..3000u64 {
+            let closed = i * 1_000_000;
+            let t = if i % 3 == 0 {
+                timeline(
+                    "10.0.0.1:8080",
+                    &format!("10.0.0.{}:{}", 2 + i % 5, 30000 + i),
+                    (i % 4) as u32,
+                    Role::Server,
+                    closed,
+                )
+            } else {
+                timeline(
+                    &format!("10.0.0.{}:{}", 1 + i % 2, 20000 + i),
+                    &format!("10.0.0.9:{}", 80 + i % 3),
+                    (i % 7) as u32,
+                    Role::Client,
+                    closed,
+                )
+            };
+            b.on_timeline(&t);
+            made.push(t);
+            if i % 10 == 5 {
+                // Reuse of an earlier 4-tuple.
+                let r = &made[(i / 2) as usize];
+                b.on_established(Some(7), &r.local, &r.remote);
+            }
+        }
+        assert_tally_is_recount(&b);
+        let n = b.len();
+        // The kernel lists all but the first 100 kept, re-timed, some in
+        // FIN_WAIT2, and 50 tcpwatch never saw (20 of them just made).
+        let mut kernel: Vec<KernelTimewait> = made
+            .iter()
+            .skip(100)
+            .filter(|t| b.entries.contains_key(&key(7, &t.local, &t.remote)))
+            .enumerate()
+            .map(|(i, t)| KernelTimewait {
+                local: t.local,
+                remote: t.remote,
+                substate: if i % 11 == 0 {
+                    TimewaitSubstate::FinWait2
+                } else {
+                    TimewaitSubstate::TimeWait
+                },
+                expires_ms: 50_000 + i as u32,
+            })
+            .collect();
+        let listed_known = kernel.len();
+        let dropped = n - listed_known;
+        for i in 0..50u16 {
+            kernel.push(KernelTimewait {
+                local: ep(&format!("10.0.0.3:{}", 50000 + i)),
+                remote: ep("10.0.0.9:443"),
+                substate: TimewaitSubstate::TimeWait,
+                expires_ms: if i < 20 { 59_900 } else { 40_000 },
+            });
+        }
+        b.reconcile(&kernel, 4_000_000_000, 1000, true);
+        assert_tally_is_recount(&b);
+        let s = b.snapshot(4_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, kernel.len() as u64);
+        assert_eq!(s.kernel_listed, Some(kernel.len() as u64));
+        assert_eq!((s.just_closed, s.unattributed), (20, 30));
+        let c = s.check.unwrap();
+        assert_eq!(
+            (c.dropped, c.not_seen, c.in_flight, c.checks),
+            (dropped as u64, 30, 20, 1)
+        );
+        // Unmatched sockets hold no destination's ports.
+        assert!(s.destinations.iter().all(|d| d.remote != "10.0.0.9:443"));
+        // The next snapshot, without a check: not listed, the check aged.
+        let s = b.snapshot(5_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.kernel_listed, None);
+        assert_eq!(s.check.map(|c| c.age_s), Some(1.0));
+        // One of the just-made ones is correlated: it is attributed now.
+        let late = timeline(
+            "10.0.0.3:50000",
+            "10.0.0.9:443",
+            99,
+            Role::Client,
+            3_990_000_000,
+        );
+        b.on_timeline(&late);
+        let s = b.snapshot(6_000_000_000, "t".into(), 20, kview());
+        assert_eq!((s.just_closed, s.total), (19, kernel.len() as u64));
+        assert!(
+            s.by_process
+                .iter()
+                .any(|g| g.pid == Some(99) && g.count == 1),
+            "{:?}",
+            s.by_process
+        );
+        // Each expires at its own time, from the queue: the ones the
+        // kernel gave 40 s first, then the re-timed ones from 54 s on.
+        let s = b.snapshot(44_000_000_001, "t".into(), 5, kview());
+        assert_eq!(s.total, kernel.len() as u64 - 30);
+        let s = b.snapshot(54_000_000_000 + 100_000_000, "t".into(), 5, kview());
+        assert!(s.total < listed_known as u64, "{}", s.total);
+        assert_tally_is_recount(&b);
+        let s = b.snapshot(70_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
+        assert_eq!(b.groups_len(), (0, 0));
+        assert!(b.tally.by_owner.is_empty() && b.tally.client_pairs.is_empty());
+        // A later check finds the kernel agrees: nothing corrected.
+        b.reconcile(&[], 70_000_000_000, 1000, true);
+        let c = b
+            .snapshot(70_000_000_000, "t".into(), 5, kview())
+            .check
+            .unwrap();
+        assert_eq!((c.dropped, c.not_seen, c.checks), (0, 0, 2));
+        assert_eq!(c.dropped_since_start, dropped as u64);
     }
 
     #[test]

@@ -82,6 +82,13 @@ pub fn timewait_text(s: &Snapshot, zone: Zone) -> String {
             "  from a recording: only sockets made while it ran are counted (none from before it began), each for its full time (no kernel list to check against); the kernel's counts and sysctls other than tcp_fin_timeout are unknown (?)"
         );
     } else {
+        if let Some(c) = &s.check {
+            let _ = writeln!(
+                out,
+                "  checked against that list {:.0} s ago: {} entries it lacked dropped, {} not seen made added ({} checks; {} dropped and {} added since start)",
+                c.age_s, c.dropped, c.not_seen, c.checks, c.dropped_since_start, c.not_seen_since_start
+            );
+        }
         let _ = writeln!(
             out,
             "  of these: {} from before tracing, {} closed in the last moment (not yet correlated), {} not seen made (lost events), {} not tracked one by one",

@@ -788,6 +788,7 @@ mod tests {
             just_closed: 0,
             other_netns: 0,
             kernel_listed: Some(160),
+            check: None,
             kernel: KernelView {
                 sockstat_tw: Some(161),
                 max_tw_buckets: Some(131_072),

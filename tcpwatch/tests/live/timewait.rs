@@ -546,10 +546,15 @@ const CHURN_SERVERS: usize = 3;
 /// tcpwatch watching; reads the kernel's figures after
 /// every snapshot, and every other second pauses the churn just before a
 /// snapshot, so that one is compared with figures that hold still.
+///
+/// Each snapshot is compared with the kernel's list, which tcpwatch reads
+/// at every snapshot only while it is short (10,000) and otherwise every
+/// `--check-interval`: that is set to the snapshot interval here, so that
+/// every snapshot of a long list is checked too.
 fn churn_in_namespace(max_tw: u64, secs: f64, limit: Option<f64>) -> ChurnRun {
     let ns = timewait_netns();
     ns.sysctl("net.ipv4.tcp_max_tw_buckets", &max_tw.to_string());
-    let tw = Timewait::start(&ns, 1.0, &["--ring-size", "128M"]);
+    let tw = Timewait::start(&ns, 1.0, &["--ring-size", "128M", "--check-interval", "1"]);
     let sampler = SockstatSampler::start(&ns, Duration::from_millis(2));
     let mut churn = Churn::start(&ns, CHURN_CLIENTS, CHURN_SERVERS, limit);
     let started = Instant::now();
