@@ -795,6 +795,7 @@ mod tests {
                 top: 10,
                 max_sockets: 1024,
                 churn: ChurnOptions::default(),
+                check: CheckOptions::default(),
             };
             Ok(TimewaitSink::new(
                 Vec::new(),
