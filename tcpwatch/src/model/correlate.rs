@@ -859,6 +859,13 @@ impl Correlator {
     }
 
     fn transition(&mut self, t: &Transition, out: &mut Vec<Timeline>) {
+        // A "transition" to the state the socket is already in (the kernel
+        // can set CLOSE on a closed socket) changes nothing, and a track
+        // keeps its SYN retransmissions as SYN_SENT → SYN_SENT marks: it is
+        // not a step.
+        if t.old == t.new {
+            return;
+        }
         self.note_handoff(t, out);
         let birth = crate::model::owner::is_birth(t.old, t.new);
         // One lookup serves the whole event.
@@ -2011,6 +2018,25 @@ mod tests {
         assert_eq!(out[0].syn_retransmits_ns, vec![1_000_000_000]);
         assert_eq!(out[0].retransmits, 2);
         assert_eq!(out[0].connect_failure, None);
+        assert_eq!(out[0].steps.len(), 3);
+    }
+
+    /// A "transition" to the same state is no step: neither a SYN
+    /// retransmission's mark nor a timeline of its own (found by the
+    /// correlator fuzz target).
+    #[test]
+    fn same_state_transitions_are_no_steps() {
+        let mut s = Sock::new(9, 1);
+        s.step(0, Close, Close);
+        assert!(s.run().is_empty());
+        let mut s = Sock::new(9, 1);
+        s.step(0, Close, SynSent);
+        s.step(1_000, SynSent, SynSent);
+        s.step(2_000, SynSent, Established);
+        s.step(3_000, Established, Close);
+        let out = s.run();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].syn_retransmits_ns.is_empty(), "{:?}", out[0]);
         assert_eq!(out[0].steps.len(), 3);
     }
 
