@@ -13,7 +13,10 @@ use tcpwatch::host::clock::{Clock, Zone};
 use tcpwatch::model::correlate::{
     CloseKind, Correlator, CorrelatorOptions, OpenKind, Role, Timeline, TimewaitSubstate,
 };
-use tcpwatch::model::decode::{Comm, Record, SockFields, SocketEvent, SocketEventKind, Task, Transition};
+use tcpwatch::model::decode::{
+    Comm, Record, SentReset, SockFields, SocketEvent, SocketEventKind, Task, Transition,
+};
+use tcpwatch::model::reset::ResetReason;
 use tcpwatch::model::{Endpoint, Family, TcpState};
 use tcpwatch::views::conns::{conns_json, conns_text};
 use tcpwatch::views::ladder::{ladder, ladder_json, ladder_text};
@@ -230,6 +233,11 @@ fuzz_target!(|input: Input| {
                     },
                     cpu: 0,
                     sock: SockFields::default(),
+                    reset: (kind == SocketEventKind::SendReset).then_some(SentReset {
+                        reason: Some(ResetReason(*sock)),
+                        state: None,
+                        endpoints: None,
+                    }),
                 };
                 c.push(&Record::Socket(s), &mut out);
             }

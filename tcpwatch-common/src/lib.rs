@@ -13,7 +13,11 @@ pub mod kind {
     pub const STATE: u8 = 1;
     /// `tcp:tcp_retransmit_skb`: a segment was retransmitted.
     pub const RETRANSMIT: u8 = 2;
-    /// `tcp:tcp_send_reset`: this socket sent a RST.
+    /// `tcp:tcp_send_reset`: a RST was sent, by a socket or (`skaddr` 0)
+    /// on behalf of none, e.g. answering a SYN to a closed port. Carries
+    /// the reason ([`super::Event::reset_reason`]), the sender's state in
+    /// `newstate` (0: no socket) and, where the record has them, the
+    /// endpoints (`family` 0 when it has not).
     pub const SEND_RESET: u8 = 3;
     /// `tcp:tcp_receive_reset`: this socket received a RST.
     pub const RECEIVE_RESET: u8 = 4;
@@ -40,6 +44,9 @@ pub mod valid {
     pub const ACK_PENDING: u16 = 1 << 8;
     pub const NETNS: u16 = 1 << 9;
     pub const RCV_NXT: u16 = 1 << 10;
+    /// [`super::Event::reset_reason`] holds the kernel's reason; unset on
+    /// kernels before 6.10, whose `tcp_send_reset` record has none.
+    pub const RESET_REASON: u16 = 1 << 11;
 }
 
 /// `sk->sk_shutdown` bits (include/net/sock.h).
@@ -108,7 +115,10 @@ pub struct Event {
     pub newstate: u8,
     pub sk_shutdown: u8,
     pub ack_pending: u8,
-    pub _pad: [u8; 3],
+    /// [`kind::SEND_RESET`]: the kernel's `enum sk_rst_reason` (where
+    /// [`valid::RESET_REASON`] says it was read).
+    pub reset_reason: u8,
+    pub _pad: [u8; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 144);
@@ -146,7 +156,8 @@ impl Event {
             newstate: 0,
             sk_shutdown: 0,
             ack_pending: 0,
-            _pad: [0; 3],
+            reset_reason: 0,
+            _pad: [0; 2],
         }
     }
 }
@@ -242,6 +253,28 @@ impl SockRecord {
     pub const fn bytes_for(steps: usize) -> usize {
         Self::HEADER + 32 * steps
     }
+}
+
+/// Size of the `saddr`/`daddr` fields of the `tcp_send_reset` record: a
+/// `struct sockaddr_in6`, holding a `sockaddr_in` for IPv4.
+pub const SOCKADDR_SIZE: usize = 28;
+
+/// One end as a `sockaddr_in`/`sockaddr_in6` holds it: the family, the
+/// port in host byte order, the address (4 bytes used for IPv4). `None`
+/// for any other family (an all-zero field: the record had no endpoint).
+#[inline(always)]
+pub fn sockaddr_endpoint(sa: &[u8; SOCKADDR_SIZE]) -> Option<(u16, u16, [u8; 16])> {
+    let family = u16::from_ne_bytes([sa[0], sa[1]]);
+    let port = u16::from_be_bytes([sa[2], sa[3]]);
+    let mut addr = [0u8; 16];
+    match family {
+        // sockaddr_in: sin_addr right after the port.
+        AF_INET => addr[..4].copy_from_slice(&sa[4..8]),
+        // sockaddr_in6: sin6_flowinfo, then sin6_addr.
+        AF_INET6 => addr.copy_from_slice(&sa[8..24]),
+        _ => return None,
+    }
+    Some((family, port, addr))
 }
 
 /// Where the fields of one tracepoint's record sit, read from its tracefs
@@ -374,7 +407,10 @@ pub struct EndpointOffsets {
     /// 1 when `inet_saddr` and `inet_sport` sit as in [`InetSource`], so
     /// the program copies them in one go.
     pub standard: u32,
-    pub _pad: u32,
+    /// `sock_common`: `skc_state` (u8), which every socket has, full or
+    /// not: it tells which program reports a reset (see the kernel
+    /// program's `tcp_send_reset`).
+    pub state: u32,
 }
 
 impl EndpointOffsets {
@@ -388,7 +424,7 @@ impl EndpointOffsets {
         v6_daddr: OFFSET_UNKNOWN,
         v6_rcv_saddr: OFFSET_UNKNOWN,
         standard: 0,
-        _pad: 0,
+        state: OFFSET_UNKNOWN,
     };
 
     /// Whether the BTF tracepoint program can read a socket's endpoints.
@@ -443,10 +479,18 @@ pub struct Config {
     /// [`NO_FIELD`] on kernels whose record has none: a retransmission
     /// that failed (err != 0) put nothing on the wire and is not counted.
     pub retransmit_err: u16,
+    /// Offsets in the tcp_send_reset record of `state`, `reason` (6.10
+    /// and later) and the `saddr`/`daddr` sockaddrs (`struct
+    /// sockaddr_in6`-sized, from the socket or, with none, from the
+    /// segment answered); [`NO_FIELD`] where the record has none.
+    pub send_reset_state: u16,
+    pub send_reset_reason: u16,
+    pub send_reset_saddr: u16,
+    pub send_reset_daddr: u16,
     pub sock: SockOffsets,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
 
 impl Config {
     pub const DEFAULT: Config = Config {
@@ -469,6 +513,10 @@ impl Config {
         send_reset_skaddr: 0,
         receive_reset_skaddr: 0,
         retransmit_err: NO_FIELD,
+        send_reset_state: NO_FIELD,
+        send_reset_reason: NO_FIELD,
+        send_reset_saddr: NO_FIELD,
+        send_reset_daddr: NO_FIELD,
         sock: SockOffsets::UNKNOWN,
     };
 }
@@ -481,4 +529,32 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::EndpointOffsets {}
     unsafe impl aya::Pod for super::SockRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddrs_as_the_reset_record_holds_them() {
+        let mut v4 = [0u8; SOCKADDR_SIZE];
+        v4[..2].copy_from_slice(&AF_INET.to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        let (family, port, addr) = sockaddr_endpoint(&v4).unwrap();
+        assert_eq!((family, port), (AF_INET, 8080));
+        assert_eq!(addr[..4], [127, 0, 0, 1]);
+        assert_eq!(addr[4..], [0; 12]);
+
+        let mut v6 = [0u8; SOCKADDR_SIZE];
+        v6[..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+        v6[2..4].copy_from_slice(&443u16.to_be_bytes());
+        v6[4..8].copy_from_slice(&[0xff; 4]); // flowinfo, not the address
+        v6[23] = 1; // ::1
+        let (family, port, addr) = sockaddr_endpoint(&v6).unwrap();
+        assert_eq!((family, port), (AF_INET6, 443));
+        assert_eq!(addr, core::net::Ipv6Addr::LOCALHOST.octets());
+
+        assert_eq!(sockaddr_endpoint(&[0; SOCKADDR_SIZE]), None);
+    }
 }

@@ -35,15 +35,15 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::warn;
 use tcpwatch_common::{
-    kind, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord, SockOffsets,
-    SockRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, NO_OWNER_STEP, OFFSET_UNKNOWN,
-    RECORD_STEPS,
+    kind, sockaddr_endpoint, valid, Config, EndpointOffsets, Event, InetSource, SetStateRecord,
+    SockOffsets, SockRecord, AF_INET, AF_INET6, IPPROTO_TCP, LOST_SLOT, NO_FIELD, NO_OWNER_STEP,
+    OFFSET_UNKNOWN, RECORD_STEPS, SOCKADDR_SIZE,
 };
 
 /// Default ring size; userspace resizes it from `--ring-size` before loading.
@@ -62,6 +62,13 @@ static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 /// that created the listener). Bounded: the oldest is dropped first.
 #[map]
 static AWAITING_OWNER: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Entry 0 is 1 once userspace has attached [`tcp_send_reset_btf`]: the
+/// classic [`tcp_send_reset`] then leaves it the resets of full sockets
+/// (see [`reset_by_btf`]). Set before the classic program is attached, so
+/// no reset is reported by both.
+#[map]
+static SEND_RESET_BTF: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Each socket's [`SockRecord`], in the socket's own storage: freed with
 /// the socket, so nothing here needs evicting. Used only by the BTF
@@ -190,13 +197,62 @@ pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...)`.
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb[,
+/// const enum sk_rst_reason reason])`: the resets of full sockets, after
+/// their pending record (so a per-socket record's steps reach userspace
+/// before the reset that ends them). The reason is argument 2 where the
+/// classic record has one (6.10); the sender's state and endpoints are
+/// the socket's. Resets with no socket, or with a timewait or request
+/// socket (no `inet_sock` fields to read), are the classic program's.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
-    let cfg = CONFIG.load();
-    send_pending(ctx.arg(0));
-    let _ = try_socket_event(&ctx, &cfg, ctx.arg(0), kind::SEND_RESET);
+    let sk: u64 = ctx.arg(0);
+    if reset_by_btf(sk) {
+        send_pending(sk);
+        let _ = try_send_reset_btf(&ctx, sk);
+    }
     0
+}
+
+#[inline(never)]
+fn try_send_reset_btf(ctx: &BtfTracePointContext, sk: u64) -> Result<(), i32> {
+    let cfg = CONFIG.load();
+    let mut ev = Event::zeroed();
+    ev.kind = kind::SEND_RESET;
+    ev.skaddr = sk;
+    ev.newstate = read_sk(sk, endpoint_offset!(state))?;
+    if cfg.send_reset_reason != NO_FIELD {
+        let reason: u64 = ctx.arg(2);
+        ev.reset_reason = reason.min(u64::from(u8::MAX)) as u8;
+        ev.valid |= valid::RESET_REASON;
+    }
+    if let Ok(ends) = read_endpoints(sk) {
+        ev.family = ends.family;
+        ev.sport = ends.sport;
+        ev.dport = ends.dport;
+        ev.saddr = ends.saddr;
+        ev.daddr = ends.daddr;
+    }
+    fill_task(&mut ev, false);
+    let failed = fill_socket(&mut ev, &cfg, read::NETNS);
+    emit(&ev, &cfg);
+    report_failed_read(ctx, sk, failed);
+    Ok(())
+}
+
+/// Whether [`tcp_send_reset_btf`] reports the reset `sk` sends: a full
+/// socket's (not one in TIME_WAIT or NEW_SYN_RECV, which are smaller
+/// structures). Both programs ask, reading the same state, so each reset
+/// is reported by exactly one of them while both are attached.
+#[inline(always)]
+fn reset_by_btf(sk: u64) -> bool {
+    if sk == 0 {
+        return false;
+    }
+    match read_sk::<u8>(sk, endpoint_offset!(state)) {
+        Ok(state) => state != TIME_WAIT && state != NEW_SYN_RECV,
+        Err(_) => false,
+    }
 }
 
 /// `tcp_receive_reset(struct sock *sk)`.
@@ -223,11 +279,60 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Every reset sent where [`tcp_send_reset_btf`] is not attached; beside
+/// it, those it leaves (no socket, or one that is not full). Its
+/// record holds what the kernel worked out for the reset: the reason, the
+/// sender's state, and the endpoints, from the socket, or from the segment
+/// answered where there is no full socket (a SYN to a closed port has
+/// none: `skaddr` is 0; a timewait or request socket has none of the full
+/// socket's fields). A BTF program would have to redo that from the
+/// `sk_buff`'s headers, with its offsets from BTF, to see the same.
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let cfg = CONFIG.load();
-    let _ = classic_socket_event(&ctx, &cfg, cfg.send_reset_skaddr, kind::SEND_RESET);
+    let _ = try_send_reset(&ctx);
     0
+}
+
+fn try_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let cfg = CONFIG.load();
+    let mut ev = Event::zeroed();
+    ev.kind = kind::SEND_RESET;
+    ev.skaddr = unsafe { ctx.read_at::<u64>(cfg.send_reset_skaddr.into())? };
+    if SEND_RESET_BTF.get(0).copied() == Some(1) && reset_by_btf(ev.skaddr) {
+        return Ok(());
+    }
+    if cfg.send_reset_state != NO_FIELD {
+        ev.newstate = unsafe { ctx.read_at::<i32>(cfg.send_reset_state.into())? } as u8;
+    }
+    if cfg.send_reset_reason != NO_FIELD {
+        let reason = unsafe { ctx.read_at::<u32>(cfg.send_reset_reason.into())? };
+        ev.reset_reason = reason.min(u32::from(u8::MAX)) as u8;
+        ev.valid |= valid::RESET_REASON;
+    }
+    if cfg.send_reset_saddr != NO_FIELD && cfg.send_reset_daddr != NO_FIELD {
+        let s: [u8; SOCKADDR_SIZE] = unsafe { ctx.read_at(cfg.send_reset_saddr.into())? };
+        let d: [u8; SOCKADDR_SIZE] = unsafe { ctx.read_at(cfg.send_reset_daddr.into())? };
+        if let (Some((family, sport, saddr)), Some((_, dport, daddr))) =
+            (sockaddr_endpoint(&s), sockaddr_endpoint(&d))
+        {
+            ev.family = family;
+            ev.sport = sport;
+            ev.dport = dport;
+            ev.saddr = saddr;
+            ev.daddr = daddr;
+        }
+    }
+    fill_task(&mut ev, false);
+    let failed = match ev.skaddr {
+        // No socket to read the namespace from.
+        0 => FailedRead {
+            offset: OFFSET_UNKNOWN,
+        },
+        _ => fill_socket(&mut ev, &cfg, 0),
+    };
+    emit(&ev, &cfg);
+    report_failed_read(ctx, ev.skaddr, failed);
+    Ok(())
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
@@ -602,6 +707,8 @@ const CLOSE: u8 = 7;
 const CLOSE_WAIT: u8 = 8;
 const LAST_ACK: u8 = 9;
 const LISTEN: u8 = 10;
+const TIME_WAIT: u8 = 6;
+const NEW_SYN_RECV: u8 = 12;
 
 /// Transitions made in process context, where the current task is the
 /// socket's user: only there are its comm and cgroup worth reading.
@@ -647,7 +754,6 @@ fn try_socket_event<C: EbpfContext>(
     event_kind: u8,
 ) -> Result<(), i32> {
     if skaddr == 0 {
-        // A reset sent on behalf of no socket (e.g. for a closed port).
         return Ok(());
     }
     let mut ev = Event::zeroed();

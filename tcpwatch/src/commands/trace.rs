@@ -1,5 +1,7 @@
 //! `tcpwatch trace`: one line per transition, with the socket's real owner
-//! and the time since its previous transition.
+//! and the time since its previous transition; and a line of its own for
+//! each reset sent or received and each retransmitted segment, a sent
+//! reset with the kernel's reason.
 //!
 //! An accepted socket's handshake happens before any process has it: it
 //! waits in its listener's queue until one accepts it (with a pre-fork
@@ -14,16 +16,19 @@ use std::io::{self, Write};
 use crate::commands::Selector;
 use crate::host::clock::Clock;
 use crate::host::clock::Zone;
-use crate::model::decode::{Record, SocketEventKind, Transition};
+use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::filter::Filter;
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
-use crate::model::TcpState;
+use crate::model::{Endpoint, Family, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
-use crate::views::{trace_header, trace_json, trace_text, Format, TraceLine};
+use crate::views::{
+    trace_event_json, trace_event_text, trace_header, trace_json, trace_text, EventKind, Format,
+    TraceEventLine, TraceLine,
+};
 
 /// What the user asked `trace` for.
 #[derive(Clone, Debug)]
@@ -40,6 +45,21 @@ pub struct TraceOptions {
 /// How long the lines of an accepted socket wait for a process to use it.
 pub const HOLD_NS: u64 = 1_000_000_000;
 
+/// What the lines of a socket's resets and retransmissions need from its
+/// transitions: when the last was, its endpoints and its owner.
+#[derive(Clone, Debug)]
+struct Seen {
+    ts_ns: u64,
+    family: Family,
+    local: Endpoint,
+    remote: Endpoint,
+    owner: Option<Attribution>,
+}
+
+/// Sockets just closed, kept for the reset the kernel sends right after an
+/// abortive close (CLOSE comes first).
+const RECENTLY_CLOSED: usize = 1024;
+
 /// The lines of an accepted socket no process has used yet.
 struct Held {
     since_ns: u64,
@@ -54,9 +74,14 @@ pub struct TraceSink<W: Write> {
     clock: Clock,
     zone: Zone,
     owners: OwnerTracker,
-    last_ts: BoundedMap<u64, u64>,
+    last_ts: BoundedMap<u64, Seen>,
+    recently_closed: VecDeque<(u64, Seen)>,
     seen: u64,
     shown: u64,
+    /// Reset and retransmission lines printed, and those whose socket's
+    /// endpoints were not known (it had no transition in the trace).
+    events_shown: u64,
+    events_unplaced: u64,
     by_kind: BTreeMap<(&'static str, &'static str), u64>,
     held: HashMap<u64, Held>,
     /// (socket, since) in the order held, for the deadline and the cap.
@@ -76,8 +101,11 @@ impl<W: Write> TraceSink<W> {
             zone: opts.zone,
             owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
             last_ts: BoundedMap::new(opts.max_sockets),
+            recently_closed: VecDeque::new(),
             seen: 0,
             shown: 0,
+            events_shown: 0,
+            events_unplaced: 0,
             by_kind: BTreeMap::new(),
             held: HashMap::new(),
             held_order: VecDeque::new(),
@@ -98,7 +126,7 @@ impl<W: Write> TraceSink<W> {
                 let owner = self.owners.first_use(s);
                 return self.release(s.skaddr, Some(&owner));
             }
-            Record::Socket(_) => return Ok(()),
+            Record::Socket(s) => return self.socket_line(s),
         };
         self.seen += 1;
         *self
@@ -109,12 +137,23 @@ impl<W: Write> TraceSink<W> {
         let delta_ns = self
             .last_ts
             .get(&t.skaddr)
-            .map(|prev| t.ts_ns.saturating_sub(*prev));
+            .map(|prev| t.ts_ns.saturating_sub(prev.ts_ns));
         let closed = t.new == TcpState::Close;
+        let seen = Seen {
+            ts_ns: t.ts_ns,
+            family: t.family,
+            local: t.local,
+            remote: t.remote,
+            owner: owner.clone(),
+        };
         if closed {
             self.last_ts.remove(&t.skaddr);
+            if self.recently_closed.len() >= RECENTLY_CLOSED {
+                self.recently_closed.pop_front();
+            }
+            self.recently_closed.push_back((t.skaddr, seen));
         } else {
-            self.last_ts.insert(t.skaddr, t.ts_ns);
+            self.last_ts.insert(t.skaddr, seen);
         }
         // Accepted and not used yet: named after its listener, or not at
         // all when the listener's owner is unknown.
@@ -131,6 +170,64 @@ impl<W: Write> TraceSink<W> {
         // Whoever owns it now owned it since it was accepted.
         self.release(t.skaddr, owner.as_ref().filter(|_| !from_listener))?;
         self.print(t, owner.as_ref(), delta_ns)
+    }
+
+    /// A reset or retransmission: a line of its own, placed by the
+    /// endpoints the kernel gave with it (a reset sent) or those of the
+    /// socket's transitions.
+    fn socket_line(&mut self, s: &SocketEvent) -> io::Result<()> {
+        let what = match s.kind {
+            SocketEventKind::Retransmit => EventKind::Retransmit,
+            SocketEventKind::SendReset => EventKind::ResetSent,
+            SocketEventKind::ReceiveReset => EventKind::ResetReceived,
+            SocketEventKind::FirstUse => return Ok(()),
+        };
+        let known = self.last_ts.get(&s.skaddr).or_else(|| {
+            self.recently_closed
+                .iter()
+                .rev()
+                .find(|(sk, _)| *sk == s.skaddr && s.skaddr != 0)
+                .map(|(_, seen)| seen)
+        });
+        let reset = s.reset.as_ref();
+        let ends = reset
+            .and_then(|r| r.endpoints)
+            .or_else(|| known.map(|k| (k.family, k.local, k.remote)));
+        let Some((family, local, remote)) = ends else {
+            self.events_unplaced += 1;
+            return Ok(());
+        };
+        let owner = known.and_then(|k| k.owner.clone());
+        let delta_ns = known.map(|k| s.ts_ns.saturating_sub(k.ts_ns));
+        let o = owner.as_ref().map(|a| &*a.owner);
+        if !self.selector.matches(family, &local, &remote, o) {
+            return Ok(());
+        }
+        self.events_shown += 1;
+        let cgroup = match self.format {
+            Format::Json => self.selector.cgroup(o),
+            Format::Text => None,
+        };
+        let line = TraceEventLine {
+            what,
+            ts_ns: s.ts_ns,
+            skaddr: s.skaddr,
+            family,
+            local,
+            remote,
+            owner: owner.as_ref(),
+            cgroup: cgroup.as_deref(),
+            delta_ns,
+            reason: reset.and_then(|r| r.reason),
+            state: reset.and_then(|r| r.state),
+            netns: s.sock.netns,
+            cpu: s.cpu,
+        };
+        let text = match self.format {
+            Format::Text => trace_event_text(&line, &self.clock, self.zone),
+            Format::Json => trace_event_json(&line, &self.clock),
+        };
+        writeln!(self.out, "{text}")
     }
 
     fn print(
@@ -254,6 +351,8 @@ impl<W: Write> Consumer for TraceSink<W> {
         ExitSummary::Trace(TraceSummary {
             transitions_seen: self.seen,
             shown: self.shown,
+            events_shown: self.events_shown,
+            events_unplaced: self.events_unplaced,
             stream: totals.stream(),
             tracking: totals.tracking(self.owners.tracking()),
             transitions,
@@ -539,6 +638,103 @@ mod tests {
                 "{l}"
             );
         }
+    }
+
+    /// Resets and retransmissions are lines of their own: a reset sent
+    /// with the kernel's reason, placed by the endpoints it came with (a
+    /// reset for no socket) or by its socket's transitions (one sent right
+    /// after the abortive close's CLOSE); one whose socket is unknown is
+    /// counted, not printed.
+    #[test]
+    fn resets_and_retransmissions_are_lines_of_their_own() {
+        use tcpwatch_common::{kind, valid, AF_INET};
+        let socket_event = |sk: u64, k: u8, ts: u64| {
+            let mut e = tcpwatch_common::Event::zeroed();
+            e.kind = k;
+            e.skaddr = sk;
+            e.ts_ns = ts;
+            e
+        };
+        let mut linger = socket_event(1, kind::SEND_RESET, 5_000_000);
+        linger.reset_reason = crate::model::reset::ResetReason::TCP_STATE.0;
+        linger.valid |= valid::RESET_REASON;
+        linger.newstate = TcpState::Close.kernel_number();
+        // A SYN to a closed port: no socket, endpoints from the segment.
+        let mut refused = socket_event(0, kind::SEND_RESET, 6_000_000);
+        refused.reset_reason = crate::model::reset::ResetReason::NO_SOCKET.0;
+        refused.valid |= valid::RESET_REASON;
+        refused.family = AF_INET;
+        refused.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        refused.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        refused.sport = 9;
+        refused.dport = 40001;
+        let events = [
+            ev(1, Close, SynSent, 1_000_000, 10),
+            ev(1, SynSent, Established, 2_000_000, 10),
+            socket_event(1, kind::RETRANSMIT, 3_000_000),
+            ev(1, Established, Close, 4_000_000, 10),
+            linger,
+            refused,
+            // A socket no transition was seen for.
+            socket_event(77, kind::RETRANSMIT, 7_000_000),
+        ];
+        let records: Vec<Record> = events.iter().map(|e| decode(&encode(e)).unwrap()).collect();
+        let mut s = sink(Filter::default(), Format::Json);
+        feed(&mut s, &records);
+        let ExitSummary::Trace(summary) = s.summary(&Totals::default()) else {
+            panic!("not a trace summary")
+        };
+        assert_eq!(
+            (summary.shown, summary.events_shown, summary.events_unplaced),
+            (3, 3, 1)
+        );
+        let lines = json_lines(s.into_inner());
+        let events: Vec<&serde_json::Value> =
+            lines.iter().filter(|l| l.get("event").is_some()).collect();
+        assert_eq!(events.len(), 3, "{lines:?}");
+        assert_eq!(events[0]["event"], "retransmit");
+        assert_eq!(events[0]["pid"], 10);
+        assert_eq!(events[0]["delta_ms"], 1.0);
+        assert!(events[0].get("reset_reason").is_none());
+        assert_eq!(events[1]["event"], "reset_sent");
+        assert_eq!(events[1]["reset_reason"], "TCP_STATE");
+        assert_eq!(events[1]["state"], "CLOSE");
+        assert_eq!(events[1]["pid"], 10, "the closed socket's owner");
+        assert_eq!((&events[1]["sport"], &events[1]["dport"]), (&40000.into(), &8080.into()));
+        assert_eq!(events[2]["reset_reason"], "NO_SOCKET");
+        assert_eq!(events[2]["reset_words"], "no socket (port closed)");
+        assert!(events[2]["state"].is_null() && events[2]["pid"].is_null());
+        assert_eq!(events[2]["skaddr"], "0x0");
+        assert_eq!((&events[2]["sport"], &events[2]["dport"]), (&9.into(), &40001.into()));
+
+        // Text: the same lines, the reason in words at the end.
+        let mut s = sink(Filter::default(), Format::Text);
+        feed(&mut s, &records);
+        let text = String::from_utf8(s.into_inner()).unwrap();
+        let rst: Vec<&str> = text.lines().filter(|l| l.contains(" RST sent ")).collect();
+        assert_eq!(rst.len(), 2, "{text}");
+        assert!(
+            rst[1].ends_with("no socket (port closed) (NO_SOCKET)"),
+            "{text}"
+        );
+        assert!(text.contains(" retransmit "), "{text}");
+        // A kernel that gives no reason says so.
+        let mut old_kernel = events_of(&[linger]);
+        if let Record::Socket(e) = &mut old_kernel[0] {
+            e.reset.as_mut().unwrap().reason = None;
+        }
+        let mut s = sink(Filter::default(), Format::Text);
+        feed(&mut s, &records[..4]);
+        feed(&mut s, &old_kernel);
+        let text = String::from_utf8(s.into_inner()).unwrap();
+        assert!(
+            text.contains("reason unknown (this kernel does not say)"),
+            "{text}"
+        );
+    }
+
+    fn events_of(events: &[tcpwatch_common::Event]) -> Vec<Record> {
+        events.iter().map(|e| decode(&encode(e)).unwrap()).collect()
     }
 
     /// A socket dropped by the sweep loses its owner and its time stamp.

@@ -758,6 +758,7 @@ pub fn endpoint_offsets(btf: &Btf) -> Result<EndpointOffsets, String> {
         daddr: field(&["__sk_common", "skc_daddr"], 4)?,
         dport: field(&["__sk_common", "skc_dport"], 2)?,
         family: field(&["__sk_common", "skc_family"], 2)?,
+        state: field(&["__sk_common", "skc_state"], 1)?,
         saddr: member("inet_sock", &["inet_saddr"], 4)?,
         sport: member("inet_sock", &["inet_sport"], 2)?,
         protocol: field(&["sk_protocol"], 2)?,

@@ -263,18 +263,22 @@ pub fn build_config(
 ) -> Result<(Config, Vec<String>), ProbeError> {
     let state = Format::read(tracefs_root, "sock", "inet_sock_set_state")?;
     let retransmit = Format::read(tracefs_root, "tcp", "tcp_retransmit_skb")?;
-    let send_reset = Format::read(tracefs_root, "tcp", "tcp_send_reset")?;
+    let send_reset = Format::read(tracefs_root, "tcp", "tcp_send_reset")?.reset_layout()?;
     let receive_reset = Format::read(tracefs_root, "tcp", "tcp_receive_reset")?;
     let (sock, missing) = btf::sock_offsets(btf);
     let config = Config {
         wakeup_bytes,
         state_tp: state.state_layout()?,
         retransmit_skaddr: retransmit.offset("skaddr")?,
-        send_reset_skaddr: send_reset.offset("skaddr")?,
+        send_reset_skaddr: send_reset.skaddr,
         receive_reset_skaddr: receive_reset.offset("skaddr")?,
         retransmit_err: retransmit
             .offset("err")
             .unwrap_or(tcpwatch_common::NO_FIELD),
+        send_reset_state: send_reset.state,
+        send_reset_reason: send_reset.reason,
+        send_reset_saddr: send_reset.saddr,
+        send_reset_daddr: send_reset.daddr,
         sock,
     };
     Ok((config, missing))
@@ -286,6 +290,11 @@ struct Hook {
     classic: &'static str,
     /// The BTF tracepoint program for the same hook, if there is one.
     btf: Option<&'static str>,
+    /// For a BTF program that works beside the classic one rather than in
+    /// its place: the map whose entry 0 is set to 1 once the BTF program
+    /// is attached (before the classic one), so that the classic program
+    /// leaves it what it reports.
+    beside: Option<&'static str>,
     category: &'static str,
     name: &'static str,
 }
@@ -299,30 +308,39 @@ const TRACEPOINTS: [Hook; 5] = [
     Hook {
         classic: "inet_sock_set_state",
         btf: Some(SET_STATE_BTF),
+        beside: None,
         category: "sock",
         name: "inet_sock_set_state",
     },
     Hook {
         classic: "bench_floor",
         btf: None,
+        beside: None,
         category: "sock",
         name: "inet_sock_set_state",
     },
     Hook {
         classic: "tcp_retransmit_skb",
         btf: Some("tcp_retransmit_skb_btf"),
+        beside: None,
         category: "tcp",
         name: "tcp_retransmit_skb",
     },
+    // Both: the BTF program sends a full socket's pending record before
+    // its reset (and the reset); the classic one's record holds the
+    // endpoints the kernel took from the segment answered when no full
+    // socket sent the reset (see the kernel programs).
     Hook {
         classic: "tcp_send_reset",
         btf: Some("tcp_send_reset_btf"),
+        beside: Some("SEND_RESET_BTF"),
         category: "tcp",
         name: "tcp_send_reset",
     },
     Hook {
         classic: "tcp_receive_reset",
         btf: Some("tcp_receive_reset_btf"),
+        beside: None,
         category: "tcp",
         name: "tcp_receive_reset",
     },
@@ -417,6 +435,17 @@ fn attach_btf(
         return Err(format!("attaching it failed: {}", btf::with_causes(&e)));
     }
     Ok(())
+}
+
+/// Sets entry 0 of the array map `name` to 1.
+fn set_flag(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(ProbeError::MissingMap { name })?;
+    let mut flag: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+    flag.set(0, 1, 0)
+        .map_err(|source| ProbeError::Map { name, source })
 }
 
 /// Programs that `load` attaches: everything tcpwatch reads.
@@ -543,9 +572,12 @@ impl Probe {
                     Ok(types) => attach_btf(&mut ebpf, program, hook.name, types),
                     Err(why) => Err(why.clone()),
                 };
-                match attached {
-                    Ok(()) => continue,
-                    Err(why) => fallbacks.push((format!("{}:{}", hook.category, hook.name), why)),
+                match (attached, hook.beside) {
+                    (Ok(()), None) => continue,
+                    (Ok(()), Some(flag)) => set_flag(&mut ebpf, flag)?,
+                    (Err(why), _) => {
+                        fallbacks.push((format!("{}:{}", hook.category, hook.name), why))
+                    }
                 }
             }
             let (category, name, program) = (hook.category, hook.name, hook.classic);

@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use tcpwatch_common::StateTpLayout;
+use tcpwatch_common::{StateTpLayout, NO_FIELD, SOCKADDR_SIZE};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -155,6 +155,30 @@ impl Format {
         })
     }
 
+    /// The offset of a field of `size` bytes this kernel's record may
+    /// lack, or [`NO_FIELD`]; an error only when it is there but out of
+    /// reach.
+    fn optional(&self, field: &str, size: u64) -> Result<u16, TracefsError> {
+        match self.fields.get(field) {
+            Some(&(_, s)) if s == size => self.offset(field),
+            _ => Ok(NO_FIELD),
+        }
+    }
+
+    /// Where the `tcp:tcp_send_reset` record's fields sit. Only `skaddr`
+    /// is required: `reason` came with 6.10, and the endpoints are read
+    /// only as the `sockaddr_in6`-sized fields that came with it (older
+    /// records' 4-byte `saddr` is not that).
+    pub fn reset_layout(&self) -> Result<ResetLayout, TracefsError> {
+        Ok(ResetLayout {
+            skaddr: self.offset("skaddr")?,
+            state: self.optional("state", 4)?,
+            reason: self.optional("reason", 4)?,
+            saddr: self.optional("saddr", SOCKADDR_SIZE as u64)?,
+            daddr: self.optional("daddr", SOCKADDR_SIZE as u64)?,
+        })
+    }
+
     pub fn state_layout(&self) -> Result<StateTpLayout, TracefsError> {
         let mut layout = StateTpLayout {
             skaddr: self.offset("skaddr")?,
@@ -193,6 +217,17 @@ impl Format {
         }
         Ok(layout)
     }
+}
+
+/// Offsets in the `tcp:tcp_send_reset` record; [`NO_FIELD`] for a field
+/// this kernel's record does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetLayout {
+    pub skaddr: u16,
+    pub state: u16,
+    pub reason: u16,
+    pub saddr: u16,
+    pub daddr: u16,
 }
 
 #[cfg(test)]
@@ -241,6 +276,62 @@ print fmt: \"family=%s\", REC->family
             .state_layout()
             .unwrap();
         assert_eq!((l.daddr_v6, l.standard), (60, 0));
+    }
+
+    /// Linux 6.18's record, and the one before 6.10 (no reason, and the
+    /// endpoints as 4- and 16-byte fields).
+    const SEND_RESET: &str = "name: tcp_send_reset
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;
+\tfield:__u8 daddr[28];\toffset:60;\tsize:28;\tsigned:0;
+";
+    const SEND_RESET_5_15: &str = "name: tcp_send_reset
+format:
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn send_reset_layout_with_and_without_the_reason() {
+        let l = Format::parse("tcp:tcp_send_reset", SEND_RESET)
+            .reset_layout()
+            .unwrap();
+        assert_eq!(
+            l,
+            ResetLayout {
+                skaddr: 16,
+                state: 24,
+                reason: 28,
+                saddr: 32,
+                daddr: 60
+            }
+        );
+        let old = Format::parse("tcp:tcp_send_reset", SEND_RESET_5_15)
+            .reset_layout()
+            .unwrap();
+        assert_eq!((old.skaddr, old.state), (16, 24));
+        assert_eq!(
+            (old.reason, old.saddr, old.daddr),
+            (NO_FIELD, NO_FIELD, NO_FIELD),
+            "no reason, and 4-byte saddr is no sockaddr"
+        );
+        let no_sk = SEND_RESET.replace("skaddr;", "sk;");
+        assert!(Format::parse("tcp:tcp_send_reset", &no_sk)
+            .reset_layout()
+            .is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::handoff::{HandoffStats, Handoffs, TimewaitLookup};
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
+use crate::model::reset::ResetReason;
 use crate::model::snapshot::SocketSnapshot;
 use crate::model::FastMap;
 use crate::model::Owner;
@@ -226,6 +227,9 @@ pub struct Timeline {
     pub total_retrans: Option<u32>,
     pub resets_sent: u32,
     pub resets_received: u32,
+    /// Why this end sent its first RST, where the kernel said (Linux 6.10
+    /// and later); `None` when it sent none or the kernel did not say.
+    pub reset_reason: Option<ResetReason>,
     pub steps: Vec<Step>,
 }
 
@@ -285,6 +289,7 @@ impl Timeline {
             total_retrans: None,
             resets_sent: 0,
             resets_received: 0,
+            reset_reason: None,
             steps: Vec::new(),
         }
     }
@@ -377,6 +382,8 @@ struct Track {
     retransmits: u32,
     resets_sent: u16,
     resets_received: u16,
+    /// The reason the kernel gave for the first RST this socket sent.
+    reset_reason: Option<ResetReason>,
     /// Insertion generation, for oldest-first eviction and for telling a
     /// socket from a later one at the same address.
     gen: u32,
@@ -940,6 +947,7 @@ impl Correlator {
                 retransmits: 0,
                 resets_sent: 0,
                 resets_received: 0,
+                reset_reason: None,
                 gen: 0,
                 family: t.family,
                 owner_source: OwnerSource::Observed,
@@ -1051,7 +1059,11 @@ impl Correlator {
 
     fn socket_event(&mut self, s: &SocketEvent) {
         if self.track_mut(s.skaddr).is_none() {
-            self.stats.orphan_events += 1;
+            // A reset sent for no socket (a SYN to a closed port) belongs
+            // to no timeline, and was not missed.
+            if s.skaddr != 0 {
+                self.stats.orphan_events += 1;
+            }
             return;
         }
         let first_use = (s.kind == SocketEventKind::FirstUse).then(|| self.owners.first_use(s));
@@ -1069,7 +1081,12 @@ impl Correlator {
                 track.retransmits = track.retransmits.saturating_add(1);
                 track.push_syn_retransmit(s.ts_ns);
             }
-            SocketEventKind::SendReset => track.resets_sent = track.resets_sent.saturating_add(1),
+            SocketEventKind::SendReset => {
+                track.resets_sent = track.resets_sent.saturating_add(1);
+                if track.reset_reason.is_none() {
+                    track.reset_reason = s.reset.and_then(|r| r.reason);
+                }
+            }
             SocketEventKind::ReceiveReset => {
                 track.resets_received = track.resets_received.saturating_add(1)
             }
@@ -1319,6 +1336,7 @@ fn build_timeline(
         total_retrans: last_fields.total_retrans,
         resets_sent: u32::from(tr.resets_sent),
         resets_received: u32::from(tr.resets_received),
+        reset_reason: tr.reset_reason,
         steps: steps_owned,
     }
 }
@@ -1888,6 +1906,14 @@ mod tests {
         active_open(&mut a);
         a.step(1000, Established, Close);
         a.reset(1001, kind::SEND_RESET);
+        let rst = a.events.last_mut().unwrap();
+        rst.reset_reason = ResetReason::TCP_STATE.0;
+        rst.valid |= valid::RESET_REASON;
+        // Only the first reset's reason is kept.
+        a.reset(1002, kind::SEND_RESET);
+        let second = a.events.last_mut().unwrap();
+        second.reset_reason = ResetReason::NO_SOCKET.0;
+        second.valid |= valid::RESET_REASON;
         // The peer receives the RST.
         let mut b = Sock::new(5, 2);
         b.step(0, Listen, SynRecv);
@@ -1901,7 +1927,9 @@ mod tests {
             (ta.close, ta.closed_by),
             (CloseKind::Aborted, Some(Closer::Local))
         );
-        assert_eq!(ta.resets_sent, 1);
+        assert_eq!(ta.resets_sent, 2);
+        assert_eq!(ta.reset_reason, Some(ResetReason::TCP_STATE));
+        assert_eq!(tb.reset_reason, None, "it sent none");
         assert_eq!(
             (tb.close, tb.closed_by),
             (CloseKind::ResetReceived, Some(Closer::Peer))

@@ -12,6 +12,7 @@ use tcpwatch_common::{
     SEND_SHUTDOWN,
 };
 
+use crate::model::reset::ResetReason;
 use crate::model::{Endpoint, Family, TcpState};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -284,11 +285,47 @@ pub enum SocketEventKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketEvent {
     pub ts_ns: u64,
+    /// 0 for a reset sent on behalf of no socket.
     pub skaddr: u64,
     pub kind: SocketEventKind,
     pub task: Task,
     pub cpu: u32,
     pub sock: SockFields,
+    /// What the kernel said about a reset it sent ([`SocketEventKind::SendReset`]).
+    pub reset: Option<SentReset>,
+}
+
+/// A RST sent, as `tcp:tcp_send_reset` describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentReset {
+    /// `None` on kernels before 6.10, which do not say.
+    pub reason: Option<ResetReason>,
+    /// The sender's state; `None` when no socket sent it.
+    pub state: Option<TcpState>,
+    /// The sender's end first, then the end the RST went to; `None` where
+    /// the kernel's record has no endpoints (before 6.10).
+    pub endpoints: Option<(Family, Endpoint, Endpoint)>,
+}
+
+impl SentReset {
+    fn from_event(e: &Event) -> SentReset {
+        let family = match e.family {
+            AF_INET => Some(Family::V4),
+            AF_INET6 => Some(Family::V6),
+            _ => None,
+        };
+        SentReset {
+            reason: (e.valid & valid::RESET_REASON != 0).then_some(ResetReason(e.reset_reason)),
+            state: TcpState::from_kernel(e.newstate),
+            endpoints: family.and_then(|f| {
+                Some((
+                    f,
+                    Endpoint::new(addr(e.family, &e.saddr).ok()?, e.sport),
+                    Endpoint::new(addr(e.family, &e.daddr).ok()?, e.dport),
+                ))
+            }),
+        }
+    }
 }
 
 /// A decoded record.
@@ -373,6 +410,7 @@ pub fn interpret(e: &Event) -> Result<Record, DecodeError> {
                 task: task_of(e),
                 cpu: e.cpu,
                 sock: SockFields::from_event(e),
+                reset: (kind == SocketEventKind::SendReset).then(|| SentReset::from_event(e)),
             }))
         }
         other => Err(DecodeError::Kind(other)),
@@ -589,6 +627,46 @@ pub(crate) mod tests {
         );
         assert!(err.to_string().contains("claims 3 transitions"), "{err}");
         assert!(events.is_empty(), "{events:?}");
+    }
+
+    /// A reset sent: its reason only where the kernel gave it, the
+    /// sender's state, and the endpoints the record held.
+    #[test]
+    fn a_reset_sent_keeps_its_reason_state_and_endpoints() {
+        let mut e = Event::zeroed();
+        e.kind = kind::SEND_RESET;
+        e.reset_reason = 11;
+        e.newstate = TcpState::Close.kernel_number();
+        let Record::Socket(s) = decode(&encode(&e)).unwrap() else {
+            panic!("not a socket event")
+        };
+        let reset = s.reset.unwrap();
+        assert_eq!(reset.reason, None, "not marked valid: an older kernel");
+        assert_eq!(reset.state, Some(TcpState::Close));
+        assert_eq!(reset.endpoints, None);
+        e.valid = valid::RESET_REASON;
+        e.newstate = 0;
+        e.family = AF_INET6;
+        e.saddr[15] = 1;
+        e.daddr[15] = 1;
+        e.sport = 80;
+        e.dport = 5000;
+        let Record::Socket(s) = decode(&encode(&e)).unwrap() else {
+            panic!("not a socket event")
+        };
+        let reset = s.reset.unwrap();
+        assert_eq!(reset.reason, Some(ResetReason::TCP_ABORT_ON_CLOSE));
+        assert_eq!(reset.state, None, "no socket");
+        let (family, local, remote) = reset.endpoints.unwrap();
+        assert_eq!(family, Family::V6);
+        assert_eq!(local.to_string(), "[::1]:80");
+        assert_eq!(remote.to_string(), "[::1]:5000");
+        // Other socket events carry none of it.
+        e.kind = kind::RETRANSMIT;
+        let Record::Socket(s) = decode(&encode(&e)).unwrap() else {
+            panic!("not a socket event")
+        };
+        assert_eq!(s.reset, None);
     }
 
     #[test]

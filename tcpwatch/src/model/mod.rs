@@ -8,7 +8,7 @@
 //! endpoints and the process that owns a socket. The submodules follow the
 //! data: `decode` (records into events), `lost` (events the kernel could
 //! not deliver), `filter`, `snapshot` (sockets that predate the trace),
-//! `owner` (who owns each socket), `correlate` (events into timelines),
+//! `owner` (who owns each socket), `reset` (why a RST was sent), `correlate` (events into timelines),
 //! `handoff` (what became of sockets handed to a FIN_WAIT2 timewait
 //! socket), `timewait` (the TIME_WAIT book), `churn` (clients that
 //! should have pooled their connections), `sweep` (which entries outlived their
@@ -22,6 +22,7 @@ pub mod filter;
 pub mod handoff;
 pub mod lost;
 pub mod owner;
+pub mod reset;
 pub mod snapshot;
 pub mod sweep;
 pub mod table;

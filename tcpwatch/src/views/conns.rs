@@ -155,7 +155,7 @@ fn ms(ns: u64) -> f64 {
 /// `conns`'s columns, each as wide as the widest value it can hold (an
 /// IPv6 endpoint, `never_opened:EADDRNOTAVAIL`) so that lines stay aligned;
 /// the last, why a connect failed in words, as long as it needs.
-pub const CONNS_COLUMNS: [Column; 18] = [
+pub const CONNS_COLUMNS: [Column; 19] = [
     Column::left("CLOSED", STAMP_WIDTH),
     Column::left("PID", 7),
     Column::left("COMM", 15),
@@ -173,6 +173,8 @@ pub const CONNS_COLUMNS: [Column; 18] = [
     Column::right("RX", 12),
     Column::right("RTT_US", 7),
     Column::right("RETX", 4),
+    // TCP_DISCONNECT_WITH_DATA
+    Column::left("RST_REASON", 24),
     Column::left("WHY", 3),
 ];
 
@@ -233,6 +235,11 @@ pub struct ConnRecord {
     pub total_retrans: Option<u32>,
     pub resets_sent: u32,
     pub resets_received: u32,
+    /// Why this end sent its first RST, by the kernel's name
+    /// (`TCP_ABORT_ON_CLOSE`; `reason N` for a number newer than this
+    /// build); `null` when it sent none or the kernel does not say (before
+    /// Linux 6.10).
+    pub reset_reason: Option<String>,
     /// Left out of the text columns; empty when built for them.
     pub transitions: Vec<StepRecord>,
 }
@@ -302,6 +309,7 @@ impl ConnRecord {
             total_retrans: t.total_retrans,
             resets_sent: t.resets_sent,
             resets_received: t.resets_received,
+            reset_reason: t.reset_reason.map(|r| r.name().into_owned()),
             transitions: if steps {
                 t.steps
                     .iter()
@@ -398,6 +406,12 @@ pub fn record_text(r: &ConnRecord, zone: Zone) -> String {
             opt(r.bytes_received),
             opt(r.srtt_us),
             r.retransmits.to_string(),
+            match (&r.reset_reason, r.resets_sent) {
+                (Some(reason), _) => reason.clone(),
+                (None, 0) => "-".into(),
+                // Sent one, and the kernel did not say why.
+                (None, _) => "unknown".into(),
+            },
             r.connect_failure.as_deref().map_or_else(
                 || "-".to_string(),
                 |reason| {
@@ -476,8 +490,8 @@ mod tests {
         assert_eq!(r.srtt_us, None);
         let text = record_text(&r, Zone::Utc);
         let cols: Vec<&str> = text.split_whitespace().collect();
-        // RTT_US, then RETX and WHY.
-        assert_eq!(cols[cols.len() - 3], "-", "{cols:?}");
+        // RTT_US, then RETX, RST_REASON and WHY.
+        assert_eq!(cols[cols.len() - 4], "-", "{cols:?}");
         assert_eq!(
             ConnRecord::new(&timeline(), &clock, false, None).srtt_us,
             Some(31)
@@ -559,6 +573,42 @@ mod tests {
         }
     }
 
+    /// The reason of the RST this end sent, by name in JSON and text;
+    /// `unknown` in text when the kernel did not say, `-` when it sent none.
+    #[test]
+    fn reset_reason_in_json_and_text() {
+        let clock = Clock::with_offset_ns(0);
+        let mut t = timeline();
+        t.close = CloseKind::Aborted;
+        t.resets_sent = 1;
+        t.reset_reason = Some(crate::model::reset::ResetReason::TCP_ABORT_ON_CLOSE);
+        let json: serde_json::Value =
+            serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
+        assert_eq!(json["reset_reason"], "TCP_ABORT_ON_CLOSE");
+        let last = |t: &Timeline| {
+            conns_text(t, &clock, Zone::Utc)
+                .split_whitespace()
+                // RST_REASON, then WHY ("-": no connect failure).
+                .rev()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(last(&t), "TCP_ABORT_ON_CLOSE");
+        t.reset_reason = Some(crate::model::reset::ResetReason(99));
+        assert_eq!(
+            ConnRecord::new(&t, &clock, false, None).reset_reason.as_deref(),
+            Some("reason 99")
+        );
+        t.reset_reason = None;
+        assert_eq!(last(&t), "unknown");
+        let json: serde_json::Value =
+            serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
+        assert!(json["reset_reason"].is_null());
+        t.resets_sent = 0;
+        assert_eq!(last(&t), "-");
+    }
+
     #[test]
     fn text_columns() {
         let clock = Clock::with_offset_ns(1_795_392_000 * 1_000_000_000);
@@ -620,6 +670,8 @@ mod tests {
             t.closed_ns = 864_000_000_000_000;
             t.bytes_sent = Some(999_999_999_999);
             t.bytes_received = Some(999_999_999_999);
+            // The longest reason name.
+            t.reset_reason = Some(crate::model::reset::ResetReason(16));
             lines.push(conns_text(&t, &clock, Zone::Utc));
             let mut short = timeline();
             short.local = narrow.into();
@@ -633,6 +685,7 @@ mod tests {
             lines[0]
         );
         assert!(lines[0].contains(">864000000.000"), "{}", lines[0]);
+        assert!(lines[0].contains(" TCP_DISCONNECT_WITH_DATA "), "{}", lines[0]);
         let mut failed = timeline();
         failed.local = wide.into();
         failed.open = OpenKind::Failed;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::host::clock::{Clock, Zone};
 use crate::model::correlate::{CloseKind, ConnectFailure, OpenKind, Role, Step, Timeline};
+use crate::model::reset::explain;
 use crate::model::TcpState;
 
 use super::conns::{
@@ -321,6 +322,16 @@ fn close_story(t: &Timeline, other: Option<&Timeline>) -> Vec<String> {
             name(closer)
         ));
     }
+    // Which end sent a RST, and why, as its kernel said.
+    for side in std::iter::once(t).chain(other) {
+        if side.resets_sent > 0 {
+            lines.push(format!(
+                "{} sent the RST: {}",
+                name(side),
+                explain(side.reset_reason)
+            ));
+        }
+    }
     for side in std::iter::once(t).chain(other) {
         if let Some(tw) = side.timewait {
             lines.push(format!(
@@ -579,6 +590,58 @@ mod tests {
             r.rows
         );
         assert!(r.notes[0].contains("no SYN sent"), "{:?}", r.notes);
+    }
+
+    /// The closing words say which end sent the RST, and why.
+    #[test]
+    fn the_notes_name_the_end_that_reset_and_why() {
+        let clock = Clock::with_offset_ns(0);
+        let mut client = side(
+            "127.0.0.1:40000",
+            "127.0.0.1:80",
+            Role::Client,
+            &[
+                (1_000_000, Close, SynSent),
+                (1_050_000, SynSent, Established),
+                (2_000_000, Established, Close),
+            ],
+        );
+        client.close = CloseKind::Aborted;
+        client.timewait = None;
+        client.resets_sent = 1;
+        client.reset_reason = Some(crate::model::reset::ResetReason::TCP_STATE);
+        let mut server = side(
+            "127.0.0.1:80",
+            "127.0.0.1:40000",
+            Role::Server,
+            &[
+                (1_050_000, Listen, SynRecv),
+                (1_050_000, SynRecv, Established),
+                (2_000_000, Established, Close),
+            ],
+        );
+        server.skaddr = 2;
+        server.close = CloseKind::ResetReceived;
+        server.closed_by = Some(Closer::Peer);
+        server.timewait = None;
+        server.resets_received = 1;
+        let picture = ladder(&server, Some(&client), &clock);
+        let want = "client 127.0.0.1:40000 sent the RST: aborted (closed with SO_LINGER 0, \
+                    or disconnected) (TCP_STATE)";
+        assert!(picture.notes.iter().any(|n| n == want), "{:?}", picture.notes);
+        assert!(
+            ladder_text(&picture, Zone::Utc).contains(want),
+            "the text shows the notes"
+        );
+        // A kernel that does not say why.
+        client.reset_reason = None;
+        let alone = ladder(&client, None, &clock);
+        assert!(
+            alone.notes.iter().any(|n| n
+                == "client 127.0.0.1:40000 sent the RST: reason unknown (this kernel does not say)"),
+            "{:?}",
+            alone.notes
+        );
     }
 
     /// `ladder --format json` carries the picture: drawn back from its JSON,

@@ -20,6 +20,8 @@ use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
 use crate::model::decode::Transition;
 use crate::model::owner::{Attribution, OwnerSource};
+use crate::model::reset::{self, ResetReason};
+use crate::model::{Endpoint, Family, TcpState};
 
 pub use summary::Tracking;
 
@@ -37,6 +39,55 @@ pub struct TraceLine<'a> {
     /// The owner's cgroup with its path, when the caller looked it up.
     pub cgroup: Option<&'a Cgroup>,
     pub delta_ns: Option<u64>,
+}
+
+/// What a trace line that is not a transition reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    ResetSent,
+    ResetReceived,
+    Retransmit,
+}
+
+impl EventKind {
+    /// The JSON `event` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::ResetSent => "reset_sent",
+            EventKind::ResetReceived => "reset_received",
+            EventKind::Retransmit => "retransmit",
+        }
+    }
+
+    /// What the text's TRANSITION column says.
+    fn text(self) -> &'static str {
+        match self {
+            EventKind::ResetSent => "RST sent",
+            EventKind::ResetReceived => "RST received",
+            EventKind::Retransmit => "retransmit",
+        }
+    }
+}
+
+/// One `trace` line for a reset or a retransmission: the socket's owner,
+/// the time since its last transition and, for a reset sent, the
+/// kernel's reason.
+pub struct TraceEventLine<'a> {
+    pub what: EventKind,
+    pub ts_ns: u64,
+    /// 0: a reset sent for no socket.
+    pub skaddr: u64,
+    pub family: Family,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub owner: Option<&'a Attribution>,
+    pub cgroup: Option<&'a Cgroup>,
+    pub delta_ns: Option<u64>,
+    pub reason: Option<ResetReason>,
+    /// The sender's state at a reset sent (`None`: no socket).
+    pub state: Option<TcpState>,
+    pub netns: Option<u32>,
+    pub cpu: u32,
 }
 
 /// One column of a text table: its heading, how wide it is, and which
@@ -134,6 +185,100 @@ pub fn trace_text(line: &TraceLine<'_>, clock: &Clock, zone: Zone) -> String {
                 .map_or_else(|| "-".to_string(), |d| format!("{:.3}", ms(d))),
         ],
     )
+}
+
+/// A reset or retransmission in `trace`'s columns; a reset sent ends with
+/// its reason in words.
+pub fn trace_event_text(line: &TraceEventLine<'_>, clock: &Clock, zone: Zone) -> String {
+    let (pid, comm) = match line.owner {
+        Some(a) => (a.owner.pid.to_string(), a.owner.comm.as_str()),
+        None => ("-".to_string(), "-"),
+    };
+    let mut text = table_line(
+        &TRACE_COLUMNS,
+        &[
+            clock.text(line.ts_ns, zone),
+            pid,
+            comm.to_string(),
+            line.local.to_string(),
+            line.remote.to_string(),
+            line.what.text().to_string(),
+            line.delta_ns
+                .map_or_else(|| "-".to_string(), |d| format!("{:.3}", ms(d))),
+        ],
+    );
+    if line.what == EventKind::ResetSent {
+        // Past the last column: the words do not fit one.
+        let pad = TRACE_COLUMNS.iter().map(|c| c.width + 1).sum::<usize>();
+        let _ = write!(
+            text,
+            "{:w$}{}",
+            "",
+            reset::explain(line.reason),
+            w = pad.saturating_sub(text.len())
+        );
+    }
+    text
+}
+
+#[derive(Serialize)]
+struct TraceEventJson<'a> {
+    ts: String,
+    ts_mono_ns: u64,
+    skaddr: String,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    cgroup: Option<Cow<'a, Cgroup>>,
+    owner_source: Option<&'static str>,
+    family: &'static str,
+    saddr: String,
+    sport: u16,
+    daddr: String,
+    dport: u16,
+    /// `reset_sent`, `reset_received` or `retransmit`: transition lines
+    /// have no `event`.
+    event: &'static str,
+    /// A reset sent: the sender's state (`null`: no socket), the kernel's
+    /// reason by name (`null`: the kernel does not say) and in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_reason: Option<Option<Cow<'static, str>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_words: Option<String>,
+    delta_ms: Option<f64>,
+    netns: Option<u32>,
+    cpu: u32,
+}
+
+pub fn trace_event_json(line: &TraceEventLine<'_>, clock: &Clock) -> String {
+    let owner = line.owner.map(|a| &a.owner);
+    let sent = line.what == EventKind::ResetSent;
+    let j = TraceEventJson {
+        ts: clock.rfc3339(line.ts_ns),
+        ts_mono_ns: line.ts_ns,
+        skaddr: format!("{:#x}", line.skaddr),
+        pid: owner.map(|o| o.pid),
+        comm: owner.map(|o| o.comm.as_str()),
+        cgroup: cgroup_of(owner.map(|o| &**o), line.cgroup),
+        owner_source: line.owner.map(|a| source_name(a.source)),
+        family: line.family.name(),
+        saddr: line.local.addr.to_string(),
+        sport: line.local.port,
+        daddr: line.remote.addr.to_string(),
+        dport: line.remote.port,
+        event: line.what.name(),
+        state: sent.then(|| line.state.map(|s| s.name())),
+        reset_reason: sent.then(|| line.reason.map(|r| r.name())),
+        reset_words: sent.then(|| {
+            line.reason
+                .map_or_else(|| reset::UNKNOWN_REASON.into(), |r| r.words().into_owned())
+        }),
+        delta_ms: line.delta_ns.map(ms),
+        netns: line.netns,
+        cpu: line.cpu,
+    };
+    serde_json::to_string(&j).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 fn source_name(s: OwnerSource) -> &'static str {

@@ -47,7 +47,15 @@ pub struct TransitionCount {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceSummary {
     pub transitions_seen: u64,
+    /// Transition lines printed.
     pub shown: u64,
+    /// Reset and retransmission lines printed.
+    #[serde(default)]
+    pub events_shown: u64,
+    /// Resets and retransmissions not printed: their socket had no
+    /// transition in the trace, so its endpoints were not known.
+    #[serde(default)]
+    pub events_unplaced: u64,
     pub stream: Stream,
     pub tracking: Tracking,
     /// Most frequent first.
@@ -207,6 +215,14 @@ impl ExitSummary {
                     "tcpwatch: {} transitions seen, {} shown",
                     s.transitions_seen, s.shown
                 );
+                if s.events_shown + s.events_unplaced > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  {} resets and retransmissions shown, {} not (their socket's \
+                         endpoints were not known: no transition of it was traced)",
+                        s.events_shown, s.events_unplaced
+                    );
+                }
                 stream_line(&mut out, &s.stream);
                 tracking_line(&mut out, &s.tracking);
                 for c in &s.transitions {
@@ -307,6 +323,8 @@ mod tests {
         ExitSummary::Trace(TraceSummary {
             transitions_seen: 2,
             shown: 0,
+            events_shown: 0,
+            events_unplaced: 0,
             stream: Stream {
                 events: 2,
                 lost: Lost {

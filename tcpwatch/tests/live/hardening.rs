@@ -696,12 +696,13 @@ fn btf_missing_fields_are_named_and_shown_as_unknown() {
         assert_eq!(d.comm.as_deref(), Some("hw-btf"));
         // The two probes stamp the same close microseconds apart.
         assert_eq!(d.timewait_left(), r.timewait_left(), "{role}: timewait");
-        // Text: TX, RX, RTT_US, RETX, WHY are the last five columns; HS_MS is 8th.
+        // Text: TX, RX, RTT_US, RETX, WHY, RST_REASON are the last six
+        // columns; HS_MS is 8th.
         let row = text_row(&text.stdout, sport, dport);
         let n = row.len();
-        assert_eq!(row[n - 5], "-", "TX: {row:?}");
-        assert_eq!(row[n - 4], received.to_string(), "RX: {row:?}");
-        assert_eq!(row[n - 3], "-", "RTT_US: {row:?}");
+        assert_eq!(row[n - 6], "-", "TX: {row:?}");
+        assert_eq!(row[n - 5], received.to_string(), "RX: {row:?}");
+        assert_eq!(row[n - 4], "-", "RTT_US: {row:?}");
         if role == "server" {
             assert_eq!(row[8], "-", "server HS_MS: {row:?}");
         }
