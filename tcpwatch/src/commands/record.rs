@@ -69,9 +69,21 @@ impl RecordSink {
     /// Sorts one event: written now, held, or left out.
     fn sort(&mut self, event: &Event, record: &Record) {
         let Record::State(t) = record else {
+            // A reset sent carries its own endpoints: for no socket, or
+            // just after its socket's CLOSE, they decide.
+            let own = match record {
+                Record::Socket(s) => s.reset.and_then(|r| r.endpoints),
+                Record::State(_) => None,
+            };
             match self.sockets.get_mut(&record.skaddr()) {
                 Some(Kept::No) => self.left_out += 1,
                 Some(Kept::Waiting(held)) => held.push(*event),
+                None if own.is_some_and(|(family, local, remote)| {
+                    self.filter.socket_verdict(family, &local, &remote) == Verdict::Drop
+                }) =>
+                {
+                    self.left_out += 1
+                }
                 Some(Kept::Yes) | None => self.out.push(*event),
             }
             return;

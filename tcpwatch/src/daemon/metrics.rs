@@ -15,7 +15,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::correlate::{Role, Timeline};
-use crate::model::decode::{Record, SocketEventKind, Transition};
+use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
+use crate::model::reset::ResetReason;
 use crate::model::TcpState;
 
 /// How many TCP states [`TcpState`] names.
@@ -92,6 +93,15 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// A reset's direction (`sent`, `received`) and the kernel's reason: its
+/// name, `other` for a number newer than this build, `unknown` where the
+/// kernel did not say (a reset received, or any before Linux 6.10).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResetLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailedConnectLabels {
     reason: String,
@@ -150,6 +160,7 @@ pub struct Metrics {
     /// summed as `other`.
     failed_destinations: std::collections::HashSet<String>,
     retransmits: Counter,
+    resets: Family<ResetLabels, Counter>,
     events: Counter,
     undecodable: Counter,
     tracked: Gauge,
@@ -186,6 +197,7 @@ impl Metrics {
             failed_connects: Family::default(),
             failed_destinations: Default::default(),
             retransmits: Counter::default(),
+            resets: Family::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
             tracked: Gauge::default(),
@@ -308,6 +320,11 @@ impl Metrics {
             m.retransmits.clone(),
         );
         r.register(
+            "resets",
+            "TCP resets sent or received on this host (every network namespace), by the reason the kernel gave for a reset it sent (unknown for one received, or before Linux 6.10)",
+            m.resets.clone(),
+        );
+        r.register(
             "events",
             "Kernel events taken from the ring buffer",
             m.events.clone(),
@@ -361,6 +378,7 @@ impl Metrics {
                 Record::State(t) => t,
                 Record::Socket(s) => {
                     retransmits += u64::from(s.kind == SocketEventKind::Retransmit);
+                    self.reset(s);
                     continue;
                 }
             };
@@ -387,6 +405,21 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    fn reset(&self, s: &SocketEvent) {
+        let direction = match s.kind {
+            SocketEventKind::SendReset => "sent",
+            SocketEventKind::ReceiveReset => "received",
+            _ => return,
+        };
+        let reason = s
+            .reset
+            .and_then(|r| r.reason)
+            .map_or("unknown", ResetReason::label);
+        self.resets
+            .get_or_create(&ResetLabels { direction, reason })
+            .inc();
     }
 
     /// Counts a finished connection; a failed connect by its reason and
@@ -732,5 +765,50 @@ mod tests {
         s.churn.clear();
         let got = text(&metrics, &s);
         assert!(!got.contains("pool_churn_connections_per_second{"), "{got}");
+    }
+
+    #[test]
+    fn resets_are_counted_by_direction_and_reason() {
+        let mut registry = Registry::with_prefix("tcpwatch");
+        let metrics = Metrics::new(&mut registry);
+        let reset = |k: u8, reason: Option<u8>| {
+            let mut e = Event::zeroed();
+            e.kind = k;
+            if let Some(r) = reason {
+                e.reset_reason = r;
+                e.valid = tcpwatch_common::valid::RESET_REASON;
+            }
+            interpret(&e).expect("a valid reset")
+        };
+        metrics.records(
+            &[
+                reset(kind::SEND_RESET, Some(1)),
+                reset(kind::SEND_RESET, Some(1)),
+                reset(kind::SEND_RESET, Some(11)),
+                reset(kind::SEND_RESET, Some(200)),
+                reset(kind::SEND_RESET, None),
+                reset(kind::RECEIVE_RESET, None),
+                reset(kind::RETRANSMIT, None),
+            ],
+            0,
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"tcpwatch_resets_total{direction="sent",reason="NO_SOCKET"} 2"#,
+            r#"tcpwatch_resets_total{direction="sent",reason="TCP_ABORT_ON_CLOSE"} 1"#,
+            r#"tcpwatch_resets_total{direction="sent",reason="other"} 1"#,
+            r#"tcpwatch_resets_total{direction="sent",reason="unknown"} 1"#,
+            r#"tcpwatch_resets_total{direction="received",reason="unknown"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("tcpwatch_resets_total{"))
+                .count(),
+            5,
+            "{text}"
+        );
     }
 }

@@ -22,6 +22,7 @@ mod netns;
 mod overload;
 mod prometheus;
 mod real_servers;
+mod resets;
 mod timewait;
 mod top;
 mod trace;

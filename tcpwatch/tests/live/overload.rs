@@ -102,6 +102,7 @@ fn make_batch(ns: &Netns, watchers: &[Watcher], port: u16, base: u16) {
 fn check_trace_batch(stdout: &[String], port: u16, base: u16, netns: u32) -> Result<(), String> {
     let lines: Vec<Line> = stdout
         .iter()
+        .filter(|l| trace::is_transition_line(l))
         .map(|l| Line::parse(l))
         .filter(|l| l.netns == Some(netns) && l.has_port(&[port]))
         .collect();

@@ -149,6 +149,17 @@ fn known_traffic() -> Traffic {
     }
 }
 
+/// connect() to a loopback port nothing holds: refused.
+fn refused_connect() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} was not closed"
+    );
+}
+
 /// A series: metric name and labels.
 type Series = (&'static str, &'static [(&'static str, &'static str)]);
 
@@ -416,6 +427,10 @@ fn grafana_dashboard_queries_return_data() {
         client_comm,
     } = known_traffic();
     let destination = target.to_string();
+    // The refused connects made resets for no socket (NO_SOCKET) before
+    // the traffic; one more after it, so the resets panel's series has
+    // grown between scrapes (a counter's first sample has no rate).
+    refused_connect();
 
     let dashboard: serde_json::Value =
         serde_json::from_str(&read_deploy(DASHBOARD)).expect("dashboard JSON");
@@ -489,6 +504,32 @@ fn grafana_dashboard_queries_return_data() {
         );
         results.push((q, expr, got));
     }
+
+    // The resets panel shows the ones the test caused, by their reason.
+    let (_, expr, _) = results
+        .iter()
+        .find(|(q, _, _)| q.panel == "Resets, by direction and reason")
+        .expect("no resets panel");
+    let deadline = std::time::Instant::now() + ARRIVAL;
+    let no_socket = loop {
+        let got = p.query(expr);
+        let rate = got
+            .iter()
+            .find(|s| {
+                s.labels.get("direction").map(String::as_str) == Some("sent")
+                    && s.labels.get("reason").map(String::as_str) == Some("NO_SOCKET")
+            })
+            .map(|s| s.value);
+        if rate.is_some_and(|v| v > 0.0) || std::time::Instant::now() > deadline {
+            break rate;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("Resets, by direction and reason: sent NO_SOCKET = {no_socket:?}/s");
+    assert!(
+        no_socket.is_some_and(|v| v > 0.0),
+        "no NO_SOCKET resets sent: {no_socket:?}"
+    );
 
     // The panels that name destinations show the test's own (once the
     // daemon's next snapshot has been scraped).

@@ -59,6 +59,64 @@ pub const JSON_FIELDS: [&str; 17] = [
     "cpu",
 ];
 
+/// A reset or retransmission line of `trace --format json` (transition
+/// lines have no `event`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct EventLine {
+    pub ts: String,
+    pub skaddr: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub family: String,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    /// `reset_sent`, `reset_received` or `retransmit`.
+    pub event: String,
+    /// A reset sent: the sender's state (none: no socket) and the kernel's
+    /// reason, by name and in words.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub reset_reason: Option<String>,
+    #[serde(default)]
+    pub reset_words: Option<String>,
+    pub delta_ms: Option<f64>,
+    pub netns: Option<u32>,
+}
+
+pub const EVENT_JSON_FIELDS: [&str; 14] = [
+    "ts",
+    "ts_mono_ns",
+    "skaddr",
+    "pid",
+    "comm",
+    "family",
+    "saddr",
+    "sport",
+    "daddr",
+    "dport",
+    "event",
+    "delta_ms",
+    "netns",
+    "cpu",
+];
+
+impl EventLine {
+    /// A line of either kind: `None` for a transition.
+    pub fn parse(text: &str) -> Option<EventLine> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        v.get("event")?;
+        Some(read_json(text, &EVENT_JSON_FIELDS).0)
+    }
+}
+
+/// Whether a `trace --format json` line is a transition's.
+pub fn is_transition_line(text: &str) -> bool {
+    EventLine::parse(text).is_none()
+}
+
 impl Line {
     pub fn parse(text: &str) -> Line {
         read_json(text, &JSON_FIELDS).0
@@ -81,7 +139,10 @@ impl Line {
 /// A finished `tcpwatch trace --format json` run.
 #[derive(Debug)]
 pub struct TraceRun {
+    /// The transition lines.
     pub lines: Vec<Line>,
+    /// The reset and retransmission lines.
+    pub events: Vec<EventLine>,
     /// stdout as printed, line by line.
     pub raw: Vec<String>,
     pub stderr: Vec<String>,
@@ -200,16 +261,28 @@ impl Tcpwatch {
     pub fn stop(self) -> TraceRun {
         let name = self.proc.name.clone();
         let f = self.proc.interrupt(STOP_TIMEOUT);
-        let lines: Vec<Line> = f.stdout.iter().map(|l| Line::parse(l)).collect();
+        let events: Vec<EventLine> = f.stdout.iter().filter_map(|l| EventLine::parse(l)).collect();
+        let lines: Vec<Line> = f
+            .stdout
+            .iter()
+            .filter(|l| is_transition_line(l))
+            .map(|l| Line::parse(l))
+            .collect();
         let summary = trace_summary(&f.stderr);
         assert_eq!(
             summary.shown,
             lines.len() as u64,
-            "{name}: summary's shown count differs from the lines printed"
+            "{name}: summary's shown count differs from the transition lines printed"
+        );
+        assert_eq!(
+            summary.events_shown,
+            events.len() as u64,
+            "{name}: summary's events_shown differs from the reset and retransmission lines printed"
         );
         assert_eq!(summary.stream.undecodable, 0, "{name}: {:?}", f.stderr);
         TraceRun {
             lines,
+            events,
             raw: f.stdout,
             stderr: f.stderr,
             lost: summary.stream.lost,
@@ -407,6 +480,68 @@ impl Bpftrace {
             })
             .filter(|(e, ours)| *ours && (ports.contains(&e.0) || ports.contains(&e.1)))
             .map(|(e, _)| e)
+            .collect()
+    }
+}
+
+/// One reset bpftrace saw sent: (sport, dport, state, reason), from the
+/// sender's side, as `tcp:tcp_send_reset`'s own fields hold them.
+pub type BtReset = (u16, u16, u32, u32);
+
+/// bpftrace printing every `tcp:tcp_send_reset` with its `state` and
+/// `reason` (the oracle for tcpwatch's reset reasons; ports from the
+/// record's sockaddrs).
+pub struct ResetOracle {
+    proc: Proc,
+}
+
+impl ResetOracle {
+    /// Starts bpftrace and returns once it has seen a reset the test
+    /// caused (a connect to a closed port), so it is attached.
+    pub fn start() -> ResetOracle {
+        let prog = "tracepoint:tcp:tcp_send_reset { printf(\"R %d %d %d %d %d\\n\", \
+                    args->saddr[0], (args->saddr[2] << 8) | args->saddr[3], \
+                    (args->daddr[2] << 8) | args->daddr[3], args->state, args->reason); }";
+        let mut cmd = Command::new(BPFTRACE);
+        cmd.args(["-B", "line", "-e", prog]);
+        let proc = Proc::spawn("bpftrace", cmd, false);
+        proc.wait_stdout(|l| l.starts_with("Attaching"), 1, START_TIMEOUT);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = closed.local_addr().unwrap().port();
+            drop(closed);
+            let _ = TcpStream::connect(("127.0.0.1", port));
+            let needle = format!(" {port} ");
+            if proc.try_wait_stdout(
+                |l: &str| l.starts_with("R ") && l.contains(&needle),
+                Duration::from_millis(300),
+            ) {
+                return ResetOracle { proc };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bpftrace never reported a reset\n{}",
+                proc.describe()
+            );
+        }
+    }
+
+    /// SIGINT, then the resets sent from or to one of `ports`.
+    pub fn stop(self, ports: &[u16]) -> Vec<BtReset> {
+        let f = self.proc.interrupt(STOP_TIMEOUT);
+        f.stdout
+            .iter()
+            .filter_map(|l| l.strip_prefix("R "))
+            .map(|l| {
+                let f: Vec<u32> = l
+                    .split_whitespace()
+                    .map(|n| n.parse().unwrap())
+                    .collect();
+                assert_eq!(f.len(), 5, "bpftrace line: {l}");
+                (f[1] as u16, f[2] as u16, f[3], f[4])
+            })
+            .filter(|r| ports.contains(&r.0) || ports.contains(&r.1))
             .collect()
     }
 }
