@@ -182,6 +182,11 @@ impl<W: Write> TraceSink<W> {
             SocketEventKind::ReceiveReset => EventKind::ResetReceived,
             SocketEventKind::FirstUse => return Ok(()),
         };
+        // Lines held for an accepted socket's user come first, as their
+        // listener's: a reset ends it before any process used it.
+        if s.skaddr != 0 && self.held.contains_key(&s.skaddr) {
+            self.release(s.skaddr, None)?;
+        }
         let known = self.last_ts.get(&s.skaddr).or_else(|| {
             self.recently_closed
                 .iter()
@@ -700,12 +705,18 @@ mod tests {
         assert_eq!(events[1]["reset_reason"], "TCP_STATE");
         assert_eq!(events[1]["state"], "CLOSE");
         assert_eq!(events[1]["pid"], 10, "the closed socket's owner");
-        assert_eq!((&events[1]["sport"], &events[1]["dport"]), (&40000.into(), &8080.into()));
+        assert_eq!(
+            (&events[1]["sport"], &events[1]["dport"]),
+            (&40000.into(), &8080.into())
+        );
         assert_eq!(events[2]["reset_reason"], "NO_SOCKET");
         assert_eq!(events[2]["reset_words"], "no socket (port closed)");
         assert!(events[2]["state"].is_null() && events[2]["pid"].is_null());
         assert_eq!(events[2]["skaddr"], "0x0");
-        assert_eq!((&events[2]["sport"], &events[2]["dport"]), (&9.into(), &40001.into()));
+        assert_eq!(
+            (&events[2]["sport"], &events[2]["dport"]),
+            (&9.into(), &40001.into())
+        );
 
         // Text: the same lines, the reason in words at the end.
         let mut s = sink(Filter::default(), Format::Text);

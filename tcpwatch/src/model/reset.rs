@@ -25,9 +25,15 @@ const REASONS: [(&str, &str); 26] = [
     ("TCP_TIMEWAIT_SOCKET", "segment for a TIME_WAIT socket"),
     ("INVALID_SYN", "unexpected SYN"),
     ("TCP_ABORT_ON_CLOSE", "closed with unread data"),
-    ("TCP_ABORT_ON_LINGER", "closed in FIN_WAIT2 with TCP_LINGER2 < 0"),
+    (
+        "TCP_ABORT_ON_LINGER",
+        "closed in FIN_WAIT2 with TCP_LINGER2 < 0",
+    ),
     ("TCP_ABORT_ON_MEMORY", "out of memory for orphaned sockets"),
-    ("TCP_STATE", "aborted (closed with SO_LINGER 0, or disconnected)"),
+    (
+        "TCP_STATE",
+        "aborted (closed with SO_LINGER 0, or disconnected)",
+    ),
     ("TCP_KEEPALIVE_TIMEOUT", "keepalive probes unanswered"),
     ("TCP_DISCONNECT_WITH_DATA", "disconnected with unsent data"),
     ("MPTCP_RST_EUNSPEC", "MPTCP: unspecified error"),

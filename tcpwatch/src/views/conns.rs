@@ -582,8 +582,7 @@ mod tests {
         t.close = CloseKind::Aborted;
         t.resets_sent = 1;
         t.reset_reason = Some(crate::model::reset::ResetReason::TCP_ABORT_ON_CLOSE);
-        let json: serde_json::Value =
-            serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
         assert_eq!(json["reset_reason"], "TCP_ABORT_ON_CLOSE");
         let last = |t: &Timeline| {
             conns_text(t, &clock, Zone::Utc)
@@ -597,13 +596,14 @@ mod tests {
         assert_eq!(last(&t), "TCP_ABORT_ON_CLOSE");
         t.reset_reason = Some(crate::model::reset::ResetReason(99));
         assert_eq!(
-            ConnRecord::new(&t, &clock, false, None).reset_reason.as_deref(),
+            ConnRecord::new(&t, &clock, false, None)
+                .reset_reason
+                .as_deref(),
             Some("reason 99")
         );
         t.reset_reason = None;
         assert_eq!(last(&t), "unknown");
-        let json: serde_json::Value =
-            serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&conns_json(&t, &clock, None)).unwrap();
         assert!(json["reset_reason"].is_null());
         t.resets_sent = 0;
         assert_eq!(last(&t), "-");

@@ -628,7 +628,11 @@ mod tests {
         let picture = ladder(&server, Some(&client), &clock);
         let want = "client 127.0.0.1:40000 sent the RST: aborted (closed with SO_LINGER 0, \
                     or disconnected) (TCP_STATE)";
-        assert!(picture.notes.iter().any(|n| n == want), "{:?}", picture.notes);
+        assert!(
+            picture.notes.iter().any(|n| n == want),
+            "{:?}",
+            picture.notes
+        );
         assert!(
             ladder_text(&picture, Zone::Utc).contains(want),
             "the text shows the notes"
@@ -637,8 +641,10 @@ mod tests {
         client.reset_reason = None;
         let alone = ladder(&client, None, &clock);
         assert!(
-            alone.notes.iter().any(|n| n
-                == "client 127.0.0.1:40000 sent the RST: reason unknown (this kernel does not say)"),
+            alone.notes.iter().any(|n| {
+                n
+                == "client 127.0.0.1:40000 sent the RST: reason unknown (this kernel does not say)"
+            }),
             "{:?}",
             alone.notes
         );

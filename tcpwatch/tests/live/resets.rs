@@ -27,6 +27,8 @@ use crate::support::{have, own_netns, set_mode, skip, Scratch};
 /// which, and the reason the kernel must give.
 struct Caused {
     what: &'static str,
+    /// The sending process (none: no socket sent it).
+    sender: Option<(u32, String)>,
     /// The sender's (local port, remote port).
     from: (u16, u16),
     reason: &'static str,
@@ -38,7 +40,11 @@ struct Caused {
 
 /// The three resets, each on a connection of its own. Returns what was
 /// caused and the links of the two connections that opened.
-fn cause_resets(server: &mut Peer, client: &mut Peer, holder: &mut Peer) -> (Vec<Caused>, Vec<Link>) {
+fn cause_resets(
+    server: &mut Peer,
+    client: &mut Peer,
+    holder: &mut Peer,
+) -> (Vec<Caused>, Vec<Link>) {
     let ip = IpAddr::from(Ipv4Addr::LOCALHOST);
     let mut caused = Vec::new();
     let mut links = Vec::new();
@@ -51,6 +57,7 @@ fn cause_resets(server: &mut Peer, client: &mut Peer, holder: &mut Peer) -> (Vec
     server.run("close");
     caused.push(Caused {
         what: "SO_LINGER 0",
+        sender: Some((client.pid, client.comm.clone())),
         from: link.client_key(),
         reason: "TCP_STATE",
         number: 14,
@@ -69,6 +76,7 @@ fn cause_resets(server: &mut Peer, client: &mut Peer, holder: &mut Peer) -> (Vec
     client.run("close");
     caused.push(Caused {
         what: "unread data",
+        sender: Some((server.pid, server.comm.clone())),
         from: link.server_key(),
         reason: "TCP_ABORT_ON_CLOSE",
         number: 11,
@@ -86,6 +94,7 @@ fn cause_resets(server: &mut Peer, client: &mut Peer, holder: &mut Peer) -> (Vec
     assert_eq!(errno, libc::ECONNREFUSED.to_string());
     caused.push(Caused {
         what: "closed port",
+        sender: None,
         from: (port, cport.parse().unwrap()),
         reason: "NO_SOCKET",
         number: 1,
@@ -111,7 +120,7 @@ fn trace_conns_and_ladder_say_why_each_reset_was_sent() {
     let oracle = ResetOracle::start();
     let trace = Tcpwatch::start("resets", &[]);
     let mut conns = Tw::conns();
-    let mut recorder = Tw::start(&["record", "--format", "json", "-o", file.to_str().unwrap()]);
+    let recorder = Tw::start(&["record", "--format", "json", "-o", file.to_str().unwrap()]);
     let mut server = Peer::spawn("twr-server", None);
     let mut client = Peer::spawn("twr-client", None);
     let mut holder = Peer::spawn("twr-holder", None);
@@ -143,17 +152,31 @@ fn trace_conns_and_ladder_say_why_each_reset_was_sent() {
         println!("{}: trace {sent:?}", c.what);
         assert_eq!(sent.len(), 1, "{}: reset lines {sent:?}", c.what);
         let e = sent[0];
-        assert_eq!(e.reset_reason.as_deref(), Some(c.reason), "{}: {e:?}", c.what);
+        assert_eq!(
+            e.reset_reason.as_deref(),
+            Some(c.reason),
+            "{}: {e:?}",
+            c.what
+        );
         assert!(e.reset_words.as_ref().is_some_and(|w| !w.is_empty()));
-        assert_eq!(e.saddr, "127.0.0.1");
+        assert_eq!(
+            (e.family.as_str(), e.saddr.as_str(), e.daddr.as_str()),
+            ("ipv4", "127.0.0.1", "127.0.0.1")
+        );
+        // The socket's owner, and the time since its last transition.
+        let owner = e.pid.zip(e.comm.clone());
+        assert_eq!(owner, c.sender, "{}: {e:?}", c.what);
+        assert_eq!(
+            e.delta_ms.is_some(),
+            c.sender.is_some(),
+            "{}: {e:?}",
+            c.what
+        );
         match c.state {
             0 => {
                 assert_eq!(e.skaddr, "0x0", "{}: no socket sent it", c.what);
                 assert_eq!(e.state, None, "{}", c.what);
-                assert_eq!(
-                    e.reset_words.as_deref(),
-                    Some("no socket (port closed)")
-                );
+                assert_eq!(e.reset_words.as_deref(), Some("no socket (port closed)"));
             }
             _ => {
                 assert_ne!(e.skaddr, "0x0", "{}", c.what);
@@ -161,8 +184,7 @@ fn trace_conns_and_ladder_say_why_each_reset_was_sent() {
             }
         }
         // bpftrace read the same reset, with the same reason and state.
-        let seen: Vec<&(u16, u16, u32, u32)> =
-            bt.iter().filter(|r| (r.0, r.1) == c.from).collect();
+        let seen: Vec<&(u16, u16, u32, u32)> = bt.iter().filter(|r| (r.0, r.1) == c.from).collect();
         println!("{}: bpftrace {seen:?}", c.what);
         assert_eq!(seen.len(), 1, "{}: bpftrace saw {seen:?}", c.what);
         assert_eq!((seen[0].2, seen[0].3), (c.state, c.number), "{}", c.what);
@@ -265,7 +287,11 @@ fn trace_conns_and_ladder_say_why_each_reset_was_sent() {
             .iter()
             .find(|l| l.contains(&want))
             .unwrap_or_else(|| panic!("{}: no `{want}` in\n{text}", c.what));
-        assert!(line.ends_with(&format!("({})", c.reason)), "{}: {line}", c.what);
+        assert!(
+            line.ends_with(&format!("({})", c.reason)),
+            "{}: {line}",
+            c.what
+        );
     }
     drop(scratch);
 }

@@ -348,6 +348,7 @@ pub const CONN_FIELDS: [&str; 35] = [
     "total_retrans",
     "resets_sent",
     "resets_received",
+    "reset_reason",
     "transitions",
 ];
 

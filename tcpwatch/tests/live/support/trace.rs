@@ -63,7 +63,6 @@ pub const JSON_FIELDS: [&str; 17] = [
 /// lines have no `event`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct EventLine {
-    pub ts: String,
     pub skaddr: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -261,7 +260,11 @@ impl Tcpwatch {
     pub fn stop(self) -> TraceRun {
         let name = self.proc.name.clone();
         let f = self.proc.interrupt(STOP_TIMEOUT);
-        let events: Vec<EventLine> = f.stdout.iter().filter_map(|l| EventLine::parse(l)).collect();
+        let events: Vec<EventLine> = f
+            .stdout
+            .iter()
+            .filter_map(|l| EventLine::parse(l))
+            .collect();
         let lines: Vec<Line> = f
             .stdout
             .iter()
@@ -534,10 +537,7 @@ impl ResetOracle {
             .iter()
             .filter_map(|l| l.strip_prefix("R "))
             .map(|l| {
-                let f: Vec<u32> = l
-                    .split_whitespace()
-                    .map(|n| n.parse().unwrap())
-                    .collect();
+                let f: Vec<u32> = l.split_whitespace().map(|n| n.parse().unwrap()).collect();
                 assert_eq!(f.len(), 5, "bpftrace line: {l}");
                 (f[1] as u16, f[2] as u16, f[3], f[4])
             })
