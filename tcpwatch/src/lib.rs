@@ -5,7 +5,8 @@
 //!   attaching it, draining its ring buffer;
 //! - `host`: facts read from the running host (/proc, sock_diag, kernel
 //!   counters, the clock);
-//! - `model`: the pure core, no I/O: events and their decoding, filters,
+//! - `model`: the pure core, no I/O: events and their decoding, reset
+//!   reasons, filters,
 //!   socket owners, the correlator that builds timelines, TIME_WAIT
 //!   accounting, sweep decisions, bounded tables;
 //! - `stream`: the event stream: the context every consumer is built from
