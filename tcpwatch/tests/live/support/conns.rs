@@ -313,7 +313,7 @@ pub fn check_summary(stderr: &[String], printed: usize) -> u64 {
 // conns records
 
 /// Every field of a `conns --format json` record.
-pub const CONN_FIELDS: [&str; 35] = [
+pub const CONN_FIELDS: [&str; 36] = [
     "ts",
     "start_ts",
     "skaddr",
