@@ -685,7 +685,11 @@ mod tests {
             lines[0]
         );
         assert!(lines[0].contains(">864000000.000"), "{}", lines[0]);
-        assert!(lines[0].contains(" TCP_DISCONNECT_WITH_DATA "), "{}", lines[0]);
+        assert!(
+            lines[0].contains(" TCP_DISCONNECT_WITH_DATA "),
+            "{}",
+            lines[0]
+        );
         let mut failed = timeline();
         failed.local = wide.into();
         failed.open = OpenKind::Failed;
