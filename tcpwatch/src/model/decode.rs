@@ -661,6 +661,19 @@ pub(crate) mod tests {
         assert_eq!(family, Family::V6);
         assert_eq!(local.to_string(), "[::1]:80");
         assert_eq!(remote.to_string(), "[::1]:5000");
+        // decode_into, which reads both per-socket records and single
+        // events off the ring, keeps the reason too.
+        let mut events = Vec::new();
+        decode_into(&encode(&e), &mut events).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reset_reason, 11);
+        let Record::Socket(s) = interpret(&events[0]).unwrap() else {
+            panic!("not a socket event")
+        };
+        assert_eq!(
+            s.reset.unwrap().reason,
+            Some(ResetReason::TCP_ABORT_ON_CLOSE)
+        );
         // Other socket events carry none of it.
         e.kind = kind::RETRANSMIT;
         let Record::Socket(s) = decode(&encode(&e)).unwrap() else {
