@@ -439,9 +439,7 @@ fn attach_btf(
 
 /// Sets entry 0 of the array map `name` to 1.
 fn set_flag(ebpf: &mut Ebpf, name: &'static str) -> Result<(), ProbeError> {
-    let map = ebpf
-        .map_mut(name)
-        .ok_or(ProbeError::MissingMap { name })?;
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap { name })?;
     let mut flag: aya::maps::Array<_, u32> =
         aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
     flag.set(0, 1, 0)

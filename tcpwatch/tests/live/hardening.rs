@@ -112,12 +112,14 @@ fn stop_under_load(sig: libc::c_int, sig_name: &str, args: &[&str], churn: &Chur
     let ready = start.elapsed();
 
     let held = BpfIds::held_by(proc.pid());
-    // The four classic tracepoint programs and the two BTF tracepoint
-    // programs that name an accepted socket's owner.
+    // One program for each of the four tracepoints, a second one for
+    // tcp_send_reset (the BTF program for full sockets beside the classic
+    // one for the rest), and the two BTF tracepoint programs that name an
+    // accepted socket's owner.
     assert_eq!(
         (held.progs.len(), held.links.len()),
-        (6, 6),
-        "{name}: expected its 6 programs, each with its link: {held:?}"
+        (7, 7),
+        "{name}: expected its 7 programs, each with its link: {held:?}"
     );
     assert_eq!(
         held.still_in(&BpfIds::listed()),

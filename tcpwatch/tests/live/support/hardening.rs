@@ -18,7 +18,7 @@ use super::summary::conns_summary;
 use super::{tcpwatch_bin, Finished, Proc};
 
 /// The names of the programs in tcpwatch's eBPF object.
-pub const PROGRAM_NAMES: [&str; 10] = [
+pub const PROGRAM_NAMES: [&str; 11] = [
     "inet_sock_set_state",
     "bench_floor",
     "tcp_retransmit_skb",
@@ -28,6 +28,7 @@ pub const PROGRAM_NAMES: [&str; 10] = [
     "sock_send_length",
     "inet_sock_set_state_btf",
     "tcp_retransmit_skb_btf",
+    "tcp_send_reset_btf",
     "tcp_receive_reset_btf",
 ];
 
