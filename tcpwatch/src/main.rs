@@ -76,6 +76,8 @@ async fn conns(source: Source, opts: ConnsOptions, summary: Format) -> Result<()
 }
 
 async fn timewait(args: TimewaitArgs) -> anyhow::Result<()> {
+    // Snapshots read long kernel lists: their blocks go back when freed.
+    tcpwatch::host::return_large_blocks_when_freed();
     let redraw = io::stdout().is_terminal() && args.format == Format::Text;
     if let Some(url) = &args.from {
         if !args.filter.to_filter().is_empty() {

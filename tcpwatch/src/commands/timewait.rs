@@ -703,8 +703,14 @@ impl<W: Write> Consumer for TimewaitSink<W> {
             .tracker
             .absorb(batch.records, batch.settled_ns, &mut self.finished);
         self.finished.clear();
-        for s in due.unwrap_or_default() {
-            self.write(&s)?;
+        if let Some(due) = due {
+            for s in &due {
+                self.write(s)?;
+            }
+            // The snapshot's scratch (a kernel list read, its tables) was
+            // just freed: hand its pages back, as the daemon does.
+            drop(due);
+            crate::host::release_freed_memory();
         }
         Ok(())
     }

@@ -82,7 +82,10 @@ impl Watcher {
         cmd.args([mode.name(), "--format", "json", "--laddr", &our_net()])
             .args(extra);
         if mode == Mode::Timewait {
-            cmd.args(["--interval", "1"]);
+            // The batch check compares a snapshot with the kernel's list,
+            // which the book reads only every check interval once the list
+            // is long (the burst leaves tens of thousands).
+            cmd.args(["--interval", "1", "--check-interval", "1"]);
         }
         let proc = Proc::spawn(&format!("tcpwatch {} {extra:?}", mode.name()), cmd, false);
         proc.wait_stderr(is_ready, 1, START_TIMEOUT);
