@@ -88,6 +88,10 @@ impl Batch {
 /// kernel counts what it drops ("ring buffer full").
 pub const MAX_BATCH: usize = 1024;
 
+/// Batches one drain takes at most: 512 × 1024 records of at least 128
+/// bytes each is more than a 64 MiB ring holds.
+const DRAIN_BATCHES: usize = 512;
+
 /// Takes up to [`MAX_BATCH`] records; whether that emptied the ring.
 /// `expect` is how many the last batch held: room for as many is made at
 /// once, so a steady stream does not grow each batch from empty.
@@ -133,7 +137,12 @@ async fn drain(
     tx: &mpsc::Sender<Feed>,
 ) -> bool {
     let began = crate::host::clock::monotonic_ns();
-    loop {
+    // At most DRAIN_BATCHES takes (more records than a 64 MiB ring holds):
+    // what was in the ring when the call began is read, but a ring the
+    // kernel refills as fast as it is read never keeps the reader from
+    // seeing a stop (tcpwatch went on draining under load after SIGTERM,
+    // past 30 s).
+    for _ in 0..DRAIN_BATCHES {
         let (batch, emptied) = take(ring, expect);
         if emptied {
             *settled = (*settled).max(began);
@@ -156,6 +165,7 @@ async fn drain(
             return true;
         }
     }
+    true
 }
 
 /// Reads until `stop` turns true (then drains one last time, so nothing
