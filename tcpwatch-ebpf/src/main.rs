@@ -227,11 +227,7 @@ fn try_send_reset_btf(ctx: &BtfTracePointContext, sk: u64) -> Result<(), i32> {
         ev.valid |= valid::RESET_REASON;
     }
     if let Ok(ends) = read_endpoints(sk) {
-        ev.family = ends.family;
-        ev.sport = ends.sport;
-        ev.dport = ends.dport;
-        ev.saddr = ends.saddr;
-        ev.daddr = ends.daddr;
+        ends.put(&mut ev);
     }
     fill_task(&mut ev, false);
     let failed = fill_socket(&mut ev, &cfg, read::NETNS);
@@ -369,12 +365,7 @@ fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Re
     ev.skaddr = sk;
     ev.oldstate = old as u8;
     ev.newstate = new as u8;
-    let ends = read_endpoints(sk)?;
-    ev.saddr = ends.saddr;
-    ev.daddr = ends.daddr;
-    ev.sport = ends.sport;
-    ev.dport = ends.dport;
-    ev.family = ends.family;
+    read_endpoints(sk)?.put(&mut ev);
     set_state_common(ctx, &mut ev);
     Ok(())
 }
@@ -387,6 +378,17 @@ struct Endpoints {
     sport: u16,
     dport: u16,
     family: u16,
+}
+
+impl Endpoints {
+    #[inline(always)]
+    fn put(&self, ev: &mut Event) {
+        ev.saddr = self.saddr;
+        ev.daddr = self.daddr;
+        ev.sport = self.sport;
+        ev.dport = self.dport;
+        ev.family = self.family;
+    }
 }
 
 #[inline(always)]
