@@ -151,6 +151,10 @@ enum Cmd {
         /// [default: the daemon's].
         #[arg(long, value_name = "BYTES", requires = "daemon")]
         ring_size: Option<String>,
+        /// The --daemon soak runs this tcpwatch binary instead of building
+        /// the workspace's (to compare two builds in one sitting).
+        #[arg(long, value_name = "PATH", requires = "daemon")]
+        binary: Option<std::path::PathBuf>,
     },
 }
 
@@ -234,6 +238,7 @@ fn execute(command: Cmd) -> Result<u8> {
         daemon,
         rate,
         ring_size,
+        binary,
     } = command
     {
         let ws = Workspace::locate()?;
@@ -244,6 +249,7 @@ fn execute(command: Cmd) -> Result<u8> {
                 threads,
                 rate,
                 ring_size,
+                binary,
             };
             soak::daemon::run(&ws, &options)?
         } else {

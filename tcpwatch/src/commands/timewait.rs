@@ -42,12 +42,12 @@ use crate::views::summary::{ExitSummary, TimewaitSummary, Tracking};
 use crate::views::timewait::{timewait_json, timewait_text};
 use crate::views::Format;
 
-/// The kernel's list of timewait sockets in the calling thread's namespace.
-pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
-    let list = sockdiag::dump_timewait()?;
-    Ok(list
-        .into_iter()
-        .map(|s| KernelTimewait {
+/// The kernel's list of timewait sockets in the calling thread's
+/// namespace, each handed to `each` as it is read (nothing of the list is
+/// kept: it may hold tcp_max_tw_buckets sockets).
+fn each_kernel_timewait(mut each: impl FnMut(&KernelTimewait)) -> Result<u64, SockDiagError> {
+    sockdiag::each_timewait(|s| {
+        each(&KernelTimewait {
             local: s.local,
             remote: s.remote,
             substate: if s.substate == TcpState::FinWait2 {
@@ -57,7 +57,18 @@ pub fn kernel_timewait() -> Result<Vec<KernelTimewait>, SockDiagError> {
             },
             expires_ms: s.expires_ms,
         })
-        .collect())
+    })
+}
+
+/// Whether the user's filters can match a socket of the kernel's list
+/// without knowing its owner.
+fn listable(filter: &Filter, k: &KernelTimewait) -> bool {
+    let family = if k.local.addr.is_ipv4() {
+        crate::model::Family::V4
+    } else {
+        crate::model::Family::V6
+    };
+    filter.matches_endpoints(family, &k.local, &k.remote)
 }
 
 /// When the book is checked against the kernel's list of timewait
@@ -97,20 +108,22 @@ pub const SHORT_LIST: u64 = 10_000;
 /// What one namespace's kernel says, read from inside it.
 #[derive(Default)]
 struct KernelRead {
-    /// The timewait sockets (`None`: not read).
-    list: Option<Result<Vec<KernelTimewait>, SockDiagError>>,
+    /// Whether its list of timewait sockets was read, into the book as it
+    /// came (`None`: not read).
+    list: Option<Result<(), SockDiagError>>,
     figures: KernelFigures,
     sysctls: Option<Sysctls>,
 }
 
 impl KernelRead {
     /// Reads the calling thread's namespace: its figures, and its list of
-    /// timewait sockets when `list` says so from them. With a list, the
-    /// figures are read again after it: while sockets are made, the
-    /// kernel's count read after the list is at least the list's length.
-    fn here(list: impl FnOnce(&KernelFigures) -> bool) -> KernelRead {
+    /// timewait sockets when `list` reads it (which it does or not from
+    /// the figures). With a list, the figures are read again after it:
+    /// while sockets are made, the kernel's count read after the list is
+    /// at least the list's length.
+    fn here(list: impl FnOnce(&KernelFigures) -> Option<Result<(), SockDiagError>>) -> KernelRead {
         let figures = KernelFigures::read();
-        let list = list(&figures).then(kernel_timewait);
+        let list = list(&figures);
         KernelRead {
             figures: if list.is_some() {
                 KernelFigures::read()
@@ -265,17 +278,36 @@ impl TimewaitTracker {
     /// now counted as from before tracing.
     fn open_book(&mut self, inode: u32, ns: Option<Namespace>, now_ns: u64) {
         let ns = ns.or_else(|| Namespace::find(inode).ok().filter(|_| self.live));
-        let read = ns.as_ref().and_then(|ns| {
-            ns.run_in(|| KernelRead::here(|_| true))
-                .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
-                .ok()
-        });
-        let mut nb = NsBook {
-            book: TimewaitBook::new(
+        let new_book = || {
+            TimewaitBook::new(
                 TimewaitOptions::default(),
                 Some(inode).filter(|i| *i != 0),
                 now_ns,
-            ),
+            )
+        };
+        let mut book = new_book();
+        // Sockets from before tracing have no owner: a process filter
+        // excludes them all.
+        let filter = &self.selector.filter;
+        let seed = !filter.has_owner_filters();
+        let read = ns.as_ref().and_then(|ns| {
+            ns.run_in(|| {
+                KernelRead::here(|_| {
+                    Some(
+                        each_kernel_timewait(|k| {
+                            if seed && listable(filter, k) {
+                                book.count_before_tracing(k, now_ns);
+                            }
+                        })
+                        .map(drop),
+                    )
+                })
+            })
+            .map_err(|e| tracing::warn!("network namespace {}: {e}", ns.label()))
+            .ok()
+        });
+        let mut nb = NsBook {
+            book,
             churn: ChurnBook::new(self.churn, now_ns),
             overflow_base: read.as_ref().and_then(|r| r.figures.tw_overflow),
             overflow_prev: read.as_ref().and_then(|r| r.figures.tw_overflow),
@@ -285,22 +317,14 @@ impl TimewaitTracker {
             overflow_at_check: read.as_ref().and_then(|r| r.figures.tw_overflow),
             ns,
         };
-        match read.and_then(|r| r.list) {
-            // Sockets from before tracing have no owner: a process filter
-            // excludes them all.
-            Some(Ok(mut list)) if !self.selector.filter.has_owner_filters() => {
-                self.narrow(&mut list);
-                nb.book.seed_before_tracing(&list, now_ns);
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                let e = anyhow::Error::from(e);
-                tracing::warn!(
-                    "cannot list existing timewait sockets ({e:#}); counting only those made from now on"
-                );
-                nb.kernel_unreadable = true;
-            }
-            None => {}
+        if let Some(Err(e)) = read.and_then(|r| r.list) {
+            let e = anyhow::Error::from(e);
+            tracing::warn!(
+                "cannot list existing timewait sockets ({e:#}); counting only those made from now on"
+            );
+            // Not the part of the list read before the error either.
+            nb.book = new_book();
+            nb.kernel_unreadable = true;
         }
         let _ = nb
             .book
@@ -310,21 +334,6 @@ impl TimewaitTracker {
 
     pub fn correlator(&self) -> &Correlator {
         &self.correlator
-    }
-
-    /// The kernel's list, narrowed to what the user's filters can match
-    /// without knowing an owner.
-    fn narrow(&self, list: &mut Vec<KernelTimewait>) {
-        list.retain(|k| {
-            let family = if k.local.addr.is_ipv4() {
-                crate::model::Family::V4
-            } else {
-                crate::model::Family::V6
-            };
-            self.selector
-                .filter
-                .matches_endpoints(family, &k.local, &k.remote)
-        });
     }
 
     /// The book of namespace `netns` (the primary's when unknown); `None`
@@ -384,14 +393,29 @@ impl TimewaitTracker {
             // timewait socket, which its events do not show, so only the
             // list tells which entries were never made.
             let overflowed = nb.overflow_at_check;
+            let readable = !nb.kernel_unreadable;
             let with_list = |f: &KernelFigures| {
-                !nb.kernel_unreadable
+                readable
                     && (due
                         || f.sockstat_tw.is_none_or(|n| n <= short)
                         || f.tw_overflow.is_some_and(|o| Some(o) != overflowed))
             };
+            // The list goes into the book as it is read.
+            let (book, filter) = (&mut nb.book, &self.selector.filter);
+            let check = |f: &KernelFigures| {
+                if !with_list(f) {
+                    return None;
+                }
+                let mut check = book.reconciling(now_ns, recent_ms, count_unmatched);
+                let read = each_kernel_timewait(|k| {
+                    if listable(filter, k) {
+                        check.listed(k);
+                    }
+                });
+                Some(read.map(|_| check.finish()))
+            };
             let read = match nb.ns.as_mut() {
-                Some(ns) => match ns.run_in_refind(|| KernelRead::here(with_list)) {
+                Some(ns) => match ns.run_in_refind(|| KernelRead::here(check)) {
                     Ok(r) => Some(r),
                     Err(NetnsError::NoInode { .. }) => {
                         // No process and no name holds it any more: its
@@ -417,12 +441,6 @@ impl TimewaitTracker {
                 figures,
                 sysctls,
             } = read.unwrap_or_default();
-            let list = list.map(|l| {
-                l.map(|mut l| {
-                    self.narrow(&mut l);
-                    l
-                })
-            });
             let Some(nb) = self.books.get_mut(&inode) else {
                 continue;
             };
@@ -432,7 +450,7 @@ impl TimewaitTracker {
                 nb.overflow_at_check = figures.tw_overflow;
             }
             match list {
-                Some(Ok(l)) => nb.book.reconcile(&l, now_ns, recent_ms, count_unmatched),
+                Some(Ok(())) => {}
                 Some(Err(e)) => {
                     let e = anyhow::Error::from(e);
                     tracing::warn!("cannot list timewait sockets: {e:#}");

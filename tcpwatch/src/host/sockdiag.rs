@@ -159,7 +159,23 @@ fn timewait_dump() -> Dump<TimewaitSocket> {
 /// thread's network namespace. When the kernel has no IPv6 sock_diag
 /// support, only the IPv4 ones.
 pub fn dump_timewait() -> Result<Vec<TimewaitSocket>, SockDiagError> {
-    dump(&timewait_dump())
+    let mut out = Vec::new();
+    each_timewait(|s| out.push(s))?;
+    Ok(out)
+}
+
+/// [`dump_timewait`] without the list: each socket is handed to `each` as
+/// its reply datagram is parsed, so a list of 131,072 sockets costs one
+/// datagram's buffer, not a vector of them all. Returns how many were
+/// handed over. On an error the sockets handed over so far are only a part
+/// of the list.
+pub fn each_timewait(mut each: impl FnMut(TimewaitSocket)) -> Result<u64, SockDiagError> {
+    let mut n = 0u64;
+    dump(&timewait_dump(), &mut |s| {
+        n += 1;
+        each(s)
+    })?;
+    Ok(n)
 }
 
 /// A full TCP socket as the kernel lists it.
@@ -179,22 +195,28 @@ pub struct FullSocket {
 /// kernel leaves the TIME_WAIT ones out itself, so this costs little
 /// however many of those there are.
 pub fn dump_full_sockets() -> Result<Vec<FullSocket>, SockDiagError> {
-    dump(&Dump {
-        states: StateFlags::all() - StateFlags::TIME_WAIT,
-        keep: parse_full_socket,
-    })
+    let mut out = Vec::new();
+    dump(
+        &Dump {
+            states: StateFlags::all() - StateFlags::TIME_WAIT,
+            keep: parse_full_socket,
+        },
+        &mut |s| out.push(s),
+    )?;
+    Ok(out)
 }
 
-fn dump<T>(what: &Dump<T>) -> Result<Vec<T>, SockDiagError> {
+/// Both families' dumps, each socket kept handed to `each` as it is parsed.
+fn dump<T>(what: &Dump<T>, each: &mut impl FnMut(T)) -> Result<(), SockDiagError> {
     let socket = open()?;
+    // Only the pages the kernel writes become resident: a dump datagram is
+    // at most 32 KiB (netlink's cap on a dump's message).
     let mut buf = vec![0u8; RECV_BUF_LEN];
-    let mut out = Vec::new();
-    dump_family(&socket, &mut buf, AF_INET, 1, what, &mut out)?;
-    match dump_family(&socket, &mut buf, AF_INET6, 2, what, &mut out) {
-        Err(SockDiagError::Kernel { source, .. }) if ipv6_unavailable(&source) => {}
-        other => other?,
+    dump_family(&socket, &mut buf, AF_INET, 1, what, each)?;
+    match dump_family(&socket, &mut buf, AF_INET6, 2, what, each) {
+        Err(SockDiagError::Kernel { source, .. }) if ipv6_unavailable(&source) => Ok(()),
+        other => other,
     }
-    Ok(out)
 }
 
 /// Errors that mean "no IPv6 here" rather than a failed dump.
@@ -307,7 +329,7 @@ fn dump_family<T>(
     family: u8,
     seq: u32,
     what: &Dump<T>,
-    out: &mut Vec<T>,
+    each: &mut impl FnMut(T),
 ) -> Result<(), SockDiagError> {
     let name = family_name(family);
     socket
@@ -319,7 +341,7 @@ fn dump_family<T>(
     loop {
         let len = recv(socket, buf, name)?;
         let data = buf.get(..len).unwrap_or(buf);
-        match parse_reply(data, seq, what.keep, out) {
+        match parse_reply(data, seq, what.keep, each) {
             Ok(Reply::More) => {}
             Ok(Reply::Done) => return Ok(()),
             Err(ReplyError::Kernel(errno)) => {
@@ -382,14 +404,14 @@ enum ReplyError {
     Malformed(Malformed),
 }
 
-/// Parses one datagram of a dump reply with sequence number `seq`, adding
-/// what `keep` keeps of the sockets it lists to `out`. Messages of other
+/// Parses one datagram of a dump reply with sequence number `seq`, handing
+/// what `keep` keeps of the sockets it lists to `each`. Messages of other
 /// sequence numbers and of unknown types are skipped.
 fn parse_reply<T>(
     mut data: &[u8],
     seq: u32,
     keep: fn(&[u8]) -> Result<Option<T>, ReplyError>,
-    out: &mut Vec<T>,
+    each: &mut impl FnMut(T),
 ) -> Result<Reply, ReplyError> {
     while !data.is_empty() {
         // new_checked guarantees 16 <= length <= data.len(), so the
@@ -425,7 +447,7 @@ fn parse_reply<T>(
                 NLMSG_OVERRUN => return Err(ReplyError::Malformed(Malformed::Overrun)),
                 SOCK_DIAG_BY_FAMILY => {
                     if let Some(socket) = keep(payload)? {
-                        out.push(socket);
+                        each(socket);
                     }
                 }
                 _ => {}
@@ -890,7 +912,7 @@ mod tests {
 
     fn parse(data: &[u8]) -> (Result<Reply, ReplyError>, Vec<TimewaitSocket>) {
         let mut out = Vec::new();
-        let r = parse_reply(data, SEQ, parse_inet_diag_msg, &mut out);
+        let r = parse_reply(data, SEQ, parse_inet_diag_msg, &mut |s| out.push(s));
         (r, out)
     }
 
@@ -1093,7 +1115,7 @@ mod tests {
         data.extend(done(0));
         let mut out = Vec::new();
         assert!(matches!(
-            parse_reply(&data, SEQ, parse_full_socket, &mut out),
+            parse_reply(&data, SEQ, parse_full_socket, &mut |s| out.push(s)),
             Ok(Reply::Done)
         ));
         let got: Vec<(u16, u16, TcpState, u32)> = out

@@ -161,12 +161,28 @@ const FLAG_CLIENT: u32 = 1 << 30;
 const FLAG_OTHER_NETNS: u32 = 1 << 29;
 /// Known only from the kernel's list (no connection seen).
 const FLAG_UNMATCHED: u32 = 1 << 28;
-const EXPIRES_MASK: u32 = (1 << 28) - 1;
+/// Listed by the kernel in the check under way (see [`Reconciling`]):
+/// set while its list is read, cleared when the check ends.
+const FLAG_LISTED: u32 = 1 << 27;
+const EXPIRES_MASK: u32 = (1 << 27) - 1;
+/// Once expiry times pass this (about 18.6 hours since the epoch), the
+/// epoch moves to the present: they stay far below [`EXPIRES_MASK`] (37
+/// hours) however long tcpwatch runs.
+const REBASE_AFTER_MS: u32 = 1 << 26;
+/// How much earlier than tcpwatch's own expiry time the kernel's list may
+/// put a socket's and leave it as it was: the kernel reports its timer in
+/// jiffies (4 ms here) read at a slightly different moment each time, and
+/// a 60 s timer is reaped later than that anyway (the timer wheel rounds
+/// up). Later times are always taken, so that a listed socket counts until
+/// a list lacks it; one taken from each list would give every entry a new
+/// item in the expiry queue at every check.
+const EXPIRY_SLACK_MS: u32 = 100;
 /// TCP_TIMEWAIT_LEN: how long a TIME_WAIT socket lives, in ms.
 const TIME_WAIT_MS: u32 = 60_000;
 
 /// 16 bytes: interned ids, and the expiry in ms since the book's epoch with
-/// flags in its top bits (2^28 ms is three days, far beyond any timewait).
+/// flags in its top bits (2^27 ms is 37 hours, far beyond any timewait; the
+/// epoch moves before the times get there, see [`REBASE_AFTER_MS`]).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     owner: u32,
@@ -481,16 +497,26 @@ impl TimewaitBook {
     /// Drops the entry under `k`, if any, from the counts and the groups.
     fn remove(&mut self, k: u64) -> Option<Entry> {
         let e = self.entries.remove(&k)?;
-        self.tally.remove(&e);
+        Self::forget(&mut self.tally, &mut self.owners, &mut self.endpoints, &e);
+        Some(e)
+    }
+
+    /// Takes a removed entry out of the counts and releases its groups.
+    fn forget(
+        tally: &mut Tally,
+        owners: &mut Interner<Attribution>,
+        endpoints: &mut Interner<Endpoint>,
+        e: &Entry,
+    ) {
+        tally.remove(e);
         if e.owner != OTHER {
-            self.owners.release(e.owner);
+            owners.release(e.owner);
         }
         for id in [e.local, e.remote] {
             if id != OTHER {
-                self.endpoints.release(id);
+                endpoints.release(id);
             }
         }
-        Some(e)
     }
 
     /// Puts `e` in the place of the entry under `k` (same endpoints).
@@ -537,20 +563,25 @@ impl TimewaitBook {
 
     /// Counts sockets that existed when tracing started.
     pub fn seed_before_tracing(&mut self, sockets: &[KernelTimewait], now_ns: u64) {
-        let netns = self.own_netns.unwrap_or(0);
         for s in sockets {
-            let client = is_ephemeral_side(s);
-            let flags = substate_flag(s.substate) | if client { FLAG_CLIENT } else { 0 };
-            let expires = self.rel_ms(now_ns + u64::from(s.expires_ms) * 1_000_000);
-            self.insert(
-                key(netns, &s.local, &s.remote),
-                &Attribution::BeforeTracing,
-                Self::local_group(&s.local, client),
-                Self::remote_group(&s.remote, client),
-                expires,
-                flags,
-            );
+            self.count_before_tracing(s, now_ns);
         }
+    }
+
+    /// Counts one socket that existed when tracing started.
+    pub fn count_before_tracing(&mut self, s: &KernelTimewait, now_ns: u64) {
+        let netns = self.own_netns.unwrap_or(0);
+        let client = is_ephemeral_side(s);
+        let flags = substate_flag(s.substate) | if client { FLAG_CLIENT } else { 0 };
+        let expires = self.rel_ms(now_ns + u64::from(s.expires_ms) * 1_000_000);
+        self.insert(
+            key(netns, &s.local, &s.remote),
+            &Attribution::BeforeTracing,
+            Self::local_group(&s.local, client),
+            Self::remote_group(&s.remote, client),
+            expires,
+            flags,
+        );
     }
 
     /// A finished connection; adds its timewait socket if it left one.
@@ -610,6 +641,27 @@ impl TimewaitBook {
                 self.remove(k);
             }
         }
+        if now >= REBASE_AFTER_MS {
+            self.rebase(now);
+        }
+    }
+
+    /// Moves the epoch `shift_ms` forward (every entry left expires after
+    /// it): each expiry time and the queue are rewritten, once in about 18
+    /// hours.
+    fn rebase(&mut self, shift_ms: u32) {
+        self.epoch_ns = self
+            .epoch_ns
+            .saturating_add(u64::from(shift_ms) * 1_000_000);
+        for e in self.entries.values_mut() {
+            let expires = e.expires_ms().saturating_sub(shift_ms);
+            e.expires_and_flags = (e.expires_and_flags & !EXPIRES_MASK) | expires;
+        }
+        self.queue = self
+            .entries
+            .iter()
+            .map(|(k, e)| Reverse((e.expires_ms(), *k)))
+            .collect();
     }
 
     /// Brings the entries of tcpwatch's own namespace in line with the
@@ -632,85 +684,37 @@ impl TimewaitBook {
         recent_ms: u32,
         count_unmatched: bool,
     ) {
-        let netns = self.own_netns.unwrap_or(0);
-        let mut listed: FastMap<u64, &KernelTimewait> =
-            FastMap::with_capacity_and_hasher(kernel.len(), Default::default());
+        let mut check = self.reconciling(now_ns, recent_ms, count_unmatched);
         for k in kernel {
-            listed.insert(key(netns, &k.local, &k.remote), k);
+            check.listed(k);
         }
-        let gone: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(k, e)| !e.has(FLAG_OTHER_NETNS) && !listed.contains_key(k))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &gone {
-            self.remove(*k);
-        }
-        let now_ms = self.rel_ms(now_ns);
-        let just_closed = self.owners.ids.get(&Attribution::JustClosed).copied();
-        let (mut in_flight, mut not_seen) = (0u64, 0u64);
-        for (k, kt) in &listed {
-            // A socket past its expiry that the kernel has not reaped yet
-            // (many expiring at once) says 0 ms: it still exists, and
-            // counts until a list lacks it.
-            let expires = now_ms
-                .saturating_add(kt.expires_ms.max(1))
-                .min(EXPIRES_MASK);
-            let flags = substate_flag(kt.substate);
-            // Unmatched sockets the kernel made within `recent_ms` are
-            // connections whose events are still on their way (the
-            // correlator holds a closed socket a moment for a late RST);
-            // older ones were not seen made.
-            let recent = match kt.substate {
-                TimewaitSubstate::TimeWait => {
-                    TIME_WAIT_MS.saturating_sub(kt.expires_ms) < recent_ms
-                }
-                TimewaitSubstate::FinWait2 => false,
-            };
-            if let Some(old) = self.entries.get(k).copied() {
-                let mut new = old;
-                new.expires_and_flags =
-                    (old.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2)) | flags | expires;
-                if just_closed.is_some_and(|id| id == old.owner) && !recent {
-                    // Its events never came: not seen made after all.
-                    self.owners.release(old.owner);
-                    new.owner = self.owners.acquire(&Attribution::NotSeen);
-                    not_seen += 1;
-                }
-                self.replace(*k, old, new);
-            } else if count_unmatched {
-                let (attribution, n) = if recent {
-                    (Attribution::JustClosed, &mut in_flight)
-                } else {
-                    (Attribution::NotSeen, &mut not_seen)
-                };
-                *n += 1;
-                let client = is_ephemeral_side(kt);
-                self.insert(
-                    *k,
-                    &attribution,
-                    Self::local_group(&kt.local, client),
-                    Self::remote_group(&kt.remote, client),
-                    expires,
-                    flags | FLAG_UNMATCHED,
-                );
-            }
-        }
-        let prev = self.check.map(|c| c.1).unwrap_or_default();
-        self.check = Some((
+        check.finish();
+    }
+
+    /// [`TimewaitBook::reconcile`] one listed socket at a time, as the
+    /// kernel's list is read: nothing of the list is kept. The check ends
+    /// with [`Reconciling::finish`]; dropped before (the list could not be
+    /// read to its end), it changes what the sockets listed so far said
+    /// and drops nothing.
+    pub fn reconciling(
+        &mut self,
+        now_ns: u64,
+        recent_ms: u32,
+        count_unmatched: bool,
+    ) -> Reconciling<'_> {
+        Reconciling {
+            netns: self.own_netns.unwrap_or(0),
+            now_ms: self.rel_ms(now_ns),
+            just_closed: self.owners.ids.get(&Attribution::JustClosed).copied(),
+            book: self,
             now_ns,
-            KernelCheck {
-                age_s: 0.0,
-                dropped: gone.len() as u64,
-                not_seen,
-                in_flight,
-                checks: prev.checks + 1,
-                dropped_since_start: prev.dropped_since_start + gone.len() as u64,
-                not_seen_since_start: prev.not_seen_since_start + not_seen,
-            },
-        ));
-        self.kernel_listed = Some(kernel.len() as u64);
+            recent_ms,
+            count_unmatched,
+            listed: 0,
+            in_flight: 0,
+            not_seen: 0,
+            finished: false,
+        }
     }
 
     /// How many entries have the attribution `a`.
@@ -990,6 +994,146 @@ impl TimewaitBook {
     /// Interned groups, for the memory figure.
     pub fn groups_len(&self) -> (usize, usize) {
         (self.owners.len(), self.endpoints.len())
+    }
+}
+
+/// A check of a [`TimewaitBook`] against the kernel's list under way (see
+/// [`TimewaitBook::reconciling`]). Each socket listed marks its entry
+/// ([`FLAG_LISTED`]); `finish` drops the entries left unmarked, in one pass.
+pub struct Reconciling<'a> {
+    book: &'a mut TimewaitBook,
+    netns: u32,
+    now_ns: u64,
+    now_ms: u32,
+    recent_ms: u32,
+    count_unmatched: bool,
+    just_closed: Option<u32>,
+    listed: u64,
+    in_flight: u64,
+    not_seen: u64,
+    finished: bool,
+}
+
+impl Reconciling<'_> {
+    /// One socket of the kernel's list.
+    pub fn listed(&mut self, kt: &KernelTimewait) {
+        self.listed += 1;
+        let k = key(self.netns, &kt.local, &kt.remote);
+        // A socket past its expiry that the kernel has not reaped yet
+        // (many expiring at once) says 0 ms: it still exists, and counts
+        // until a list lacks it.
+        let expires = self
+            .now_ms
+            .saturating_add(kt.expires_ms.max(1))
+            .min(EXPIRES_MASK);
+        let flags = substate_flag(kt.substate) | FLAG_LISTED;
+        // Unmatched sockets the kernel made within `recent_ms` are
+        // connections whose events are still on their way (the correlator
+        // holds a closed socket a moment for a late RST); older ones were
+        // not seen made.
+        let recent = match kt.substate {
+            TimewaitSubstate::TimeWait => {
+                TIME_WAIT_MS.saturating_sub(kt.expires_ms) < self.recent_ms
+            }
+            TimewaitSubstate::FinWait2 => false,
+        };
+        let book = &mut *self.book;
+        if let Some(old) = book.entries.get(&k).copied() {
+            let same_substate = old.has(FLAG_FIN_WAIT2) == (flags & FLAG_FIN_WAIT2 != 0);
+            let was = old.expires_ms();
+            let expires = if same_substate && expires <= was && was - expires <= EXPIRY_SLACK_MS {
+                was
+            } else {
+                expires
+            };
+            let mut new = old;
+            new.expires_and_flags =
+                (old.expires_and_flags & !(EXPIRES_MASK | FLAG_FIN_WAIT2)) | flags | expires;
+            if self.just_closed.is_some_and(|id| id == old.owner) && !recent {
+                // Its events never came: not seen made after all.
+                book.owners.release(old.owner);
+                new.owner = book.owners.acquire(&Attribution::NotSeen);
+                self.not_seen += 1;
+            }
+            if same_substate && new.owner == old.owner {
+                // The counts are as they were: only the entry changes.
+                if expires != was {
+                    book.enqueue(k, expires);
+                }
+                book.entries.insert(k, new);
+            } else {
+                book.replace(k, old, new);
+            }
+        } else if self.count_unmatched {
+            let (attribution, n) = if recent {
+                (Attribution::JustClosed, &mut self.in_flight)
+            } else {
+                (Attribution::NotSeen, &mut self.not_seen)
+            };
+            *n += 1;
+            let client = is_ephemeral_side(kt);
+            book.insert(
+                k,
+                &attribution,
+                TimewaitBook::local_group(&kt.local, client),
+                TimewaitBook::remote_group(&kt.remote, client),
+                expires,
+                flags | FLAG_UNMATCHED,
+            );
+        }
+    }
+
+    /// The list was read to its end: the entries of tcpwatch's own
+    /// namespace it did not list go (expired, reused, or never made), and
+    /// the check is recorded for the next snapshot.
+    pub fn finish(mut self) {
+        self.finished = true;
+        let TimewaitBook {
+            entries,
+            tally,
+            owners,
+            endpoints,
+            ..
+        } = &mut *self.book;
+        let mut dropped = 0u64;
+        let gone = entries.extract_if(|_, e| {
+            if e.has(FLAG_LISTED) {
+                e.expires_and_flags &= !FLAG_LISTED;
+                false
+            } else {
+                !e.has(FLAG_OTHER_NETNS)
+            }
+        });
+        for (_, e) in gone {
+            TimewaitBook::forget(tally, owners, endpoints, &e);
+            dropped += 1;
+        }
+        let book = &mut *self.book;
+        let prev = book.check.map(|c| c.1).unwrap_or_default();
+        book.check = Some((
+            self.now_ns,
+            KernelCheck {
+                age_s: 0.0,
+                dropped,
+                not_seen: self.not_seen,
+                in_flight: self.in_flight,
+                checks: prev.checks + 1,
+                dropped_since_start: prev.dropped_since_start + dropped,
+                not_seen_since_start: prev.not_seen_since_start + self.not_seen,
+            },
+        ));
+        book.kernel_listed = Some(self.listed);
+    }
+}
+
+impl Drop for Reconciling<'_> {
+    /// A check left unfinished drops nothing: its marks are cleared.
+    fn drop(&mut self) {
+        if !self.finished {
+            for e in self.book.entries.values_mut() {
+                e.expires_and_flags &= !FLAG_LISTED;
+            }
+        }
     }
 }
 
@@ -1589,6 +1733,94 @@ mod tests {
             .unwrap();
         assert_eq!((c.dropped, c.not_seen, c.checks), (0, 0, 2));
         assert_eq!(c.dropped_since_start, dropped as u64);
+    }
+
+    fn listed(t: &Timeline, expires_ms: u32) -> KernelTimewait {
+        KernelTimewait {
+            local: t.local,
+            remote: t.remote,
+            substate: TimewaitSubstate::TimeWait,
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn a_check_left_unfinished_drops_nothing_and_leaves_no_mark() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let made: Vec<Timeline> = (0..3u16)
+            .map(|i| {
+                let local = format!("10.0.0.1:{}", 40000 + i);
+                timeline(&local, "10.0.0.9:80", 1, Role::Client, 1)
+            })
+            .collect();
+        for t in &made {
+            b.on_timeline(t);
+        }
+        // The list broke off after its first socket.
+        let mut check = b.reconciling(1_000_000_000, 1000, true);
+        check.listed(&listed(&made[0], 59_000));
+        drop(check);
+        let s = b.snapshot(1_000_000_000, "t".into(), 5, kview());
+        assert_eq!((s.total, s.kernel_listed, s.check), (3, None, None));
+        // The next list has only the second: the first, listed by the
+        // unfinished check, goes with the third.
+        b.reconcile(&[listed(&made[1], 58_000)], 2_000_000_000, 1000, true);
+        let s = b.snapshot(2_000_000_000, "t".into(), 5, kview());
+        assert_eq!((s.total, s.kernel_listed), (1, Some(1)));
+        assert_eq!(s.check.map(|c| (c.dropped, c.checks)), Some((2, 1)));
+        assert!(b.entries.values().all(|e| !e.has(FLAG_LISTED)));
+        assert_tally_is_recount(&b);
+    }
+
+    #[test]
+    fn a_check_keeps_expiry_times_within_the_kernels_jitter() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        let t = timeline("10.0.0.1:40000", "10.0.0.9:80", 1, Role::Client, 0);
+        b.on_timeline(&t);
+        let queued = b.queue.len();
+        let expiry = |b: &TimewaitBook| b.entries.values().next().map(|e| e.expires_ms());
+        assert_eq!(expiry(&b), Some(60_000));
+        // The kernel's timer, read in jiffies, says a few ms sooner: the
+        // entry and the queue stay as they were.
+        b.reconcile(&[listed(&t, 49_996)], 10_000_000_000, 1000, true);
+        assert_eq!((expiry(&b), b.queue.len()), (Some(60_000), queued));
+        // Later is always followed, and so is much sooner.
+        b.reconcile(&[listed(&t, 50_004)], 10_000_000_000, 1000, true);
+        assert_eq!((expiry(&b), b.queue.len()), (Some(60_004), queued + 1));
+        b.reconcile(&[listed(&t, 40_000)], 10_000_000_000, 1000, true);
+        assert_eq!(expiry(&b), Some(50_000));
+        let s = b.snapshot(49_999_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 1);
+        let s = b.snapshot(50_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
+        assert_tally_is_recount(&b);
+    }
+
+    #[test]
+    fn expiry_times_hold_however_long_the_book_runs() {
+        const HOUR: u64 = 3_600_000_000_000;
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        // Ten days of snapshots every hour, with a socket made now and then.
+        for h in 0..240u64 {
+            let at = h * HOUR;
+            if h % 7 == 0 {
+                let local = format!("10.0.0.1:{}", 20000 + h);
+                b.on_timeline(&timeline(&local, "10.0.0.9:80", 1, Role::Client, at));
+            }
+            let s = b.snapshot(at + 30_000_000_000, "t".into(), 5, kview());
+            assert_eq!(s.total, u64::from(h % 7 == 0), "hour {h}");
+        }
+        // Ten days in, a socket made lasts its 60 s, no more, no less, and
+        // a check follows the kernel's time.
+        let at = 240 * HOUR;
+        let t = timeline("10.0.0.1:40000", "10.0.0.9:80", 1, Role::Client, at);
+        b.on_timeline(&t);
+        b.reconcile(&[listed(&t, 50_000)], at + 10_000_000_000, 1000, true);
+        let s = b.snapshot(at + 59_999_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 1);
+        let s = b.snapshot(at + 60_000_000_000, "t".into(), 5, kview());
+        assert_eq!(s.total, 0);
+        assert!(b.epoch_ns > 0, "the epoch never moved");
     }
 
     #[test]

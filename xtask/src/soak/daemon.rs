@@ -30,6 +30,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    path::PathBuf,
     process::Command,
     sync::atomic::Ordering,
     thread,
@@ -79,6 +80,8 @@ pub struct Options {
     pub rate: u32,
     /// The daemon's `--ring-size`, when not its default.
     pub ring_size: Option<String>,
+    /// A tcpwatch binary to soak instead of the workspace's own build.
+    pub binary: Option<PathBuf>,
 }
 
 /// The default rate: the table filled with a fifth to spare within a
@@ -99,11 +102,22 @@ impl Options {
 
 /// Runs the daemon soak; `Ok(false)` when it ran but a check failed.
 pub fn run(ws: &Workspace, options: &Options) -> Result<bool> {
-    let (out_dir, binary) = tracer::private_build(
-        ws,
-        "soak",
-        "it loads eBPF programs and makes a network namespace",
-    )?;
+    let (out_dir, binary) = match &options.binary {
+        Some(binary) => {
+            if !process::is_root() {
+                bail!("cargo xtask soak must run as root (it loads eBPF programs)");
+            }
+            let out_dir = ws.root().join("target").join("soak");
+            fs::create_dir_all(&out_dir)
+                .with_context(|| format!("cannot create {}", out_dir.display()))?;
+            (out_dir, binary.clone())
+        }
+        None => tracer::private_build(
+            ws,
+            "soak",
+            "it loads eBPF programs and makes a network namespace",
+        )?,
+    };
     tracer::catch_signals();
     let started = SystemTime::now();
     let machine = Machine::read();
@@ -648,10 +662,14 @@ impl Report {
         );
         let _ = writeln!(
             d,
-            "- Run: `tcpwatch daemon --netns NS` (ring {}); {} min of churn paced at {}/s ({} client and \
+            "- Run: `tcpwatch daemon --netns NS` (ring {}{}); {} min of churn paced at {}/s ({} client and \
              {} accept threads) in a namespace with tcp_max_tw_buckets {}: {} connections, {}/s \
              on average, {} failed calls; sockstat tw at most {}.",
-            o.ring_size.as_deref().unwrap_or("16M, the default"),
+            o.ring_size.as_deref().unwrap_or("the daemon's default"),
+            o.binary
+                .as_ref()
+                .map(|b| format!("; binary {}", b.display()))
+                .unwrap_or_default(),
             o.minutes,
             thousands(f64::from(o.rate)),
             o.threads,
@@ -741,6 +759,7 @@ impl Report {
             "threads": self.options.threads,
             "rate": self.options.rate,
             "ring_size": self.options.ring_size,
+            "binary": self.options.binary,
             "tcp_max_tw_buckets": TW_BUCKETS,
             "warm_up_s": self.options.warm_up().as_secs(),
             "connections": self.connections(),
@@ -823,6 +842,7 @@ mod tests {
             threads: 1,
             rate: default_rate(),
             ring_size: None,
+            binary: None,
         };
         assert_eq!(short.warm_up(), Duration::from_secs(60));
     }
