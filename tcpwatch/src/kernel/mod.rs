@@ -14,4 +14,5 @@ pub mod btf;
 pub mod diagnostics;
 pub mod probe;
 pub mod ringbuf;
+pub mod ringmap;
 pub mod tracefs;

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{MapData, MapError, PerCpuArray};
 use aya::programs::{BtfTracePoint, ProgramError, TracePoint};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -17,6 +17,7 @@ use tcpwatch_common::{Config, EndpointOffsets, LOST_SLOT};
 use crate::kernel::btf::{self, Btf, BtfError};
 use crate::kernel::diagnostics::{self, KernelLog};
 use crate::kernel::tracefs::{self, Format};
+use crate::kernel::ringmap::EventRing;
 use crate::model::lost::LostCounts;
 
 /// The object `cargo xtask build` compiled; empty when built without it.
@@ -151,6 +152,8 @@ pub struct Probe {
     pub per_transition: Option<String>,
     pub mounted_tracefs: bool,
     kernel_log: Option<KernelLog>,
+    /// The ring buffer's data bytes (`--ring-size`).
+    ring_size: u32,
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -615,6 +618,7 @@ impl Probe {
             per_transition,
             mounted_tracefs,
             kernel_log,
+            ring_size: opts.ring_size,
         })
     }
 
@@ -625,13 +629,19 @@ impl Probe {
     }
 
     /// The ring buffer of events; can be taken once.
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub fn take_ring(&mut self) -> Result<EventRing, ProbeError> {
         let name = "EVENTS";
-        let map = self
-            .ebpf
-            .take_map(name)
-            .ok_or(ProbeError::MissingMap { name })?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name, source })
+        let map = match self.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(map)) => map,
+            Some(_) => {
+                return Err(ProbeError::Map {
+                    name,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                })
+            }
+            None => return Err(ProbeError::MissingMap { name }),
+        };
+        EventRing::new(map, self.ring_size).map_err(|source| ProbeError::Map { name, source })
     }
 
     /// The per-CPU count of records the ring buffer had no room for.

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
@@ -15,6 +14,7 @@ use tcpwatch_common::Event;
 
 use crate::kernel::diagnostics::KernelLog;
 use crate::kernel::probe::LostCounter;
+use crate::kernel::ringmap::EventRing;
 use crate::model::decode::{decode_into, DecodeError};
 use crate::model::lost::LostCounts;
 
@@ -95,7 +95,7 @@ const DRAIN_BATCHES: usize = 512;
 /// Takes up to [`MAX_BATCH`] records; whether that emptied the ring.
 /// `expect` is how many the last batch held: room for as many is made at
 /// once, so a steady stream does not grow each batch from empty.
-fn take(ring: &mut RingBuf<MapData>, expect: &mut usize) -> (Batch, bool) {
+fn take(ring: &mut EventRing, expect: &mut usize) -> (Batch, bool) {
     let batch = Batch {
         events: Vec::with_capacity((*expect).clamp(16, MAX_BATCH)),
         ..Batch::default()
@@ -107,7 +107,7 @@ fn take(ring: &mut RingBuf<MapData>, expect: &mut usize) -> (Batch, bool) {
 
 /// Adds records to `batch` up to [`MAX_BATCH`]; whether that emptied the
 /// ring.
-fn fill(ring: &mut RingBuf<MapData>, mut batch: Batch) -> (Batch, bool) {
+fn fill(ring: &mut EventRing, mut batch: Batch) -> (Batch, bool) {
     while batch.events.len() + (batch.undecodable as usize) < MAX_BATCH {
         match ring.next() {
             Some(item) => batch.add(&item),
@@ -130,7 +130,7 @@ const SKEW_NS: u64 = 10_000_000;
 /// before its last record. With `always`, an empty drain still reports its
 /// time. Returns false once the receiver is gone.
 async fn drain(
-    ring: &mut RingBuf<MapData>,
+    ring: &mut EventRing,
     expect: &mut usize,
     settled: &mut u64,
     always: bool,
@@ -171,15 +171,15 @@ async fn drain(
 /// Reads until `stop` turns true (then drains one last time, so nothing
 /// already in the buffer is dropped) or the receiver goes away.
 pub async fn run_reader(
-    ring: RingBuf<MapData>,
+    ring: EventRing,
     lost: LostCounter,
     mut kernel_log: Option<KernelLog>,
     tx: mpsc::Sender<Feed>,
     mut stop: watch::Receiver<bool>,
     opts: ReaderOptions,
 ) -> std::io::Result<()> {
-    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for
-    // as long as the AsyncFd owns the RingBuf.
+    // SAFETY: the EventRing owns its map fd and keeps it open, unchanged,
+    // for as long as the AsyncFd owns the EventRing.
     let mut fd = unsafe { AsyncFd::register(ring)? };
     let mut poll = tokio::time::interval(opts.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
