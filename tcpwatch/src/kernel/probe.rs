@@ -16,8 +16,8 @@ use tcpwatch_common::{Config, EndpointOffsets, LOST_SLOT};
 
 use crate::kernel::btf::{self, Btf, BtfError};
 use crate::kernel::diagnostics::{self, KernelLog};
-use crate::kernel::tracefs::{self, Format};
 use crate::kernel::ringmap::EventRing;
+use crate::kernel::tracefs::{self, Format};
 use crate::model::lost::LostCounts;
 
 /// The object `cargo xtask build` compiled; empty when built without it.

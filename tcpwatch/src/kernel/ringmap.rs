@@ -85,6 +85,11 @@ unsafe impl Sync for Mapping {}
 /// The EVENTS ring buffer, read record by record.
 pub struct EventRing {
     map: MapData,
+    view: RingView,
+}
+
+/// The ring's memory and where the reader is in it.
+struct RingView {
     /// The consumer position page (read-write).
     consumer: Mapping,
     /// The producer position page followed by the data pages, once.
@@ -106,17 +111,32 @@ impl EventRing {
         let fd = map.fd().as_fd();
         let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer = Mapping::new(fd, page + size, libc::PROT_READ, page)?;
-        let pos = consumer.pos().load(Ordering::Acquire);
-        let producer_pos = producer.pos().load(Ordering::Acquire);
         Ok(EventRing {
             map,
+            view: RingView::new(consumer, producer, size),
+        })
+    }
+
+    /// The next committed record; `None` when the ring is empty or the
+    /// next record is still being written. The record's space is handed
+    /// back to the kernel when the item is dropped.
+    pub fn next(&mut self) -> Option<RingItem<'_>> {
+        self.view.next()
+    }
+}
+
+impl RingView {
+    fn new(consumer: Mapping, producer: Mapping, size: usize) -> Self {
+        let pos = consumer.pos().load(Ordering::Acquire);
+        let producer_pos = producer.pos().load(Ordering::Acquire);
+        RingView {
             consumer,
             producer,
             size,
             pos,
             producer_pos,
             wrapped: Vec::new(),
-        })
+        }
     }
 
     fn data(&self) -> &[u8] {
@@ -128,10 +148,7 @@ impl EventRing {
         }
     }
 
-    /// The next committed record; `None` when the ring is empty or the
-    /// next record is still being written. The record's space is handed
-    /// back to the kernel when the item is dropped.
-    pub fn next(&mut self) -> Option<RingItem<'_>> {
+    fn next(&mut self) -> Option<RingItem<'_>> {
         loop {
             if self.pos == self.producer_pos {
                 // Our consumer position store must be seen before we read the
@@ -177,7 +194,7 @@ impl EventRing {
                 wrapped.extend_from_slice(&head[..len - tail.len()]);
                 self.wrapped = wrapped;
             }
-            let EventRing {
+            let RingView {
                 consumer,
                 producer,
                 pos,
@@ -240,4 +257,142 @@ fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(n).ok().filter(|n| *n > 0).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ring of `size` data bytes in anonymous memory, written as the
+    /// kernel writes one.
+    struct FakeKernel {
+        view: RingView,
+        producer_pos: usize,
+    }
+
+    fn anonymous(len: usize) -> Mapping {
+        // SAFETY: a fresh anonymous shared mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Mapping {
+            ptr: NonNull::new(ptr.cast()).unwrap(),
+            len,
+        }
+    }
+
+    impl FakeKernel {
+        fn new(size: usize) -> Self {
+            let view = RingView::new(anonymous(page_size()), anonymous(page_size() + size), size);
+            FakeKernel {
+                view,
+                producer_pos: 0,
+            }
+        }
+
+        fn byte(&self, at: usize) -> *mut u8 {
+            let offset = at & (self.view.size - 1);
+            // SAFETY: within the data pages.
+            unsafe { self.view.producer.ptr.as_ptr().add(page_size() + offset) }
+        }
+
+        /// Reserves a record of `data`'s length (busy), writes it and
+        /// publishes the producer position; `commit` clears the busy bit,
+        /// with `discard` it is discarded instead.
+        fn write(&mut self, data: &[u8], commit: bool, discard: bool) -> usize {
+            let at = self.producer_pos;
+            let header = data.len() as u32
+                | if commit { 0 } else { BUSY_BIT }
+                | if discard { DISCARD_BIT } else { 0 };
+            for (i, b) in data.iter().enumerate() {
+                // SAFETY: within the data pages (wrapping).
+                unsafe { *self.byte(at + HDR_SZ + i) = *b };
+            }
+            // SAFETY: 8-byte aligned header within the data pages.
+            unsafe { (*self.byte(at).cast::<AtomicU32>()).store(header, Ordering::Release) };
+            self.producer_pos += (HDR_SZ + data.len()).next_multiple_of(8);
+            self.view
+                .producer
+                .pos()
+                .store(self.producer_pos, Ordering::Release);
+            at
+        }
+
+        fn commit(&mut self, at: usize, len: usize) {
+            // SAFETY: as in `write`.
+            unsafe { (*self.byte(at).cast::<AtomicU32>()).store(len as u32, Ordering::Release) };
+        }
+
+        fn read_all(&mut self) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            while let Some(item) = self.view.next() {
+                out.push(item.to_vec());
+            }
+            out
+        }
+    }
+
+    fn record(n: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| n.wrapping_add(i as u8)).collect()
+    }
+
+    #[test]
+    fn records_come_out_whole_across_the_end_of_the_data_pages() {
+        let size = page_size();
+        let mut k = FakeKernel::new(size);
+        let mut want = Vec::new();
+        // Records of odd lengths, many times around the ring: some wrap
+        // in their data, some start right at the end.
+        for n in 0..200u8 {
+            let len = 1 + (usize::from(n) * 37) % 300;
+            let r = record(n, len);
+            k.write(&r, true, false);
+            want.push(r);
+            if n % 3 == 2 {
+                assert_eq!(k.read_all(), std::mem::take(&mut want), "record {n}");
+                assert_eq!(
+                    k.view.consumer.pos().load(Ordering::Acquire),
+                    k.producer_pos,
+                    "the consumer position is handed back"
+                );
+            }
+        }
+        assert_eq!(k.read_all(), want);
+        assert!(
+            k.producer_pos > 5 * size,
+            "went around {}",
+            k.producer_pos / size
+        );
+    }
+
+    #[test]
+    fn a_busy_record_stops_the_reader_and_a_discarded_one_is_skipped() {
+        let mut k = FakeKernel::new(page_size());
+        k.write(&record(1, 10), true, false);
+        let busy = k.write(&record(2, 20), false, false);
+        k.write(&record(3, 30), true, false);
+        assert_eq!(k.read_all(), vec![record(1, 10)]);
+        let consumed = k.view.consumer.pos().load(Ordering::Acquire);
+        assert_eq!(consumed, busy, "stopped at the busy record");
+        k.commit(busy, 20);
+        k.write(&record(4, 40), true, true);
+        k.write(&record(5, 50), true, false);
+        assert_eq!(
+            k.read_all(),
+            vec![record(2, 20), record(3, 30), record(5, 50)]
+        );
+        assert!(k.read_all().is_empty());
+        assert_eq!(
+            k.view.consumer.pos().load(Ordering::Acquire),
+            k.producer_pos
+        );
+    }
 }
