@@ -727,19 +727,40 @@ impl TimewaitBook {
             .unwrap_or(0)
     }
 
-    /// Groups the counts of `counts` by name, and keeps the top `top`.
-    fn groups(
-        counts: &FastMap<u32, u64>,
-        total: u64,
-        top: usize,
-        name: impl Fn(u32) -> Group,
-    ) -> Vec<Group> {
-        let mut named: HashMap<String, Group> = HashMap::new();
-        for (&id, &n) in counts {
-            let g = name(id);
-            named.entry(g.key.clone()).or_insert(g).count += n;
+    /// The endpoint groups of `counts` (by interned endpoint, each its own
+    /// name), the top `top` by count and then name, the rest as other.
+    /// Only the groups whose count can make the top are named: a host
+    /// with tens of thousands of peers (or, as the churn generator, local
+    /// addresses) would otherwise get a name and a [`Group`] for each at
+    /// every snapshot, 20-30 MB for a moment at 65,536 of them.
+    fn endpoint_groups(&self, counts: &FastMap<u32, u64>, total: u64, top: usize) -> Vec<Group> {
+        let mut by_count: Vec<(u64, u32)> = counts.iter().map(|(&id, &n)| (n, id)).collect();
+        // The least count in the top `top`: groups below it are the rest.
+        let least = match top {
+            0 => u64::MAX,
+            _ if by_count.len() <= top => 0,
+            _ => {
+                by_count
+                    .select_nth_unstable_by(top - 1, |a, b| b.0.cmp(&a.0))
+                    .1
+                     .0
+            }
+        };
+        let mut rest = 0;
+        let mut candidates = Vec::new();
+        for (n, id) in by_count {
+            if n < least {
+                rest += n;
+                continue;
+            }
+            let mut g = match self.endpoints.get(id) {
+                Some(ep) => named_group(&group_name(ep)),
+                None => named_group("other"),
+            };
+            g.count = n;
+            candidates.push(g);
         }
-        rank(named.into_values().collect(), total, top)
+        rank_with_rest(candidates, total, top, rest)
     }
 
     /// Groups the entries by the process that closed first, as
@@ -864,13 +885,9 @@ impl TimewaitBook {
         let time_wait = total.saturating_sub(fin_wait2);
 
         let by_process = self.process_groups(total, top);
+        let by_remote = self.endpoint_groups(&self.tally.by_remote, total, top);
+        let by_local = self.endpoint_groups(&self.tally.by_local, total, top);
         let endpoints = &self.endpoints;
-        let endpoint_name = |id: u32| match endpoints.get(id) {
-            Some(ep) => named_group(&group_name(ep)),
-            None => named_group("other"),
-        };
-        let by_remote = Self::groups(&self.tally.by_remote, total, top, endpoint_name);
-        let by_local = Self::groups(&self.tally.by_local, total, top, endpoint_name);
 
         let mut dests: Vec<((u32, u32), u64)> = self
             .tally
@@ -1160,10 +1177,15 @@ pub const NO_CONTAINER: &str = "(none)";
 
 /// The `top` largest groups, largest first (ties by key), with their
 /// shares of `total`, and the rest summed as `other`.
-pub fn rank(mut v: Vec<Group>, total: u64, top: usize) -> Vec<Group> {
+pub fn rank(v: Vec<Group>, total: u64, top: usize) -> Vec<Group> {
+    rank_with_rest(v, total, top, 0)
+}
+
+/// [`rank`], with `rest` more sockets of groups left out of `v` counted
+/// in the rest.
+fn rank_with_rest(mut v: Vec<Group>, total: u64, top: usize, mut rest: u64) -> Vec<Group> {
     v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
     let mut out: Vec<Group> = Vec::new();
-    let mut rest = 0u64;
     for (i, mut g) in v.into_iter().enumerate() {
         if i < top {
             g.share = share(g.count, total);
@@ -1821,6 +1843,34 @@ mod tests {
         let s = b.snapshot(at + 60_000_000_000, "t".into(), 5, kview());
         assert_eq!(s.total, 0);
         assert!(b.epoch_ns > 0, "the epoch never moved");
+    }
+
+    #[test]
+    fn endpoint_groups_are_the_top_of_every_group_named() {
+        let mut b = TimewaitBook::new(TimewaitOptions::default(), Some(7), 0);
+        // 1,500 sockets toward 300 peers, unevenly, with many ties.
+        for i in 0..1500u32 {
+            let r = (i * i + i / 7) % 300;
+            let local = format!("10.0.0.1:{}", 20000 + i);
+            let remote = format!("10.1.{}.{}:80", r / 200, r % 200);
+            b.on_timeline(&timeline(&local, &remote, 1, Role::Client, 1));
+        }
+        let total = b.len() as u64;
+        for counts in [&b.tally.by_remote, &b.tally.by_local] {
+            for top in [0, 1, 3, 5, 17, 299, 300, 1000] {
+                // Every group named, then ranked.
+                let mut named: HashMap<String, Group> = HashMap::new();
+                for (&id, &n) in counts {
+                    let name = b.endpoints.get(id).map_or("other".into(), group_name);
+                    named
+                        .entry(name.clone())
+                        .or_insert(named_group(&name))
+                        .count += n;
+                }
+                let all = rank(named.into_values().collect(), total, top);
+                assert_eq!(b.endpoint_groups(counts, total, top), all, "top {top}");
+            }
+        }
     }
 
     #[test]
