@@ -423,9 +423,10 @@ mod tests {
                 daemon,
                 rate,
                 ring_size,
+                binary,
             } => assert_eq!(
-                (minutes, threads, daemon, rate, ring_size),
-                (10, 2, false, None, None)
+                (minutes, threads, daemon, rate, ring_size, binary),
+                (10, 2, false, None, None, None)
             ),
             other => panic!("parsed as {other:?}"),
         }
@@ -460,8 +461,15 @@ mod tests {
                 ..
             }
         ));
-        // --rate paces only the daemon soak.
+        let cli =
+            Cli::try_parse_from(["xtask", "soak", "--daemon", "--binary", "/tmp/tw"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::Soak { daemon: true, binary: Some(ref b), .. } if b.as_os_str() == "/tmp/tw"
+        ));
+        // --rate paces only the daemon soak, and --binary is the daemon's.
         assert!(Cli::try_parse_from(["xtask", "soak", "--rate", "3000"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "soak", "--binary", "/tmp/tw"]).is_err());
         assert_out_of_range(&["xtask", "soak", "--daemon", "--rate", "99"], "--rate");
         assert_out_of_range(&["xtask", "soak", "--minutes", "0"], "--minutes");
         assert_out_of_range(&["xtask", "soak", "--minutes", "1441"], "--minutes");

@@ -109,7 +109,7 @@ fn take(ring: &mut EventRing, expect: &mut usize) -> (Batch, bool) {
 /// ring.
 fn fill(ring: &mut EventRing, mut batch: Batch) -> (Batch, bool) {
     while batch.events.len() + (batch.undecodable as usize) < MAX_BATCH {
-        match ring.next() {
+        match ring.next_record() {
             Some(item) => batch.add(&item),
             None => return (batch, true),
         }

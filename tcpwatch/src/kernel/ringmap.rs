@@ -120,8 +120,8 @@ impl EventRing {
     /// The next committed record; `None` when the ring is empty or the
     /// next record is still being written. The record's space is handed
     /// back to the kernel when the item is dropped.
-    pub fn next(&mut self) -> Option<RingItem<'_>> {
-        self.view.next()
+    pub fn next_record(&mut self) -> Option<RingItem<'_>> {
+        self.view.next_record()
     }
 }
 
@@ -148,7 +148,7 @@ impl RingView {
         }
     }
 
-    fn next(&mut self) -> Option<RingItem<'_>> {
+    fn next_record(&mut self) -> Option<RingItem<'_>> {
         loop {
             if self.pos == self.producer_pos {
                 // Our consumer position store must be seen before we read the
@@ -333,7 +333,7 @@ mod tests {
 
         fn read_all(&mut self) -> Vec<Vec<u8>> {
             let mut out = Vec::new();
-            while let Some(item) = self.view.next() {
+            while let Some(item) = self.view.next_record() {
                 out.push(item.to_vec());
             }
             out
