@@ -206,7 +206,8 @@ pub fn dump_full_sockets() -> Result<Vec<FullSocket>, SockDiagError> {
     Ok(out)
 }
 
-/// Both families' dumps, each socket kept handed to `each` as it is parsed.
+/// Both families' dumps, what `keep` keeps of each socket handed to `each` as it
+/// is parsed.
 fn dump<T>(what: &Dump<T>, each: &mut impl FnMut(T)) -> Result<(), SockDiagError> {
     let socket = open()?;
     // Only the pages the kernel writes become resident: a dump datagram is
