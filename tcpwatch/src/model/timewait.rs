@@ -730,7 +730,7 @@ impl TimewaitBook {
         top: usize,
         name: impl Fn(u32) -> Group,
     ) -> Vec<Group> {
-        let mut named: HashMap<String, Group> = HashMap::new();
+        let mut named: FastMap<String, Group> = FastMap::default();
         for (&id, &n) in counts {
             let g = name(id);
             named.entry(g.key.clone()).or_insert(g).count += n;
@@ -1016,17 +1016,20 @@ pub const NO_CONTAINER: &str = "(none)";
 
 /// The `top` largest groups, largest first (ties by key), with their
 /// shares of `total`, and the rest summed as `other`.
+/// Keys are distinct (every caller merges its groups by key), so the order
+/// is total: the top are picked first, and only they are sorted.
 pub fn rank(mut v: Vec<Group>, total: u64, top: usize) -> Vec<Group> {
-    v.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
-    let mut out: Vec<Group> = Vec::new();
+    let order = |a: &Group, b: &Group| b.count.cmp(&a.count).then(a.key.cmp(&b.key));
     let mut rest = 0u64;
-    for (i, mut g) in v.into_iter().enumerate() {
-        if i < top {
-            g.share = share(g.count, total);
-            out.push(g);
-        } else {
-            rest += g.count;
-        }
+    if v.len() > top {
+        v.select_nth_unstable_by(top, order);
+        rest = v.drain(top..).map(|g| g.count).sum();
+    }
+    v.sort_unstable_by(order);
+    let mut out: Vec<Group> = Vec::with_capacity(v.len() + 1);
+    for mut g in v {
+        g.share = share(g.count, total);
+        out.push(g);
     }
     if rest > 0 {
         let mut g = named_group("other");
