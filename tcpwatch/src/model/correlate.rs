@@ -780,12 +780,15 @@ impl Correlator {
         if let Some(held) = self.handoffs.oldest_held_ns() {
             due = due.min(held);
         }
-        // The usual case: nothing is waiting, and the timelines just
-        // finished are due and already in close order. Going through the
-        // heap would give the same order, moving each timeline (some 300
-        // bytes) in and out of it.
-        let in_order = self.in_order.is_empty()
-            && done.last().is_some_and(|t| t.closed_ns <= due)
+        // The usual case: the timelines just finished are due, already in
+        // close order, and closed before anything waiting is due. Going
+        // through the heap would give the same order, moving each timeline
+        // (some 300 bytes) in and out of it.
+        let in_order = done.last().is_some_and(|t| t.closed_ns <= due)
+            && self
+                .in_order
+                .peek()
+                .is_none_or(|Reverse(w)| w.timeline.closed_ns > due)
             && done.windows(2).all(|w| w[0].closed_ns <= w[1].closed_ns);
         if in_order {
             self.next_seq += done.len() as u64;
