@@ -427,7 +427,11 @@ impl Track {
     }
 
     fn steps(&self) -> Vec<Step> {
-        self.steps
+        // Sized at once: collected through a filter, it would start at
+        // four and grow (a second allocation for most connections).
+        let mut steps = Vec::with_capacity(self.steps.len());
+        let kept = self
+            .steps
             .iter()
             .enumerate()
             .filter(|(_, p)| p.old != p.new)
@@ -440,8 +444,9 @@ impl Track {
                 },
                 old: TcpState::from_kernel(p.old).unwrap_or(TcpState::Close),
                 new: TcpState::from_kernel(p.new).unwrap_or(TcpState::Close),
-            })
-            .collect()
+            });
+        steps.extend(kept);
+        steps
     }
 }
 
