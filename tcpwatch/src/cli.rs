@@ -77,6 +77,17 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 131_072)]
         sockets: u64,
     },
+    /// The daemon's work (TIME_WAIT accounting, metrics, kept connections)
+    /// over a recording, offline: prints what it would serve at the end
+    /// (metrics, every namespace's snapshot, the newest connections), so
+    /// its CPU can be measured on a fixed workload.
+    Daemon {
+        /// A file written by `tcpwatch record`.
+        file: PathBuf,
+        /// Seconds of the recording between TIME_WAIT snapshots.
+        #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
+        interval: Duration,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

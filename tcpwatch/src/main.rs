@@ -180,6 +180,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::TimewaitMemory { sockets } => {
             serde_json::to_string(&bench::timewait_memory(sockets))
         }
+        BenchWhat::Daemon { file, interval } => {
+            let (served, summary) = bench::daemon_replay(&file, interval)?;
+            print!("{served}");
+            summary.print(Format::Json);
+            return Ok(());
+        }
         BenchWhat::Memory { connections } => {
             serde_json::to_string(&bench::tracked_memory(connections))
         }

@@ -298,6 +298,50 @@ pub fn timewait_memory(sockets: u64) -> TimewaitMemoryBench {
     }
 }
 
+/// What the daemon serves once it has taken a whole recording:
+/// `/metrics`, every namespace's last snapshot (`/api/timewait?netns=all`)
+/// and the newest connections (`/api/conns`), in that order, with the
+/// stream's exit summary. The daemon's own cost collector is left out: it
+/// reads this process, not the events.
+pub fn daemon_replay(
+    path: &std::path::Path,
+    interval: std::time::Duration,
+) -> Result<(String, crate::views::summary::ExitSummary), crate::stream::error::StreamError> {
+    use crate::commands::timewait::CheckOptions;
+    use crate::daemon::metrics::Metrics;
+    use crate::daemon::query::{ConnsQuery, NetnsKey, TimewaitQuery, DEFAULT_LIMIT};
+    use crate::daemon::{DaemonOptions, DaemonSink, Shared};
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tcpwatch");
+    let metrics = Metrics::new(&mut registry);
+    let shared = std::sync::Arc::new(Shared::new(registry, 10_000));
+    let opts = DaemonOptions {
+        interval_ns: interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+        top: 10,
+        max_sockets: CorrelatorOptions::default().max_sockets,
+        churn: crate::model::churn::ChurnOptions::default(),
+        check: CheckOptions::default(),
+    };
+    let ended = crate::stream::replay::run_file(path, |ctx| {
+        Ok(DaemonSink::build(opts, metrics, shared.clone(), ctx))
+    })?;
+    let summary = ended.summary();
+    ended.result()?;
+    let mut out = shared.metrics();
+    let all = TimewaitQuery {
+        netns: Some(NetnsKey::All),
+    };
+    if let Some(Ok(json)) = shared.timewait(&all) {
+        out.push_str(&json);
+        out.push('\n');
+    }
+    out.push_str(&shared.conns(ConnsQuery {
+        limit: DEFAULT_LIMIT,
+        since: None,
+    }));
+    out.push('\n');
+    Ok((out, summary))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

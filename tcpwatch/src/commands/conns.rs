@@ -90,9 +90,10 @@ impl<W: Write> ConnsSink<W> {
     }
 
     fn emit(&mut self, settled_ns: Option<u64>) -> io::Result<()> {
-        let finished = std::mem::take(&mut self.finished);
+        // Drained and put back: its buffer serves every batch.
+        let mut finished = std::mem::take(&mut self.finished);
         self.connections += finished.len() as u64;
-        for t in finished {
+        for t in finished.drain(..) {
             match self.view {
                 View::Records(format) => {
                     if !self.wanted(&t) {
@@ -124,6 +125,7 @@ impl<W: Write> ConnsSink<W> {
                 }
             }
         }
+        self.finished = finished;
         if matches!(self.view, View::Ladder(_)) {
             let now = settled_ns.unwrap_or(u64::MAX);
             let mut i = 0;

@@ -600,8 +600,9 @@ impl TimewaitTracker {
     }
 
     fn take_finished(&mut self, out: &mut Vec<Timeline>) {
-        let finished = std::mem::take(&mut self.finished);
-        for t in finished {
+        // Drained and put back: its buffer serves every batch.
+        let mut finished = std::mem::take(&mut self.finished);
+        for t in finished.drain(..) {
             let owner = t.owner.as_ref().map(|a| &*a.owner);
             if self.selector.matches(t.family, &t.local, &t.remote, owner) {
                 if let Some(nb) = self.book_of(t.netns, t.closed_ns) {
@@ -611,6 +612,7 @@ impl TimewaitTracker {
                 out.push(t);
             }
         }
+        self.finished = finished;
     }
 
     /// Kernel events lost so far: every book is checked against its

@@ -168,6 +168,21 @@ pub struct Metrics {
     /// What the counters set from absolute figures last saw.
     evicted_seen: u64,
     lost_seen: LostCounts,
+    /// The series every finished connection updates, each looked up in
+    /// its family once (a lookup hashes the labels and takes a lock):
+    /// `closed` by close kind, the histograms by direction
+    /// ([`role_index`]). These families are never cleared.
+    closed_by_kind: Vec<(&'static str, Counter)>,
+    handshake_by_role: [Option<Histogram>; 3],
+    lifetime_by_role: [Option<Histogram>; 3],
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Client => 0,
+        Role::Server => 1,
+        Role::Unknown => 2,
+    }
 }
 
 impl Metrics {
@@ -204,6 +219,9 @@ impl Metrics {
             evictions: Counter::default(),
             evicted_seen: 0,
             lost_seen: LostCounts::default(),
+            closed_by_kind: Vec::new(),
+            handshake_by_role: Default::default(),
+            lifetime_by_role: Default::default(),
         };
         let r = registry;
         r.register(
@@ -441,22 +459,29 @@ impl Metrics {
                 })
                 .inc();
         }
-        self.closed
-            .get_or_create(&KindLabels {
-                kind: close_name(t.close),
-            })
-            .inc();
+        let kind = close_name(t.close);
+        match self.closed_by_kind.iter().find(|(k, _)| *k == kind) {
+            Some((_, closed)) => {
+                closed.inc();
+            }
+            None => {
+                let closed = self.closed.get_or_create_owned(&KindLabels { kind });
+                closed.inc();
+                self.closed_by_kind.push((kind, closed));
+            }
+        };
         let labels = DirectionLabels {
             direction: direction(t.role),
         };
+        let role = role_index(t.role);
         if let Some(h) = t.handshake_ns {
-            self.handshake
-                .get_or_create(&labels)
+            self.handshake_by_role[role]
+                .get_or_insert_with(|| self.handshake.get_or_create_owned(&labels))
                 .observe(h as f64 / 1e9);
         }
         if !t.pre_existing() {
-            self.lifetime
-                .get_or_create(&labels)
+            self.lifetime_by_role[role]
+                .get_or_insert_with(|| self.lifetime.get_or_create_owned(&labels))
                 .observe(t.lifetime_ns() as f64 / 1e9);
         }
         if t.timewait.is_some() {

@@ -227,6 +227,8 @@ pub struct DaemonSink {
     shared: Arc<Shared>,
     clock: Clock,
     finished: Vec<Timeline>,
+    /// Scratch: the cgroups of the connections a batch keeps.
+    cgroups: Vec<Option<Arc<Cgroup>>>,
     events: u64,
     connections: u64,
     snapshots: u64,
@@ -277,6 +279,7 @@ impl DaemonSink {
             shared,
             clock: ctx.clock,
             finished: Vec::new(),
+            cgroups: Vec::new(),
             events: 0,
             connections: 0,
             snapshots: 0,
@@ -304,18 +307,14 @@ impl DaemonSink {
         // Only the newest `keep` can stay: the rest are only numbered.
         let keep = self.shared.state().keep;
         let beyond = self.finished.len().saturating_sub(keep);
-        let kept: Vec<Kept> = std::mem::take(&mut self.finished)
-            .into_iter()
-            .skip(beyond)
-            .map(|timeline| Kept {
-                seq: 0,
-                cgroup: self
-                    .tracker
-                    .cgroup(timeline.owner.as_ref().map(|a| &*a.owner)),
-                timeline,
-                clock: self.clock,
-            })
-            .collect();
+        // The kept ones' cgroups are looked up before the lock is taken;
+        // the timelines go straight into the queue under it.
+        let mut cgroups = std::mem::take(&mut self.cgroups);
+        cgroups.extend(
+            self.finished[beyond..]
+                .iter()
+                .map(|t| self.tracker.cgroup(t.owner.as_ref().map(|a| &*a.owner))),
+        );
         let correlator = self.tracker.correlator();
         self.metrics
             .tracking(correlator.tracked(), correlator.stats().evicted);
@@ -333,14 +332,21 @@ impl DaemonSink {
         // Room is made before the new ones go in, so the queue never holds
         // (nor grows its buffer for) more than `keep`.
         let held = st.conns.len();
-        let excess = (held + kept.len()).saturating_sub(st.keep);
+        let excess = (held + cgroups.len()).saturating_sub(st.keep);
         st.conns.drain(..excess.min(held));
-        reserve_capped(&mut st.conns, kept.len(), keep);
-        for mut k in kept {
+        reserve_capped(&mut st.conns, cgroups.len(), keep);
+        let kept = self.finished.drain(..).skip(beyond).zip(cgroups.drain(..));
+        for (timeline, cgroup) in kept {
             st.last_seq += 1;
-            k.seq = st.last_seq;
-            st.conns.push_back(k);
+            let seq = st.last_seq;
+            st.conns.push_back(Kept {
+                seq,
+                timeline,
+                clock: self.clock,
+                cgroup,
+            });
         }
+        self.cgroups = cgroups;
         let snapshot_taken = snapshots.is_some();
         if let (Some(s), Some(j)) = (snapshots, timewait) {
             self.snapshots += 1;

@@ -74,6 +74,13 @@ const OWNER_CACHE: usize = 16_384;
 /// snapshot).
 type Listener = (IpAddr, Attribution, u64);
 
+/// What a transition says of its socket's owner.
+enum Said {
+    Owner(Option<Attribution>),
+    /// Nothing new: the owner known before stands.
+    Known,
+}
+
 /// Remembers owners of sockets and listeners.
 #[derive(Debug)]
 pub struct OwnerTracker {
@@ -250,6 +257,29 @@ impl OwnerTracker {
         known: Option<&Attribution>,
         first_sight: bool,
     ) -> Option<Attribution> {
+        match self.said(t, known.is_some(), first_sight) {
+            Said::Owner(attribution) => attribution,
+            Said::Known => known.cloned(),
+        }
+    }
+
+    /// [`OwnerTracker::attribute`] for a caller that keeps what it knew
+    /// when the transition tells nothing new (`None` then): the known
+    /// owner is not copied (an atomic count on an owner every socket of
+    /// its process shares) only to be put back.
+    pub fn attribute_new(
+        &mut self,
+        t: &Transition,
+        has_known: bool,
+        first_sight: bool,
+    ) -> Option<Attribution> {
+        match self.said(t, has_known, first_sight) {
+            Said::Owner(attribution) => attribution,
+            Said::Known => None,
+        }
+    }
+
+    fn said(&mut self, t: &Transition, has_known: bool, first_sight: bool) -> Said {
         let attribution = if is_process_context(t.old, t.new) {
             Some(Attribution {
                 owner: self.task_owner(&t.task),
@@ -257,8 +287,11 @@ impl OwnerTracker {
             })
         } else if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv) {
             self.listener_owner(self.netns_of(t), &t.local)
-        } else if let Some(k) = known {
-            Some(k.clone())
+        } else if has_known {
+            // CLOSE → LISTEN is in process context: the listener table
+            // never needs the known owner.
+            self.update_listeners(t, None);
+            return Said::Known;
         } else if first_sight && !is_birth(t.old, t.new) {
             // First sight of a socket in mid-life: it predates the trace.
             self.snapshot_owner(t)
@@ -266,7 +299,7 @@ impl OwnerTracker {
             None
         };
         self.update_listeners(t, attribution.as_ref());
-        attribution
+        Said::Owner(attribution)
     }
 
     fn update_listeners(&mut self, t: &Transition, attribution: Option<&Attribution>) {

@@ -174,12 +174,16 @@ impl EvictedKeys {
         self.0.insert(key, ());
     }
 
+    // Empty nearly always (nothing is evicted below --max-sockets): a
+    // check of its length spares hashing the key for every open and close.
     pub fn contains(&self, key: u64) -> bool {
-        self.0.contains_key(&key)
+        !self.0.is_empty() && self.0.contains_key(&key)
     }
 
     pub fn remove(&mut self, key: u64) {
-        self.0.remove(&key);
+        if !self.0.is_empty() {
+            self.0.remove(&key);
+        }
     }
 }
 
