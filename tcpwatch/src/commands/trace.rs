@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Write};
 
 use crate::commands::Selector;
-use crate::host::clock::Clock;
 use crate::host::clock::Zone;
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::filter::Filter;
@@ -25,10 +24,7 @@ use crate::model::{Endpoint, Family, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
-use crate::views::{
-    trace_event_json, trace_event_text, trace_header, trace_json, trace_text, EventKind, Format,
-    TraceEventLine, TraceLine,
-};
+use crate::views::{trace_header, EventKind, Format, TraceEventLine, TraceLine, TraceWriter};
 
 /// What the user asked `trace` for.
 #[derive(Clone, Debug)]
@@ -66,13 +62,21 @@ struct Held {
     lines: Vec<(Transition, Option<Attribution>, Option<u64>)>,
 }
 
-/// Turns records into trace lines written to `out`.
+/// Lines pending in a sink's buffer past this many bytes are written out
+/// before the batch ends.
+const WRITE_AT: usize = 64 * 1024;
+
+/// Turns records into trace lines written to `out`: a batch's lines are
+/// gathered in one buffer and written together at its end (a long batch
+/// every [`WRITE_AT`] bytes), so a quiet trace still shows each line at
+/// once and a busy one makes few writes.
 pub struct TraceSink<W: Write> {
     out: W,
     format: Format,
     selector: Selector,
-    clock: Clock,
-    zone: Zone,
+    lines: TraceWriter,
+    /// Lines not written to `out` yet.
+    pending: Vec<u8>,
     owners: OwnerTracker,
     last_ts: BoundedMap<u64, Seen>,
     recently_closed: VecDeque<(u64, Seen)>,
@@ -97,8 +101,8 @@ impl<W: Write> TraceSink<W> {
             out,
             format: opts.format,
             selector: Selector::new(opts.filter, ctx),
-            clock: ctx.clock,
-            zone: opts.zone,
+            lines: TraceWriter::new(ctx.clock, opts.zone),
+            pending: Vec::with_capacity(WRITE_AT + 1024),
             owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
             last_ts: BoundedMap::new(opts.max_sockets),
             recently_closed: VecDeque::new(),
@@ -228,11 +232,11 @@ impl<W: Write> TraceSink<W> {
             netns: s.sock.netns,
             cpu: s.cpu,
         };
-        let text = match self.format {
-            Format::Text => trace_event_text(&line, &self.clock, self.zone),
-            Format::Json => trace_event_json(&line, &self.clock),
-        };
-        writeln!(self.out, "{text}")
+        match self.format {
+            Format::Text => self.lines.event_text(&mut self.pending, &line),
+            Format::Json => self.lines.event_json(&mut self.pending, &line),
+        }
+        self.end_line()
     }
 
     fn print(
@@ -256,11 +260,34 @@ impl<W: Write> TraceSink<W> {
             cgroup: cgroup.as_deref(),
             delta_ns,
         };
-        let text = match self.format {
-            Format::Text => trace_text(&line, &self.clock, self.zone),
-            Format::Json => trace_json(&line, &self.clock),
-        };
-        writeln!(self.out, "{text}")
+        match self.format {
+            Format::Text => self.lines.text(&mut self.pending, &line),
+            Format::Json => self.lines.json(&mut self.pending, &line),
+        }
+        self.end_line()
+    }
+
+    /// Ends the line just written; writes the pending lines out if they
+    /// are many.
+    fn end_line(&mut self) -> io::Result<()> {
+        self.pending.push(b'\n');
+        if self.pending.len() >= WRITE_AT {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        let written = self.out.write_all(&self.pending);
+        self.pending.clear();
+        written
+    }
+
+    /// Writes the pending lines and flushes `out`: at the end of each
+    /// batch, so lines show as soon as their batch is read.
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_pending()?;
+        self.out.flush()
     }
 
     /// Holds a line of an accepted socket no process has used yet.
@@ -318,6 +345,8 @@ impl<W: Write> TraceSink<W> {
         Ok(())
     }
 
+    /// The writer, with every line of the batches given so far written to
+    /// it (each batch's lines are written at its end).
     pub fn into_inner(self) -> W {
         self.out
     }
@@ -329,7 +358,7 @@ impl<W: Write> Consumer for TraceSink<W> {
             self.record(r)?;
         }
         self.release_unused(batch.settled_ns)?;
-        self.out.flush()
+        self.flush()
     }
 
     fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
@@ -338,7 +367,7 @@ impl<W: Write> Consumer for TraceSink<W> {
 
     fn finish(&mut self) -> io::Result<()> {
         self.release_unused(u64::MAX)?;
-        self.out.flush()
+        self.flush()
     }
 
     fn summary(&self, totals: &Totals) -> ExitSummary {
