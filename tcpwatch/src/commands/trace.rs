@@ -10,7 +10,7 @@
 //! as its owner's; a socket no process has used within [`HOLD_NS`] is
 //! printed as its listener's.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use crate::commands::Selector;
@@ -20,7 +20,7 @@ use crate::model::filter::Filter;
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
-use crate::model::{Endpoint, Family, TcpState};
+use crate::model::{Endpoint, FastMap, Family, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
@@ -66,6 +66,11 @@ struct Held {
 /// before the batch ends.
 const WRITE_AT: usize = 64 * 1024;
 
+/// A state's place in [`TcpState::ALL`].
+fn state_index(s: TcpState) -> usize {
+    usize::from(s.kernel_number() - 1)
+}
+
 /// Turns records into trace lines written to `out`: a batch's lines are
 /// gathered in one buffer and written together at its end (a long batch
 /// every [`WRITE_AT`] bytes), so a quiet trace still shows each line at
@@ -86,8 +91,10 @@ pub struct TraceSink<W: Write> {
     /// endpoints were not known (it had no transition in the trace).
     events_shown: u64,
     events_unplaced: u64,
-    by_kind: BTreeMap<(&'static str, &'static str), u64>,
-    held: HashMap<u64, Held>,
+    /// Transitions seen by (old, new) state, indexed by their place in
+    /// [`TcpState::ALL`].
+    by_kind: [[u64; TcpState::ALL.len()]; TcpState::ALL.len()],
+    held: FastMap<u64, Held>,
     /// (socket, since) in the order held, for the deadline and the cap.
     held_order: VecDeque<(u64, u64)>,
     max_held: usize,
@@ -110,8 +117,8 @@ impl<W: Write> TraceSink<W> {
             shown: 0,
             events_shown: 0,
             events_unplaced: 0,
-            by_kind: BTreeMap::new(),
-            held: HashMap::new(),
+            by_kind: Default::default(),
+            held: FastMap::default(),
             held_order: VecDeque::new(),
             max_held: opts.max_sockets.max(1),
         };
@@ -133,10 +140,7 @@ impl<W: Write> TraceSink<W> {
             Record::Socket(s) => return self.socket_line(s),
         };
         self.seen += 1;
-        *self
-            .by_kind
-            .entry((t.old.name(), t.new.name()))
-            .or_default() += 1;
+        self.by_kind[state_index(t.old)][state_index(t.new)] += 1;
         let owner = self.owners.observe(t);
         let delta_ns = self
             .last_ts
@@ -371,16 +375,20 @@ impl<W: Write> Consumer for TraceSink<W> {
     }
 
     fn summary(&self, totals: &Totals) -> ExitSummary {
-        let mut transitions: Vec<TransitionCount> = self
-            .by_kind
+        let mut transitions: Vec<TransitionCount> = TcpState::ALL
             .iter()
-            .map(|((old, new), count)| TransitionCount {
-                old: old.to_string(),
-                new: new.to_string(),
-                count: *count,
+            .flat_map(|&old| TcpState::ALL.iter().map(move |&new| (old, new)))
+            .filter_map(|(old, new)| {
+                let count = self.by_kind[state_index(old)][state_index(new)];
+                (count > 0).then(|| TransitionCount {
+                    old: old.name().to_string(),
+                    new: new.name().to_string(),
+                    count,
+                })
             })
             .collect();
         // Most frequent first; ties in name order.
+        transitions.sort_by(|a, b| (&a.old, &a.new).cmp(&(&b.old, &b.new)));
         transitions.sort_by_key(|t| std::cmp::Reverse(t.count));
         ExitSummary::Trace(TraceSummary {
             transitions_seen: self.seen,

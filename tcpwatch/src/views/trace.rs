@@ -8,6 +8,7 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -18,7 +19,7 @@ use crate::model::cgroup::Cgroup;
 use crate::model::decode::Transition;
 use crate::model::owner::{Attribution, OwnerSource};
 use crate::model::reset::{self, ResetReason};
-use crate::model::{Endpoint, Family, TcpState};
+use crate::model::{Endpoint, Family, Owner, TcpState};
 
 /// One `trace` line: a transition with the owner and the time since the
 /// socket's previous transition.
@@ -136,12 +137,100 @@ impl SecondText {
     }
 }
 
+/// The socket fields of a line: what its socket's other lines repeat.
+struct SocketPart<'a> {
+    skaddr: u64,
+    owner: Option<&'a Attribution>,
+    cgroup: Option<&'a Cgroup>,
+    family: Family,
+    local: &'a Endpoint,
+    remote: &'a Endpoint,
+}
+
+/// The socket fields one [`SocketText`] slot was written from.
+struct SocketKey {
+    skaddr: u64,
+    /// Held, so no other owner can be at its address while it is here.
+    owner: Option<(Arc<Owner>, OwnerSource)>,
+    cgroup: Option<Cgroup>,
+    family: Family,
+    local: Endpoint,
+    remote: Endpoint,
+}
+
+impl SocketKey {
+    fn of(p: &SocketPart<'_>) -> SocketKey {
+        SocketKey {
+            skaddr: p.skaddr,
+            owner: p.owner.map(|a| (a.owner.clone(), a.source)),
+            cgroup: p.cgroup.cloned(),
+            family: p.family,
+            local: *p.local,
+            remote: *p.remote,
+        }
+    }
+
+    fn is(&self, p: &SocketPart<'_>) -> bool {
+        self.skaddr == p.skaddr
+            && self.family == p.family
+            && self.local == *p.local
+            && self.remote == *p.remote
+            && match (&self.owner, p.owner) {
+                (None, None) => true,
+                (Some((owner, source)), Some(a)) => {
+                    Arc::ptr_eq(owner, &a.owner) && *source == a.source
+                }
+                _ => false,
+            }
+            && self.cgroup.as_ref() == p.cgroup
+    }
+}
+
+/// Slots of [`SocketText`]: a power of two.
+const SOCKET_SLOTS: usize = 1024;
+
+/// The socket part of recent lines as written, by socket: a socket's
+/// lines (about ten for a short connection) write it once. One slot per
+/// socket address hash, the newest socket taking it.
+struct SocketText {
+    slots: Vec<(Option<SocketKey>, Vec<u8>)>,
+}
+
+impl SocketText {
+    fn new() -> SocketText {
+        SocketText {
+            slots: (0..SOCKET_SLOTS).map(|_| (None, Vec::new())).collect(),
+        }
+    }
+
+    /// Appends `p`'s part to `buf`, written by `write` unless the slot
+    /// already holds it.
+    fn push(
+        &mut self,
+        buf: &mut Vec<u8>,
+        p: &SocketPart<'_>,
+        write: impl FnOnce(&mut Vec<u8>, &SocketPart<'_>),
+    ) {
+        // Sockets are at least 64-byte aligned: the bits above tell them apart.
+        let at = (p.skaddr >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54;
+        let (key, text) = &mut self.slots[at as usize % SOCKET_SLOTS];
+        if !key.as_ref().is_some_and(|k| k.is(p)) {
+            text.clear();
+            write(text, p);
+            *key = Some(SocketKey::of(p));
+        }
+        buf.extend_from_slice(text);
+    }
+}
+
 /// Writes trace lines into a byte buffer, each without its newline.
 pub struct TraceWriter {
     clock: Clock,
     zone: Zone,
     rfc3339: SecondText,
     stamp: SecondText,
+    json_sockets: SocketText,
+    text_sockets: SocketText,
 }
 
 /// Lines stamped before this many seconds after the epoch are written the
@@ -156,14 +245,23 @@ impl TraceWriter {
             zone,
             rfc3339: SecondText::default(),
             stamp: SecondText::default(),
+            json_sockets: SocketText::new(),
+            text_sockets: SocketText::new(),
         }
     }
 
     /// A transition in `trace`'s columns.
     pub fn text(&mut self, buf: &mut Vec<u8>, line: &TraceLine<'_>) {
         let t = line.t;
-        let mut cells = Cells::start(buf);
-        self.text_owner_and_endpoints(&mut cells, t.ts_ns, line.owner, &t.local, &t.remote);
+        let part = SocketPart {
+            skaddr: t.skaddr,
+            owner: line.owner,
+            cgroup: None,
+            family: t.family,
+            local: &t.local,
+            remote: &t.remote,
+        };
+        let mut cells = self.text_up_to_transition(buf, t.ts_ns, &part);
         cells.buf.extend_from_slice(t.old.name().as_bytes());
         cells.buf.extend_from_slice(b" -> ");
         cells.buf.extend_from_slice(t.new.name().as_bytes());
@@ -175,8 +273,15 @@ impl TraceWriter {
     /// with its reason in words.
     pub fn event_text(&mut self, buf: &mut Vec<u8>, line: &TraceEventLine<'_>) {
         let start = buf.len();
-        let mut cells = Cells::start(buf);
-        self.text_owner_and_endpoints(&mut cells, line.ts_ns, line.owner, &line.local, &line.remote);
+        let part = SocketPart {
+            skaddr: line.skaddr,
+            owner: line.owner,
+            cgroup: None,
+            family: line.family,
+            local: &line.local,
+            remote: &line.remote,
+        };
+        let mut cells = self.text_up_to_transition(buf, line.ts_ns, &part);
         cells.buf.extend_from_slice(line.what.text().as_bytes());
         cells.next();
         cells.last(|buf| push_delta_text(buf, line.delta_ns));
@@ -189,31 +294,35 @@ impl TraceWriter {
         }
     }
 
-    /// The columns every text line has, up to the TRANSITION column.
-    fn text_owner_and_endpoints(
+    /// The columns every text line has, up to the TRANSITION column: the
+    /// time, then the socket's (PID to REMOTE).
+    fn text_up_to_transition<'b>(
         &mut self,
-        cells: &mut Cells<'_>,
+        buf: &'b mut Vec<u8>,
         ts_ns: u64,
-        owner: Option<&Attribution>,
-        local: &Endpoint,
-        remote: &Endpoint,
-    ) {
+        part: &SocketPart<'_>,
+    ) -> Cells<'b> {
+        let mut cells = Cells::start(buf, 0);
         self.push_stamp(cells.buf, ts_ns);
         cells.next();
-        match owner {
-            Some(a) => push_u64(cells.buf, u64::from(a.owner.pid)),
-            None => cells.buf.push(b'-'),
-        }
-        cells.next();
-        match owner {
-            Some(a) => cells.buf.extend_from_slice(a.owner.comm.as_bytes()),
-            None => cells.buf.push(b'-'),
-        }
-        cells.next();
-        push_endpoint(cells.buf, local);
-        cells.next();
-        push_endpoint(cells.buf, remote);
-        cells.next();
+        self.text_sockets.push(cells.buf, part, |buf, p| {
+            let mut cells = Cells::start(buf, 1);
+            match p.owner {
+                Some(a) => push_u64(cells.buf, u64::from(a.owner.pid)),
+                None => cells.buf.push(b'-'),
+            }
+            cells.next();
+            match p.owner {
+                Some(a) => cells.buf.extend_from_slice(a.owner.comm.as_bytes()),
+                None => cells.buf.push(b'-'),
+            }
+            cells.next();
+            push_endpoint(cells.buf, p.local);
+            cells.next();
+            push_endpoint(cells.buf, p.remote);
+            cells.next();
+        });
+        Cells::start(buf, 5)
     }
 
     /// A transition as one JSON object.
@@ -221,8 +330,8 @@ impl TraceWriter {
         let t = line.t;
         self.json_socket(
             buf,
-            &JsonSocket {
-                ts_ns: t.ts_ns,
+            t.ts_ns,
+            &SocketPart {
                 skaddr: t.skaddr,
                 owner: line.owner,
                 cgroup: line.cgroup,
@@ -245,8 +354,8 @@ impl TraceWriter {
     pub fn event_json(&mut self, buf: &mut Vec<u8>, line: &TraceEventLine<'_>) {
         self.json_socket(
             buf,
-            &JsonSocket {
-                ts_ns: line.ts_ns,
+            line.ts_ns,
+            &SocketPart {
                 skaddr: line.skaddr,
                 owner: line.owner,
                 cgroup: line.cgroup,
@@ -275,45 +384,12 @@ impl TraceWriter {
     }
 
     /// `{` and the fields every JSON line has, from `ts` to `dport`.
-    fn json_socket(&mut self, buf: &mut Vec<u8>, s: &JsonSocket<'_>) {
-        let owner = s.owner.map(|a| &a.owner);
+    fn json_socket(&mut self, buf: &mut Vec<u8>, ts_ns: u64, part: &SocketPart<'_>) {
         buf.extend_from_slice(b"{\"ts\":\"");
-        self.push_rfc3339(buf, s.ts_ns);
+        self.push_rfc3339(buf, ts_ns);
         buf.extend_from_slice(b"\",\"ts_mono_ns\":");
-        push_u64(buf, s.ts_ns);
-        buf.extend_from_slice(b",\"skaddr\":\"0x");
-        push_hex(buf, s.skaddr);
-        buf.extend_from_slice(b"\",\"pid\":");
-        match owner {
-            Some(o) => push_u64(buf, u64::from(o.pid)),
-            None => buf.extend_from_slice(b"null"),
-        }
-        buf.extend_from_slice(b",\"comm\":");
-        match owner {
-            Some(o) => push_json(buf, o.comm.as_str()),
-            None => buf.extend_from_slice(b"null"),
-        }
-        buf.extend_from_slice(b",\"cgroup\":");
-        push_json(buf, &cgroup_of(owner.map(|o| &**o), s.cgroup));
-        buf.extend_from_slice(b",\"owner_source\":");
-        match s.owner {
-            Some(a) => {
-                buf.push(b'"');
-                buf.extend_from_slice(source_name(a.source).as_bytes());
-                buf.push(b'"');
-            }
-            None => buf.extend_from_slice(b"null"),
-        }
-        buf.extend_from_slice(b",\"family\":\"");
-        buf.extend_from_slice(s.family.name().as_bytes());
-        buf.extend_from_slice(b"\",\"saddr\":\"");
-        push_ip(buf, s.local.addr);
-        buf.extend_from_slice(b"\",\"sport\":");
-        push_u64(buf, u64::from(s.local.port));
-        buf.extend_from_slice(b",\"daddr\":\"");
-        push_ip(buf, s.remote.addr);
-        buf.extend_from_slice(b"\",\"dport\":");
-        push_u64(buf, u64::from(s.remote.port));
+        push_u64(buf, ts_ns);
+        self.json_sockets.push(buf, part, json_socket_fields);
     }
 
     /// `2026-11-23T23:41:07.123456789Z`, as [`Clock::rfc3339`] writes it.
@@ -352,15 +428,43 @@ impl TraceWriter {
     }
 }
 
-/// The socket fields of a JSON line.
-struct JsonSocket<'a> {
-    ts_ns: u64,
-    skaddr: u64,
-    owner: Option<&'a Attribution>,
-    cgroup: Option<&'a Cgroup>,
-    family: Family,
-    local: &'a Endpoint,
-    remote: &'a Endpoint,
+/// The JSON fields of a line's socket, `skaddr` to `dport`, each after a
+/// comma.
+fn json_socket_fields(buf: &mut Vec<u8>, p: &SocketPart<'_>) {
+    let owner = p.owner.map(|a| &a.owner);
+    buf.extend_from_slice(b",\"skaddr\":\"0x");
+    push_hex(buf, p.skaddr);
+    buf.extend_from_slice(b"\",\"pid\":");
+    match owner {
+        Some(o) => push_u64(buf, u64::from(o.pid)),
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"comm\":");
+    match owner {
+        Some(o) => push_json(buf, o.comm.as_str()),
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"cgroup\":");
+    push_json(buf, &cgroup_of(owner.map(|o| &**o), p.cgroup));
+    buf.extend_from_slice(b",\"owner_source\":");
+    match p.owner {
+        Some(a) => {
+            buf.push(b'"');
+            buf.extend_from_slice(source_name(a.source).as_bytes());
+            buf.push(b'"');
+        }
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"family\":\"");
+    buf.extend_from_slice(p.family.name().as_bytes());
+    buf.extend_from_slice(b"\",\"saddr\":\"");
+    push_ip(buf, p.local.addr);
+    buf.extend_from_slice(b"\",\"sport\":");
+    push_u64(buf, u64::from(p.local.port));
+    buf.extend_from_slice(b",\"daddr\":\"");
+    push_ip(buf, p.remote.addr);
+    buf.extend_from_slice(b"\",\"dport\":");
+    push_u64(buf, u64::from(p.remote.port));
 }
 
 /// The fields every JSON line ends with, and `}`.
@@ -390,17 +494,35 @@ fn push_json<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
     let _ = serde_json::to_writer(&mut *buf, value);
 }
 
-/// `n` in decimal, as `Display` writes it.
+/// "00" to "99".
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        pairs[2 * i] = b'0' + (i / 10) as u8;
+        pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    pairs
+};
+
+/// `n` in decimal, as `Display` writes it (two digits at a time).
 fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = 2 * (n % 100) as usize;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = 2 * n as usize;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     buf.extend_from_slice(&digits[at..]);
 }
@@ -492,11 +614,12 @@ struct Cells<'a> {
 }
 
 impl<'a> Cells<'a> {
-    fn start(buf: &'a mut Vec<u8>) -> Cells<'a> {
+    /// Cells from `column` on, the first starting at the end of `buf`.
+    fn start(buf: &'a mut Vec<u8>, column: usize) -> Cells<'a> {
         let cell_start = buf.len();
         Cells {
             buf,
-            column: 0,
+            column,
             cell_start,
         }
     }
@@ -566,7 +689,6 @@ mod tests {
     use super::*;
     use crate::model::decode::tests::state_event;
     use crate::model::decode::{decode, encode, Record};
-    use crate::model::Owner;
 
     fn transition() -> Transition {
         let Record::State(t) = decode(&encode(&state_event(
@@ -953,6 +1075,7 @@ mod tests {
             for zone in [Zone::Utc, Zone::Local] {
                 let mut w = TraceWriter::new(clock, zone);
                 let mut ts = 0u64;
+                let mut socket = (0, endpoints[0], endpoints[0], None, None);
                 for i in 0..4000 {
                     // Mostly within one second, now and then past it.
                     ts += match r.next() % 8 {
@@ -963,14 +1086,28 @@ mod tests {
                     ts %= u64::MAX / 2;
                     let mut t = transition();
                     t.ts_ns = ts;
-                    t.skaddr = *r.pick(&[0, 1, 0xffff_8881_0000_0040, u64::MAX]);
-                    t.local = *r.pick(&endpoints);
-                    t.remote = *r.pick(&endpoints);
+                    // Half the lines are of the socket before (as a
+                    // socket's lines follow each other), now and then
+                    // with an owner of its own.
+                    if r.next() % 2 == 0 {
+                        socket = (
+                            *r.pick(&[0, 1, 0xffff_8881_0000_0040, u64::MAX]),
+                            *r.pick(&endpoints),
+                            *r.pick(&endpoints),
+                            r.pick(&owners).as_ref(),
+                            *r.pick(&cgroups),
+                        );
+                    } else if r.next() % 8 == 0 {
+                        socket.3 = r.pick(&owners).as_ref();
+                    }
+                    let (skaddr, local, remote, owner, cgroup) = socket;
+                    t.skaddr = skaddr;
+                    t.local = local;
+                    t.remote = remote;
                     t.old = *r.pick(&TcpState::ALL);
                     t.new = *r.pick(&TcpState::ALL);
                     t.sock.netns = *r.pick(&[None, Some(4_026_531_833)]);
                     t.cpu = r.next() as u32 % 64;
-                    let owner = r.pick(&owners).as_ref();
                     let delta_ns = match r.next() % 3 {
                         0 => Some(r.next() % (1 << 40)),
                         _ => *r.pick(&deltas),
@@ -978,7 +1115,7 @@ mod tests {
                     let line = TraceLine {
                         t: &t,
                         owner,
-                        cgroup: *r.pick(&cgroups),
+                        cgroup,
                         delta_ns,
                     };
                     let mut buf = Vec::new();
@@ -1016,7 +1153,7 @@ mod tests {
     #[test]
     fn milliseconds_are_the_digits_of_the_float() {
         let mut r = Lcg(7);
-        let mut check = |ns: u64| {
+        let check = |ns: u64| {
             let mut buf = Vec::new();
             push_ms3(&mut buf, ns);
             assert_eq!(into_string(buf), format!("{:.3}", ms(ns)), "{ns}");
