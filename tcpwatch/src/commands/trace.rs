@@ -20,7 +20,7 @@ use crate::model::filter::Filter;
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
-use crate::model::{Endpoint, FastMap, Family, TcpState};
+use crate::model::{Endpoint, Family, FastMap, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};

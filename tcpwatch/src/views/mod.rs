@@ -101,4 +101,3 @@ pub fn cgroup_of<'a>(
             .map(|id| Cow::Owned(Cgroup::new(id, None))),
     }
 }
-

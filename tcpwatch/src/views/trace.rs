@@ -871,7 +871,16 @@ mod tests {
         pub fn text(line: &TraceLine<'_>, clock: &Clock, zone: Zone) -> String {
             let t = line.t;
             let what = format!("{} -> {}", t.old, t.new);
-            cells(t.ts_ns, line.owner, &t.local, &t.remote, what, line.delta_ns, clock, zone)
+            cells(
+                t.ts_ns,
+                line.owner,
+                &t.local,
+                &t.remote,
+                what,
+                line.delta_ns,
+                clock,
+                zone,
+            )
         }
 
         pub fn event_text(line: &TraceEventLine<'_>, clock: &Clock, zone: Zone) -> String {
@@ -940,10 +949,8 @@ mod tests {
                 state: sent.then(|| line.state.map(|s| s.name())),
                 reset_reason: sent.then(|| line.reason.map(|r| r.name())),
                 reset_words: sent.then(|| {
-                    line.reason.map_or_else(
-                        || reset::UNKNOWN_REASON.into(),
-                        |r| r.words().into_owned(),
-                    )
+                    line.reason
+                        .map_or_else(|| reset::UNKNOWN_REASON.into(), |r| r.words().into_owned())
                 }),
                 delta_ms: line.delta_ns.map(ms),
                 netns: line.netns,
@@ -1035,7 +1042,12 @@ mod tests {
             Some(owner(4321, "curl", 0, OwnerSource::Observed)),
             Some(owner(1, "nginx \"w\\1\"", 99, OwnerSource::Listener)),
             Some(owner(u32::MAX, "héllo wörld", 7, OwnerSource::Procfs)),
-            Some(owner(77, "a-very-long-comm-name-past-15", 1, OwnerSource::Observed)),
+            Some(owner(
+                77,
+                "a-very-long-comm-name-past-15",
+                1,
+                OwnerSource::Observed,
+            )),
         ];
         let c = Cgroup::new(99, Some("/system.slice/nginx.service"));
         let cgroups = [None, Some(&c)];
@@ -1068,7 +1080,11 @@ mod tests {
         ];
         let reasons = [None, Some(ResetReason::NO_SOCKET), Some(ResetReason(200))];
         let states = [None, Some(TcpState::Close)];
-        let kinds = [EventKind::ResetSent, EventKind::ResetReceived, EventKind::Retransmit];
+        let kinds = [
+            EventKind::ResetSent,
+            EventKind::ResetReceived,
+            EventKind::Retransmit,
+        ];
         let clocks = [clock(), Clock::with_offset_ns(-5_000_000_000)];
         let mut r = Lcg(13);
         for clock in clocks {
@@ -1158,7 +1174,10 @@ mod tests {
             push_ms3(&mut buf, ns);
             assert_eq!(into_string(buf), format!("{:.3}", ms(ns)), "{ns}");
         };
-        for ns in (0..5_000_000).step_by(7).chain([u64::MAX, 999_999_999_999_999]) {
+        for ns in (0..5_000_000)
+            .step_by(7)
+            .chain([u64::MAX, 999_999_999_999_999])
+        {
             check(ns);
         }
         for _ in 0..200_000 {
