@@ -847,8 +847,7 @@ mod tests {
             remote: &Endpoint,
             what: String,
             delta_ns: Option<u64>,
-            clock: &Clock,
-            zone: Zone,
+            (clock, zone): (&Clock, Zone),
         ) -> String {
             let (pid, comm) = match owner {
                 Some(a) => (a.owner.pid.to_string(), a.owner.comm.as_str()),
@@ -878,8 +877,7 @@ mod tests {
                 &t.remote,
                 what,
                 line.delta_ns,
-                clock,
-                zone,
+                (clock, zone),
             )
         }
 
@@ -892,8 +890,7 @@ mod tests {
                 &line.remote,
                 what,
                 line.delta_ns,
-                clock,
-                zone,
+                (clock, zone),
             );
             if line.what == EventKind::ResetSent {
                 let pad = TRACE_COLUMNS.iter().map(|c| c.width + 1).sum::<usize>();
@@ -1105,7 +1102,7 @@ mod tests {
                     // Half the lines are of the socket before (as a
                     // socket's lines follow each other), now and then
                     // with an owner of its own.
-                    if r.next() % 2 == 0 {
+                    if r.next().is_multiple_of(2) {
                         socket = (
                             *r.pick(&[0, 1, 0xffff_8881_0000_0040, u64::MAX]),
                             *r.pick(&endpoints),
@@ -1113,7 +1110,7 @@ mod tests {
                             r.pick(&owners).as_ref(),
                             *r.pick(&cgroups),
                         );
-                    } else if r.next() % 8 == 0 {
+                    } else if r.next().is_multiple_of(8) {
                         socket.3 = r.pick(&owners).as_ref();
                     }
                     let (skaddr, local, remote, owner, cgroup) = socket;
