@@ -470,7 +470,10 @@ fn json_socket_fields(buf: &mut Vec<u8>, p: &SocketPart<'_>) {
 /// The fields every JSON line ends with, and `}`.
 fn json_tail(buf: &mut Vec<u8>, delta_ns: Option<u64>, netns: Option<u32>, cpu: u32) {
     buf.extend_from_slice(b",\"delta_ms\":");
-    push_json(buf, &delta_ns.map(ms));
+    match delta_ns {
+        Some(ns) => push_ms_json(buf, ns),
+        None => buf.extend_from_slice(b"null"),
+    }
     buf.extend_from_slice(b",\"netns\":");
     match netns {
         Some(n) => push_u64(buf, u64::from(n)),
@@ -602,6 +605,32 @@ fn push_ms3(buf: &mut Vec<u8>, ns: u64) {
     push_u64(buf, us / 1000);
     buf.push(b'.');
     push_digits(buf, (us % 1000) as u32, 3);
+}
+
+/// `ns` in milliseconds as `serde_json` writes `ns as f64 / 1e6`: the
+/// shortest digits that read back as the same float. From 1 µs to
+/// 10^15 ns those are the quotient's own decimal digits (at most 15
+/// significant ones, which any other decimal as short or shorter misses
+/// by more than the float's spacing), written here; elsewhere
+/// `serde_json` writes them.
+fn push_ms_json(buf: &mut Vec<u8>, ns: u64) {
+    if !(1_000..1_000_000_000_000_000).contains(&ns) {
+        push_json(buf, &ms(ns));
+        return;
+    }
+    push_u64(buf, ns / 1_000_000);
+    buf.push(b'.');
+    let mut fraction = (ns % 1_000_000) as u32;
+    if fraction == 0 {
+        buf.push(b'0');
+        return;
+    }
+    let mut width = 6;
+    while fraction % 10 == 0 {
+        fraction /= 10;
+        width -= 1;
+    }
+    push_digits(buf, fraction, width);
 }
 
 /// The cells of a text line being written: each cell is padded to its
@@ -1180,6 +1209,31 @@ mod tests {
         for _ in 0..200_000 {
             let bits = r.next() % 60;
             check(r.next() % (1 << bits).max(1));
+        }
+    }
+
+    #[test]
+    fn json_milliseconds_are_serde_jsons() {
+        let mut r = Lcg(11);
+        let check = |ns: u64| {
+            let mut buf = Vec::new();
+            push_ms_json(&mut buf, ns);
+            assert_eq!(
+                into_string(buf),
+                serde_json::to_string(&ms(ns)).unwrap(),
+                "{ns}"
+            );
+        };
+        let edges = [0, 1, 999, 1_000, 1_001, 1_000_000, 2_000_000, 10_000_000];
+        let tops = (0..40).map(|i| 1_000_000_000_000_000 - i);
+        for ns in (0..3_000_000).step_by(3).chain(edges).chain(tops) {
+            check(ns);
+        }
+        for _ in 0..300_000 {
+            let bits = r.next() % 64;
+            check(r.next() % (1u64 << bits).max(1));
+            // Round numbers, where trailing zeros are cut.
+            check((r.next() % 1_000_000_000) * 10u64.pow((r.next() % 7) as u32));
         }
     }
 }
