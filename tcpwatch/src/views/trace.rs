@@ -626,7 +626,7 @@ fn push_ms_json(buf: &mut Vec<u8>, ns: u64) {
         return;
     }
     let mut width = 6;
-    while fraction % 10 == 0 {
+    while fraction.is_multiple_of(10) {
         fraction /= 10;
         width -= 1;
     }
