@@ -10,25 +10,21 @@
 //! as its owner's; a socket no process has used within [`HOLD_NS`] is
 //! printed as its listener's.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use crate::commands::Selector;
-use crate::host::clock::Clock;
 use crate::host::clock::Zone;
 use crate::model::decode::{Record, SocketEvent, SocketEventKind, Transition};
 use crate::model::filter::Filter;
 use crate::model::owner::{Attribution, OwnerSource, OwnerTracker};
 use crate::model::sweep::{KernelSockets, SweepTable};
 use crate::model::table::BoundedMap;
-use crate::model::{Endpoint, Family, TcpState};
+use crate::model::{Endpoint, Family, FastMap, TcpState};
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
 use crate::views::summary::{ExitSummary, TraceSummary, TransitionCount};
-use crate::views::{
-    trace_event_json, trace_event_text, trace_header, trace_json, trace_text, EventKind, Format,
-    TraceEventLine, TraceLine,
-};
+use crate::views::{trace_header, EventKind, Format, TraceEventLine, TraceLine, TraceWriter};
 
 /// What the user asked `trace` for.
 #[derive(Clone, Debug)]
@@ -66,13 +62,26 @@ struct Held {
     lines: Vec<(Transition, Option<Attribution>, Option<u64>)>,
 }
 
-/// Turns records into trace lines written to `out`.
+/// Lines pending in a sink's buffer past this many bytes are written out
+/// before the batch ends.
+const WRITE_AT: usize = 64 * 1024;
+
+/// A state's place in [`TcpState::ALL`].
+fn state_index(s: TcpState) -> usize {
+    usize::from(s.kernel_number() - 1)
+}
+
+/// Turns records into trace lines written to `out`: a batch's lines are
+/// gathered in one buffer and written together at its end (a long batch
+/// every [`WRITE_AT`] bytes), so a quiet trace still shows each line at
+/// once and a busy one makes few writes.
 pub struct TraceSink<W: Write> {
     out: W,
     format: Format,
     selector: Selector,
-    clock: Clock,
-    zone: Zone,
+    lines: TraceWriter,
+    /// Lines not written to `out` yet.
+    pending: Vec<u8>,
     owners: OwnerTracker,
     last_ts: BoundedMap<u64, Seen>,
     recently_closed: VecDeque<(u64, Seen)>,
@@ -82,8 +91,10 @@ pub struct TraceSink<W: Write> {
     /// endpoints were not known (it had no transition in the trace).
     events_shown: u64,
     events_unplaced: u64,
-    by_kind: BTreeMap<(&'static str, &'static str), u64>,
-    held: HashMap<u64, Held>,
+    /// Transitions seen by (old, new) state, indexed by their place in
+    /// [`TcpState::ALL`].
+    by_kind: [[u64; TcpState::ALL.len()]; TcpState::ALL.len()],
+    held: FastMap<u64, Held>,
     /// (socket, since) in the order held, for the deadline and the cap.
     held_order: VecDeque<(u64, u64)>,
     max_held: usize,
@@ -97,8 +108,8 @@ impl<W: Write> TraceSink<W> {
             out,
             format: opts.format,
             selector: Selector::new(opts.filter, ctx),
-            clock: ctx.clock,
-            zone: opts.zone,
+            lines: TraceWriter::new(ctx.clock, opts.zone),
+            pending: Vec::with_capacity(WRITE_AT + 1024),
             owners: OwnerTracker::new(opts.max_sockets, ctx.snapshot.clone(), ctx.netns),
             last_ts: BoundedMap::new(opts.max_sockets),
             recently_closed: VecDeque::new(),
@@ -106,8 +117,8 @@ impl<W: Write> TraceSink<W> {
             shown: 0,
             events_shown: 0,
             events_unplaced: 0,
-            by_kind: BTreeMap::new(),
-            held: HashMap::new(),
+            by_kind: Default::default(),
+            held: FastMap::default(),
             held_order: VecDeque::new(),
             max_held: opts.max_sockets.max(1),
         };
@@ -129,10 +140,7 @@ impl<W: Write> TraceSink<W> {
             Record::Socket(s) => return self.socket_line(s),
         };
         self.seen += 1;
-        *self
-            .by_kind
-            .entry((t.old.name(), t.new.name()))
-            .or_default() += 1;
+        self.by_kind[state_index(t.old)][state_index(t.new)] += 1;
         let owner = self.owners.observe(t);
         let delta_ns = self
             .last_ts
@@ -228,11 +236,11 @@ impl<W: Write> TraceSink<W> {
             netns: s.sock.netns,
             cpu: s.cpu,
         };
-        let text = match self.format {
-            Format::Text => trace_event_text(&line, &self.clock, self.zone),
-            Format::Json => trace_event_json(&line, &self.clock),
-        };
-        writeln!(self.out, "{text}")
+        match self.format {
+            Format::Text => self.lines.event_text(&mut self.pending, &line),
+            Format::Json => self.lines.event_json(&mut self.pending, &line),
+        }
+        self.end_line()
     }
 
     fn print(
@@ -256,11 +264,34 @@ impl<W: Write> TraceSink<W> {
             cgroup: cgroup.as_deref(),
             delta_ns,
         };
-        let text = match self.format {
-            Format::Text => trace_text(&line, &self.clock, self.zone),
-            Format::Json => trace_json(&line, &self.clock),
-        };
-        writeln!(self.out, "{text}")
+        match self.format {
+            Format::Text => self.lines.text(&mut self.pending, &line),
+            Format::Json => self.lines.json(&mut self.pending, &line),
+        }
+        self.end_line()
+    }
+
+    /// Ends the line just written; writes the pending lines out if they
+    /// are many.
+    fn end_line(&mut self) -> io::Result<()> {
+        self.pending.push(b'\n');
+        if self.pending.len() >= WRITE_AT {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        let written = self.out.write_all(&self.pending);
+        self.pending.clear();
+        written
+    }
+
+    /// Writes the pending lines and flushes `out`: at the end of each
+    /// batch, so lines show as soon as their batch is read.
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_pending()?;
+        self.out.flush()
     }
 
     /// Holds a line of an accepted socket no process has used yet.
@@ -318,6 +349,8 @@ impl<W: Write> TraceSink<W> {
         Ok(())
     }
 
+    /// The writer, with every line of the batches given so far written to
+    /// it (each batch's lines are written at its end).
     pub fn into_inner(self) -> W {
         self.out
     }
@@ -329,7 +362,7 @@ impl<W: Write> Consumer for TraceSink<W> {
             self.record(r)?;
         }
         self.release_unused(batch.settled_ns)?;
-        self.out.flush()
+        self.flush()
     }
 
     fn sweep_table(&mut self) -> Option<&mut dyn SweepTable> {
@@ -338,20 +371,24 @@ impl<W: Write> Consumer for TraceSink<W> {
 
     fn finish(&mut self) -> io::Result<()> {
         self.release_unused(u64::MAX)?;
-        self.out.flush()
+        self.flush()
     }
 
     fn summary(&self, totals: &Totals) -> ExitSummary {
-        let mut transitions: Vec<TransitionCount> = self
-            .by_kind
+        let mut transitions: Vec<TransitionCount> = TcpState::ALL
             .iter()
-            .map(|((old, new), count)| TransitionCount {
-                old: old.to_string(),
-                new: new.to_string(),
-                count: *count,
+            .flat_map(|&old| TcpState::ALL.iter().map(move |&new| (old, new)))
+            .filter_map(|(old, new)| {
+                let count = self.by_kind[state_index(old)][state_index(new)];
+                (count > 0).then(|| TransitionCount {
+                    old: old.name().to_string(),
+                    new: new.name().to_string(),
+                    count,
+                })
             })
             .collect();
         // Most frequent first; ties in name order.
+        transitions.sort_by(|a, b| (&a.old, &a.new).cmp(&(&b.old, &b.new)));
         transitions.sort_by_key(|t| std::cmp::Reverse(t.count));
         ExitSummary::Trace(TraceSummary {
             transitions_seen: self.seen,
