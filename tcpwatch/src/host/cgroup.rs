@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::procfs::cgroup2_mount;
 use crate::model::cgroup::Cgroup;
+use crate::model::FastMap;
 
 /// Least time between two walks of the hierarchy.
 pub const MIN_WALK_GAP: Duration = Duration::from_millis(100);
@@ -27,9 +28,10 @@ const MAX_CGROUPS: usize = 1 << 18;
 /// The cgroup ids seen, with their paths.
 #[derive(Default)]
 pub struct Cgroups {
-    known: HashMap<u64, Arc<Cgroup>>,
+    /// Looked up for every event that names a cgroup: a fast hasher.
+    known: FastMap<u64, Arc<Cgroup>>,
     /// Ids not found by the last walk.
-    missing: HashSet<u64>,
+    missing: HashSet<u64, foldhash::fast::RandomState>,
     last_walk: Option<Instant>,
 }
 
