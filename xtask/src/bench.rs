@@ -179,9 +179,7 @@ impl Variant {
             Variant::Trace => Some(&["trace", "--format", "json"]),
             Variant::Conns => Some(&["conns", "--format", "json"]),
             Variant::Timewait => Some(&["timewait", "--format", "json"]),
-            Variant::Daemon | Variant::DaemonPerSocket => {
-                Some(&["daemon", "--log-format", "json"])
-            }
+            Variant::Daemon | Variant::DaemonPerSocket => Some(&["daemon", "--log-format", "json"]),
             Variant::Baseline | Variant::Bpftrace => None,
         }
     }

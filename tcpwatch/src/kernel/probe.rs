@@ -816,7 +816,10 @@ mod tests {
             let every = wake_every(1 << 20, cpus);
             assert!((1..=64).contains(&every));
             if every > 1 {
-                assert!(u64::from(every) * cpus as u64 * largest <= 1 << 19, "{cpus} cpus");
+                assert!(
+                    u64::from(every) * cpus as u64 * largest <= 1 << 19,
+                    "{cpus} cpus"
+                );
             }
         }
         assert_eq!(wake_every(1 << 20, 2), 64);

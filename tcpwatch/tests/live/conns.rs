@@ -1063,8 +1063,7 @@ fn per_socket_records_match_per_transition_events() {
         events.1
     );
     assert!(
-        !says(&classic_events.1, per_socket_line)
-            && says(&classic_events.1, "classic tracepoints"),
+        !says(&classic_events.1, per_socket_line) && says(&classic_events.1, "classic tracepoints"),
         "{:?}",
         classic_events.1
     );
