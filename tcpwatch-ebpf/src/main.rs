@@ -30,12 +30,12 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-            bpf_sk_storage_get,
+            bpf_get_current_cgroup_id, bpf_get_current_comm as bpf_get_current_comm_into,
+            bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, btf_tracepoint, map, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
     EbpfContext, Global,
 };
@@ -59,9 +59,39 @@ static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 
 /// Accepted sockets no process has used yet: their owner is whoever first
 /// sends or receives on them (a pre-fork server's worker, not the process
-/// that created the listener). Bounded: the oldest is dropped first.
+/// that created the listener). Per-socket records keep this in the
+/// socket's record instead. Direct-mapped by a hash of the socket's
+/// address ([`awaiting_slot`]), each slot holding one address (0: none):
+/// an array lookup the verifier inlines, with no lock and nothing to
+/// allocate, where a hash map took a bucket lock on every accept and close.
+/// Set at LISTEN->SYN_RECV, emptied by the first use or by the socket's
+/// CLOSE (every full socket passes CLOSE before it is freed). Two sockets
+/// waiting at once in one slot lose one of them its attribution: the
+/// newer overwrites the older, whose first use then makes no record (its
+/// owner stays the listener's). A slot whose socket was never seen to
+/// close could name a later socket at the same address; its first use
+/// then still names the task sending or receiving on that very socket.
 #[map]
-static AWAITING_OWNER: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+static AWAITING_OWNER: Array<u64> = Array::with_max_entries(AWAITING_SLOTS, 0);
+
+/// Slots of [`AWAITING_OWNER`]: a power of two.
+const AWAITING_SLOTS: u32 = 1 << 16;
+
+/// One scratch word per CPU: see [`sk_addr`].
+#[map]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records written on this CPU since the ring's fill was last asked (see
+/// [`wake_flags`]).
+#[map]
+static WAKE_TICK: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ask the ring how full it is only on every this many records per CPU
+/// (1: on every record). Userspace sets it from the wakeup threshold, the
+/// ring size and the CPU count, so that what the CPUs write between two
+/// asks stays well under the threshold.
+#[unsafe(no_mangle)]
+static WAKE_EVERY: Global<u32> = Global::new(1);
 
 /// Entry 0 is 1 once userspace has attached [`tcp_send_reset_btf`]: the
 /// classic [`tcp_send_reset`] then leaves it the resets of full sockets
@@ -78,8 +108,10 @@ static SOCKETS: SkStorage<SockRecord> = SkStorage::new();
 
 /// 1: the BTF set-state program keeps each socket's transitions in
 /// [`SOCKETS`] and sends them as one [`SockRecord`] at ESTABLISHED, LISTEN
-/// and CLOSE (what every mode but `trace` wants); 0: one [`Event`] per
-/// transition. A constant the verifier sees, so the path not taken is
+/// and CLOSE (asked for with `TCPWATCH_PER_SOCKET`, in any mode but
+/// `trace`); 0: one [`Event`] per transition, reserved in place (the
+/// default: it costs the kernel less than creating socket storage for
+/// every socket). A constant the verifier sees, so the path not taken is
 /// pruned at load (a kernel whose tracing programs may not use socket
 /// storage never meets the helper when it is 0).
 #[unsafe(no_mangle)]
@@ -88,6 +120,19 @@ static PER_SOCKET: Global<u32> = Global::new(0);
 /// Where the BTF set-state program finds a socket's endpoints.
 #[unsafe(no_mangle)]
 static ENDPOINTS: Global<EndpointOffsets> = Global::new(EndpointOffsets::UNKNOWN);
+
+/// One of [`CONFIG`]'s socket offsets, read in place (see
+/// [`endpoint_offset!`]): for a direct load from a BTF tracepoint's socket.
+macro_rules! sock_offset {
+    ($f:ident) => {
+        // SAFETY: as in endpoint_offset!.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*core::ptr::from_ref(&CONFIG).cast::<Config>()).sock.$f
+            ))
+        }
+    };
+}
 
 /// One of [`ENDPOINTS`]' offsets, read in place where it is used: the
 /// verifier sees the constant it is (in a copy spilled to the stack and
@@ -136,43 +181,113 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Any socket not waiting for its owner (not TCP, not accepted while
+/// traced, or already used) costs one look: with per-socket records, at
+/// the socket's storage list (which its own record makes short); else at
+/// one inlined array lookup (a socket with storage finds it faster than
+/// the array's slot, which is seldom in cache).
+#[inline(always)]
 fn first_use(ctx: &BtfTracePointContext) {
     // The tracepoint's first argument: the socket.
     let sk: u64 = ctx.arg(0);
     if PER_SOCKET.load() != 0 {
-        // Any socket without a record (not TCP, or not traced), or whose
-        // owner is known, costs one look at its storage list.
         match socket_record(sk, false) {
             Some(r) if r.awaiting_owner != 0 => r.awaiting_owner = 0,
             _ => return,
         }
     } else {
-        if unsafe { AWAITING_OWNER.get(&sk) }.is_none() {
+        let Some(addr) = sk_addr(sk) else {
             return;
+        };
+        let Some(slot) = awaiting_slot(addr) else {
+            return;
+        };
+        // SAFETY: a value of the array, alive while the program runs.
+        unsafe {
+            if *slot != addr {
+                return;
+            }
+            *slot = 0;
         }
-        let _ = AWAITING_OWNER.remove(&sk);
     }
-    let cfg = CONFIG.load();
-    let mut ev = Event::zeroed();
-    ev.kind = kind::FIRST_USE;
-    ev.skaddr = sk;
-    fill_task(&mut ev, true);
-    // Reads nothing but the namespace, which has no failure to say.
-    let _ = fill_socket(&mut ev, &cfg, read::NETNS);
-    emit(&ev, &cfg);
+    let mut fields = SockFields::default();
+    if let Some(inum) = netns_btf(sk) {
+        fields.put(valid::NETNS, inum.into());
+    }
+    let head = Head {
+        kind: kind::FIRST_USE,
+        sk,
+        old: 0,
+        new: 0,
+        owner: true,
+    };
+    write_event(&head, None, &fields);
+}
+
+/// A BTF tracepoint's socket argument as a number: the verifier takes it
+/// for a pointer, which may not be hashed or compared with numbers, and
+/// a word of map memory it was stored in reads back as a number.
+#[inline(always)]
+fn sk_addr(sk: u64) -> Option<u64> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value of the array, alive while the program runs
+    // (which no other program on this CPU interrupts between the two).
+    unsafe {
+        core::ptr::write_volatile(p, sk);
+        Some(core::ptr::read_volatile(p))
+    }
+}
+
+/// The [`AWAITING_OWNER`] slot of the socket at `addr`.
+#[inline(always)]
+fn awaiting_slot(addr: u64) -> Option<*mut u64> {
+    // Fibonacci hashing: sockets sit a slab object apart, and the high
+    // bits of the product mix all of the address's.
+    let i = (addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u32 & (AWAITING_SLOTS - 1);
+    AWAITING_OWNER.get_ptr_mut(i)
+}
+
+/// Marks an accepted socket as waiting for its owner, and forgets one
+/// that closes.
+#[inline(always)]
+fn track_awaiting(addr: u64, old: u8, new: u8) {
+    match (old, new) {
+        // A new accepted socket: wait for the process that uses it.
+        (LISTEN, SYN_RECV) => {
+            if let Some(slot) = awaiting_slot(addr) {
+                unsafe { *slot = addr };
+            }
+        }
+        // Gone before any process used it (the slot is left alone if
+        // another socket holds it).
+        (_, CLOSE) => {
+            if let Some(slot) = awaiting_slot(addr) {
+                unsafe {
+                    if *slot == addr {
+                        *slot = 0;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    let new: i32 = ctx.arg(2);
-    // Without storage for the socket, this transition goes on its own
-    // (none of its steps wait: its storage would have been found).
-    if PER_SOCKET.load() == 0
-        || try_set_state_record(&ctx, sk, old as u8, new as u8) == Err(NO_STORAGE)
-    {
+    let (old, new) = (ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
+    if PER_SOCKET.load() == 0 {
+        if matches!((old, new), (LISTEN, SYN_RECV) | (_, CLOSE)) {
+            if let Some(addr) = sk_addr(sk) {
+                track_awaiting(addr, old, new);
+            }
+        }
+        let _ = try_set_state_btf(&ctx, sk, old, new);
+    } else if try_set_state_record(&ctx, sk, old, new) == Err(NO_STORAGE) {
+        // Without storage for the socket, this transition goes on its own
+        // (none of its steps wait: its storage would have been found).
         let _ = try_set_state_btf(&ctx, sk, old, new);
     }
     0
@@ -351,30 +466,168 @@ fn classic_socket_event(
 
 /// The BTF program reads what the classic record holds from the socket:
 /// endpoints from `struct sock_common`, in one copy where its layout is
-/// the usual one. A call of its own, as is the per-socket path: each
-/// keeps its own frame within the 512-byte stack.
+/// the usual one. Everything is read first, then the record is reserved in
+/// the ring and each of its fields written once (no zeroed copy on the
+/// stack, no copy into the ring). A call of its own, as is the per-socket
+/// path: each keeps its own frame within the 512-byte stack.
 #[inline(never)]
-fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32) -> Result<(), i32> {
+fn try_set_state_btf<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> Result<(), i32> {
     let protocol: u16 = load_sk(sk, endpoint_offset!(protocol))?;
     // The tracepoint also fires for SCTP (and, before 6.16, DCCP) sockets.
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let mut ev = Event::zeroed();
-    ev.kind = kind::STATE;
-    ev.skaddr = sk;
-    ev.oldstate = old as u8;
-    ev.newstate = new as u8;
-    read_endpoints(sk)?.put(&mut ev);
-    set_state_common(ctx, &mut ev);
+    let ends = read_endpoints(sk)?;
+    let mut fields = SockFields::default();
+    let reads = reads_for(old, new);
+    let failed = if reads != 0 {
+        read_socket(sk, &config_sock(), reads, &mut fields)
+    } else {
+        FailedRead {
+            offset: OFFSET_UNKNOWN,
+        }
+    };
+    if let Some(inum) = netns_btf(sk) {
+        fields.put(valid::NETNS, inum.into());
+    }
+    let head = Head {
+        kind: kind::STATE,
+        sk,
+        old,
+        new,
+        owner: owner_transition(old, new),
+    };
+    write_event(&head, Some(&ends), &fields);
+    report_failed_read(ctx, sk, failed);
     Ok(())
+}
+
+/// The socket fields one record carries, as [`Event`] names them: read
+/// before the record is reserved, written into it once.
+#[derive(Default)]
+struct SockFields {
+    bytes_acked: u64,
+    bytes_received: u64,
+    srtt_us: u32,
+    total_retrans: u32,
+    segs_in: u32,
+    segs_out: u32,
+    sk_err: i32,
+    netns: u32,
+    rcv_nxt: u32,
+    valid: u16,
+    sk_shutdown: u8,
+    ack_pending: u8,
+}
+
+/// What an in-place record says of itself.
+struct Head {
+    kind: u8,
+    sk: u64,
+    old: u8,
+    new: u8,
+    /// The current task is the socket's user: its comm and cgroup go in.
+    owner: bool,
+}
+
+/// Reserves an [`Event`] in the ring and writes every byte of it once:
+/// ring memory is not zeroed, so a byte left unwritten would show what an
+/// older record held there. Volatile stores, one per field, so that the
+/// compiler neither merges the zeroes into a `memset` call nor builds the
+/// record on the stack first. A full ring counts the record as lost.
+#[inline(always)]
+fn write_event(head: &Head, ends: Option<&Endpoints>, f: &SockFields) {
+    use core::ptr::{addr_of_mut, write_volatile as put};
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_lost(1);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `p` is the reserved record, Event::SIZE bytes; the arrays are
+    // written as words, which their offsets (8-byte aligned in an 8-byte
+    // aligned record) allow.
+    unsafe {
+        put(addr_of_mut!((*p).ts_ns), bpf_ktime_get_ns());
+        put(addr_of_mut!((*p).skaddr), head.sk);
+        put(addr_of_mut!((*p).bytes_acked), f.bytes_acked);
+        put(addr_of_mut!((*p).bytes_received), f.bytes_received);
+        let (saddr, daddr) = (
+            addr_of_mut!((*p).saddr).cast::<u32>(),
+            addr_of_mut!((*p).daddr).cast::<u32>(),
+        );
+        for i in 0..4 {
+            let (s, d) = ends.map_or((0, 0), |e| (e.saddr[i], e.daddr[i]));
+            put(saddr.add(i), s);
+            put(daddr.add(i), d);
+        }
+        let comm = addr_of_mut!((*p).comm).cast::<u64>();
+        if head.owner {
+            put(addr_of_mut!((*p).cgroup_id), bpf_get_current_cgroup_id());
+            if bpf_get_current_comm_into(comm.cast(), 16) != 0 {
+                put(comm, 0);
+                put(comm.add(1), 0);
+            }
+        } else {
+            put(addr_of_mut!((*p).cgroup_id), 0);
+            put(comm, 0);
+            put(comm.add(1), 0);
+        }
+        put(addr_of_mut!((*p).pid), (pid_tgid >> 32) as u32);
+        put(addr_of_mut!((*p).tid), pid_tgid as u32);
+        put(addr_of_mut!((*p).cpu), bpf_get_smp_processor_id());
+        put(addr_of_mut!((*p).srtt_us), f.srtt_us);
+        put(addr_of_mut!((*p).total_retrans), f.total_retrans);
+        put(addr_of_mut!((*p).segs_in), f.segs_in);
+        put(addr_of_mut!((*p).segs_out), f.segs_out);
+        put(addr_of_mut!((*p).sk_err), f.sk_err);
+        put(addr_of_mut!((*p).netns), f.netns);
+        put(addr_of_mut!((*p).rcv_nxt), f.rcv_nxt);
+        let (sport, dport, family) = match ends {
+            Some(e) => (e.sport, e.dport, e.family),
+            None => (0, 0, 0),
+        };
+        put(addr_of_mut!((*p).sport), sport);
+        put(addr_of_mut!((*p).dport), dport);
+        put(addr_of_mut!((*p).family), family);
+        put(addr_of_mut!((*p).valid), f.valid);
+        put(addr_of_mut!((*p).kind), head.kind);
+        put(addr_of_mut!((*p).oldstate), head.old);
+        put(addr_of_mut!((*p).newstate), head.new);
+        put(addr_of_mut!((*p).sk_shutdown), f.sk_shutdown);
+        put(addr_of_mut!((*p).ack_pending), f.ack_pending);
+        put(addr_of_mut!((*p).reset_reason), 0);
+        put(addr_of_mut!((*p)._pad).cast::<u16>(), 0);
+    }
+    entry.submit(wake_flags(config_wakeup_bytes(), Event::SIZE));
+}
+
+/// The inode of the socket's network namespace, by two direct loads: a
+/// BTF tracepoint's socket is a pointer the verifier knows the type of,
+/// and so is `skc_net` read from it (the offsets are constants it reads
+/// from the frozen [`CONFIG`]); each load is fault-tolerant, with no
+/// helper call. Only for the BTF programs' own socket argument.
+#[inline(always)]
+fn netns_btf(sk: u64) -> Option<u32> {
+    let inum = sock_offset!(net_ns_inum);
+    if inum == OFFSET_UNKNOWN {
+        return None;
+    }
+    let net: u64 = load_sk(sk, sock_offset!(skc_net)).ok()?;
+    if net == 0 {
+        return None;
+    }
+    // SAFETY: as in load_sk.
+    Some(unsafe { core::ptr::read_volatile((net + u64::from(inum)) as *const u32) })
 }
 
 /// A socket's endpoints as the set-state record shows them (ports in host
 /// byte order).
+/// Addresses as 4-byte words in memory order (the bytes of the record's
+/// `saddr`/`daddr`), so that they are written as words.
 struct Endpoints {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
+    saddr: [u32; 4],
+    daddr: [u32; 4],
     sport: u16,
     dport: u16,
     family: u16,
@@ -383,8 +636,8 @@ struct Endpoints {
 impl Endpoints {
     #[inline(always)]
     fn put(&self, ev: &mut Event) {
-        ev.saddr = self.saddr;
-        ev.daddr = self.daddr;
+        ev.saddr = bytes16(&self.saddr);
+        ev.daddr = bytes16(&self.daddr);
         ev.sport = self.sport;
         ev.dport = self.dport;
         ev.family = self.family;
@@ -392,10 +645,19 @@ impl Endpoints {
 }
 
 #[inline(always)]
+fn bytes16(words: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0; 16];
+    for i in 0..4 {
+        b[i * 4..i * 4 + 4].copy_from_slice(&words[i].to_ne_bytes());
+    }
+    b
+}
+
+#[inline(always)]
 fn read_endpoints(sk: u64) -> Result<Endpoints, i32> {
     let mut ends = Endpoints {
-        saddr: [0; 16],
-        daddr: [0; 16],
+        saddr: [0; 4],
+        daddr: [0; 4],
         sport: 0,
         dport: 0,
         family: 0,
@@ -419,15 +681,12 @@ fn read_endpoints(sk: u64) -> Result<Endpoints, i32> {
             load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_rcv_saddr)),
             load_sk::<[u32; 4]>(sk, endpoint_offset!(v6_daddr)),
         ) {
-            for i in 0..4 {
-                ends.saddr[i * 4..i * 4 + 4].copy_from_slice(&s[i].to_ne_bytes());
-                ends.daddr[i * 4..i * 4 + 4].copy_from_slice(&d[i].to_ne_bytes());
-            }
+            ends.saddr = s;
+            ends.daddr = d;
         }
     } else {
-        let daddr: u32 = load_sk(sk, endpoint_offset!(daddr))?;
-        ends.saddr[..4].copy_from_slice(&saddr);
-        ends.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+        ends.saddr[0] = u32::from_ne_bytes(saddr);
+        ends.daddr[0] = load_sk(sk, endpoint_offset!(daddr))?;
     }
     Ok(ends)
 }
@@ -501,8 +760,9 @@ fn try_set_state_record<C: EbpfContext>(ctx: &C, sk: u64, old: u8, new: u8) -> R
     if owner {
         r.owner_step = i as u8;
         r.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        if let Ok(comm) = bpf_get_current_comm() {
-            r.comm = comm;
+        // Straight into the record: no copy through the stack.
+        if unsafe { bpf_get_current_comm_into(r.comm.as_mut_ptr().cast(), 16) } != 0 {
+            r.comm = [0; 16];
         }
     }
     let Some(step) = r.step.get_mut(i) else {
@@ -576,13 +836,15 @@ fn send_record(sk: u64, r: &mut SockRecord) {
         return;
     }
     if let Ok(ends) = read_endpoints(sk) {
-        r.saddr = ends.saddr;
-        r.daddr = ends.daddr;
+        r.saddr = bytes16(&ends.saddr);
+        r.daddr = bytes16(&ends.daddr);
         r.sport = ends.sport;
         r.dport = ends.dport;
         r.family = ends.family;
     }
-    let _ = read_socket(sk, &config_sock(), read::NETNS, r);
+    if let Some(inum) = netns_btf(sk) {
+        r.put(valid::NETNS, inum.into());
+    }
     let len = SockRecord::bytes_for(n);
     // SAFETY: SockRecord is plain integers, SIZE bytes long.
     let bytes = unsafe { &*(core::ptr::from_ref(r).cast::<[u8; SockRecord::SIZE]>()) };
@@ -591,9 +853,7 @@ fn send_record(sk: u64, r: &mut SockRecord) {
             .output::<[u8]>(bytes, wake_flags(config_wakeup_bytes(), len))
             .is_err()
         {
-            if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
-                unsafe { *lost += n as u64 };
-            }
+            count_lost(n as u64);
         }
     }
     r.steps = 0;
@@ -682,17 +942,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 fn set_state_common<C: EbpfContext>(ctx: &C, ev: &mut Event) {
     let cfg = CONFIG.load();
     let (old, new) = (ev.oldstate, ev.newstate);
-    match (old, new) {
-        // A new accepted socket: wait for the process that uses it.
-        (LISTEN, SYN_RECV) => {
-            let _ = AWAITING_OWNER.insert(&ev.skaddr, &1, 0);
-        }
-        // Gone before any process used it.
-        (_, CLOSE) => {
-            let _ = AWAITING_OWNER.remove(&ev.skaddr);
-        }
-        _ => {}
-    }
+    track_awaiting(ev.skaddr, old, new);
     fill_task(ev, owner_transition(old, new));
     let failed = fill_socket(ev, &cfg, reads_for(old, new) | read::NETNS);
     emit(ev, &cfg);
@@ -866,6 +1116,7 @@ macro_rules! fields_by_name {
 
 fields_by_name!(Event);
 fields_by_name!(SockRecord);
+fields_by_name!(SockFields);
 
 /// The fields of any other step: `a` and `b` as [`tcpwatch_common::Step`]
 /// says.
@@ -965,18 +1216,43 @@ fn emit(ev: &Event, cfg: &Config) {
         .output::<Event>(ev, wake_flags(cfg.wakeup_bytes, Event::SIZE))
         .is_err()
     {
-        if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
-            unsafe { *lost += 1 };
-        }
+        count_lost(1);
     }
 }
 
-/// Whether writing `len` more bytes should wake the reader.
+/// Counts transitions the ring buffer had no room for.
+#[inline(always)]
+fn count_lost(n: u64) {
+    if let Some(lost) = LOST.get_ptr_mut(LOST_SLOT) {
+        unsafe { *lost += n };
+    }
+}
+
+/// Whether writing `len` more bytes should wake the reader: once the
+/// waiting bytes reach `wakeup_bytes`. The reader drains on a short timer
+/// as well, so a wakeup is only what keeps a fast ring from filling
+/// between two drains; asking the ring how full it is (a cache line the
+/// reader writes) on only every [`WAKE_EVERY`]th record per CPU is enough
+/// for that, and is the cost the others skip.
 #[inline(always)]
 fn wake_flags(wakeup_bytes: u64, len: usize) -> u64 {
     if wakeup_bytes == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA.into()) + (len as u64) >= wakeup_bytes {
+        return 0;
+    }
+    let every = WAKE_EVERY.load();
+    if every > 1 {
+        if let Some(tick) = WAKE_TICK.get_ptr_mut(0) {
+            // SAFETY: this CPU's value of the array.
+            unsafe {
+                *tick += 1;
+                if *tick < every {
+                    return BPF_RB_NO_WAKEUP.into();
+                }
+                *tick = 0;
+            }
+        }
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA.into()) + (len as u64) >= wakeup_bytes {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()

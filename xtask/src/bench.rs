@@ -111,9 +111,9 @@ pub(crate) enum Variant {
     Conns,
     Timewait,
     Daemon,
-    /// The daemon with one record per transition (`TCPWATCH_PER_TRANSITION`),
-    /// to compare with the per-socket records it uses by default.
-    DaemonPerTransition,
+    /// The daemon with one record per socket (`TCPWATCH_PER_SOCKET`), to
+    /// compare with the one record per transition it sends by default.
+    DaemonPerSocket,
     Bpftrace,
 }
 
@@ -125,7 +125,7 @@ impl Variant {
         Variant::Conns,
         Variant::Timewait,
         Variant::Daemon,
-        Variant::DaemonPerTransition,
+        Variant::DaemonPerSocket,
         Variant::Bpftrace,
     ];
 
@@ -137,7 +137,7 @@ impl Variant {
             Variant::Conns => "conns",
             Variant::Timewait => "timewait",
             Variant::Daemon => "daemon",
-            Variant::DaemonPerTransition => "daemon_per_transition",
+            Variant::DaemonPerSocket => "daemon_per_socket",
             Variant::Bpftrace => "bpftrace",
         }
     }
@@ -150,8 +150,8 @@ impl Variant {
             Variant::Conns => "`tcpwatch conns`",
             Variant::Timewait => "`tcpwatch timewait`",
             Variant::Daemon => "`tcpwatch daemon`",
-            Variant::DaemonPerTransition => {
-                "`tcpwatch daemon`, one record per transition (`TCPWATCH_PER_TRANSITION=1`)"
+            Variant::DaemonPerSocket => {
+                "`tcpwatch daemon`, one record per socket (`TCPWATCH_PER_SOCKET=1`)"
             }
             Variant::Bpftrace => "bpftrace, tcpstates-like printf",
         }
@@ -179,9 +179,7 @@ impl Variant {
             Variant::Trace => Some(&["trace", "--format", "json"]),
             Variant::Conns => Some(&["conns", "--format", "json"]),
             Variant::Timewait => Some(&["timewait", "--format", "json"]),
-            Variant::Daemon | Variant::DaemonPerTransition => {
-                Some(&["daemon", "--log-format", "json"])
-            }
+            Variant::Daemon | Variant::DaemonPerSocket => Some(&["daemon", "--log-format", "json"]),
             Variant::Baseline | Variant::Bpftrace => None,
         }
     }
@@ -398,11 +396,11 @@ impl Bench {
         if let Some(args) = variant.tcpwatch_args() {
             let mut cmd = Command::new(&self.binary);
             cmd.args(args);
-            if matches!(variant, Variant::Daemon | Variant::DaemonPerTransition) {
+            if matches!(variant, Variant::Daemon | Variant::DaemonPerSocket) {
                 cmd.args(["--listen", &free_loopback_address()?]);
             }
-            if variant == Variant::DaemonPerTransition {
-                cmd.env("TCPWATCH_PER_TRANSITION", "1");
+            if variant == Variant::DaemonPerSocket {
+                cmd.env("TCPWATCH_PER_SOCKET", "1");
             }
             return Ok(Some((cmd, Output::Discard)));
         }
@@ -426,7 +424,7 @@ impl Bench {
                 let mut t = Tracer::spawn(cmd, output)?;
                 t.wait_ready(match variant {
                     Variant::Bpftrace => Ready::BpftraceBegin,
-                    Variant::Daemon | Variant::DaemonPerTransition => Ready::Daemon,
+                    Variant::Daemon | Variant::DaemonPerSocket => Ready::Daemon,
                     _ => Ready::Tcpwatch,
                 })?;
                 Some(t)

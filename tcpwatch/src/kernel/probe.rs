@@ -93,10 +93,12 @@ pub struct ProbeOptions {
     pub btf_path: PathBuf,
     /// Say the program's own diagnostics (aya-log); off by default.
     pub kernel_log: bool,
-    /// Keep each socket's transitions in the kernel and send them as one
-    /// record when it opens, listens or closes, where the kernel allows it
+    /// Whether this command may keep each socket's transitions in the
+    /// kernel and send them as one record when it opens, listens or closes
     /// (every command but `trace`, which wants each transition as it
-    /// happens).
+    /// happens). They are kept so only when [`PER_SOCKET_ENV`] asks for it
+    /// and the kernel allows it: one record per transition, written in
+    /// place in the ring, costs the kernel less (`docs/performance.md`).
     pub per_socket: bool,
 }
 
@@ -150,6 +152,9 @@ pub struct Probe {
     /// Why transitions are sent one record each when per-socket records
     /// were asked for: said once at start.
     pub per_transition: Option<String>,
+    /// That per-socket records were asked for and are used: said once at
+    /// start.
+    pub per_socket: Option<String>,
     pub mounted_tracefs: bool,
     kernel_log: Option<KernelLog>,
     /// The ring buffer's data bytes (`--ring-size`).
@@ -349,19 +354,31 @@ const TRACEPOINTS: [Hook; 5] = [
     },
 ];
 
+/// On how many records per CPU the program asks the ring how full it is
+/// (to wake the reader once `wakeup_bytes` wait): at most 64, and few
+/// enough that all CPUs together write less than half the threshold
+/// between two asks, in records of the largest size (a full per-socket
+/// record and its header). 1, every record, for small thresholds.
+fn wake_every(wakeup_bytes: u64, cpus: usize) -> u32 {
+    let largest = (tcpwatch_common::SockRecord::SIZE + 8) as u64;
+    let per_cpu = wakeup_bytes / 2 / (cpus.max(1) as u64 * largest);
+    per_cpu.clamp(1, 64) as u32
+}
+
 /// Set (to anything) to attach the classic tracepoints even where the BTF
 /// ones would load: how the fallback is tested on kernels that have both.
 pub const CLASSIC_ENV: &str = "TCPWATCH_CLASSIC_TRACEPOINTS";
 
-/// Set (to anything) to send one record per transition even where
-/// per-socket records would work: how both paths are compared.
-pub const PER_TRANSITION_ENV: &str = "TCPWATCH_PER_TRANSITION";
+/// Set (to anything) to keep each socket's transitions in the kernel
+/// (socket storage) and send them as one record per socket, where the
+/// command and the kernel allow it: how both paths are compared.
+pub const PER_SOCKET_ENV: &str = "TCPWATCH_PER_SOCKET";
 
 /// The line said when per-socket records were asked for but not used.
 fn per_transition_line(why: &str) -> String {
     format!(
         "one record per transition, not per socket ({why}): the same transitions reach \
-         userspace, at a higher cost in the kernel"
+         userspace, each as it happens"
     )
 }
 
@@ -508,6 +525,7 @@ impl Probe {
         let (tracefs_root, mounted_tracefs) = tracefs::ensure_mounted()?;
         let (config, degraded, endpoints) = offsets(opts, &tracefs_root)?;
         raise_memlock();
+        let wake_every = wake_every(opts.wakeup_bytes, aya::util::nr_cpus().unwrap_or(1024));
         let load = |per_socket: bool| {
             EbpfLoader::new()
                 .override_global("CONFIG", &config, true)
@@ -517,6 +535,7 @@ impl Probe {
                     true,
                 )
                 .override_global("PER_SOCKET", &u32::from(per_socket), true)
+                .override_global("WAKE_EVERY", &wake_every, true)
                 .override_global(aya_log::LEVEL, &diagnostics::level(opts.kernel_log), true)
                 .map_max_entries("EVENTS", opts.ring_size)
                 .load(BPF_OBJECT)
@@ -530,19 +549,19 @@ impl Probe {
                 .any(|h| h.btf.is_some() && programs.contains(&h.classic));
         let types = wants_btf.then(|| tracepoint_types(&opts.btf_path));
         let btf_types = btf_tracepoints(types.as_ref(), &endpoints);
-        // Per-socket records need the BTF set-state program and a kernel
-        // that lets it use socket storage (5.11): tried first, and where
-        // it does not load, the object is loaded again without them.
+        // Per-socket records, where asked for, need the BTF set-state
+        // program and a kernel that lets it use socket storage (5.11):
+        // tried first, and where it does not load, the object is loaded
+        // again without them.
         let mut per_transition = None;
+        let mut per_socket = None;
         let mut state_attached = None;
-        let mut ebpf = match (&btf_types, opts.per_socket && programs == TRACING) {
+        let wants_per_socket =
+            opts.per_socket && programs == TRACING && std::env::var_os(PER_SOCKET_ENV).is_some();
+        let mut ebpf = match (&btf_types, wants_per_socket) {
             (_, false) => load(false)?,
             (Err(why), true) => {
                 per_transition = Some(per_transition_line(&format!("no BTF tracepoints: {why}")));
-                load(false)?
-            }
-            (Ok(_), true) if std::env::var_os(PER_TRANSITION_ENV).is_some() => {
-                per_transition = Some(per_transition_line(&format!("{PER_TRANSITION_ENV} is set")));
                 load(false)?
             }
             (Ok(types), true) => {
@@ -551,6 +570,11 @@ impl Probe {
                 match attach_btf(&mut ebpf, SET_STATE_BTF, hook.name, types) {
                     Ok(()) => {
                         state_attached = Some(hook.classic);
+                        per_socket = Some(format!(
+                            "one record per socket, not per transition ({PER_SOCKET_ENV} is \
+                             set): each socket's transitions wait in the kernel until it opens, \
+                             listens or closes"
+                        ));
                         ebpf
                     }
                     Err(why) => {
@@ -616,6 +640,7 @@ impl Probe {
             degraded,
             classic: classic_lines(&fallbacks),
             per_transition,
+            per_socket,
             mounted_tracefs,
             kernel_log,
             ring_size: opts.ring_size,
@@ -782,6 +807,27 @@ impl LostCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wake_checks_keep_within_half_the_threshold() {
+        let largest = (tcpwatch_common::SockRecord::SIZE + 8) as u64;
+        // The default: 1 MiB of an 8 MiB ring.
+        for cpus in [1, 2, 8, 64, 1024] {
+            let every = wake_every(1 << 20, cpus);
+            assert!((1..=64).contains(&every));
+            if every > 1 {
+                assert!(
+                    u64::from(every) * cpus as u64 * largest <= 1 << 19,
+                    "{cpus} cpus"
+                );
+            }
+        }
+        assert_eq!(wake_every(1 << 20, 2), 64);
+        assert_eq!(wake_every(1 << 20, 1024), 1);
+        // A one-page ring wakes at 512 bytes: asked on every record.
+        assert_eq!(wake_every(512, 1), 1);
+        assert_eq!(wake_every(0, 0), 1);
+    }
 
     #[test]
     fn capabilities_that_may_load() {

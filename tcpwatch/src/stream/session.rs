@@ -108,6 +108,9 @@ pub async fn run<C: Consumer>(
     if let Some(line) = &probe.per_transition {
         tracing::warn!("{line}");
     }
+    if let Some(line) = &probe.per_socket {
+        tracing::info!("{line}");
+    }
     if probe.mounted_tracefs {
         tracing::info!("mounted tracefs at /sys/kernel/tracing");
     }

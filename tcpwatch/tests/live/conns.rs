@@ -1019,20 +1019,20 @@ fn replay_of_a_recording_matches_live_conns() {
     );
 }
 
-/// The same traffic watched three ways at once: per-socket records (the
-/// default where the kernel allows them), one record per transition
-/// (`TCPWATCH_PER_TRANSITION`) and the classic tracepoints
+/// The same traffic watched three ways at once: per-socket records
+/// (`TCPWATCH_PER_SOCKET`, where the kernel allows them), one record per
+/// transition (the default) and the classic tracepoints
 /// (`TCPWATCH_CLASSIC_TRACEPOINTS`): each says which path it took, and
 /// every record is the same but for the programs' own clock reads.
 #[test]
 fn per_socket_records_match_per_transition_events() {
     require_live!();
     let args = ["conns", "--format", "json"];
-    let per_transition = ("TCPWATCH_PER_TRANSITION", "1");
+    let per_socket = ("TCPWATCH_PER_SOCKET", "1");
     let classic = ("TCPWATCH_CLASSIC_TRACEPOINTS", "1");
     let mut runs = [
+        Tw::spawn_env(&args, &[per_socket]),
         Tw::spawn(&args),
-        Tw::spawn_env(&args, &[per_transition]),
         Tw::spawn_env(&args, &[classic]),
     ];
     for run in &mut runs {
@@ -1047,21 +1047,23 @@ fn per_socket_records_match_per_transition_events() {
     let [records, events, classic_events] = runs.map(|r| r.stop_conns_and_stderr());
     let says = |stderr: &[String], what: &str| stderr.iter().any(|l| l.contains(what));
     let fallback = "one record per transition, not per socket";
+    let per_socket_line = "one record per socket, not per transition (TCPWATCH_PER_SOCKET is set)";
     assert!(
-        !says(&records.1, fallback) && !says(&records.1, "classic tracepoints"),
+        says(&records.1, per_socket_line)
+            && !says(&records.1, fallback)
+            && !says(&records.1, "classic tracepoints"),
         "per-socket records did not load on this kernel: {:?}",
         records.1
     );
     assert!(
-        says(
-            &events.1,
-            &format!("{fallback} (TCPWATCH_PER_TRANSITION is set)")
-        ),
+        !says(&events.1, per_socket_line)
+            && !says(&events.1, fallback)
+            && !says(&events.1, "classic tracepoints"),
         "{:?}",
         events.1
     );
     assert!(
-        says(&classic_events.1, fallback) && says(&classic_events.1, "classic tracepoints"),
+        !says(&classic_events.1, per_socket_line) && says(&classic_events.1, "classic tracepoints"),
         "{:?}",
         classic_events.1
     );
