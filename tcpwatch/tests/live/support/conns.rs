@@ -675,26 +675,29 @@ impl Capture {
             .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
             .and_then(|n| n.trim().parse::<u64>().ok());
         assert_eq!(dropped, Some(0), "tcpdump: {}", f.stderr.join("\n"));
-        f.stdout
-            .iter()
-            .filter_map(|l| {
-                let t: Vec<&str> = l.split_whitespace().collect();
-                if t.len() < 7 || !t[1].starts_with("IP") || t[5] != "Flags" {
-                    return None;
-                }
-                let len = l.rsplit_once("length ")?.1;
-                let len: String = len.chars().take_while(char::is_ascii_digit).collect();
-                Some(Segment {
-                    sport: port_of(t[2])?,
-                    dport: port_of(t[4])?,
-                    flags: t[6]
-                        .trim_matches(|c| c == '[' || c == ']' || c == ',')
-                        .to_string(),
-                    len: len.parse().ok()?,
-                    line: l.clone(),
-                })
-            })
-            .collect()
+        f.stdout.iter().filter_map(|l| Segment::parse(l)).collect()
+    }
+}
+
+impl Segment {
+    /// One line of `tcpdump -nn`; `None` for a line that is not a TCP
+    /// segment.
+    fn parse(l: &str) -> Option<Segment> {
+        let t: Vec<&str> = l.split_whitespace().collect();
+        if t.len() < 7 || !t[1].starts_with("IP") || t[5] != "Flags" {
+            return None;
+        }
+        let len = l.rsplit_once("length ")?.1;
+        let len: String = len.chars().take_while(char::is_ascii_digit).collect();
+        Some(Segment {
+            sport: port_of(t[2])?,
+            dport: port_of(t[4])?,
+            flags: t[6]
+                .trim_matches(|c| c == '[' || c == ']' || c == ',')
+                .to_string(),
+            len: len.parse().ok()?,
+            line: l.to_string(),
+        })
     }
 }
 
@@ -710,12 +713,27 @@ pub fn teardown_in_capture(segs: &[Segment], a: u16, b: u16) -> (usize, Vec<Stri
     let Some(first) = conn.iter().position(|s| s.flags.contains('F')) else {
         return (0, Vec::new());
     };
+    // A segment sent again (a FIN retransmitted because its ACK did not
+    // come in time: same direction, flags, sequence and acknowledgment
+    // numbers) is one segment of the teardown, counted once.
+    let mut sent = std::collections::HashSet::new();
     let counted: Vec<String> = conn[first..]
         .iter()
         .filter(|s| s.flags.contains('F') || (s.flags == "." && s.len == 0))
+        .filter(|s| sent.insert((s.sport, s.flags.clone(), seq_and_ack(&s.line))))
         .map(|s| s.line.clone())
         .collect();
     (counted.len(), counted)
+}
+
+/// The `seq …` and `ack …` fields of a tcpdump line, as written.
+fn seq_and_ack(line: &str) -> (Option<&str>, Option<&str>) {
+    let field = |name: &str| {
+        line.split(", ")
+            .find_map(|f| f.strip_prefix(name))
+            .map(|v| v.trim_end_matches(','))
+    };
+    (field("seq "), field("ack "))
 }
 
 // ---------------------------------------------------------------------------
@@ -809,4 +827,31 @@ impl RawRecording {
             partial,
         }
     }
+}
+
+/// A FIN sent twice (its ACK was lost in the server's hand-off to its
+/// timewait socket; seen in a CI run) is one teardown segment.
+#[test]
+fn a_retransmitted_fin_is_counted_once() {
+    let lines = [
+        "09:26:54.524701 IP 10.231.8.1.8080 > 10.231.8.2.56182: Flags [F.], seq 20237, ack 93, win 64, options [nop,nop,TS val 2042344185 ecr 1695979084], length 0",
+        "09:26:54.524708 IP 10.231.8.2.56182 > 10.231.8.1.8080: Flags [.], ack 20238, win 97, options [nop,nop,TS val 1695979084 ecr 2042344185], length 0",
+        "09:26:54.524715 IP 10.231.8.2.56182 > 10.231.8.1.8080: Flags [F.], seq 93, ack 20238, win 97, options [nop,nop,TS val 1695979084 ecr 2042344185], length 0",
+        "09:26:54.731271 IP 10.231.8.2.56182 > 10.231.8.1.8080: Flags [F.], seq 93, ack 20238, win 97, options [nop,nop,TS val 1695979291 ecr 2042344185], length 0",
+        "09:26:54.731306 IP 10.231.8.1.8080 > 10.231.8.2.56182: Flags [.], ack 94, win 64, options [nop,nop,TS val 2042344392 ecr 1695979291], length 0",
+    ];
+    let segs: Vec<Segment> = lines.iter().filter_map(|l| Segment::parse(l)).collect();
+    assert_eq!(segs.len(), 5);
+    let (n, counted) = teardown_in_capture(&segs, 8080, 56182);
+    assert_eq!(n, 4, "{counted:#?}");
+    assert_eq!(counted.iter().filter(|l| l.contains("[F")).count(), 2);
+    assert!(!counted.contains(&lines[3].to_string()));
+    // Without the repeat, the same four.
+    let once: Vec<Segment> = segs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(teardown_in_capture(&once, 8080, 56182).0, 4);
 }
