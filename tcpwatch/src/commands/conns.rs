@@ -11,7 +11,7 @@ use crate::model::filter::Filter;
 use crate::model::sweep::SweepTable;
 use crate::stream::context::Context;
 use crate::stream::pipeline::{Batch, Consumer, Totals};
-use crate::views::conns::{conns_header, conns_json, conns_text};
+use crate::views::conns::{conns_header, ConnsWriter};
 use crate::views::ladder::{are_peers, ladder, ladder_json, ladder_text, LadderRecord};
 use crate::views::summary::{ConnsSummary, ExitSummary};
 use crate::views::Format;
@@ -41,6 +41,10 @@ pub struct ConnsSink<W: Write> {
     selector: Selector,
     clock: Clock,
     zone: Zone,
+    /// Records: writes each line into `lines`, a batch's lines written out
+    /// at once.
+    writer: ConnsWriter,
+    lines: Vec<u8>,
     correlator: Correlator,
     /// Ladder: finished connections waiting for their other end (if it is a
     /// socket on this host it closes soon after), with a deadline.
@@ -65,6 +69,8 @@ impl<W: Write> ConnsSink<W> {
             selector: Selector::new(opts.filter, ctx),
             clock: ctx.clock,
             zone: opts.zone,
+            writer: ConnsWriter::new(ctx.clock, opts.zone),
+            lines: Vec::new(),
             correlator,
             waiting: Vec::new(),
             pair_wait_ns: 2_000_000_000,
@@ -100,15 +106,15 @@ impl<W: Write> ConnsSink<W> {
                         continue;
                     }
                     self.shown += 1;
-                    let line = match format {
-                        Format::Text => conns_text(&t, &self.clock, self.zone),
+                    match format {
+                        Format::Text => self.writer.text(&mut self.lines, &t),
                         Format::Json => {
                             let owner = t.owner.as_ref().map(|a| &*a.owner);
                             let cgroup = self.selector.cgroup(owner);
-                            conns_json(&t, &self.clock, cgroup.as_deref())
+                            self.writer.json(&mut self.lines, &t, cgroup.as_deref());
                         }
-                    };
-                    writeln!(self.out, "{line}")?;
+                    }
+                    self.lines.push(b'\n');
                 }
                 View::Ladder(_) => {
                     if let Some(i) = self.waiting.iter().position(|(w, _)| are_peers(w, &t)) {
@@ -126,6 +132,9 @@ impl<W: Write> ConnsSink<W> {
             }
         }
         self.finished = finished;
+        let written = self.out.write_all(&self.lines);
+        self.lines.clear();
+        written?;
         if matches!(self.view, View::Ladder(_)) {
             let now = settled_ns.unwrap_or(u64::MAX);
             let mut i = 0;

@@ -1,10 +1,12 @@
 //! Writing finished connections: aligned text columns or one JSON object per
 //! connection.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::trace::{push_endpoint, push_json, push_ms3, push_u64, Cells, Stamps};
 use super::{table_header, table_line, Column, ENDPOINT_WIDTH};
 use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
@@ -15,6 +17,14 @@ use crate::model::owner::OwnerSource;
 use crate::model::{Endpoint, Family, Owner};
 
 pub fn errno_name(errno: i32) -> String {
+    match known_errno(errno) {
+        Some(name) => name.to_string(),
+        None => format!("errno {errno}"),
+    }
+}
+
+/// The name of an errno `conns` knows by name.
+fn known_errno(errno: i32) -> Option<&'static str> {
     let name = match errno {
         1 => "EPERM",
         11 => "EAGAIN",
@@ -30,9 +40,20 @@ pub fn errno_name(errno: i32) -> String {
         111 => "ECONNREFUSED",
         112 => "EHOSTDOWN",
         113 => "EHOSTUNREACH",
-        _ => return format!("errno {errno}"),
+        _ => return None,
     };
-    name.to_string()
+    Some(name)
+}
+
+/// `errno_name` of `errno`, written into `buf`.
+fn push_errno(buf: &mut Vec<u8>, errno: i32) {
+    match known_errno(errno) {
+        Some(name) => buf.extend_from_slice(name.as_bytes()),
+        None => {
+            buf.extend_from_slice(b"errno ");
+            let _ = write!(buf, "{errno}");
+        }
+    }
 }
 
 pub fn open_name(o: OpenKind) -> &'static str {
@@ -352,8 +373,159 @@ impl ConnRecord {
     }
 }
 
+/// Writes `conns`'s lines into a byte buffer, each without its newline:
+/// `conns` prints every finished connection, so a line is on the hot path.
+/// Text is written from the timeline itself, the bytes `record_text` gives
+/// for its record, with a second's date and time worked out once.
+pub struct ConnsWriter {
+    clock: Clock,
+    stamps: Stamps,
+}
+
+impl ConnsWriter {
+    pub fn new(clock: Clock, zone: Zone) -> ConnsWriter {
+        ConnsWriter {
+            clock,
+            stamps: Stamps::new(clock, zone),
+        }
+    }
+
+    /// One finished connection in `conns`'s columns.
+    pub fn text(&mut self, buf: &mut Vec<u8>, t: &Timeline) {
+        let owner = t.owner.as_ref().map(|a| &a.owner);
+        let dash_or = |buf: &mut Vec<u8>, s: Option<&str>| {
+            buf.extend_from_slice(s.unwrap_or("-").as_bytes());
+        };
+        let push_opt = |buf: &mut Vec<u8>, n: Option<u64>| match n {
+            Some(n) => push_u64(buf, n),
+            None => buf.push(b'-'),
+        };
+        // `kind`, and `:` with the errno's name if the socket saw one.
+        let failed = |buf: &mut Vec<u8>, kind: &str| {
+            buf.extend_from_slice(kind.as_bytes());
+            if let Some(e) = t.error {
+                buf.push(b':');
+                push_errno(buf, e);
+            }
+        };
+        let mut cells = Cells::start(buf, &CONNS_COLUMNS, 0);
+        self.stamps.text(cells.buf, t.closed_ns);
+        cells.next();
+        push_opt(cells.buf, owner.map(|o| u64::from(o.pid)));
+        cells.next();
+        dash_or(cells.buf, owner.map(|o| o.comm.as_str()));
+        cells.next();
+        dash_or(cells.buf, role_name(t.role));
+        cells.next();
+        push_endpoint(cells.buf, &t.local);
+        cells.next();
+        push_endpoint(cells.buf, &t.remote);
+        cells.next();
+        match t.open {
+            OpenKind::Failed => failed(cells.buf, "failed"),
+            other => cells.buf.extend_from_slice(open_name(other).as_bytes()),
+        }
+        cells.next();
+        match t.handshake_ns {
+            Some(ns) => push_ms3(cells.buf, ns),
+            None => cells.buf.push(b'-'),
+        }
+        cells.next();
+        // Open before tracing: at least this long.
+        if t.pre_existing() {
+            cells.buf.push(b'>');
+        }
+        push_ms3(cells.buf, t.lifetime_ns());
+        cells.next();
+        let close = close_name(t.close);
+        match t.close {
+            // A connect that failed: the errno its connect() saw, else the
+            // reason.
+            CloseKind::NeverOpened => match t.connect_failure {
+                Some(f) => {
+                    cells.buf.extend_from_slice(close.as_bytes());
+                    cells.buf.push(b':');
+                    match f.errno() {
+                        Some(e) => push_errno(cells.buf, e),
+                        None => {
+                            cells
+                                .buf
+                                .extend_from_slice(connect_failure_name(f).as_bytes());
+                        }
+                    }
+                }
+                None => failed(cells.buf, close),
+            },
+            CloseKind::Error => failed(cells.buf, close),
+            _ => cells.buf.extend_from_slice(close.as_bytes()),
+        }
+        cells.next();
+        dash_or(cells.buf, t.closed_by.map(closer_name));
+        cells.next();
+        push_opt(cells.buf, t.teardown_segments.map(u64::from));
+        cells.next();
+        match t.timewait {
+            Some(tw) => {
+                cells
+                    .buf
+                    .extend_from_slice(substate_name(tw.substate).as_bytes());
+                cells.buf.push(b' ');
+                // As the record's seconds, floored.
+                push_u64(cells.buf, (tw.hold_ns as f64 / 1e9).floor() as u64);
+                cells.buf.push(b's');
+            }
+            None => cells.buf.push(b'-'),
+        }
+        cells.next();
+        push_opt(cells.buf, t.bytes_sent);
+        cells.next();
+        push_opt(cells.buf, t.bytes_received);
+        cells.next();
+        // The kernel's estimate of a connection that never opened is its
+        // initial value, not a measurement.
+        let srtt = t.srtt_us.filter(|_| t.close != CloseKind::NeverOpened);
+        push_opt(cells.buf, srtt.map(u64::from));
+        cells.next();
+        push_u64(cells.buf, u64::from(t.retransmits));
+        cells.next();
+        match (t.reset_reason, t.resets_sent) {
+            (Some(reason), _) => cells.buf.extend_from_slice(reason.name().as_bytes()),
+            (None, 0) => cells.buf.push(b'-'),
+            // Sent one, and the kernel did not say why.
+            (None, _) => cells.buf.extend_from_slice(b"unknown"),
+        }
+        cells.next();
+        cells.last(|buf| match t.connect_failure {
+            None => buf.push(b'-'),
+            // Rare: the words are written the slow way.
+            Some(f) => {
+                let syn_retransmits_ms: Vec<f64> = t
+                    .syn_retransmits_ns
+                    .iter()
+                    .map(|ns| ms(ns.saturating_sub(t.first_ns)))
+                    .collect();
+                let words = connect_failure_words(
+                    &connect_failure_name(f),
+                    f.errno().map(errno_name).as_deref(),
+                    &syn_retransmits_ms,
+                    ms(t.lifetime_ns()),
+                );
+                buf.extend_from_slice(words.as_bytes());
+            }
+        });
+    }
+
+    /// One finished connection as a JSON object; `cgroup`: the owner's
+    /// cgroup as looked up.
+    pub fn json(&mut self, buf: &mut Vec<u8>, t: &Timeline, cgroup: Option<&Cgroup>) {
+        push_json(buf, &ConnRecord::new(t, &self.clock, true, cgroup));
+    }
+}
+
 pub fn conns_text(t: &Timeline, clock: &Clock, zone: Zone) -> String {
-    record_text(&ConnRecord::new(t, clock, false, None), zone)
+    let mut buf = Vec::new();
+    ConnsWriter::new(*clock, zone).text(&mut buf, t);
+    super::trace::into_string(buf)
 }
 
 /// The text columns of one record (see `CONNS_COLUMNS`).
@@ -742,6 +914,184 @@ mod tests {
                 "{}: {header}",
                 c.heading
             );
+        }
+    }
+
+    /// Connections of every shape (IPv4 and IPv6, odd and missing owners,
+    /// failed connects, errors, resets, TIME_WAIT and FIN_WAIT2, opened
+    /// before tracing), closed at times in and across seconds, written by
+    /// one writer (its second caches in play), give the bytes the record
+    /// and `table_line` give, in text and in JSON.
+    #[test]
+    fn writer_gives_the_records_bytes() {
+        use super::super::trace::tests::Lcg;
+        use crate::model::correlate::Timewait;
+        use crate::model::reset::ResetReason;
+        let owner = |pid, comm: &str, cgroup_id, source| Attribution {
+            owner: Owner {
+                pid,
+                comm: comm.into(),
+                cgroup_id,
+            }
+            .into(),
+            source,
+        };
+        let owners = [
+            None,
+            Some(owner(4321, "curl", 0, OwnerSource::Observed)),
+            Some(owner(1, "nginx \"w\\1\"", 99, OwnerSource::Listener)),
+            Some(owner(u32::MAX, "héllo wörld", 7, OwnerSource::Procfs)),
+            Some(owner(77, "", 0, OwnerSource::Observed)),
+            Some(owner(
+                8,
+                "a-very-long-comm-name-past-15",
+                1,
+                OwnerSource::Observed,
+            )),
+        ];
+        let endpoints: Vec<Endpoint> = [
+            "127.0.0.1:40000",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[::1]:80",
+            "[::ffff:10.0.0.1]:443",
+            "[fe80::1:0:0:2]:9",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+        ]
+        .iter()
+        .map(|s| s.parse::<std::net::SocketAddr>().unwrap().into())
+        .collect();
+        let failures = [
+            None,
+            Some(ConnectFailure::Refused),
+            Some(ConnectFailure::TimedOut),
+            Some(ConnectFailure::Unreachable(113)),
+            Some(ConnectFailure::Unreachable(101)),
+            Some(ConnectFailure::Unreachable(12)),
+            Some(ConnectFailure::GivenUp),
+            Some(ConnectFailure::AddressNotAvailable),
+            Some(ConnectFailure::Other(13)),
+        ];
+        let opens = [
+            OpenKind::Active,
+            OpenKind::Passive,
+            OpenKind::Refused,
+            OpenKind::TimedOut,
+            OpenKind::Failed,
+            OpenKind::PassiveFailed,
+            OpenKind::BeforeTrace,
+        ];
+        let closes = [
+            CloseKind::Orderly,
+            CloseKind::Simultaneous,
+            CloseKind::ResetSent,
+            CloseKind::ResetReceived,
+            CloseKind::Aborted,
+            CloseKind::FinWait2,
+            CloseKind::FinWait2Timeout,
+            CloseKind::Error,
+            CloseKind::NeverOpened,
+            CloseKind::Unknown,
+        ];
+        let errors = [None, Some(104), Some(111), Some(99), Some(5), Some(-3)];
+        let timewaits = [
+            None,
+            Some(Timewait {
+                substate: TimewaitSubstate::TimeWait,
+                hold_ns: 60_000_000_000,
+            }),
+            Some(Timewait {
+                substate: TimewaitSubstate::FinWait2,
+                hold_ns: 59_999_999_999,
+            }),
+            Some(Timewait {
+                substate: TimewaitSubstate::TimeWait,
+                hold_ns: 0,
+            }),
+        ];
+        let durations = [
+            0,
+            1,
+            499,
+            500,
+            501,
+            2_500,
+            999_999_500,
+            1_234_567,
+            127_000_000_000,
+            864_000_000_000_000,
+            u64::MAX / 4,
+        ];
+        let counts = [
+            None,
+            Some(0),
+            Some(1),
+            Some(999_999_999_999),
+            Some(u64::MAX),
+        ];
+        let reasons = [
+            None,
+            Some(ResetReason::TCP_ABORT_ON_CLOSE),
+            Some(ResetReason(200)),
+        ];
+        let roles = [Role::Client, Role::Server, Role::Unknown];
+        let closers = [
+            None,
+            Some(Closer::Local),
+            Some(Closer::Peer),
+            Some(Closer::Both),
+        ];
+        let c = Cgroup::new(99, Some("/system.slice/nginx.service"));
+        let cgroups = [None, Some(&c)];
+        for (offset_s, zone) in [
+            (1_795_392_000u64, Zone::Utc),
+            (1_795_392_000, Zone::Local),
+            (0, Zone::Utc),
+        ] {
+            let clock = Clock::with_offset_ns(i128::from(offset_s) * 1_000_000_000);
+            let mut writer = ConnsWriter::new(clock, zone);
+            let mut rng = Lcg(offset_s ^ 0x5eed);
+            let mut closed_ns = 3_999_999_000u64;
+            let mut buf = Vec::new();
+            for _ in 0..5000 {
+                // Mostly within the same second, now and then the next ones.
+                closed_ns += *rng.pick(&[0, 1, 999, 1_000, 400_000_000, 2_000_000_000]);
+                let mut t = Timeline::sample(
+                    *rng.pick(&endpoints),
+                    *rng.pick(&endpoints),
+                    rng.pick(&owners).clone(),
+                    *rng.pick(&roles),
+                    closed_ns,
+                );
+                t.first_ns = closed_ns.saturating_sub(*rng.pick(&durations));
+                t.open = *rng.pick(&opens);
+                t.close = *rng.pick(&closes);
+                t.closed_by = *rng.pick(&closers);
+                t.teardown_segments = *rng.pick(&[None, Some(0), Some(3), Some(u8::MAX)]);
+                t.timewait = *rng.pick(&timewaits);
+                t.error = *rng.pick(&errors);
+                t.connect_failure = *rng.pick(&failures);
+                let retx = rng.next() % 4;
+                t.syn_retransmits_ns = (0..retx)
+                    .map(|i| t.first_ns + (1 << i) * 1_000_000_007)
+                    .collect();
+                t.handshake_ns = *rng.pick(&[None, Some(0), Some(123_457), Some(500)]);
+                t.bytes_sent = *rng.pick(&counts);
+                t.bytes_received = *rng.pick(&counts);
+                t.srtt_us = *rng.pick(&[None, Some(0), Some(31), Some(u32::MAX)]);
+                t.retransmits = *rng.pick(&[0, 1, u32::MAX]);
+                t.resets_sent = *rng.pick(&[0, 1, 2]);
+                t.reset_reason = *rng.pick(&reasons);
+                let want = record_text(&ConnRecord::new(&t, &clock, false, None), zone);
+                buf.clear();
+                writer.text(&mut buf, &t);
+                assert_eq!(std::str::from_utf8(&buf).unwrap(), want, "{t:?}");
+                let cgroup = *rng.pick(&cgroups);
+                let want = record_json(&ConnRecord::new(&t, &clock, true, cgroup));
+                buf.clear();
+                writer.json(&mut buf, &t, cgroup);
+                assert_eq!(std::str::from_utf8(&buf).unwrap(), want, "{t:?}");
+            }
         }
     }
 }

@@ -225,10 +225,7 @@ impl SocketText {
 
 /// Writes trace lines into a byte buffer, each without its newline.
 pub struct TraceWriter {
-    clock: Clock,
-    zone: Zone,
-    rfc3339: SecondText,
-    stamp: SecondText,
+    stamps: Stamps,
     json_sockets: SocketText,
     text_sockets: SocketText,
 }
@@ -241,10 +238,7 @@ const EARLIEST_FAST_S: u64 = 2 * 86_400;
 impl TraceWriter {
     pub fn new(clock: Clock, zone: Zone) -> TraceWriter {
         TraceWriter {
-            clock,
-            zone,
-            rfc3339: SecondText::default(),
-            stamp: SecondText::default(),
+            stamps: Stamps::new(clock, zone),
             json_sockets: SocketText::new(),
             text_sockets: SocketText::new(),
         }
@@ -302,11 +296,11 @@ impl TraceWriter {
         ts_ns: u64,
         part: &SocketPart<'_>,
     ) -> Cells<'b> {
-        let mut cells = Cells::start(buf, 0);
-        self.push_stamp(cells.buf, ts_ns);
+        let mut cells = Cells::start(buf, &TRACE_COLUMNS, 0);
+        self.stamps.text(cells.buf, ts_ns);
         cells.next();
         self.text_sockets.push(cells.buf, part, |buf, p| {
-            let mut cells = Cells::start(buf, 1);
+            let mut cells = Cells::start(buf, &TRACE_COLUMNS, 1);
             match p.owner {
                 Some(a) => push_u64(cells.buf, u64::from(a.owner.pid)),
                 None => cells.buf.push(b'-'),
@@ -322,7 +316,7 @@ impl TraceWriter {
             push_endpoint(cells.buf, p.remote);
             cells.next();
         });
-        Cells::start(buf, 5)
+        Cells::start(buf, &TRACE_COLUMNS, 5)
     }
 
     /// A transition as one JSON object.
@@ -386,14 +380,34 @@ impl TraceWriter {
     /// `{` and the fields every JSON line has, from `ts` to `dport`.
     fn json_socket(&mut self, buf: &mut Vec<u8>, ts_ns: u64, part: &SocketPart<'_>) {
         buf.extend_from_slice(b"{\"ts\":\"");
-        self.push_rfc3339(buf, ts_ns);
+        self.stamps.rfc3339(buf, ts_ns);
         buf.extend_from_slice(b"\",\"ts_mono_ns\":");
         push_u64(buf, ts_ns);
         self.json_sockets.push(buf, part, json_socket_fields);
     }
+}
+
+/// Writes the date and time of lines: each second's text is worked out
+/// once for every line stamped within it.
+pub(super) struct Stamps {
+    clock: Clock,
+    zone: Zone,
+    rfc3339: SecondText,
+    stamp: SecondText,
+}
+
+impl Stamps {
+    pub(super) fn new(clock: Clock, zone: Zone) -> Stamps {
+        Stamps {
+            clock,
+            zone,
+            rfc3339: SecondText::default(),
+            stamp: SecondText::default(),
+        }
+    }
 
     /// `2026-11-23T23:41:07.123456789Z`, as [`Clock::rfc3339`] writes it.
-    fn push_rfc3339(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
+    pub(super) fn rfc3339(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
         let (second, nanos) = since_epoch(self.clock.wall(mono_ns));
         let whole = self.rfc3339.get(second, ".000000000Z", |t| {
             humantime::format_rfc3339_nanos(t).to_string()
@@ -411,7 +425,7 @@ impl TraceWriter {
 
     /// `2026-11-23 23:41:07.123456` in the zone, as [`Clock::text`]
     /// writes it.
-    fn push_stamp(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
+    pub(super) fn text(&mut self, buf: &mut Vec<u8>, mono_ns: u64) {
         let (second, nanos) = since_epoch(self.clock.wall(mono_ns));
         let zone = self.zone;
         let whole = (second >= EARLIEST_FAST_S)
@@ -493,7 +507,7 @@ fn since_epoch(wall: SystemTime) -> (u64, u32) {
 
 /// One value as `serde_json` writes it. Writing to a `Vec` cannot fail,
 /// and strings, numbers, options and cgroups always serialize.
-fn push_json<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
+pub(super) fn push_json<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
     let _ = serde_json::to_writer(&mut *buf, value);
 }
 
@@ -510,7 +524,7 @@ const DIGIT_PAIRS: [u8; 200] = {
 };
 
 /// `n` in decimal, as `Display` writes it (two digits at a time).
-fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+pub(super) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     while n >= 100 {
@@ -531,7 +545,7 @@ fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
 }
 
 /// `n` in lower-case hex without leading zeros, as `{:x}` writes it.
-fn push_hex(buf: &mut Vec<u8>, n: u64) {
+pub(super) fn push_hex(buf: &mut Vec<u8>, n: u64) {
     let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
         buf.push(b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize]);
@@ -550,7 +564,7 @@ fn push_digits(buf: &mut Vec<u8>, mut n: u32, width: usize) {
 
 /// An address as `Display` writes it: IPv4 by hand, IPv6 (with its
 /// shortening rules) through `Display`.
-fn push_ip(buf: &mut Vec<u8>, addr: IpAddr) {
+pub(super) fn push_ip(buf: &mut Vec<u8>, addr: IpAddr) {
     match addr {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -567,7 +581,7 @@ fn push_ip(buf: &mut Vec<u8>, addr: IpAddr) {
 }
 
 /// An endpoint as `Display` writes it: `127.0.0.1:80`, `[::1]:80`.
-fn push_endpoint(buf: &mut Vec<u8>, e: &Endpoint) {
+pub(super) fn push_endpoint(buf: &mut Vec<u8>, e: &Endpoint) {
     match e.addr {
         IpAddr::V4(_) => {
             push_ip(buf, e.addr);
@@ -595,7 +609,7 @@ fn push_delta_text(buf: &mut Vec<u8>, delta_ns: Option<u64>) {
 /// nearest halfway point unless it is exactly on one: so away from those
 /// (and past 10^15) the integer rounding gives the same digits; on them,
 /// the float's own digits are written.
-fn push_ms3(buf: &mut Vec<u8>, ns: u64) {
+pub(super) fn push_ms3(buf: &mut Vec<u8>, ns: u64) {
     let rest = ns % 1000;
     if rest == 500 || ns >= 1_000_000_000_000_000 {
         let _ = write!(buf, "{:.3}", ms(ns));
@@ -613,7 +627,7 @@ fn push_ms3(buf: &mut Vec<u8>, ns: u64) {
 /// significant ones, which any other decimal as short or shorter misses
 /// by more than the float's spacing), written here; elsewhere
 /// `serde_json` writes them.
-fn push_ms_json(buf: &mut Vec<u8>, ns: u64) {
+pub(super) fn push_ms_json(buf: &mut Vec<u8>, ns: u64) {
     if !(1_000..1_000_000_000_000_000).contains(&ns) {
         push_json(buf, &ms(ns));
         return;
@@ -636,25 +650,31 @@ fn push_ms_json(buf: &mut Vec<u8>, ns: u64) {
 /// The cells of a text line being written: each cell is padded to its
 /// column's width (in characters, as `{:<w$}` counts them) and one space
 /// goes between cells.
-struct Cells<'a> {
-    buf: &'a mut Vec<u8>,
+pub(super) struct Cells<'a> {
+    pub(super) buf: &'a mut Vec<u8>,
+    columns: &'static [Column],
     column: usize,
     cell_start: usize,
 }
 
 impl<'a> Cells<'a> {
     /// Cells from `column` on, the first starting at the end of `buf`.
-    fn start(buf: &'a mut Vec<u8>, column: usize) -> Cells<'a> {
+    pub(super) fn start(
+        buf: &'a mut Vec<u8>,
+        columns: &'static [Column],
+        column: usize,
+    ) -> Cells<'a> {
         let cell_start = buf.len();
         Cells {
             buf,
+            columns,
             column,
             cell_start,
         }
     }
 
     /// Pads the cell just written and starts the next one.
-    fn next(&mut self) {
+    pub(super) fn next(&mut self) {
         self.pad();
         self.buf.push(b' ');
         self.column += 1;
@@ -663,13 +683,13 @@ impl<'a> Cells<'a> {
 
     /// Writes the last cell. It is never blank, so the padding a table
     /// line trims off its end is not written at all.
-    fn last(self, write: impl FnOnce(&mut Vec<u8>)) {
-        debug_assert_eq!(self.column + 1, TRACE_COLUMNS.len());
+    pub(super) fn last(self, write: impl FnOnce(&mut Vec<u8>)) {
+        debug_assert_eq!(self.column + 1, self.columns.len());
         write(self.buf);
     }
 
     fn pad(&mut self) {
-        let Some(column) = TRACE_COLUMNS.get(self.column) else {
+        let Some(column) = self.columns.get(self.column) else {
             return;
         };
         let cell = &self.buf[self.cell_start..];
@@ -684,7 +704,7 @@ impl<'a> Cells<'a> {
 }
 
 /// The bytes a writer wrote, as text (every part written is a `str`).
-fn into_string(buf: Vec<u8>) -> String {
+pub(super) fn into_string(buf: Vec<u8>) -> String {
     String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
@@ -714,7 +734,7 @@ pub fn trace_event_json(line: &TraceEventLine<'_>, clock: &Clock) -> String {
     into_string(buf)
 }
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::decode::tests::state_event;
     use crate::model::decode::{decode, encode, Record};
@@ -1033,10 +1053,10 @@ mod tests {
     }
 
     /// A small deterministic generator for the cases below.
-    struct Lcg(u64);
+    pub(in crate::views) struct Lcg(pub(in crate::views) u64);
 
     impl Lcg {
-        fn next(&mut self) -> u64 {
+        pub(in crate::views) fn next(&mut self) -> u64 {
             self.0 = self
                 .0
                 .wrapping_mul(6_364_136_223_846_793_005)
@@ -1044,7 +1064,7 @@ mod tests {
             self.0 >> 11
         }
 
-        fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        pub(in crate::views) fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
             &from[self.next() as usize % from.len()]
         }
     }
