@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::trace::{push_endpoint, push_json, push_ms3, push_u64, Cells, Stamps};
+use super::trace::{
+    push_endpoint, push_hex, push_ip, push_json, push_ms3, push_ms_json, push_u64, Cells, Stamps,
+};
 use super::{table_header, table_line, Column, ENDPOINT_WIDTH};
 use crate::host::clock::{Clock, Zone, STAMP_WIDTH};
 use crate::model::cgroup::Cgroup;
@@ -378,14 +380,12 @@ impl ConnRecord {
 /// Text is written from the timeline itself, the bytes `record_text` gives
 /// for its record, with a second's date and time worked out once.
 pub struct ConnsWriter {
-    clock: Clock,
     stamps: Stamps,
 }
 
 impl ConnsWriter {
     pub fn new(clock: Clock, zone: Zone) -> ConnsWriter {
         ConnsWriter {
-            clock,
             stamps: Stamps::new(clock, zone),
         }
     }
@@ -517,8 +517,161 @@ impl ConnsWriter {
 
     /// One finished connection as a JSON object; `cgroup`: the owner's
     /// cgroup as looked up.
+    /// The fields are written in `ConnRecord`'s order, the bytes
+    /// `serde_json` gives for them (its own writer still writes the owner's
+    /// name, the cgroup and the odd float).
     pub fn json(&mut self, buf: &mut Vec<u8>, t: &Timeline, cgroup: Option<&Cgroup>) {
-        push_json(buf, &ConnRecord::new(t, &self.clock, true, cgroup));
+        let owner = t.owner.as_ref().map(|a| &a.owner);
+        // A field's name, then its value or null.
+        let field = |buf: &mut Vec<u8>, name: &str| {
+            buf.extend_from_slice(b",\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\":");
+        };
+        let quoted = |buf: &mut Vec<u8>, s: Option<&str>| match s {
+            Some(s) => {
+                buf.push(b'"');
+                buf.extend_from_slice(s.as_bytes());
+                buf.push(b'"');
+            }
+            None => buf.extend_from_slice(b"null"),
+        };
+        let number = |buf: &mut Vec<u8>, n: Option<u64>| match n {
+            Some(n) => push_u64(buf, n),
+            None => buf.extend_from_slice(b"null"),
+        };
+        let errno = |buf: &mut Vec<u8>, e: Option<i32>| match e {
+            Some(e) => {
+                buf.push(b'"');
+                push_errno(buf, e);
+                buf.push(b'"');
+            }
+            None => buf.extend_from_slice(b"null"),
+        };
+        buf.extend_from_slice(b"{\"ts\":\"");
+        self.stamps.rfc3339(buf, t.closed_ns);
+        buf.extend_from_slice(b"\",\"start_ts\":\"");
+        self.stamps.rfc3339(buf, t.first_ns);
+        buf.extend_from_slice(b"\",\"skaddr\":\"0x");
+        push_hex(buf, t.skaddr);
+        buf.push(b'"');
+        field(buf, "pid");
+        number(buf, owner.map(|o| u64::from(o.pid)));
+        field(buf, "comm");
+        push_json(buf, &owner.map(|o| o.comm.as_str()));
+        field(buf, "cgroup");
+        push_json(buf, &super::cgroup_of(owner.map(|o| &**o), cgroup));
+        field(buf, "owner_source");
+        quoted(buf, t.owner.as_ref().map(|a| source_name(a.source)));
+        field(buf, "family");
+        quoted(buf, Some(t.family.name()));
+        field(buf, "saddr");
+        buf.push(b'"');
+        push_ip(buf, t.local.addr);
+        buf.push(b'"');
+        field(buf, "sport");
+        push_u64(buf, u64::from(t.local.port));
+        field(buf, "daddr");
+        buf.push(b'"');
+        push_ip(buf, t.remote.addr);
+        buf.push(b'"');
+        field(buf, "dport");
+        push_u64(buf, u64::from(t.remote.port));
+        field(buf, "netns");
+        number(buf, t.netns.map(u64::from));
+        field(buf, "role");
+        quoted(buf, role_name(t.role));
+        field(buf, "open");
+        quoted(buf, Some(open_name(t.open)));
+        field(buf, "before_trace");
+        buf.extend_from_slice(if t.pre_existing() { b"true" } else { b"false" });
+        field(buf, "handshake_ms");
+        match t.handshake_ns {
+            Some(ns) => push_ms_json(buf, ns),
+            None => buf.extend_from_slice(b"null"),
+        }
+        field(buf, "lifetime_ms");
+        push_ms_json(buf, t.lifetime_ns());
+        field(buf, "close");
+        quoted(buf, Some(close_name(t.close)));
+        field(buf, "closed_by");
+        quoted(buf, t.closed_by.map(closer_name));
+        field(buf, "teardown_segments");
+        number(buf, t.teardown_segments.map(u64::from));
+        field(buf, "timewait");
+        match t.timewait {
+            Some(tw) => {
+                buf.extend_from_slice(b"{\"state\":\"");
+                buf.extend_from_slice(substate_name(tw.substate).as_bytes());
+                buf.extend_from_slice(b"\",\"hold_s\":");
+                push_json(buf, &(tw.hold_ns as f64 / 1e9));
+                buf.extend_from_slice(b",\"until\":\"");
+                self.stamps
+                    .rfc3339(buf, t.closed_ns.saturating_add(tw.hold_ns));
+                buf.extend_from_slice(b"\"}");
+            }
+            None => buf.extend_from_slice(b"null"),
+        }
+        field(buf, "error");
+        errno(buf, t.error);
+        field(buf, "errno");
+        match t.error {
+            Some(e) => {
+                let _ = write!(buf, "{e}");
+            }
+            None => buf.extend_from_slice(b"null"),
+        }
+        field(buf, "connect_failure");
+        match t.connect_failure {
+            Some(f) => push_json(buf, &connect_failure_name(f)),
+            None => buf.extend_from_slice(b"null"),
+        }
+        field(buf, "connect_errno");
+        errno(buf, t.connect_failure.and_then(|f| f.errno()));
+        field(buf, "syn_retransmits_ms");
+        buf.push(b'[');
+        for (i, ns) in t.syn_retransmits_ns.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            push_ms_json(buf, ns.saturating_sub(t.first_ns));
+        }
+        buf.push(b']');
+        field(buf, "bytes_sent");
+        number(buf, t.bytes_sent);
+        field(buf, "bytes_received");
+        number(buf, t.bytes_received);
+        field(buf, "srtt_us");
+        // As in the text: no estimate for a connection that never opened.
+        let srtt = t.srtt_us.filter(|_| t.close != CloseKind::NeverOpened);
+        number(buf, srtt.map(u64::from));
+        field(buf, "retransmits");
+        push_u64(buf, u64::from(t.retransmits));
+        field(buf, "total_retrans");
+        number(buf, t.total_retrans.map(u64::from));
+        field(buf, "resets_sent");
+        push_u64(buf, u64::from(t.resets_sent));
+        field(buf, "resets_received");
+        push_u64(buf, u64::from(t.resets_received));
+        field(buf, "reset_reason");
+        push_json(buf, &t.reset_reason.map(|r| r.name()));
+        field(buf, "transitions");
+        buf.push(b'[');
+        for (i, s) in t.steps.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b"{\"ts\":\"");
+            self.stamps.rfc3339(buf, s.ts_ns);
+            buf.extend_from_slice(b"\",\"t_ms\":");
+            push_ms_json(buf, s.ts_ns.saturating_sub(t.first_ns));
+            buf.extend_from_slice(b",\"old\":\"");
+            buf.extend_from_slice(s.old.name().as_bytes());
+            buf.extend_from_slice(b"\",\"new\":\"");
+            buf.extend_from_slice(s.new.name().as_bytes());
+            buf.extend_from_slice(b"\"}");
+        }
+        buf.extend_from_slice(b"]}");
     }
 }
 
@@ -1082,6 +1235,17 @@ mod tests {
                 t.retransmits = *rng.pick(&[0, 1, u32::MAX]);
                 t.resets_sent = *rng.pick(&[0, 1, 2]);
                 t.reset_reason = *rng.pick(&reasons);
+                t.resets_received = *rng.pick(&[0, 3]);
+                t.total_retrans = *rng.pick(&[None, Some(0), Some(17)]);
+                t.netns = *rng.pick(&[None, Some(4_026_531_840)]);
+                let states = [TcpState::SynSent, TcpState::Established, TcpState::Close];
+                t.steps = (0..rng.next() % 4)
+                    .map(|i| Step {
+                        ts_ns: t.first_ns + i * *rng.pick(&durations) / 3,
+                        old: *rng.pick(&states),
+                        new: *rng.pick(&states),
+                    })
+                    .collect();
                 let want = record_text(&ConnRecord::new(&t, &clock, false, None), zone);
                 buf.clear();
                 writer.text(&mut buf, &t);
