@@ -713,13 +713,30 @@ pub fn teardown_in_capture(segs: &[Segment], a: u16, b: u16) -> (usize, Vec<Stri
     let Some(first) = conn.iter().position(|s| s.flags.contains('F')) else {
         return (0, Vec::new());
     };
-    // A segment sent again (a FIN retransmitted because its ACK did not
-    // come in time: same direction, flags, sequence and acknowledgment
-    // numbers) is one segment of the teardown, counted once.
+    // What acknowledges each side's FIN: one past the FIN's sequence
+    // number (past its data's end when it carries data), by sender port.
+    let fin_acked_by: std::collections::HashMap<u16, u64> = conn[first..]
+        .iter()
+        .filter(|s| s.flags.contains('F'))
+        .filter_map(|s| {
+            let seq = seq_and_ack(&s.line).0?;
+            let end = seq.rsplit(':').next()?.parse::<u64>().ok()?;
+            Some((s.sport, end + 1))
+        })
+        .collect();
+    // A pure ACK counts when it acknowledges the other side's FIN (a late
+    // ACK of data only, sent after the FIN went out, is no teardown
+    // segment); a segment sent again (a FIN retransmitted because its ACK
+    // did not come in time: same direction, flags, sequence and
+    // acknowledgment numbers) counts once.
+    let acks_a_fin = |s: &Segment| {
+        let ack = seq_and_ack(&s.line).1.and_then(|a| a.parse::<u64>().ok());
+        ack.is_some() && ack == fin_acked_by.get(&s.dport).copied()
+    };
     let mut sent = std::collections::HashSet::new();
     let counted: Vec<String> = conn[first..]
         .iter()
-        .filter(|s| s.flags.contains('F') || (s.flags == "." && s.len == 0))
+        .filter(|s| s.flags.contains('F') || (s.flags == "." && s.len == 0 && acks_a_fin(s)))
         .filter(|s| sent.insert((s.sport, s.flags.clone(), seq_and_ack(&s.line))))
         .map(|s| s.line.clone())
         .collect();
@@ -846,6 +863,17 @@ fn a_retransmitted_fin_is_counted_once() {
     assert_eq!(n, 4, "{counted:#?}");
     assert_eq!(counted.iter().filter(|l| l.contains("[F")).count(), 2);
     assert!(!counted.contains(&lines[3].to_string()));
+    // A late ACK of data only, sent after the server's FIN went out (seen
+    // in another CI run), is no teardown segment.
+    let late = "10:00:26.178859 IP 10.231.8.2.56182 > 10.231.8.1.8080: Flags [.], ack 20237, win 97, options [nop,nop,TS val 1326421334 ecr 3098422953], length 0";
+    let mut with_late: Vec<Segment> = segs
+        .iter()
+        .map(|s| Segment::parse(&s.line).unwrap())
+        .collect();
+    with_late.insert(1, Segment::parse(late).unwrap());
+    let (n, counted) = teardown_in_capture(&with_late, 8080, 56182);
+    assert_eq!(n, 4, "{counted:#?}");
+    assert!(!counted.contains(&late.to_string()));
     // Without the repeat, the same four.
     let once: Vec<Segment> = segs
         .into_iter()
